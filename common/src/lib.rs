@@ -1,0 +1,243 @@
+//! Types shared by the conntrack-watch agent and collector.
+//!
+//! A [`ConnRecord`] is one conntrack event (NEW or DESTROY) or one entry
+//! recovered from a table dump, reduced to what an operator searches on. It is
+//! plain data: fixed size, `Copy`, no allocation, so the agent can decode into
+//! it on its hot path. This crate has no tokio, netlink or tonic dependency.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Layer-4 protocols the product tracks: the ones whose conntrack tuple has
+/// source and destination ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Dccp,
+    Sctp,
+    #[serde(rename = "udplite")]
+    UdpLite,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 5] = [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::Dccp,
+        Protocol::Sctp,
+        Protocol::UdpLite,
+    ];
+
+    /// IANA protocol number, as carried in `CTA_PROTO_NUM`.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Dccp => 33,
+            Protocol::Sctp => 132,
+            Protocol::UdpLite => 136,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.number() == n)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Dccp => "dccp",
+            Protocol::Sctp => "sctp",
+            Protocol::UdpLite => "udplite",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown protocol {0:?} (expected one of tcp, udp, dccp, sctp, udplite)")]
+pub struct UnknownProtocol(pub String);
+
+impl FromStr for Protocol {
+    type Err = UnknownProtocol;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownProtocol(s.to_string()))
+    }
+}
+
+/// One direction of a connection: source and destination address and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Tuple {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// What produced a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A conntrack NEW event.
+    New,
+    /// A conntrack DESTROY event.
+    Destroy,
+    /// An entry found in a table dump (start-up or resync after loss) that was
+    /// not seen as an event.
+    Recovered,
+}
+
+/// TCP connection-tracking state (`enum tcp_conntrack` in the kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TcpState {
+    None,
+    SynSent,
+    SynRecv,
+    Established,
+    FinWait,
+    CloseWait,
+    LastAck,
+    TimeWait,
+    Close,
+    SynSent2,
+    /// A value this build does not know.
+    Other(u8),
+}
+
+impl TcpState {
+    pub fn from_kernel(v: u8) -> TcpState {
+        match v {
+            0 => TcpState::None,
+            1 => TcpState::SynSent,
+            2 => TcpState::SynRecv,
+            3 => TcpState::Established,
+            4 => TcpState::FinWait,
+            5 => TcpState::CloseWait,
+            6 => TcpState::LastAck,
+            7 => TcpState::TimeWait,
+            8 => TcpState::Close,
+            9 => TcpState::SynSent2,
+            v => TcpState::Other(v),
+        }
+    }
+
+    /// The name `conntrack -L` prints (`ESTABLISHED`, `TIME_WAIT`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::None => "NONE",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::Established => "ESTABLISHED",
+            TcpState::FinWait => "FIN_WAIT",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::SynSent2 => "SYN_SENT2",
+            TcpState::Other(_) => "UNKNOWN",
+        }
+    }
+}
+
+/// Conntrack status bits (`enum ip_conntrack_status`) the product reports.
+pub mod status {
+    pub const EXPECTED: u32 = 1 << 0;
+    pub const SEEN_REPLY: u32 = 1 << 1;
+    pub const ASSURED: u32 = 1 << 2;
+    pub const CONFIRMED: u32 = 1 << 3;
+    pub const SRC_NAT: u32 = 1 << 4;
+    pub const DST_NAT: u32 = 1 << 5;
+}
+
+/// Packet and byte counters of one direction (needs `nf_conntrack_acct=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One connection event, decoded from ctnetlink.
+///
+/// Times are nanoseconds since the Unix epoch. `event_ns` is the kernel's
+/// event timestamp when `nf_conntrack_timestamp=1`, else the time the agent
+/// received the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRecord {
+    pub kind: EventKind,
+    pub event_ns: u64,
+    pub protocol: Protocol,
+    pub orig: Tuple,
+    pub reply: Tuple,
+    /// Conntrack id (`CTA_ID`), 0 when the kernel did not send one.
+    pub id: u32,
+    pub zone: u16,
+    pub mark: u32,
+    /// `CTA_STATUS` bits, see [`status`].
+    pub status: u32,
+    pub tcp_state: Option<TcpState>,
+    /// TCP flags seen in the original / reply direction (`CTA_PROTOINFO_TCP_FLAGS_*`).
+    pub tcp_flags_orig: u8,
+    pub tcp_flags_reply: u8,
+    /// Kernel start / stop timestamps (ns), when `nf_conntrack_timestamp=1`.
+    pub start_ns: Option<u64>,
+    pub stop_ns: Option<u64>,
+    /// Counters per direction, when `nf_conntrack_acct=1` (DESTROY and dumps).
+    pub counters_orig: Option<Counters>,
+    pub counters_reply: Option<Counters>,
+}
+
+impl ConnRecord {
+    /// The source NAT address and port: the destination of the reply tuple.
+    pub fn snat(&self) -> (IpAddr, u16) {
+        (self.reply.dst, self.reply.dst_port)
+    }
+
+    /// The conntrack flags `conntrack -L` prints, e.g. `["ASSURED"]`.
+    pub fn flag_names(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.status & status::SEEN_REPLY == 0 {
+            v.push("UNREPLIED");
+        }
+        if self.status & status::ASSURED != 0 {
+            v.push("ASSURED");
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_numbers_round_trip() {
+        for p in Protocol::ALL {
+            assert_eq!(Protocol::from_number(p.number()), Some(p));
+            assert_eq!(p.as_str().parse::<Protocol>(), Ok(p));
+        }
+        assert_eq!(Protocol::from_number(1), None);
+        assert!("icmp".parse::<Protocol>().is_err());
+        assert_eq!("TCP".parse::<Protocol>(), Ok(Protocol::Tcp));
+    }
+
+    #[test]
+    fn tcp_state_names() {
+        assert_eq!(TcpState::from_kernel(3).name(), "ESTABLISHED");
+        assert_eq!(TcpState::from_kernel(7).name(), "TIME_WAIT");
+        assert_eq!(TcpState::from_kernel(200), TcpState::Other(200));
+    }
+}
