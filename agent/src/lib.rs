@@ -15,3 +15,4 @@ pub mod logfile;
 pub mod lookup;
 pub mod metrics;
 pub mod netlink;
+pub mod startup;
