@@ -421,7 +421,7 @@ run_one() { # scenario fraction listener
     log "== $scen / $lis"
     if [[ $lis == agent && $AGENT_OK != 1 ]]; then
         log "SKIPPING ctw-agent: $AGENT_SKIP_REASON"
-        ROWS+=("| $scen | ctw-agent | skipped: $AGENT_SKIP_REASON | | | | | | | | | | | | |")
+        ROWS+=("| $scen | ctw-agent | skipped: $AGENT_SKIP_REASON | | | | | | | | | | | | | |")
         return 0
     fi
     ct_flush
@@ -438,7 +438,7 @@ run_one() { # scenario fraction listener
         else
             die "$lis $why"
         fi
-        ROWS+=("| $scen | $lis | skipped: $why | | | | | | | | | | | | |")
+        ROWS+=("| $scen | $lis | skipped: $why | | | | | | | | | | | | | |")
         return 0
     fi
     if [[ $lis == agent ]]; then # also wait for its HTTP side
@@ -476,10 +476,11 @@ run_one() { # scenario fraction listener
     [[ $lis == agent ]] && AGENT_METRICS=$(agent_metrics)
     stop_listener "$LPID"
 
-    local sent expected rate created drops_nl counts captured probe notes
+    local sent expected rate gen_us created drops_nl counts captured probe notes
     sent=$(jq -r .flows_sent <<<"$gen")
     expected=$(jq -r .watched_flows <<<"$gen")
     rate=$(jq -r '.rate_flows_per_s | floor' <<<"$gen")
+    gen_us=$(jq -r '((.cpu_user_s // 0) + (.cpu_sys_s // 0)) * 1e6 / .flows_sent * 100 | round / 100' <<<"$gen")
     created=$(( c1 - c0 ))
     drops_nl=$(( $(awk '{ print $3 }' <<<"$nl1") - $(awk '{ print $3 }' <<<"$nl0") ))
     counts=$("count_$lis" "$dir")
@@ -494,7 +495,7 @@ run_one() { # scenario fraction listener
     rss_mib=$(awk -v k="$hwm" 'BEGIN { printf "%.1f", k / 1024 }')
     local ctd
     ctd=$(stat_delta "$st0" "$st1")
-    ROWS+=("| $scen | $lis | $sent | $rate | $expected | $captured | $pct | $drops_nl | $(awk -v u="$cpu_us" 'BEGIN { printf "%.2f", u / 1e6 }') | $per_ev | $per_kev | $rss_mib | $created | $ctd | probe_seen=$probe event_sk_rcvbuf=$rcvbuf $notes |")
+    ROWS+=("| $scen | $lis | $sent | $rate | $gen_us | $expected | $captured | $pct | $drops_nl | $(awk -v u="$cpu_us" 'BEGIN { printf "%.2f", u / 1e6 }') | $per_ev | $per_kev | $rss_mib | $created | $ctd | probe_seen=$probe event_sk_rcvbuf=$rcvbuf $notes |")
     log "$scen/$lis: sent=$sent rate=$rate/s expected=$expected captured=$captured ($pct) nl_drops=$drops_nl cpu=${cpu_us}us (${per_ev}us/event) hwm=${rss_mib}MiB ct_created=$created $ctd probe=$probe rcvbuf=$rcvbuf $notes"
 }
 
@@ -519,11 +520,12 @@ mkdir -p "$RESULTS_DIR"
     echo "Kernel $(uname -r), $(nproc) CPUs, $FLOWS new UDP flows per run (raw-socket sendmmsg generator in a pod namespace, masquerade in the node namespace, nf_conntrack_events=1), watched ports $WATCHED_PORTS."
     echo "watched100: every flow on a watched port; watched10: 10% on watched ports, 90% on $OTHER_BASE..$((OTHER_BASE + OTHER_COUNT - 1))."
     echo
-    echo "| scenario | listener | flows sent | gen rate (flows/s) | expected (watched) | captured | captured/expected | netlink drops | listener CPU s | CPU us / captured | CPU us / kernel event | peak RSS MiB | ct entries created | conntrack -S delta | notes |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| scenario | listener | flows sent | gen rate (flows/s) | gen CPU us/flow | expected (watched) | captured | captured/expected | netlink drops | listener CPU s | CPU us / captured | CPU us / kernel event | peak RSS MiB | ct entries created | conntrack -S delta | notes |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
     echo
-    echo "CPU = utime+stime of the listener between ready and drained (resolution $((1000000 / CLK_TCK)) us); in watched10 the listener still receives every NEW event, so CPU per captured event includes the 9 unwatched events it received (or filtered) per watched one."
+    echo "Listener CPU = utime+stime (all threads) between ready and drained; resolution $((1000000 / CLK_TCK)) us, so small runs are coarse. CPU us / kernel event divides by all NEW events the kernel generated (= ct entries created)."
+    echo "conntrack -E and ulogd receive every NEW event and select in user space; ctw-agent (netlink.kernel_filter, default on) drops unwatched events with a socket filter in the kernel, which runs in the sender's context: that cost shows in gen CPU us/flow (the generator's user+sys time, which also carries the forwarding, NAT, conntrack and event-delivery work), not in the listener's CPU."
     echo "ct entries created = conntrack -C delta in the node namespace (should equal flows sent); netlink drops = Drops column of /proc/net/netlink for the listener's sockets."
     echo
     echo "<details><summary>generator summaries</summary>"

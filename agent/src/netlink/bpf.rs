@@ -283,7 +283,6 @@ pub fn build(filter: &Filter) -> Vec<sock_filter> {
     const CT_DELETE: u16 = 0x0102;
     let mut a = Asm::default();
     let accept1 = a.label();
-    let accept2 = a.label();
     let type_ok = a.label();
     let v4 = a.label();
     let v6 = a.label();
@@ -361,24 +360,25 @@ pub fn build(filter: &Filter) -> Vec<sock_filter> {
         );
     }
     a.ret(DROP);
-    a.bind(accept1);
-    a.ret(ACCEPT);
 
     // Source and destination port where expected, inside CTA_TUPLE_PROTO.
+    // (The shared accept comes after this block: the kernel's checker walks
+    // the program linearly, and a path through an early accept would make
+    // M_PROTO_LEN look unwritten here.)
     a.bind(ports);
     a.op(BPF_LD | BPF_MEM, M_PROTO_LEN);
-    a.jump(BPF_JMP | BPF_JGE | BPF_K, 28, None, Some(accept2));
+    a.jump(BPF_JMP | BPF_JGE | BPF_K, 28, None, Some(accept1));
     a.ld_h_ind(12);
-    a.jump(BPF_JMP | BPF_JEQ | BPF_K, h(6), None, Some(accept2));
+    a.jump(BPF_JMP | BPF_JEQ | BPF_K, h(6), None, Some(accept1));
     a.ld_h_ind(14);
-    a.expect_type(2, accept2);
+    a.expect_type(2, accept1);
     a.ld_h_ind(20);
-    a.jump(BPF_JMP | BPF_JEQ | BPF_K, h(6), None, Some(accept2));
+    a.jump(BPF_JMP | BPF_JEQ | BPF_K, h(6), None, Some(accept1));
     a.ld_h_ind(22);
-    a.expect_type(3, accept2);
+    a.expect_type(3, accept1);
     a.ld_h_ind(24); // the port itself is big-endian: a plain number now
     a.ja(tree);
-    a.bind(accept2);
+    a.bind(accept1);
     a.ret(ACCEPT);
     a.bind(tree);
     let ranges = port_ranges(filter.ports());
@@ -530,54 +530,75 @@ pub fn run(prog: &[sock_filter], pkt: &[u8]) -> u32 {
     0
 }
 
-/// The structural checks the kernel's classic BPF checker makes
-/// (`bpf_check_classic`): length, jump targets inside the program, a return
-/// at the end, and no scratch slot read before it is written on every path.
+/// The checks the kernel's classic BPF checker (`bpf_check_classic`) makes
+/// on a socket filter: length, a return at the end, jump targets inside the
+/// program, scratch slots and shift amounts in range, no division by a zero
+/// constant, and no scratch slot read before it is written. The last check
+/// is the kernel's own linear pass, which also lets a return "fall through"
+/// to the next instruction, so a slot written on every path to a label can
+/// still be refused when a return precedes that label.
 pub fn check(prog: &[sock_filter]) -> Result<(), &'static str> {
     use libc::*;
     let n = prog.len();
     if n == 0 || n > BPF_MAXINSNS as usize {
         return Err("program length outside 1..=4096");
     }
-    // Slots surely written on entry to each instruction (None: unreachable
-    // so far).
-    let mut valid: Vec<Option<u16>> = vec![None; n];
-    valid[0] = Some(0);
+    match prog.last() {
+        Some(i) if u32::from(i.code) & 0x07 == BPF_RET => {}
+        _ => return Err("last instruction is not a return"),
+    }
     for (pc, i) in prog.iter().enumerate() {
         let code = u32::from(i.code);
-        let Some(mut v) = valid[pc] else { continue };
         let class = code & 0x07;
-        let is_mem_load = (class == BPF_LD || class == BPF_LDX) && code & 0xe0 == BPF_MEM;
-        if is_mem_load || class == BPF_ST || class == BPF_STX {
-            if i.k >= 16 {
-                return Err("scratch slot out of range");
-            }
-            if is_mem_load && v & (1 << i.k) == 0 {
-                return Err("scratch slot read before written");
-            }
-            if !is_mem_load {
-                v |= 1 << i.k;
+        let mem = matches!(class, BPF_LD | BPF_LDX) && code & 0xe0 == BPF_MEM;
+        if (mem || matches!(class, BPF_ST | BPF_STX)) && i.k >= BPF_MEMWORDS as u32 {
+            return Err("scratch slot out of range");
+        }
+        if class == BPF_ALU && code & BPF_X == 0 {
+            match code & 0xf0 {
+                BPF_DIV | BPF_MOD if i.k == 0 => return Err("division by zero"),
+                BPF_LSH | BPF_RSH if i.k >= 32 => return Err("shift out of range"),
+                _ => {}
             }
         }
-        let mut flow = |to: usize| -> Result<(), &'static str> {
-            let slot = valid.get_mut(to).ok_or("jump out of range")?;
-            *slot = Some(slot.map_or(v, |s| s & v));
-            Ok(())
-        };
+        if class == BPF_JMP {
+            let rest = n - pc - 1;
+            if code & 0xf0 == BPF_JA {
+                if i.k as usize >= rest {
+                    return Err("jump out of range");
+                }
+            } else if usize::from(i.jt) >= rest || usize::from(i.jf) >= rest {
+                return Err("jump out of range");
+            }
+        }
+    }
+    // check_load_and_stores()
+    let mut masks = vec![u16::MAX; n];
+    let mut valid: u16 = 0;
+    for (pc, i) in prog.iter().enumerate() {
+        valid &= masks[pc];
+        let code = u32::from(i.code);
+        let class = code & 0x07;
         match class {
-            BPF_RET => {}
-            BPF_JMP if code & 0xf0 == BPF_JA => flow(pc + 1 + i.k as usize)?,
-            BPF_JMP => {
-                flow(pc + 1 + usize::from(i.jt))?;
-                flow(pc + 1 + usize::from(i.jf))?;
+            BPF_ST | BPF_STX => valid |= 1 << i.k,
+            BPF_LD | BPF_LDX if code & 0xe0 == BPF_MEM => {
+                if valid & (1 << i.k) == 0 {
+                    return Err("scratch slot read before written");
+                }
             }
-            _ => flow(pc + 1)?,
+            BPF_JMP if code & 0xf0 == BPF_JA => {
+                masks[pc + 1 + i.k as usize] &= valid;
+                valid = u16::MAX;
+            }
+            BPF_JMP => {
+                masks[pc + 1 + usize::from(i.jt)] &= valid;
+                masks[pc + 1 + usize::from(i.jf)] &= valid;
+                valid = u16::MAX;
+            }
+            _ => {}
         }
     }
-    match prog.last() {
-        Some(i) if u32::from(i.code) & 0x07 == BPF_RET => Ok(()),
-        _ => Err("last instruction is not a return"),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -737,7 +758,10 @@ mod tests {
                 }
             }
         }
-        assert!(kept > checked / 50, "{kept} of {checked}: mutations too destructive");
+        assert!(
+            kept > checked / 50,
+            "{kept} of {checked}: mutations too destructive"
+        );
     }
 
     #[test]
@@ -753,7 +777,11 @@ mod tests {
             let mut pkt = template.clone();
             for port in 0..=u16::MAX {
                 pkt[68..70].copy_from_slice(&port.to_be_bytes());
-                assert_eq!(verdict(&prog, &pkt) == ACCEPT, f.keeps_port(port), "port {port} {f:?}");
+                assert_eq!(
+                    verdict(&prog, &pkt) == ACCEPT,
+                    f.keeps_port(port),
+                    "port {port} {f:?}"
+                );
             }
         }
         // Above MAX_PORT_RANGES the port check is skipped: fail open.
@@ -763,7 +791,11 @@ mod tests {
         pkt[68..70].copy_from_slice(&1u16.to_be_bytes());
         assert_eq!(verdict(&prog, &pkt), ACCEPT);
         let prog = build(&Filter::new(&many, &[Protocol::Tcp]));
-        assert_eq!(verdict(&prog, &pkt), DROP, "the protocol check still applies");
+        assert_eq!(
+            verdict(&prog, &pkt),
+            DROP,
+            "the protocol check still applies"
+        );
     }
 
     #[test]
@@ -774,7 +806,10 @@ mod tests {
         let mut b = Builder::new(decode::NLMSG_ERROR, 0, 0);
         b.buf.extend_from_slice(&[0; 20]);
         assert_eq!(verdict(&prog, &b.finish()), ACCEPT);
-        assert_eq!(verdict(&prog, &Builder::new(decode::NLMSG_DONE, 2, 0).finish()), ACCEPT);
+        assert_eq!(
+            verdict(&prog, &Builder::new(decode::NLMSG_DONE, 2, 0).finish()),
+            ACCEPT
+        );
         assert_eq!(verdict(&prog, &[]), ACCEPT);
         assert_eq!(verdict(&prog, &g[0].1[..30]), ACCEPT, "short skb");
         // A dump answer: several messages in one skb.
@@ -798,19 +833,44 @@ mod tests {
         let s = |code: u32, k: u32| stmt(code, k);
         use libc::*;
         // Out-of-bounds load: 0.
-        assert_eq!(run(&[s(BPF_LD | BPF_W | BPF_ABS, 0), s(BPF_RET | BPF_A, 0)], &[1, 2]), 0);
         assert_eq!(
-            run(&[s(BPF_LD | BPF_H | BPF_ABS, 0), s(BPF_RET | BPF_A, 0)], &[1, 2]),
+            run(
+                &[s(BPF_LD | BPF_W | BPF_ABS, 0), s(BPF_RET | BPF_A, 0)],
+                &[1, 2]
+            ),
+            0
+        );
+        assert_eq!(
+            run(
+                &[s(BPF_LD | BPF_H | BPF_ABS, 0), s(BPF_RET | BPF_A, 0)],
+                &[1, 2]
+            ),
             0x0102
         );
         // Division by zero: 0.
         assert_eq!(
-            run(&[s(BPF_LD | BPF_IMM, 5), s(BPF_ALU | BPF_DIV | BPF_K, 0), s(BPF_RET | BPF_K, 9)], &[]),
+            run(
+                &[
+                    s(BPF_LD | BPF_IMM, 5),
+                    s(BPF_ALU | BPF_DIV | BPF_K, 0),
+                    s(BPF_RET | BPF_K, 9)
+                ],
+                &[]
+            ),
             0
         );
-        assert_eq!(check(&[s(BPF_LD | BPF_MEM, 3), s(BPF_RET | BPF_A, 0)]), Err("scratch slot read before written"));
-        assert_eq!(check(&[s(BPF_JMP | BPF_JA, 5), s(BPF_RET | BPF_A, 0)]), Err("jump out of range"));
-        assert_eq!(check(&[s(BPF_LD | BPF_IMM, 3)]), Err("last instruction is not a return"));
+        assert_eq!(
+            check(&[s(BPF_LD | BPF_MEM, 3), s(BPF_RET | BPF_A, 0)]),
+            Err("scratch slot read before written")
+        );
+        assert_eq!(
+            check(&[s(BPF_JMP | BPF_JA, 5), s(BPF_RET | BPF_A, 0)]),
+            Err("jump out of range")
+        );
+        assert_eq!(
+            check(&[s(BPF_LD | BPF_IMM, 3)]),
+            Err("last instruction is not a return")
+        );
     }
 
     fn is_root() -> bool {
@@ -853,7 +913,10 @@ mod tests {
             attach(sock.as_raw_fd(), &prog).unwrap_or_else(|e| panic!("{f:?}: {e}"));
         }
         // The kernel does check: a jump past the end is refused.
-        let bad = [stmt(libc::BPF_JMP | libc::BPF_JA, 3), stmt(libc::BPF_RET | libc::BPF_K, 0)];
+        let bad = [
+            stmt(libc::BPF_JMP | libc::BPF_JA, 3),
+            stmt(libc::BPF_RET | libc::BPF_K, 0),
+        ];
         let err = attach(sock.as_raw_fd(), &bad).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     }
@@ -863,17 +926,22 @@ mod tests {
 
     impl Drop for Netns {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
         }
     }
 
     fn sh(args: &[&str]) {
-        let st = std::process::Command::new(args[0]).args(&args[1..]).status().unwrap();
+        let st = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap();
         assert!(st.success(), "{args:?}");
     }
 
-    /// In a namespace of its own: three UDP flows, the filter keeps one;
-    /// only that one's NEW event reaches the socket.
+    /// In a namespace of its own: four UDP flows, the filter keeps two;
+    /// only their NEW events reach the socket.
     #[test]
     fn kernel_filters_real_events() {
         use std::os::fd::AsRawFd;
@@ -891,7 +959,16 @@ mod tests {
         ));
         sh(&["ip", "netns", "add", &ns.0]);
         sh(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", &ns.0, "addr", "add", "198.18.0.1/32", "dev", "lo"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            "198.18.0.1/32",
+            "dev",
+            "lo",
+        ]);
         // A conntrack-using rule makes the namespace track connections.
         sh(&["ip", "netns", "exec", &ns.0, "nft", "add table inet ctwbpf { chain out { type filter hook output priority 0; ct state new accept; }; }"]);
         let path = format!("/run/netns/{}", ns.0);
@@ -899,24 +976,53 @@ mod tests {
         let events = std::thread::spawn(move || -> Vec<Vec<u8>> {
             let nsf = std::fs::File::open(&path).unwrap();
             // SAFETY: setns on this thread only, with a valid namespace fd.
-            assert_eq!(unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            assert_eq!(
+                unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
             let sock = netfilter_socket();
             let fd = sock.as_raw_fd();
-            let f = Filter::new(&[kept_port], &[Protocol::Udp]);
+            // SAFETY: a zeroed sockaddr_nl with the family set asks for an
+            // automatic port id; the length is its exact size.
+            unsafe {
+                let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+                sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+                assert_eq!(
+                    libc::bind(
+                        fd,
+                        (&sa as *const libc::sockaddr_nl).cast(),
+                        std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t
+                    ),
+                    0
+                );
+            }
+            let f = Filter::new(&[5353, kept_port], &[Protocol::Udp]);
             attach(fd, &build(&f)).unwrap();
             let group: libc::c_int = 1; // NFNLGRP_CONNTRACK_NEW
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
             // SAFETY: valid fd, option values of the exact sizes given.
             unsafe {
                 assert_eq!(
-                    libc::setsockopt(fd, libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP,
-                        (&group as *const libc::c_int).cast(), 4),
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_NETLINK,
+                        libc::NETLINK_ADD_MEMBERSHIP,
+                        (&group as *const libc::c_int).cast(),
+                        4
+                    ),
                     0
                 );
                 assert_eq!(
-                    libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO,
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
                         (&tv as *const libc::timeval).cast(),
-                        std::mem::size_of::<libc::timeval>() as libc::socklen_t),
+                        std::mem::size_of::<libc::timeval>() as libc::socklen_t
+                    ),
                     0
                 );
             }
@@ -956,6 +1062,10 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(dst_ports, vec![kept_port], "only the watched flow passes the filter");
+        assert_eq!(
+            dst_ports,
+            vec![5353, kept_port],
+            "only the watched flows pass the filter"
+        );
     }
 }

@@ -29,6 +29,8 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs;
