@@ -362,3 +362,108 @@ fn seed_config_file_runs_unchanged() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[test]
+fn destroyed_connections_are_logged_with_lifetime_and_counters() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new(1);
+    let _nginx = topo.start_nginx(&[80]);
+    let agent = Agent::start(&mut topo, &[80], "");
+    let pod = IpAddr::V4(topo.pod_ip4(0));
+    curl_from(&topo, 0, IpAddr::V4(topo.srv_ip4()), 80, 40600);
+    wait_for(WAIT, "the NEW record", || {
+        agent
+            .records("new_connection")
+            .into_iter()
+            .find(|r| port(r, "src_port") == 40600)
+    });
+    // Remove the TIME_WAIT entry: the kernel sends its DESTROY event.
+    topo.node_conntrack(&["-D", "-p", "tcp", "--dport", "80", "--sport", "40600"]);
+    let closed = wait_for(WAIT, "the connection_closed record", || {
+        agent
+            .records("connection_closed")
+            .into_iter()
+            .find(|r| port(r, "src_port") == 40600)
+    });
+    assert_eq!(ip(&closed, "src_ip"), pod);
+    assert_eq!(ip(&closed, "snat_ip"), IpAddr::V4(topo.node_ip4()));
+    assert_eq!(port(&closed, "dst_port"), 80);
+    // nf_conntrack_acct and nf_conntrack_timestamp are on in the node namespace.
+    assert!(
+        closed["orig_packets"].as_u64().unwrap_or(0) >= 3,
+        "{closed}"
+    );
+    assert!(closed["reply_bytes"].as_u64().unwrap_or(0) > 0, "{closed}");
+    assert!(closed["duration_ms"].as_u64().is_some(), "{closed}");
+    assert!(
+        closed["start"].is_string() && closed["stop"].is_string(),
+        "{closed}"
+    );
+    assert_eq!(
+        agent.metric("conntrack_closed_connections_total{port=\"80\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        agent.metric("conntrack_new_connections_total{port=\"80\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn capture_destroy_false_logs_no_closed_connections() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new(1);
+    let _nginx = topo.start_nginx(&[80]);
+    let agent = Agent::start(&mut topo, &[80], "capture_destroy: false\n");
+    for lp in [40700, 40701] {
+        curl_from(&topo, 0, IpAddr::V4(topo.srv_ip4()), 80, lp);
+    }
+    wait_for(WAIT, "two NEW records", || {
+        (agent.records("new_connection").len() == 2).then_some(())
+    });
+    topo.node_conntrack(&["-D", "-p", "tcp", "--dport", "80"]);
+    // A third connection after the deletes: once it is logged, the DESTROY
+    // events sent before it have been read too.
+    curl_from(&topo, 0, IpAddr::V4(topo.srv_ip4()), 80, 40702);
+    wait_for(WAIT, "the third NEW record", || {
+        (agent.records("new_connection").len() == 3).then_some(())
+    });
+    assert!(agent.records("connection_closed").is_empty());
+    assert_eq!(
+        agent.metric("conntrack_closed_connections_total{port=\"80\"}"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn missing_cap_net_admin_is_one_clear_line_and_exit_1() {
+    if !require_root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ctw-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let cfg = dir.join("agent.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ports: [80]\nlog:\n  path: {}/nat.log\nhttp:\n  listen_addr: \"127.0.0.1:0\"\n",
+            dir.display()
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new("setpriv")
+        .args(["--inh-caps=-net_admin", "--bounding-set=-net_admin", "--"])
+        .arg(env!("CARGO_BIN_EXE_ctw-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("run setpriv");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: missing CAP_NET_ADMIN"), "{stderr}");
+}
