@@ -459,7 +459,8 @@ run_one() { # scenario fraction listener
     nl0=$(nl_state "$LPID")
     t0=$(cpu_ticks "$LPID")
 
-    local gen
+    local gen load
+    load=$(cut -d' ' -f1 /proc/loadavg)
     gen=$(in_pod "$LOADGEN" --src "$POD_IP" --dst "$DSTS" --flows "$FLOWS" \
         --watched-ports "$WATCHED_PORTS" --watched-fraction "$frac" \
         --other-ports-base "$OTHER_BASE" --other-ports-count "$OTHER_COUNT" --rate "$RATE")
@@ -495,7 +496,7 @@ run_one() { # scenario fraction listener
     rss_mib=$(awk -v k="$hwm" 'BEGIN { printf "%.1f", k / 1024 }')
     local ctd
     ctd=$(stat_delta "$st0" "$st1")
-    ROWS+=("| $scen | $lis | $sent | $rate | $gen_us | $expected | $captured | $pct | $drops_nl | $(awk -v u="$cpu_us" 'BEGIN { printf "%.2f", u / 1e6 }') | $per_ev | $per_kev | $rss_mib | $created | $ctd | probe_seen=$probe event_sk_rcvbuf=$rcvbuf $notes |")
+    ROWS+=("| $scen | $lis | $sent | $rate | $gen_us | $expected | $captured | $pct | $drops_nl | $(awk -v u="$cpu_us" 'BEGIN { printf "%.2f", u / 1e6 }') | $per_ev | $per_kev | $rss_mib | $created | $ctd | probe_seen=$probe event_sk_rcvbuf=$rcvbuf loadavg1=$load $notes |")
     log "$scen/$lis: sent=$sent rate=$rate/s expected=$expected captured=$captured ($pct) nl_drops=$drops_nl cpu=${cpu_us}us (${per_ev}us/event) hwm=${rss_mib}MiB ct_created=$created $ctd probe=$probe rcvbuf=$rcvbuf $notes"
 }
 
@@ -526,6 +527,7 @@ mkdir -p "$RESULTS_DIR"
     echo
     echo "Listener CPU = utime+stime (all threads) between ready and drained; resolution $((1000000 / CLK_TCK)) us, so small runs are coarse. CPU us / kernel event divides by all NEW events the kernel generated (= ct entries created)."
     echo "conntrack -E and ulogd receive every NEW event and select in user space; ctw-agent (netlink.kernel_filter, default on) drops unwatched events with a socket filter in the kernel, which runs in the sender's context: that cost shows in gen CPU us/flow (the generator's user+sys time, which also carries the forwarding, NAT, conntrack and event-delivery work), not in the listener's CPU."
+    echo "loadavg1 = 1-minute load average when the generator started: other work on the machine (2 CPUs) makes rates and CPU figures noisy; compare runs made at a quiet moment."
     echo "ct entries created = conntrack -C delta in the node namespace (should equal flows sent); netlink drops = Drops column of /proc/net/netlink for the listener's sockets."
     echo
     echo "<details><summary>generator summaries</summary>"

@@ -9,6 +9,7 @@ use ctw_common::Protocol;
 use serde::Deserialize;
 
 pub use crate::logfile::LogConfig;
+pub use crate::uplink::UplinkConfig;
 
 /// Default HTTP listener of the seed tool.
 pub const DEFAULT_HTTP_LISTEN: &str = ":9358";
@@ -52,6 +53,9 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub netlink: NetlinkConfig,
+    /// Stream records to a collector; absent = standalone agent.
+    #[serde(default)]
+    pub collector: Option<UplinkConfig>,
 }
 
 fn yes() -> bool {

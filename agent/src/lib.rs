@@ -16,3 +16,4 @@ pub mod lookup;
 pub mod metrics;
 pub mod netlink;
 pub mod startup;
+pub mod uplink;

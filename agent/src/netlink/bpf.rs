@@ -581,10 +581,8 @@ pub fn check(prog: &[sock_filter]) -> Result<(), &'static str> {
         let class = code & 0x07;
         match class {
             BPF_ST | BPF_STX => valid |= 1 << i.k,
-            BPF_LD | BPF_LDX if code & 0xe0 == BPF_MEM => {
-                if valid & (1 << i.k) == 0 {
-                    return Err("scratch slot read before written");
-                }
+            BPF_LD | BPF_LDX if code & 0xe0 == BPF_MEM && valid & (1 << i.k) == 0 => {
+                return Err("scratch slot read before written");
             }
             BPF_JMP if code & 0xf0 == BPF_JA => {
                 masks[pc + 1 + i.k as usize] &= valid;

@@ -1073,7 +1073,10 @@ mod tests {
     }
 
     /// The tuples netlink-packet-netfilter parses from the same bytes.
-    fn nlpf_tuples(m: &RawMessage<'_>) -> Vec<(IpAddr, IpAddr, u8, Option<u16>, Option<u16>)> {
+    /// (src, dst, protocol number, src port, dst port) of one tuple.
+    type FlatTuple = (IpAddr, IpAddr, u8, Option<u16>, Option<u16>);
+
+    fn nlpf_tuples(m: &RawMessage<'_>) -> Vec<FlatTuple> {
         use netlink_packet_core::ParseableParametrized;
         use netlink_packet_netfilter::conntrack::{
             ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Tuple as T,

@@ -120,9 +120,7 @@ fn parse_args() -> Result<Args> {
             "--watched-ports" => a.watched_ports = parse_list(&val, "port")?,
             "--watched-fraction" => a.watched_ppm = parse_fraction_ppm(&val)?,
             "--other-ports-base" => a.other_base = val.parse().context("--other-ports-base")?,
-            "--other-ports-count" => {
-                a.other_count = val.parse().context("--other-ports-count")?
-            }
+            "--other-ports-count" => a.other_count = val.parse().context("--other-ports-count")?,
             "--rate" => a.rate = val.parse().context("--rate")?,
             "--batch" => a.batch = val.parse().context("--batch")?,
             "--src-port-min" => a.sport_min = val.parse().context("--src-port-min")?,
@@ -424,7 +422,11 @@ fn main() -> Result<()> {
     let (st, el) = run(&a)?;
     let (u1, s1) = cpu_times();
     let secs = el.as_secs_f64();
-    let rate = if secs > 0.0 { st.sent as f64 / secs } else { 0.0 };
+    let rate = if secs > 0.0 {
+        st.sent as f64 / secs
+    } else {
+        0.0
+    };
     let per_port: Vec<String> = st
         .per_port
         .iter()

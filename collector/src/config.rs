@@ -1,0 +1,224 @@
+//! Collector configuration. Unknown keys are rejected with their name; bad
+//! values are reported with the key and the value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub grpc: GrpcConfig,
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub lookup: LookupConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Where agents connect (mTLS), e.g. `0.0.0.0:9359`.
+    #[serde(default = "default_grpc_listen")]
+    pub listen_addr: String,
+    pub tls: TlsFiles,
+}
+
+fn default_grpc_listen() -> String {
+    "[::]:9359".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA that signs agent certificates (and, usually, the collector's).
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_http_listen")]
+    pub listen_addr: String,
+    /// File holding the API token (`Authorization: Bearer TOKEN`).
+    pub token_file: PathBuf,
+    /// Largest `limit` a search may ask for.
+    #[serde(default = "default_max_limit")]
+    pub max_limit: usize,
+}
+
+fn default_http_listen() -> String {
+    "[::]:9360".into()
+}
+fn default_max_limit() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory of the index partitions and the write-ahead log.
+    pub path: PathBuf,
+    /// Partitions older than this are dropped.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Oldest partitions are dropped while the total exceeds this.
+    #[serde(default = "default_max_size_gb")]
+    pub max_size_gb: f64,
+    /// How often the index commits (records become searchable).
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// Width of one partition.
+    #[serde(default = "default_partition_hours")]
+    pub partition_hours: u32,
+    /// How far before a query's range to look for connections still alive
+    /// in it (long-lived connections logged their NEW earlier).
+    #[serde(default = "default_lookback_hours")]
+    pub lookback_hours: u32,
+}
+
+fn default_retention_days() -> u32 {
+    14
+}
+fn default_max_size_gb() -> f64 {
+    50.0
+}
+fn default_commit_interval_ms() -> u64 {
+    1000
+}
+fn default_partition_hours() -> u32 {
+    24
+}
+fn default_lookback_hours() -> u32 {
+    24
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupConfig {
+    /// How long a live lookup waits for an agent's answer.
+    pub timeout_ms: u64,
+    /// Agents asked at once when the owner is unknown.
+    pub max_concurrency: usize,
+}
+
+impl Default for LookupConfig {
+    fn default() -> Self {
+        LookupConfig {
+            timeout_ms: 3000,
+            max_concurrency: 16,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cfg: Config = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<text>".into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (key, v) in [("grpc.listen_addr", &self.grpc.listen_addr), ("http.listen_addr", &self.http.listen_addr)] {
+            if v.parse::<SocketAddr>().is_err() {
+                return bad(format!("{key}: cannot parse {v:?} (expected host:port or [v6]:port)"));
+            }
+        }
+        if self.storage.retention_days == 0 {
+            return bad("storage.retention_days: must be at least 1, got 0".into());
+        }
+        if !(self.storage.max_size_gb > 0.0) {
+            return bad(format!("storage.max_size_gb: must be positive, got {}", self.storage.max_size_gb));
+        }
+        if !(50..=60_000).contains(&self.storage.commit_interval_ms) {
+            return bad(format!(
+                "storage.commit_interval_ms: must be 50-60000, got {}",
+                self.storage.commit_interval_ms
+            ));
+        }
+        if !(1..=168).contains(&self.storage.partition_hours) || 24 % self.storage.partition_hours != 0 && self.storage.partition_hours % 24 != 0 {
+            return bad(format!(
+                "storage.partition_hours: must divide a day or be whole days (1-168), got {}",
+                self.storage.partition_hours
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.http.max_limit) {
+            return bad(format!("http.max_limit: must be 1-1000000, got {}", self.http.max_limit));
+        }
+        if self.lookup.max_concurrency == 0 {
+            return bad("lookup.max_concurrency: must be at least 1, got 0".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const MIN: &str = "grpc:\n  tls: {ca_file: ca.pem, cert_file: c.pem, key_file: k.pem}\nhttp:\n  token_file: t\nstorage:\n  path: /tmp/x\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.grpc.listen_addr, "[::]:9359");
+        assert_eq!(c.storage.retention_days, 14);
+        assert_eq!(c.lookup.timeout_ms, 3000);
+    }
+
+    #[test]
+    fn unknown_key_and_bad_value_are_named() {
+        let e = Config::parse(&format!("{MIN}  retention_dayz: 3\n")).unwrap_err().to_string();
+        assert!(e.contains("retention_dayz"), "{e}");
+        let e = Config::parse(&format!("{MIN}  retention_days: 0\n")).unwrap_err().to_string();
+        assert!(e.contains("storage.retention_days") && e.contains('0'), "{e}");
+        let e = Config::parse(&MIN.replace("grpc:\n", "grpc:\n  listen_addr: nope\n")).unwrap_err().to_string();
+        assert!(e.contains("grpc.listen_addr") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn every_collector_example_loads() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("collector") && name.ends_with(".yaml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "expected collector examples in config/");
+    }
+}

@@ -1,0 +1,1 @@
+//! Tantivy-backed store: see the module docs of `store`.

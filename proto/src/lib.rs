@@ -1,0 +1,299 @@
+//! The conntrack-watch wire protocol: generated prost/tonic code in [`pb`],
+//! and conversions between [`pb::Record`] and [`ctw_common::ConnRecord`].
+//!
+//! Invariant: prost message types are converted to common types at the edge
+//! (the agent's uplink, the collector's ingest and query services); storage
+//! and HTTP code never see them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ctw_common::{ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+
+#[allow(clippy::all, missing_debug_implementations, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("ctw.v1");
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("missing field {0}")]
+    Missing(&'static str),
+    #[error("field {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+pub fn ip_to_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+pub fn ip_from_bytes(b: &[u8], field: &'static str) -> Result<IpAddr, ConvertError> {
+    match b.len() {
+        4 => Ok(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+        16 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(b);
+            Ok(IpAddr::V6(Ipv6Addr::from(a)))
+        }
+        n => Err(ConvertError::Invalid {
+            field,
+            message: format!("an address has 4 or 16 bytes, got {n}"),
+        }),
+    }
+}
+
+fn port(v: u32, field: &'static str) -> Result<u16, ConvertError> {
+    u16::try_from(v).map_err(|_| ConvertError::Invalid {
+        field,
+        message: format!("port {v} out of range"),
+    })
+}
+
+impl From<&Tuple> for pb::Tuple {
+    fn from(t: &Tuple) -> Self {
+        pb::Tuple {
+            src: ip_to_bytes(t.src),
+            dst: ip_to_bytes(t.dst),
+            src_port: u32::from(t.src_port),
+            dst_port: u32::from(t.dst_port),
+        }
+    }
+}
+
+impl TryFrom<&pb::Tuple> for Tuple {
+    type Error = ConvertError;
+    fn try_from(t: &pb::Tuple) -> Result<Self, Self::Error> {
+        let src = ip_from_bytes(&t.src, "tuple.src")?;
+        let dst = ip_from_bytes(&t.dst, "tuple.dst")?;
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Err(ConvertError::Invalid {
+                field: "tuple",
+                message: "src and dst of different IP versions".into(),
+            });
+        }
+        Ok(Tuple {
+            src,
+            dst,
+            src_port: port(t.src_port, "tuple.src_port")?,
+            dst_port: port(t.dst_port, "tuple.dst_port")?,
+        })
+    }
+}
+
+fn tcp_state_to_wire(s: Option<TcpState>) -> u32 {
+    match s {
+        None => 0,
+        Some(s) => u32::from(tcp_state_kernel(s)) + 1,
+    }
+}
+
+/// The kernel's `tcp_conntrack` value of a state.
+pub fn tcp_state_kernel(s: TcpState) -> u8 {
+    match s {
+        TcpState::None => 0,
+        TcpState::SynSent => 1,
+        TcpState::SynRecv => 2,
+        TcpState::Established => 3,
+        TcpState::FinWait => 4,
+        TcpState::CloseWait => 5,
+        TcpState::LastAck => 6,
+        TcpState::TimeWait => 7,
+        TcpState::Close => 8,
+        TcpState::SynSent2 => 9,
+        TcpState::Other(v) => v,
+    }
+}
+
+impl From<&ConnRecord> for pb::Record {
+    fn from(r: &ConnRecord) -> Self {
+        let counters = |c: Option<Counters>| {
+            c.map(|c| pb::Counters {
+                packets: c.packets,
+                bytes: c.bytes,
+            })
+        };
+        pb::Record {
+            kind: match r.kind {
+                EventKind::New => pb::Kind::New,
+                EventKind::Destroy => pb::Kind::Destroy,
+                EventKind::Recovered => pb::Kind::Recovered,
+            } as i32,
+            event_ns: r.event_ns,
+            protocol: u32::from(r.protocol.number()),
+            orig: Some((&r.orig).into()),
+            reply: Some((&r.reply).into()),
+            id: r.id,
+            zone: u32::from(r.zone),
+            mark: r.mark,
+            status: r.status,
+            tcp_state: tcp_state_to_wire(r.tcp_state),
+            tcp_flags_orig: u32::from(r.tcp_flags_orig),
+            tcp_flags_reply: u32::from(r.tcp_flags_reply),
+            start_ns: r.start_ns,
+            stop_ns: r.stop_ns,
+            counters_orig: counters(r.counters_orig),
+            counters_reply: counters(r.counters_reply),
+        }
+    }
+}
+
+impl TryFrom<&pb::Record> for ConnRecord {
+    type Error = ConvertError;
+    fn try_from(r: &pb::Record) -> Result<Self, Self::Error> {
+        let kind = match pb::Kind::try_from(r.kind) {
+            Ok(pb::Kind::New) => EventKind::New,
+            Ok(pb::Kind::Destroy) => EventKind::Destroy,
+            Ok(pb::Kind::Recovered) => EventKind::Recovered,
+            Err(_) => {
+                return Err(ConvertError::Invalid {
+                    field: "kind",
+                    message: format!("unknown kind {}", r.kind),
+                })
+            }
+        };
+        let protocol = u8::try_from(r.protocol)
+            .ok()
+            .and_then(Protocol::from_number)
+            .ok_or_else(|| ConvertError::Invalid {
+                field: "protocol",
+                message: format!("unsupported protocol number {}", r.protocol),
+            })?;
+        let orig = Tuple::try_from(r.orig.as_ref().ok_or(ConvertError::Missing("orig"))?)?;
+        let reply = Tuple::try_from(r.reply.as_ref().ok_or(ConvertError::Missing("reply"))?)?;
+        let small = |v: u32, field: &'static str| {
+            u8::try_from(v).map_err(|_| ConvertError::Invalid {
+                field,
+                message: format!("{v} out of range"),
+            })
+        };
+        let tcp_state = match r.tcp_state {
+            0 => None,
+            v => Some(TcpState::from_kernel(small(v - 1, "tcp_state")?)),
+        };
+        let counters = |c: &Option<pb::Counters>| {
+            c.as_ref().map(|c| Counters {
+                packets: c.packets,
+                bytes: c.bytes,
+            })
+        };
+        Ok(ConnRecord {
+            kind,
+            event_ns: r.event_ns,
+            protocol,
+            orig,
+            reply,
+            id: r.id,
+            zone: u16::try_from(r.zone).map_err(|_| ConvertError::Invalid {
+                field: "zone",
+                message: format!("{} out of range", r.zone),
+            })?,
+            mark: r.mark,
+            status: r.status,
+            tcp_state,
+            tcp_flags_orig: small(r.tcp_flags_orig, "tcp_flags_orig")?,
+            tcp_flags_reply: small(r.tcp_flags_reply, "tcp_flags_reply")?,
+            start_ns: r.start_ns,
+            stop_ns: r.stop_ns,
+            counters_orig: counters(&r.counters_orig),
+            counters_reply: counters(&r.counters_reply),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rec(kind: EventKind, v6: bool) -> ConnRecord {
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = if v6 {
+            (
+                "fd00:198:18::2".parse().unwrap(),
+                "fd00:198:18:1::2".parse().unwrap(),
+                "fd00:198:18:1::1".parse().unwrap(),
+            )
+        } else {
+            (
+                "198.18.0.2".parse().unwrap(),
+                "198.19.0.2".parse().unwrap(),
+                "198.19.0.1".parse().unwrap(),
+            )
+        };
+        ConnRecord {
+            kind,
+            event_ns: 1_733_727_900_123_000_000,
+            protocol: Protocol::Udp,
+            orig: Tuple {
+                src: a,
+                dst: b,
+                src_port: 40000,
+                dst_port: 53,
+            },
+            reply: Tuple {
+                src: b,
+                dst: c,
+                src_port: 53,
+                dst_port: 1024,
+            },
+            id: 0xdead_beef,
+            zone: 3,
+            mark: 7,
+            status: 0xe,
+            tcp_state: if v6 { Some(TcpState::TimeWait) } else { None },
+            tcp_flags_orig: 0x23,
+            tcp_flags_reply: 0,
+            start_ns: Some(1),
+            stop_ns: if kind == EventKind::Destroy {
+                Some(2)
+            } else {
+                None
+            },
+            counters_orig: Some(Counters {
+                packets: 3,
+                bytes: 300,
+            }),
+            counters_reply: None,
+        }
+    }
+
+    #[test]
+    fn record_round_trips() {
+        for kind in [EventKind::New, EventKind::Destroy, EventKind::Recovered] {
+            for v6 in [false, true] {
+                let r = rec(kind, v6);
+                let wire = pb::Record::from(&r);
+                assert_eq!(ConnRecord::try_from(&wire).unwrap(), r);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_wire_records_are_errors_not_panics() {
+        let mut w = pb::Record::from(&rec(EventKind::New, false));
+        w.orig.as_mut().unwrap().src = vec![1, 2, 3];
+        assert!(ConnRecord::try_from(&w)
+            .unwrap_err()
+            .to_string()
+            .contains("tuple.src"));
+        let mut w = pb::Record::from(&rec(EventKind::New, false));
+        w.protocol = 1;
+        assert!(ConnRecord::try_from(&w).is_err());
+        let mut w = pb::Record::from(&rec(EventKind::New, false));
+        w.reply = None;
+        assert_eq!(
+            ConnRecord::try_from(&w).unwrap_err(),
+            ConvertError::Missing("reply")
+        );
+        let mut w = pb::Record::from(&rec(EventKind::New, false));
+        w.orig.as_mut().unwrap().dst_port = 70000;
+        assert!(ConnRecord::try_from(&w).is_err());
+        let mut w = pb::Record::from(&rec(EventKind::New, false));
+        w.kind = 9;
+        assert!(ConnRecord::try_from(&w).is_err());
+    }
+}
