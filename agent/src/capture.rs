@@ -33,6 +33,34 @@ use crate::netlink::{bpf, procfs, request};
 /// it may never block the capture thread.
 pub trait RecordSink: Send {
     fn send(&self, batch: Vec<ConnRecord>);
+
+    /// The kernel dropped `count` events between `from_ns` and `to_ns`;
+    /// `resynced` tells whether a table dump then recovered what was alive.
+    fn loss(&self, _loss: &Loss) {}
+}
+
+/// Events lost by the kernel, as the capture saw them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loss {
+    pub from_ns: u64,
+    pub to_ns: u64,
+    pub count: u64,
+    pub resynced: bool,
+}
+
+/// Sends every batch to two sinks (the log and the collector uplink).
+#[derive(Debug)]
+pub struct Tee<A, B>(pub A, pub B);
+
+impl<A: RecordSink, B: RecordSink> RecordSink for Tee<A, B> {
+    fn send(&self, batch: Vec<ConnRecord>) {
+        self.0.send(batch.clone());
+        self.1.send(batch);
+    }
+    fn loss(&self, loss: &Loss) {
+        self.0.loss(loss);
+        self.1.loss(loss);
+    }
 }
 
 /// In-memory sink for tests.
@@ -192,6 +220,9 @@ pub struct Capture<S: RecordSink> {
     live: KeySet,
     counts: PortCounts,
     last_drops: u64,
+    /// Events lost since the last report, and when the loss was first seen.
+    pending_loss: u64,
+    last_ok_ns: u64,
     decode_warn: RateLimited,
     loss_warn: RateLimited,
 }
@@ -232,6 +263,8 @@ impl<S: RecordSink> Capture<S> {
             live: KeySet::default(),
             counts,
             last_drops,
+            pending_loss: 0,
+            last_ok_ns: now_ns(),
             decode_warn: RateLimited::new(Duration::from_secs(10)),
             loss_warn: RateLimited::new(Duration::from_secs(10)),
         };
@@ -280,6 +313,7 @@ impl<S: RecordSink> Capture<S> {
         if d > self.last_drops {
             let lost = d - self.last_drops;
             self.last_drops = d;
+            self.pending_loss += lost;
             self.metrics.events_lost.inc_by(lost);
             if let Some(s) = self.loss_warn.hit() {
                 tracing::warn!(
@@ -306,6 +340,7 @@ impl<S: RecordSink> Capture<S> {
 
     fn process_batch(&mut self, n: usize) {
         let recv_ns = now_ns();
+        self.last_ok_ns = recv_ns;
         let mut out = Vec::with_capacity(n);
         let mut received = 0u64;
         let mut filtered = 0u64;

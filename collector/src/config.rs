@@ -9,7 +9,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("config: {0}")]
@@ -149,16 +152,24 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        for (key, v) in [("grpc.listen_addr", &self.grpc.listen_addr), ("http.listen_addr", &self.http.listen_addr)] {
+        for (key, v) in [
+            ("grpc.listen_addr", &self.grpc.listen_addr),
+            ("http.listen_addr", &self.http.listen_addr),
+        ] {
             if v.parse::<SocketAddr>().is_err() {
-                return bad(format!("{key}: cannot parse {v:?} (expected host:port or [v6]:port)"));
+                return bad(format!(
+                    "{key}: cannot parse {v:?} (expected host:port or [v6]:port)"
+                ));
             }
         }
         if self.storage.retention_days == 0 {
             return bad("storage.retention_days: must be at least 1, got 0".into());
         }
         if !(self.storage.max_size_gb > 0.0) {
-            return bad(format!("storage.max_size_gb: must be positive, got {}", self.storage.max_size_gb));
+            return bad(format!(
+                "storage.max_size_gb: must be positive, got {}",
+                self.storage.max_size_gb
+            ));
         }
         if !(50..=60_000).contains(&self.storage.commit_interval_ms) {
             return bad(format!(
@@ -166,14 +177,19 @@ impl Config {
                 self.storage.commit_interval_ms
             ));
         }
-        if !(1..=168).contains(&self.storage.partition_hours) || 24 % self.storage.partition_hours != 0 && self.storage.partition_hours % 24 != 0 {
+        if !(1..=168).contains(&self.storage.partition_hours)
+            || 24 % self.storage.partition_hours != 0 && self.storage.partition_hours % 24 != 0
+        {
             return bad(format!(
                 "storage.partition_hours: must divide a day or be whole days (1-168), got {}",
                 self.storage.partition_hours
             ));
         }
         if !(1..=1_000_000).contains(&self.http.max_limit) {
-            return bad(format!("http.max_limit: must be 1-1000000, got {}", self.http.max_limit));
+            return bad(format!(
+                "http.max_limit: must be 1-1000000, got {}",
+                self.http.max_limit
+            ));
         }
         if self.lookup.max_concurrency == 0 {
             return bad("lookup.max_concurrency: must be at least 1, got 0".into());
@@ -199,11 +215,20 @@ mod tests {
 
     #[test]
     fn unknown_key_and_bad_value_are_named() {
-        let e = Config::parse(&format!("{MIN}  retention_dayz: 3\n")).unwrap_err().to_string();
+        let e = Config::parse(&format!("{MIN}  retention_dayz: 3\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("retention_dayz"), "{e}");
-        let e = Config::parse(&format!("{MIN}  retention_days: 0\n")).unwrap_err().to_string();
-        assert!(e.contains("storage.retention_days") && e.contains('0'), "{e}");
-        let e = Config::parse(&MIN.replace("grpc:\n", "grpc:\n  listen_addr: nope\n")).unwrap_err().to_string();
+        let e = Config::parse(&format!("{MIN}  retention_days: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("storage.retention_days") && e.contains('0'),
+            "{e}"
+        );
+        let e = Config::parse(&MIN.replace("grpc:\n", "grpc:\n  listen_addr: nope\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("grpc.listen_addr") && e.contains("nope"), "{e}");
     }
 

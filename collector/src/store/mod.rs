@@ -102,7 +102,10 @@ pub struct StoreStats {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage i/o on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("index: {0}")]
     Index(String),
     #[error("corrupt data in {path}: {message}")]
@@ -147,7 +150,9 @@ pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap
             EventKind::Destroy => closes.push((key, r)),
             EventKind::New | EventKind::Recovered => {
                 // A replayed or recovered duplicate keeps the earliest record.
-                let keep_old = opens.get(&key).is_some_and(|h| h.record.event_ns <= r.event_ns);
+                let keep_old = opens
+                    .get(&key)
+                    .is_some_and(|h| h.record.event_ns <= r.event_ns);
                 if !keep_old {
                     opens.insert(
                         key,
@@ -247,7 +252,10 @@ struct MemInner {
 
 impl RecordStore for MemStore {
     fn append(&self, b: StoredBatch) -> Result<AppendOutcome, StoreError> {
-        let mut g = self.inner.lock().map_err(|_| StoreError::Index("poisoned".into()))?;
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Index("poisoned".into()))?;
         if !g.seen.insert((b.node.clone(), b.boot_id.clone(), b.seq)) {
             return Ok(AppendOutcome::Duplicate);
         }
@@ -258,13 +266,19 @@ impl RecordStore for MemStore {
     }
 
     fn record_gap(&self, gap: Gap) -> Result<(), StoreError> {
-        let mut g = self.inner.lock().map_err(|_| StoreError::Index("poisoned".into()))?;
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Index("poisoned".into()))?;
         g.gaps.push(gap);
         Ok(())
     }
 
     fn search(&self, q: &SearchQuery) -> Result<SearchResult, StoreError> {
-        let g = self.inner.lock().map_err(|_| StoreError::Index("poisoned".into()))?;
+        let g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Index("poisoned".into()))?;
         let matching = g
             .records
             .iter()
@@ -275,7 +289,11 @@ impl RecordStore for MemStore {
     }
 
     fn stats(&self) -> StoreStats {
-        let n = self.inner.lock().map(|g| g.records.len() as u64).unwrap_or(0);
+        let n = self
+            .inner
+            .lock()
+            .map(|g| g.records.len() as u64)
+            .unwrap_or(0);
         StoreStats {
             records: n,
             bytes_on_disk: 0,
