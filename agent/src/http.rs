@@ -9,7 +9,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use ctw_common::{ConnRecord, Protocol, Tuple};
+use ctw_common::api::{self, BadParam};
+use ctw_common::ConnRecord;
 use serde_json::json;
 
 use crate::logfile::LogStats;
@@ -108,85 +109,23 @@ fn error(code: StatusCode, msg: &str, parameter: Option<&str>) -> Response {
     (code, Json(body)).into_response()
 }
 
-/// A bad request parameter: its name and what is wrong.
-#[derive(Debug, PartialEq, Eq)]
-pub struct BadParam {
-    pub parameter: String,
-    pub message: String,
-}
-
-fn bad(p: &str, message: String) -> BadParam {
-    BadParam {
-        parameter: p.to_string(),
-        message,
-    }
-}
-
 /// Parse the query string of `/api/conntrack/query`.
 pub fn parse_query(params: &[(String, String)]) -> Result<LookupQuery, BadParam> {
-    const KNOWN: [&str; 7] = [
-        "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node",
-    ];
-    let mut seen: Vec<&str> = Vec::new();
-    for (k, _) in params {
-        if !KNOWN.contains(&k.as_str()) {
-            return Err(bad(
-                k,
-                format!("unknown parameter {k:?} (known: {})", KNOWN.join(", ")),
-            ));
-        }
-        if seen.contains(&k.as_str()) {
-            return Err(bad(k, format!("parameter {k:?} given twice")));
-        }
-        seen.push(k);
-    }
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.trim());
-    let required = |k: &str| match get(k) {
-        Some(v) if !v.is_empty() => Ok(v),
-        _ => Err(bad(k, format!("missing parameter {k:?}"))),
-    };
-    let protocol: Protocol = match get("protocol") {
-        None | Some("") => Protocol::Tcp,
-        Some(v) => v
-            .parse()
-            .map_err(|e: ctw_common::UnknownProtocol| bad("protocol", e.to_string()))?,
-    };
-    let ip = |k: &str| -> Result<std::net::IpAddr, BadParam> {
-        let v = required(k)?;
-        v.parse()
-            .map_err(|_| bad(k, format!("{k}: {v:?} is not an IP address")))
-    };
-    let port = |k: &str| -> Result<u16, BadParam> {
-        let v = required(k)?;
-        match v.parse::<u16>() {
-            Ok(p) if p > 0 => Ok(p),
-            _ => Err(bad(k, format!("{k}: {v:?} is not a port (1-65535)"))),
-        }
-    };
-    let src = ip("src_ip")?;
-    let src_port = port("src_port")?;
-    let dst = ip("dst_ip")?;
-    let dst_port = port("dst_port")?;
-    if src.is_ipv4() != dst.is_ipv4() {
-        return Err(bad(
-            "dst_ip",
-            "src_ip and dst_ip must be the same IP version".into(),
-        ));
-    }
-    let dir = match get("tuple") {
-        None | Some("") | Some("orig") | Some("origin") | Some("original") => TupleDir::Orig,
-        Some("reply") => TupleDir::Reply,
-        Some(v) => return Err(bad("tuple", format!("tuple: {v:?} must be orig or reply"))),
-    };
+    api::check_names(
+        params,
+        &[
+            "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node",
+        ],
+    )?;
+    let p = api::parse_live(params)?;
     Ok(LookupQuery {
-        protocol,
-        tuple: Tuple {
-            src,
-            dst,
-            src_port,
-            dst_port,
+        protocol: p.protocol,
+        tuple: p.tuple,
+        dir: if p.reply_tuple {
+            TupleDir::Reply
+        } else {
+            TupleDir::Orig
         },
-        dir,
     })
 }
 
@@ -215,23 +154,12 @@ async fn query(
     match res {
         Ok(Ok(Some(r))) => Json(LookupAnswer::new(&r, &s.node)).into_response(),
         Ok(Ok(None)) => {
-            let t = &q.tuple;
-            let dir = match q.dir {
-                TupleDir::Orig => "original",
-                TupleDir::Reply => "reply",
+            let p = api::LiveParams {
+                protocol: q.protocol,
+                tuple: q.tuple,
+                reply_tuple: q.dir == TupleDir::Reply,
             };
-            error(
-                StatusCode::NOT_FOUND,
-                &format!(
-                    "no conntrack entry with {dir} tuple {} {}:{} -> {}:{}",
-                    q.protocol,
-                    fmt_ip(t.src),
-                    t.src_port,
-                    fmt_ip(t.dst),
-                    t.dst_port
-                ),
-                None,
-            )
+            error(StatusCode::NOT_FOUND, &api::not_found_message(&p), None)
         }
         Ok(Err(e)) => error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -246,20 +174,13 @@ async fn query(
     }
 }
 
-fn fmt_ip(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(a) => a.to_string(),
-        std::net::IpAddr::V6(a) => format!("[{a}]"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
-    use ctw_common::{EventKind, TcpState};
+    use ctw_common::{EventKind, Protocol, TcpState, Tuple};
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 

@@ -1,11 +1,9 @@
 //! Live lookup of one conntrack entry by five-tuple, with a netlink GET (not a
 //! table scan), and the seed's JSON answer shape.
 
-use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ctw_common::{ConnRecord, Protocol, Tuple};
-use serde::Serialize;
 
 use crate::netlink::decode::{self, Decoded};
 use crate::netlink::request::{self, TupleDir};
@@ -59,65 +57,4 @@ pub fn lookup(q: &LookupQuery) -> Result<Option<ConnRecord>, LookupError> {
     }
 }
 
-/// One direction in the seed's JSON.
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct TupleJson {
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub src_port: u16,
-    pub dst_port: u16,
-}
-
-impl From<&Tuple> for TupleJson {
-    fn from(t: &Tuple) -> Self {
-        TupleJson {
-            src: t.src,
-            dst: t.dst,
-            src_port: t.src_port,
-            dst_port: t.dst_port,
-        }
-    }
-}
-
-/// The seed's answer (`status`, `origin`, `reply`) plus the agent's extras.
-#[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct LookupAnswer {
-    /// TCP: the conntrack state as found (`ESTABLISHED`, `SYN_SENT`, ...).
-    /// Other protocols: `ASSURED`, `REPLIED` or `UNREPLIED`.
-    pub status: String,
-    pub origin: TupleJson,
-    pub reply: TupleJson,
-    pub protocol: Protocol,
-    pub snat_ip: IpAddr,
-    pub snat_port: u16,
-    pub flags: Vec<&'static str>,
-    pub id: u32,
-    pub zone: u16,
-    pub mark: u32,
-    pub node: String,
-}
-
-impl LookupAnswer {
-    pub fn new(r: &ConnRecord, node: &str) -> LookupAnswer {
-        let status = match r.tcp_state {
-            Some(s) => s.name().to_string(),
-            None if r.status & ctw_common::status::ASSURED != 0 => "ASSURED".into(),
-            None if r.status & ctw_common::status::SEEN_REPLY != 0 => "REPLIED".into(),
-            None => "UNREPLIED".into(),
-        };
-        let (snat_ip, snat_port) = r.snat();
-        LookupAnswer {
-            status,
-            origin: (&r.orig).into(),
-            reply: (&r.reply).into(),
-            protocol: r.protocol,
-            snat_ip,
-            snat_port,
-            flags: r.flag_names(),
-            id: r.id,
-            zone: r.zone,
-            mark: r.mark,
-            node: node.to_string(),
-        }
-    }
-}
+pub use ctw_common::api::{LookupAnswer, TupleJson};

@@ -1,0 +1,343 @@
+//! Shared pieces of the HTTP APIs: live-lookup parameters, the live-lookup
+//! answer (the seed's JSON shape), and parsing of times and durations.
+//! The agent and the collector answer with exactly these, so a client sees one
+//! format.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::{status, ConnRecord, Protocol, Tuple};
+
+/// A bad request parameter: its name and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadParam {
+    pub parameter: String,
+    pub message: String,
+}
+
+impl BadParam {
+    pub fn new(parameter: &str, message: impl Into<String>) -> BadParam {
+        BadParam {
+            parameter: parameter.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A validated live lookup: `tuple` names the reply direction when `reply_tuple`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveParams {
+    pub protocol: Protocol,
+    pub tuple: Tuple,
+    pub reply_tuple: bool,
+}
+
+/// Reject unknown and repeated parameters. `known` lists every accepted name.
+pub fn check_names(params: &[(String, String)], known: &[&str]) -> Result<(), BadParam> {
+    let mut seen: Vec<&str> = Vec::new();
+    for (k, _) in params {
+        if !known.contains(&k.as_str()) {
+            return Err(BadParam::new(
+                k,
+                format!("unknown parameter {k:?} (known: {})", known.join(", ")),
+            ));
+        }
+        if seen.contains(&k.as_str()) {
+            return Err(BadParam::new(k, format!("parameter {k:?} given twice")));
+        }
+        seen.push(k);
+    }
+    Ok(())
+}
+
+/// The value of `k`, trimmed; `None` when absent or empty.
+pub fn param<'a>(params: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(n, _)| n == k)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+pub fn parse_ip(params: &[(String, String)], k: &str) -> Result<Option<IpAddr>, BadParam> {
+    param(params, k)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| BadParam::new(k, format!("{k}: {v:?} is not an IP address")))
+        })
+        .transpose()
+}
+
+pub fn parse_port(params: &[(String, String)], k: &str) -> Result<Option<u16>, BadParam> {
+    param(params, k)
+        .map(|v| match v.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(BadParam::new(
+                k,
+                format!("{k}: {v:?} is not a port (1-65535)"),
+            )),
+        })
+        .transpose()
+}
+
+pub fn parse_protocol(params: &[(String, String)], k: &str) -> Result<Option<Protocol>, BadParam> {
+    param(params, k)
+        .map(|v| {
+            v.parse()
+                .map_err(|e: crate::UnknownProtocol| BadParam::new(k, e.to_string()))
+        })
+        .transpose()
+}
+
+/// The parameters of a live lookup (`protocol`, `src_ip`, `src_port`,
+/// `dst_ip`, `dst_port`, `tuple`). The caller checks names first.
+pub fn parse_live(params: &[(String, String)]) -> Result<LiveParams, BadParam> {
+    let required = |k: &str| BadParam::new(k, format!("missing parameter {k:?}"));
+    let protocol = parse_protocol(params, "protocol")?.unwrap_or(Protocol::Tcp);
+    let src = parse_ip(params, "src_ip")?.ok_or_else(|| required("src_ip"))?;
+    let src_port = parse_port(params, "src_port")?.ok_or_else(|| required("src_port"))?;
+    let dst = parse_ip(params, "dst_ip")?.ok_or_else(|| required("dst_ip"))?;
+    let dst_port = parse_port(params, "dst_port")?.ok_or_else(|| required("dst_port"))?;
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err(BadParam::new(
+            "dst_ip",
+            "src_ip and dst_ip must be the same IP version",
+        ));
+    }
+    let reply_tuple = match param(params, "tuple") {
+        None | Some("orig") | Some("origin") | Some("original") => false,
+        Some("reply") => true,
+        Some(v) => {
+            return Err(BadParam::new(
+                "tuple",
+                format!("tuple: {v:?} must be orig or reply"),
+            ))
+        }
+    };
+    Ok(LiveParams {
+        protocol,
+        tuple: Tuple {
+            src,
+            dst,
+            src_port,
+            dst_port,
+        },
+        reply_tuple,
+    })
+}
+
+/// The "no such entry" message, the same from agent and collector.
+pub fn not_found_message(p: &LiveParams) -> String {
+    let dir = if p.reply_tuple { "reply" } else { "original" };
+    let t = &p.tuple;
+    format!(
+        "no conntrack entry with {dir} tuple {} {}:{} -> {}:{}",
+        p.protocol,
+        fmt_ip(t.src),
+        t.src_port,
+        fmt_ip(t.dst),
+        t.dst_port
+    )
+}
+
+/// An address as it appears before `:port` (`[v6]`).
+pub fn fmt_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
+
+/// One direction in the seed's JSON.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct TupleJson {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl From<&Tuple> for TupleJson {
+    fn from(t: &Tuple) -> Self {
+        TupleJson {
+            src: t.src,
+            dst: t.dst,
+            src_port: t.src_port,
+            dst_port: t.dst_port,
+        }
+    }
+}
+
+/// The seed's live-lookup answer (`status`, `origin`, `reply`) plus extras.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct LookupAnswer {
+    /// TCP: the conntrack state as found (`ESTABLISHED`, `SYN_SENT`, ...).
+    /// Other protocols: `ASSURED`, `REPLIED` or `UNREPLIED`.
+    pub status: String,
+    pub origin: TupleJson,
+    pub reply: TupleJson,
+    pub protocol: Protocol,
+    pub snat_ip: IpAddr,
+    pub snat_port: u16,
+    pub flags: Vec<&'static str>,
+    pub id: u32,
+    pub zone: u16,
+    pub mark: u32,
+    pub node: String,
+}
+
+impl LookupAnswer {
+    pub fn new(r: &ConnRecord, node: &str) -> LookupAnswer {
+        let state = match r.tcp_state {
+            Some(s) => s.name().to_string(),
+            None if r.status & status::ASSURED != 0 => "ASSURED".into(),
+            None if r.status & status::SEEN_REPLY != 0 => "REPLIED".into(),
+            None => "UNREPLIED".into(),
+        };
+        let (snat_ip, snat_port) = r.snat();
+        LookupAnswer {
+            status: state,
+            origin: (&r.orig).into(),
+            reply: (&r.reply).into(),
+            protocol: r.protocol,
+            snat_ip,
+            snat_port,
+            flags: r.flag_names(),
+            id: r.id,
+            zone: r.zone,
+            mark: r.mark,
+            node: node.to_string(),
+        }
+    }
+}
+
+/// Parse a time: RFC 3339 (`2024-12-09T15:05:00.123+08:00`) or Unix seconds
+/// with an optional fraction (`1733727900.123`). Returns ns since the epoch.
+pub fn parse_time(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 && secs < 1e11 {
+            // Split to keep nanosecond precision for up to 9 decimals.
+            let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+            let whole: u64 = int.parse().map_err(|_| format!("{s:?} is not a time"))?;
+            let mut frac_ns = 0u64;
+            for (i, c) in frac.chars().take(9).enumerate() {
+                let d = c
+                    .to_digit(10)
+                    .ok_or_else(|| format!("{s:?} is not a time"))?;
+                frac_ns += u64::from(d) * 10u64.pow(8 - i as u32);
+            }
+            return Ok(whole * 1_000_000_000 + frac_ns);
+        }
+        return Err(format!("{s:?} is out of range for Unix seconds"));
+    }
+    let t = chrono::DateTime::parse_from_rfc3339(s)
+        .map_err(|_| format!("{s:?} is neither RFC 3339 nor Unix seconds"))?;
+    t.timestamp_nanos_opt()
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| format!("{s:?} is out of range"))
+}
+
+/// Parse a duration: `500ms`, `30s`, `5m`, `2h`, `1d`, or plain seconds
+/// (`90`, `1.5`). Returns ns.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit_ns) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1_000_000f64)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e9)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60e9)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600e9)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86400e9)
+    } else {
+        (s, 1e9)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 && v * unit_ns < 3.2e18 => Ok((v * unit_ns) as u64),
+        _ => Err(format!(
+            "{s:?} is not a duration (like 500ms, 30s, 5m, 2h, 1d)"
+        )),
+    }
+}
+
+/// Format ns since the epoch as RFC 3339 UTC with milliseconds.
+pub fn format_time(ns: u64) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let nanos = (ns % 1_000_000_000) as u32;
+    chrono::DateTime::from_timestamp(secs, nanos)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(parse_time("1733727900").unwrap(), 1_733_727_900_000_000_000);
+        assert_eq!(
+            parse_time("1733727900.123").unwrap(),
+            1_733_727_900_123_000_000
+        );
+        assert_eq!(
+            parse_time("2024-12-09T15:05:00.123+08:00").unwrap(),
+            1_733_727_900_123_000_000
+        );
+        assert_eq!(
+            parse_time("2024-12-09T07:05:00.123Z").unwrap(),
+            1_733_727_900_123_000_000
+        );
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("-5").is_err());
+        assert!(parse_time("1e300").is_err());
+        assert_eq!(
+            format_time(1_733_727_900_123_000_000),
+            "2024-12-09T07:05:00.123Z"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5m").unwrap(), 300_000_000_000);
+        assert_eq!(parse_duration("500ms").unwrap(), 500_000_000);
+        assert_eq!(parse_duration("90").unwrap(), 90_000_000_000);
+        assert_eq!(parse_duration("1.5s").unwrap(), 1_500_000_000);
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn live_params() {
+        let q = parse_live(&p(&[
+            ("src_ip", "198.18.0.2"),
+            ("src_port", "1"),
+            ("dst_ip", "198.19.0.2"),
+            ("dst_port", "80"),
+        ]))
+        .unwrap();
+        assert_eq!(q.protocol, Protocol::Tcp);
+        assert!(!q.reply_tuple);
+        let e = parse_live(&p(&[
+            ("src_ip", "198.18.0.2"),
+            ("src_port", "1"),
+            ("dst_ip", "198.19.0.2"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.parameter, "dst_port");
+        let e = check_names(&p(&[("src_ip", "a"), ("src_ip", "b")]), &["src_ip"]).unwrap_err();
+        assert!(e.message.contains("twice"));
+    }
+}
