@@ -421,7 +421,7 @@ run_one() { # scenario fraction listener
     log "== $scen / $lis"
     if [[ $lis == agent && $AGENT_OK != 1 ]]; then
         log "SKIPPING ctw-agent: $AGENT_SKIP_REASON"
-        ROWS+=("| $scen | ctw-agent | skipped: $AGENT_SKIP_REASON | | | | | | | | | | | | | |")
+        ROWS+=("| $scen | $lis | skipped: $AGENT_SKIP_REASON | | | | | | | | | | | | | |")
         return 0
     fi
     ct_flush

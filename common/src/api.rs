@@ -217,7 +217,7 @@ impl LookupAnswer {
 pub fn parse_time(s: &str) -> Result<u64, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs < 1e11 {
+        if secs.is_finite() && (0.0..1e11).contains(&secs) {
             // Split to keep nanosecond precision for up to 9 decimals.
             let (int, frac) = s.split_once('.').unwrap_or((s, ""));
             let whole: u64 = int.parse().map_err(|_| format!("{s:?} is not a time"))?;
