@@ -1,5 +1,5 @@
 //! `ctw-agent`: the conntrack-watch node agent binary. Parses the command
-//! line, runs the start-up checks, and wires capture, log writer and HTTP.
+//! line, runs the start-up checks, and wires capture, log writer, collector uplink and HTTP.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use ctw_agent::capture::{Capture, CaptureConfig};
+use ctw_agent::capture::{Capture, CaptureConfig, RecordSink, Tee};
 use ctw_agent::config::Config;
 use ctw_agent::filter::Filter;
 use ctw_agent::http::{self, AppState, LookupFn};
 use ctw_agent::logfile::{self, LogStats, LogWriter};
 use ctw_agent::metrics::Metrics;
+use ctw_agent::uplink::Uplink;
 use ctw_agent::{lookup, startup};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -112,17 +113,38 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let ports = cfg.ports_u16();
     let filter = Filter::new(&ports, &cfg.protocols);
     let metrics = Metrics::new(filter.ports());
-    let capture = Capture::start(
-        CaptureConfig {
-            filter: filter.clone(),
-            capture_destroy: cfg.capture_destroy,
-            rcvbuf_bytes: cfg.netlink.rcvbuf_bytes,
-            batch_messages: cfg.netlink.batch_messages,
-            kernel_filter: cfg.netlink.kernel_filter,
-        },
-        log.clone(),
-        metrics.clone(),
-    )?;
+    let lookup_fn: Arc<LookupFn> = Arc::new(lookup::lookup);
+    let (uplink, uplink_sink) = match &cfg.collector {
+        Some(c) => {
+            let (u, s) = Uplink::start(c.clone(), &node, metrics.clone(), lookup_fn.clone())
+                .context("cannot start the collector uplink")?;
+            tracing::info!(address = %c.address, boot_id = u.boot_id(), "collector uplink started");
+            (Some(u), Some(s))
+        }
+        None => (None, None),
+    };
+    let capture_cfg = CaptureConfig {
+        filter: filter.clone(),
+        capture_destroy: cfg.capture_destroy,
+        rcvbuf_bytes: cfg.netlink.rcvbuf_bytes,
+        batch_messages: cfg.netlink.batch_messages,
+        kernel_filter: cfg.netlink.kernel_filter,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(AtomicBool::new(true));
+    // The capture takes one sink: the log, and the uplink too when configured.
+    let capture_thread = match uplink_sink {
+        Some(up) => spawn_capture(
+            Capture::start(capture_cfg, Tee(log.clone(), up), metrics.clone())?,
+            &stop,
+            &running,
+        )?,
+        None => spawn_capture(
+            Capture::start(capture_cfg, log.clone(), metrics.clone())?,
+            &stop,
+            &running,
+        )?,
+    };
     tracing::info!(
         node = %node,
         ports = ?filter.ports(),
@@ -133,28 +155,6 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         "program started"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let running = Arc::new(AtomicBool::new(true));
-    let capture_thread = {
-        let stop = stop.clone();
-        let running = running.clone();
-        std::thread::Builder::new()
-            .name("capture".into())
-            .spawn(move || {
-                /// Marks capture stopped however the thread ends.
-                struct Running(Arc<AtomicBool>);
-                impl Drop for Running {
-                    fn drop(&mut self) {
-                        self.0.store(false, Ordering::Relaxed);
-                    }
-                }
-                let _guard = Running(running);
-                capture.run(&stop);
-            })
-            .context("cannot start the capture thread")?
-    };
-
-    let lookup_fn: Arc<LookupFn> = Arc::new(lookup::lookup);
     let state = Arc::new(AppState {
         node: node.to_string(),
         metrics,
@@ -180,9 +180,38 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     });
     stop.store(true, Ordering::Relaxed);
     let _ = capture_thread.join();
+    // After the capture: everything it sent is batched and spooled.
+    if let Some(u) = uplink {
+        u.shutdown();
+    }
     tracing::info!("program stopped");
     log.shutdown();
     served
+}
+
+/// Runs the capture on its own thread until `stop` is set; `running` is
+/// cleared however the thread ends.
+fn spawn_capture<S: RecordSink + 'static>(
+    capture: Capture<S>,
+    stop: &Arc<AtomicBool>,
+    running: &Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let stop = stop.clone();
+    let running = running.clone();
+    std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            /// Marks capture stopped however the thread ends.
+            struct Running(Arc<AtomicBool>);
+            impl Drop for Running {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Relaxed);
+                }
+            }
+            let _guard = Running(running);
+            capture.run(&stop);
+        })
+        .context("cannot start the capture thread")
 }
 
 #[cfg(test)]

@@ -42,6 +42,111 @@ pub struct Metrics {
     log_errors: IntCounter,
     log_rotations: IntCounter,
     log_healthy: IntGauge,
+    /// The collector uplink (`ctw_uplink_*`); stays at zero without a collector.
+    pub uplink: UplinkMetrics,
+}
+
+/// Metrics of the collector uplink ([`crate::uplink`]).
+#[derive(Debug, Clone)]
+pub struct UplinkMetrics {
+    /// 1 while the stream to the collector is up (Hello acknowledged).
+    pub connected: IntGauge,
+    /// Connection attempts after a failed attempt or a lost connection.
+    pub reconnects: IntCounter,
+    pub batches_sent: IntCounter,
+    pub batches_acked: IntCounter,
+    pub records_sent: IntCounter,
+    pub records_acked: IntCounter,
+    /// Records written to the spool (collector away or in-flight window full).
+    pub records_spooled: IntCounter,
+    /// Bytes of batch files in the spool.
+    pub spool_bytes: IntGauge,
+    /// Records dropped by the uplink, by reason: `spool_overflow` (oldest
+    /// spooled batches deleted), `uplink_queue` (capture outran the uplink),
+    /// `spool_error` (an unreadable spool file). Each is also reported to the
+    /// collector as a loss.
+    pub records_dropped: IntCounterVec,
+    /// Batches not yet acknowledged (in memory and in the spool).
+    pub unacked_batches: IntGauge,
+    /// Loss reports sent to the collector (resends included).
+    pub loss_reports_sent: IntCounter,
+    /// Lookup requests from the collector answered.
+    pub lookups_answered: IntCounter,
+}
+
+impl UplinkMetrics {
+    /// Reasons of `ctw_uplink_records_dropped_total`.
+    pub const DROP_REASONS: [&'static str; 3] = ["spool_overflow", "uplink_queue", "spool_error"];
+
+    fn new(r: &Registry) -> UplinkMetrics {
+        let m = UplinkMetrics {
+            connected: gauge(
+                r,
+                "ctw_uplink_connected",
+                "1 while the stream to the collector is up",
+            ),
+            reconnects: counter(
+                r,
+                "ctw_uplink_reconnects_total",
+                "Connection attempts to the collector after a failure or a lost connection",
+            ),
+            batches_sent: counter(
+                r,
+                "ctw_uplink_batches_sent_total",
+                "Record batches sent to the collector (resends included)",
+            ),
+            batches_acked: counter(
+                r,
+                "ctw_uplink_batches_acked_total",
+                "Record batches the collector acknowledged as stored",
+            ),
+            records_sent: counter(
+                r,
+                "ctw_uplink_records_sent_total",
+                "Records sent to the collector (resends included)",
+            ),
+            records_acked: counter(
+                r,
+                "ctw_uplink_records_acked_total",
+                "Records the collector acknowledged as stored",
+            ),
+            records_spooled: counter(
+                r,
+                "ctw_uplink_records_spooled_total",
+                "Records written to the on-disk spool",
+            ),
+            spool_bytes: gauge(
+                r,
+                "ctw_uplink_spool_bytes",
+                "Bytes of unacknowledged batches in the spool",
+            ),
+            records_dropped: counter_vec(
+                r,
+                "ctw_uplink_records_dropped_total",
+                "Records the uplink dropped (each reported to the collector as a loss)",
+                &["reason"],
+            ),
+            unacked_batches: gauge(
+                r,
+                "ctw_uplink_unacked_batches",
+                "Record batches not yet acknowledged by the collector (memory and spool)",
+            ),
+            loss_reports_sent: counter(
+                r,
+                "ctw_uplink_loss_reports_sent_total",
+                "Loss reports sent to the collector (resends included)",
+            ),
+            lookups_answered: counter(
+                r,
+                "ctw_uplink_lookups_answered_total",
+                "Live lookups answered for the collector",
+            ),
+        };
+        for reason in Self::DROP_REASONS {
+            m.records_dropped.with_label_values(&[reason]);
+        }
+        m
+    }
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -160,6 +265,7 @@ impl Metrics {
                 "ctw_log_healthy",
                 "1 while the last log write succeeded",
             ),
+            uplink: UplinkMetrics::new(&r),
             registry: r,
         };
         for p in ports {

@@ -2,15 +2,15 @@
 //! TCP (nginx) and UDP traffic over IPv4 and IPv6. Every check compares the
 //! agent's output with what the server side actually saw. Needs root.
 
-mod support;
+use ctw_testkit as support;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::agent::Agent;
-use support::{must_in, require_root, run_in, wait_for, Topology};
+use ctw_testkit::agent::Agent;
+use ctw_testkit::{must_in, require_root, run_in, wait_for, Topology};
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -2,13 +2,13 @@
 //! works for TCP and UDP on IPv4 and IPv6, the node's conntrack sees the pods
 //! in the original tuples, and everything is removed on drop (also on panic).
 
-mod support;
+use ctw_testkit as support;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use support::{http_url, netns_list, wait_for, Topology};
+use ctw_testkit::{http_url, netns_list, wait_for, Topology};
 
 const WAIT: Duration = Duration::from_secs(10);
 

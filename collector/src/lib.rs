@@ -4,3 +4,11 @@
 
 pub mod config;
 pub mod store;
+pub mod auth;
+pub mod certs;
+pub mod metrics;
+pub mod grpc_query;
+pub mod http;
+pub mod ingest;
+pub mod registry;
+pub mod tls;

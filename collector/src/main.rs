@@ -1,1 +1,182 @@
-fn main() {}
+//! `ctw-collector`: runs the collector (gRPC ingest + HTTP API on embedded
+//! storage), or manages certificates (`ctw-collector certs ...`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use ctw_collector::auth::Token;
+use ctw_collector::config::Config;
+use ctw_collector::http::{self, AppState};
+use ctw_collector::metrics::Metrics;
+use ctw_collector::registry::Registry;
+use ctw_collector::store::tantivy_store::TantivyStore;
+use ctw_collector::store::RecordStore;
+use ctw_collector::{certs, ingest};
+
+const USAGE: &str = "usage: ctw-collector --config FILE            run the collector
+       ctw-collector --check --config FILE    validate the config and exit
+       ctw-collector certs init-ca --dir DIR  create a CA
+       ctw-collector certs issue --dir DIR --name NAME --kind server|client [--dns a,b] [--ip x,y]
+       ctw-collector --version";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("certs") {
+        return match certs::cli(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let mut config: Option<PathBuf> = None;
+    let mut check_only = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" | "-c" | "-config" => match it.next() {
+                Some(v) => config = Some(PathBuf::from(v)),
+                None => {
+                    eprintln!("error: {a} needs a file name\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            "--check" => check_only = true,
+            "--version" | "-V" => {
+                println!("ctw-collector {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            s => match s.strip_prefix("--config=") {
+                Some(v) => config = Some(PathBuf::from(v)),
+                None => {
+                    eprintln!("error: unknown argument {s:?}\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+        }
+    }
+    let Some(path) = config else {
+        eprintln!("error: missing --config FILE\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let cfg = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check_only {
+        println!("config {} is valid", path.display());
+        return ExitCode::SUCCESS;
+    }
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+fn run(cfg: Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let token = Token::load(&cfg.http.token_file).context("http.token_file")?;
+    let metrics = Metrics::new();
+    let store = Arc::new(TantivyStore::open(&cfg.storage).context("storage")?);
+    let registry = Arc::new(Registry::new(metrics.clone()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(AppState {
+        store: store.clone() as Arc<dyn RecordStore>,
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        token,
+        max_limit: cfg.http.max_limit,
+        lookup: cfg.lookup.clone(),
+        ready: ready.clone(),
+    });
+    let http_addr: std::net::SocketAddr = cfg
+        .http
+        .listen_addr
+        .parse()
+        .with_context(|| format!("http.listen_addr {:?}", cfg.http.listen_addr))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = rt.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let grpc = tokio::spawn({
+            let grpc_cfg = cfg.grpc.clone();
+            let lookup = cfg.lookup.clone();
+            let store = store.clone() as Arc<dyn RecordStore>;
+            let registry = registry.clone();
+            let metrics = metrics.clone();
+            let stop = stopped(stop_rx.clone());
+            async move { ingest::serve(&grpc_cfg, &lookup, store, registry, metrics, stop).await }
+        });
+        let listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .with_context(|| format!("http.listen_addr: cannot listen on {http_addr}"))?;
+        tracing::info!(addr = %http_addr, "HTTP API listening");
+        ready.store(true, Ordering::Relaxed);
+        let http_stop = stopped(stop_rx.clone());
+        let http = tokio::spawn(async move {
+            axum::serve(listener, http::router(state))
+                .with_graceful_shutdown(http_stop)
+                .await
+        });
+        let mut grpc = grpc;
+        // Run until a signal, or until the gRPC side stops by itself (an error).
+        let early = tokio::select! {
+            _ = shutdown_signal() => None,
+            r = &mut grpc => Some(r),
+        };
+        ready.store(false, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+        let grpc_res = match early {
+            Some(r) => r,
+            None => grpc.await,
+        }
+        .context("gRPC task")?;
+        let _ = http.await;
+        grpc_res
+    });
+    store.close();
+    tracing::info!("collector stopped");
+    result
+}

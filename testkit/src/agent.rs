@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::{must_in, run_in, wait_for, Topology};
 
 /// A running agent. Stopped by the topology's drop (it was spawned there).
+#[derive(Debug)]
 pub struct Agent {
     pub pid: u32,
     pub ns: String,
@@ -41,7 +42,8 @@ impl Agent {
         listen: &str,
     ) -> Agent {
         let ns = topo.node_ns().to_string();
-        let bin = env!("CARGO_BIN_EXE_ctw-agent");
+        let bin = crate::bin_path("ctw-agent");
+        let bin = bin.to_str().expect("utf-8 path");
         let cfg_s = cfg.display().to_string();
         let pid = topo.spawn_in(&ns, &[bin, "--config", &cfg_s]);
         let agent = Agent {

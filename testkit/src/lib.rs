@@ -1,4 +1,4 @@
-//! Shared helpers for the agent's integration tests: a throw-away network
+//! Shared helpers for the integration tests of the agent and collector: a throw-away network
 //! namespace topology (pods -> masquerading node -> server), real peers in it
 //! (nginx, a UDP echo server, curl, python clients) and condition polling.
 //!
@@ -27,9 +27,42 @@
 //! Tests run as root; start each one with
 //! `if !support::require_root() { return; }`.
 
-#![allow(dead_code)]
 
 pub mod agent;
+
+/// Path of a workspace binary (`ctw-agent`, `ctw-collector`) in the same
+/// target directory as the running test, built once with cargo when it is
+/// missing. `CTW_BIN_DIR` overrides the directory.
+pub fn bin_path(name: &str) -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = match std::env::var_os("CTW_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            // target/<profile>/deps/<test> -> target/<profile>
+            let exe = std::env::current_exe().expect("current test executable");
+            exe.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .expect("test executable inside target/<profile>/deps")
+        }
+    };
+    let path = dir.join(name);
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.exists() {
+        let pkg = name;
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", pkg, "--bin", name]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p {pkg} failed");
+        assert!(path.exists(), "{} still missing after cargo build", path.display());
+    }
+    path
+}
 
 use std::collections::HashSet;
 use std::fmt::Write as _;

@@ -1,0 +1,387 @@
+//! Benchmark of the tantivy store on synthetic, realistically spread records:
+//! ingest rate, bytes per record on disk, exact snat ip:port + time query
+//! latency, and time to searchable.
+//!
+//! `cargo run --release -p ctw-collector --example store_bench -- --records 10000000`
+//! Options: `--records N`, `--batch N` (records per batch, default 1000),
+//! `--dir PATH` (default: a new directory under the temp dir, removed at the
+//! end unless `--keep`), `--keep`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ctw_collector::config::StorageConfig;
+use ctw_collector::store::tantivy_store::TantivyStore;
+use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
+use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+
+const NODES: usize = 20;
+const PODS: usize = 5000;
+const SERVICES: usize = 20;
+const SPAN_NS: u64 = 7 * 24 * 3_600_000_000_000;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Gen {
+    rng: Rng,
+    t0: u64,
+    dt: u64,
+    i: u64,
+    services: Vec<(Ipv4Addr, u16, Protocol)>,
+}
+
+impl Gen {
+    fn new(n: u64, t0: u64) -> Gen {
+        let mut rng = Rng(42);
+        let ports = [443u16, 80, 5432, 6379, 8080, 9200, 3306, 27017];
+        let services = (0..SERVICES)
+            .map(|k| {
+                let udp = rng.below(5) == 0;
+                let ip = Ipv4Addr::new(203, 0, 113, 1 + k as u8);
+                if udp {
+                    (ip, [53u16, 123][k % 2], Protocol::Udp)
+                } else {
+                    (ip, ports[k % ports.len()], Protocol::Tcp)
+                }
+            })
+            .collect();
+        Gen {
+            rng,
+            t0,
+            dt: (SPAN_NS / n.max(1)).max(1),
+            i: 0,
+            services,
+        }
+    }
+
+    fn node_name(n: usize) -> String {
+        format!("node-{n:02}")
+    }
+
+    fn record(&mut self, node: usize) -> ConnRecord {
+        let r = &mut self.rng;
+        let event_ns = self.t0 + self.i * self.dt + r.below(self.dt.max(1));
+        self.i += 1;
+        let pod = node + NODES * r.below((PODS / NODES) as u64) as usize;
+        let pod_ip = Ipv4Addr::new(198, 18, (pod / 256) as u8, (pod % 256) as u8);
+        let node_ip = Ipv4Addr::new(10, 0, 0, 10 + node as u8);
+        // 80% TCP: pick among services of the drawn protocol.
+        let want_udp = r.below(5) == 0;
+        let cands: Vec<_> = self
+            .services
+            .iter()
+            .filter(|s| (s.2 == Protocol::Udp) == want_udp)
+            .collect();
+        let (svc_ip, svc_port, protocol) = *cands[r.below(cands.len() as u64) as usize];
+        let src_port = 32768 + r.below(28232) as u16;
+        let snat_port = 1024 + r.below(65536 - 1024) as u16;
+        let destroy = r.below(5) == 0;
+        let tcp = protocol == Protocol::Tcp;
+        let (kind, start_ns, stop_ns, status, tcp_state, counters) = if destroy {
+            let life = 1_000_000 + r.below(600_000_000_000);
+            let c = |r: &mut Rng| {
+                let packets = 2 + r.below(200);
+                Some(Counters {
+                    packets,
+                    bytes: packets * (60 + r.below(1400)),
+                })
+            };
+            (
+                EventKind::Destroy,
+                Some(event_ns - life),
+                Some(event_ns),
+                status::CONFIRMED | status::SRC_NAT | status::SEEN_REPLY | status::ASSURED,
+                tcp.then_some(TcpState::TimeWait),
+                (c(r), c(r)),
+            )
+        } else {
+            (
+                EventKind::New,
+                Some(event_ns),
+                None,
+                status::CONFIRMED | status::SRC_NAT,
+                tcp.then_some(TcpState::SynSent),
+                (None, None),
+            )
+        };
+        let flags = [0x23u8, 0x27, 0x03];
+        ConnRecord {
+            kind,
+            event_ns,
+            protocol,
+            orig: Tuple {
+                src: IpAddr::V4(pod_ip),
+                dst: IpAddr::V4(svc_ip),
+                src_port,
+                dst_port: svc_port,
+            },
+            reply: Tuple {
+                src: IpAddr::V4(svc_ip),
+                dst: IpAddr::V4(node_ip),
+                src_port: svc_port,
+                dst_port: snat_port,
+            },
+            id: r.next() as u32,
+            zone: 0,
+            mark: 0,
+            status,
+            tcp_state,
+            tcp_flags_orig: if tcp { flags[r.below(3) as usize] } else { 0 },
+            tcp_flags_reply: if tcp && destroy { flags[r.below(3) as usize] } else { 0 },
+            start_ns,
+            stop_ns,
+            counters_orig: counters.0,
+            counters_reply: counters.1,
+        }
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, in clock ticks (USER_HZ = 100 on Linux).
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let n: u64 = arg("--records").map_or(Ok(10_000_000), |v| v.parse())?;
+    let batch: usize = arg("--batch").map_or(Ok(1000), |v| v.parse())?;
+    let keep = args.iter().any(|a| a == "--keep");
+    let dir = arg("--dir").map(Into::into).unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("ctw-store-bench-{}", std::process::id()))
+    });
+    let cfg = StorageConfig {
+        path: dir,
+        retention_days: 14,
+        max_size_gb: 1000.0,
+        commit_interval_ms: 1000,
+        partition_hours: 24,
+        lookback_hours: 24,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    let t0 = now - SPAN_NS - 3_600_000_000_000;
+    let store = Arc::new(TantivyStore::open(&cfg)?);
+    let mut gen = Gen::new(n, t0);
+    let mut samples: Vec<(String, ConnRecord)> = Vec::new();
+    let mut sample_rng = Rng(7);
+    let mut seqs = [0u64; NODES];
+
+    // Ingest: one writer thread.
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut b = 0usize;
+    let mut last_report = Instant::now();
+    while done < n {
+        let node = b % NODES;
+        b += 1;
+        let k = batch.min((n - done) as usize);
+        let records: Vec<ConnRecord> = (0..k).map(|_| gen.record(node)).collect();
+        for r in &records {
+            // reservoir sample of 1000 records
+            let seen = done + 1;
+            if samples.len() < 1000 {
+                samples.push((Gen::node_name(node), *r));
+            } else {
+                let j = sample_rng.below(seen) as usize;
+                if j < 1000 {
+                    samples[j] = (Gen::node_name(node), *r);
+                }
+            }
+            done += 1;
+        }
+        seqs[node] += 1;
+        store.append(StoredBatch {
+            node: Gen::node_name(node),
+            boot_id: "boot-1".into(),
+            seq: seqs[node],
+            records,
+        })?;
+        if last_report.elapsed() > Duration::from_secs(10) {
+            last_report = Instant::now();
+            eprintln!(
+                "  {done} records, {:.0} records/s",
+                done as f64 / start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    store.commit()?;
+    let ingest_s = start.elapsed().as_secs_f64();
+    let ingest_cpu = cpu_seconds() - cpu0;
+    eprintln!("ingested {n} in {ingest_s:.1}s; merging");
+    let m0 = Instant::now();
+    store.force_merge()?;
+    let merge_s = m0.elapsed().as_secs_f64();
+    let stats = store.stats();
+    let (usage, index_bytes) = store.space_usage()?;
+
+    // Exact snat ip:port + 10-minute window queries of existing records.
+    let mut lat = Vec::new();
+    let mut found = 0;
+    let mut parts_touched = 0usize;
+    for (node, r) in &samples {
+        let (ip, port) = r.snat();
+        let q = SearchQuery {
+            snat_ip: Some(ip),
+            snat_port: Some(port),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            at_ns: Some(r.event_ns),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let (res, st) = store.search_with_stats(&q)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        parts_touched += st.partitions.len();
+        if res
+            .hits
+            .iter()
+            .any(|h| &h.node == node && h.record.id == r.id)
+        {
+            found += 1;
+        }
+    }
+    let (q50, q99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+
+    // Time to searchable, with a background load of ~20k records/s.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let store = store.clone();
+        let stop = stop.clone();
+        let mut gen = Gen::new(n, t0);
+        gen.i = n; // continue at the newest time
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                let records = (0..1000).map(|_| gen.record(0)).collect();
+                store
+                    .append(StoredBatch {
+                        node: "node-load".into(),
+                        boot_id: "boot-1".into(),
+                        seq,
+                        records,
+                    })
+                    .map_err(|e| e.to_string())?;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        })
+    };
+    let mut tts = Vec::new();
+    let mut probe_gen = Gen::new(n, t0);
+    probe_gen.i = n;
+    for k in 0..100u16 {
+        let mut r = probe_gen.record(1);
+        r.reply.dst = IpAddr::V4(Ipv4Addr::new(10, 255, 0, 1));
+        r.reply.dst_port = 2000 + k;
+        let q = SearchQuery {
+            snat_ip: Some(r.reply.dst),
+            snat_port: Some(r.reply.dst_port),
+            node: Some("probe".into()),
+            limit: 1,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        store.append(StoredBatch {
+            node: "probe".into(),
+            boot_id: "b".into(),
+            seq: k as u64,
+            records: vec![r],
+        })?;
+        let deadline = t + Duration::from_secs(10);
+        loop {
+            if store.search(&q)?.total > 0 {
+                tts.push(t.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+            if Instant::now() > deadline {
+                tts.push(f64::INFINITY);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // spread probes over the commit cycle
+        std::thread::sleep(Duration::from_millis(37 * (k as u64 % 7)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().map_err(|_| "load thread panicked")??;
+    let (t50, t99) = (pct(&mut tts, 0.5), pct(&mut tts, 0.99));
+
+    println!("\n### store_bench: {n} records, batch {batch}, {NODES} nodes, {PODS} pods, {SERVICES} services, 7 days\n");
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!(
+        "| ingest (single writer thread, WAL fsync per batch) | {:.0} records/s wall |",
+        n as f64 / ingest_s
+    );
+    println!(
+        "| ingest per CPU-second (process user+sys) | {:.0} records/s ({ingest_cpu:.1} CPU-s over {ingest_s:.1} s wall, 2 cores) |",
+        n as f64 / ingest_cpu.max(1e-9)
+    );
+    println!("| final merge | {merge_s:.1} s |");
+    println!("| partitions | {} |", stats.partitions);
+    println!(
+        "| index bytes / record (after commit + merge) | {:.1} |",
+        index_bytes as f64 / n as f64
+    );
+    println!(
+        "| all bytes on disk / record (index + WAL tail + checkpoint) | {:.1} |",
+        stats.bytes_on_disk as f64 / n as f64
+    );
+    println!(
+        "| exact snat ip:port ±5 min query p50 / p99 | {q50:.2} ms / {q99:.2} ms ({found}/{} found, {:.1} partitions each) |",
+        samples.len(),
+        parts_touched as f64 / samples.len().max(1) as f64
+    );
+    println!(
+        "| time to searchable p50 / p99 (commit every 1000 ms) | {t50:.0} ms / {t99:.0} ms |"
+    );
+    println!("\nIndex bytes per record by field part:\n");
+    println!("| field part | bytes/record |");
+    println!("|---|---|");
+    for (name, bytes) in usage.iter().take(30) {
+        println!("| {name} | {:.2} |", *bytes as f64 / n as f64);
+    }
+    drop(store);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&cfg.path);
+    }
+    Ok(())
+}

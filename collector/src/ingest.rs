@@ -1,0 +1,630 @@
+//! The `Ingest` gRPC service (one long-lived stream per agent) and
+//! [`serve`], which runs it and the `Query` service on the mTLS port.
+//!
+//! Per stream:
+//! 1. The node name comes from the verified client certificate (first DNS
+//!    SAN, else CN). The first message must be Hello, within
+//!    [`ServeOptions::hello_timeout`], naming that node; otherwise the stream
+//!    ends with `PermissionDenied` (another node's name) or
+//!    `InvalidArgument` / `Unauthenticated`, counted in
+//!    `ctw_collector_streams_refused_total{reason}`. Nothing of a refused
+//!    stream is stored.
+//! 2. The collector answers HelloAck and registers the stream in the
+//!    [`Registry`] (which sends lookup requests down it).
+//! 3. Batches are converted (a record that fails conversion is counted,
+//!    logged rate-limited and skipped; the rest is stored), appended in
+//!    `spawn_blocking`, and acked (`Ack{boot_id, seq}`) only when `append`
+//!    returned `Ok` — `Stored` or `Duplicate`, both durable. A store error
+//!    is logged and not acked: the agent resends. Batches are appended in
+//!    the order received, by a task of their own, so lookup replies are not
+//!    held up behind the store.
+//! 4. LossReport → a [`Gap`] in the store (reason as reported) and the
+//!    agent's loss counters. LookupReply → completes the pending lookup.
+//!
+//! Disconnections: when a stream ends, the agent stays in the registry as
+//! disconnected, and [`Registry::open_gaps`] lists the open window. When the
+//! agent reconnects, a `Gap{reason: "agent_disconnected"}` from the
+//! disconnection to the reconnection is recorded in the store. (Batches the
+//! agent spooled meanwhile are then replayed; the gap still marks the window
+//! as "may be incomplete", because capture may have been down too.)
+//!
+//! Flow control for one agent streaming 100k records/s (≈10 MB/s) over a
+//! 50 ms round trip: the bandwidth-delay product is ≈0.5 MB, so 8 MiB
+//! stream and 16 MiB connection windows never stall the sender; frames up
+//! to 1 MiB cut per-frame overhead; messages up to 32 MiB are accepted.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use ctw_common::ConnRecord;
+use ctw_proto::pb;
+use ctw_proto::pb::agent_message::Msg as AgentMsg;
+use ctw_proto::pb::collector_message::Msg as CollectorMsg;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::{GrpcConfig, LookupConfig, TlsFiles};
+use crate::grpc_query::QueryService;
+use crate::metrics::Metrics;
+use crate::registry::{AgentSender, BatchInfo, ConnToken, HelloInfo, Registry};
+use crate::store::{AppendOutcome, Gap, RecordStore, StoredBatch};
+use crate::tls::{self, RateLimiter, LOG_EVERY};
+
+/// HTTP/2 stream window (see the module docs).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 connection window.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame the server accepts.
+pub const MAX_FRAME: u32 = 1 << 20;
+/// Largest gRPC message (one record batch) the server accepts.
+pub const MAX_MESSAGE: usize = 32 << 20;
+/// Messages queued towards one agent (acks, lookup requests).
+const OUT_QUEUE: usize = 1024;
+/// Batches read ahead of the store per stream.
+const APPEND_QUEUE: usize = 4;
+
+/// Knobs of [`serve_on`]; `Default` gives the production values.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub lookup: LookupConfig,
+    /// Largest `limit` of a search (`http.max_limit`).
+    pub max_limit: usize,
+    /// How often the TLS files are checked for changes.
+    pub reload_interval: Duration,
+    pub handshake_timeout: Duration,
+    /// How long a new stream may take to send Hello.
+    pub hello_timeout: Duration,
+    /// How long in-flight streams get to end after shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            lookup: LookupConfig::default(),
+            max_limit: 10_000,
+            reload_interval: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Bind `cfg.listen_addr` and serve Ingest and Query with mTLS until
+/// `shutdown` completes.
+pub async fn serve(
+    cfg: &GrpcConfig,
+    lookup: &LookupConfig,
+    store: Arc<dyn RecordStore>,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = cfg
+        .listen_addr
+        .parse()
+        .with_context(|| format!("grpc.listen_addr: cannot parse {:?}", cfg.listen_addr))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("grpc.listen_addr: cannot listen on {addr}"))?;
+    tracing::info!(%addr, "gRPC (mTLS) listening");
+    let opts = ServeOptions {
+        lookup: lookup.clone(),
+        ..ServeOptions::default()
+    };
+    serve_on(listener, &cfg.tls, opts, store, registry, metrics, shutdown).await
+}
+
+/// [`serve`] on a bound listener (tests bind `127.0.0.1:0`).
+pub async fn serve_on(
+    listener: TcpListener,
+    tls_files: &TlsFiles,
+    opts: ServeOptions,
+    store: Arc<dyn RecordStore>,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = tls::load_server_config(tls_files).context("grpc.tls")?;
+    let holder = Arc::new(tls::ReloadableConfig::new(config));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reloader = tls::spawn_reloader(
+        tls_files.clone(),
+        holder.clone(),
+        opts.reload_interval,
+        metrics.clone(),
+        stop_rx.clone(),
+    );
+    let incoming = tls::incoming(
+        listener,
+        holder,
+        metrics.clone(),
+        opts.handshake_timeout,
+        stop_rx.clone(),
+    );
+    let ingest = IngestService::new(
+        store.clone(),
+        registry.clone(),
+        metrics,
+        stop_rx.clone(),
+        opts.hello_timeout,
+    );
+    let query = QueryService::new(store, registry, opts.lookup.clone(), opts.max_limit);
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(256))
+        .serve_with_incoming_shutdown(
+            Routes {
+                ingest: pb::ingest_server::IngestServer::new(ingest)
+                    .max_decoding_message_size(MAX_MESSAGE),
+                query: pb::query_server::QueryServer::new(query),
+            },
+            incoming,
+            signal,
+        );
+    // Graceful shutdown waits for open streams; agents' streams end when
+    // told, but a peer that never closes its side must not hold us forever.
+    let mut stopped = stop_rx.clone();
+    let grace = opts.shutdown_grace;
+    let result = tokio::select! {
+        r = server => r.context("gRPC server"),
+        _ = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("gRPC streams still open after the shutdown grace period; closing");
+            Ok(())
+        }
+    };
+    reloader.abort();
+    result
+}
+
+/// Both services on one port: `/ctw.v1.Query/*` to Query, the rest to
+/// Ingest (which answers `Unimplemented` for paths it does not know). The
+/// workspace builds tonic without its `router` feature; this is all of it
+/// that two services need.
+#[derive(Clone)]
+struct Routes {
+    ingest: pb::ingest_server::IngestServer<IngestService>,
+    query: pb::query_server::QueryServer<QueryService>,
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Routes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Both generated services are always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path().starts_with("/ctw.v1.Query/") {
+            self.query.call(req)
+        } else {
+            self.ingest.call(req)
+        }
+    }
+}
+
+/// The `Ingest` service. See the module docs.
+#[derive(Clone)]
+pub struct IngestService {
+    store: Arc<dyn RecordStore>,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+    hello_timeout: Duration,
+}
+
+impl std::fmt::Debug for IngestService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestService")
+            .field("hello_timeout", &self.hello_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IngestService {
+    /// Streams end when `shutdown` turns true.
+    pub fn new(
+        store: Arc<dyn RecordStore>,
+        registry: Arc<Registry>,
+        metrics: Metrics,
+        shutdown: watch::Receiver<bool>,
+        hello_timeout: Duration,
+    ) -> IngestService {
+        IngestService {
+            store,
+            registry,
+            metrics,
+            shutdown,
+            hello_timeout,
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+        self.metrics
+            .streams_refused
+            .with_label_values(&[reason])
+            .inc();
+        tracing::warn!(reason, message = status.message(), "ingest stream refused");
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl pb::ingest_server::Ingest for IngestService {
+    type StreamStream = ReceiverStream<Result<pb::CollectorMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr();
+        let Some(certs) = request.peer_certs() else {
+            return Err(self.refuse(
+                "no_certificate",
+                Status::unauthenticated("a client certificate is required"),
+            ));
+        };
+        let Some(node) = certs.first().and_then(|c| crate::certs::node_name(c)) else {
+            return Err(self.refuse(
+                "bad_certificate",
+                Status::unauthenticated("the client certificate has no DNS name and no CN"),
+            ));
+        };
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
+            Err(_) => {
+                return Err(self.refuse("bad_hello", Status::deadline_exceeded("no Hello in time")))
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(Some(pb::AgentMessage {
+                msg: Some(AgentMsg::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => {
+                return Err(self.refuse(
+                    "bad_hello",
+                    Status::invalid_argument("the first message must be Hello"),
+                ))
+            }
+        };
+        if hello.node != node {
+            return Err(self.refuse(
+                "node_mismatch",
+                Status::permission_denied(format!(
+                    "the client certificate is for node {node:?}, Hello claims {:?}",
+                    hello.node
+                )),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(OUT_QUEUE);
+        let ack = pb::CollectorMessage {
+            msg: Some(CollectorMsg::HelloAck(pb::HelloAck {
+                collector_version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+        };
+        // A fresh channel has room.
+        let _ = tx.try_send(Ok(ack));
+        let (token, gap) = self.registry.connect(
+            &node,
+            HelloInfo {
+                addresses: hello.addresses,
+                boot_id: hello.boot_id.clone(),
+                version: hello.version.clone(),
+                peer: peer.map(|p| p.to_string()),
+            },
+            tx.clone(),
+        );
+        tracing::info!(
+            node,
+            peer = ?peer,
+            boot_id = hello.boot_id,
+            version = hello.version,
+            "agent connected"
+        );
+        let ctx = StreamCtx {
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            token,
+        };
+        if let Some(gap) = gap {
+            ctx.record_gap(gap).await;
+        }
+        tokio::spawn(run_stream(ctx, inbound, tx, self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[derive(Clone)]
+struct StreamCtx {
+    store: Arc<dyn RecordStore>,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    token: ConnToken,
+}
+
+enum Work {
+    Batch(pb::RecordBatch),
+    Loss(pb::LossReport),
+}
+
+async fn run_stream(
+    ctx: StreamCtx,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: AgentSender,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let node = ctx.token.node.clone();
+    let (work_tx, work_rx) = mpsc::channel(APPEND_QUEUE);
+    let appender = tokio::spawn(append_loop(ctx.clone(), work_rx, tx.clone()));
+    let log = RateLimiter::new(LOG_EVERY);
+    let mut stopping = *shutdown.borrow();
+    while !stopping {
+        let msg = tokio::select! {
+            r = shutdown.changed() => {
+                stopping = r.is_err() || *shutdown.borrow();
+                continue;
+            }
+            m = inbound.message() => m,
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tracing::info!(node, "agent closed its stream");
+                break;
+            }
+            Err(status) => {
+                tracing::info!(node, code = ?status.code(), message = status.message(), "agent stream ended");
+                break;
+            }
+        };
+        match msg.msg {
+            Some(AgentMsg::Batch(b)) => {
+                if work_tx.send(Work::Batch(b)).await.is_err() {
+                    break;
+                }
+            }
+            Some(AgentMsg::Loss(l)) => {
+                ctx.registry.touch(&ctx.token);
+                if work_tx.send(Work::Loss(l)).await.is_err() {
+                    break;
+                }
+            }
+            Some(AgentMsg::LookupReply(r)) => {
+                let id = r.request_id;
+                if !ctx.registry.complete_lookup(&ctx.token, r) {
+                    tracing::debug!(node, request_id = id, "late or unknown lookup reply");
+                }
+            }
+            Some(AgentMsg::Hello(_)) | None => {
+                if let Some(suppressed) = log.allow() {
+                    tracing::warn!(
+                        node,
+                        suppressed,
+                        "unexpected message (second Hello or empty); ignored"
+                    );
+                }
+            }
+        }
+    }
+    // Batches already read are still appended (and acked if the stream is
+    // still up); the agent resends whatever it did not see acked.
+    drop(work_tx);
+    let _ = appender.await;
+    ctx.registry.disconnect(&ctx.token);
+    tracing::info!(node, "agent disconnected");
+}
+
+async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSender) {
+    let node = ctx.token.node.as_str();
+    let convert_log = RateLimiter::new(LOG_EVERY);
+    let store_log = RateLimiter::new(LOG_EVERY);
+    while let Some(w) = work.recv().await {
+        match w {
+            Work::Batch(b) => {
+                let (records, errors, first_error) = convert(&b.records);
+                if errors > 0 {
+                    ctx.metrics
+                        .record_conversion_errors
+                        .with_label_values(&[node])
+                        .inc_by(errors);
+                    if let Some(suppressed) = convert_log.allow() {
+                        tracing::warn!(
+                            node,
+                            boot_id = b.boot_id,
+                            seq = b.seq,
+                            errors,
+                            first_error,
+                            suppressed,
+                            "records that cannot be converted were skipped"
+                        );
+                    }
+                }
+                let info = BatchInfo {
+                    boot_id: b.boot_id.clone(),
+                    seq: b.seq,
+                    records: records.len() as u64,
+                    duplicate: false,
+                    conversion_errors: errors,
+                    newest_event_ns: records.iter().map(|r| r.event_ns).max(),
+                };
+                let batch = StoredBatch {
+                    node: node.to_string(),
+                    boot_id: b.boot_id.clone(),
+                    seq: b.seq,
+                    records,
+                };
+                let store = ctx.store.clone();
+                let started = Instant::now();
+                let result = tokio::task::spawn_blocking(move || store.append(batch)).await;
+                ctx.metrics
+                    .store_append_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let outcome = match result {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(e)) => {
+                        ctx.metrics.batches_failed.with_label_values(&[node]).inc();
+                        if let Some(suppressed) = store_log.allow() {
+                            tracing::error!(node, boot_id = b.boot_id, seq = b.seq, error = %e, suppressed,
+                                "cannot store a batch; not acked, the agent will resend");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        ctx.metrics.batches_failed.with_label_values(&[node]).inc();
+                        tracing::error!(node, error = %e, "store append task failed");
+                        continue;
+                    }
+                };
+                let duplicate = outcome == AppendOutcome::Duplicate;
+                if duplicate {
+                    ctx.metrics
+                        .batches_duplicate
+                        .with_label_values(&[node])
+                        .inc();
+                } else {
+                    ctx.metrics.batches_stored.with_label_values(&[node]).inc();
+                    ctx.metrics
+                        .records_stored
+                        .with_label_values(&[node])
+                        .inc_by(info.records);
+                }
+                ctx.registry
+                    .batch_stored(&ctx.token, &BatchInfo { duplicate, ..info });
+                let ack = pb::CollectorMessage {
+                    msg: Some(CollectorMsg::Ack(pb::Ack {
+                        boot_id: b.boot_id,
+                        seq: b.seq,
+                    })),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    // The response stream is gone; keep storing what was read.
+                    continue;
+                }
+                ctx.metrics.acks_sent.inc();
+            }
+            Work::Loss(l) => {
+                ctx.metrics.loss_reports.with_label_values(&[node]).inc();
+                ctx.metrics
+                    .events_lost
+                    .with_label_values(&[node])
+                    .inc_by(l.count);
+                ctx.registry.loss_reported(&ctx.token, l.count);
+                tracing::warn!(
+                    node,
+                    boot_id = l.boot_id,
+                    reason = l.reason,
+                    count = l.count,
+                    resynced = l.resynced,
+                    "agent reported loss"
+                );
+                ctx.record_gap(Gap {
+                    node: node.to_string(),
+                    from_ns: l.from_ns,
+                    to_ns: l.to_ns.max(l.from_ns),
+                    reason: loss_reason(&l.reason),
+                    count: l.count,
+                })
+                .await;
+            }
+        }
+    }
+}
+
+impl StreamCtx {
+    async fn record_gap(&self, gap: Gap) {
+        let store = self.store.clone();
+        let g = gap.clone();
+        match tokio::task::spawn_blocking(move || store.record_gap(g)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.metrics.gap_record_errors.inc();
+                tracing::error!(node = gap.node, reason = gap.reason, error = %e, "cannot record a gap");
+            }
+            Err(e) => {
+                self.metrics.gap_record_errors.inc();
+                tracing::error!(node = gap.node, error = %e, "gap task failed");
+            }
+        }
+    }
+}
+
+/// The reason of a loss report as stored: the agent's word, bounded to 64
+/// printable ASCII characters; empty becomes `unknown`.
+fn loss_reason(r: &str) -> String {
+    let s: String = r
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect();
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s
+    }
+}
+
+/// Convert wire records; returns the good ones, the number of bad ones and
+/// the first error.
+fn convert(records: &[pb::Record]) -> (Vec<ConnRecord>, u64, Option<String>) {
+    let mut out = Vec::with_capacity(records.len());
+    let mut errors = 0;
+    let mut first = None;
+    for r in records {
+        match ConnRecord::try_from(r) {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                errors += 1;
+                if first.is_none() {
+                    first = Some(e.to_string());
+                }
+            }
+        }
+    }
+    (out, errors, first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_reasons_are_bounded() {
+        assert_eq!(loss_reason("kernel_drop"), "kernel_drop");
+        assert_eq!(loss_reason(""), "unknown");
+        assert_eq!(loss_reason("a\nb\u{1F600}"), "ab");
+        assert_eq!(loss_reason(&"x".repeat(500)).len(), 64);
+    }
+
+    #[test]
+    fn bad_records_are_counted_not_fatal() {
+        let bad = pb::Record::default(); // no tuples
+        let (good, errors, first) = convert(&[bad.clone(), bad]);
+        assert!(good.is_empty());
+        assert_eq!(errors, 2);
+        assert!(first.is_some());
+    }
+}

@@ -1,0 +1,348 @@
+//! Every Prometheus metric of the collector, in one place.
+//!
+//! Label values come only from fixed sets (reasons, results, routes, status
+//! classes) and from node names (a cluster has few nodes; a node name is the
+//! verified name of an agent's certificate, never a free string from the
+//! wire). Never from addresses. Ingest updates counters once per batch.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Why a TLS handshake on the gRPC port failed (label `reason`).
+pub const HANDSHAKE_REASONS: [&str; 6] = [
+    "no_certificate",
+    "unknown_ca",
+    "bad_certificate",
+    "timeout",
+    "protocol",
+    "io",
+];
+
+/// Why an ingest stream was refused (label `reason`).
+pub const REFUSAL_REASONS: [&str; 4] = [
+    "no_certificate",
+    "bad_certificate",
+    "bad_hello",
+    "node_mismatch",
+];
+
+/// Outcomes of a live lookup (label `result`).
+pub const LOOKUP_RESULTS: [&str; 5] = [
+    "found",
+    "not_found",
+    "timeout",
+    "not_connected",
+    "agent_error",
+];
+
+/// All collector metrics. Cheap to clone (the series are shared).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// TLS handshakes on the gRPC port that failed, by `reason` ([`HANDSHAKE_REASONS`]).
+    pub tls_handshake_failures: IntCounterVec,
+    /// TLS handshakes that succeeded.
+    pub tls_handshakes: IntCounter,
+    /// Reloads of the TLS files after a change, by `result` (`ok`, `error`).
+    pub tls_reloads: IntCounterVec,
+    /// Agents with an open ingest stream.
+    pub agents_connected: IntGauge,
+    /// Ingest streams refused after the handshake, by `reason` ([`REFUSAL_REASONS`]).
+    pub streams_refused: IntCounterVec,
+    /// Batches stored, by `node`.
+    pub batches_stored: IntCounterVec,
+    /// Batches already stored before (replays), by `node`; acked, not stored again.
+    pub batches_duplicate: IntCounterVec,
+    /// Batches the store failed to append, by `node`; not acked, the agent resends.
+    pub batches_failed: IntCounterVec,
+    /// Records stored, by `node`.
+    pub records_stored: IntCounterVec,
+    /// Wire records that could not be converted (skipped, the rest of the batch
+    /// is stored), by `node`.
+    pub record_conversion_errors: IntCounterVec,
+    /// Time of one `RecordStore::append`.
+    pub store_append_seconds: Histogram,
+    /// Gaps (loss reports, disconnections) the store failed to record.
+    pub gap_record_errors: IntCounter,
+    /// Acks sent to agents.
+    pub acks_sent: IntCounter,
+    /// Live lookups sent to one agent, by `result` ([`LOOKUP_RESULTS`]).
+    pub lookups: IntCounterVec,
+    /// Loss reports received, by `node`.
+    pub loss_reports: IntCounterVec,
+    /// Events or records agents reported lost, by `node`.
+    pub events_lost: IntCounterVec,
+    /// HTTP requests by `route` (the route pattern, not the path) and
+    /// `status` class (`2xx`, `4xx`, ...). See [`Metrics::http_request`].
+    pub http_requests: IntCounterVec,
+    /// HTTP request durations by `route`.
+    pub http_request_seconds: HistogramVec,
+    /// HTTP requests refused for a missing or wrong bearer token.
+    pub http_auth_failures: IntCounter,
+    /// Records in the store (as of the last scrape).
+    pub store_records: IntGauge,
+    /// Bytes the store uses on disk.
+    pub store_bytes: IntGauge,
+    /// Index partitions on disk.
+    pub store_partitions: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("static metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+/// Buckets from 100 µs to 10 s.
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    /// Create the metrics; series of fixed label sets exist from the start
+    /// (value 0).
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let store_append_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "ctw_collector_store_append_seconds",
+                "Time to durably append one batch to the store",
+            )
+            .buckets(latency_buckets()),
+        )
+        .expect("static metric definition");
+        r.register(Box::new(store_append_seconds.clone()))
+            .expect("metric registered once");
+        let http_request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "ctw_collector_http_request_seconds",
+                "HTTP request durations, per route",
+            )
+            .buckets(latency_buckets()),
+            &["route"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(http_request_seconds.clone()))
+            .expect("metric registered once");
+        let m = Metrics {
+            tls_handshake_failures: counter_vec(
+                &r,
+                "ctw_collector_tls_handshake_failures_total",
+                "TLS handshakes on the gRPC port that failed, per reason",
+                &["reason"],
+            ),
+            tls_handshakes: counter(
+                &r,
+                "ctw_collector_tls_handshakes_total",
+                "TLS handshakes on the gRPC port that succeeded",
+            ),
+            tls_reloads: counter_vec(
+                &r,
+                "ctw_collector_tls_reloads_total",
+                "Reloads of the gRPC TLS files after they changed, per result",
+                &["result"],
+            ),
+            agents_connected: gauge(
+                &r,
+                "ctw_collector_agents_connected",
+                "Agents with an open ingest stream",
+            ),
+            streams_refused: counter_vec(
+                &r,
+                "ctw_collector_streams_refused_total",
+                "Ingest streams refused after the TLS handshake, per reason",
+                &["reason"],
+            ),
+            batches_stored: counter_vec(
+                &r,
+                "ctw_collector_batches_stored_total",
+                "Record batches durably stored, per node",
+                &["node"],
+            ),
+            batches_duplicate: counter_vec(
+                &r,
+                "ctw_collector_batches_duplicate_total",
+                "Record batches received again after being stored (acked, not stored twice), per node",
+                &["node"],
+            ),
+            batches_failed: counter_vec(
+                &r,
+                "ctw_collector_batches_failed_total",
+                "Record batches the store could not append (not acked), per node",
+                &["node"],
+            ),
+            records_stored: counter_vec(
+                &r,
+                "ctw_collector_records_stored_total",
+                "Records durably stored, per node",
+                &["node"],
+            ),
+            record_conversion_errors: counter_vec(
+                &r,
+                "ctw_collector_record_conversion_errors_total",
+                "Wire records that could not be converted and were skipped, per node",
+                &["node"],
+            ),
+            store_append_seconds,
+            gap_record_errors: counter(
+                &r,
+                "ctw_collector_gap_record_errors_total",
+                "Loss or disconnection gaps the store could not record",
+            ),
+            acks_sent: counter(
+                &r,
+                "ctw_collector_acks_sent_total",
+                "Batch acknowledgements sent to agents",
+            ),
+            lookups: counter_vec(
+                &r,
+                "ctw_collector_lookups_total",
+                "Live lookups sent to one agent, per result",
+                &["result"],
+            ),
+            loss_reports: counter_vec(
+                &r,
+                "ctw_collector_loss_reports_total",
+                "Loss reports received from agents, per node",
+                &["node"],
+            ),
+            events_lost: counter_vec(
+                &r,
+                "ctw_collector_agent_events_lost_total",
+                "Events or records agents reported lost, per node",
+                &["node"],
+            ),
+            http_requests: counter_vec(
+                &r,
+                "ctw_collector_http_requests_total",
+                "HTTP requests, per route and status class",
+                &["route", "status"],
+            ),
+            http_request_seconds,
+            http_auth_failures: counter(
+                &r,
+                "ctw_collector_http_auth_failures_total",
+                "HTTP requests refused for a missing or wrong bearer token",
+            ),
+            store_records: gauge(&r, "ctw_collector_store_records", "Records in the store"),
+            store_bytes: gauge(&r, "ctw_collector_store_bytes", "Bytes the store uses on disk"),
+            store_partitions: gauge(&r, "ctw_collector_store_partitions", "Index partitions on disk"),
+            registry: r,
+        };
+        for reason in HANDSHAKE_REASONS {
+            m.tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            m.tls_reloads.with_label_values(&[result]);
+        }
+        for reason in REFUSAL_REASONS {
+            m.streams_refused.with_label_values(&[reason]);
+        }
+        for result in LOOKUP_RESULTS {
+            m.lookups.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// Count one HTTP request. `route` is the route pattern (a fixed set, e.g.
+    /// `/api/v1/connections`), never the raw path; `status` is folded into
+    /// its class (`2xx` ...).
+    pub fn http_request(&self, route: &'static str, status: u16, seconds: f64) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests.with_label_values(&[route, class]).inc();
+        self.http_request_seconds
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+
+    /// Count a request refused for its bearer token.
+    pub fn http_auth_failure(&self) {
+        self.http_auth_failures.inc();
+    }
+
+    /// The registry, for metrics defined elsewhere (none today).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Every metric in the Prometheus text format.
+    /// Copy the store's size into the gauges (called at scrape).
+    pub fn sync_store(&self, st: &crate::store::StoreStats) {
+        self.store_records.set(st.records as i64);
+        self.store_bytes.set(st.bytes_on_disk as i64);
+        self.store_partitions.set(st.partitions as i64);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_series_exist_from_the_start() {
+        let m = Metrics::new();
+        let text = m.render();
+        assert!(
+            text.contains("ctw_collector_tls_handshake_failures_total{reason=\"unknown_ca\"} 0")
+        );
+        assert!(text.contains("ctw_collector_streams_refused_total{reason=\"node_mismatch\"} 0"));
+        assert!(text.contains("ctw_collector_lookups_total{result=\"timeout\"} 0"));
+    }
+
+    #[test]
+    fn http_status_is_folded_into_its_class() {
+        let m = Metrics::new();
+        m.http_request("/api/v1/connections", 404, 0.001);
+        m.http_request("/api/v1/connections", 400, 0.001);
+        m.http_auth_failure();
+        let text = m.render();
+        assert!(
+            text.contains(
+                "ctw_collector_http_requests_total{route=\"/api/v1/connections\",status=\"4xx\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("ctw_collector_http_auth_failures_total 1"));
+    }
+}

@@ -1,1 +1,0 @@
-//! Tantivy-backed store: see the module docs of `store`.

@@ -1,0 +1,935 @@
+//! Tantivy-backed [`RecordStore`]: a write-ahead log for durability, one
+//! tantivy index per time partition for search.
+//!
+//! Layout under `storage.path`:
+//! - `wal/` — write-ahead log segments (see [`wal`]); `append` returns only
+//!   after its entry is fsynced (concurrent appends share an fsync).
+//! - `index/p-YYYYMMDDHH/` — one tantivy index per `partition_hours` window
+//!   of event time, named by the window start (UTC).
+//! - `checkpoint.json` — the WAL position every partition has committed, and
+//!   the dedup state at that position (written after each index commit).
+//! - `gaps.jsonl` — loss gaps, fsynced per gap.
+//!
+//! Index commits run on a background thread every `commit_interval_ms`; each
+//! partition's commit carries the WAL position it covers as its payload, so a
+//! crash between two partitions' commits and the checkpoint never indexes a
+//! record twice on replay. `open` replays only the WAL after the checkpoint.
+//!
+//! Search touches the partitions overlapping `[from - lookback, to +
+//! lookback]`: the lookback before `from` finds connections opened earlier
+//! and still alive, the one after `to` finds the DESTROY of connections alive
+//! in the range, so the NEW/DESTROY join gives the same lifetime and counters
+//! as [`MemStore`](super::MemStore) for connections shorter than
+//! `lookback_hours`. At most [`StoreOptions::max_collected_docs`] documents
+//! are collected per search (newest or nearest partitions first); when more
+//! match, [`SearchStats::truncated`] is set and `total` adds the uncollected
+//! matching documents to the connections found.
+
+mod codec;
+mod dedup;
+mod gaps;
+mod schema;
+mod wal;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ctw_common::ConnRecord;
+use tantivy::indexer::{IndexWriterOptions, LogMergePolicy};
+use tantivy::query::{AllQuery, BooleanQuery, EnableScoring, Occur, Query, RangeQuery, TermQuery};
+use tantivy::schema::IndexRecordOption;
+use tantivy::{DateTime, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, Term, TERMINATED};
+
+use self::dedup::{BootSeqs, Dedup};
+use self::gaps::GapLog;
+use self::schema::{to_v6, Fields, SegmentColumns};
+use self::wal::{io_err, Wal};
+use super::{
+    assemble, matches_fields, AppendOutcome, Gap, RecordStore, SearchQuery, SearchResult,
+    StoreError, StoreStats, StoredBatch,
+};
+use crate::config::StorageConfig;
+
+const NS_PER_HOUR: u64 = 3_600_000_000_000;
+const NS_PER_DAY: u64 = 24 * NS_PER_HOUR;
+/// A writer of a partition that is not the newest is closed after this many
+/// commit rounds without documents.
+const IDLE_COMMITS_BEFORE_CLOSE: u32 = 30;
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Tuning knobs with production defaults (tests make them small).
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// WAL segment size before rotation.
+    pub wal_segment_bytes: u64,
+    /// Most documents one search collects (bounds its memory).
+    pub max_collected_docs: usize,
+    /// Indexing heap of each partition's writer.
+    pub writer_heap_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            wal_segment_bytes: 64 << 20,
+            max_collected_docs: 200_000,
+            writer_heap_bytes: 48 << 20,
+        }
+    }
+}
+
+/// What one search did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SearchStats {
+    /// Names (`p-YYYYMMDDHH`) of the partitions searched.
+    pub partitions: Vec<String>,
+    /// Documents collected (NEW, DESTROY and recovered records).
+    pub docs: u64,
+    /// More documents matched than `max_collected_docs`.
+    pub truncated: bool,
+}
+
+struct Partition {
+    start_ns: u64,
+    name: String,
+    dir: PathBuf,
+    index: Index,
+    reader: IndexReader,
+}
+
+struct WriterSlot {
+    writer: IndexWriter,
+    dirty: bool,
+    idle_commits: u32,
+}
+
+/// Everything an append changes, under one lock so that WAL order, index
+/// order and dedup state agree.
+struct Ingest {
+    dedup: Dedup,
+    writers: BTreeMap<u64, WriterSlot>,
+    /// WAL position of the end of the last entry given to the writers.
+    applied: u64,
+    /// Position written in the checkpoint file.
+    checkpointed: u64,
+    closed: bool,
+}
+
+struct Inner {
+    cfg: StorageConfig,
+    opts: StoreOptions,
+    root: PathBuf,
+    fields: Fields,
+    wal: Wal,
+    ingest: Mutex<Ingest>,
+    parts: RwLock<BTreeMap<u64, Arc<Partition>>>,
+    gaps: Mutex<GapLog>,
+    last_search: Mutex<SearchStats>,
+    stop: Mutex<Option<bool>>,
+    stop_cv: Condvar,
+}
+
+/// The production store. See the module docs.
+pub struct TantivyStore {
+    inner: Arc<Inner>,
+    bg: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for TantivyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TantivyStore")
+            .field("path", &self.inner.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn idx_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Index(e.to_string())
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Index("store lock poisoned".into())
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn partition_name(start_ns: u64) -> String {
+    let secs = (start_ns / 1_000_000_000) as i64;
+    match chrono::DateTime::from_timestamp(secs, 0) {
+        Some(t) => format!("p-{}", t.format("%Y%m%d%H")),
+        None => format!("p-ns{start_ns}"),
+    }
+}
+
+fn parse_partition_name(name: &str) -> Option<u64> {
+    let s = name.strip_prefix("p-")?;
+    if let Some(ns) = s.strip_prefix("ns") {
+        return ns.parse().ok();
+    }
+    let t = chrono::NaiveDateTime::parse_from_str(&format!("{s}00"), "%Y%m%d%H%M").ok()?;
+    u64::try_from(t.and_utc().timestamp()).ok().map(|s| s * 1_000_000_000)
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+impl Inner {
+    fn width_ns(&self) -> u64 {
+        self.cfg.partition_hours.max(1) as u64 * NS_PER_HOUR
+    }
+
+    fn partition_start(&self, event_ns: u64) -> u64 {
+        event_ns - event_ns % self.width_ns()
+    }
+
+    fn lock_ingest(&self) -> Result<MutexGuard<'_, Ingest>, StoreError> {
+        self.ingest.lock().map_err(|_| poisoned())
+    }
+
+    fn open_partition(&self, start_ns: u64) -> Result<Arc<Partition>, StoreError> {
+        open_partition_at(&self.root, &self.fields, start_ns)
+    }
+
+    /// The partition for `start_ns`, created when needed.
+    fn partition(&self, start_ns: u64) -> Result<Arc<Partition>, StoreError> {
+        if let Some(p) = self.parts.read().map_err(|_| poisoned())?.get(&start_ns) {
+            return Ok(p.clone());
+        }
+        let p = self.open_partition(start_ns)?;
+        self.parts
+            .write()
+            .map_err(|_| poisoned())?
+            .insert(start_ns, p.clone());
+        Ok(p)
+    }
+
+    fn writer<'a>(
+        &self,
+        ing: &'a mut Ingest,
+        start_ns: u64,
+    ) -> Result<&'a mut WriterSlot, StoreError> {
+        if !ing.writers.contains_key(&start_ns) {
+            let p = self.partition(start_ns)?;
+            let w: IndexWriter = p
+                .index
+                .writer_with_options(
+                    IndexWriterOptions::builder()
+                        .num_worker_threads(1)
+                        .num_merge_threads(1)
+                        .memory_budget_per_thread(self.opts.writer_heap_bytes)
+                        .build(),
+                )
+                .map_err(idx_err)?;
+            w.set_merge_policy(Box::new(LogMergePolicy::default()));
+            ing.writers.insert(
+                start_ns,
+                WriterSlot {
+                    writer: w,
+                    dirty: false,
+                    idle_commits: 0,
+                },
+            );
+        }
+        ing.writers
+            .get_mut(&start_ns)
+            .ok_or_else(|| StoreError::Index("writer vanished".into()))
+    }
+
+    /// Give the records of one WAL entry (ending at `end`) to the writers;
+    /// skip partitions whose last commit already covers `end`.
+    fn index_batch(
+        &self,
+        ing: &mut Ingest,
+        b: &StoredBatch,
+        end: u64,
+        covered: &HashMap<u64, u64>,
+    ) -> Result<(), StoreError> {
+        let mut cur: Option<(u64, bool)> = None;
+        for r in &b.records {
+            let start = self.partition_start(r.event_ns);
+            let skip = match cur {
+                Some((s, skip)) if s == start => skip,
+                _ => {
+                    let skip = covered.get(&start).is_some_and(|&c| c >= end);
+                    cur = Some((start, skip));
+                    skip
+                }
+            };
+            if skip {
+                continue;
+            }
+            let slot = self.writer(ing, start)?;
+            slot.writer
+                .add_document(self.fields.doc(&b.node, r))
+                .map_err(idx_err)?;
+            slot.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Commit every writer with new documents, reload their readers and, if
+    /// `checkpoint`, write the checkpoint and drop covered WAL segments.
+    fn commit(&self, checkpoint: bool) -> Result<(), StoreError> {
+        let (pos, snapshot, committed, idle) = {
+            let mut ing = self.lock_ingest()?;
+            let pos = ing.applied;
+            let any_dirty = ing.writers.values().any(|s| s.dirty);
+            if !any_dirty && pos == ing.checkpointed {
+                return Ok(());
+            }
+            // Positions a commit covers must be durable in the WAL, so that
+            // new entries are never written below them after a crash.
+            self.wal.sync_to(pos)?;
+            let payload = pos.to_string();
+            let mut committed = Vec::new();
+            for (&start, slot) in ing.writers.iter_mut() {
+                if slot.dirty {
+                    let mut prepared = slot.writer.prepare_commit().map_err(idx_err)?;
+                    prepared.set_payload(&payload);
+                    prepared.commit().map_err(idx_err)?;
+                    slot.dirty = false;
+                    slot.idle_commits = 0;
+                    committed.push(start);
+                } else {
+                    slot.idle_commits += 1;
+                }
+            }
+            let newest = ing.writers.keys().next_back().copied();
+            let idle: Vec<u64> = ing
+                .writers
+                .iter()
+                .filter(|(&s, w)| Some(s) != newest && w.idle_commits >= IDLE_COMMITS_BEFORE_CLOSE)
+                .map(|(&s, _)| s)
+                .collect();
+            let idle: Vec<WriterSlot> = idle
+                .iter()
+                .filter_map(|s| ing.writers.remove(s))
+                .collect();
+            let snapshot = checkpoint.then(|| ing.dedup.clone());
+            (pos, snapshot, committed, idle)
+        };
+        {
+            let parts = self.parts.read().map_err(|_| poisoned())?;
+            for start in committed {
+                if let Some(p) = parts.get(&start) {
+                    p.reader.reload().map_err(idx_err)?;
+                }
+            }
+        }
+        for slot in idle {
+            if let Err(e) = slot.writer.wait_merging_threads() {
+                tracing::warn!(error = %e, "closing an idle partition writer");
+            }
+        }
+        if let Some(dedup) = snapshot {
+            dedup::write_checkpoint(&self.root, pos, &dedup)?;
+            self.lock_ingest()?.checkpointed = pos;
+            self.wal.remove_covered(pos)?;
+        }
+        Ok(())
+    }
+
+    fn search(&self, q: &SearchQuery) -> Result<(SearchResult, SearchStats), StoreError> {
+        if let (Some(f), Some(t)) = (q.from_ns, q.to_ns) {
+            if f > t {
+                return Err(StoreError::BadQuery(format!(
+                    "from ({f}) is after to ({t})"
+                )));
+            }
+        }
+        let (lo, hi) = self.event_range(q);
+        let parts = self.partitions_in(q);
+        let query = self.build_query(q, lo, hi);
+        let mut stats = SearchStats {
+            partitions: parts.iter().map(|p| p.name.clone()).collect(),
+            ..Default::default()
+        };
+        let cap = self.opts.max_collected_docs;
+        let mut records: Vec<(String, ConnRecord)> = Vec::new();
+        let mut uncollected = 0u64;
+        for p in &parts {
+            let searcher = p.reader.searcher();
+            let weight = query
+                .weight(EnableScoring::disabled_from_searcher(&searcher))
+                .map_err(idx_err)?;
+            for seg in searcher.segment_readers() {
+                let mut scorer = weight.scorer(seg, 1.0).map_err(idx_err)?;
+                let alive = seg.alive_bitset();
+                let mut cols: Option<SegmentColumns> = None;
+                let mut doc = scorer.doc();
+                while doc != TERMINATED {
+                    if alive.is_none_or(|a| a.is_alive(doc)) {
+                        if records.len() >= cap {
+                            uncollected += 1;
+                        } else {
+                            if cols.is_none() {
+                                cols = Some(SegmentColumns::open(seg).map_err(idx_err)?);
+                            }
+                            if let Some(c) = cols.as_mut() {
+                                if let Some((node, r)) = c.record(doc).map_err(idx_err)? {
+                                    if matches_fields(q, &node, &r) {
+                                        records.push((node, r));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    doc = scorer.advance();
+                }
+            }
+        }
+        stats.docs = records.len() as u64;
+        stats.truncated = uncollected > 0;
+        let gaps = self.gaps.lock().map_err(|_| poisoned())?;
+        let mut result = assemble(q, records, &gaps.gaps);
+        result.total += uncollected;
+        Ok((result, stats))
+    }
+
+    /// Event times a search must read: `[from - lookback, to + lookback]`.
+    fn event_range(&self, q: &SearchQuery) -> (u64, u64) {
+        let lb = self.cfg.lookback_hours as u64 * NS_PER_HOUR;
+        (
+            q.from_ns.map_or(0, |f| f.saturating_sub(lb)),
+            q.to_ns.map_or(u64::MAX, |t| t.saturating_add(lb)),
+        )
+    }
+
+    /// Partitions overlapping the search's event range, in the order they
+    /// are read: nearest to `at` first, else newest first.
+    fn partitions_in(&self, q: &SearchQuery) -> Vec<Arc<Partition>> {
+        let (lo, hi) = self.event_range(q);
+        let width = self.width_ns();
+        let Ok(parts) = self.parts.read() else {
+            return Vec::new();
+        };
+        let mut v: Vec<Arc<Partition>> = parts
+            .values()
+            .filter(|p| p.start_ns <= hi && p.start_ns.saturating_add(width) > lo)
+            .cloned()
+            .collect();
+        match q.at_ns {
+            Some(at) => v.sort_by_key(|p| {
+                let end = p.start_ns.saturating_add(width);
+                if at < p.start_ns {
+                    p.start_ns - at
+                } else {
+                    at.saturating_sub(end)
+                }
+            }),
+            None => v.reverse(),
+        }
+        v
+    }
+
+    fn build_query(&self, q: &SearchQuery, lo: u64, hi: u64) -> Box<dyn Query> {
+        let f = &self.fields;
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        let mut term = |t: Term| {
+            clauses.push((
+                Occur::Must,
+                Box::new(TermQuery::new(t, IndexRecordOption::Basic)),
+            ))
+        };
+        if let Some(ip) = q.src_ip {
+            term(Term::from_field_ip_addr(f.src_ip, to_v6(ip)));
+        }
+        if let Some(ip) = q.dst_ip {
+            term(Term::from_field_ip_addr(f.dst_ip, to_v6(ip)));
+        }
+        if let Some(ip) = q.snat_ip {
+            term(Term::from_field_ip_addr(f.snat_ip, to_v6(ip)));
+        }
+        if let Some(p) = q.src_port {
+            term(Term::from_field_u64(f.src_port, p as u64));
+        }
+        if let Some(p) = q.dst_port {
+            term(Term::from_field_u64(f.dst_port, p as u64));
+        }
+        if let Some(p) = q.snat_port {
+            term(Term::from_field_u64(f.snat_port, p as u64));
+        }
+        if let Some(n) = &q.node {
+            term(Term::from_field_text(f.node, n));
+        }
+        if lo > 0 || hi < u64::MAX {
+            let date = |ns: u64| {
+                Term::from_field_date(f.t, DateTime::from_timestamp_nanos(ns.min(i64::MAX as u64) as i64))
+            };
+            clauses.push((
+                Occur::Must,
+                Box::new(RangeQuery::new(
+                    Bound::Included(date(lo)),
+                    Bound::Included(date(hi)),
+                )),
+            ));
+        }
+        // protocol is checked on the rebuilt record (two values: an index
+        // would not narrow anything).
+        match clauses.len() {
+            0 => Box::new(AllQuery),
+            1 => clauses.pop().map(|(_, q)| q).unwrap_or_else(|| Box::new(AllQuery)),
+            _ => Box::new(BooleanQuery::new(clauses)),
+        }
+    }
+
+    fn enforce_retention(&self, now: u64) -> Result<usize, StoreError> {
+        let cutoff = now.saturating_sub(self.cfg.retention_days as u64 * NS_PER_DAY);
+        let width = self.width_ns();
+        let max_bytes = (self.cfg.max_size_gb * (1u64 << 30) as f64) as u64;
+        let mut dropped = 0;
+        loop {
+            let victim = {
+                let parts = self.parts.read().map_err(|_| poisoned())?;
+                let newest = parts.keys().next_back().copied();
+                let by_age = parts
+                    .values()
+                    .find(|p| p.start_ns.saturating_add(width) <= cutoff && Some(p.start_ns) != newest)
+                    .cloned();
+                match by_age {
+                    Some(p) => Some(p),
+                    None if parts.len() > 1 && dir_size(&self.root) > max_bytes => {
+                        parts.values().next().cloned()
+                    }
+                    None => None,
+                }
+            };
+            let Some(p) = victim else { break };
+            self.drop_partition(&p)?;
+            dropped += 1;
+        }
+        // The newest partition is kept even when old, unless it is entirely
+        // past retention and nothing writes to it.
+        self.gaps.lock().map_err(|_| poisoned())?.prune(cutoff)?;
+        self.lock_ingest()?
+            .dedup
+            .retain(|_, b| b.last_seen_ns >= cutoff);
+        Ok(dropped)
+    }
+
+    fn drop_partition(&self, p: &Arc<Partition>) -> Result<(), StoreError> {
+        let slot = self.lock_ingest()?.writers.remove(&p.start_ns);
+        if let Some(slot) = slot {
+            // Uncommitted documents of a dropped partition are discarded.
+            drop(slot);
+        }
+        self.parts
+            .write()
+            .map_err(|_| poisoned())?
+            .remove(&p.start_ns);
+        tracing::info!(partition = %p.name, "retention: dropping partition");
+        match std::fs::remove_dir_all(&p.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&p.dir, e)),
+        }
+    }
+
+    fn background(self: Arc<Self>) {
+        let interval = Duration::from_millis(self.cfg.commit_interval_ms.max(1));
+        let mut next_retention = Instant::now() + RETENTION_EVERY;
+        let Ok(mut stop) = self.stop.lock() else {
+            return;
+        };
+        loop {
+            let Ok((s, _)) = self.stop_cv.wait_timeout(stop, interval) else {
+                return;
+            };
+            stop = s;
+            if let Some(commit) = *stop {
+                drop(stop);
+                if commit {
+                    if let Err(e) = self.commit(true) {
+                        tracing::error!(error = %e, "final index commit failed");
+                    }
+                }
+                return;
+            }
+            drop(stop);
+            if let Err(e) = self.commit(true) {
+                tracing::error!(error = %e, "index commit failed");
+            }
+            if Instant::now() >= next_retention {
+                next_retention = Instant::now() + RETENTION_EVERY;
+                if let Err(e) = self.enforce_retention(now_ns()) {
+                    tracing::error!(error = %e, "retention failed");
+                }
+            }
+            let Ok(s) = self.stop.lock() else { return };
+            stop = s;
+        }
+    }
+}
+
+impl TantivyStore {
+    /// Open (or create) the store under `cfg.path`, replaying the WAL tail
+    /// into the index, and start its commit/retention thread.
+    pub fn open(cfg: &StorageConfig) -> Result<TantivyStore, StoreError> {
+        TantivyStore::open_with(cfg, StoreOptions::default())
+    }
+
+    pub fn open_with(cfg: &StorageConfig, opts: StoreOptions) -> Result<TantivyStore, StoreError> {
+        let root = cfg.path.clone();
+        let index_dir = root.join("index");
+        std::fs::create_dir_all(&index_dir).map_err(|e| io_err(&index_dir, e))?;
+        let (ckpt_pos, dedup) = dedup::read_checkpoint(&root)?;
+        let fields = Fields::new();
+        let gaps = GapLog::open(&root)?;
+
+        // Partitions on disk and the WAL position each one's commit covers.
+        let mut starts = Vec::new();
+        for entry in std::fs::read_dir(&index_dir).map_err(|e| io_err(&index_dir, e))? {
+            let entry = entry.map_err(|e| io_err(&index_dir, e))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            match parse_partition_name(&name) {
+                Some(s) if entry.path().is_dir() => starts.push(s),
+                _ => tracing::warn!(name, "ignoring unknown entry in the index directory"),
+            }
+        }
+        // Build `Inner` with a placeholder WAL position; replay fills it.
+        let mut replayed: Vec<(u64, StoredBatch)> = Vec::new();
+        let wal_dir = root.join("wal");
+        let mut covered: HashMap<u64, u64> = HashMap::new();
+        let mut parts = BTreeMap::new();
+        for s in starts {
+            let p = open_partition_at(&root, &fields, s)?;
+            let payload = p.index.load_metas().map_err(idx_err)?.payload;
+            let pos = payload.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            covered.insert(s, pos);
+            parts.insert(s, p);
+        }
+        let max_covered = covered.values().copied().max().unwrap_or(0).max(ckpt_pos);
+        let mut err = None;
+        let wal = Wal::open(&wal_dir, ckpt_pos, max_covered, opts.wal_segment_bytes, |end, payload| {
+            match codec::decode(payload) {
+                Ok(b) => replayed.push((end, b)),
+                Err(m) => {
+                    err.get_or_insert(StoreError::Corrupt {
+                        path: wal_dir.display().to_string(),
+                        message: format!("undecodable entry ending at position {end}: {m}"),
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let applied = wal.written()?;
+        let inner = Arc::new(Inner {
+            cfg: cfg.clone(),
+            opts,
+            root,
+            fields,
+            wal,
+            ingest: Mutex::new(Ingest {
+                dedup,
+                writers: BTreeMap::new(),
+                applied,
+                checkpointed: ckpt_pos,
+                closed: false,
+            }),
+            parts: RwLock::new(parts),
+            gaps: Mutex::new(gaps),
+            last_search: Mutex::new(SearchStats::default()),
+            stop: Mutex::new(None),
+            stop_cv: Condvar::new(),
+        });
+        {
+            let mut ing = inner.lock_ingest()?;
+            let n = replayed.len();
+            for (end, b) in replayed {
+                let key = (b.node.clone(), b.boot_id.clone());
+                let entry = ing.dedup.entry(key).or_insert_with(BootSeqs::default);
+                if !entry.seqs.insert(b.seq) {
+                    continue; // stored twice in the WAL (e.g. after an index error)
+                }
+                entry.last_seen_ns = now_ns();
+                inner.index_batch(&mut ing, &b, end, &covered)?;
+            }
+            if n > 0 {
+                tracing::info!(entries = n, "replayed write-ahead log");
+            }
+        }
+        inner.commit(true)?;
+        let bg_inner = inner.clone();
+        let bg = std::thread::Builder::new()
+            .name("ctw-store-commit".into())
+            .spawn(move || bg_inner.background())
+            .map_err(|e| io_err(&cfg.path, e))?;
+        Ok(TantivyStore {
+            inner,
+            bg: Mutex::new(Some(bg)),
+        })
+    }
+
+    /// Stop the background thread, commit, and refuse further appends.
+    /// Also done on drop.
+    pub fn close(&self) {
+        self.shutdown(true);
+    }
+
+    fn shutdown(&self, commit: bool) {
+        let Ok(mut bg) = self.bg.lock() else { return };
+        let Some(handle) = bg.take() else { return };
+        if let Ok(mut s) = self.inner.stop.lock() {
+            *s = Some(commit);
+            self.inner.stop_cv.notify_all();
+        }
+        let _ = handle.join();
+        if let Ok(mut ing) = self.inner.ingest.lock() {
+            ing.closed = true;
+            // Dropping an uncommitted writer discards its documents (they are
+            // still in the WAL).
+            let writers = std::mem::take(&mut ing.writers);
+            drop(ing);
+            for (_, slot) in writers {
+                if commit {
+                    let _ = slot.writer.wait_merging_threads();
+                }
+            }
+        }
+    }
+
+    /// Simulate a crash: stop without committing the index or writing a
+    /// checkpoint. Only what `append` acknowledged (the WAL) survives.
+    #[doc(hidden)]
+    pub fn crash(self) {
+        self.shutdown(false);
+    }
+
+    /// Simulate a crash after every partition committed but before the
+    /// checkpoint was written.
+    #[doc(hidden)]
+    pub fn crash_after_index_commit(self) -> Result<(), StoreError> {
+        self.inner.commit(false)?;
+        self.shutdown(false);
+        Ok(())
+    }
+
+    /// Commit now (records become searchable); the background thread does
+    /// this every `commit_interval_ms`.
+    pub fn commit(&self) -> Result<(), StoreError> {
+        self.inner.commit(true)
+    }
+
+    /// Merge each partition into one segment and wait (benchmarks, tools).
+    pub fn force_merge(&self) -> Result<(), StoreError> {
+        self.inner.commit(true)?;
+        let parts: Vec<Arc<Partition>> = self
+            .inner
+            .parts
+            .read()
+            .map_err(|_| poisoned())?
+            .values()
+            .cloned()
+            .collect();
+        for p in parts {
+            let mut ing = self.inner.lock_ingest()?;
+            let slot = self.inner.writer(&mut ing, p.start_ns)?;
+            let ids = p.index.searchable_segment_ids().map_err(idx_err)?;
+            if ids.len() > 1 {
+                slot.writer.merge(&ids).wait().map_err(idx_err)?;
+            }
+            p.reader.reload().map_err(idx_err)?;
+        }
+        Ok(())
+    }
+
+    /// Drop partitions past `retention_days` and, oldest first, while the
+    /// store is larger than `max_size_gb` (never the newest partition).
+    /// Returns how many were dropped. Runs every minute on its own too.
+    pub fn enforce_retention(&self, now_ns: u64) -> Result<usize, StoreError> {
+        self.inner.enforce_retention(now_ns)
+    }
+
+    /// Search and report what the search did.
+    pub fn search_with_stats(
+        &self,
+        q: &SearchQuery,
+    ) -> Result<(SearchResult, SearchStats), StoreError> {
+        let (r, s) = self.inner.search(q)?;
+        if let Ok(mut last) = self.inner.last_search.lock() {
+            *last = s.clone();
+        }
+        Ok((r, s))
+    }
+
+    /// What the last search did.
+    pub fn last_search_stats(&self) -> SearchStats {
+        self.inner
+            .last_search
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Names of the partitions a search for `q` would read.
+    pub fn partitions_for(&self, q: &SearchQuery) -> Vec<String> {
+        self.inner
+            .partitions_in(q)
+            .iter()
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// Names of every partition, oldest first.
+    pub fn partitions(&self) -> Vec<String> {
+        self.inner
+            .parts
+            .read()
+            .map(|p| p.values().map(|p| p.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Bytes on disk of each field's parts (postings, terms, fast fields),
+    /// summed over partitions, largest first; plus the index total.
+    pub fn space_usage(&self) -> Result<(Vec<(String, u64)>, u64), StoreError> {
+        let mut per: HashMap<String, u64> = HashMap::new();
+        let mut total = 0u64;
+        let parts: Vec<Arc<Partition>> = self
+            .inner
+            .parts
+            .read()
+            .map_err(|_| poisoned())?
+            .values()
+            .cloned()
+            .collect();
+        for p in parts {
+            let usage = p.reader.searcher().space_usage().map_err(|e| io_err(&p.dir, e))?;
+            total += usage.total().get_bytes();
+            for seg in usage.segments() {
+                for (kind, pf) in [
+                    ("postings", seg.postings()),
+                    ("terms", seg.termdict()),
+                    ("fast", seg.fast_fields()),
+                    ("norms", seg.fieldnorms()),
+                ] {
+                    for f in pf.fields() {
+                        *per.entry(format!("{} {kind}", f.field_name())).or_default() +=
+                            f.total().get_bytes();
+                    }
+                }
+                *per.entry("docstore".into()).or_default() += seg.store().total().get_bytes();
+            }
+        }
+        let mut v: Vec<(String, u64)> = per.into_iter().filter(|(_, b)| *b > 0).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        Ok((v, total))
+    }
+}
+
+fn open_partition_at(root: &Path, fields: &Fields, start_ns: u64) -> Result<Arc<Partition>, StoreError> {
+    let name = partition_name(start_ns);
+    let dir = root.join("index").join(&name);
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let mmap = tantivy::directory::MmapDirectory::open(&dir).map_err(idx_err)?;
+    let index = if Index::exists(&mmap).map_err(idx_err)? {
+        Index::open(mmap).map_err(idx_err)?
+    } else {
+        Index::builder()
+            .schema(fields.schema.clone())
+            .settings(tantivy::IndexSettings {
+                docstore_compression: tantivy::store::Compressor::None,
+                ..Default::default()
+            })
+            .open_or_create(mmap)
+            .map_err(idx_err)?
+    };
+    let reader = index
+        .reader_builder()
+        .reload_policy(ReloadPolicy::Manual)
+        .try_into()
+        .map_err(idx_err)?;
+    Ok(Arc::new(Partition {
+        start_ns,
+        name,
+        dir,
+        index,
+        reader,
+    }))
+}
+
+impl Drop for TantivyStore {
+    fn drop(&mut self) {
+        self.shutdown(true);
+    }
+}
+
+impl RecordStore for TantivyStore {
+    fn append(&self, batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
+        let inner = &self.inner;
+        let mut payload = Vec::with_capacity(64 + batch.records.len() * 96);
+        codec::encode(&batch, &mut payload);
+        let end = {
+            let mut ing = inner.lock_ingest()?;
+            if ing.closed {
+                return Err(StoreError::Index("store is closed".into()));
+            }
+            let key = (batch.node.clone(), batch.boot_id.clone());
+            if ing.dedup.get(&key).is_some_and(|b| b.seqs.contains(batch.seq)) {
+                drop(ing);
+                // The first copy may still be on its way to disk: answer only
+                // once it is durable.
+                inner.wal.sync_to(inner.wal.written()?)?;
+                return Ok(AppendOutcome::Duplicate);
+            }
+            let end = inner.wal.write(&payload)?;
+            // From here the batch is in the WAL: it is stored (replay would
+            // index it), whatever the index says.
+            let b = ing.dedup.entry(key).or_default();
+            b.seqs.insert(batch.seq);
+            b.last_seen_ns = now_ns();
+            ing.applied = end;
+            let indexed = inner.index_batch(&mut ing, &batch, end, &HashMap::new());
+            drop(ing);
+            if let Err(e) = indexed {
+                tracing::error!(error = %e, "indexing a batch failed; it is in the WAL and will be indexed on restart");
+            }
+            end
+        };
+        inner.wal.sync_to(end)?;
+        Ok(AppendOutcome::Stored)
+    }
+
+    fn record_gap(&self, gap: Gap) -> Result<(), StoreError> {
+        self.inner.gaps.lock().map_err(|_| poisoned())?.append(gap)
+    }
+
+    fn search(&self, q: &SearchQuery) -> Result<SearchResult, StoreError> {
+        self.search_with_stats(q).map(|(r, _)| r)
+    }
+
+    fn stats(&self) -> StoreStats {
+        let parts: Vec<Arc<Partition>> = self
+            .inner
+            .parts
+            .read()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
+        StoreStats {
+            records: parts.iter().map(|p| p.reader.searcher().num_docs()).sum(),
+            bytes_on_disk: dir_size(&self.inner.root),
+            partitions: parts.len() as u64,
+        }
+    }
+}
