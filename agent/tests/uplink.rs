@@ -68,9 +68,8 @@ impl Ca {
 
     fn sign(&self, names: &[&str], eku: ExtendedKeyUsagePurpose) -> Pem {
         let key = KeyPair::generate().unwrap();
-        let mut p =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
         p.distinguished_name.push(DnType::CommonName, names[0]);
         p.extended_key_usages = vec![eku];
         let cert = p.signed_by(&key, &self.issuer).unwrap();
@@ -233,11 +232,14 @@ impl pb::ingest_server::Ingest for Fake {
                             ))
                         });
                         if stream_no == 1 && behaviour.drop_first_stream_after == Some(batches) {
-                            let _ = tx.send(Err(Status::unavailable("fake collector goes away"))).await;
+                            let _ = tx
+                                .send(Err(Status::unavailable("fake collector goes away")))
+                                .await;
                             return;
                         }
-                        (behaviour.ack && !(stream_no == 1 && behaviour.drop_first_stream_after.is_some()))
-                            .then_some(pb::collector_message::Msg::Ack(ack))
+                        (behaviour.ack
+                            && !(stream_no == 1 && behaviour.drop_first_stream_after.is_some()))
+                        .then_some(pb::collector_message::Msg::Ack(ack))
                     }
                     Msg::Loss(l) => {
                         seen.send_modify(|s| s.losses.push(l));
@@ -249,7 +251,11 @@ impl pb::ingest_server::Ingest for Fake {
                     }
                 };
                 if let Some(msg) = reply {
-                    if tx.send(Ok(pb::CollectorMessage { msg: Some(msg) })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::CollectorMessage { msg: Some(msg) }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -269,7 +275,12 @@ struct Collector {
 impl Collector {
     /// Serves on `addr` (port 0: any) with `server` as its certificate and
     /// `client_ca` as the only CA it accepts client certificates from.
-    async fn start(addr: SocketAddr, server: &Pem, client_ca: &str, behaviour: Behaviour) -> Collector {
+    async fn start(
+        addr: SocketAddr,
+        server: &Pem,
+        client_ca: &str,
+        behaviour: Behaviour,
+    ) -> Collector {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.set_reuseaddr(true).unwrap();
         sock.bind(addr).unwrap();
@@ -317,13 +328,21 @@ impl Collector {
             _ => None,
         };
         got.unwrap_or_else(|| {
-            panic!("timed out waiting for {what}; seen: {}", summary(&self.seen.borrow()))
+            panic!(
+                "timed out waiting for {what}; seen: {}",
+                summary(&self.seen.borrow())
+            )
         })
     }
 
     /// Sends a message on the newest stream.
     async fn send(&self, msg: pb::collector_message::Msg) {
-        let tx = self.current.lock().unwrap().clone().expect("an open stream");
+        let tx = self
+            .current
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("an open stream");
         tx.send(Ok(pb::CollectorMessage { msg: Some(msg) }))
             .await
             .unwrap();
@@ -414,7 +433,10 @@ fn start(cfg: UplinkConfig, metrics: &Metrics, lookup: Arc<LookupFn>) -> (Uplink
 async fn poll(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -442,7 +464,11 @@ fn assert_complete(seen: &Seen, boot: &str, records: std::ops::Range<u64>) {
         .filter(|((b, _), _)| b == boot)
         .collect();
     let seqs: Vec<u64> = mine.iter().map(|((_, s), _)| *s).collect();
-    assert_eq!(seqs, (1..=mine.len() as u64).collect::<Vec<_>>(), "seqs of boot {boot}");
+    assert_eq!(
+        seqs,
+        (1..=mine.len() as u64).collect::<Vec<_>>(),
+        "seqs of boot {boot}"
+    );
     let got: Vec<u64> = mine.into_iter().flat_map(|(_, r)| r).collect();
     assert_eq!(got, records.collect::<Vec<_>>(), "records of boot {boot}");
 }
@@ -452,19 +478,34 @@ fn assert_complete(seen: &Seen, boot: &str, records: std::ops::Range<u64>) {
 #[tokio::test]
 async fn records_arrive_in_order_with_seq_1_to_n_and_are_acked() {
     let fx = Fixture::new("inorder");
-    let mut col = Collector::start("127.0.0.1:0".parse().unwrap(), &fx.server, &fx.ca.pem, ACKING).await;
+    let mut col = Collector::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &fx.server,
+        &fx.ca.pem,
+        ACKING,
+    )
+    .await;
     let m = Metrics::new(&[]);
     let mut cfg = fx.config(col.addr);
     cfg.server_name = Some("collector.test".into());
     let (up, sink) = start(cfg, &m, no_lookup());
     send(&sink, 0..1000, 7);
-    let seen = col.wait("1000 records", |s| s.records().len() == 1000).await;
+    let seen = col
+        .wait("1000 records", |s| s.records().len() == 1000)
+        .await;
     assert_eq!(seen.streams, 1);
-    assert_eq!(seen.batches.len(), seen.distinct_batches().len(), "no resends");
+    assert_eq!(
+        seen.batches.len(),
+        seen.distinct_batches().len(),
+        "no resends"
+    );
     // Every batch in the order made: seq 1..n, records in capture order.
     let seqs: Vec<u64> = seen.batches.iter().map(|b| b.1).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
-    assert!(seen.batches.iter().all(|b| b.0 == up.boot_id() && b.2.len() <= 100));
+    assert!(seen
+        .batches
+        .iter()
+        .all(|b| b.0 == up.boot_id() && b.2.len() <= 100));
     assert_complete(&seen, up.boot_id(), 0..1000);
     let hello = &seen.hellos[0];
     assert_eq!(hello.node, "node-a");
@@ -484,7 +525,11 @@ async fn records_arrive_in_order_with_seq_1_to_n_and_are_acked() {
     assert!(m.render().contains("ctw_uplink_connected 1"));
     up.shutdown();
     assert_eq!(m.uplink.connected.get(), 0);
-    assert_eq!(spool_files(&fx.spool()), 0, "nothing unacked to spool at stop");
+    assert_eq!(
+        spool_files(&fx.spool()),
+        0,
+        "nothing unacked to spool at stop"
+    );
 }
 
 #[tokio::test]
@@ -494,7 +539,10 @@ async fn collector_down_at_start_then_everything_delivered_once() {
     let m = Metrics::new(&[]);
     let (up, sink) = start(fx.config(addr), &m, no_lookup());
     send(&sink, 0..500, 10);
-    poll("500 records spooled", || m.uplink.records_spooled.get() == 500).await;
+    poll("500 records spooled", || {
+        m.uplink.records_spooled.get() == 500
+    })
+    .await;
     assert!(spool_files(&fx.spool()) >= 5);
     assert!(m.uplink.spool_bytes.get() > 0);
     assert_eq!(m.uplink.connected.get(), 0);
@@ -502,7 +550,11 @@ async fn collector_down_at_start_then_everything_delivered_once() {
 
     let mut col = Collector::start(addr, &fx.server, &fx.ca.pem, ACKING).await;
     let seen = col.wait("500 records", |s| s.records().len() == 500).await;
-    assert_eq!(seen.batches.len(), seen.distinct_batches().len(), "each batch once");
+    assert_eq!(
+        seen.batches.len(),
+        seen.distinct_batches().len(),
+        "each batch once"
+    );
     assert_eq!(seen.record_count_with_duplicates(), 500);
     assert_complete(&seen, up.boot_id(), 0..500);
     poll("spool emptied by acks", || {
@@ -524,12 +576,20 @@ async fn unacked_batches_are_resent_after_the_stream_drops() {
         ack: true,
         drop_first_stream_after: Some(3),
     };
-    let mut col = Collector::start("127.0.0.1:0".parse().unwrap(), &fx.server, &fx.ca.pem, behaviour).await;
+    let mut col = Collector::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &fx.server,
+        &fx.ca.pem,
+        behaviour,
+    )
+    .await;
     let m = Metrics::new(&[]);
     let (up, sink) = start(fx.config(col.addr), &m, no_lookup());
     send(&sink, 0..1000, 50);
     let seen = col
-        .wait("every record after a reconnect", |s| s.records().len() == 1000 && s.streams >= 2)
+        .wait("every record after a reconnect", |s| {
+            s.records().len() == 1000 && s.streams >= 2
+        })
         .await;
     poll("every batch acked", || m.uplink.unacked_batches.get() == 0).await;
     let seen2 = col.seen.borrow().clone();
@@ -564,7 +624,10 @@ async fn full_spool_drops_oldest_first_and_reports_the_exact_loss() {
     const N: u64 = 40_000;
     let (up, sink) = start(cfg, &m, no_lookup());
     send(&sink, BASE..BASE + N, 100);
-    poll("every record spooled", || m.uplink.records_spooled.get() == N).await;
+    poll("every record spooled", || {
+        m.uplink.records_spooled.get() == N
+    })
+    .await;
     let lost = dropped(&m, "spool_overflow");
     assert!(lost > 0, "the spool must overflow");
     assert!(m.uplink.spool_bytes.get() <= 1 << 20);
@@ -581,7 +644,11 @@ async fn full_spool_drops_oldest_first_and_reports_the_exact_loss() {
             s.records().len() as u64 + reported == N && reported > 0
         })
         .await;
-    let losses: Vec<_> = seen.losses.iter().filter(|l| l.reason == "spool_overflow").collect();
+    let losses: Vec<_> = seen
+        .losses
+        .iter()
+        .filter(|l| l.reason == "spool_overflow")
+        .collect();
     let count: u64 = losses.iter().map(|l| l.count).sum();
     assert_eq!(count, lost, "the report has the exact count");
     // The oldest records went: what arrived is exactly the newest N - lost.
@@ -592,7 +659,9 @@ async fn full_spool_drops_oldest_first_and_reports_the_exact_loss() {
     // And the report's window is exactly theirs.
     assert_eq!(losses.iter().map(|l| l.from_ns).min(), Some(BASE));
     assert_eq!(losses.iter().map(|l| l.to_ns).max(), Some(BASE + lost - 1));
-    assert!(losses.iter().all(|l| l.boot_id == up.boot_id() && !l.resynced));
+    assert!(losses
+        .iter()
+        .all(|l| l.boot_id == up.boot_id() && !l.resynced));
     assert_eq!(seen.batches.len(), seen.distinct_batches().len());
 }
 
@@ -620,9 +689,15 @@ async fn spooled_batches_and_losses_survive_an_agent_restart() {
     let (up2, sink2) = start(fx.config(addr), &m2, no_lookup());
     let boot2 = up2.boot_id().to_string();
     assert_ne!(boot1, boot2);
-    assert_eq!(m2.uplink.unacked_batches.get() as usize, spool_files(&fx.spool()));
+    assert_eq!(
+        m2.uplink.unacked_batches.get() as usize,
+        spool_files(&fx.spool())
+    );
     send(&sink2, 300..400, 25);
-    poll("new records spooled", || m2.uplink.records_spooled.get() == 100).await;
+    poll("new records spooled", || {
+        m2.uplink.records_spooled.get() == 100
+    })
+    .await;
 
     let mut col = Collector::start(addr, &fx.server, &fx.ca.pem, ACKING).await;
     let seen = col.wait("400 records", |s| s.records().len() == 400).await;
@@ -632,10 +707,19 @@ async fn spooled_batches_and_losses_survive_an_agent_restart() {
     let first_new = seen.batches.iter().position(|b| b.0 == boot2).unwrap();
     assert!(seen.batches[..first_new].iter().all(|b| b.0 == boot1));
     assert!(seen.batches[first_new..].iter().all(|b| b.0 == boot2));
-    let seen = col.wait("the earlier run's loss report", |s| !s.losses.is_empty()).await;
+    let seen = col
+        .wait("the earlier run's loss report", |s| !s.losses.is_empty())
+        .await;
     let l = &seen.losses[0];
     assert_eq!(
-        (l.boot_id.as_str(), l.reason.as_str(), l.from_ns, l.to_ns, l.count, l.resynced),
+        (
+            l.boot_id.as_str(),
+            l.reason.as_str(),
+            l.from_ns,
+            l.to_ns,
+            l.count,
+            l.resynced
+        ),
         (boot1.as_str(), "kernel_drop", 7, 9, 42, true)
     );
     poll("spool empty", || {
@@ -649,7 +733,13 @@ async fn spooled_batches_and_losses_survive_an_agent_restart() {
 #[tokio::test]
 async fn queue_overflow_and_kernel_loss_are_reported() {
     let fx = Fixture::new("queue");
-    let mut col = Collector::start("127.0.0.1:0".parse().unwrap(), &fx.server, &fx.ca.pem, ACKING).await;
+    let mut col = Collector::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &fx.server,
+        &fx.ca.pem,
+        ACKING,
+    )
+    .await;
     let m = Metrics::new(&[]);
     let mut cfg = fx.config(col.addr);
     cfg.queue_max_records = 10;
@@ -666,13 +756,26 @@ async fn queue_overflow_and_kernel_loss_are_reported() {
     });
     send(&sink, 0..5, 5);
     let seen = col
-        .wait("both loss reports and the records", |s| s.losses.len() >= 2 && s.records().len() == 5)
+        .wait("both loss reports and the records", |s| {
+            s.losses.len() >= 2 && s.records().len() == 5
+        })
         .await;
-    let q = seen.losses.iter().find(|l| l.reason == "uplink_queue").unwrap();
+    let q = seen
+        .losses
+        .iter()
+        .find(|l| l.reason == "uplink_queue")
+        .unwrap();
     assert_eq!((q.from_ns, q.to_ns, q.count), (500, 519, 20));
     assert_eq!(q.boot_id, up.boot_id());
-    let k = seen.losses.iter().find(|l| l.reason == "kernel_drop").unwrap();
-    assert_eq!((k.from_ns, k.to_ns, k.count, k.resynced), (100, 200, 3, false));
+    let k = seen
+        .losses
+        .iter()
+        .find(|l| l.reason == "kernel_drop")
+        .unwrap();
+    assert_eq!(
+        (k.from_ns, k.to_ns, k.count, k.resynced),
+        (100, 200, 3, false)
+    );
     // Confirmed by the ack of a batch sent after them: not kept for a resend.
     send(&sink, 5..10, 5);
     col.wait("more records", |s| s.records().len() == 10).await;
@@ -686,16 +789,22 @@ async fn queue_overflow_and_kernel_loss_are_reported() {
 #[tokio::test]
 async fn lookup_requests_are_answered() {
     let fx = Fixture::new("lookup");
-    let mut col = Collector::start("127.0.0.1:0".parse().unwrap(), &fx.server, &fx.ca.pem, ACKING).await;
+    let mut col = Collector::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &fx.server,
+        &fx.ca.pem,
+        ACKING,
+    )
+    .await;
     let m = Metrics::new(&[]);
     let entry = record(77);
-    let want = entry.clone();
+    let want = entry;
     let lookup: Arc<LookupFn> = Arc::new(move |q: &LookupQuery| {
         let hit = match q.dir {
             TupleDir::Orig => q.tuple == want.orig,
             TupleDir::Reply => q.tuple == want.reply,
         };
-        Ok((hit && q.protocol == Protocol::Tcp).then(|| want.clone()))
+        Ok((hit && q.protocol == Protocol::Tcp).then_some(want))
     });
     let (_up, _sink) = start(fx.config(col.addr), &m, lookup);
     col.wait("hello", |s| !s.hellos.is_empty()).await;
@@ -712,13 +821,21 @@ async fn lookup_requests_are_answered() {
     col.send(req(2, 6, &entry.reply, false)).await;
     col.send(req(3, 1, &entry.orig, false)).await;
     let seen = col.wait("three replies", |s| s.replies.len() == 3).await;
-    let by_id: BTreeMap<u64, &pb::LookupReply> = seen.replies.iter().map(|r| (r.request_id, r)).collect();
+    let by_id: BTreeMap<u64, &pb::LookupReply> =
+        seen.replies.iter().map(|r| (r.request_id, r)).collect();
     let hit = by_id[&1];
     assert!(hit.found && hit.error.is_empty());
     assert_eq!(hit.node, "node-a");
-    assert_eq!(ConnRecord::try_from(hit.entry.as_ref().unwrap()).unwrap(), entry);
+    assert_eq!(
+        ConnRecord::try_from(hit.entry.as_ref().unwrap()).unwrap(),
+        entry
+    );
     assert!(!by_id[&2].found && by_id[&2].error.is_empty() && by_id[&2].entry.is_none());
-    assert!(!by_id[&3].found && by_id[&3].error.contains("protocol"), "{:?}", by_id[&3]);
+    assert!(
+        !by_id[&3].found && by_id[&3].error.contains("protocol"),
+        "{:?}",
+        by_id[&3]
+    );
     assert_eq!(m.uplink.lookups_answered.get(), 3);
 }
 
@@ -728,7 +845,13 @@ async fn certificates_from_another_ca_are_refused_both_ways() {
     let other = Ca::new("another CA");
     // The collector shows a certificate the agent's CA did not sign.
     let impostor = other.sign(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
-    let col = Collector::start("127.0.0.1:0".parse().unwrap(), &impostor, &fx.ca.pem, ACKING).await;
+    let col = Collector::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &impostor,
+        &fx.ca.pem,
+        ACKING,
+    )
+    .await;
     let m = Metrics::new(&[]);
     let (up, sink) = start(fx.config(col.addr), &m, no_lookup());
     send(&sink, 0..10, 10);
@@ -738,7 +861,13 @@ async fn certificates_from_another_ca_are_refused_both_ways() {
     drop(up);
     drop(col);
     // The collector accepts only client certificates of another CA.
-    let col = Collector::start("127.0.0.1:0".parse().unwrap(), &fx.server, &other.pem, ACKING).await;
+    let col = Collector::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &fx.server,
+        &other.pem,
+        ACKING,
+    )
+    .await;
     let m = Metrics::new(&[]);
     let (_up, _sink) = start(fx.config(col.addr), &m, no_lookup());
     poll("two failed attempts", || m.uplink.reconnects.get() >= 2).await;

@@ -165,7 +165,7 @@ impl Config {
         if self.storage.retention_days == 0 {
             return bad("storage.retention_days: must be at least 1, got 0".into());
         }
-        if !(self.storage.max_size_gb > 0.0) {
+        if self.storage.max_size_gb.is_nan() || self.storage.max_size_gb <= 0.0 {
             return bad(format!(
                 "storage.max_size_gb: must be positive, got {}",
                 self.storage.max_size_gb

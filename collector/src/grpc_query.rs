@@ -128,6 +128,7 @@ pub fn search_query(r: &pb::SearchRequest, max_limit: usize) -> Result<SearchQue
         from_ns,
         to_ns,
         at_ns: r.at_ns,
+        at_precision_ns: 0,
         limit,
     })
 }

@@ -23,7 +23,7 @@ use crate::config::LookupConfig;
 use crate::metrics::Metrics;
 use crate::grpc_query::{merge_open_gaps, route_lookup};
 use crate::registry::{LiveQuery, LookupError, Registry};
-use crate::store::{Gap, Hit, RecordStore, SearchQuery, SearchResult};
+use crate::store::{alive_at, Gap, Hit, RecordStore, SearchQuery, SearchResult};
 
 /// Default and largest `window` around `at`.
 const DEFAULT_WINDOW_NS: u64 = 5 * 60 * 1_000_000_000;
@@ -131,12 +131,12 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 
 type Params = Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
 
-fn params_of(p: Params, uri_len: usize) -> Result<Vec<(String, String)>, Response> {
+fn params_of(p: Params, uri_len: usize) -> Result<Vec<(String, String)>, Box<Response>> {
     if uri_len > MAX_QUERY_BYTES {
-        return Err(error(StatusCode::URI_TOO_LONG, "query string too long", None));
+        return Err(Box::new(error(StatusCode::URI_TOO_LONG, "query string too long", None)));
     }
     p.map(|Query(v)| v)
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "malformed query string", None))
+        .map_err(|_| Box::new(error(StatusCode::BAD_REQUEST, "malformed query string", None)))
 }
 
 const SEARCH_PARAMS: [&str; 14] = [
@@ -201,12 +201,13 @@ pub fn parse_search(params: &[(String, String)], max_limit: usize) -> Result<Sea
         from_ns,
         to_ns,
         at_ns: at,
+        at_precision_ns: api::param(params, "at").map_or(0, api::time_precision_ns),
         limit,
     })
 }
 
 /// One search hit as JSON.
-pub fn hit_json(h: &Hit, at_ns: Option<u64>) -> Value {
+pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
     let r = &h.record;
     let (snat_ip, snat_port) = r.snat();
     let start = h.start_ns();
@@ -232,9 +233,8 @@ pub fn hit_json(h: &Hit, at_ns: Option<u64>) -> Value {
         o.insert("end".into(), json!(api::format_time(c)));
         o.insert("duration_ms".into(), json!(c.saturating_sub(start) / 1_000_000));
     }
-    if let Some(at) = at_ns {
-        let alive = start <= at && h.closed_ns.is_none_or(|c| c >= at);
-        o.insert("alive_at".into(), json!(alive));
+    if let Some(at) = q.at_ns {
+        o.insert("alive_at".into(), json!(alive_at(h, at, q.at_precision_ns)));
     }
     if let Some(c) = h.counters_orig {
         o.insert("orig_packets".into(), json!(c.packets));
@@ -260,7 +260,7 @@ fn gap_json(g: &Gap) -> Value {
 pub fn search_json(res: &SearchResult, q: &SearchQuery) -> Value {
     let gaps = &res.gaps;
     json!({
-        "records": res.hits.iter().map(|h| hit_json(h, q.at_ns)).collect::<Vec<_>>(),
+        "records": res.hits.iter().map(|h| hit_json(h, q)).collect::<Vec<_>>(),
         "total": res.total,
         "returned": res.hits.len(),
         "limit": q.limit,
@@ -275,7 +275,7 @@ pub fn search_json(res: &SearchResult, q: &SearchQuery) -> Value {
 async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Params) -> Response {
     let params = match params_of(p, uri.query().map_or(0, str::len)) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let q = match parse_search(&params, s.max_limit) {
         Ok(q) => q,
@@ -296,7 +296,7 @@ async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Pa
 async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Params) -> Response {
     let params = match params_of(p, uri.query().map_or(0, str::len)) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let parsed = api::check_names(&params, &["protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node"])
         .and_then(|_| api::parse_live(&params));

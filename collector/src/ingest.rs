@@ -22,11 +22,11 @@
 //!    agent's loss counters. LookupReply → completes the pending lookup.
 //!
 //! Disconnections: when a stream ends, the agent stays in the registry as
-//! disconnected, and [`Registry::open_gaps`] lists the open window. When the
-//! agent reconnects, a `Gap{reason: "agent_disconnected"}` from the
-//! disconnection to the reconnection is recorded in the store. (Batches the
-//! agent spooled meanwhile are then replayed; the gap still marks the window
-//! as "may be incomplete", because capture may have been down too.)
+//! disconnected, and [`Registry::open_gaps`] lists the open window (its
+//! records may still be in its spool). When the agent reconnects with a new
+//! boot id (it restarted, so capture was down), a `Gap{reason:
+//! "agent_restarted"}` from its last contact to the reconnection is recorded
+//! in the store; a reconnect of the same process replays its spool instead.
 //!
 //! Flow control for one agent streaming 100k records/s (≈10 MB/s) over a
 //! 50 ms round trip: the bandwidth-delay product is ≈0.5 MB, so 8 MiB

@@ -8,12 +8,14 @@
 //! Disconnections: when an agent's stream ends, the agent is kept with
 //! `connected: false` and `disconnected_since`; [`Registry::open_gaps`]
 //! reports that window as an open `agent_disconnected` gap (up to now), so
-//! searches over it can say they may be incomplete. When the agent comes
-//! back, the ingest service records the closed gap (disconnect to reconnect)
-//! in the store ([`Registry::connect`] returns it). The registry is in
-//! memory: a collector restart forgets the agents until they reconnect, and a
-//! disconnection that spans a collector restart is not recorded as a gap (the
-//! agents spool and resend in that case, and report spool loss themselves).
+//! searches over it say they may be incomplete: records of that window may
+//! still sit in the agent's spool. When the same agent process (same boot
+//! id) comes back, it replays its spool and reports spool overflow itself, so
+//! nothing is recorded. When it comes back with a new boot id, it restarted
+//! and capture was down: [`Registry::connect`] returns an `agent_restarted`
+//! gap from its last contact to now, which the ingest service stores. The
+//! registry is in memory: a collector restart forgets the agents until they
+//! reconnect (their spools cover the collector's downtime).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -265,13 +267,22 @@ impl Registry {
                 "replaced by a newer stream of the same node",
             )));
         }
-        let gap = agent.disconnected_since.take().map(|from| Gap {
-            node: node.to_string(),
-            from_ns: unix_ns(from),
-            to_ns: unix_ns(now),
-            reason: "agent_disconnected".into(),
-            count: 0,
-        });
+        // A reconnect of the same agent process loses nothing: it spooled
+        // while away and replays, and reports spool overflow itself. A new
+        // boot id means the agent restarted: capture was down from its last
+        // contact until now.
+        let away_since = agent.disconnected_since.take();
+        let restarted = !agent.boot_id.is_empty() && agent.boot_id != hello.boot_id;
+        let gap = match (restarted, away_since.or(agent.last_seen)) {
+            (true, Some(from)) => Some(Gap {
+                node: node.to_string(),
+                from_ns: unix_ns(from),
+                to_ns: unix_ns(now),
+                reason: "agent_restarted".into(),
+                count: 0,
+            }),
+            _ => None,
+        };
         agent.owned = hello
             .addresses
             .iter()
@@ -602,11 +613,20 @@ mod tests {
         assert_eq!(agents.len(), 1);
         assert!(!agents[0].connected && agents[0].disconnected_since.is_some());
         assert_eq!(r.open_gaps().len(), 1);
-        // Coming back closes the gap and hands it over for recording.
+        // The same agent process coming back closes the open gap; its spool
+        // replay fills it, so there is nothing to record.
         let (tx, _rx) = mpsc::channel(4);
-        let (_t, gap) = r.connect("a", hello(&[]), tx);
+        let (t, gap) = r.connect("a", hello(&[]), tx);
+        assert!(gap.is_none());
+        assert!(r.open_gaps().is_empty());
+        // A restarted agent (new boot id): capture was down, record a gap.
+        r.disconnect(&t);
+        let (tx, _rx) = mpsc::channel(4);
+        let mut h = hello(&[]);
+        h.boot_id = "b2".into();
+        let (_t, gap) = r.connect("a", h, tx);
         let gap = gap.unwrap();
-        assert_eq!(gap.reason, "agent_disconnected");
+        assert_eq!(gap.reason, "agent_restarted");
         assert!(gap.from_ns <= gap.to_ns);
         assert!(r.open_gaps().is_empty());
     }

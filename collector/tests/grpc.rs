@@ -211,8 +211,16 @@ async fn open(ch: Channel, first: pb::AgentMessage) -> Result<Agent, tonic::Stat
 
 impl Agent {
     async fn connect(c: &Collector, pki: &Pki, node: &str, addresses: &[&str]) -> Agent {
+        Agent::connect_boot(c, pki, node, addresses, "boot-1").await
+    }
+
+    async fn connect_boot(c: &Collector, pki: &Pki, node: &str, addresses: &[&str], boot: &str) -> Agent {
         let ch = c.channel(&pki.ca, Some(&pki.client(node))).await.unwrap();
-        let mut a = open(ch, hello(node, addresses)).await.unwrap();
+        let mut h = hello(node, addresses);
+        if let Some(pb::agent_message::Msg::Hello(hh)) = h.msg.as_mut() {
+            hh.boot_id = boot.into();
+        }
+        let mut a = open(ch, h).await.unwrap();
         match a.next().await {
             CollectorMsg::HelloAck(_) => {}
             m => panic!("expected HelloAck, got {m:?}"),
@@ -365,7 +373,8 @@ async fn batches_are_acked_once_stored_and_replays_are_stored_once() {
         .await;
         assert_eq!(c.registry.agents()[0].events_lost, 7);
 
-        // The agent goes away: an open gap; it comes back: the gap is stored.
+        // The agent goes away: an open gap. The same process comes back: its
+        // spool replay fills the window, no gap is stored.
         drop(a);
         eventually("the agent is seen disconnected", || {
             !c.registry.agents()[0].connected
@@ -373,15 +382,26 @@ async fn batches_are_acked_once_stored_and_replays_are_stored_once() {
         .await;
         assert_eq!(c.registry.open_gaps().len(), 1);
         assert_eq!(c.metric("ctw_collector_agents_connected"), 0);
-        let _a = Agent::connect(&c, &pki, "node-a", &["198.18.0.1"]).await;
-        let r = c
-            .store
-            .search(&SearchQuery {
-                limit: 10,
-                ..SearchQuery::default()
-            })
-            .unwrap();
-        assert!(r.gaps.iter().any(|g| g.reason == "agent_disconnected"));
+        let a = Agent::connect(&c, &pki, "node-a", &["198.18.0.1"]).await;
+        assert!(c.registry.open_gaps().is_empty());
+        let gaps = |c: &Collector| {
+            c.store
+                .search(&SearchQuery {
+                    limit: 10,
+                    ..SearchQuery::default()
+                })
+                .unwrap()
+                .gaps
+        };
+        assert!(!gaps(&c).iter().any(|g| g.reason.starts_with("agent_")));
+        // A restarted agent (new boot id): capture was down, a gap is stored.
+        drop(a);
+        eventually("the agent is seen disconnected", || {
+            !c.registry.agents()[0].connected
+        })
+        .await;
+        let _a = Agent::connect_boot(&c, &pki, "node-a", &["198.18.0.1"], "boot-2").await;
+        assert!(gaps(&c).iter().any(|g| g.reason == "agent_restarted" && g.node == "node-a"));
         assert!(c.registry.open_gaps().is_empty());
         c
     })

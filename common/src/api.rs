@@ -239,6 +239,17 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is out of range"))
 }
 
+/// The resolution of a time as written: 1 ms for `1733727900.123`, 1 s for
+/// `1733727900` or an RFC 3339 time without fraction (ns).
+pub fn time_precision_ns(s: &str) -> u64 {
+    let s = s.trim();
+    let digits = match s.split_once('.') {
+        Some((_, rest)) => rest.chars().take_while(char::is_ascii_digit).count().min(9),
+        None => 0,
+    };
+    10u64.pow(9 - digits as u32)
+}
+
 /// Parse a duration: `500ms`, `30s`, `5m`, `2h`, `1d`, or plain seconds
 /// (`90`, `1.5`). Returns ns.
 pub fn parse_duration(s: &str) -> Result<u64, String> {

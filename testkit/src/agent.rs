@@ -19,44 +19,47 @@ pub struct Agent {
 
 impl Agent {
     /// Start the agent in the node namespace with `ports` and extra YAML
-    /// (top-level keys), wait until `/healthz` answers 200.
+    /// (top-level keys), node name `test-node`; wait until `/healthz` answers 200.
     pub fn start(topo: &mut Topology, ports: &[u16], extra_yaml: &str) -> Agent {
-        let log_path = topo.tmp_dir().join("agent-log").join("nat.log");
+        Agent::start_on(topo, 0, "test-node", ports, extra_yaml)
+    }
+
+    /// Start an agent named `name` on node `node` of the topology.
+    pub fn start_on(topo: &mut Topology, node: usize, name: &str, ports: &[u16], extra_yaml: &str) -> Agent {
+        let log_path = topo.tmp_dir().join(format!("agent-log-{node}")).join("nat.log");
         let listen = "127.0.0.1:9358".to_string();
         let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
         let yaml = format!(
-            "ports: [{}]\nnode_name: test-node\nlog:\n  path: {}\nhttp:\n  listen_addr: \"{listen}\"\nweb_ui:\n  enabled: true\n{extra_yaml}\n",
+            "ports: [{}]\nnode_name: {name}\nlog:\n  path: {}\nhttp:\n  listen_addr: \"{listen}\"\nweb_ui:\n  enabled: true\n{extra_yaml}\n",
             ports.join(", "),
             log_path.display()
         );
-        let cfg = topo.tmp_dir().join("agent.yaml");
+        let cfg = topo.tmp_dir().join(format!("agent-{node}.yaml"));
         std::fs::write(&cfg, yaml).expect("write agent config");
-        Agent::start_with_config(topo, &cfg, log_path, &listen)
+        let ns = topo.node_ns_of(node).to_string();
+        Agent::start_in(topo, &ns, &cfg, log_path, &listen)
     }
 
-    /// Start the agent with a config file as given.
-    pub fn start_with_config(
-        topo: &mut Topology,
-        cfg: &std::path::Path,
-        log_path: PathBuf,
-        listen: &str,
-    ) -> Agent {
+    /// Start the agent with a config file as given, in node 0.
+    pub fn start_with_config(topo: &mut Topology, cfg: &std::path::Path, log_path: PathBuf, listen: &str) -> Agent {
         let ns = topo.node_ns().to_string();
+        Agent::start_in(topo, &ns, cfg, log_path, listen)
+    }
+
+    fn start_in(topo: &mut Topology, ns: &str, cfg: &std::path::Path, log_path: PathBuf, listen: &str) -> Agent {
         let bin = crate::bin_path("ctw-agent");
         let bin = bin.to_str().expect("utf-8 path");
         let cfg_s = cfg.display().to_string();
-        let pid = topo.spawn_in(&ns, &[bin, "--config", &cfg_s]);
+        let pid = topo.spawn_in(ns, &[bin, "--config", &cfg_s]);
         let agent = Agent {
             pid,
-            ns,
+            ns: ns.to_string(),
             log_path,
             listen: listen.to_string(),
         };
-        wait_for(
-            Duration::from_secs(20),
-            "agent /healthz to answer 200",
-            || (agent.get("/healthz").0 == 200).then_some(()),
-        );
+        wait_for(Duration::from_secs(20), "agent /healthz to answer 200", || {
+            (agent.get("/healthz").0 == 200).then_some(())
+        });
         agent
     }
 

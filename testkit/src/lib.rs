@@ -29,6 +29,8 @@
 
 
 pub mod agent;
+pub mod cluster;
+pub mod collector;
 
 /// Path of a workspace binary (`ctw-agent`, `ctw-collector`) in the same
 /// target directory as the running test, built once with cargo when it is
@@ -285,6 +287,10 @@ pub struct Topology {
     tmp: PathBuf,
     children: Vec<Spawned>,
     spawn_counter: u32,
+    /// Nodes added with [`Topology::add_node`] (node 0 is `node`).
+    extra_nodes: Vec<cluster::ExtraNode>,
+    /// Hosts added with [`Topology::add_host`]: (namespace, IPv4 address).
+    hosts: Vec<(String, Ipv4Addr)>,
 }
 
 impl Topology {
@@ -313,6 +319,8 @@ impl Topology {
             tmp,
             children: Vec::new(),
             spawn_counter: 0,
+            extra_nodes: Vec::new(),
+            hosts: Vec::new(),
         };
         fs::create_dir_all(&topo.tmp)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", topo.tmp.display()));

@@ -88,9 +88,14 @@ pub fn parse_address(address: &str) -> Result<String, String> {
         return Err(format!("{address:?} has no port"));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!("{address:?} must be https://host:port, without a path"));
+        return Err(format!(
+            "{address:?} must be https://host:port, without a path"
+        ));
     }
-    Ok(host.trim_start_matches('[').trim_end_matches(']').to_string())
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string())
 }
 
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, ConnectError> {
@@ -278,8 +283,14 @@ mod tests {
 
     #[test]
     fn addresses_are_checked() {
-        assert_eq!(parse_address("https://collector:7443").as_deref(), Ok("collector"));
-        assert_eq!(parse_address("https://[fd00::1]:7443/").as_deref(), Ok("fd00::1"));
+        assert_eq!(
+            parse_address("https://collector:7443").as_deref(),
+            Ok("collector")
+        );
+        assert_eq!(
+            parse_address("https://[fd00::1]:7443/").as_deref(),
+            Ok("fd00::1")
+        );
         for bad in [
             "http://collector:7443",
             "collector:7443",

@@ -162,7 +162,9 @@ impl UplinkConfig {
     pub fn validate(&self) -> Result<(), String> {
         let range = |key: &str, v: u64, lo: u64, hi: u64| {
             if v < lo || v > hi {
-                Err(format!("collector.{key}: {v} is out of range ({lo}..={hi})"))
+                Err(format!(
+                    "collector.{key}: {v} is out of range ({lo}..={hi})"
+                ))
             } else {
                 Ok(())
             }
@@ -174,18 +176,32 @@ impl UplinkConfig {
             }
         }
         for a in &self.node_addresses {
-            a.parse::<std::net::IpAddr>().map_err(|_| {
-                format!("collector.node_addresses: {a:?} is not an IP address")
-            })?;
+            a.parse::<std::net::IpAddr>()
+                .map_err(|_| format!("collector.node_addresses: {a:?} is not an IP address"))?;
         }
         if self.spool_dir.as_os_str().is_empty() {
             return Err("collector.spool_dir: empty".into());
         }
         range("spool_max_mb", self.spool_max_mb, 1, 1 << 20)?;
-        range("batch_max_records", self.batch_max_records as u64, 1, 100_000)?;
-        range("batch_max_bytes", self.batch_max_bytes as u64, 4096, 32 << 20)?;
+        range(
+            "batch_max_records",
+            self.batch_max_records as u64,
+            1,
+            100_000,
+        )?;
+        range(
+            "batch_max_bytes",
+            self.batch_max_bytes as u64,
+            4096,
+            32 << 20,
+        )?;
         range("batch_max_delay_ms", self.batch_max_delay_ms, 1, 60_000)?;
-        range("max_inflight_batches", self.max_inflight_batches as u64, 1, 100_000)?;
+        range(
+            "max_inflight_batches",
+            self.max_inflight_batches as u64,
+            1,
+            100_000,
+        )?;
         range(
             "queue_max_records",
             self.queue_max_records as u64,
@@ -433,7 +449,10 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("collector.address"));
         let mut c = cfg();
         c.spool_max_mb = 0;
-        assert!(c.validate().unwrap_err().contains("collector.spool_max_mb: 0"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("collector.spool_max_mb: 0"));
         let mut c = cfg();
         c.node_addresses = vec!["10.0.0.300".into()];
         assert!(c.validate().unwrap_err().contains("node_addresses"));

@@ -169,7 +169,11 @@ impl Outbox {
         let encoded = msg.encode_to_vec();
         let in_memory = up
             && self.entries.len() < self.max_inflight
-            && self.entries.iter().skip(self.sent).all(|e| matches!(e.body, Body::Mem { .. }));
+            && self
+                .entries
+                .iter()
+                .skip(self.sent)
+                .all(|e| matches!(e.body, Body::Mem { .. }));
         if in_memory {
             self.entries.push_back(Entry {
                 index,
@@ -282,7 +286,9 @@ impl Outbox {
         let mut spooled = 0u64;
         let mut first_err = None;
         for index in mem {
-            let Some(p) = self.position(index) else { continue };
+            let Some(p) = self.position(index) else {
+                continue;
+            };
             let (meta, encoded) = match &self.entries[p].body {
                 Body::Mem { encoded, .. } => (self.entries[p].meta.clone(), encoded.clone()),
                 Body::Disk { .. } => continue,
@@ -508,21 +514,33 @@ mod tests {
         }
         assert_eq!(o.len(), 3);
         assert_eq!(
-            dropped.iter().map(|d| (d.meta.seq, d.reason)).collect::<Vec<_>>(),
-            vec![(1, DropReason::SpoolOverflow), (2, DropReason::SpoolOverflow)]
+            dropped
+                .iter()
+                .map(|d| (d.meta.seq, d.reason))
+                .collect::<Vec<_>>(),
+            vec![
+                (1, DropReason::SpoolOverflow),
+                (2, DropReason::SpoolOverflow)
+            ]
         );
         dropped.clear();
         // Batch 3 in flight is kept; 4 is the oldest that can go.
         assert_eq!(send_all(&mut o, &mut no), vec![3]);
         let (m, b) = batch(6, 10);
         o.push(m, b, false, &mut dropped).unwrap();
-        assert_eq!(dropped.iter().map(|d| d.meta.seq).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(
+            dropped.iter().map(|d| d.meta.seq).collect::<Vec<_>>(),
+            vec![4]
+        );
         assert!(o.spool().bytes() <= 3 * one);
         // A batch larger than the whole spool is dropped itself.
         dropped.clear();
         let (m, b) = batch(7, 1000);
         o.push(m, b, false, &mut dropped).unwrap();
-        assert_eq!(dropped.iter().map(|d| d.meta.seq).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(
+            dropped.iter().map(|d| d.meta.seq).collect::<Vec<_>>(),
+            vec![7]
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

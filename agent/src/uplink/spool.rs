@@ -283,7 +283,12 @@ impl Spool {
     }
 
     /// Writes a batch file; returns its size. The caller has made room.
-    pub fn write(&mut self, index: u64, meta: &BatchMeta, payload: &[u8]) -> Result<u64, SpoolError> {
+    pub fn write(
+        &mut self,
+        index: u64,
+        meta: &BatchMeta,
+        payload: &[u8],
+    ) -> Result<u64, SpoolError> {
         let h = header(meta, payload);
         let path = self.dir.join(batch_name(index));
         write_atomic(
@@ -321,7 +326,9 @@ impl Spool {
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot delete a spool file"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete a spool file")
+            }
         }
         self.bytes = self.bytes.saturating_sub(size);
     }
@@ -411,7 +418,9 @@ mod tests {
         assert!(found.is_empty());
         let mut total = 0;
         for i in [3u64, 1, 12, 2] {
-            total += s.write(i, &meta(i), &vec![i as u8; 100 + i as usize]).unwrap();
+            total += s
+                .write(i, &meta(i), &vec![i as u8; 100 + i as usize])
+                .unwrap();
         }
         assert_eq!(s.bytes(), total);
         assert_eq!(total, 4 * file_size(&meta(1).boot_id, 100) + 1 + 2 + 3 + 12);

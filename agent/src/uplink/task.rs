@@ -284,8 +284,11 @@ impl Core {
     fn collect_shared(&mut self, shared: &Shared) {
         if let Some(d) = shared.take_queue_drops() {
             if let Some(s) = self.spool_warn.hit() {
-                tracing::warn!(records = d.count, suppressed = s,
-                    "uplink queue full, records dropped and reported as lost");
+                tracing::warn!(
+                    records = d.count,
+                    suppressed = s,
+                    "uplink queue full, records dropped and reported as lost"
+                );
             }
             self.losses.add(pb::LossReport {
                 boot_id: self.boot_id.to_string(),
@@ -441,9 +444,7 @@ impl Core {
         match self.outbox.ack(&ack.boot_id, ack.seq) {
             Some(a) => {
                 self.metrics.batches_acked.inc();
-                self.metrics
-                    .records_acked
-                    .inc_by(u64::from(a.meta.records));
+                self.metrics.records_acked.inc_by(u64::from(a.meta.records));
                 if let Some(n) = a.sent_no {
                     self.losses.confirm_before(n);
                 }
@@ -496,7 +497,12 @@ fn lookup_query(req: &pb::LookupRequest) -> Result<LookupQuery, String> {
     })
 }
 
-fn answer(node: &str, request_id: u64, lookup: &LookupFn, q: Result<LookupQuery, String>) -> pb::LookupReply {
+fn answer(
+    node: &str,
+    request_id: u64,
+    lookup: &LookupFn,
+    q: Result<LookupQuery, String>,
+) -> pb::LookupReply {
     let mut reply = pb::LookupReply {
         request_id,
         node: node.to_string(),
@@ -760,7 +766,10 @@ mod tests {
     fn answers_carry_the_node_and_the_error() {
         let f: Box<LookupFn> = Box::new(|_| Ok(None));
         let r = answer("node-a", 7, &*f, Err("bad".into()));
-        assert_eq!((r.request_id, r.found, r.error.as_str(), r.node.as_str()), (7, false, "bad", "node-a"));
+        assert_eq!(
+            (r.request_id, r.found, r.error.as_str(), r.node.as_str()),
+            (7, false, "bad", "node-a")
+        );
         let encoded = r.encode_to_vec();
         assert!(!encoded.is_empty());
     }

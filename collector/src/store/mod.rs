@@ -60,6 +60,9 @@ pub struct SearchQuery {
     pub to_ns: Option<u64>,
     /// Rank connections alive at `at_ns` first, then by distance in time.
     pub at_ns: Option<u64>,
+    /// Resolution of `at_ns` as the caller wrote it (1 ms for nginx's
+    /// `$msec`): "alive at" means alive somewhere in `[at, at + precision)`.
+    pub at_precision_ns: u64,
     pub limit: usize,
 }
 
@@ -205,7 +208,7 @@ pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap
             start <= to && end >= from
         })
         .collect();
-    rank(&mut hits, q.at_ns);
+    rank(&mut hits, q.at_ns, q.at_precision_ns);
     let total = hits.len() as u64;
     hits.truncate(q.limit);
     let gaps = gaps
@@ -217,13 +220,19 @@ pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap
     SearchResult { hits, total, gaps }
 }
 
-/// With `at`: connections alive at `at` first (newest start first), then by
-/// distance in time from `at`. Without: newest first.
-pub fn rank(hits: &mut [Hit], at_ns: Option<u64>) {
+/// Is the connection alive somewhere in `[at, at + precision)`?
+pub fn alive_at(h: &Hit, at: u64, precision: u64) -> bool {
+    let at_end = at.saturating_add(precision.saturating_sub(1));
+    h.start_ns() <= at_end && h.closed_ns.is_none_or(|c| c >= at)
+}
+
+/// With `at`: connections alive at `at` (see [`alive_at`]) first, newest
+/// start first, then by distance in time from `at`. Without: newest first.
+pub fn rank(hits: &mut [Hit], at_ns: Option<u64>, precision: u64) {
     match at_ns {
         Some(at) => hits.sort_by_key(|h| {
             let start = h.start_ns();
-            let alive = start <= at && h.closed_ns.is_none_or(|c| c >= at);
+            let alive = alive_at(h, at, precision);
             let distance = if alive {
                 0
             } else if start > at {

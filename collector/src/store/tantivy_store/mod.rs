@@ -848,10 +848,9 @@ fn open_partition_at(root: &Path, fields: &Fields, start_ns: u64) -> Result<Arc<
     } else {
         Index::builder()
             .schema(fields.schema.clone())
-            .settings(tantivy::IndexSettings {
-                docstore_compression: tantivy::store::Compressor::None,
-                ..Default::default()
-            })
+            // Nothing is stored; the default (lz4) doc store of empty
+            // documents is a few bytes per block.
+            .settings(tantivy::IndexSettings::default())
             .open_or_create(mmap)
             .map_err(idx_err)?
     };

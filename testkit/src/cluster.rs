@@ -1,0 +1,153 @@
+//! More nodes and hosts around one server namespace: the shape of a cluster.
+//!
+//! [`Topology::add_node`] adds a node namespace (with its own pods behind a
+//! bridge and masquerade) linked to the server namespace; node 0 is the
+//! topology's original node. [`Topology::add_host`] adds a plain host (for
+//! example the collector) linked to the server namespace, which then forwards
+//! between its links. Pods stay unreachable from everything but their node:
+//! only NAT makes their replies come back.
+//!
+//! Extra node `i` (1-based) uses k' = k + i (mod 256): pods 198.18.k'.0/24,
+//! its link to srv 198.19.k'.0/24 (node .1, srv .2). Host `h` uses
+//! 198.19.(k + 128 + h).0/24 (host .1, srv .2). IPv4 only.
+
+use std::fs;
+use std::net::Ipv4Addr;
+
+use super::{ip, must_in, Topology, NETNS_LOCK};
+
+#[derive(Debug, Clone)]
+pub(crate) struct ExtraNode {
+    ns: String,
+    pods: Vec<String>,
+    k: u8,
+}
+
+impl Topology {
+    fn new_ns(&mut self, name: String) -> String {
+        {
+            let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            super::must(&["ip", "netns", "add", &name]);
+        }
+        self.created.push(name.clone());
+        ip(&name, "link set lo up");
+        name
+    }
+
+    /// Number of nodes (1 + added ones).
+    pub fn node_count(&self) -> usize {
+        1 + self.extra_nodes.len()
+    }
+
+    /// Adds node `i` (returned) with `pods` pods; returns its index.
+    pub fn add_node(&mut self, pods: usize) -> usize {
+        let i = self.node_count();
+        let k = self.k.wrapping_add(i as u8);
+        let node = self.new_ns(format!("ctw{}n{i}", self.suffix));
+        let srv = self.srv.clone();
+        let mut pod_names = Vec::new();
+        ip(&node, "link add br0 type bridge stp_state 0 forward_delay 0");
+        ip(&node, &format!("addr add 198.18.{k}.1/24 dev br0"));
+        ip(&node, "link set br0 up");
+        for j in 0..pods {
+            let pod = self.new_ns(format!("ctw{}n{i}p{j}", self.suffix));
+            ip(&node, &format!("link add p{j} type veth peer name eth0 netns {pod}"));
+            ip(&node, &format!("link set p{j} master br0"));
+            ip(&node, &format!("link set p{j} up"));
+            ip(&pod, &format!("addr add 198.18.{k}.{}/24 dev eth0", 10 + j));
+            ip(&pod, "link set eth0 up");
+            ip(&pod, &format!("route add default via 198.18.{k}.1"));
+            pod_names.push(pod);
+        }
+        ip(&node, &format!("link add s0 type veth peer name e{i} netns {srv}"));
+        ip(&node, &format!("addr add 198.19.{k}.1/24 dev s0"));
+        ip(&srv, &format!("addr add 198.19.{k}.2/24 dev e{i}"));
+        ip(&node, "link set s0 up");
+        ip(&srv, &format!("link set e{i} up"));
+        must_in(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let ruleset = "table inet ctwtest {\n    chain post {\n        type nat hook postrouting priority 100;\n        oifname \"s0\" masquerade\n    }\n}\n";
+        let nft_file = self.tmp.join(format!("node{i}.nft"));
+        fs::write(&nft_file, ruleset).unwrap_or_else(|e| panic!("cannot write {}: {e}", nft_file.display()));
+        must_in(&node, &["nft", "-f", &nft_file.display().to_string()]);
+        must_in(
+            &node,
+            &["sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1", "net.netfilter.nf_conntrack_acct=1"],
+        );
+        self.extra_nodes.push(ExtraNode { ns: node, pods: pod_names, k });
+        self.route_hosts_from_nodes();
+        i
+    }
+
+    /// Adds a host namespace linked to srv; returns (namespace, its address).
+    pub fn add_host(&mut self, name: &str) -> (String, Ipv4Addr) {
+        let h = self.hosts.len() as u8;
+        let k = self.k.wrapping_add(128).wrapping_add(h);
+        let ns = self.new_ns(format!("ctw{}{name}", self.suffix));
+        let srv = self.srv.clone();
+        ip(&ns, &format!("link add eth0 type veth peer name h{h} netns {srv}"));
+        ip(&ns, &format!("addr add 198.19.{k}.1/24 dev eth0"));
+        ip(&srv, &format!("addr add 198.19.{k}.2/24 dev h{h}"));
+        ip(&ns, "link set eth0 up");
+        ip(&srv, &format!("link set h{h} up"));
+        // The host reaches the node links through srv; srv forwards.
+        ip(&ns, &format!("route add default via 198.19.{k}.2"));
+        must_in(&srv, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let addr = Ipv4Addr::new(198, 19, k, 1);
+        self.hosts.push((ns.clone(), addr));
+        self.route_hosts_from_nodes();
+        (ns, addr)
+    }
+
+    /// Every node gets a route to every host through srv.
+    fn route_hosts_from_nodes(&self) {
+        for i in 0..self.node_count() {
+            let via = self.srv_ip_for_node(i);
+            for (_, addr) in &self.hosts {
+                let o = addr.octets();
+                let net = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+                let ns = self.node_ns_of(i).to_string();
+                // `replace` makes this idempotent across calls.
+                ip(&ns, &format!("route replace {net} via {via}"));
+            }
+        }
+    }
+
+    fn extra(&self, i: usize) -> &ExtraNode {
+        &self.extra_nodes[i - 1]
+    }
+
+    /// Namespace of node `i` (0 = the original node).
+    pub fn node_ns_of(&self, i: usize) -> &str {
+        if i == 0 { &self.node } else { &self.extra(i).ns }
+    }
+
+    /// Namespace of pod `j` of node `i`.
+    pub fn pod_ns_of(&self, i: usize, j: usize) -> &str {
+        if i == 0 { &self.pods[j] } else { &self.extra(i).pods[j] }
+    }
+
+    pub fn pod_count_of(&self, i: usize) -> usize {
+        if i == 0 { self.pods.len() } else { self.extra(i).pods.len() }
+    }
+
+    pub fn pod_ip4_of(&self, i: usize, j: usize) -> Ipv4Addr {
+        if i == 0 { self.pod_ip4(j) } else { Ipv4Addr::new(198, 18, self.extra(i).k, 10 + j as u8) }
+    }
+
+    /// Node `i`'s address on its link to srv: its SNAT address.
+    pub fn node_ip4_of(&self, i: usize) -> Ipv4Addr {
+        if i == 0 { self.node_ip4() } else { Ipv4Addr::new(198, 19, self.extra(i).k, 1) }
+    }
+
+    /// srv's address on node `i`'s link.
+    pub fn srv_ip_for_node(&self, i: usize) -> Ipv4Addr {
+        if i == 0 { self.srv_ip4() } else { Ipv4Addr::new(198, 19, self.extra(i).k, 2) }
+    }
+
+    /// Runs `conntrack <args>` in node `i`'s namespace.
+    pub fn conntrack_on(&self, i: usize, args: &[&str]) -> String {
+        let mut argv = vec!["conntrack"];
+        argv.extend_from_slice(args);
+        must_in(self.node_ns_of(i), &argv)
+    }
+}

@@ -1,0 +1,161 @@
+//! Runs the real `ctw-collector` in a host namespace of a topology, with
+//! certificates made by its own `certs` subcommand, and talks to its API.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{run_in, wait_for, Topology};
+
+/// gRPC port of the collector in tests.
+pub const GRPC_PORT: u16 = 9359;
+/// HTTP port (loopback of the collector's namespace).
+pub const HTTP_PORT: u16 = 9360;
+/// TLS server name in the collector's certificate.
+pub const SERVER_NAME: &str = "collector";
+
+#[derive(Debug)]
+pub struct Collector {
+    pub pid: u32,
+    pub ns: String,
+    pub addr: Ipv4Addr,
+    pub dir: PathBuf,
+    pub token: String,
+    cfg: PathBuf,
+}
+
+fn certs(dir: &std::path::Path, args: &[&str]) {
+    let bin = crate::bin_path("ctw-collector");
+    let out = Command::new(bin)
+        .arg("certs")
+        .args(args)
+        .args(["--dir", &dir.join("tls").display().to_string()])
+        .output()
+        .expect("run ctw-collector certs");
+    assert!(
+        out.status.success(),
+        "ctw-collector certs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Collector {
+    /// Create a CA, the collector's certificate, a token and a config under
+    /// the topology's temp dir, start the collector in `ns` (address `addr`)
+    /// and wait until it is ready.
+    pub fn start(topo: &mut Topology, ns: &str, addr: Ipv4Addr, extra_storage_yaml: &str) -> Collector {
+        let dir = topo.tmp_dir().join("collector");
+        std::fs::create_dir_all(&dir).expect("collector dir");
+        certs(&dir, &["init-ca"]);
+        certs(
+            &dir,
+            &["issue", "--name", "collector", "--kind", "server", "--dns", SERVER_NAME, "--ip", &addr.to_string()],
+        );
+        let token = "test-token-0123456789abcdef".to_string();
+        std::fs::write(dir.join("token"), &token).expect("token");
+        let d = dir.display();
+        let yaml = format!(
+            "grpc:\n  listen_addr: \"{addr}:{GRPC_PORT}\"\n  tls:\n    ca_file: {d}/tls/ca.pem\n    cert_file: {d}/tls/collector.pem\n    key_file: {d}/tls/collector-key.pem\nhttp:\n  listen_addr: \"127.0.0.1:{HTTP_PORT}\"\n  token_file: {d}/token\nstorage:\n  path: {d}/index\n  commit_interval_ms: 200\n{extra_storage_yaml}\n"
+        );
+        let cfg = dir.join("collector.yaml");
+        std::fs::write(&cfg, yaml).expect("collector config");
+        let mut c = Collector {
+            pid: 0,
+            ns: ns.to_string(),
+            addr,
+            dir,
+            token,
+            cfg,
+        };
+        c.launch(topo);
+        c
+    }
+
+    fn launch(&mut self, topo: &mut Topology) {
+        let bin = crate::bin_path("ctw-collector");
+        let cfg = self.cfg.display().to_string();
+        self.pid = topo.spawn_in(&self.ns.clone(), &[bin.to_str().expect("utf-8 path"), "--config", &cfg]);
+        wait_for(Duration::from_secs(30), "collector /readyz", || (self.get("/readyz").0 == 200).then_some(()));
+    }
+
+    /// SIGKILL the collector (no clean shutdown).
+    pub fn kill9(&mut self, topo: &mut Topology) {
+        topo.kill(self.pid);
+    }
+
+    /// Start it again on the same storage and certificates.
+    pub fn restart(&mut self, topo: &mut Topology) {
+        self.launch(topo);
+    }
+
+    /// Issue a client certificate for agent `node`; returns (cert, key) paths.
+    /// An existing certificate of `node` is reused.
+    pub fn issue_agent_cert(&self, node: &str) -> (PathBuf, PathBuf) {
+        let tls = self.dir.join("tls");
+        let pair = (tls.join(format!("{node}.pem")), tls.join(format!("{node}-key.pem")));
+        if !pair.0.exists() {
+            certs(&self.dir, &["issue", "--name", node, "--kind", "client"]);
+        }
+        pair
+    }
+
+    /// The agent config's `collector:` section for agent `node`, with its own
+    /// certificate and spool directory.
+    pub fn agent_yaml(&self, node: &str, spool: &std::path::Path, extra: &str) -> String {
+        let (cert, key) = self.issue_agent_cert(node);
+        format!(
+            "collector:\n  address: \"https://{}:{GRPC_PORT}\"\n  server_name: {SERVER_NAME}\n  tls:\n    ca_file: {}\n    cert_file: {}\n    key_file: {}\n  spool_dir: {}\n{extra}",
+            self.addr,
+            self.dir.join("tls/ca.pem").display(),
+            cert.display(),
+            key.display(),
+            spool.display()
+        )
+    }
+
+    /// GET without a token: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        self.request(path, None)
+    }
+
+    /// GET with the bearer token, parsed as JSON.
+    pub fn api(&self, path: &str) -> (u16, Value) {
+        let (code, body) = self.request(path, Some(&self.token));
+        let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
+        (code, v)
+    }
+
+    fn request(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{HTTP_PORT}{path}");
+        let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+        let mut argv = vec!["curl", "-sS", "-g", "--max-time", "10", "-w", "\n%{http_code}"];
+        if let Some(a) = &auth {
+            argv.extend(["-H", a.as_str()]);
+        }
+        argv.push(&url);
+        let out = run_in(&self.ns, &argv);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        match text.rsplit_once('\n') {
+            Some((body, code)) => (code.trim().parse().unwrap_or(0), body.to_string()),
+            None => (0, text),
+        }
+    }
+
+    /// Wait until every node in `nodes` shows as connected.
+    pub fn wait_connected(&self, nodes: &[&str]) {
+        wait_for(Duration::from_secs(30), "agents connected to the collector", || {
+            let (code, v) = self.api("/api/v1/agents");
+            if code != 200 {
+                return None;
+            }
+            let agents = v["agents"].as_array()?.clone();
+            nodes
+                .iter()
+                .all(|n| agents.iter().any(|a| a["node"] == *n && a["connected"] == true))
+                .then_some(())
+        });
+    }
+}
