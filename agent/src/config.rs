@@ -158,6 +158,10 @@ impl Config {
             }
         }
         self.log.validate().map_err(ConfigError::Invalid)?;
+        if let Some(c) = &self.collector {
+            c.validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         if self.netlink.rcvbuf_bytes < 4096 {
             return bad(format!(
                 "netlink.rcvbuf_bytes: must be at least 4096, got {}",
@@ -316,6 +320,20 @@ web_ui:
             e.contains("netlink.rcvbuf_bytes") && e.contains("10"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn collector_section_is_validated() {
+        let base = "ports: [80]\ncollector:\n  address: https://c:9359\n  tls: {ca_file: a, cert_file: b, key_file: c}\n";
+        Config::parse(base).unwrap();
+        let e = Config::parse(&format!("{base}  spool_max_mb: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("collector.spool_max_mb"), "{e}");
+        let e = Config::parse(&format!("{base}  spool_dirr: /x\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("spool_dirr"), "{e}");
     }
 
     #[test]

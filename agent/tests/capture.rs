@@ -8,9 +8,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use serde_json::Value;
 use ctw_testkit::agent::Agent;
 use ctw_testkit::{must_in, require_root, run_in, wait_for, Topology};
+use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -143,7 +143,11 @@ impl Gen {
             status,
             tcp_state,
             tcp_flags_orig: if tcp { flags[r.below(3) as usize] } else { 0 },
-            tcp_flags_reply: if tcp && destroy { flags[r.below(3) as usize] } else { 0 },
+            tcp_flags_reply: if tcp && destroy {
+                flags[r.below(3) as usize]
+            } else {
+                0
+            },
             start_ns,
             stop_ns,
             counters_orig: counters.0,
@@ -337,8 +341,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        // spread probes over the commit cycle
-        std::thread::sleep(Duration::from_millis(37 * (k as u64 % 7)));
+        // a random phase of the commit cycle
+        std::thread::sleep(Duration::from_millis(probe_gen.rng.below(1100)));
     }
     stop.store(true, Ordering::Relaxed);
     load.join().map_err(|_| "load thread panicked")??;
@@ -370,9 +374,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         samples.len(),
         parts_touched as f64 / samples.len().max(1) as f64
     );
-    println!(
-        "| time to searchable p50 / p99 (commit every 1000 ms) | {t50:.0} ms / {t99:.0} ms |"
-    );
+    println!("| time to searchable p50 / p99 (commit every 1000 ms) | {t50:.0} ms / {t99:.0} ms |");
     println!("\nIndex bytes per record by field part:\n");
     println!("| field part | bytes/record |");
     println!("|---|---|");

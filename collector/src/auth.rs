@@ -8,7 +8,10 @@ use std::time::SystemTime;
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("cannot read token file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("token file {path} is empty or shorter than 16 characters")]
     TooShort { path: String },
 }
@@ -61,7 +64,9 @@ impl Token {
         if self.path.as_os_str().is_empty() {
             return;
         }
-        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
         let stale = self.current.read().map(|c| c.1 != mtime).unwrap_or(false);
         if stale {
             match read(&self.path) {

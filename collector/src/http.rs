@@ -20,9 +20,10 @@ use serde_json::{json, Value};
 
 use crate::auth::Token;
 use crate::config::LookupConfig;
-use crate::metrics::Metrics;
 use crate::grpc_query::{merge_open_gaps, route_lookup};
+use crate::metrics::Metrics;
 use crate::registry::{LiveQuery, LookupError, Registry};
+use crate::resolve;
 use crate::store::{alive_at, Gap, Hit, RecordStore, SearchQuery, SearchResult};
 
 /// Default and largest `window` around `at`.
@@ -44,7 +45,9 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("max_limit", &self.max_limit).finish()
+        f.debug_struct("AppState")
+            .field("max_limit", &self.max_limit)
+            .finish()
     }
 }
 
@@ -53,9 +56,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/connections", get(connections))
         .route("/api/v1/conntrack/query", get(live_query))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/resolve", resolve::route())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
+        .merge(crate::ui::router())
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -77,9 +82,15 @@ fn bad(b: BadParam) -> Response {
 }
 
 /// Count every request by route pattern and status class.
-async fn track(State(s): State<Arc<AppState>>, matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
-    const ROUTES: [&str; 6] = [
+async fn track(
+    State(s): State<Arc<AppState>>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    const ROUTES: [&str; 7] = [
         "/api/v1/connections",
+        "/api/v1/resolve",
         "/api/v1/conntrack/query",
         "/api/v1/agents",
         "/metrics",
@@ -92,11 +103,20 @@ async fn track(State(s): State<Arc<AppState>>, matched: Option<MatchedPath>, req
         .unwrap_or("other");
     let started = std::time::Instant::now();
     let resp = next.run(req).await;
-    s.metrics.http_request(route, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    s.metrics.http_request(
+        route,
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     resp
 }
 
-async fn require_token(State(s): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn require_token(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -104,9 +124,15 @@ async fn require_token(State(s): State<Arc<AppState>>, headers: HeaderMap, req: 
         .map(str::trim);
     if !given.is_some_and(|t| s.token.matches(t)) {
         s.metrics.http_auth_failure();
-        let mut resp = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token", None);
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+            None,
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
         return resp;
     }
     next.run(req).await
@@ -115,7 +141,10 @@ async fn require_token(State(s): State<Arc<AppState>>, headers: HeaderMap, req: 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     s.metrics.sync_store(&s.store.stats());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
         .into_response()
@@ -133,19 +162,43 @@ type Params = Result<Query<Vec<(String, String)>>, axum::extract::rejection::Que
 
 fn params_of(p: Params, uri_len: usize) -> Result<Vec<(String, String)>, Box<Response>> {
     if uri_len > MAX_QUERY_BYTES {
-        return Err(Box::new(error(StatusCode::URI_TOO_LONG, "query string too long", None)));
+        return Err(Box::new(error(
+            StatusCode::URI_TOO_LONG,
+            "query string too long",
+            None,
+        )));
     }
-    p.map(|Query(v)| v)
-        .map_err(|_| Box::new(error(StatusCode::BAD_REQUEST, "malformed query string", None)))
+    p.map(|Query(v)| v).map_err(|_| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "malformed query string",
+            None,
+        ))
+    })
 }
 
 const SEARCH_PARAMS: [&str; 14] = [
-    "src_ip", "src_port", "dst_ip", "dst_port", "snat_ip", "snat_port", "node", "protocol", "from", "to", "at",
-    "window", "limit", "kind",
+    "src_ip",
+    "src_port",
+    "dst_ip",
+    "dst_port",
+    "snat_ip",
+    "snat_port",
+    "node",
+    "protocol",
+    "from",
+    "to",
+    "at",
+    "window",
+    "limit",
+    "kind",
 ];
 
 /// Parse `/api/v1/connections` parameters into a store query.
-pub fn parse_search(params: &[(String, String)], max_limit: usize) -> Result<SearchQuery, BadParam> {
+pub fn parse_search(
+    params: &[(String, String)],
+    max_limit: usize,
+) -> Result<SearchQuery, BadParam> {
     api::check_names(params, &SEARCH_PARAMS)?;
     let time = |k: &str| {
         api::param(params, k)
@@ -156,13 +209,18 @@ pub fn parse_search(params: &[(String, String)], max_limit: usize) -> Result<Sea
     let to = time("to")?;
     let at = time("at")?;
     let window = api::param(params, "window")
-        .map(|v| api::parse_duration(v).map_err(|e| BadParam::new("window", format!("window: {e}"))))
+        .map(|v| {
+            api::parse_duration(v).map_err(|e| BadParam::new("window", format!("window: {e}")))
+        })
         .transpose()?;
     if at.is_none() && window.is_some() {
         return Err(BadParam::new("window", "window needs at"));
     }
     if at.is_some() && (from.is_some() || to.is_some()) {
-        return Err(BadParam::new("at", "give either at (+ window) or from/to, not both"));
+        return Err(BadParam::new(
+            "at",
+            "give either at (+ window) or from/to, not both",
+        ));
     }
     let (from_ns, to_ns) = match at {
         Some(at) => {
@@ -180,7 +238,12 @@ pub fn parse_search(params: &[(String, String)], max_limit: usize) -> Result<Sea
         None => DEFAULT_LIMIT.min(max_limit),
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=max_limit).contains(&n) => n,
-            _ => return Err(BadParam::new("limit", format!("limit: {v:?} must be 1-{max_limit}"))),
+            _ => {
+                return Err(BadParam::new(
+                    "limit",
+                    format!("limit: {v:?} must be 1-{max_limit}"),
+                ))
+            }
         },
     };
     let node = api::param(params, "node").map(str::to_string);
@@ -231,7 +294,10 @@ pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
     }
     if let Some(c) = h.closed_ns {
         o.insert("end".into(), json!(api::format_time(c)));
-        o.insert("duration_ms".into(), json!(c.saturating_sub(start) / 1_000_000));
+        o.insert(
+            "duration_ms".into(),
+            json!(c.saturating_sub(start) / 1_000_000),
+        );
     }
     if let Some(at) = q.at_ns {
         o.insert("alive_at".into(), json!(alive_at(h, at, q.at_precision_ns)));
@@ -288,8 +354,16 @@ async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Pa
             merge_open_gaps(&q, &mut res, s.registry.open_gaps());
             Json(search_json(&res, &q)).into_response()
         }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("search failed: {e}"), None),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("search task failed: {e}"), None),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("search failed: {e}"),
+            None,
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("search task failed: {e}"),
+            None,
+        ),
     }
 }
 
@@ -298,8 +372,13 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
         Ok(p) => p,
         Err(r) => return *r,
     };
-    let parsed = api::check_names(&params, &["protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node"])
-        .and_then(|_| api::parse_live(&params));
+    let parsed = api::check_names(
+        &params,
+        &[
+            "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node",
+        ],
+    )
+    .and_then(|_| api::parse_live(&params));
     let lp = match parsed {
         Ok(p) => p,
         Err(b) => return bad(b),
@@ -310,27 +389,59 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
         tuple: lp.tuple,
         reply_tuple: lp.reply_tuple,
     };
-    let routed = route_lookup(s.store.clone(), s.registry.clone(), q, node.as_deref(), &s.lookup).await;
+    let routed = route_lookup(
+        s.store.clone(),
+        s.registry.clone(),
+        q,
+        node.as_deref(),
+        &s.lookup,
+    )
+    .await;
     let routed = match routed {
         Ok(r) => r,
         Err(LookupError::NotConnected(n)) => {
-            return error(StatusCode::NOT_FOUND, &format!("agent {n:?} is not connected"), Some("node"))
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("agent {n:?} is not connected"),
+                Some("node"),
+            )
         }
-        Err(e) => return error(StatusCode::BAD_GATEWAY, &format!("lookup failed: {e}"), None),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                &format!("lookup failed: {e}"),
+                None,
+            )
+        }
     };
     if let Some(ans) = routed.answer {
         return Json(LookupAnswer::new(&ans.record, &ans.node)).into_response();
     }
-    let failures: Vec<String> = routed.failed.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+    let failures: Vec<String> = routed
+        .failed
+        .iter()
+        .map(|(n, e)| format!("{n}: {e}"))
+        .collect();
     if routed.not_found.is_empty() && failures.is_empty() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "no agent is connected", None);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no agent is connected",
+            None,
+        );
     }
     if failures.is_empty() {
         let body = json!({"error": api::not_found_message(&lp), "asked": routed.not_found});
         return (StatusCode::NOT_FOUND, Json(body)).into_response();
     }
-    let timeouts = routed.failed.iter().all(|(_, e)| matches!(e, LookupError::Timeout(_)));
-    let code = if timeouts { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+    let timeouts = routed
+        .failed
+        .iter()
+        .all(|(_, e)| matches!(e, LookupError::Timeout(_)));
+    let code = if timeouts {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
     let body = json!({
         "error": "no agent found the entry and some could not answer",
         "not_found": routed.not_found,
@@ -342,4 +453,3 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
 async fn agents(State(s): State<Arc<AppState>>) -> Response {
     Json(json!({ "agents": s.registry.agents() })).into_response()
 }
-

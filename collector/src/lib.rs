@@ -2,13 +2,15 @@
 //! mTLS gRPC stream each, stores them durably in a tantivy index, and serves
 //! the cluster-wide search API and live lookups proxied to agents.
 
-pub mod config;
-pub mod store;
 pub mod auth;
 pub mod certs;
-pub mod metrics;
+pub mod config;
 pub mod grpc_query;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod registry;
+pub mod resolve;
+pub mod store;
 pub mod tls;
+pub mod ui;

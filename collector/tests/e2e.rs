@@ -23,7 +23,11 @@ fn curl(ns: &str, dst: Ipv4Addr, local_port: Option<u16>) {
     }
     argv.push(&url);
     let out = run_in(ns, &argv);
-    assert!(out.status.success(), "curl from {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl from {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 struct Cluster {
@@ -46,17 +50,29 @@ fn cluster(pods: usize, uplink_extra: &str, agent_extra: &str) -> Cluster {
     for i in 0..2 {
         let name = format!("node-{i}");
         let spool = topo.tmp_dir().join(format!("spool-{i}"));
-        let yaml = format!("{}{agent_extra}", collector.agent_yaml(&name, &spool, uplink_extra));
+        let yaml = format!(
+            "{}{agent_extra}",
+            collector.agent_yaml(&name, &spool, uplink_extra)
+        );
         agents.push(Agent::start_on(&mut topo, i, &name, &[80], &yaml));
     }
     collector.wait_connected(&["node-0", "node-1"]);
-    Cluster { topo, collector, nginx, agents }
+    Cluster {
+        topo,
+        collector,
+        nginx,
+        agents,
+    }
 }
 
 /// Run one request and return the nginx access line it produced.
 fn request(c: &Cluster, node: usize, pod: usize, local_port: Option<u16>) -> (IpAddr, u16, f64) {
     let before = c.nginx.access_lines().len();
-    curl(c.topo.pod_ns_of(node, pod), c.topo.srv_ip_for_node(node), local_port);
+    curl(
+        c.topo.pod_ns_of(node, pod),
+        c.topo.srv_ip_for_node(node),
+        local_port,
+    );
     let lines = wait_for(WAIT, "nginx to log the request", || {
         let l = c.nginx.access_lines();
         (l.len() > before).then_some(l)
@@ -84,9 +100,13 @@ fn every_nginx_line_resolves_to_the_pod_that_sent_it() {
         // local port 45000 (masquerade keeps it), its entry is deleted, then
         // pod 1 with local port 45000 gets the same node port.
         let first = request(&c, node, 0, Some(45000));
-        c.topo.conntrack_on(node, &["-D", "-p", "tcp", "--orig-port-src", "45000"]);
+        c.topo
+            .conntrack_on(node, &["-D", "-p", "tcp", "--orig-port-src", "45000"]);
         let second = request(&c, node, 1, Some(45000));
-        assert_eq!(first.1, second.1, "the node port was not reused: {first:?} {second:?}");
+        assert_eq!(
+            first.1, second.1,
+            "the node port was not reused: {first:?} {second:?}"
+        );
         sent.push((first, c.topo.pod_ip4_of(node, 0), format!("node-{node}")));
         sent.push((second, c.topo.pod_ip4_of(node, 1), format!("node-{node}")));
         for pod in 0..2 {
@@ -97,7 +117,10 @@ fn every_nginx_line_resolves_to_the_pod_that_sent_it() {
         }
     }
     for ((addr, port, msec), pod, node) in &sent {
-        assert_eq!(*addr, IpAddr::V4(c.topo.node_ip4_of(if node == "node-0" { 0 } else { 1 })));
+        assert_eq!(
+            *addr,
+            IpAddr::V4(c.topo.node_ip4_of(if node == "node-0" { 0 } else { 1 }))
+        );
         let q = format!("snat_ip={addr}&snat_port={port}&at={msec:.3}&window=2m");
         let v = wait_for(WAIT, "the connection to be searchable", || {
             let v = search(&c.collector, &q);
@@ -113,7 +136,13 @@ fn every_nginx_line_resolves_to_the_pod_that_sent_it() {
     // The reused port: both connections are found, the right one first.
     for node in 0..2 {
         let ((_, port, msec), _, _) = &sent[node * 8 + 1];
-        let v = search(&c.collector, &format!("snat_ip={}&snat_port={port}&at={msec:.3}", c.topo.node_ip4_of(node)));
+        let v = search(
+            &c.collector,
+            &format!(
+                "snat_ip={}&snat_port={port}&at={msec:.3}",
+                c.topo.node_ip4_of(node)
+            ),
+        );
         assert_eq!(v["total"], 2, "{v:#}");
     }
     // Every agent connected, with its addresses.
@@ -121,7 +150,11 @@ fn every_nginx_line_resolves_to_the_pod_that_sent_it() {
     for node in 0..2 {
         let a = agents["agents"]
             .as_array()
-            .and_then(|a| a.iter().find(|a| a["node"] == format!("node-{node}")).cloned())
+            .and_then(|a| {
+                a.iter()
+                    .find(|a| a["node"] == format!("node-{node}"))
+                    .cloned()
+            })
             .unwrap_or_default();
         assert_eq!(a["connected"], true, "{agents:#}");
     }
@@ -201,7 +234,12 @@ fn killed_and_stopped_collector_loses_and_duplicates_nothing() {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|r| (r["src_ip"].as_str().unwrap_or_default().to_string(), r["src_port"].as_u64().unwrap_or(0) as u16))
+                .map(|r| {
+                    (
+                        r["src_ip"].as_str().unwrap_or_default().to_string(),
+                        r["src_port"].as_u64().unwrap_or(0) as u16,
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -229,10 +267,21 @@ fn killed_and_stopped_collector_loses_and_duplicates_nothing() {
     c.agents[1].signal("KILL");
     let spool = c.topo.tmp_dir().join("spool-1");
     let yaml = c.collector.agent_yaml("node-1", &spool, "");
-    let again = Agent::start_on(&mut c.topo, 1, "node-1", &[80], &format!("{yaml}capture_destroy: false\n"));
+    let again = Agent::start_on(
+        &mut c.topo,
+        1,
+        "node-1",
+        &[80],
+        &format!("{yaml}capture_destroy: false\n"),
+    );
     c.collector.wait_connected(&["node-0", "node-1"]);
     let v = search(&c.collector, "limit=1&node=node-1");
     assert_eq!(v["complete"], false, "{v:#}");
-    assert!(v["gaps"].as_array().is_some_and(|g| g.iter().any(|g| g["reason"] == "agent_restarted")), "{v:#}");
+    assert!(
+        v["gaps"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g["reason"] == "agent_restarted")),
+        "{v:#}"
+    );
     drop(again);
 }

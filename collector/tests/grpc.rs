@@ -214,7 +214,13 @@ impl Agent {
         Agent::connect_boot(c, pki, node, addresses, "boot-1").await
     }
 
-    async fn connect_boot(c: &Collector, pki: &Pki, node: &str, addresses: &[&str], boot: &str) -> Agent {
+    async fn connect_boot(
+        c: &Collector,
+        pki: &Pki,
+        node: &str,
+        addresses: &[&str],
+        boot: &str,
+    ) -> Agent {
         let ch = c.channel(&pki.ca, Some(&pki.client(node))).await.unwrap();
         let mut h = hello(node, addresses);
         if let Some(pb::agent_message::Msg::Hello(hh)) = h.msg.as_mut() {
@@ -401,7 +407,9 @@ async fn batches_are_acked_once_stored_and_replays_are_stored_once() {
         })
         .await;
         let _a = Agent::connect_boot(&c, &pki, "node-a", &["198.18.0.1"], "boot-2").await;
-        assert!(gaps(&c).iter().any(|g| g.reason == "agent_restarted" && g.node == "node-a"));
+        assert!(gaps(&c)
+            .iter()
+            .any(|g| g.reason == "agent_restarted" && g.node == "node-a"));
         assert!(c.registry.open_gaps().is_empty());
         c
     })

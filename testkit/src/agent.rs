@@ -25,8 +25,17 @@ impl Agent {
     }
 
     /// Start an agent named `name` on node `node` of the topology.
-    pub fn start_on(topo: &mut Topology, node: usize, name: &str, ports: &[u16], extra_yaml: &str) -> Agent {
-        let log_path = topo.tmp_dir().join(format!("agent-log-{node}")).join("nat.log");
+    pub fn start_on(
+        topo: &mut Topology,
+        node: usize,
+        name: &str,
+        ports: &[u16],
+        extra_yaml: &str,
+    ) -> Agent {
+        let log_path = topo
+            .tmp_dir()
+            .join(format!("agent-log-{node}"))
+            .join("nat.log");
         let listen = "127.0.0.1:9358".to_string();
         let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
         let yaml = format!(
@@ -41,12 +50,23 @@ impl Agent {
     }
 
     /// Start the agent with a config file as given, in node 0.
-    pub fn start_with_config(topo: &mut Topology, cfg: &std::path::Path, log_path: PathBuf, listen: &str) -> Agent {
+    pub fn start_with_config(
+        topo: &mut Topology,
+        cfg: &std::path::Path,
+        log_path: PathBuf,
+        listen: &str,
+    ) -> Agent {
         let ns = topo.node_ns().to_string();
         Agent::start_in(topo, &ns, cfg, log_path, listen)
     }
 
-    fn start_in(topo: &mut Topology, ns: &str, cfg: &std::path::Path, log_path: PathBuf, listen: &str) -> Agent {
+    fn start_in(
+        topo: &mut Topology,
+        ns: &str,
+        cfg: &std::path::Path,
+        log_path: PathBuf,
+        listen: &str,
+    ) -> Agent {
         let bin = crate::bin_path("ctw-agent");
         let bin = bin.to_str().expect("utf-8 path");
         let cfg_s = cfg.display().to_string();
@@ -57,9 +77,11 @@ impl Agent {
             log_path,
             listen: listen.to_string(),
         };
-        wait_for(Duration::from_secs(20), "agent /healthz to answer 200", || {
-            (agent.get("/healthz").0 == 200).then_some(())
-        });
+        wait_for(
+            Duration::from_secs(20),
+            "agent /healthz to answer 200",
+            || (agent.get("/healthz").0 == 200).then_some(()),
+        );
         agent
     }
 

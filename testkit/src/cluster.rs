@@ -46,12 +46,18 @@ impl Topology {
         let node = self.new_ns(format!("ctw{}n{i}", self.suffix));
         let srv = self.srv.clone();
         let mut pod_names = Vec::new();
-        ip(&node, "link add br0 type bridge stp_state 0 forward_delay 0");
+        ip(
+            &node,
+            "link add br0 type bridge stp_state 0 forward_delay 0",
+        );
         ip(&node, &format!("addr add 198.18.{k}.1/24 dev br0"));
         ip(&node, "link set br0 up");
         for j in 0..pods {
             let pod = self.new_ns(format!("ctw{}n{i}p{j}", self.suffix));
-            ip(&node, &format!("link add p{j} type veth peer name eth0 netns {pod}"));
+            ip(
+                &node,
+                &format!("link add p{j} type veth peer name eth0 netns {pod}"),
+            );
             ip(&node, &format!("link set p{j} master br0"));
             ip(&node, &format!("link set p{j} up"));
             ip(&pod, &format!("addr add 198.18.{k}.{}/24 dev eth0", 10 + j));
@@ -59,7 +65,10 @@ impl Topology {
             ip(&pod, &format!("route add default via 198.18.{k}.1"));
             pod_names.push(pod);
         }
-        ip(&node, &format!("link add s0 type veth peer name e{i} netns {srv}"));
+        ip(
+            &node,
+            &format!("link add s0 type veth peer name e{i} netns {srv}"),
+        );
         ip(&node, &format!("addr add 198.19.{k}.1/24 dev s0"));
         ip(&srv, &format!("addr add 198.19.{k}.2/24 dev e{i}"));
         ip(&node, "link set s0 up");
@@ -67,13 +76,23 @@ impl Topology {
         must_in(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let ruleset = "table inet ctwtest {\n    chain post {\n        type nat hook postrouting priority 100;\n        oifname \"s0\" masquerade\n    }\n}\n";
         let nft_file = self.tmp.join(format!("node{i}.nft"));
-        fs::write(&nft_file, ruleset).unwrap_or_else(|e| panic!("cannot write {}: {e}", nft_file.display()));
+        fs::write(&nft_file, ruleset)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", nft_file.display()));
         must_in(&node, &["nft", "-f", &nft_file.display().to_string()]);
         must_in(
             &node,
-            &["sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1", "net.netfilter.nf_conntrack_acct=1"],
+            &[
+                "sysctl",
+                "-qw",
+                "net.netfilter.nf_conntrack_timestamp=1",
+                "net.netfilter.nf_conntrack_acct=1",
+            ],
         );
-        self.extra_nodes.push(ExtraNode { ns: node, pods: pod_names, k });
+        self.extra_nodes.push(ExtraNode {
+            ns: node,
+            pods: pod_names,
+            k,
+        });
         self.route_hosts_from_nodes();
         i
     }
@@ -84,7 +103,10 @@ impl Topology {
         let k = self.k.wrapping_add(128).wrapping_add(h);
         let ns = self.new_ns(format!("ctw{}{name}", self.suffix));
         let srv = self.srv.clone();
-        ip(&ns, &format!("link add eth0 type veth peer name h{h} netns {srv}"));
+        ip(
+            &ns,
+            &format!("link add eth0 type veth peer name h{h} netns {srv}"),
+        );
         ip(&ns, &format!("addr add 198.19.{k}.1/24 dev eth0"));
         ip(&srv, &format!("addr add 198.19.{k}.2/24 dev h{h}"));
         ip(&ns, "link set eth0 up");
@@ -118,30 +140,54 @@ impl Topology {
 
     /// Namespace of node `i` (0 = the original node).
     pub fn node_ns_of(&self, i: usize) -> &str {
-        if i == 0 { &self.node } else { &self.extra(i).ns }
+        if i == 0 {
+            &self.node
+        } else {
+            &self.extra(i).ns
+        }
     }
 
     /// Namespace of pod `j` of node `i`.
     pub fn pod_ns_of(&self, i: usize, j: usize) -> &str {
-        if i == 0 { &self.pods[j] } else { &self.extra(i).pods[j] }
+        if i == 0 {
+            &self.pods[j]
+        } else {
+            &self.extra(i).pods[j]
+        }
     }
 
     pub fn pod_count_of(&self, i: usize) -> usize {
-        if i == 0 { self.pods.len() } else { self.extra(i).pods.len() }
+        if i == 0 {
+            self.pods.len()
+        } else {
+            self.extra(i).pods.len()
+        }
     }
 
     pub fn pod_ip4_of(&self, i: usize, j: usize) -> Ipv4Addr {
-        if i == 0 { self.pod_ip4(j) } else { Ipv4Addr::new(198, 18, self.extra(i).k, 10 + j as u8) }
+        if i == 0 {
+            self.pod_ip4(j)
+        } else {
+            Ipv4Addr::new(198, 18, self.extra(i).k, 10 + j as u8)
+        }
     }
 
     /// Node `i`'s address on its link to srv: its SNAT address.
     pub fn node_ip4_of(&self, i: usize) -> Ipv4Addr {
-        if i == 0 { self.node_ip4() } else { Ipv4Addr::new(198, 19, self.extra(i).k, 1) }
+        if i == 0 {
+            self.node_ip4()
+        } else {
+            Ipv4Addr::new(198, 19, self.extra(i).k, 1)
+        }
     }
 
     /// srv's address on node `i`'s link.
     pub fn srv_ip_for_node(&self, i: usize) -> Ipv4Addr {
-        if i == 0 { self.srv_ip4() } else { Ipv4Addr::new(198, 19, self.extra(i).k, 2) }
+        if i == 0 {
+            self.srv_ip4()
+        } else {
+            Ipv4Addr::new(198, 19, self.extra(i).k, 2)
+        }
     }
 
     /// Runs `conntrack <args>` in node `i`'s namespace.

@@ -46,13 +46,28 @@ impl Collector {
     /// Create a CA, the collector's certificate, a token and a config under
     /// the topology's temp dir, start the collector in `ns` (address `addr`)
     /// and wait until it is ready.
-    pub fn start(topo: &mut Topology, ns: &str, addr: Ipv4Addr, extra_storage_yaml: &str) -> Collector {
+    pub fn start(
+        topo: &mut Topology,
+        ns: &str,
+        addr: Ipv4Addr,
+        extra_storage_yaml: &str,
+    ) -> Collector {
         let dir = topo.tmp_dir().join("collector");
         std::fs::create_dir_all(&dir).expect("collector dir");
         certs(&dir, &["init-ca"]);
         certs(
             &dir,
-            &["issue", "--name", "collector", "--kind", "server", "--dns", SERVER_NAME, "--ip", &addr.to_string()],
+            &[
+                "issue",
+                "--name",
+                "collector",
+                "--kind",
+                "server",
+                "--dns",
+                SERVER_NAME,
+                "--ip",
+                &addr.to_string(),
+            ],
         );
         let token = "test-token-0123456789abcdef".to_string();
         std::fs::write(dir.join("token"), &token).expect("token");
@@ -77,8 +92,13 @@ impl Collector {
     fn launch(&mut self, topo: &mut Topology) {
         let bin = crate::bin_path("ctw-collector");
         let cfg = self.cfg.display().to_string();
-        self.pid = topo.spawn_in(&self.ns.clone(), &[bin.to_str().expect("utf-8 path"), "--config", &cfg]);
-        wait_for(Duration::from_secs(30), "collector /readyz", || (self.get("/readyz").0 == 200).then_some(()));
+        self.pid = topo.spawn_in(
+            &self.ns.clone(),
+            &[bin.to_str().expect("utf-8 path"), "--config", &cfg],
+        );
+        wait_for(Duration::from_secs(30), "collector /readyz", || {
+            (self.get("/readyz").0 == 200).then_some(())
+        });
     }
 
     /// SIGKILL the collector (no clean shutdown).
@@ -95,7 +115,10 @@ impl Collector {
     /// An existing certificate of `node` is reused.
     pub fn issue_agent_cert(&self, node: &str) -> (PathBuf, PathBuf) {
         let tls = self.dir.join("tls");
-        let pair = (tls.join(format!("{node}.pem")), tls.join(format!("{node}-key.pem")));
+        let pair = (
+            tls.join(format!("{node}.pem")),
+            tls.join(format!("{node}-key.pem")),
+        );
         if !pair.0.exists() {
             certs(&self.dir, &["issue", "--name", node, "--kind", "client"]);
         }
@@ -124,14 +147,23 @@ impl Collector {
     /// GET with the bearer token, parsed as JSON.
     pub fn api(&self, path: &str) -> (u16, Value) {
         let (code, body) = self.request(path, Some(&self.token));
-        let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
+        let v = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
         (code, v)
     }
 
     fn request(&self, path: &str, token: Option<&str>) -> (u16, String) {
         let url = format!("http://127.0.0.1:{HTTP_PORT}{path}");
         let auth = token.map(|t| format!("Authorization: Bearer {t}"));
-        let mut argv = vec!["curl", "-sS", "-g", "--max-time", "10", "-w", "\n%{http_code}"];
+        let mut argv = vec![
+            "curl",
+            "-sS",
+            "-g",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+        ];
         if let Some(a) = &auth {
             argv.extend(["-H", a.as_str()]);
         }
@@ -146,16 +178,24 @@ impl Collector {
 
     /// Wait until every node in `nodes` shows as connected.
     pub fn wait_connected(&self, nodes: &[&str]) {
-        wait_for(Duration::from_secs(30), "agents connected to the collector", || {
-            let (code, v) = self.api("/api/v1/agents");
-            if code != 200 {
-                return None;
-            }
-            let agents = v["agents"].as_array()?.clone();
-            nodes
-                .iter()
-                .all(|n| agents.iter().any(|a| a["node"] == *n && a["connected"] == true))
-                .then_some(())
-        });
+        wait_for(
+            Duration::from_secs(30),
+            "agents connected to the collector",
+            || {
+                let (code, v) = self.api("/api/v1/agents");
+                if code != 200 {
+                    return None;
+                }
+                let agents = v["agents"].as_array()?.clone();
+                nodes
+                    .iter()
+                    .all(|n| {
+                        agents
+                            .iter()
+                            .any(|a| a["node"] == *n && a["connected"] == true)
+                    })
+                    .then_some(())
+            },
+        );
     }
 }

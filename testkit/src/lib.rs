@@ -27,7 +27,6 @@
 //! Tests run as root; start each one with
 //! `if !support::require_root() { return; }`.
 
-
 pub mod agent;
 pub mod cluster;
 pub mod collector;
@@ -61,7 +60,11 @@ pub fn bin_path(name: &str) -> PathBuf {
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "cargo build -p {pkg} failed");
-        assert!(path.exists(), "{} still missing after cargo build", path.display());
+        assert!(
+            path.exists(),
+            "{} still missing after cargo build",
+            path.display()
+        );
     }
     path
 }
@@ -565,7 +568,16 @@ impl Topology {
     /// response is sent, so wait for them) are read with
     /// [`NginxHandle::access_lines`].
     pub fn start_nginx(&mut self, ports: &[u16]) -> NginxHandle {
+        self.start_nginx_with_format(ports, "$remote_addr $remote_port $msec $server_port")
+    }
+
+    /// [`Topology::start_nginx`] with the access log written in
+    /// `log_format` (nginx syntax, without quotes). Read such a log from
+    /// [`NginxHandle::access_log`]: [`NginxHandle::access_lines`] only knows
+    /// the default format.
+    pub fn start_nginx_with_format(&mut self, ports: &[u16], log_format: &str) -> NginxHandle {
         assert!(!ports.is_empty(), "start_nginx needs at least one port");
+        let log_format = log_format.replace('\\', "\\\\").replace('\'', "\\'");
         self.spawn_counter += 1;
         let dir = self.tmp.join(format!("nginx-{}", self.spawn_counter));
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
@@ -591,7 +603,7 @@ http {{
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    log_format ctw '$remote_addr $remote_port $msec $server_port';
+    log_format ctw '{log_format}';
     access_log {d}/access.log ctw;
     client_header_timeout 3600s;
     keepalive_timeout 3600s;

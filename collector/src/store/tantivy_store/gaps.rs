@@ -92,8 +92,8 @@ impl GapLog {
     }
 
     pub(super) fn append(&mut self, gap: Gap) -> Result<(), StoreError> {
-        let mut line =
-            serde_json::to_vec(&GapLine::from(&gap)).map_err(|e| StoreError::Index(e.to_string()))?;
+        let mut line = serde_json::to_vec(&GapLine::from(&gap))
+            .map_err(|e| StoreError::Index(e.to_string()))?;
         line.push(b'\n');
         self.file
             .write_all(&line)
@@ -115,7 +115,8 @@ impl GapLog {
         let mut out = Vec::new();
         for g in &self.gaps {
             out.extend(
-                serde_json::to_vec(&GapLine::from(g)).map_err(|e| StoreError::Index(e.to_string()))?,
+                serde_json::to_vec(&GapLine::from(g))
+                    .map_err(|e| StoreError::Index(e.to_string()))?,
             );
             out.push(b'\n');
         }

@@ -129,6 +129,7 @@ struct Inner {
     parts: RwLock<BTreeMap<u64, Arc<Partition>>>,
     gaps: Mutex<GapLog>,
     last_search: Mutex<SearchStats>,
+    commit_lock: Mutex<()>,
     stop: Mutex<Option<bool>>,
     stop_cv: Condvar,
 }
@@ -176,7 +177,9 @@ fn parse_partition_name(name: &str) -> Option<u64> {
         return ns.parse().ok();
     }
     let t = chrono::NaiveDateTime::parse_from_str(&format!("{s}00"), "%Y%m%d%H%M").ok()?;
-    u64::try_from(t.and_utc().timestamp()).ok().map(|s| s * 1_000_000_000)
+    u64::try_from(t.and_utc().timestamp())
+        .ok()
+        .map(|s| s * 1_000_000_000)
 }
 
 fn dir_size(path: &Path) -> u64 {
@@ -227,6 +230,7 @@ impl Inner {
         ing: &'a mut Ingest,
         start_ns: u64,
     ) -> Result<&'a mut WriterSlot, StoreError> {
+        #[allow(clippy::map_entry)] // creating the writer is fallible
         if !ing.writers.contains_key(&start_ns) {
             let p = self.partition(start_ns)?;
             let w: IndexWriter = p
@@ -289,6 +293,8 @@ impl Inner {
     /// Commit every writer with new documents, reload their readers and, if
     /// `checkpoint`, write the checkpoint and drop covered WAL segments.
     fn commit(&self, checkpoint: bool) -> Result<(), StoreError> {
+        // One commit at a time (background thread, `commit()`, close).
+        let _one = self.commit_lock.lock().map_err(|_| poisoned())?;
         let (pos, snapshot, committed, idle) = {
             let mut ing = self.lock_ingest()?;
             let pos = ing.applied;
@@ -320,10 +326,7 @@ impl Inner {
                 .filter(|(&s, w)| Some(s) != newest && w.idle_commits >= IDLE_COMMITS_BEFORE_CLOSE)
                 .map(|(&s, _)| s)
                 .collect();
-            let idle: Vec<WriterSlot> = idle
-                .iter()
-                .filter_map(|s| ing.writers.remove(s))
-                .collect();
+            let idle: Vec<WriterSlot> = idle.iter().filter_map(|s| ing.writers.remove(s)).collect();
             let snapshot = checkpoint.then(|| ing.dedup.clone());
             (pos, snapshot, committed, idle)
         };
@@ -473,7 +476,10 @@ impl Inner {
         }
         if lo > 0 || hi < u64::MAX {
             let date = |ns: u64| {
-                Term::from_field_date(f.t, DateTime::from_timestamp_nanos(ns.min(i64::MAX as u64) as i64))
+                Term::from_field_date(
+                    f.t,
+                    DateTime::from_timestamp_nanos(ns.min(i64::MAX as u64) as i64),
+                )
             };
             clauses.push((
                 Occur::Must,
@@ -487,7 +493,10 @@ impl Inner {
         // would not narrow anything).
         match clauses.len() {
             0 => Box::new(AllQuery),
-            1 => clauses.pop().map(|(_, q)| q).unwrap_or_else(|| Box::new(AllQuery)),
+            1 => clauses
+                .pop()
+                .map(|(_, q)| q)
+                .unwrap_or_else(|| Box::new(AllQuery)),
             _ => Box::new(BooleanQuery::new(clauses)),
         }
     }
@@ -503,7 +512,9 @@ impl Inner {
                 let newest = parts.keys().next_back().copied();
                 let by_age = parts
                     .values()
-                    .find(|p| p.start_ns.saturating_add(width) <= cutoff && Some(p.start_ns) != newest)
+                    .find(|p| {
+                        p.start_ns.saturating_add(width) <= cutoff && Some(p.start_ns) != newest
+                    })
                     .cloned();
                 match by_age {
                     Some(p) => Some(p),
@@ -551,10 +562,12 @@ impl Inner {
             return;
         };
         loop {
-            let Ok((s, _)) = self.stop_cv.wait_timeout(stop, interval) else {
-                return;
-            };
-            stop = s;
+            if stop.is_none() {
+                let Ok((s, _)) = self.stop_cv.wait_timeout(stop, interval) else {
+                    return;
+                };
+                stop = s;
+            }
             if let Some(commit) = *stop {
                 drop(stop);
                 if commit {
@@ -619,18 +632,24 @@ impl TantivyStore {
         }
         let max_covered = covered.values().copied().max().unwrap_or(0).max(ckpt_pos);
         let mut err = None;
-        let wal = Wal::open(&wal_dir, ckpt_pos, max_covered, opts.wal_segment_bytes, |end, payload| {
-            match codec::decode(payload) {
-                Ok(b) => replayed.push((end, b)),
-                Err(m) => {
-                    err.get_or_insert(StoreError::Corrupt {
-                        path: wal_dir.display().to_string(),
-                        message: format!("undecodable entry ending at position {end}: {m}"),
-                    });
+        let wal = Wal::open(
+            &wal_dir,
+            ckpt_pos,
+            max_covered,
+            opts.wal_segment_bytes,
+            |end, payload| {
+                match codec::decode(payload) {
+                    Ok(b) => replayed.push((end, b)),
+                    Err(m) => {
+                        err.get_or_insert(StoreError::Corrupt {
+                            path: wal_dir.display().to_string(),
+                            message: format!("undecodable entry ending at position {end}: {m}"),
+                        });
+                    }
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         if let Some(e) = err {
             return Err(e);
         }
@@ -651,6 +670,7 @@ impl TantivyStore {
             parts: RwLock::new(parts),
             gaps: Mutex::new(gaps),
             last_search: Mutex::new(SearchStats::default()),
+            commit_lock: Mutex::new(()),
             stop: Mutex::new(None),
             stop_cv: Condvar::new(),
         });
@@ -815,7 +835,11 @@ impl TantivyStore {
             .cloned()
             .collect();
         for p in parts {
-            let usage = p.reader.searcher().space_usage().map_err(|e| io_err(&p.dir, e))?;
+            let usage = p
+                .reader
+                .searcher()
+                .space_usage()
+                .map_err(|e| io_err(&p.dir, e))?;
             total += usage.total().get_bytes();
             for seg in usage.segments() {
                 for (kind, pf) in [
@@ -833,12 +857,16 @@ impl TantivyStore {
             }
         }
         let mut v: Vec<(String, u64)> = per.into_iter().filter(|(_, b)| *b > 0).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
         Ok((v, total))
     }
 }
 
-fn open_partition_at(root: &Path, fields: &Fields, start_ns: u64) -> Result<Arc<Partition>, StoreError> {
+fn open_partition_at(
+    root: &Path,
+    fields: &Fields,
+    start_ns: u64,
+) -> Result<Arc<Partition>, StoreError> {
     let name = partition_name(start_ns);
     let dir = root.join("index").join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
@@ -885,7 +913,11 @@ impl RecordStore for TantivyStore {
                 return Err(StoreError::Index("store is closed".into()));
             }
             let key = (batch.node.clone(), batch.boot_id.clone());
-            if ing.dedup.get(&key).is_some_and(|b| b.seqs.contains(batch.seq)) {
+            if ing
+                .dedup
+                .get(&key)
+                .is_some_and(|b| b.seqs.contains(batch.seq))
+            {
                 drop(ing);
                 // The first copy may still be on its way to disk: answer only
                 // once it is durable.

@@ -94,7 +94,10 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
     for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
         let entry = entry.map_err(|e| io_err(dir, e))?;
         let name = entry.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_suffix(".wal").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_suffix(".wal")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             v.push(n);
         }
     }

@@ -1,0 +1,456 @@
+//! The built `ctw` binary against the collector's real router, served in
+//! process on 127.0.0.1:0 over a `MemStore` with known connections.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use ctw_collector::auth::Token;
+use ctw_collector::config::LookupConfig;
+use ctw_collector::http::{router, AppState};
+use ctw_collector::metrics::Metrics;
+use ctw_collector::registry::Registry;
+use ctw_collector::store::{Gap, MemStore, RecordStore, StoredBatch};
+use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+use serde_json::Value;
+
+const TOKEN: &str = "cli-test-token";
+/// 2024-12-09T07:05:00Z.
+const T0: u64 = 1_733_727_900;
+const S: u64 = 1_000_000_000;
+
+fn conn(kind: EventKind, pod: &str, snat_port: u16, id: u32, t_ns: u64) -> ConnRecord {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    ConnRecord {
+        kind,
+        event_ns: t_ns,
+        protocol: Protocol::Tcp,
+        orig: Tuple {
+            src: ip(pod),
+            dst: ip("198.19.0.2"),
+            src_port: 40000,
+            dst_port: 80,
+        },
+        reply: Tuple {
+            src: ip("198.19.0.2"),
+            dst: ip("198.18.0.1"),
+            src_port: 80,
+            dst_port: snat_port,
+        },
+        id,
+        zone: 0,
+        mark: 0,
+        status: 0xe,
+        tcp_state: None,
+        tcp_flags_orig: 0,
+        tcp_flags_reply: 0,
+        start_ns: None,
+        stop_ns: None,
+        counters_orig: None,
+        counters_reply: None,
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn server() -> Server {
+    let store = Arc::new(MemStore::default());
+    store
+        .append(StoredBatch {
+            node: "node-a".into(),
+            boot_id: "b".into(),
+            seq: 1,
+            records: vec![
+                conn(EventKind::New, "10.244.1.7", 45000, 1, T0 * S),
+                conn(EventKind::Destroy, "10.244.1.7", 45000, 1, (T0 + 10) * S),
+                conn(EventKind::New, "10.244.1.8", 45000, 2, (T0 + 60) * S),
+            ],
+        })
+        .unwrap();
+    store
+        .append(StoredBatch {
+            node: "node-b".into(),
+            boot_id: "b".into(),
+            seq: 1,
+            records: vec![conn(
+                EventKind::New,
+                "10.244.2.5",
+                46000,
+                5,
+                (T0 + 1000) * S,
+            )],
+        })
+        .unwrap();
+    store
+        .record_gap(Gap {
+            node: "node-b".into(),
+            from_ns: (T0 + 990) * S,
+            to_ns: (T0 + 995) * S,
+            reason: "kernel_drop".into(),
+            count: 3,
+        })
+        .unwrap();
+    let metrics = Metrics::new();
+    let app = router(Arc::new(AppState {
+        store: store as Arc<dyn RecordStore>,
+        registry: Arc::new(Registry::new(metrics.clone())),
+        metrics,
+        token: Token::fixed(TOKEN),
+        max_limit: 1000,
+        lookup: LookupConfig::default(),
+        ready: Arc::new(AtomicBool::new(true)),
+    }));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    Server { addr, _rt: rt }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ctw-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `ctw` with a clean environment (no CTW_* variables, HOME without config).
+fn ctw_cmd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ctw"));
+    for k in [
+        "CTW_SERVER",
+        "CTW_TOKEN",
+        "CTW_TOKEN_FILE",
+        "CTW_CONFIG",
+        "XDG_CONFIG_HOME",
+    ] {
+        c.env_remove(k);
+    }
+    let home = std::env::temp_dir().join(format!("ctw-cli-test-{}-home-empty", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    c.env("HOME", home);
+    c
+}
+
+fn run(s: &Server, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = ctw_cmd();
+    c.args(["--server", &format!("http://{}", s.addr), "--token", TOKEN])
+        .args(args);
+    run_cmd(c, stdin)
+}
+
+fn run_cmd(mut c: Command, stdin: Option<&str>) -> Output {
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    if let Some(text) = stdin {
+        let mut w = child.stdin.take().unwrap();
+        w.write_all(text.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A default-format (combined + $remote_port) line at T0 + `secs` (< 1 h).
+fn line(port: u16, secs: u64) -> String {
+    format!(
+        r#"198.18.0.1 - - [09/Dec/2024:07:{:02}:{:02} +0000] "GET / HTTP/1.1" 200 3 "-" "curl/8 (a b)" {port}"#,
+        5 + secs / 60,
+        secs % 60
+    )
+}
+
+#[test]
+fn search_table_json_and_exit_codes() {
+    let s = server();
+    let o = run(
+        &s,
+        &["search", "198.18.0.1:45000", &format!("{}", T0 + 5)],
+        None,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("START")
+            && lines[0].contains("POD (SRC)")
+            && lines[0].ends_with("ALIVE@AT"),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("10.244.1.7:40000") && lines[1].ends_with("yes"),
+        "{out}"
+    );
+    assert!(
+        lines[2].contains("10.244.1.8:40000") && lines[2].ends_with("no"),
+        "{out}"
+    );
+    assert_eq!(lines[1].find("10.244"), lines[2].find("10.244"), "{out}");
+
+    let o = run(
+        &s,
+        &[
+            "--json",
+            "search",
+            "--snat-ip",
+            "198.18.0.1",
+            "--snat-port",
+            "45000",
+            "--at",
+            &format!("{}", T0 + 5),
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["total"], 2);
+    assert_eq!(v["complete"], true);
+
+    // Nothing found: 1. Found but incomplete: 4. Refused by the server: 2.
+    let o = run(&s, &["search", "198.18.0.1:1"], None);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("no connection found"));
+    let o = run(
+        &s,
+        &["search", "198.18.0.1:46000", &format!("{}", T0 + 1000)],
+        None,
+    );
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    assert!(stderr(&o).contains("kernel_drop"), "{}", stderr(&o));
+    let o = run(&s, &["search", "--limit", "0"], None);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("HTTP 400") && stderr(&o).contains("limit"),
+        "{}",
+        stderr(&o)
+    );
+    // Usage errors never reach the server.
+    let o = run(&s, &["search", "--bogus", "1"], None);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn resolve_from_stdin_and_file_keeps_order() {
+    let s = server();
+    let input = [
+        line(45000, 5),
+        line(45000, 70),
+        "not an nginx line".to_string(),
+        line(45999, 5),
+        line(46000, 1000),
+    ]
+    .join("\n")
+        + "\n";
+    // Batches of 2: three requests, output in input order.
+    let o = run(&s, &["resolve", "--batch", "2"], Some(&input));
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let out = stdout(&o);
+    let got: Vec<&str> = out.lines().collect();
+    let want: Vec<String> = input
+        .lines()
+        .zip([
+            " pod=10.244.1.7 node=node-a",
+            " pod=10.244.1.8 node=node-a",
+            " pod=? reason=unparsed",
+            " pod=? reason=not_found",
+            " pod=10.244.2.5 node=node-b incomplete=true",
+        ])
+        .map(|(l, s)| format!("{l}{s}"))
+        .collect();
+    assert_eq!(got, want);
+    let err = stderr(&o);
+    assert!(err.contains("line 3:"), "{err}");
+    assert!(
+        err.contains("5 lines: 3 resolved, 1 not found, 0 ambiguous, 1 unparsed, 1 incomplete"),
+        "{err}"
+    );
+
+    // From a file, every line resolved: 0; one incomplete: 4.
+    let d = tmp("resolve");
+    let f = d.join("access.log");
+    std::fs::write(&f, format!("{}\n{}\n", line(45000, 5), line(45000, 70))).unwrap();
+    let o = run(&s, &["resolve", f.to_str().unwrap()], None);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 2);
+    std::fs::write(&f, format!("{}\n", line(46000, 1000))).unwrap();
+    let o = run(&s, &["resolve", f.to_str().unwrap()], None);
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+
+    // --json: one document over all batches, line numbers of the input.
+    let o = run(
+        &s,
+        &["--json", "resolve", "-", "--batch", "2"],
+        Some(&input),
+    );
+    assert_eq!(code(&o), 1);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["summary"]["lines"], 5);
+    assert_eq!(v["summary"]["resolved"], 3);
+    let nos: Vec<u64> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line_no"].as_u64().unwrap())
+        .collect();
+    assert_eq!(nos, [1, 2, 3, 4, 5]);
+    assert_eq!(v["results"][4]["gaps"][0]["reason"], "kernel_drop");
+
+    // A custom format without time, with --at.
+    let o = run(
+        &s,
+        &[
+            "resolve",
+            "--log-format",
+            "$remote_addr:$remote_port",
+            "--at",
+            &format!("{}", T0 + 2),
+        ],
+        Some("198.18.0.1:45000\n"),
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "198.18.0.1:45000 pod=10.244.1.7 node=node-a\n");
+    // A format the server refuses: usage error naming it.
+    let o = run(&s, &["resolve", "--log-format", "combined"], Some("x\n"));
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("log_format"), "{}", stderr(&o));
+    // A missing file.
+    let o = run(&s, &["resolve", "/nonexistent/access.log"], None);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn lookup_agents_auth_and_config() {
+    let s = server();
+    let lookup = [
+        "lookup",
+        "--src-ip",
+        "10.244.1.7",
+        "--src-port",
+        "40000",
+        "--dst-ip",
+        "198.19.0.2",
+        "--dst-port",
+        "80",
+    ];
+    // No agent connected: the collector answers 503.
+    let o = run(&s, &lookup, None);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(stderr(&o).contains("HTTP 503"), "{}", stderr(&o));
+    // An unknown node: 404, not found.
+    let mut with_node = lookup.to_vec();
+    with_node.extend(["--node", "ghost"]);
+    let o = run(&s, &with_node, None);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("HTTP 404"), "{}", stderr(&o));
+
+    let o = run(&s, &["agents"], None);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("NODE"), "{}", stdout(&o));
+    let o = run(&s, &["agents", "--json"], None);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["agents"], serde_json::json!([]));
+
+    // Wrong token: 3, with the status.
+    let mut c = ctw_cmd();
+    c.args([
+        "--server",
+        &format!("http://{}", s.addr),
+        "--token",
+        "wrong",
+        "agents",
+    ]);
+    let o = run_cmd(c, None);
+    assert_eq!(code(&o), 3);
+    assert!(stderr(&o).contains("HTTP 401"), "{}", stderr(&o));
+    // Nothing listening: 3.
+    let mut c = ctw_cmd();
+    c.args(["--server", "http://127.0.0.1:9", "--token", TOKEN, "agents"]);
+    let o = run_cmd(c, None);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot talk to the collector"),
+        "{}",
+        stderr(&o)
+    );
+    // No token anywhere: 2.
+    let mut c = ctw_cmd();
+    c.arg("agents");
+    assert_eq!(code(&run_cmd(c, None)), 2);
+
+    // Environment, then the config file ($CTW_CONFIG; token_file relative).
+    let mut c = ctw_cmd();
+    c.env("CTW_SERVER", s.addr.to_string())
+        .env("CTW_TOKEN", TOKEN)
+        .arg("agents");
+    assert_eq!(code(&run_cmd(c, None)), 0);
+    let d = tmp("config");
+    std::fs::write(d.join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(
+        d.join("config.yaml"),
+        format!("server: http://{}\ntoken_file: token\n", s.addr),
+    )
+    .unwrap();
+    let mut c = ctw_cmd();
+    c.env("CTW_CONFIG", d.join("config.yaml")).arg("agents");
+    let o = run_cmd(c, None);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // The environment's token beats the file's.
+    let mut c = ctw_cmd();
+    c.env("CTW_CONFIG", d.join("config.yaml"))
+        .env("CTW_TOKEN", "wrong")
+        .arg("agents");
+    assert_eq!(code(&run_cmd(c, None)), 3);
+    // ~/.config/ctw/config.yaml.
+    let home = tmp("home");
+    std::fs::create_dir_all(home.join(".config/ctw")).unwrap();
+    std::fs::write(
+        home.join(".config/ctw/config.yaml"),
+        format!("server: {}\ntoken: {TOKEN}\n", s.addr),
+    )
+    .unwrap();
+    let mut c = ctw_cmd();
+    c.env("HOME", &home).arg("agents");
+    assert_eq!(code(&run_cmd(c, None)), 0);
+
+    // Help documents the exit codes.
+    let o = run_cmd(
+        {
+            let mut c = ctw_cmd();
+            c.arg("--help");
+            c
+        },
+        None,
+    );
+    assert_eq!(code(&o), 0);
+    assert!(stdout(&o).contains("EXIT CODES"));
+}

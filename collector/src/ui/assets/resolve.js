@@ -1,0 +1,350 @@
+// "Resolve" page: nginx access lines (pasted or from a file, sent in chunks
+// to /api/v1/resolve) or one ip:port + time become rows with the pod that
+// opened the connection, and a live lookup for rows that may still be open.
+
+import { $, el, fill, show, hide, addr, fmtTime, fmtClock, fmtDuration, badge } from './dom.js';
+import { api, qs, ApiError } from './api.js';
+
+// What the collector assumes when no log_format is given (shown as a hint).
+const DEFAULT_FORMAT =
+  '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" $remote_port';
+
+const CHUNK_LINES = 5000;
+// Halved on 413 until a chunk fits the collector's body limit.
+let chunkBytes = 1 << 20;
+const SHOWN_ROWS = 2000;
+
+let results = [];
+let running = null;
+
+export function init() {
+  $('#log-format').placeholder = `default: ${DEFAULT_FORMAT}`;
+  $('#resolve-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const lines = $('#lines').value.split(/\r?\n/);
+    run(numbered(lines));
+  });
+  $('#file').addEventListener('change', async (ev) => {
+    const f = ev.target.files[0];
+    if (!f) return;
+    const text = await f.text();
+    run(numbered(text.split(/\r?\n/)), f.name);
+    ev.target.value = '';
+  });
+  $('#single-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    single();
+  });
+}
+
+// On sign-out: forget everything that came from the API or was typed.
+export function reset() {
+  clearResults();
+  $('#lines').value = '';
+  $('#single-addr').value = '';
+  $('#single-time').value = '';
+}
+
+function clearResults() {
+  if (running) running.abort();
+  results = [];
+  $('#resolve-table tbody').replaceChildren();
+  for (const id of ['#resolve-table', '#resolve-summary', '#resolve-error']) hide($(id));
+  $('#resolve-progress').textContent = '';
+}
+
+function numbered(lines) {
+  const out = [];
+  lines.forEach((text, i) => {
+    if (text.trim() !== '') out.push({ no: i + 1, text });
+  });
+  return out;
+}
+
+function options() {
+  const o = {};
+  const f = $('#log-format').value.trim();
+  const w = $('#window').value.trim();
+  if (f) o.log_format = f;
+  if (w) o.window = w;
+  return o;
+}
+
+// Resolve every line, chunk by chunk, rendering rows as answers arrive.
+async function run(lines, source) {
+  clearResults();
+  if (lines.length === 0) {
+    show($('#resolve-error'), 'Paste at least one access log line, or choose a file.');
+    return;
+  }
+  const opts = options();
+  const ctl = new AbortController();
+  running = ctl;
+  const buttons = [$('#resolve-button'), $('#single-button')];
+  buttons.forEach((b) => (b.disabled = true));
+  const progress = $('#resolve-progress');
+  try {
+    let i = 0;
+    while (i < lines.length) {
+      const chunk = takeChunk(lines, i);
+      progress.textContent = `${source ? `${source}: ` : ''}line ${lines[i].no} of ${lines[lines.length - 1].no}…`;
+      let got;
+      try {
+        const ans = await api('/api/v1/resolve', {
+          body: { lines: chunk.map((l) => l.text), ...opts },
+          signal: ctl.signal,
+        });
+        got = (ans.results || []).map((r, k) => ({ ...r, line_no: chunk[lineIndex(r, k, chunk)].no }));
+      } catch (e) {
+        if (e instanceof ApiError && e.status === 413 && chunk.length > 1) {
+          chunkBytes = Math.max(1024, Math.floor(chunkBytes / 2));
+          continue;
+        }
+        throw e;
+      }
+      if (ctl.signal.aborted) return;
+      results.push(...got);
+      render(got);
+      i += chunk.length;
+    }
+    progress.textContent = '';
+  } catch (e) {
+    if (ctl.signal.aborted) return;
+    show($('#resolve-error'), e.message);
+  } finally {
+    if (running === ctl) running = null;
+    buttons.forEach((b) => (b.disabled = false));
+    if (results.length) renderSummary();
+  }
+}
+
+function takeChunk(lines, start) {
+  let bytes = 0;
+  let end = start;
+  while (end < lines.length && end - start < CHUNK_LINES) {
+    bytes += lines[end].text.length + 4;
+    if (bytes > chunkBytes && end > start) break;
+    end += 1;
+  }
+  return lines.slice(start, end);
+}
+
+// Index in the chunk of result k: its 1-based line_no when it fits.
+function lineIndex(r, k, chunk) {
+  const n = Number(r.line_no);
+  return Number.isInteger(n) && n >= 1 && n <= chunk.length ? n - 1 : Math.min(k, chunk.length - 1);
+}
+
+// One ip:port and a time, through the search API.
+async function single() {
+  clearResults();
+  const a = $('#single-addr').value.trim();
+  const t = $('#single-time').value.trim();
+  const m = /^\[?([0-9a-fA-F:.]+?)\]?:(\d{1,5})$/.exec(a);
+  if (!m) {
+    show($('#resolve-error'), `"${a}" is not ip:port (IPv6 as [addr]:port)`);
+    return;
+  }
+  try {
+    const r = await lookupOne({ remote_addr: m[1], remote_port: Number(m[2]), time: t }, options());
+    r.line_no = '–';
+    r.line = `${a} at ${t}`;
+    results = [r];
+    render(results);
+    renderSummary();
+  } catch (e) {
+    show($('#resolve-error'), e.message);
+  }
+}
+
+// The best connection with SNAT address remote_addr:remote_port alive at time.
+async function lookupOne(p, opts, signal) {
+  const q = qs({ snat_ip: p.remote_addr, snat_port: p.remote_port, at: p.time, window: opts.window || '5m', limit: 20 });
+  const v = await api(`/api/v1/connections?${q}`, { signal });
+  const recs = v.records || [];
+  const alive = recs.filter((r) => r.alive_at !== false);
+  const rec = alive[0];
+  const r = {
+    remote_addr: p.remote_addr,
+    remote_port: p.remote_port,
+    time: p.time,
+    candidates: alive.length,
+    incomplete: v.complete === false,
+    gaps: v.gaps || [],
+  };
+  if (!rec) return { ...r, status: 'not_found', error: recs.length ? `${recs.length} connection(s) near that time, none alive at it` : 'no connection with that address and port in the window' };
+  return {
+    ...r,
+    status: alive.length > 1 ? 'ambiguous' : 'resolved',
+    pod_ip: rec.src_ip,
+    pod_port: rec.src_port,
+    node: rec.node,
+    dst_ip: rec.dst_ip,
+    dst_port: rec.dst_port,
+    record: rec,
+  };
+}
+
+function timeText(t) {
+  if (t === undefined || t === null || t === '') return '';
+  if (typeof t === 'number' || /^\d+(\.\d+)?$/.test(String(t))) return fmtTime(new Date(Number(t) * 1000).toISOString());
+  return fmtTime(t);
+}
+
+function statusCell(r) {
+  const badges = [];
+  const reasons = [];
+  switch (r.status) {
+    case 'resolved':
+      badges.push(badge('ok', 'resolved'));
+      break;
+    case 'ambiguous':
+      badges.push(badge('warn', `ambiguous: ${r.candidates ?? '?'} candidates`, 'several connections used this address and port around that time; the first is shown'));
+      break;
+    case 'not_found':
+      badges.push(badge('bad', 'not found'));
+      break;
+    case 'unparsed':
+      badges.push(badge('bad', 'unparsed'));
+      break;
+    default:
+      badges.push(badge('warn', String(r.status || 'unknown')));
+  }
+  if (r.error) reasons.push(r.error);
+  if (r.incomplete) {
+    const gaps = r.gaps || [];
+    const text = gaps.length
+      ? gaps.map((g) => `${g.node}: ${g.reason} ${fmtTime(g.from)} – ${fmtTime(g.to)}${g.count ? ` (${g.count} lost)` : ''}`).join('; ')
+      : 'an agent lost events or was disconnected in the window';
+    badges.push(badge('warn', 'incomplete', text));
+    reasons.push(`may be incomplete: ${text}`);
+  }
+  return el('td', { class: 'status' }, badges, reasons.map((t) => el('span', { class: 'reason' }, t)));
+}
+
+function row(r) {
+  const rec = r.record || {};
+  const podIp = r.pod_ip ?? rec.src_ip;
+  const podPort = r.pod_port ?? rec.src_port;
+  const dstIp = r.dst_ip ?? rec.dst_ip;
+  const dstPort = r.dst_port ?? rec.dst_port;
+  const snat = rec.snat_ip ? addr(rec.snat_ip, rec.snat_port) : '';
+  const open = r.record && !rec.end;
+  const lifetime = r.record
+    ? [fmtClock(rec.start), ' – ', rec.end ? fmtClock(rec.end) : el('b', {}, 'open'), rec.duration_ms !== undefined ? el('span', { class: 'reason' }, fmtDuration(rec.duration_ms)) : null]
+    : '';
+  const cls = r.status === 'not_found' || r.status === 'unparsed' ? 'bad' : r.status === 'ambiguous' || r.incomplete ? 'warn' : '';
+  if (r.status === 'unparsed' && !r.remote_addr) {
+    // Nothing was read from the line: show the line itself.
+    return el(
+      'tr',
+      { class: cls, 'data-line': r.line_no, 'data-status': r.status },
+      el('td', { class: 'mono' }, r.line_no),
+      el('td', { class: 'raw', colspan: 2 }, String(r.line ?? '').slice(0, 300)),
+      el('td', { class: 'pod-ip' }),
+      el('td', { class: 'node' }),
+      el('td', { colspan: 3 }),
+      statusCell(r),
+      el('td', {}),
+    );
+  }
+  const tr = el(
+    'tr',
+    { class: cls || null, 'data-line': r.line_no, 'data-status': r.status },
+    el('td', { class: 'mono', title: r.line }, r.line_no),
+    el('td', { class: 'mono', title: r.line }, addr(r.remote_addr, r.remote_port)),
+    el('td', { class: 'mono' }, timeText(r.time)),
+    el('td', { class: 'pod-ip' }, podIp ?? ''),
+    el('td', { class: 'node' }, r.node ?? rec.node ?? ''),
+    el('td', { class: 'mono' }, podIp ? `${addr(podIp, podPort)} → ${addr(dstIp, dstPort)}` : ''),
+    el('td', { class: 'mono' }, snat),
+    el('td', { class: 'mono', title: r.record ? `${rec.start} – ${rec.end || 'open'}` : null }, lifetime),
+    statusCell(r),
+  );
+  const action = el('td', {});
+  if (open) {
+    const out = el('div', { class: 'live' });
+    const b = el('button', { type: 'button', class: 'secondary small live-button', title: 'ask the node for the live conntrack entry' }, 'Look up live');
+    b.addEventListener('click', () => lookupLive(rec, b, out));
+    action.append(b, out);
+  }
+  tr.append(action);
+  return tr;
+}
+
+// Live entry by the reply tuple: server (dst) -> SNAT address.
+async function lookupLive(rec, button, out) {
+  button.disabled = true;
+  out.textContent = 'asking the node…';
+  const q = qs({
+    protocol: rec.protocol,
+    tuple: 'reply',
+    src_ip: rec.dst_ip,
+    src_port: rec.dst_port,
+    dst_ip: rec.snat_ip,
+    dst_port: rec.snat_port,
+    node: rec.node,
+  });
+  try {
+    const v = await api(`/api/v1/conntrack/query?${q}`);
+    const o = v.origin || {};
+    fill(
+      out,
+      badge('ok', `live: ${v.status || 'open'}`),
+      el('span', { class: 'mono' }, `${addr(o.src, o.src_port)} → ${addr(o.dst, o.dst_port)}`),
+      el('span', { class: 'reason' }, `${v.node || ''} ${(v.flags || []).join(' ')}`),
+    );
+  } catch (e) {
+    const gone = e instanceof ApiError && e.status === 404;
+    fill(out, badge(gone ? 'warn' : 'bad', gone ? 'closed' : `error ${e.status || ''}`), el('span', { class: 'reason' }, e.message));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function render(rows) {
+  const tbody = $('#resolve-table tbody');
+  const room = SHOWN_ROWS - tbody.childElementCount;
+  if (room > 0) tbody.append(...rows.slice(0, room).map(row));
+  show($('#resolve-table'));
+}
+
+function renderSummary() {
+  const c = { resolved: 0, not_found: 0, ambiguous: 0, unparsed: 0, incomplete: 0 };
+  for (const r of results) {
+    if (r.status in c) c[r.status] += 1;
+    if (r.incomplete) c.incomplete += 1;
+  }
+  const s = $('#resolve-summary');
+  const shown = results.length > SHOWN_ROWS ? ` (first ${SHOWN_ROWS} shown)` : '';
+  fill(
+    s,
+    `${results.length} line${results.length === 1 ? '' : 's'}${shown}: `,
+    badge('ok', `${c.resolved} resolved`),
+    c.ambiguous ? badge('warn', `${c.ambiguous} ambiguous`) : null,
+    c.not_found ? badge('bad', `${c.not_found} not found`) : null,
+    c.unparsed ? badge('bad', `${c.unparsed} unparsed`) : null,
+    c.incomplete ? badge('warn', `${c.incomplete} incomplete`) : null,
+    el('button', { type: 'button', class: 'secondary small', id: 'resolve-download', onclick: download }, 'Download CSV'),
+  );
+  show(s);
+}
+
+function download() {
+  const esc = (v) => {
+    const s = v === undefined || v === null ? '' : String(v);
+    return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+  };
+  const head = ['line_no', 'remote_addr', 'remote_port', 'time', 'status', 'pod_ip', 'pod_port', 'node', 'dst_ip', 'dst_port', 'start', 'end', 'incomplete', 'error', 'line'];
+  const lines = [head.join(',')];
+  for (const r of results) {
+    const rec = r.record || {};
+    lines.push([r.line_no, r.remote_addr, r.remote_port, r.time, r.status, r.pod_ip ?? rec.src_ip, r.pod_port ?? rec.src_port, r.node ?? rec.node, r.dst_ip ?? rec.dst_ip, r.dst_port ?? rec.dst_port, rec.start, rec.end, r.incomplete ? 'yes' : '', r.error, r.line].map(esc).join(','));
+  }
+  const url = URL.createObjectURL(new Blob([`${lines.join('\n')}\n`], { type: 'text/csv' }));
+  const a = el('a', { href: url, download: 'resolved.csv' });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}

@@ -1,0 +1,197 @@
+//! The README's first command in its demo mode: `scripts/run.sh --demo
+//! --exit-after 90` with a throw-away state directory and the already built
+//! binaries of this test run (`CTW_BIN_DIR`), so no release build. It must
+//! exit 0, print at least three real nginx lines resolved to pods of the
+//! demo (each on the node that owns both the SNAT address and the pod), and
+//! leave no demo namespace or veth behind. Needs root.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ctw_testkit::{bin_path, netns_list, require_root};
+
+/// `--exit-after`: how long the demo runs once its services are up.
+const EXIT_AFTER_SECS: u64 = 90;
+/// Whole-run limit: the run itself plus set-up, checks and shutdown.
+const RUN_LIMIT: Duration = Duration::from_secs(EXIT_AFTER_SECS + 150);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("collector/ has a parent")
+        .to_path_buf()
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (keeps the run off the
+/// default ports, which a developer's own `run.sh` may be using).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn demo_namespaces() -> BTreeSet<String> {
+    netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with("ctwdemo-"))
+        .collect()
+}
+
+/// One resolved line of the script's output:
+/// `resolved: SNAT_IP:PORT at TIME -> pod POD_IP on NODE`.
+#[derive(Debug)]
+struct Resolved {
+    snat_ip: String,
+    pod_ip: String,
+    node: String,
+}
+
+fn resolved_lines(out: &str) -> Vec<Resolved> {
+    out.lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("resolved: ")?;
+            let (addr, rest) = rest.split_once(" at ")?;
+            let (snat_ip, _) = addr.rsplit_once(':')?;
+            let (_, rest) = rest.split_once(" -> pod ")?;
+            let mut f = rest.split_whitespace();
+            let pod_ip = f.next()?.to_string();
+            (f.next()? == "on").then_some(())?;
+            let node = f.next()?.to_string();
+            Some(Resolved {
+                snat_ip: snat_ip.to_string(),
+                pod_ip,
+                node,
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn run_sh_demo_resolves_nginx_lines_to_pods_and_cleans_up() {
+    if !require_root() {
+        return;
+    }
+    let bin_dir = bin_path("ctw-agent")
+        .parent()
+        .expect("binary directory")
+        .to_path_buf();
+    bin_path("ctw-collector");
+    let state = std::env::temp_dir().join(format!("ctw-start-script-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let before = demo_namespaces();
+
+    let started = Instant::now();
+    let mut child = Command::new(repo_root().join("scripts/run.sh"))
+        .args(["--demo", "--exit-after", &EXIT_AFTER_SECS.to_string()])
+        .current_dir(repo_root())
+        .env("CTW_STATE_DIR", &state)
+        .env("CTW_BIN_DIR", &bin_dir)
+        .env("CTW_GRPC_PORT", free_port().to_string())
+        .env("CTW_HTTP_PORT", free_port().to_string())
+        .env("CTW_AGENT_HTTP_PORT", free_port().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start scripts/run.sh");
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for run.sh") {
+            break Some(s);
+        }
+        if started.elapsed() > RUN_LIMIT {
+            // SIGTERM: the script's trap still stops everything it started.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let (stdout, stderr) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    let report = format!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    eprintln!("run.sh finished in {:?}\n{report}", started.elapsed());
+
+    // Nothing of the demo is left, also when the run failed.
+    let after = demo_namespaces();
+    let leaked: Vec<&String> = after.difference(&before).collect();
+    assert!(
+        leaked.is_empty(),
+        "demo namespaces left behind: {leaked:?}\n{report}"
+    );
+    let links = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    let prefix = stdout
+        .lines()
+        .find_map(|l| l.split("host veth ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(str::to_string);
+    if let Some(veth) = &prefix {
+        let links = String::from_utf8_lossy(&links.stdout);
+        assert!(
+            !links.contains(&format!(" {veth}@")),
+            "host veth {veth} left behind\n{report}"
+        );
+    }
+
+    let status =
+        status.unwrap_or_else(|| panic!("run.sh did not finish within {RUN_LIMIT:?}\n{report}"));
+    assert!(status.success(), "run.sh exited with {status}\n{report}");
+    assert!(
+        prefix.is_some(),
+        "run.sh did not name its host veth\n{report}"
+    );
+
+    let resolved = resolved_lines(&stdout);
+    assert!(
+        resolved.len() >= 3,
+        "fewer than 3 resolved nginx lines\n{report}"
+    );
+    for r in &resolved {
+        // Node i: SNAT address 198.19.i.1, pods 198.18.i.11 and .12.
+        let i = match r.node.as_str() {
+            "demo-node-1" => 1,
+            "demo-node-2" => 2,
+            other => panic!("{r:?}: unexpected node {other}\n{report}"),
+        };
+        assert_eq!(r.snat_ip, format!("198.19.{i}.1"), "{r:?}\n{report}");
+        let pods = [format!("198.18.{i}.11"), format!("198.18.{i}.12")];
+        assert!(
+            pods.contains(&r.pod_ip),
+            "{r:?}: not a pod of {}\n{report}",
+            r.node
+        );
+    }
+    assert!(stdout.contains("final check passed"), "{report}");
+    let _ = std::fs::remove_dir_all(&state);
+}

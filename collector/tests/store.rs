@@ -1,0 +1,717 @@
+//! Integration tests of the tantivy store: search, equivalence with
+//! `MemStore`, dedup, crash recovery, time to searchable, retention,
+//! partition pruning and write-ahead-log damage.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ctw_collector::config::StorageConfig;
+use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
+use ctw_collector::store::{
+    AppendOutcome, Gap, Hit, MemStore, RecordStore, SearchQuery, StoreError, StoredBatch,
+};
+use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+
+const H: u64 = 3_600_000_000_000;
+const MIN: u64 = 60_000_000_000;
+/// 2026-01-01T00:00:00Z
+const BASE: u64 = 1_767_225_600_000_000_000;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ctw-store-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+    fn cfg(&self) -> StorageConfig {
+        StorageConfig {
+            path: self.0.clone(),
+            retention_days: 36500,
+            max_size_gb: 100.0,
+            commit_interval_ms: 100,
+            partition_hours: 1,
+            lookback_hours: 3,
+        }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn rec(t: u64, src: IpAddr, sport: u16, snat: IpAddr, nport: u16) -> ConnRecord {
+    let dst = match src {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+        IpAddr::V6(_) => IpAddr::V6("2001:db8::7".parse().unwrap()),
+    };
+    ConnRecord {
+        kind: EventKind::New,
+        event_ns: t,
+        protocol: Protocol::Tcp,
+        orig: Tuple {
+            src,
+            dst,
+            src_port: sport,
+            dst_port: 443,
+        },
+        reply: Tuple {
+            src: dst,
+            dst: snat,
+            src_port: 443,
+            dst_port: nport,
+        },
+        id: (t % 1_000_000_007) as u32,
+        zone: 0,
+        mark: 0,
+        status: status::CONFIRMED | status::SRC_NAT,
+        tcp_state: Some(TcpState::SynSent),
+        tcp_flags_orig: 0x27,
+        tcp_flags_reply: 0,
+        start_ns: Some(t),
+        stop_ns: None,
+        counters_orig: None,
+        counters_reply: None,
+    }
+}
+
+fn batch(node: &str, seq: u64, records: Vec<ConnRecord>) -> StoredBatch {
+    StoredBatch {
+        node: node.into(),
+        boot_id: "boot-a".into(),
+        seq,
+        records,
+    }
+}
+
+/// Random connections: NEW, often a DESTROY (lifetime < 2 h), sometimes a
+/// recovered duplicate; IPv4 and IPv6; few values so queries collide.
+fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let node = format!("n{}", rng.below(3));
+        let v6 = rng.below(4) == 0;
+        let ip = |rng: &mut Rng, net: u8| -> IpAddr {
+            if v6 {
+                IpAddr::V6(Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    net as u16,
+                    0,
+                    0,
+                    0,
+                    0,
+                    rng.below(6) as u16,
+                ))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(10, net, 0, rng.below(6) as u8))
+            }
+        };
+        let t = BASE + rng.below(span);
+        let mut r = rec(
+            t,
+            ip(rng, 1),
+            1000 + rng.below(8) as u16,
+            ip(rng, 2),
+            5000 + rng.below(8) as u16,
+        );
+        r.orig.dst = ip(rng, 3);
+        r.reply.src = if rng.below(5) == 0 {
+            ip(rng, 4)
+        } else {
+            r.orig.dst
+        };
+        r.orig.dst_port = [53, 80, 443][rng.below(3) as usize];
+        r.reply.src_port = r.orig.dst_port;
+        r.protocol = if rng.below(4) == 0 {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        };
+        r.id = rng.next() as u32;
+        r.mark = rng.below(3) as u32;
+        if rng.below(3) == 0 {
+            r.start_ns = None;
+        }
+        out.push((node.clone(), r));
+        if rng.below(10) < 6 {
+            let life = rng.below(2 * H);
+            let mut d = r;
+            d.kind = EventKind::Destroy;
+            d.event_ns = t + life;
+            d.stop_ns = Some(t + life);
+            d.tcp_state = Some(TcpState::TimeWait);
+            d.counters_orig = Some(Counters {
+                packets: rng.below(100),
+                bytes: rng.below(1 << 40),
+            });
+            d.counters_reply = (rng.below(2) == 0).then(|| Counters {
+                packets: rng.below(100),
+                bytes: rng.below(100_000),
+            });
+            out.push((node.clone(), d));
+        }
+        if rng.below(10) == 0 {
+            let mut again = r;
+            again.kind = EventKind::Recovered;
+            again.event_ns = t + rng.below(MIN);
+            out.push((node, again));
+        }
+    }
+    out
+}
+
+fn load(stores: &[&dyn RecordStore], records: &[(String, ConnRecord)]) {
+    for (i, chunk) in records.chunks(37).enumerate() {
+        // group by node per batch
+        for node in ["n0", "n1", "n2"] {
+            let rs: Vec<ConnRecord> = chunk
+                .iter()
+                .filter(|(n, _)| n == node)
+                .map(|(_, r)| *r)
+                .collect();
+            if rs.is_empty() {
+                continue;
+            }
+            for s in stores {
+                assert_eq!(
+                    s.append(batch(node, i as u64, rs.clone())).unwrap(),
+                    AppendOutcome::Stored
+                );
+            }
+        }
+    }
+}
+
+fn canonical(mut hits: Vec<Hit>) -> Vec<String> {
+    let mut v: Vec<String> = hits.drain(..).map(|h| format!("{h:?}")).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn append_and_search_by_snat_ip_port_and_time_v4_and_v6() {
+    let dir = TempDir::new("snat");
+    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let pod4 = IpAddr::V4(Ipv4Addr::new(198, 18, 3, 4));
+    let node4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    let pod6: IpAddr = "fd00::3:4".parse().unwrap();
+    let node6: IpAddr = "2001:db8::1".parse().unwrap();
+    let a = rec(BASE + 10 * MIN, pod4, 40000, node4, 31000);
+    let b = rec(
+        BASE + 50 * MIN,
+        IpAddr::V4(Ipv4Addr::new(198, 18, 9, 9)),
+        40001,
+        node4,
+        31000,
+    );
+    let c = rec(BASE + 10 * MIN, pod6, 40002, node6, 31000);
+    store.append(batch("n1", 1, vec![a, b, c])).unwrap();
+    store.commit().unwrap();
+    let q = |ip: IpAddr, at: u64| SearchQuery {
+        snat_ip: Some(ip),
+        snat_port: Some(31000),
+        from_ns: Some(at - 5 * MIN),
+        to_ns: Some(at + 5 * MIN),
+        at_ns: Some(at),
+        limit: 10,
+        ..Default::default()
+    };
+    let r = store.search(&q(node4, BASE + 10 * MIN)).unwrap();
+    assert_eq!(r.total, 1, "{r:?}");
+    assert_eq!(r.hits[0].record, a);
+    assert_eq!(r.hits[0].node, "n1");
+    let r = store.search(&q(node4, BASE + 50 * MIN)).unwrap();
+    assert_eq!(r.hits.iter().map(|h| h.record).collect::<Vec<_>>(), vec![b]);
+    let r = store.search(&q(node6, BASE + 10 * MIN)).unwrap();
+    assert_eq!(r.hits.iter().map(|h| h.record).collect::<Vec<_>>(), vec![c]);
+    // An IPv4-mapped IPv6 address stays IPv6 and does not match the IPv4 one.
+    let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped());
+    let d = rec(BASE + 20 * MIN, pod6, 40003, mapped, 31001);
+    store.append(batch("n1", 2, vec![d])).unwrap();
+    store.commit().unwrap();
+    let mut qd = q(mapped, BASE + 20 * MIN);
+    qd.snat_port = Some(31001);
+    assert_eq!(store.search(&qd).unwrap().hits[0].record, d);
+    qd.snat_ip = Some(node4);
+    assert_eq!(store.search(&qd).unwrap().total, 0);
+}
+
+#[test]
+fn same_answers_as_memstore_on_random_data() {
+    let dir = TempDir::new("equiv");
+    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let mem = MemStore::default();
+    let mut rng = Rng(1234);
+    let span = 30 * H;
+    let records = random_records(&mut rng, 3000, span);
+    load(&[&store, &mem], &records);
+    let gap = Gap {
+        node: "n1".into(),
+        from_ns: BASE + 3 * H,
+        to_ns: BASE + 4 * H,
+        reason: "kernel_drop".into(),
+        count: 5,
+    };
+    store.record_gap(gap.clone()).unwrap();
+    mem.record_gap(gap).unwrap();
+    store.commit().unwrap();
+    for i in 0..400 {
+        let (_, pick) = &records[rng.below(records.len() as u64) as usize];
+        let mut q = SearchQuery {
+            limit: 100_000,
+            ..Default::default()
+        };
+        let m = rng.next();
+        if m & 1 != 0 {
+            q.snat_ip = Some(pick.reply.dst);
+        }
+        if m & 2 != 0 {
+            q.snat_port = Some(pick.reply.dst_port);
+        }
+        if m & 4 != 0 {
+            q.src_ip = Some(pick.orig.src);
+        }
+        if m & 8 != 0 {
+            q.src_port = Some(pick.orig.src_port);
+        }
+        if m & 16 != 0 {
+            q.dst_ip = Some(pick.orig.dst);
+        }
+        if m & 32 != 0 {
+            q.dst_port = Some(pick.orig.dst_port);
+        }
+        if m & 64 != 0 {
+            q.node = Some(format!("n{}", rng.below(3)));
+        }
+        if m & 128 != 0 {
+            q.protocol = Some(pick.protocol);
+        }
+        if m & 256 != 0 {
+            let from = BASE + rng.below(span);
+            q.from_ns = Some(from);
+            q.to_ns = Some(from + rng.below(3 * H));
+            if m & 512 != 0 {
+                q.at_ns = Some(from + rng.below(H));
+            }
+        }
+        let a = store.search(&q).unwrap();
+        let b = mem.search(&q).unwrap();
+        assert_eq!(a.total, b.total, "query {i}: {q:?}");
+        assert_eq!(a.gaps, b.gaps, "query {i}: {q:?}");
+        assert_eq!(canonical(a.hits), canonical(b.hits), "query {i}: {q:?}");
+        // With a small limit: the same number, and the same rank order.
+        q.limit = 1 + rng.below(5) as usize;
+        let a = store.search(&q).unwrap();
+        let b = mem.search(&q).unwrap();
+        assert_eq!(
+            (a.total, a.hits.len()),
+            (b.total, b.hits.len()),
+            "query {i}: {q:?}"
+        );
+        let starts = |h: &[Hit]| h.iter().map(|h| h.start_ns()).collect::<Vec<_>>();
+        if q.at_ns.is_none() {
+            assert_eq!(starts(&a.hits), starts(&b.hits), "query {i}: {q:?}");
+        }
+    }
+}
+
+#[test]
+fn duplicates_are_stored_once_also_after_reopen_and_crash() {
+    let dir = TempDir::new("dedup");
+    let r = |i: u64| {
+        rec(
+            BASE + i * MIN,
+            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+            1000 + i as u16,
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            2000 + i as u16,
+        )
+    };
+    {
+        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        for seq in [1u64, 2, 3, 5] {
+            assert_eq!(
+                store.append(batch("n", seq, vec![r(seq)])).unwrap(),
+                AppendOutcome::Stored
+            );
+        }
+        assert_eq!(
+            store.append(batch("n", 2, vec![r(2)])).unwrap(),
+            AppendOutcome::Duplicate
+        );
+        // Same seq from another boot or node is not a duplicate.
+        let mut other = batch("n", 2, vec![r(20)]);
+        other.boot_id = "boot-b".into();
+        assert_eq!(store.append(other).unwrap(), AppendOutcome::Stored);
+        store.close();
+    }
+    {
+        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        assert_eq!(
+            store.append(batch("n", 3, vec![r(3)])).unwrap(),
+            AppendOutcome::Duplicate
+        );
+        assert_eq!(
+            store.append(batch("n", 4, vec![r(4)])).unwrap(),
+            AppendOutcome::Stored
+        );
+        assert_eq!(
+            store.append(batch("n", 6, vec![r(6)])).unwrap(),
+            AppendOutcome::Stored
+        );
+        store.crash();
+    }
+    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    for seq in 1..=6 {
+        assert_eq!(
+            store.append(batch("n", seq, vec![r(seq)])).unwrap(),
+            AppendOutcome::Duplicate,
+            "seq {seq}"
+        );
+    }
+    let all = store
+        .search(&SearchQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(all.total, 7);
+    assert_eq!(store.stats().records, 7);
+}
+
+#[test]
+fn crash_loses_nothing_acknowledged_and_never_duplicates() {
+    let dir = TempDir::new("crash");
+    let mut cfg = dir.cfg();
+    cfg.commit_interval_ms = 60_000; // only explicit commits
+    let mut rng = Rng(99);
+    let records = random_records(&mut rng, 600, 10 * H);
+    let mem = MemStore::default();
+    let (first, rest) = records.split_at(records.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    {
+        let store = TantivyStore::open(&cfg).unwrap();
+        load(&[&store, &mem], first);
+        store.commit().unwrap(); // part is committed, the rest only in the WAL
+        load_seq(&[&store, &mem], second, 1000);
+        store.crash();
+    }
+    {
+        let store = TantivyStore::open(&cfg).unwrap();
+        assert_eq!(store.stats().records as usize, first.len() + second.len());
+        load_seq(&[&store, &mem], third, 2000);
+        // Every partition commits, the checkpoint is not written.
+        store.crash_after_index_commit().unwrap();
+    }
+    let store = TantivyStore::open(&cfg).unwrap();
+    assert_eq!(store.stats().records as usize, records.len());
+    let q = SearchQuery {
+        limit: 1_000_000,
+        ..Default::default()
+    };
+    let a = store.search(&q).unwrap();
+    let b = mem.search(&q).unwrap();
+    assert_eq!(a.total, b.total);
+    assert_eq!(canonical(a.hits), canonical(b.hits));
+}
+
+fn load_seq(stores: &[&dyn RecordStore], records: &[(String, ConnRecord)], seq0: u64) {
+    for (i, (node, r)) in records.iter().enumerate() {
+        for s in stores {
+            assert_eq!(
+                s.append(batch(node, seq0 + i as u64, vec![*r])).unwrap(),
+                AppendOutcome::Stored
+            );
+        }
+    }
+}
+
+#[test]
+fn records_become_searchable_within_the_commit_interval() {
+    let dir = TempDir::new("tts");
+    let mut cfg = dir.cfg();
+    cfg.commit_interval_ms = 200;
+    let store = TantivyStore::open(&cfg).unwrap();
+    let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
+    for k in 0..5u16 {
+        let r = rec(
+            BASE + k as u64 * MIN,
+            IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)),
+            1000,
+            snat,
+            7000 + k,
+        );
+        let q = SearchQuery {
+            snat_ip: Some(snat),
+            snat_port: Some(7000 + k),
+            limit: 1,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        store.append(batch("n", k as u64, vec![r])).unwrap();
+        let deadline = t + Duration::from_secs(2);
+        while store.search(&q).unwrap().total == 0 {
+            assert!(Instant::now() < deadline, "not searchable after 2 s");
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[test]
+fn retention_drops_old_partitions_by_age_and_by_size() {
+    let dir = TempDir::new("retention");
+    let mut cfg = dir.cfg();
+    cfg.retention_days = 1;
+    let day = 24 * H;
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    {
+        let store = TantivyStore::open(&cfg).unwrap();
+        for h in 0..6u64 {
+            store
+                .append(batch(
+                    "n",
+                    h,
+                    vec![rec(BASE + h * H + MIN, ip, 1, ip, h as u16)],
+                ))
+                .unwrap();
+        }
+        store.commit().unwrap();
+        assert_eq!(store.partitions().len(), 6);
+        // Windows ending at or before now - 1 day (hours 0, 1, 2) go.
+        assert_eq!(
+            store
+                .enforce_retention(BASE + day + 3 * H + 30 * MIN)
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            store.partitions(),
+            vec!["p-2026010103", "p-2026010104", "p-2026010105"]
+        );
+        let all = store
+            .search(&SearchQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(all.total, 3);
+        assert_eq!(
+            store
+                .enforce_retention(BASE + day + 3 * H + 30 * MIN)
+                .unwrap(),
+            0
+        );
+        store.close();
+    }
+    // By size: a limit below the current size drops the oldest first and
+    // never the newest partition.
+    cfg.max_size_gb = 1e-9;
+    let store = TantivyStore::open(&cfg).unwrap();
+    assert_eq!(store.enforce_retention(BASE).unwrap(), 2);
+    assert_eq!(store.partitions(), vec!["p-2026010105"]);
+    let all = store
+        .search(&SearchQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        all.hits
+            .iter()
+            .map(|h| h.record.reply.dst_port)
+            .collect::<Vec<_>>(),
+        vec![5]
+    );
+}
+
+#[test]
+fn search_touches_only_the_partitions_its_range_needs() {
+    let dir = TempDir::new("prune");
+    let mut cfg = dir.cfg();
+    cfg.lookback_hours = 1;
+    let store = TantivyStore::open(&cfg).unwrap();
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    for h in 0..10u64 {
+        store
+            .append(batch("n", h, vec![rec(BASE + h * H + MIN, ip, 1, ip, 100)]))
+            .unwrap();
+    }
+    store.commit().unwrap();
+    let q = SearchQuery {
+        snat_ip: Some(ip),
+        snat_port: Some(100),
+        from_ns: Some(BASE + 5 * H),
+        to_ns: Some(BASE + 5 * H + 10 * MIN),
+        limit: 10,
+        ..Default::default()
+    };
+    let (r, stats) = store.search_with_stats(&q).unwrap();
+    let mut touched = stats.partitions.clone();
+    touched.sort();
+    assert_eq!(
+        touched,
+        vec!["p-2026010104", "p-2026010105", "p-2026010106"]
+    );
+    assert_eq!(store.last_search_stats(), stats);
+    assert_eq!(store.partitions_for(&q).len(), 3);
+    assert_eq!(r.total, 1);
+    let (_, stats) = store
+        .search_with_stats(&SearchQuery {
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(stats.partitions.len(), 10);
+}
+
+#[test]
+fn collected_documents_are_capped() {
+    let dir = TempDir::new("cap");
+    let opts = StoreOptions {
+        max_collected_docs: 50,
+        ..StoreOptions::default()
+    };
+    let store = TantivyStore::open_with(&dir.cfg(), opts).unwrap();
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    let rs: Vec<ConnRecord> = (0..120u64)
+        .map(|i| rec(BASE + i * 1000, ip, i as u16, ip, 9))
+        .collect();
+    store.append(batch("n", 1, rs)).unwrap();
+    store.commit().unwrap();
+    let (r, stats) = store
+        .search_with_stats(&SearchQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(stats.truncated);
+    assert_eq!(stats.docs, 50);
+    assert_eq!(r.total, 120);
+    assert_eq!(r.hits.len(), 10);
+}
+
+#[test]
+fn gaps_are_durable_and_filtered_by_range() {
+    let dir = TempDir::new("gaps");
+    {
+        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        store
+            .record_gap(Gap {
+                node: "n".into(),
+                from_ns: BASE,
+                to_ns: BASE + MIN,
+                reason: "kernel_drop".into(),
+                count: 3,
+            })
+            .unwrap();
+        store
+            .record_gap(Gap {
+                node: "n".into(),
+                from_ns: BASE + H,
+                to_ns: BASE + H + MIN,
+                reason: "agent_disconnected".into(),
+                count: 0,
+            })
+            .unwrap();
+        store.crash();
+    }
+    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let r = store
+        .search(&SearchQuery {
+            from_ns: Some(BASE + H),
+            to_ns: Some(BASE + 2 * H),
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(r.gaps.len(), 1);
+    assert_eq!(r.gaps[0].reason, "agent_disconnected");
+}
+
+fn wal_segments(dir: &TempDir) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.0.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn torn_wal_tail_is_cut_and_corrupt_middle_is_an_error() {
+    let dir = TempDir::new("wal");
+    let mut cfg = dir.cfg();
+    cfg.commit_interval_ms = 60_000;
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    {
+        let store = TantivyStore::open(&cfg).unwrap();
+        for i in 0..3u64 {
+            store
+                .append(batch("n", i, vec![rec(BASE + i, ip, 1, ip, i as u16)]))
+                .unwrap();
+        }
+        store.crash();
+    }
+    // A torn last entry: a header promising more than is there.
+    let seg = wal_segments(&dir).pop().unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]).unwrap();
+    }
+    {
+        let store = TantivyStore::open(&cfg).unwrap();
+        assert_eq!(store.stats().records, 3);
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            len,
+            "torn tail cut off"
+        );
+        store
+            .append(batch("n", 3, vec![rec(BASE + 3, ip, 1, ip, 3)]))
+            .unwrap();
+        store.crash();
+    }
+    // Damage inside the first entry: a clear error naming the file.
+    let seg = wal_segments(&dir).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[12] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    // The segment is still the active one, so open reads all of it.
+    match TantivyStore::open(&cfg) {
+        Err(StoreError::Corrupt { path, message }) => {
+            assert!(path.contains("wal"), "{path}");
+            assert!(message.contains("checksum"), "{message}");
+        }
+        other => panic!("expected a corrupt WAL error, got {other:?}"),
+    }
+}
