@@ -15,6 +15,9 @@
 # Functions run from traps look unreachable to shellcheck:
 # shellcheck disable=SC2317
 set -euo pipefail
+# The whole script is one block, read before it runs: editing the file (a
+# git pull) while it runs cannot change what it does midway.
+{
 
 usage() {
   cat <<'EOF'
@@ -691,3 +694,4 @@ if [ -n "$exit_after" ] && [ "$interrupted" = 0 ]; then
   fi
 fi
 exit 0
+}

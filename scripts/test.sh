@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
 # Runs every check and test of conntrack-watch. Installs what a fresh Debian
 # machine lacks. Integration tests need root (network namespaces); as another
-# user they print "skipping: needs root" and pass without checking anything.
+# user they print "skipping: needs root" and check nothing.
+#
+#   sudo ./scripts/test.sh            (FUZZ_SECONDS=30 per fuzz target; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=()
-for pair in nft:nftables ip:iproute2 conntrack:conntrack nginx:nginx-light curl:curl python3:python3; do
+# command:package pairs the tests use.
+need=(nft:nftables ip:iproute2 conntrack:conntrack nginx:nginx-light curl:curl python3:python3
+      setpriv:util-linux promtool:prometheus systemd-analyze:systemd
+      chromium:chromium node:nodejs npm:npm)
+missing=()
+for pair in "${need[@]}"; do
   cmd=${pair%%:*}; pkg=${pair#*:}
-  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_pkgs+=("$pkg")
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
 done
-if [ ${#need_pkgs[@]} -gt 0 ]; then
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "== installing ${need_pkgs[*]}"
+    echo "== installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "missing ${need_pkgs[*]}; run as root to install them" >&2
+    echo "missing ${missing[*]}; run as root to install them" >&2
   fi
 fi
-# nginx from Debian starts itself on install; the tests run their own.
-systemctl disable --now nginx >/dev/null 2>&1 || true
+# Debian's nginx and prometheus start themselves on install; tests run their own.
+for svc in nginx prometheus; do systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
+pkill -x prometheus >/dev/null 2>&1 || true
+
+# Browser tests drive Debian's chromium with playwright-core (no browser download).
+if command -v npm >/dev/null 2>&1 && [ ! -d ui-tests/node_modules/playwright-core ]; then
+  echo "== npm ci (ui-tests)"
+  (cd ui-tests && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
+fi
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
@@ -29,10 +42,13 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --workspace --locked 2>&1 | tee target/test-output.txt
-if [ -x fuzz/run.sh ]; then
+mkdir -p target
+status=0
+cargo test --workspace --locked 2>&1 | tee target/test-output.txt || status=$?
+if [ "$status" = 0 ] && [ "${FUZZ_SECONDS:-30}" != 0 ]; then
   echo "== fuzz (bounded)"
-  fuzz/run.sh "${FUZZ_SECONDS:-30}"
+  fuzz/run.sh "${FUZZ_SECONDS:-30}" || status=$?
 fi
 # One summary line over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test-output.txt
+exit "$status"

@@ -38,7 +38,7 @@ fn bad_value_names_key_and_value() {
 
 #[test]
 fn check_mode_accepts_every_example_and_the_seed_file() {
-    for f in ["agent.yaml", "agent-seed.yaml", "agent-local.yaml"] {
+    for f in ["agent.yaml", "agent-seed.yaml", "agent-kubernetes.yaml"] {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../config")
             .join(f);

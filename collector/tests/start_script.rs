@@ -3,9 +3,8 @@
 //! binaries of this test run (`CTW_BIN_DIR`), so no release build. It must
 //! exit 0, print at least three real nginx lines resolved to pods of the
 //! demo (each on the node that owns both the SNAT address and the pod), and
-//! leave no demo namespace or veth behind. Needs root.
+//! leave none of its namespaces or its host veth behind. Needs root.
 
-use std::collections::BTreeSet;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -34,15 +33,18 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-fn demo_namespaces() -> BTreeSet<String> {
-    netns_list()
-        .into_iter()
-        .filter(|n| n.starts_with("ctwdemo-"))
-        .collect()
+fn drain(r: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_string(&mut s);
+        }
+        s
+    })
 }
 
 /// One resolved line of the script's output:
-/// `resolved: SNAT_IP:PORT at TIME -> pod POD_IP on NODE`.
+/// `resolved: SNAT_IP:PORT at TIME -> pod POD_IP on NODE ...`.
 #[derive(Debug)]
 struct Resolved {
     snat_ip: String,
@@ -70,6 +72,15 @@ fn resolved_lines(out: &str) -> Vec<Resolved> {
         .collect()
 }
 
+/// The first word after `key` in the script's output, without a trailing `*`.
+fn named(stdout: &str, key: &str) -> Option<String> {
+    stdout
+        .lines()
+        .find_map(|l| l.split(key).nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(|w| w.trim_end_matches('*').to_string())
+}
+
 #[test]
 fn run_sh_demo_resolves_nginx_lines_to_pods_and_cleans_up() {
     if !require_root() {
@@ -82,7 +93,6 @@ fn run_sh_demo_resolves_nginx_lines_to_pods_and_cleans_up() {
     bin_path("ctw-collector");
     let state = std::env::temp_dir().join(format!("ctw-start-script-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
-    let before = demo_namespaces();
 
     let started = Instant::now();
     let mut child = Command::new(repo_root().join("scripts/run.sh"))
@@ -98,27 +108,8 @@ fn run_sh_demo_resolves_nginx_lines_to_pods_and_cleans_up() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start scripts/run.sh");
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_string(&mut s);
-            }
-            s
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait for run.sh") {
             break Some(s);
@@ -140,23 +131,27 @@ fn run_sh_demo_resolves_nginx_lines_to_pods_and_cleans_up() {
     let report = format!("--- stdout\n{stdout}\n--- stderr\n{stderr}");
     eprintln!("run.sh finished in {:?}\n{report}", started.elapsed());
 
-    // Nothing of the demo is left, also when the run failed.
-    let after = demo_namespaces();
-    let leaked: Vec<&String> = after.difference(&before).collect();
-    assert!(
-        leaked.is_empty(),
-        "demo namespaces left behind: {leaked:?}\n{report}"
-    );
-    let links = Command::new("ip")
-        .args(["-o", "link", "show"])
-        .output()
-        .expect("ip link");
-    let prefix = stdout
-        .lines()
-        .find_map(|l| l.split("host veth ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .map(str::to_string);
-    if let Some(veth) = &prefix {
+    // Nothing of this run's demo is left, also when the run failed. (Other
+    // demos, e.g. a developer's own, may come and go meanwhile.) The script
+    // says "building the demo network (namespaces ctwdemo-ID-*, host veth
+    // ctwdID ...".
+    let ns_prefix = named(&stdout, "(namespaces ");
+    let veth = named(&stdout, "host veth ");
+    if let Some(prefix) = &ns_prefix {
+        let leaked: Vec<String> = netns_list()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix.as_str()))
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "demo namespaces left behind: {leaked:?}\n{report}"
+        );
+    }
+    if let Some(veth) = &veth {
+        let links = Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .expect("ip link");
         let links = String::from_utf8_lossy(&links.stdout);
         assert!(
             !links.contains(&format!(" {veth}@")),
@@ -168,8 +163,11 @@ fn run_sh_demo_resolves_nginx_lines_to_pods_and_cleans_up() {
         status.unwrap_or_else(|| panic!("run.sh did not finish within {RUN_LIMIT:?}\n{report}"));
     assert!(status.success(), "run.sh exited with {status}\n{report}");
     assert!(
-        prefix.is_some(),
-        "run.sh did not name its host veth\n{report}"
+        ns_prefix
+            .as_deref()
+            .is_some_and(|p| p.starts_with("ctwdemo-"))
+            && veth.is_some(),
+        "run.sh did not name its demo namespaces and veth\n{report}"
     );
 
     let resolved = resolved_lines(&stdout);
