@@ -8,77 +8,30 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use ctw_testkit::agent::Agent;
+use ctw_testkit::cluster::Cluster;
 use ctw_testkit::collector::Collector;
-use ctw_testkit::{require_root, run_in, wait_for, Topology};
+use ctw_testkit::{require_root, wait_for};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn curl(ns: &str, dst: Ipv4Addr, local_port: Option<u16>) {
-    let url = format!("http://{dst}/");
-    let lp = local_port.map(|p| p.to_string());
-    let mut argv = vec!["curl", "-sS", "--max-time", "5", "-o", "/dev/null"];
-    if let Some(p) = &lp {
-        argv.extend(["--local-port", p.as_str()]);
-    }
-    argv.push(&url);
-    let out = run_in(ns, &argv);
-    assert!(
-        out.status.success(),
-        "curl from {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Parse a line of the testkit's nginx format
+/// (`$remote_addr $remote_port $msec $server_port`).
+fn parse(line: &str) -> (IpAddr, u16, f64) {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let parsed = (|| {
+        Some((
+            f.first()?.parse().ok()?,
+            f.get(1)?.parse().ok()?,
+            f.get(2)?.parse().ok()?,
+        ))
+    })();
+    parsed.unwrap_or_else(|| panic!("unexpected access line {line:?}"))
 }
 
-struct Cluster {
-    topo: Topology,
-    collector: Collector,
-    nginx: ctw_testkit::NginxHandle,
-    agents: Vec<Agent>,
-}
-
-/// Two nodes with `pods` pods each, nginx on port 80 in the ingress
-/// namespace, the collector, and one agent per node (`uplink_extra` goes into
-/// the agents' `collector:` section, `agent_extra` at their top level).
-fn cluster(pods: usize, uplink_extra: &str, agent_extra: &str) -> Cluster {
-    let mut topo = Topology::new(pods);
-    topo.add_node(pods);
-    let (col_ns, col_addr) = topo.add_host("c");
-    let nginx = topo.start_nginx(&[80]);
-    let collector = Collector::start(&mut topo, &col_ns, col_addr, "");
-    let mut agents = Vec::new();
-    for i in 0..2 {
-        let name = format!("node-{i}");
-        let spool = topo.tmp_dir().join(format!("spool-{i}"));
-        let yaml = format!(
-            "{}{agent_extra}",
-            collector.agent_yaml(&name, &spool, uplink_extra)
-        );
-        agents.push(Agent::start_on(&mut topo, i, &name, &[80], &yaml));
-    }
-    collector.wait_connected(&["node-0", "node-1"]);
-    Cluster {
-        topo,
-        collector,
-        nginx,
-        agents,
-    }
-}
-
-/// Run one request and return the nginx access line it produced.
+/// One request from `pod` on `node`; its nginx line, parsed.
 fn request(c: &Cluster, node: usize, pod: usize, local_port: Option<u16>) -> (IpAddr, u16, f64) {
-    let before = c.nginx.access_lines().len();
-    curl(
-        c.topo.pod_ns_of(node, pod),
-        c.topo.srv_ip_for_node(node),
-        local_port,
-    );
-    let lines = wait_for(WAIT, "nginx to log the request", || {
-        let l = c.nginx.access_lines();
-        (l.len() > before).then_some(l)
-    });
-    let l = lines[before];
-    (l.0, l.1, l.2)
+    parse(&c.request(node, pod, local_port, &[]))
 }
 
 fn search(c: &Collector, query: &str) -> Value {
@@ -92,7 +45,7 @@ fn every_nginx_line_resolves_to_the_pod_that_sent_it() {
     if !require_root() {
         return;
     }
-    let c = cluster(2, "", "");
+    let c = Cluster::start(2, None, "", "");
     // (nginx line, pod address, node) for every request.
     let mut sent: Vec<((IpAddr, u16, f64), Ipv4Addr, String)> = Vec::new();
     for node in 0..2 {
@@ -196,8 +149,9 @@ fn killed_and_stopped_collector_loses_and_duplicates_nothing() {
     }
     // Small batches and a tiny in-flight window: an outage of a few dozen
     // flows overflows memory into the spool.
-    let mut c = cluster(
+    let mut c = Cluster::start(
         1,
+        None,
         "  batch_max_records: 5\n  batch_max_delay_ms: 50\n  max_inflight_batches: 2\n",
         "capture_destroy: false\n",
     );

@@ -10,57 +10,13 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ctw_collector::resolve::DEFAULT_LOG_FORMAT;
-use ctw_testkit::agent::Agent;
-use ctw_testkit::collector::{Collector, HTTP_PORT};
-use ctw_testkit::{require_root, run_in, wait_for, NginxHandle, Topology};
+use ctw_testkit::cluster::Cluster;
+use ctw_testkit::{require_root, wait_for};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn log_lines(nginx: &NginxHandle) -> Vec<String> {
-    std::fs::read_to_string(&nginx.access_log)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-/// One request from a pod; returns the access line nginx wrote for it.
-fn request(
-    topo: &Topology,
-    nginx: &NginxHandle,
-    node: usize,
-    pod: usize,
-    local_port: Option<u16>,
-) -> String {
-    let before = log_lines(nginx).len();
-    let url = format!("http://{}/some/path?q=1", topo.srv_ip_for_node(node));
-    let lp = local_port.map(|p| p.to_string());
-    let mut argv = vec![
-        "curl",
-        "-sS",
-        "--max-time",
-        "5",
-        "-o",
-        "/dev/null",
-        "-A",
-        "test agent/1.0 (\"quoted\")",
-    ];
-    if let Some(p) = &lp {
-        argv.extend(["--local-port", p.as_str()]);
-    }
-    argv.push(&url);
-    let out = run_in(topo.pod_ns_of(node, pod), &argv);
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for(WAIT, "nginx to log the request", || {
-        let l = log_lines(nginx);
-        (l.len() > before).then(|| l[before].clone())
-    })
-}
+/// A user agent with spaces and quotes, as real ones have.
+const UA: &[&str] = &["-A", "test agent/1.0 (\"quoted\")"];
 
 fn unix_secs() -> u64 {
     SystemTime::now()
@@ -77,38 +33,12 @@ fn next_second() {
     });
 }
 
-fn resolve(topo: &Topology, c: &Collector, lines: &[String]) -> (u16, Value) {
-    let body = topo.tmp_dir().join("resolve.json");
-    std::fs::write(
-        &body,
-        serde_json::to_vec(&json!({ "lines": lines })).unwrap(),
+fn resolve(c: &Cluster, lines: &[String]) -> (u16, Value) {
+    c.collector.post_json(
+        "/api/v1/resolve",
+        &json!({ "lines": lines }),
+        c.topo.tmp_dir(),
     )
-    .unwrap();
-    let auth = format!("Authorization: Bearer {}", c.token);
-    let data = format!("@{}", body.display());
-    let url = format!("http://127.0.0.1:{HTTP_PORT}/api/v1/resolve");
-    let out = run_in(
-        &c.ns,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "-H",
-            &auth,
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            &data,
-            "-w",
-            "\n%{http_code}",
-            &url,
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
-    let v = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-    (code.trim().parse().unwrap_or(0), v)
 }
 
 #[test]
@@ -116,34 +46,23 @@ fn real_nginx_lines_in_the_default_format_resolve_to_their_pods() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new(2);
-    topo.add_node(2);
-    let (col_ns, col_addr) = topo.add_host("c");
-    let nginx = topo.start_nginx_with_format(&[80], DEFAULT_LOG_FORMAT);
-    let collector = Collector::start(&mut topo, &col_ns, col_addr, "");
-    let mut agents = Vec::new();
-    for i in 0..2 {
-        let name = format!("node-{i}");
-        let spool = topo.tmp_dir().join(format!("spool-{i}"));
-        let yaml = collector.agent_yaml(&name, &spool, "");
-        agents.push(Agent::start_on(&mut topo, i, &name, &[80], &yaml));
-    }
-    collector.wait_connected(&["node-0", "node-1"]);
+    let c = Cluster::start(2, Some(DEFAULT_LOG_FORMAT), "", "");
+    let topo = &c.topo;
 
     // (line, pod address, node) for every request.
     let mut sent: Vec<(String, Ipv4Addr, String)> = Vec::new();
     for node in 0..2 {
         let name = format!("node-{node}");
         // The same node port used by two pods, in different seconds.
-        let first = request(&topo, &nginx, node, 0, Some(45100));
+        let first = c.request(node, 0, Some(45100), UA);
         topo.conntrack_on(node, &["-D", "-p", "tcp", "--orig-port-src", "45100"]);
         next_second();
-        let second = request(&topo, &nginx, node, 1, Some(45100));
+        let second = c.request(node, 1, Some(45100), UA);
         sent.push((first, topo.pod_ip4_of(node, 0), name.clone()));
         sent.push((second, topo.pod_ip4_of(node, 1), name.clone()));
         for pod in 0..2 {
             for _ in 0..3 {
-                let line = request(&topo, &nginx, node, pod, None);
+                let line = c.request(node, pod, None, UA);
                 sent.push((line, topo.pod_ip4_of(node, pod), name.clone()));
             }
         }
@@ -152,7 +71,7 @@ fn real_nginx_lines_in_the_default_format_resolve_to_their_pods() {
     // Records are searchable within the commit interval: wait until every
     // line is resolved (or the deadline says which were not).
     let v = wait_for(WAIT, "every line resolved", || {
-        let (code, v) = resolve(&topo, &collector, &lines);
+        let (code, v) = resolve(&c, &lines);
         assert_eq!(code, 200, "{v:#}");
         (v["summary"]["resolved"] == lines.len()).then_some(v)
     });
@@ -180,5 +99,4 @@ fn real_nginx_lines_in_the_default_format_resolve_to_their_pods() {
         );
     }
     assert_eq!(v["summary"]["unparsed"], 0);
-    drop(agents);
 }

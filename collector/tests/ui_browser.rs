@@ -16,9 +16,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ctw_testkit::agent::Agent;
-use ctw_testkit::collector::{Collector, HTTP_PORT};
-use ctw_testkit::{require_root, run_in, run_in_timeout, wait_for, Topology};
+use ctw_testkit::cluster::Cluster;
+use ctw_testkit::collector::HTTP_PORT;
+use ctw_testkit::{require_root, run_in_timeout, wait_for};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -65,19 +65,6 @@ fn screenshots_dir() -> PathBuf {
         .join("ui-screenshots")
 }
 
-fn curl(ns: &str, dst: Ipv4Addr) {
-    let url = format!("http://{dst}/");
-    let out = run_in(
-        ns,
-        &["curl", "-sS", "--max-time", "5", "-o", "/dev/null", &url],
-    );
-    assert!(
-        out.status.success(),
-        "curl from {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     if !require_root() {
@@ -92,35 +79,18 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     };
 
     // The cluster of e2e.rs: two nodes with two pods each, nginx on port 80.
-    let mut topo = Topology::new(2);
-    topo.add_node(2);
-    let (col_ns, col_addr) = topo.add_host("c");
-    let nginx = topo.start_nginx(&[80]);
-    let collector = Collector::start(&mut topo, &col_ns, col_addr, "");
-    let mut agents = Vec::new();
-    for i in 0..2 {
-        let name = format!("node-{i}");
-        let spool = topo.tmp_dir().join(format!("spool-{i}"));
-        let yaml = collector.agent_yaml(&name, &spool, "");
-        agents.push(Agent::start_on(&mut topo, i, &name, &[80], &yaml));
-    }
-    collector.wait_connected(&["node-0", "node-1"]);
+    let c = Cluster::start(2, None, "", "");
+    let (topo, collector) = (&c.topo, &c.collector);
 
     // Requests from known pods; each one's raw access line and its sender.
     let mut sent: Vec<(String, Ipv4Addr, String)> = Vec::new();
-    for round in 0..2 {
+    for _round in 0..2 {
         for node in 0..2 {
             for pod in 0..2 {
-                let before = nginx.access_lines().len();
-                curl(topo.pod_ns_of(node, pod), topo.srv_ip_for_node(node));
-                let raw = wait_for(WAIT, "nginx to log the request", || {
-                    let text = std::fs::read_to_string(&nginx.access_log).unwrap_or_default();
-                    text.lines().nth(before).map(str::to_string)
-                });
+                let raw = c.request(node, pod, None, &[]);
                 sent.push((raw, topo.pod_ip4_of(node, pod), format!("node-{node}")));
             }
         }
-        let _ = round;
     }
     // Every line is searchable before the browser asks (the index commits
     // every 200 ms).
@@ -160,7 +130,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         "--screenshots",
         shots.to_str().expect("utf-8 path"),
     ];
-    let out = run_in_timeout(&col_ns, &argv, Duration::from_secs(180));
+    let out = run_in_timeout(&collector.ns, &argv, Duration::from_secs(180));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -276,5 +246,4 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
             p.display()
         );
     }
-    drop(agents);
 }

@@ -197,3 +197,92 @@ impl Topology {
         must_in(self.node_ns_of(i), &argv)
     }
 }
+
+/// The end-to-end cluster: two nodes with pods behind masquerade, an ingress
+/// (the server namespace) running nginx on port 80, the collector in its own
+/// namespace, and one agent per node (`node-0`, `node-1`) streaming to it.
+#[derive(Debug)]
+pub struct Cluster {
+    pub topo: Topology,
+    pub collector: crate::collector::Collector,
+    pub nginx: crate::NginxHandle,
+    pub agents: Vec<crate::agent::Agent>,
+}
+
+impl Cluster {
+    /// `log_format`: nginx's access-log format (default: the testkit's
+    /// `$remote_addr $remote_port $msec $server_port`). `uplink_extra` goes
+    /// into the agents' `collector:` section (indented two spaces),
+    /// `agent_extra` at their top level.
+    pub fn start(
+        pods: usize,
+        log_format: Option<&str>,
+        uplink_extra: &str,
+        agent_extra: &str,
+    ) -> Cluster {
+        let mut topo = Topology::new(pods);
+        topo.add_node(pods);
+        let (col_ns, col_addr) = topo.add_host("c");
+        let nginx = match log_format {
+            Some(f) => topo.start_nginx_with_format(&[80], f),
+            None => topo.start_nginx(&[80]),
+        };
+        let collector = crate::collector::Collector::start(&mut topo, &col_ns, col_addr, "");
+        let mut agents = Vec::new();
+        for i in 0..2 {
+            let name = format!("node-{i}");
+            let spool = topo.tmp_dir().join(format!("spool-{i}"));
+            let yaml = format!(
+                "{}{agent_extra}",
+                collector.agent_yaml(&name, &spool, uplink_extra)
+            );
+            agents.push(crate::agent::Agent::start_on(
+                &mut topo,
+                i,
+                &name,
+                &[80],
+                &yaml,
+            ));
+        }
+        collector.wait_connected(&["node-0", "node-1"]);
+        Cluster {
+            topo,
+            collector,
+            nginx,
+            agents,
+        }
+    }
+
+    /// One HTTP request from pod `pod` of node `node` to nginx (optionally
+    /// from a fixed local port, with extra curl arguments); returns the raw
+    /// access-log line it produced.
+    pub fn request(
+        &self,
+        node: usize,
+        pod: usize,
+        local_port: Option<u16>,
+        extra_args: &[&str],
+    ) -> String {
+        let read = || fs::read_to_string(&self.nginx.access_log).unwrap_or_default();
+        let before = read().lines().count();
+        let url = format!("http://{}/", self.topo.srv_ip_for_node(node));
+        let lp = local_port.map(|p| p.to_string());
+        let mut argv = vec!["curl", "-sS", "--max-time", "5", "-o", "/dev/null"];
+        if let Some(p) = &lp {
+            argv.extend(["--local-port", p.as_str()]);
+        }
+        argv.extend_from_slice(extra_args);
+        argv.push(&url);
+        let out = crate::run_in(self.topo.pod_ns_of(node, pod), &argv);
+        assert!(
+            out.status.success(),
+            "curl from node {node} pod {pod}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        crate::wait_for(
+            std::time::Duration::from_secs(30),
+            "nginx to log the request",
+            || read().lines().nth(before).map(str::to_string),
+        )
+    }
+}

@@ -152,6 +152,39 @@ impl Collector {
         (code, v)
     }
 
+    /// POST a JSON body with the bearer token; parse the JSON answer.
+    pub fn post_json(&self, path: &str, body: &Value, tmp: &std::path::Path) -> (u16, Value) {
+        let file = tmp.join(format!("post-{}.json", std::process::id()));
+        std::fs::write(&file, serde_json::to_vec(body).expect("serialize body"))
+            .expect("write body");
+        let url = format!("http://127.0.0.1:{HTTP_PORT}{path}");
+        let auth = format!("Authorization: Bearer {}", self.token);
+        let data = format!("@{}", file.display());
+        let out = run_in(
+            &self.ns,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "30",
+                "-H",
+                &auth,
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &data,
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
+        let v =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
+        (code.trim().parse().unwrap_or(0), v)
+    }
+
     fn request(&self, path: &str, token: Option<&str>) -> (u16, String) {
         let url = format!("http://127.0.0.1:{HTTP_PORT}{path}");
         let auth = token.map(|t| format!("Authorization: Bearer {t}"));
