@@ -16,18 +16,8 @@ pub const DEFAULT_HTTP_LISTEN: &str = ":9358";
 /// Default netlink receive buffer: 64 MiB holds about 50,000 queued events.
 pub const DEFAULT_RCVBUF_BYTES: usize = 64 << 20;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("config: {0}")]
-    Invalid(String),
-}
+pub use ctw_common::config::ConfigError;
+use ctw_common::config::{load_yaml, parse_yaml};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,25 +109,14 @@ impl Default for NetlinkConfig {
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                message,
-            },
-            other => other,
-        })
+        let cfg: Config = load_yaml(path)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Parse and validate YAML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "<text>".into(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config = parse_yaml(text, "<text>")?;
         cfg.validate()?;
         Ok(cfg)
     }

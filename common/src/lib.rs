@@ -12,6 +12,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub mod api;
+pub mod config;
 
 /// Layer-4 protocols the product tracks: the ones whose conntrack tuple has
 /// source and destination ports.
