@@ -205,6 +205,13 @@ send_probe() { # one watched flow from PROBE_SRC to PROBE_DST, new src port each
         --src-port-min "$sp" --src-port-max "$sp" >/dev/null
 }
 
+thread_ticks() { # "comm=ticks ..." per thread of pid (utime+stime), summed by thread name
+    local t
+    for t in /proc/"$1"/task/*; do
+        awk '{ c = $0; sub(/^[^(]*\(/, "", c); sub(/\).*$/, "", c); gsub(/ /, "_", c); sub(/^.*\) /, ""); print c, $12 + $13 }' "$t/stat" 2>/dev/null
+    done | awk '{ s[$1] += $2 } END { for (k in s) printf "%s=%d ", k, s[k] }'
+}
+
 cpu_ticks() { # utime+stime (all threads) of pid
     awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
 }
@@ -458,6 +465,8 @@ run_one() { # scenario fraction listener
     st0=$(ct_stats)
     nl0=$(nl_state "$LPID")
     t0=$(cpu_ticks "$LPID")
+    local th0
+    th0=$(thread_ticks "$LPID")
 
     local gen load
     load=$(cut -d' ' -f1 /proc/loadavg)
@@ -469,6 +478,13 @@ run_one() { # scenario fraction listener
     wait_drained "$LPID"
     local t1 st1 c1 nl1 hwm
     t1=$(cpu_ticks "$LPID")
+    local th1 threads
+    th1=$(thread_ticks "$LPID")
+    # CPU us per captured event by thread name (where the time goes).
+    threads=$(awk -v a="$th0" -v b="$th1" -v hz="$CLK_TCK" 'BEGIN {
+        split(a, x, " "); for (i in x) { split(x[i], kv, "="); before[kv[1]] = kv[2] }
+        split(b, y, " "); for (i in y) { split(y[i], kv, "="); d = kv[2] - before[kv[1]]; if (d > 0) printf "%s:%dms ", kv[1], d * 1000 / hz }
+    }')
     nl1=$(nl_state "$LPID")
     hwm=$(vm_hwm_kb "$LPID")
     c1=$(ct_count)
@@ -496,7 +512,7 @@ run_one() { # scenario fraction listener
     rss_mib=$(awk -v k="$hwm" 'BEGIN { printf "%.1f", k / 1024 }')
     local ctd
     ctd=$(stat_delta "$st0" "$st1")
-    ROWS+=("| $scen | $lis | $sent | $rate | $gen_us | $expected | $captured | $pct | $drops_nl | $(awk -v u="$cpu_us" 'BEGIN { printf "%.2f", u / 1e6 }') | $per_ev | $per_kev | $rss_mib | $created | $ctd | probe_seen=$probe event_sk_rcvbuf=$rcvbuf loadavg1=$load $notes |")
+    ROWS+=("| $scen | $lis | $sent | $rate | $gen_us | $expected | $captured | $pct | $drops_nl | $(awk -v u="$cpu_us" 'BEGIN { printf "%.2f", u / 1e6 }') | $per_ev | $per_kev | $rss_mib | $created | $ctd | probe_seen=$probe event_sk_rcvbuf=$rcvbuf loadavg1=$load threads_cpu=[${threads% }] $notes |")
     log "$scen/$lis: sent=$sent rate=$rate/s expected=$expected captured=$captured ($pct) nl_drops=$drops_nl cpu=${cpu_us}us (${per_ev}us/event) hwm=${rss_mib}MiB ct_created=$created $ctd probe=$probe rcvbuf=$rcvbuf $notes"
 }
 

@@ -228,7 +228,11 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
                     .ok_or_else(|| format!("{s:?} is not a time"))?;
                 frac_ns += u64::from(d) * 10u64.pow(8 - i as u32);
             }
-            return Ok(whole * 1_000_000_000 + frac_ns);
+            // u64 nanoseconds reach year 2554; later times are out of range.
+            return whole
+                .checked_mul(1_000_000_000)
+                .and_then(|n| n.checked_add(frac_ns))
+                .ok_or_else(|| format!("{s:?} is out of range for Unix seconds"));
         }
         return Err(format!("{s:?} is out of range for Unix seconds"));
     }
@@ -314,6 +318,9 @@ mod tests {
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("-5").is_err());
         assert!(parse_time("1e300").is_err());
+        // Found by fuzzing: below the 1e11 s guard, but past u64 nanoseconds.
+        assert!(parse_time("20100110120").is_err());
+        assert!(parse_time("18446744073.709551615").is_ok());
         assert_eq!(
             format_time(1_733_727_900_123_000_000),
             "2024-12-09T07:05:00.123Z"
