@@ -247,7 +247,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.commit()?;
     let ingest_s = start.elapsed().as_secs_f64();
     let ingest_cpu = cpu_seconds() - cpu0;
-    eprintln!("ingested {n} in {ingest_s:.1}s; merging");
+    eprintln!(
+        "ingested {n} in {ingest_s:.1}s, {:.0} records per CPU-s; merging",
+        n as f64 / ingest_cpu.max(1e-9)
+    );
     let m0 = Instant::now();
     store.force_merge()?;
     let merge_s = m0.elapsed().as_secs_f64();

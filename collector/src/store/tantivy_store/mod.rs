@@ -39,14 +39,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ctw_common::ConnRecord;
-use tantivy::indexer::{IndexWriterOptions, LogMergePolicy};
+use tantivy::indexer::{IndexWriterOptions, LogMergePolicy, UserOperation};
 use tantivy::query::{AllQuery, BooleanQuery, EnableScoring, Occur, Query, RangeQuery, TermQuery};
 use tantivy::schema::IndexRecordOption;
 use tantivy::{DateTime, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, Term, TERMINATED};
 
 use self::dedup::{BootSeqs, Dedup};
 use self::gaps::GapLog;
-use self::schema::{to_v6, Fields, SegmentColumns};
+use self::schema::{to_v6, Fields, RecordDoc, SegmentColumns};
 use self::wal::{io_err, Wal};
 use super::{
     assemble, matches_fields, AppendOutcome, Gap, RecordStore, SearchQuery, SearchResult,
@@ -102,7 +102,7 @@ struct Partition {
 }
 
 struct WriterSlot {
-    writer: IndexWriter,
+    writer: IndexWriter<RecordDoc>,
     dirty: bool,
     idle_commits: u32,
 }
@@ -233,7 +233,7 @@ impl Inner {
         #[allow(clippy::map_entry)] // creating the writer is fallible
         if !ing.writers.contains_key(&start_ns) {
             let p = self.partition(start_ns)?;
-            let w: IndexWriter = p
+            let w: IndexWriter<RecordDoc> = p
                 .index
                 .writer_with_options(
                     IndexWriterOptions::builder()
@@ -267,26 +267,48 @@ impl Inner {
         end: u64,
         covered: &HashMap<u64, u64>,
     ) -> Result<(), StoreError> {
+        let node: Arc<str> = Arc::from(b.node.as_str());
+        // Records go to the writers in runs of the same partition, one
+        // channel message per run (`add_document` sends one per document,
+        // and waking the indexing thread per document cost more CPU than
+        // indexing it).
+        let mut run: Vec<UserOperation<RecordDoc>> = Vec::new();
         let mut cur: Option<(u64, bool)> = None;
         for r in &b.records {
             let start = self.partition_start(r.event_ns);
             let skip = match cur {
                 Some((s, skip)) if s == start => skip,
                 _ => {
+                    if let Some((s, false)) = cur {
+                        self.send_run(ing, s, &mut run)?;
+                    }
                     let skip = covered.get(&start).is_some_and(|&c| c >= end);
                     cur = Some((start, skip));
                     skip
                 }
             };
-            if skip {
-                continue;
+            if !skip {
+                run.push(UserOperation::Add(self.fields.doc(&node, r)));
             }
-            let slot = self.writer(ing, start)?;
-            slot.writer
-                .add_document(self.fields.doc(&b.node, r))
-                .map_err(idx_err)?;
-            slot.dirty = true;
         }
+        if let Some((s, false)) = cur {
+            self.send_run(ing, s, &mut run)?;
+        }
+        Ok(())
+    }
+
+    fn send_run(
+        &self,
+        ing: &mut Ingest,
+        start: u64,
+        run: &mut Vec<UserOperation<RecordDoc>>,
+    ) -> Result<(), StoreError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let slot = self.writer(ing, start)?;
+        slot.dirty = true;
+        slot.writer.run(std::mem::take(run)).map_err(idx_err)?;
         Ok(())
     }
 
@@ -389,7 +411,12 @@ impl Inner {
                             }
                             if let Some(c) = cols.as_mut() {
                                 if let Some((node, r)) = c.record(doc).map_err(idx_err)? {
-                                    if matches_fields(q, &node, &r) {
+                                    // The time column has µs precision: drop the
+                                    // records of the bounds' microseconds that
+                                    // are outside the range.
+                                    if (lo..=hi).contains(&r.event_ns)
+                                        && matches_fields(q, &node, &r)
+                                    {
                                         records.push((node, r));
                                     }
                                 }
@@ -476,10 +503,7 @@ impl Inner {
         }
         if lo > 0 || hi < u64::MAX {
             let date = |ns: u64| {
-                Term::from_field_date(
-                    f.t,
-                    DateTime::from_timestamp_nanos(ns.min(i64::MAX as u64) as i64),
-                )
+                Term::from_field_date(f.t, DateTime::from_timestamp_micros((ns / 1000) as i64))
             };
             clauses.push((
                 Occur::Must,
@@ -872,12 +896,24 @@ fn open_partition_at(
     std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
     let mmap = tantivy::directory::MmapDirectory::open(&dir).map_err(idx_err)?;
     let index = if Index::exists(&mmap).map_err(idx_err)? {
-        Index::open(mmap).map_err(idx_err)?
+        let index = Index::open(mmap).map_err(idx_err)?;
+        // Documents and columns are read by field id and name: a partition
+        // written with another schema (an older version of this store)
+        // would be misread.
+        if index.schema() != fields.schema {
+            return Err(StoreError::Corrupt {
+                path: dir.display().to_string(),
+                message: "partition written with a different index schema".into(),
+            });
+        }
+        index
     } else {
         Index::builder()
             .schema(fields.schema.clone())
-            // Nothing is stored; the default (lz4) doc store of empty
-            // documents is a few bytes per block.
+            // Nothing is stored, yet the doc store costs ~4 bytes per
+            // document (a 4-byte offset per document in each block, which
+            // LZ4 does not shrink); tantivy cannot skip it, and no block
+            // size or LZ4 setting changes it (see `schema`).
             .settings(tantivy::IndexSettings::default())
             .open_or_create(mmap)
             .map_err(idx_err)?

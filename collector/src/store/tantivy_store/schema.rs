@@ -3,11 +3,16 @@
 //!
 //! Fields (all fast unless noted):
 //! - `node`: raw string, indexed (doc ids only, no norms).
-//! - `t`: event time, date with ns precision, fast only: range queries on a
-//!   fast date field scan its column (tantivy picks that path for fast
-//!   fields), and partitions already prune by time. An indexed date (one
-//!   term per distinct second) cost 2-13 bytes per record and a third of the
-//!   indexing CPU in measurements.
+//! - `t`: event time truncated to the microsecond, date, fast only: range
+//!   queries on a fast date field scan its column (tantivy picks that path
+//!   for fast fields), and partitions already prune by time. An indexed date
+//!   (one term per distinct second) cost 2-13 bytes per record and a third
+//!   of the indexing CPU in measurements. `t_ns`: the nanoseconds below the
+//!   microsecond (0-999), so event times come back exact. Two columns cost
+//!   less than one at ns precision: the blockwise-linear codec of `t` then
+//!   packs the residuals of ~µs values, and `t_ns` is a flat 10 bits (0 when
+//!   times are whole microseconds). Searches widen their bounds to whole
+//!   microseconds and drop the records outside the exact range.
 //! - `src_ip`, `dst_ip`, `snat_ip` (reply dst): IP fields, indexed.
 //!   `rsrc_ip` (reply src): indexed, present only when it differs from
 //!   `dst_ip` (DNAT), so it costs nothing without DNAT.
@@ -20,18 +25,31 @@
 //!   of distinct shapes) bits per record, where separate bit-packed u64
 //!   columns would cost the bit width of each field's range.
 //! - `start_d` (non-DESTROY) / `dstart_d` (DESTROY): event time - start time,
-//!   `stop_d`: event time - stop time, only when known (i64).
-//! - `po`, `bo`, `pr`, `br`: packets/bytes per direction, only when known.
+//!   `stop_d`: event time - stop time, only when known (i64) and not equal to
+//!   the event time (a flag in `shape` says "start/stop = event time", the
+//!   usual case for NEW / DESTROY records).
+//! - `pk`, `bk`: packets / bytes of both directions, bits interleaved (orig
+//!   on even bits), when both directions are known and every value fits 32
+//!   bits (a flag in `shape`); else `po`, `bo`, `pr`, `br`: packets/bytes per
+//!   direction, only when known.
+//!
+//! Nothing is stored in the doc store, but tantivy writes one (an empty
+//! document costs a 1-byte header plus a 4-byte offset in its block, which
+//! LZ4 cannot shrink: ~4 bytes per record). Tantivy 0.27 has no setting to
+//! skip it, and its zstd compressor needs a crate feature the workspace does
+//! not enable.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 
 use ctw_common::{ConnRecord, Counters, EventKind, Protocol, Tuple};
 use tantivy::columnar::{BytesColumn, Column, StrColumn};
+use tantivy::schema::document::{Document, ReferenceValue, ReferenceValueLeaf, Value};
 use tantivy::schema::{
     BytesOptions, DateOptions, DateTimePrecision, Field, IndexRecordOption, IpAddrOptions,
     NumericOptions, Schema, TextFieldIndexing, TextOptions,
 };
-use tantivy::{DateTime, DocId, SegmentReader, TantivyDocument};
+use tantivy::{DateTime, DocId, SegmentReader};
 
 use super::codec::{tcp_state_code, tcp_state_from_code};
 
@@ -49,6 +67,7 @@ pub(super) struct Fields {
     pub(super) snat_port: Field,
     id: Field,
     shape: Field,
+    t_ns: Field,
     start_d: Field,
     dstart_d: Field,
     stop_d: Field,
@@ -56,6 +75,8 @@ pub(super) struct Fields {
     bo: Field,
     pr: Field,
     br: Field,
+    pk: Field,
+    bk: Field,
 }
 
 impl Fields {
@@ -79,7 +100,7 @@ impl Fields {
             "t",
             DateOptions::default()
                 .set_fast()
-                .set_precision(DateTimePrecision::Nanoseconds),
+                .set_precision(DateTimePrecision::Microseconds),
         );
         let src_ip = b.add_ip_addr_field("src_ip", ip.clone());
         let dst_ip = b.add_ip_addr_field("dst_ip", ip.clone());
@@ -90,13 +111,16 @@ impl Fields {
         let snat_port = b.add_u64_field("snat_port", port);
         let id = b.add_u64_field("id", fast.clone());
         let shape = b.add_bytes_field("shape", BytesOptions::default().set_fast());
+        let t_ns = b.add_u64_field("t_ns", fast.clone());
         let start_d = b.add_i64_field("start_d", fast.clone());
         let dstart_d = b.add_i64_field("dstart_d", fast.clone());
         let stop_d = b.add_i64_field("stop_d", fast.clone());
         let po = b.add_u64_field("po", fast.clone());
         let bo = b.add_u64_field("bo", fast.clone());
         let pr = b.add_u64_field("pr", fast.clone());
-        let br = b.add_u64_field("br", fast);
+        let br = b.add_u64_field("br", fast.clone());
+        let pk = b.add_u64_field("pk", fast.clone());
+        let bk = b.add_u64_field("bk", fast);
         Fields {
             schema: b.build(),
             node,
@@ -110,6 +134,7 @@ impl Fields {
             snat_port,
             id,
             shape,
+            t_ns,
             start_d,
             dstart_d,
             stop_d,
@@ -117,45 +142,147 @@ impl Fields {
             bo,
             pr,
             br,
+            pk,
+            bk,
         }
     }
 
-    pub(super) fn doc(&self, node: &str, r: &ConnRecord) -> TantivyDocument {
-        let mut d = TantivyDocument::new();
-        d.add_text(self.node, node);
-        d.add_date(self.t, DateTime::from_timestamp_nanos(r.event_ns as i64));
-        d.add_ip_addr(self.src_ip, to_v6(r.orig.src));
-        d.add_ip_addr(self.dst_ip, to_v6(r.orig.dst));
-        d.add_ip_addr(self.snat_ip, to_v6(r.reply.dst));
+    /// The document of one record: a fixed array of field values, built
+    /// without allocating (`node` is shared by the records of a batch).
+    pub(super) fn doc(&self, node: &Arc<str>, r: &ConnRecord) -> RecordDoc {
+        let mut d = RecordDoc {
+            node: node.clone(),
+            shape: shape(r),
+            vals: [(self.node, Slot::Node); MAX_VALUES],
+            len: 0,
+        };
+        let mut push = |f: Field, v: Slot| {
+            d.vals[d.len as usize] = (f, v);
+            d.len += 1;
+        };
+        push(self.node, Slot::Node);
+        push(
+            self.t,
+            Slot::Date(DateTime::from_timestamp_micros((r.event_ns / 1000) as i64)),
+        );
+        push(self.src_ip, Slot::Ip(to_v6(r.orig.src)));
+        push(self.dst_ip, Slot::Ip(to_v6(r.orig.dst)));
+        push(self.snat_ip, Slot::Ip(to_v6(r.reply.dst)));
         if r.reply.src != r.orig.dst {
-            d.add_ip_addr(self.rsrc_ip, to_v6(r.reply.src));
+            push(self.rsrc_ip, Slot::Ip(to_v6(r.reply.src)));
         }
-        d.add_u64(self.src_port, r.orig.src_port as u64);
-        d.add_u64(self.dst_port, r.orig.dst_port as u64);
-        d.add_u64(self.snat_port, r.reply.dst_port as u64);
-        d.add_u64(self.id, r.id as u64);
-        d.add_bytes(self.shape, &shape(r));
+        push(self.src_port, Slot::U64(r.orig.src_port as u64));
+        push(self.dst_port, Slot::U64(r.orig.dst_port as u64));
+        push(self.snat_port, Slot::U64(r.reply.dst_port as u64));
+        push(self.id, Slot::U64(r.id as u64));
+        push(self.shape, Slot::Shape);
+        push(self.t_ns, Slot::U64(r.event_ns % 1000));
         let delta = |x: u64| r.event_ns.wrapping_sub(x) as i64;
-        if let Some(s) = r.start_ns {
+        let (start_at_event, stop_at_event) = at_event(r);
+        if let Some(s) = r.start_ns.filter(|_| !start_at_event) {
             let f = if r.kind == EventKind::Destroy {
                 self.dstart_d
             } else {
                 self.start_d
             };
-            d.add_i64(f, delta(s));
+            push(f, Slot::I64(delta(s)));
         }
-        if let Some(s) = r.stop_ns {
-            d.add_i64(self.stop_d, delta(s));
+        if let Some(s) = r.stop_ns.filter(|_| !stop_at_event) {
+            push(self.stop_d, Slot::I64(delta(s)));
+        }
+        if let Some((o, r)) = packed_counters(r) {
+            push(self.pk, Slot::U64(interleave(o.packets, r.packets)));
+            push(self.bk, Slot::U64(interleave(o.bytes, r.bytes)));
+            return d;
         }
         if let Some(c) = r.counters_orig {
-            d.add_u64(self.po, c.packets);
-            d.add_u64(self.bo, c.bytes);
+            push(self.po, Slot::U64(c.packets));
+            push(self.bo, Slot::U64(c.bytes));
         }
         if let Some(c) = r.counters_reply {
-            d.add_u64(self.pr, c.packets);
-            d.add_u64(self.br, c.bytes);
+            push(self.pr, Slot::U64(c.packets));
+            push(self.br, Slot::U64(c.bytes));
         }
         d
+    }
+}
+
+/// Most field values of one document.
+const MAX_VALUES: usize = 20;
+
+/// One field value of a [`RecordDoc`].
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Slot {
+    Node,
+    Shape,
+    U64(u64),
+    I64(i64),
+    Date(DateTime),
+    Ip(Ipv6Addr),
+}
+
+/// The tantivy document of one record. Indexing a `TantivyDocument` cost
+/// an allocation of 1 KiB and a few reallocations per record; tantivy
+/// indexes any [`Document`] without converting it.
+#[derive(Debug)]
+pub(super) struct RecordDoc {
+    node: Arc<str>,
+    shape: [u8; SHAPE_LEN],
+    vals: [(Field, Slot); MAX_VALUES],
+    len: u8,
+}
+
+/// A borrowed leaf value of a [`RecordDoc`].
+#[derive(Debug, Clone)]
+pub(super) struct Leaf<'a>(ReferenceValueLeaf<'a>);
+
+impl<'a> Value<'a> for Leaf<'a> {
+    type ArrayIter = std::iter::Empty<Leaf<'a>>;
+    type ObjectIter = std::iter::Empty<(&'a str, Leaf<'a>)>;
+
+    fn as_value(&self) -> ReferenceValue<'a, Self> {
+        ReferenceValue::Leaf(self.0.clone())
+    }
+}
+
+impl Document for RecordDoc {
+    type Value<'a> = Leaf<'a>;
+    type FieldsValuesIter<'a> = RecordDocIter<'a>;
+
+    fn iter_fields_and_values(&self) -> RecordDocIter<'_> {
+        RecordDocIter { doc: self, i: 0 }
+    }
+}
+
+pub(super) struct RecordDocIter<'a> {
+    doc: &'a RecordDoc,
+    i: usize,
+}
+
+impl<'a> Iterator for RecordDocIter<'a> {
+    type Item = (Field, Leaf<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let d = self.doc;
+        if self.i >= d.len as usize {
+            return None;
+        }
+        let (f, v) = d.vals[self.i];
+        self.i += 1;
+        let leaf = match v {
+            Slot::Node => ReferenceValueLeaf::Str(&d.node),
+            Slot::Shape => ReferenceValueLeaf::Bytes(&d.shape),
+            Slot::U64(x) => ReferenceValueLeaf::U64(x),
+            Slot::I64(x) => ReferenceValueLeaf::I64(x),
+            Slot::Date(x) => ReferenceValueLeaf::Date(x),
+            Slot::Ip(x) => ReferenceValueLeaf::IpAddr(x),
+        };
+        Some((f, Leaf(leaf)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.doc.len as usize - self.i;
+        (n, Some(n))
     }
 }
 
@@ -200,7 +327,67 @@ fn shape(r: &ConnRecord) -> [u8; SHAPE_LEN] {
         | (mapped_v6(r.orig.dst) as u8) << 1
         | (mapped_v6(r.reply.src) as u8) << 2
         | (mapped_v6(r.reply.dst) as u8) << 3;
+    let (start_at_event, stop_at_event) = at_event(r);
+    s[21] = start_at_event as u8
+        | (stop_at_event as u8) << 1
+        | (packed_counters(r).is_some() as u8) << 2;
     s
+}
+
+/// Both directions' counters when each value fits 32 bits: then stored as
+/// two columns of interleaved bits (packets, bytes) instead of four
+/// optional columns (each optional column costs 1 bit per document for its
+/// presence index; interleaving two values of similar size costs about the
+/// sum of their widths).
+fn packed_counters(r: &ConnRecord) -> Option<(Counters, Counters)> {
+    const MAX: u64 = u32::MAX as u64;
+    match (r.counters_orig, r.counters_reply) {
+        (Some(o), Some(r))
+            if o.packets <= MAX && o.bytes <= MAX && r.packets <= MAX && r.bytes <= MAX =>
+        {
+            Some((o, r))
+        }
+        _ => None,
+    }
+}
+
+/// Spread the low 32 bits of `x` to the even bits.
+fn spread(x: u64) -> u64 {
+    let mut x = x & 0xFFFF_FFFF;
+    x = (x | x << 16) & 0x0000_FFFF_0000_FFFF;
+    x = (x | x << 8) & 0x00FF_00FF_00FF_00FF;
+    x = (x | x << 4) & 0x0F0F_0F0F_0F0F_0F0F;
+    x = (x | x << 2) & 0x3333_3333_3333_3333;
+    (x | x << 1) & 0x5555_5555_5555_5555
+}
+
+/// Inverse of [`spread`].
+fn unspread(x: u64) -> u64 {
+    let mut x = x & 0x5555_5555_5555_5555;
+    x = (x | x >> 1) & 0x3333_3333_3333_3333;
+    x = (x | x >> 2) & 0x0F0F_0F0F_0F0F_0F0F;
+    x = (x | x >> 4) & 0x00FF_00FF_00FF_00FF;
+    x = (x | x >> 8) & 0x0000_FFFF_0000_FFFF;
+    (x | x >> 16) & 0x0000_0000_FFFF_FFFF
+}
+
+fn interleave(a: u64, b: u64) -> u64 {
+    spread(a) | spread(b) << 1
+}
+
+fn deinterleave(x: u64) -> (u64, u64) {
+    (unspread(x), unspread(x >> 1))
+}
+
+/// Whether the start / stop time equals the event time (NEW records start,
+/// DESTROY records stop at their event): kept as a flag in `shape` instead of
+/// a zero in an optional column (whose presence index costs 1 bit per
+/// document).
+fn at_event(r: &ConnRecord) -> (bool, bool) {
+    (
+        r.start_ns == Some(r.event_ns),
+        r.stop_ns == Some(r.event_ns),
+    )
 }
 
 /// The fast-field columns of one segment, to rebuild records.
@@ -217,6 +404,7 @@ pub(super) struct SegmentColumns {
     id: Column<u64>,
     shape: BytesColumn,
     shape_cache: Vec<Option<[u8; SHAPE_LEN]>>,
+    t_ns: Column<u64>,
     start_d: Column<i64>,
     dstart_d: Column<i64>,
     stop_d: Column<i64>,
@@ -224,6 +412,8 @@ pub(super) struct SegmentColumns {
     bo: Column<u64>,
     pr: Column<u64>,
     br: Column<u64>,
+    pk: Column<u64>,
+    bk: Column<u64>,
 }
 
 fn missing(name: &str) -> tantivy::TantivyError {
@@ -248,6 +438,7 @@ impl SegmentColumns {
             id: ff.u64("id")?,
             shape_cache: vec![None; shape.num_terms()],
             shape,
+            t_ns: ff.u64("t_ns")?,
             start_d: ff.i64("start_d")?,
             dstart_d: ff.i64("dstart_d")?,
             stop_d: ff.i64("stop_d")?,
@@ -255,6 +446,8 @@ impl SegmentColumns {
             bo: ff.u64("bo")?,
             pr: ff.u64("pr")?,
             br: ff.u64("br")?,
+            pk: ff.u64("pk")?,
+            bk: ff.u64("bk")?,
         })
     }
 
@@ -308,7 +501,9 @@ impl SegmentColumns {
         let u16_at = |i: usize| u16::from_le_bytes([s[i], s[i + 1]]);
         let u32_at = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
         let v6 = s[20];
-        let event_ns = t.into_timestamp_nanos() as u64;
+        let event_ns = (t.into_timestamp_micros() as u64)
+            .wrapping_mul(1000)
+            .wrapping_add(self.t_ns.first(doc).unwrap_or(0));
         let undelta = |d: i64| event_ns.wrapping_sub(d as u64);
         let orig_dst = from_v6(dst, v6 & 2 != 0);
         let reply_src = match self.rsrc_ip.first(doc) {
@@ -323,6 +518,26 @@ impl SegmentColumns {
         let counters = |p: &Column<u64>, b: &Column<u64>| match (p.first(doc), b.first(doc)) {
             (Some(packets), Some(bytes)) => Some(Counters { packets, bytes }),
             _ => None,
+        };
+        let (counters_orig, counters_reply) = match (s[21] & 4 != 0)
+            .then(|| self.pk.first(doc).zip(self.bk.first(doc)))
+            .flatten()
+        {
+            Some((pk, bk)) => {
+                let (po, pr) = deinterleave(pk);
+                let (bo, br) = deinterleave(bk);
+                (
+                    Some(Counters {
+                        packets: po,
+                        bytes: bo,
+                    }),
+                    Some(Counters {
+                        packets: pr,
+                        bytes: br,
+                    }),
+                )
+            }
+            None => (counters(&self.po, &self.bo), counters(&self.pr, &self.br)),
         };
         let r = ConnRecord {
             kind,
@@ -347,10 +562,18 @@ impl SegmentColumns {
             tcp_state: tcp_state_from_code(u16_at(16)),
             tcp_flags_orig: s[18],
             tcp_flags_reply: s[19],
-            start_ns: start_col.first(doc).map(undelta),
-            stop_ns: self.stop_d.first(doc).map(undelta),
-            counters_orig: counters(&self.po, &self.bo),
-            counters_reply: counters(&self.pr, &self.br),
+            start_ns: if s[21] & 1 != 0 {
+                Some(event_ns)
+            } else {
+                start_col.first(doc).map(undelta)
+            },
+            stop_ns: if s[21] & 2 != 0 {
+                Some(event_ns)
+            } else {
+                self.stop_d.first(doc).map(undelta)
+            },
+            counters_orig,
+            counters_reply,
         };
         Ok(Some((node, r)))
     }
