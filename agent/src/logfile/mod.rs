@@ -48,6 +48,8 @@ const QUEUE_BATCHES_LIMIT: usize = 1 << 20;
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// While writes fail, buffered lines are retried this often when idle.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long buffered lines may wait for more before they are written.
+const FLUSH_DELAY: Duration = Duration::from_millis(20);
 /// A failed rotation is not tried again sooner than this.
 const ROTATE_RETRY_INTERVAL: Duration = Duration::from_secs(10);
 /// Backups are checked for age at least this often, even without rotation.
@@ -344,6 +346,8 @@ pub struct LogWriter {
     last_backup: Option<NaiveDateTime>,
     next_rotate_attempt: Option<Instant>,
     next_mill: Instant,
+    /// When the buffered lines must be written (set when the queue ran dry).
+    flush_due: Option<Instant>,
     last_warn: Option<Instant>,
     suppressed_warnings: u64,
 }
@@ -403,6 +407,7 @@ impl LogWriter {
             last_backup: None,
             next_rotate_attempt: None,
             next_mill: Instant::now() + MILL_INTERVAL,
+            flush_due: None,
             last_warn: None,
             suppressed_warnings: 0,
         };
@@ -428,13 +433,30 @@ impl LogWriter {
                 Ok(msg) => msg,
                 Err(TryRecvError::Disconnected) => break,
                 Err(TryRecvError::Empty) => {
-                    // The queue ran dry: get lines to the file now.
-                    self.flush();
+                    // The queue ran dry. Lines reach the file at most
+                    // FLUSH_DELAY later: waiting a little first turns one
+                    // write per small batch into one write per buffer at
+                    // high rates.
                     let now = Instant::now();
-                    let wait = if self.file.has_pending() {
-                        RETRY_INTERVAL
-                    } else {
-                        self.next_mill.saturating_duration_since(now)
+                    let healthy = self.stats.healthy.load(Ordering::Relaxed);
+                    match self.flush_due {
+                        None if self.file.has_pending() && healthy => {
+                            self.flush_due = Some(now + FLUSH_DELAY);
+                        }
+                        Some(due) if now >= due => {
+                            self.flush_due = None;
+                            self.flush();
+                        }
+                        _ => {}
+                    }
+                    let wait = match self.flush_due {
+                        Some(due) => due.saturating_duration_since(now),
+                        None if self.file.has_pending() => {
+                            // A failed write: retry later.
+                            self.flush();
+                            RETRY_INTERVAL
+                        }
+                        None => self.next_mill.saturating_duration_since(now),
                     };
                     match self.rx.recv_timeout(wait) {
                         Ok(msg) => msg,
