@@ -641,6 +641,16 @@ fn gaps_are_durable_and_filtered_by_range() {
                 count: 0,
             })
             .unwrap();
+        // A resent loss report is recorded once.
+        store
+            .record_gap(Gap {
+                node: "n".into(),
+                from_ns: BASE,
+                to_ns: BASE + MIN,
+                reason: "kernel_drop".into(),
+                count: 3,
+            })
+            .unwrap();
         store.crash();
     }
     let store = TantivyStore::open(&dir.cfg()).unwrap();
@@ -654,6 +664,14 @@ fn gaps_are_durable_and_filtered_by_range() {
         .unwrap();
     assert_eq!(r.gaps.len(), 1);
     assert_eq!(r.gaps[0].reason, "agent_disconnected");
+    // Unfiltered: both gaps, the resent one once.
+    let all = store
+        .search(&SearchQuery {
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(all.gaps.len(), 2, "{:?}", all.gaps);
 }
 
 fn wal_segments(dir: &TempDir) -> Vec<PathBuf> {

@@ -120,7 +120,8 @@ pub enum StoreError {
 pub trait RecordStore: Send + Sync {
     /// Durably store a batch (see the module's delivery guarantee).
     fn append(&self, batch: StoredBatch) -> Result<AppendOutcome, StoreError>;
-    /// Durably record a gap.
+    /// Durably record a gap; an identical gap again is a no-op (agents
+    /// resend loss reports they could not see acknowledged).
     fn record_gap(&self, gap: Gap) -> Result<(), StoreError>;
     fn search(&self, q: &SearchQuery) -> Result<SearchResult, StoreError>;
     fn stats(&self) -> StoreStats;
@@ -279,7 +280,9 @@ impl RecordStore for MemStore {
             .inner
             .lock()
             .map_err(|_| StoreError::Index("poisoned".into()))?;
-        g.gaps.push(gap);
+        if !g.gaps.contains(&gap) {
+            g.gaps.push(gap);
+        }
         Ok(())
     }
 

@@ -91,7 +91,12 @@ impl GapLog {
         Ok(GapLog { path, file, gaps })
     }
 
+    /// Record a gap once: agents resend a loss report after a reconnect
+    /// when they cannot know it arrived, so an identical gap is a no-op.
     pub(super) fn append(&mut self, gap: Gap) -> Result<(), StoreError> {
+        if self.gaps.contains(&gap) {
+            return Ok(());
+        }
         let mut line = serde_json::to_vec(&GapLine::from(&gap))
             .map_err(|e| StoreError::Index(e.to_string()))?;
         line.push(b'\n');
