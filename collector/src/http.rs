@@ -69,7 +69,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn error(code: StatusCode, msg: &str, parameter: Option<&str>) -> Response {
+/// A JSON error answer: `{"error": msg}` plus `"parameter"` when one is named.
+pub(crate) fn error(code: StatusCode, msg: &str, parameter: Option<&str>) -> Response {
     let body = match parameter {
         Some(p) => json!({ "error": msg, "parameter": p }),
         None => json!({ "error": msg }),

@@ -19,7 +19,7 @@ use ctw_common::api;
 use serde_json::{json, Map, Value};
 
 use crate::grpc_query::merge_open_gaps;
-use crate::http::{hit_json, search_json, AppState};
+use crate::http::{error, hit_json, search_json, AppState};
 use crate::store::{alive_at, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
 
 pub use ctw_common::nginx::{
@@ -44,14 +44,6 @@ const SEARCH_LIMIT: usize = 10;
 /// caller mounts it behind the bearer token.
 pub fn route() -> MethodRouter<Arc<AppState>> {
     post(handler).layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-}
-
-fn error(code: StatusCode, msg: &str, parameter: Option<&str>) -> Response {
-    let body = match parameter {
-        Some(p) => json!({ "error": msg, "parameter": p }),
-        None => json!({ "error": msg }),
-    };
-    (code, Json(body)).into_response()
 }
 
 /// A refused request (kept small: clippy's `result_large_err`).
