@@ -276,11 +276,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (res, st) = store.search_with_stats(&q)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         parts_touched += st.partitions.len();
-        if res
-            .hits
-            .iter()
-            .any(|h| &h.node == node && h.record.id == r.id)
-        {
+        if res.hits.iter().any(|h| {
+            &h.node == node
+                && h.record.orig == r.orig
+                && h.start_ns() == r.start_ns.unwrap_or(r.event_ns) / 1000 * 1000
+        }) {
             found += 1;
         }
     }

@@ -287,7 +287,6 @@ pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
         "snat_port": snat_port,
         "kind": match r.kind { EventKind::New => "new", EventKind::Recovered => "recovered", EventKind::Destroy => "destroy" },
         "start": api::format_time(start),
-        "id": r.id,
     });
     let o = v.as_object_mut().expect("json object");
     if let Some(s) = r.tcp_state {

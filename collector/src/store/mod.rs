@@ -140,75 +140,118 @@ pub fn matches_fields(q: &SearchQuery, node: &str, r: &ConnRecord) -> bool {
         && q.protocol.is_none_or(|v| v == r.protocol)
 }
 
-/// Join NEW/recovered records with DESTROY records of the same connection
-/// (same node, conntrack id and original tuple), filter by time, rank and cut
-/// to `limit`. Shared by every store so they answer alike.
+/// What every store keeps of a record: times floored to the microsecond
+/// (the agent's receive time is not more exact than that) and no conntrack
+/// id (random 32 bits that cost 4 bytes per record on disk; connections are
+/// joined by their tuple instead, see [`assemble`]). Applied on append, so
+/// every store returns the same records.
+pub fn normalize(r: &mut ConnRecord) {
+    fn us(ns: u64) -> u64 {
+        ns - ns % 1000
+    }
+    r.event_ns = us(r.event_ns);
+    r.start_ns = r.start_ns.map(us);
+    r.stop_ns = r.stop_ns.map(us);
+    r.id = 0;
+}
+
+/// Could `a` and `b` be records of the same connection, judged by the
+/// kernel start times when both carry one?
+fn same_start(a: &ConnRecord, b: &ConnRecord) -> bool {
+    match (a.start_ns, b.start_ns) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    }
+}
+
+/// Join NEW/recovered records with DESTROY records of the same connection,
+/// filter by time, rank and cut to `limit`. Shared by every store so they
+/// answer alike.
+///
+/// The kernel never holds two entries with the same original tuple in one
+/// zone, so the records of a (node, protocol, original tuple, zone), in event
+/// order, are one connection after another: a DESTROY closes the open
+/// connection (when their kernel start times, if known, agree); a recovered
+/// record while a connection is open is that connection again (the earliest
+/// record is kept); a DESTROY with nothing open stands alone.
 pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap]) -> SearchResult {
     use std::collections::HashMap;
-    type Key = (String, u32, ctw_common::Tuple, Protocol);
-    let mut opens: HashMap<Key, Hit> = HashMap::new();
-    let mut closes: Vec<(Key, ConnRecord)> = Vec::new();
+    type Key = (String, Protocol, ctw_common::Tuple, u16);
+    let mut by_key: HashMap<Key, Vec<ConnRecord>> = HashMap::new();
     for (node, r) in records {
-        let key = (node.clone(), r.id, r.orig, r.protocol);
-        match r.kind {
-            EventKind::Destroy => closes.push((key, r)),
-            EventKind::New | EventKind::Recovered => {
-                // A replayed or recovered duplicate keeps the earliest record.
-                let keep_old = opens
-                    .get(&key)
-                    .is_some_and(|h| h.record.event_ns <= r.event_ns);
-                if !keep_old {
-                    opens.insert(
-                        key,
-                        Hit {
-                            node,
-                            record: r,
-                            closed_ns: None,
-                            counters_orig: None,
-                            counters_reply: None,
-                        },
-                    );
+        by_key
+            .entry((node, r.protocol, r.orig, r.zone))
+            .or_default()
+            .push(r);
+    }
+    let mut hits: Vec<Hit> = Vec::new();
+    for ((node, ..), mut rs) in by_key {
+        let order = |k: EventKind| match k {
+            EventKind::New => 0,
+            EventKind::Recovered => 1,
+            EventKind::Destroy => 2,
+        };
+        rs.sort_by_key(|r| (r.event_ns, order(r.kind)));
+        // `open`: the connection not yet closed; `last`: the newest one.
+        let mut open: Option<usize> = None;
+        let mut last: Option<usize> = None;
+        for r in rs {
+            let closed = (r.kind == EventKind::Destroy).then(|| r.stop_ns.unwrap_or(r.event_ns));
+            match r.kind {
+                EventKind::New | EventKind::Recovered => {
+                    let again = r.kind == EventKind::Recovered
+                        && (open.is_some_and(|i| same_start(&hits[i].record, &r))
+                            || last.is_some_and(|i: usize| {
+                                r.start_ns.is_some() && hits[i].record.start_ns == r.start_ns
+                            }));
+                    if again {
+                        continue;
+                    }
+                }
+                EventKind::Destroy => {
+                    if let Some(i) = open.filter(|&i| {
+                        same_start(&hits[i].record, &r)
+                            && closed.is_some_and(|c| c >= hits[i].start_ns())
+                    }) {
+                        let h = &mut hits[i];
+                        h.closed_ns = closed;
+                        h.counters_orig = r.counters_orig;
+                        h.counters_reply = r.counters_reply;
+                        open = None;
+                        continue;
+                    }
                 }
             }
-        }
-    }
-    for (key, d) in closes {
-        let closed = d.stop_ns.unwrap_or(d.event_ns);
-        match opens.get_mut(&key) {
-            Some(h) if h.closed_ns.is_none() && closed >= h.start_ns() => {
-                h.closed_ns = Some(closed);
-                h.counters_orig = d.counters_orig;
-                h.counters_reply = d.counters_reply;
-            }
-            _ => {
-                let node = key.0.clone();
-                opens.insert(
-                    (key.0, key.1, key.2, key.3),
-                    Hit {
-                        node,
-                        closed_ns: Some(closed),
-                        counters_orig: d.counters_orig,
-                        counters_reply: d.counters_reply,
-                        record: d,
-                    },
-                );
-            }
+            hits.push(Hit {
+                node: node.clone(),
+                closed_ns: closed,
+                counters_orig: if closed.is_some() {
+                    r.counters_orig
+                } else {
+                    None
+                },
+                counters_reply: if closed.is_some() {
+                    r.counters_reply
+                } else {
+                    None
+                },
+                record: r,
+            });
+            last = Some(hits.len() - 1);
+            open = closed.is_none().then_some(hits.len() - 1);
         }
     }
     let from = q.from_ns.unwrap_or(0);
     let to = q.to_ns.unwrap_or(u64::MAX);
-    let mut hits: Vec<Hit> = opens
-        .into_values()
-        .filter(|h| {
-            let start = if h.record.kind == EventKind::Destroy {
-                h.record.start_ns.unwrap_or(0)
-            } else {
-                h.start_ns()
-            };
-            let end = h.closed_ns.unwrap_or(start.max(h.record.event_ns));
-            start <= to && end >= from
-        })
-        .collect();
+    hits.retain(|h| {
+        let start = if h.record.kind == EventKind::Destroy {
+            h.record.start_ns.unwrap_or(0)
+        } else {
+            h.start_ns()
+        };
+        let end = h.closed_ns.unwrap_or(start.max(h.record.event_ns));
+        start <= to && end >= from
+    });
     rank(&mut hits, q.at_ns, q.at_precision_ns);
     let total = hits.len() as u64;
     hits.truncate(q.limit);
@@ -269,7 +312,8 @@ impl RecordStore for MemStore {
         if !g.seen.insert((b.node.clone(), b.boot_id.clone(), b.seq)) {
             return Ok(AppendOutcome::Duplicate);
         }
-        for r in b.records {
+        for mut r in b.records {
+            normalize(&mut r);
             g.records.push((b.node.clone(), r));
         }
         Ok(AppendOutcome::Stored)

@@ -46,7 +46,7 @@ use tantivy::{DateTime, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, T
 
 use self::dedup::{BootSeqs, Dedup};
 use self::gaps::GapLog;
-use self::schema::{to_v6, Fields, RecordDoc, SegmentColumns};
+use self::schema::{shape_range_of_dst, to_v6, Fields, RecordDoc, SegmentColumns};
 use self::wal::{io_err, Wal};
 use super::{
     assemble, matches_fields, AppendOutcome, Gap, RecordStore, SearchQuery, SearchResult,
@@ -383,7 +383,6 @@ impl Inner {
         }
         let (lo, hi) = self.event_range(q);
         let parts = self.partitions_in(q);
-        let query = self.build_query(q, lo, hi);
         let mut stats = SearchStats {
             partitions: parts.iter().map(|p| p.name.clone()).collect(),
             ..Default::default()
@@ -391,7 +390,10 @@ impl Inner {
         let cap = self.opts.max_collected_docs;
         let mut records: Vec<(String, ConnRecord)> = Vec::new();
         let mut uncollected = 0u64;
+        let width = self.width_ns();
         for p in &parts {
+            let covered = lo <= p.start_ns && p.start_ns.saturating_add(width - 1) <= hi;
+            let query = self.build_query(q, (!covered).then_some((lo, hi)));
             let searcher = p.reader.searcher();
             let weight = query
                 .weight(EnableScoring::disabled_from_searcher(&searcher))
@@ -403,22 +405,22 @@ impl Inner {
                 let mut doc = scorer.doc();
                 while doc != TERMINATED {
                     if alive.is_none_or(|a| a.is_alive(doc)) {
-                        if records.len() >= cap {
-                            uncollected += 1;
-                        } else {
-                            if cols.is_none() {
-                                cols = Some(SegmentColumns::open(seg).map_err(idx_err)?);
-                            }
-                            if let Some(c) = cols.as_mut() {
-                                if let Some((node, r)) = c.record(doc).map_err(idx_err)? {
-                                    // The time column has µs precision: drop the
-                                    // records of the bounds' microseconds that
-                                    // are outside the range.
-                                    if (lo..=hi).contains(&r.event_ns)
-                                        && matches_fields(q, &node, &r)
-                                    {
-                                        records.push((node, r));
-                                    }
+                        if cols.is_none() {
+                            cols = Some(SegmentColumns::open(seg).map_err(idx_err)?);
+                        }
+                        // Time first (one column), then the whole record: the
+                        // query may leave the time range and the fast-only
+                        // fields to this check. Past the cap, documents in
+                        // the time range are only counted.
+                        if let Some(c) = cols
+                            .as_mut()
+                            .filter(|c| c.event_ns(doc).is_some_and(|t| (lo..=hi).contains(&t)))
+                        {
+                            if records.len() >= cap {
+                                uncollected += 1;
+                            } else if let Some((node, r)) = c.record(doc).map_err(idx_err)? {
+                                if matches_fields(q, &node, &r) {
+                                    records.push((node, r));
                                 }
                             }
                         }
@@ -471,7 +473,15 @@ impl Inner {
         v
     }
 
-    fn build_query(&self, q: &SearchQuery, lo: u64, hi: u64) -> Box<dyn Query> {
+    /// The tantivy query of a search in one partition; `time` is the event
+    /// range when the partition is not entirely inside it. The caller checks
+    /// every candidate's time and fields again: a query with a selective
+    /// term (a pod address or a SNAT port, whose postings are short) leaves
+    /// out the clauses that scan columns (time, `src_port`, `dst_ip`): with a
+    /// range in the middle of a partition, tantivy scans the time column from
+    /// the partition's start to find its first match, which cost tens of
+    /// milliseconds per partition at 100M records.
+    fn build_query(&self, q: &SearchQuery, time: Option<(u64, u64)>) -> Box<dyn Query> {
         let f = &self.fields;
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
         let mut term = |t: Term| {
@@ -483,35 +493,44 @@ impl Inner {
         if let Some(ip) = q.src_ip {
             term(Term::from_field_ip_addr(f.src_ip, to_v6(ip)));
         }
-        if let Some(ip) = q.dst_ip {
-            term(Term::from_field_ip_addr(f.dst_ip, to_v6(ip)));
-        }
         if let Some(ip) = q.snat_ip {
             term(Term::from_field_ip_addr(f.snat_ip, to_v6(ip)));
-        }
-        if let Some(p) = q.src_port {
-            term(Term::from_field_u64(f.src_port, p as u64));
-        }
-        if let Some(p) = q.dst_port {
-            term(Term::from_field_u64(f.dst_port, p as u64));
         }
         if let Some(p) = q.snat_port {
             term(Term::from_field_u64(f.snat_port, p as u64));
         }
-        if let Some(n) = &q.node {
-            term(Term::from_field_text(f.node, n));
+        if let Some(p) = q.dst_port {
+            term(Term::from_field_u64(f.dst_port, p as u64));
         }
-        if lo > 0 || hi < u64::MAX {
-            let date = |ns: u64| {
-                Term::from_field_date(f.t, DateTime::from_timestamp_micros((ns / 1000) as i64))
+        let selective = q.src_ip.is_some() || q.snat_port.is_some();
+        if !selective {
+            let mut range = |lo: Term, hi: Term| {
+                clauses.push((
+                    Occur::Must,
+                    Box::new(RangeQuery::new(Bound::Included(lo), Bound::Included(hi))),
+                ))
             };
-            clauses.push((
-                Occur::Must,
-                Box::new(RangeQuery::new(
-                    Bound::Included(date(lo)),
-                    Bound::Included(date(hi)),
-                )),
-            ));
+            if let Some(p) = q.src_port {
+                let t = Term::from_field_u64(f.src_port, p as u64);
+                range(t.clone(), t);
+            }
+            if let Some(ip) = q.dst_ip {
+                let (lo, hi) = shape_range_of_dst(ip);
+                range(
+                    Term::from_field_bytes(f.shape, &lo),
+                    Term::from_field_bytes(f.shape, &hi),
+                );
+            }
+            if let Some(n) = &q.node {
+                let t = Term::from_field_text(f.node, n);
+                range(t.clone(), t);
+            }
+            if let Some((lo, hi)) = time {
+                let date = |ns: u64| {
+                    Term::from_field_date(f.t, DateTime::from_timestamp_micros((ns / 1000) as i64))
+                };
+                range(date(lo), date(hi));
+            }
         }
         // protocol is checked on the rebuilt record (two values: an index
         // would not narrow anything).
@@ -914,7 +933,12 @@ fn open_partition_at(
             // document (a 4-byte offset per document in each block, which
             // LZ4 does not shrink); tantivy cannot skip it, and no block
             // size or LZ4 setting changes it (see `schema`).
-            .settings(tantivy::IndexSettings::default())
+            .settings(tantivy::IndexSettings {
+                docstore_compression: tantivy::store::Compressor::Zstd(
+                    tantivy::store::ZstdCompressor::default(),
+                ),
+                ..Default::default()
+            })
             .open_or_create(mmap)
             .map_err(idx_err)?
     };
@@ -939,8 +963,9 @@ impl Drop for TantivyStore {
 }
 
 impl RecordStore for TantivyStore {
-    fn append(&self, batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
+    fn append(&self, mut batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
         let inner = &self.inner;
+        batch.records.iter_mut().for_each(super::normalize);
         let mut payload = Vec::with_capacity(64 + batch.records.len() * 96);
         codec::encode(&batch, &mut payload);
         let end = {

@@ -1,43 +1,46 @@
 //! The index schema, and conversion of a record to a document and back from
 //! fast fields (nothing is stored in the doc store).
 //!
+//! Records arrive [normalized](super::super::normalize): times are whole
+//! microseconds and there is no conntrack id.
+//!
 //! Fields (all fast unless noted):
 //! - `node`: raw string, indexed (doc ids only, no norms).
-//! - `t`: event time truncated to the microsecond, date, fast only: range
-//!   queries on a fast date field scan its column (tantivy picks that path
-//!   for fast fields), and partitions already prune by time. An indexed date
-//!   (one term per distinct second) cost 2-13 bytes per record and a third
-//!   of the indexing CPU in measurements. `t_ns`: the nanoseconds below the
-//!   microsecond (0-999), so event times come back exact. Two columns cost
-//!   less than one at ns precision: the blockwise-linear codec of `t` then
-//!   packs the residuals of ~µs values, and `t_ns` is a flat 10 bits (0 when
-//!   times are whole microseconds). Searches widen their bounds to whole
-//!   microseconds and drop the records outside the exact range.
-//! - `src_ip`, `dst_ip`, `snat_ip` (reply dst): IP fields, indexed.
-//!   `rsrc_ip` (reply src): indexed, present only when it differs from
-//!   `dst_ip` (DNAT), so it costs nothing without DNAT.
-//! - `src_port`, `snat_port` (reply dst port): u64, indexed.
-//!   `dst_port`: u64, indexed only; its value is kept in `shape`.
-//! - `id`: conntrack id.
+//! - `t`: event time in microseconds, date, fast only: partitions prune by
+//!   time, searches with a selective term check it per candidate, and
+//!   others use a range query on the column. An indexed date (one term per
+//!   distinct second) cost 2-13 bytes per record and a third of the indexing
+//!   CPU in measurements.
+//! - `src_ip`: IP field, indexed. `snat_ip` (reply dst): IP field,
+//!   indexed only; its value is kept in `snat`, a dictionary-encoded bytes
+//!   column (16 bytes, IPv6 form): a node's records come in batches with one
+//!   or a few SNAT addresses, and runs of equal dictionary ordinals cost
+//!   ~0.1 byte per record where an IP column costs ~0.6. `dst_ip`: fast
+//!   only (a few service addresses: an index would not narrow much and cost
+//!   ~1 byte per record). `rsrc_ip` (reply src): fast only, present only
+//!   when it differs from `dst_ip` (DNAT), so it costs nothing without DNAT.
+//! - `snat_port` (reply dst port): u64, indexed. `src_port`: fast only
+//!   (searches by pod port come with the pod address, whose postings lead;
+//!   its postings cost ~2.5 bytes per record). `dst_port`: u64, indexed
+//!   only; its value is kept in `shape`.
 //! - `shape`: dictionary-encoded bytes of the low-cardinality fields (kind,
 //!   protocol, dst port, reply src port, zone, mark, status, TCP state and
 //!   flags, IPv4-mapped-IPv6 markers). A dictionary column costs log2(number
 //!   of distinct shapes) bits per record, where separate bit-packed u64
 //!   columns would cost the bit width of each field's range.
 //! - `start_d` (non-DESTROY) / `dstart_d` (DESTROY): event time - start time,
-//!   `stop_d`: event time - stop time, only when known (i64) and not equal to
-//!   the event time (a flag in `shape` says "start/stop = event time", the
-//!   usual case for NEW / DESTROY records).
+//!   `stop_d`: event time - stop time, in microseconds, only when known
+//!   (i64) and not equal to the event time (a flag in `shape` says
+//!   "start/stop = event time", the usual case for NEW / DESTROY records).
 //! - `pk`, `bk`: packets / bytes of both directions, bits interleaved (orig
 //!   on even bits), when both directions are known and every value fits 32
 //!   bits (a flag in `shape`); else `po`, `bo`, `pr`, `br`: packets/bytes per
 //!   direction, only when known.
 //!
-//! Nothing is stored in the doc store, but tantivy writes one (an empty
-//! document costs a 1-byte header plus a 4-byte offset in its block, which
-//! LZ4 cannot shrink: ~4 bytes per record). Tantivy 0.27 has no setting to
-//! skip it, and its zstd compressor needs a crate feature the workspace does
-//! not enable.
+//! Nothing is stored in the doc store, but tantivy writes one: an empty
+//! document costs a 1-byte header plus a 4-byte offset in its block. LZ4
+//! cannot shrink that; the partitions use tantivy's zstd doc store, which
+//! brings it to ~2 bytes per record.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
@@ -46,8 +49,8 @@ use ctw_common::{ConnRecord, Counters, EventKind, Protocol, Tuple};
 use tantivy::columnar::{BytesColumn, Column, StrColumn};
 use tantivy::schema::document::{Document, ReferenceValue, ReferenceValueLeaf, Value};
 use tantivy::schema::{
-    BytesOptions, DateOptions, DateTimePrecision, Field, IndexRecordOption, IpAddrOptions,
-    NumericOptions, Schema, TextFieldIndexing, TextOptions,
+    BytesOptions, DateOptions, DateTimePrecision, Field, IpAddrOptions, NumericOptions, Schema,
+    TextOptions,
 };
 use tantivy::{DateTime, DocId, SegmentReader};
 
@@ -59,15 +62,13 @@ pub(super) struct Fields {
     pub(super) node: Field,
     pub(super) t: Field,
     pub(super) src_ip: Field,
-    pub(super) dst_ip: Field,
     pub(super) snat_ip: Field,
     pub(super) rsrc_ip: Field,
     pub(super) src_port: Field,
     pub(super) dst_port: Field,
     pub(super) snat_port: Field,
-    id: Field,
-    shape: Field,
-    t_ns: Field,
+    pub(super) shape: Field,
+    snat: Field,
     start_d: Field,
     dstart_d: Field,
     stop_d: Field,
@@ -85,17 +86,7 @@ impl Fields {
         let ip = IpAddrOptions::default().set_indexed().set_fast();
         let port = NumericOptions::default().set_indexed().set_fast();
         let fast = NumericOptions::default().set_fast();
-        let node = b.add_text_field(
-            "node",
-            TextOptions::default()
-                .set_indexing_options(
-                    TextFieldIndexing::default()
-                        .set_tokenizer("raw")
-                        .set_fieldnorms(false)
-                        .set_index_option(IndexRecordOption::Basic),
-                )
-                .set_fast("raw"),
-        );
+        let node = b.add_text_field("node", TextOptions::default().set_fast("raw"));
         let t = b.add_date_field(
             "t",
             DateOptions::default()
@@ -103,15 +94,13 @@ impl Fields {
                 .set_precision(DateTimePrecision::Microseconds),
         );
         let src_ip = b.add_ip_addr_field("src_ip", ip.clone());
-        let dst_ip = b.add_ip_addr_field("dst_ip", ip.clone());
-        let snat_ip = b.add_ip_addr_field("snat_ip", ip.clone());
-        let rsrc_ip = b.add_ip_addr_field("rsrc_ip", ip);
-        let src_port = b.add_u64_field("src_port", port.clone());
+        let snat_ip = b.add_ip_addr_field("snat_ip", IpAddrOptions::default().set_indexed());
+        let rsrc_ip = b.add_ip_addr_field("rsrc_ip", IpAddrOptions::default().set_fast());
+        let src_port = b.add_u64_field("src_port", fast.clone());
         let dst_port = b.add_u64_field("dst_port", NumericOptions::default().set_indexed());
         let snat_port = b.add_u64_field("snat_port", port);
-        let id = b.add_u64_field("id", fast.clone());
         let shape = b.add_bytes_field("shape", BytesOptions::default().set_fast());
-        let t_ns = b.add_u64_field("t_ns", fast.clone());
+        let snat = b.add_bytes_field("snat", BytesOptions::default().set_fast());
         let start_d = b.add_i64_field("start_d", fast.clone());
         let dstart_d = b.add_i64_field("dstart_d", fast.clone());
         let stop_d = b.add_i64_field("stop_d", fast.clone());
@@ -126,15 +115,13 @@ impl Fields {
             node,
             t,
             src_ip,
-            dst_ip,
             snat_ip,
             rsrc_ip,
             src_port,
             dst_port,
             snat_port,
-            id,
             shape,
-            t_ns,
+            snat,
             start_d,
             dstart_d,
             stop_d,
@@ -153,6 +140,7 @@ impl Fields {
         let mut d = RecordDoc {
             node: node.clone(),
             shape: shape(r),
+            snat: to_v6(r.reply.dst).octets(),
             vals: [(self.node, Slot::Node); MAX_VALUES],
             len: 0,
         };
@@ -166,7 +154,6 @@ impl Fields {
             Slot::Date(DateTime::from_timestamp_micros((r.event_ns / 1000) as i64)),
         );
         push(self.src_ip, Slot::Ip(to_v6(r.orig.src)));
-        push(self.dst_ip, Slot::Ip(to_v6(r.orig.dst)));
         push(self.snat_ip, Slot::Ip(to_v6(r.reply.dst)));
         if r.reply.src != r.orig.dst {
             push(self.rsrc_ip, Slot::Ip(to_v6(r.reply.src)));
@@ -174,10 +161,10 @@ impl Fields {
         push(self.src_port, Slot::U64(r.orig.src_port as u64));
         push(self.dst_port, Slot::U64(r.orig.dst_port as u64));
         push(self.snat_port, Slot::U64(r.reply.dst_port as u64));
-        push(self.id, Slot::U64(r.id as u64));
         push(self.shape, Slot::Shape);
-        push(self.t_ns, Slot::U64(r.event_ns % 1000));
-        let delta = |x: u64| r.event_ns.wrapping_sub(x) as i64;
+        push(self.snat, Slot::Snat);
+        let us = |ns: u64| ns / 1000;
+        let delta = |x: u64| us(r.event_ns).wrapping_sub(us(x)) as i64;
         let (start_at_event, stop_at_event) = at_event(r);
         if let Some(s) = r.start_ns.filter(|_| !start_at_event) {
             let f = if r.kind == EventKind::Destroy {
@@ -215,6 +202,7 @@ const MAX_VALUES: usize = 20;
 pub(super) enum Slot {
     Node,
     Shape,
+    Snat,
     U64(u64),
     I64(i64),
     Date(DateTime),
@@ -228,6 +216,7 @@ pub(super) enum Slot {
 pub(super) struct RecordDoc {
     node: Arc<str>,
     shape: [u8; SHAPE_LEN],
+    snat: [u8; 16],
     vals: [(Field, Slot); MAX_VALUES],
     len: u8,
 }
@@ -272,6 +261,7 @@ impl<'a> Iterator for RecordDocIter<'a> {
         let leaf = match v {
             Slot::Node => ReferenceValueLeaf::Str(&d.node),
             Slot::Shape => ReferenceValueLeaf::Bytes(&d.shape),
+            Slot::Snat => ReferenceValueLeaf::Bytes(&d.snat),
             Slot::U64(x) => ReferenceValueLeaf::U64(x),
             Slot::I64(x) => ReferenceValueLeaf::I64(x),
             Slot::Date(x) => ReferenceValueLeaf::Date(x),
@@ -305,10 +295,16 @@ fn mapped_v6(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V6(v) if v.to_ipv4_mapped().is_some())
 }
 
-const SHAPE_LEN: usize = 22;
+/// Bytes of `shape`: the destination address (IPv6 form) first, so that a
+/// search by `dst_ip` is a range of shape values; then the rest
+/// ([`SHAPE_REST`] bytes).
+pub(super) const SHAPE_LEN: usize = 16 + SHAPE_REST;
+const SHAPE_REST: usize = 22;
 
 fn shape(r: &ConnRecord) -> [u8; SHAPE_LEN] {
-    let mut s = [0u8; SHAPE_LEN];
+    let mut full = [0u8; SHAPE_LEN];
+    let (dst, s) = full.split_at_mut(16);
+    dst.copy_from_slice(&to_v6(r.orig.dst).octets());
     s[0] = match r.kind {
         EventKind::New => 0,
         EventKind::Destroy => 1,
@@ -331,7 +327,17 @@ fn shape(r: &ConnRecord) -> [u8; SHAPE_LEN] {
     s[21] = start_at_event as u8
         | (stop_at_event as u8) << 1
         | (packed_counters(r).is_some() as u8) << 2;
-    s
+    full
+}
+
+/// The range of `shape` values whose destination address is `ip`.
+pub(super) fn shape_range_of_dst(ip: IpAddr) -> (Vec<u8>, Vec<u8>) {
+    let dst = to_v6(ip).octets();
+    let mut lo = dst.to_vec();
+    lo.extend_from_slice(&[0u8; SHAPE_REST]);
+    let mut hi = dst.to_vec();
+    hi.extend_from_slice(&[0xFFu8; SHAPE_REST]);
+    (lo, hi)
 }
 
 /// Both directions' counters when each value fits 32 bits: then stored as
@@ -390,21 +396,50 @@ fn at_event(r: &ConnRecord) -> (bool, bool) {
     )
 }
 
+/// A dictionary-encoded bytes column of fixed-size values, with the values
+/// already read cached by ordinal.
+struct Dict<const N: usize> {
+    col: BytesColumn,
+    cache: Vec<Option<[u8; N]>>,
+}
+
+impl<const N: usize> Dict<N> {
+    fn open(ff: &tantivy::fastfield::FastFieldReaders, name: &str) -> tantivy::Result<Self> {
+        let col = ff.bytes(name)?.ok_or_else(|| missing(name))?;
+        Ok(Dict {
+            cache: vec![None; col.num_terms()],
+            col,
+        })
+    }
+
+    /// The value of `doc`; `None` when it has none or not of `N` bytes.
+    fn get(&mut self, doc: DocId) -> tantivy::Result<Option<[u8; N]>> {
+        let Some(ord) = self.col.ords().first(doc) else {
+            return Ok(None);
+        };
+        let Some(slot) = self.cache.get_mut(ord as usize) else {
+            return Ok(None);
+        };
+        if slot.is_none() {
+            let mut b = Vec::new();
+            self.col.ord_to_bytes(ord, &mut b)?;
+            *slot = <[u8; N]>::try_from(b.as_slice()).ok();
+        }
+        Ok(*slot)
+    }
+}
+
 /// The fast-field columns of one segment, to rebuild records.
 pub(super) struct SegmentColumns {
     node: StrColumn,
     node_cache: Vec<Option<String>>,
     t: Column<DateTime>,
     src_ip: Column<Ipv6Addr>,
-    dst_ip: Column<Ipv6Addr>,
-    snat_ip: Column<Ipv6Addr>,
     rsrc_ip: Column<Ipv6Addr>,
     src_port: Column<u64>,
     snat_port: Column<u64>,
-    id: Column<u64>,
-    shape: BytesColumn,
-    shape_cache: Vec<Option<[u8; SHAPE_LEN]>>,
-    t_ns: Column<u64>,
+    shape: Dict<SHAPE_LEN>,
+    snat: Dict<16>,
     start_d: Column<i64>,
     dstart_d: Column<i64>,
     stop_d: Column<i64>,
@@ -424,21 +459,16 @@ impl SegmentColumns {
     pub(super) fn open(seg: &SegmentReader) -> tantivy::Result<SegmentColumns> {
         let ff = seg.fast_fields();
         let node = ff.str("node")?.ok_or_else(|| missing("node"))?;
-        let shape = ff.bytes("shape")?.ok_or_else(|| missing("shape"))?;
         Ok(SegmentColumns {
             node_cache: vec![None; node.num_terms()],
             node,
             t: ff.date("t")?,
             src_ip: ff.ip_addr("src_ip")?,
-            dst_ip: ff.ip_addr("dst_ip")?,
-            snat_ip: ff.ip_addr("snat_ip")?,
             rsrc_ip: ff.ip_addr("rsrc_ip")?,
             src_port: ff.u64("src_port")?,
             snat_port: ff.u64("snat_port")?,
-            id: ff.u64("id")?,
-            shape_cache: vec![None; shape.num_terms()],
-            shape,
-            t_ns: ff.u64("t_ns")?,
+            shape: Dict::open(ff, "shape")?,
+            snat: Dict::open(ff, "snat")?,
             start_d: ff.i64("start_d")?,
             dstart_d: ff.i64("dstart_d")?,
             stop_d: ff.i64("stop_d")?,
@@ -449,6 +479,13 @@ impl SegmentColumns {
             pk: ff.u64("pk")?,
             bk: ff.u64("bk")?,
         })
+    }
+
+    /// Event time of `doc` (ns, a whole microsecond).
+    pub(super) fn event_ns(&self, doc: DocId) -> Option<u64> {
+        self.t
+            .first(doc)
+            .map(|t| (t.into_timestamp_micros() as u64).wrapping_mul(1000))
     }
 
     /// Node name and record of `doc`; `None` when a required column has no
@@ -464,29 +501,17 @@ impl SegmentColumns {
             *slot = Some(s);
         }
         let node = slot.clone().unwrap_or_default();
-        let Some(shape_ord) = self.shape.ords().first(doc) else {
+        let (Some(full), Some(snat)) = (self.shape.get(doc)?, self.snat.get(doc)?) else {
             return Ok(None);
         };
-        let slot = &mut self.shape_cache[shape_ord as usize];
-        if slot.is_none() {
-            let mut b = Vec::new();
-            self.shape.ord_to_bytes(shape_ord, &mut b)?;
-            if b.len() != SHAPE_LEN {
-                return Ok(None);
-            }
-            let mut a = [0u8; SHAPE_LEN];
-            a.copy_from_slice(&b);
-            *slot = Some(a);
-        }
-        let Some(s) = *slot else { return Ok(None) };
-        let (Some(t), Some(src), Some(dst), Some(snat), Some(sport), Some(nport), Some(id)) = (
+        let snat = Ipv6Addr::from(snat);
+        let (dst, s) = full.split_at(16);
+        let dst = Ipv6Addr::from(<[u8; 16]>::try_from(dst).unwrap_or_default());
+        let (Some(t), Some(src), Some(sport), Some(nport)) = (
             self.t.first(doc),
             self.src_ip.first(doc),
-            self.dst_ip.first(doc),
-            self.snat_ip.first(doc),
             self.src_port.first(doc),
             self.snat_port.first(doc),
-            self.id.first(doc),
         ) else {
             return Ok(None);
         };
@@ -501,10 +526,9 @@ impl SegmentColumns {
         let u16_at = |i: usize| u16::from_le_bytes([s[i], s[i + 1]]);
         let u32_at = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
         let v6 = s[20];
-        let event_ns = (t.into_timestamp_micros() as u64)
-            .wrapping_mul(1000)
-            .wrapping_add(self.t_ns.first(doc).unwrap_or(0));
-        let undelta = |d: i64| event_ns.wrapping_sub(d as u64);
+        let event_us = t.into_timestamp_micros() as u64;
+        let event_ns = event_us.wrapping_mul(1000);
+        let undelta = |d: i64| event_us.wrapping_sub(d as u64).wrapping_mul(1000);
         let orig_dst = from_v6(dst, v6 & 2 != 0);
         let reply_src = match self.rsrc_ip.first(doc) {
             Some(v) => from_v6(v, v6 & 4 != 0),
@@ -555,7 +579,7 @@ impl SegmentColumns {
                 src_port: u16_at(4),
                 dst_port: nport as u16,
             },
-            id: id as u32,
+            id: 0,
             zone: u16_at(6),
             mark: u32_at(8),
             status: u32_at(12),
