@@ -5,7 +5,10 @@
 //! `cargo run --release -p ctw-collector --example store_bench -- --records 10000000`
 //! Options: `--records N`, `--batch N` (records per batch, default 1000),
 //! `--dir PATH` (default: a new directory under the temp dir, removed at the
-//! end unless `--keep`), `--keep`.
+//! end unless `--keep`), `--keep`, `--query-only` (only the query
+//! measurement, on an index kept by an earlier run with the same `--records`
+//! and `--dir`: the records are generated again from `t0`, which that run
+//! saved in the directory).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -156,6 +159,42 @@ impl Gen {
     }
 }
 
+/// Exact snat ip:port ± 5 min queries of `samples`: p50 and p99 latency in
+/// ms, how many found their record, partitions read per query.
+fn query_latency(
+    store: &TantivyStore,
+    samples: &[(String, ConnRecord)],
+) -> Result<(f64, f64, usize, f64), Box<dyn std::error::Error>> {
+    let mut lat = Vec::new();
+    let mut found = 0;
+    let mut parts_touched = 0usize;
+    for (node, r) in samples {
+        let (ip, port) = r.snat();
+        let q = SearchQuery {
+            snat_ip: Some(ip),
+            snat_port: Some(port),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            at_ns: Some(r.event_ns),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let (res, st) = store.search_with_stats(&q)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        parts_touched += st.partitions.len();
+        if res.hits.iter().any(|h| {
+            &h.node == node
+                && h.record.orig == r.orig
+                && h.start_ns() == r.start_ns.unwrap_or(r.event_ns) / 1000 * 1000
+        }) {
+            found += 1;
+        }
+    }
+    let parts = parts_touched as f64 / samples.len().max(1) as f64;
+    Ok((pct(&mut lat, 0.5), pct(&mut lat, 0.99), found, parts))
+}
+
 fn cpu_seconds() -> f64 {
     // utime + stime of this process, in clock ticks (USER_HZ = 100 on Linux).
     let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -198,12 +237,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64;
-    let t0 = now - SPAN_NS - 3_600_000_000_000;
+    let t0_file = cfg.path.join("bench-t0");
+    let query_only = args.iter().any(|a| a == "--query-only");
+    let t0 = if query_only {
+        std::fs::read_to_string(&t0_file)?.trim().parse()?
+    } else {
+        now - SPAN_NS - 3_600_000_000_000
+    };
     let store = Arc::new(TantivyStore::open(&cfg)?);
+    std::fs::write(&t0_file, t0.to_string())?;
     let mut gen = Gen::new(n, t0);
     let mut samples: Vec<(String, ConnRecord)> = Vec::new();
     let mut sample_rng = Rng(7);
     let mut seqs = [0u64; NODES];
+    if query_only {
+        let mut seen = 0u64;
+        for b in 0.. {
+            let k = batch.min((n - seen) as usize);
+            if k == 0 {
+                break;
+            }
+            for _ in 0..k {
+                let r = gen.record(b % NODES);
+                seen += 1;
+                let name = Gen::node_name(b % NODES);
+                if samples.len() < 1000 {
+                    samples.push((name, r));
+                } else {
+                    let j = sample_rng.below(seen) as usize;
+                    if j < 1000 {
+                        samples[j] = (name, r);
+                    }
+                }
+            }
+        }
+        let (q50, q99, found, parts) = query_latency(&store, &samples)?;
+        println!(
+            "exact snat ip:port ±5 min query p50 / p99: {q50:.2} ms / {q99:.2} ms ({found}/{} found, {parts:.1} partitions each)",
+            samples.len()
+        );
+        return Ok(());
+    }
 
     // Ingest: one writer thread.
     let cpu0 = cpu_seconds();
@@ -251,40 +325,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ingested {n} in {ingest_s:.1}s, {:.0} records per CPU-s; merging",
         n as f64 / ingest_cpu.max(1e-9)
     );
+    // As ingested (background merges only), as the store is in production.
+    let (_, ingested_bytes) = store.space_usage()?;
+    let segments = store.segment_count();
+    // Exact snat ip:port + 10-minute window queries of existing records.
+    let (q50, q99, found, parts_each) = query_latency(&store, &samples)?;
     let m0 = Instant::now();
+    let c0 = cpu_seconds();
     store.force_merge()?;
-    let merge_s = m0.elapsed().as_secs_f64();
+    let (merge_s, merge_cpu) = (m0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+    let (m50, m99, _, _) = query_latency(&store, &samples)?;
     let stats = store.stats();
     let (usage, index_bytes) = store.space_usage()?;
-
-    // Exact snat ip:port + 10-minute window queries of existing records.
-    let mut lat = Vec::new();
-    let mut found = 0;
-    let mut parts_touched = 0usize;
-    for (node, r) in &samples {
-        let (ip, port) = r.snat();
-        let q = SearchQuery {
-            snat_ip: Some(ip),
-            snat_port: Some(port),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            at_ns: Some(r.event_ns),
-            limit: 10,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        let (res, st) = store.search_with_stats(&q)?;
-        lat.push(t.elapsed().as_secs_f64() * 1e3);
-        parts_touched += st.partitions.len();
-        if res.hits.iter().any(|h| {
-            &h.node == node
-                && h.record.orig == r.orig
-                && h.start_ns() == r.start_ns.unwrap_or(r.event_ns) / 1000 * 1000
-        }) {
-            found += 1;
-        }
-    }
-    let (q50, q99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
 
     // Time to searchable, with a background load of ~20k records/s.
     let stop = Arc::new(AtomicBool::new(false));
@@ -362,12 +414,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| ingest per CPU-second (process user+sys) | {:.0} records/s ({ingest_cpu:.1} CPU-s over {ingest_s:.1} s wall, 2 cores) |",
         n as f64 / ingest_cpu.max(1e-9)
     );
-    println!("| final merge | {merge_s:.1} s |");
-    println!("| partitions | {} |", stats.partitions);
     println!(
-        "| index bytes / record (after commit + merge) | {:.1} |",
+        "| partitions / segments after ingest | {} / {segments} |",
+        stats.partitions
+    );
+    println!(
+        "| index bytes / record after ingest (background merges only) | {:.1} |",
+        ingested_bytes as f64 / n as f64
+    );
+    println!(
+        "| optional final merge to one segment per partition | {merge_s:.1} s wall, {merge_cpu:.1} CPU-s; ingest + final merge: {:.0} records per CPU-second |",
+        n as f64 / (ingest_cpu + merge_cpu).max(1e-9)
+    );
+    println!(
+        "| index bytes / record after the final merge | {:.1} |",
         index_bytes as f64 / n as f64
     );
+    println!("| query p50 / p99 after the final merge | {m50:.2} ms / {m99:.2} ms |");
     println!(
         "| all bytes on disk / record (index + WAL tail + checkpoint) | {:.1} |",
         stats.bytes_on_disk as f64 / n as f64
@@ -375,7 +438,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "| exact snat ip:port ±5 min query p50 / p99 | {q50:.2} ms / {q99:.2} ms ({found}/{} found, {:.1} partitions each) |",
         samples.len(),
-        parts_touched as f64 / samples.len().max(1) as f64
+        parts_each
     );
     println!("| time to searchable p50 / p99 (commit every 1000 ms) | {t50:.0} ms / {t99:.0} ms |");
     println!("\nIndex bytes per record by field part:\n");

@@ -20,7 +20,12 @@
 //! and still alive, the one after `to` finds the DESTROY of connections alive
 //! in the range, so the NEW/DESTROY join gives the same lifetime and counters
 //! as [`MemStore`](super::MemStore) for connections shorter than
-//! `lookback_hours`. At most [`StoreOptions::max_collected_docs`] documents
+//! `lookback_hours`. With a selective term (pod address, SNAT port) the
+//! tantivy query is only that term's postings: time and the fields without
+//! postings are checked per candidate (time first, from its column), because
+//! a time range starting inside a partition makes tantivy scan the time
+//! column from the partition's start. Partitions entirely inside the range
+//! get no time clause at all. At most [`StoreOptions::max_collected_docs`] documents
 //! are collected per search (newest or nearest partitions first); when more
 //! match, [`SearchStats::truncated`] is set and `total` adds the uncollected
 //! matching documents to the connections found.
@@ -42,7 +47,10 @@ use ctw_common::ConnRecord;
 use tantivy::indexer::{IndexWriterOptions, LogMergePolicy, UserOperation};
 use tantivy::query::{AllQuery, BooleanQuery, EnableScoring, Occur, Query, RangeQuery, TermQuery};
 use tantivy::schema::IndexRecordOption;
-use tantivy::{DateTime, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, Term, TERMINATED};
+use tantivy::{
+    index::SegmentId, DateTime, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher,
+    SegmentReader, Term, TERMINATED,
+};
 
 use self::dedup::{BootSeqs, Dedup};
 use self::gaps::GapLog;
@@ -59,6 +67,13 @@ const NS_PER_DAY: u64 = 24 * NS_PER_HOUR;
 /// A writer of a partition that is not the newest is closed after this many
 /// commit rounds without documents.
 const IDLE_COMMITS_BEFORE_CLOSE: u32 = 30;
+/// Segments with more documents are not merged again (tantivy merges 8 of
+/// a size into one): merge work per record stays bounded (each record is
+/// rewritten about log8(8M / documents per commit) times) instead of growing
+/// with the partition. At 100M records merging on to ~16M-document segments
+/// cut ingest from ~250k to ~186k records per CPU-second; searches read a
+/// few more segments per partition instead.
+const MERGE_MAX_SEGMENT_DOCS: usize = 1_000_000;
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// Tuning knobs with production defaults (tests make them small).
@@ -99,6 +114,43 @@ struct Partition {
     dir: PathBuf,
     index: Index,
     reader: IndexReader,
+    /// Opened columns of the segments searched, dropped when their segment
+    /// leaves the reader (merged away).
+    columns: Mutex<HashMap<SegmentId, Arc<SegmentColumns>>>,
+}
+
+impl Partition {
+    /// The columns of `seg`, opened on first use.
+    fn columns(&self, seg: &SegmentReader) -> Result<Arc<SegmentColumns>, StoreError> {
+        let mut cache = self.columns.lock().map_err(|_| poisoned())?;
+        if let Some(c) = cache.get(&seg.segment_id()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(SegmentColumns::open(seg).map_err(idx_err)?);
+        cache.insert(seg.segment_id(), c.clone());
+        Ok(c)
+    }
+
+    /// Forget the columns of segments `searcher` no longer has.
+    fn prune_columns(&self, searcher: &Searcher) {
+        if let Ok(mut cache) = self.columns.lock() {
+            if cache.len() > searcher.segment_readers().len()
+                || cache.keys().any(|id| {
+                    !searcher
+                        .segment_readers()
+                        .iter()
+                        .any(|s| s.segment_id() == *id)
+                })
+            {
+                cache.retain(|id, _| {
+                    searcher
+                        .segment_readers()
+                        .iter()
+                        .any(|s| s.segment_id() == *id)
+                });
+            }
+        }
+    }
 }
 
 struct WriterSlot {
@@ -243,7 +295,9 @@ impl Inner {
                         .build(),
                 )
                 .map_err(idx_err)?;
-            w.set_merge_policy(Box::new(LogMergePolicy::default()));
+            let mut policy = LogMergePolicy::default();
+            policy.set_max_docs_before_merge(MERGE_MAX_SEGMENT_DOCS);
+            w.set_merge_policy(Box::new(policy));
             ing.writers.insert(
                 start_ns,
                 WriterSlot {
@@ -395,25 +449,26 @@ impl Inner {
             let covered = lo <= p.start_ns && p.start_ns.saturating_add(width - 1) <= hi;
             let query = self.build_query(q, (!covered).then_some((lo, hi)));
             let searcher = p.reader.searcher();
+            p.prune_columns(&searcher);
             let weight = query
                 .weight(EnableScoring::disabled_from_searcher(&searcher))
                 .map_err(idx_err)?;
             for seg in searcher.segment_readers() {
                 let mut scorer = weight.scorer(seg, 1.0).map_err(idx_err)?;
                 let alive = seg.alive_bitset();
-                let mut cols: Option<SegmentColumns> = None;
+                let mut cols: Option<Arc<SegmentColumns>> = None;
                 let mut doc = scorer.doc();
                 while doc != TERMINATED {
                     if alive.is_none_or(|a| a.is_alive(doc)) {
                         if cols.is_none() {
-                            cols = Some(SegmentColumns::open(seg).map_err(idx_err)?);
+                            cols = Some(p.columns(seg)?);
                         }
                         // Time first (one column), then the whole record: the
                         // query may leave the time range and the fast-only
                         // fields to this check. Past the cap, documents in
                         // the time range are only counted.
                         if let Some(c) = cols
-                            .as_mut()
+                            .as_ref()
                             .filter(|c| c.event_ns(doc).is_some_and(|t| (lo..=hi).contains(&t)))
                         {
                             if records.len() >= cap {
@@ -795,6 +850,16 @@ impl TantivyStore {
         self.inner.commit(true)
     }
 
+    /// Segments of all partitions (as the readers see them).
+    pub fn segment_count(&self) -> usize {
+        self.inner.parts.read().map_or(0, |parts| {
+            parts
+                .values()
+                .map(|p| p.reader.searcher().segment_readers().len())
+                .sum()
+        })
+    }
+
     /// Merge each partition into one segment and wait (benchmarks, tools).
     pub fn force_merge(&self) -> Result<(), StoreError> {
         self.inner.commit(true)?;
@@ -953,6 +1018,7 @@ fn open_partition_at(
         dir,
         index,
         reader,
+        columns: Mutex::default(),
     }))
 }
 

@@ -46,7 +46,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use ctw_common::{ConnRecord, Counters, EventKind, Protocol, Tuple};
-use tantivy::columnar::{BytesColumn, Column, StrColumn};
+use tantivy::columnar::Column;
 use tantivy::schema::document::{Document, ReferenceValue, ReferenceValueLeaf, Value};
 use tantivy::schema::{
     BytesOptions, DateOptions, DateTimePrecision, Field, IpAddrOptions, NumericOptions, Schema,
@@ -396,43 +396,42 @@ fn at_event(r: &ConnRecord) -> (bool, bool) {
     )
 }
 
-/// A dictionary-encoded bytes column of fixed-size values, with the values
-/// already read cached by ordinal.
+/// A dictionary-encoded bytes column of fixed-size values, its dictionary
+/// read once (a segment's columns are opened once and shared by searches).
 struct Dict<const N: usize> {
-    col: BytesColumn,
-    cache: Vec<Option<[u8; N]>>,
+    ords: Column<u64>,
+    /// By ordinal; `None` for a value not of `N` bytes.
+    values: Vec<Option<[u8; N]>>,
 }
 
 impl<const N: usize> Dict<N> {
     fn open(ff: &tantivy::fastfield::FastFieldReaders, name: &str) -> tantivy::Result<Self> {
         let col = ff.bytes(name)?.ok_or_else(|| missing(name))?;
+        let mut values = Vec::with_capacity(col.num_terms());
+        let mut terms = col.dictionary().stream()?;
+        while terms.advance() {
+            values.push(<[u8; N]>::try_from(terms.key()).ok());
+        }
         Ok(Dict {
-            cache: vec![None; col.num_terms()],
-            col,
+            ords: col.ords().clone(),
+            values,
         })
     }
 
     /// The value of `doc`; `None` when it has none or not of `N` bytes.
-    fn get(&mut self, doc: DocId) -> tantivy::Result<Option<[u8; N]>> {
-        let Some(ord) = self.col.ords().first(doc) else {
-            return Ok(None);
-        };
-        let Some(slot) = self.cache.get_mut(ord as usize) else {
-            return Ok(None);
-        };
-        if slot.is_none() {
-            let mut b = Vec::new();
-            self.col.ord_to_bytes(ord, &mut b)?;
-            *slot = <[u8; N]>::try_from(b.as_slice()).ok();
-        }
-        Ok(*slot)
+    fn get(&self, doc: DocId) -> Option<[u8; N]> {
+        let ord = self.ords.first(doc)?;
+        *self.values.get(ord as usize)?
     }
 }
 
-/// The fast-field columns of one segment, to rebuild records.
+/// The fast-field columns of one segment, to rebuild records. Opening them
+/// reads per-block metadata of every column (milliseconds for a segment of
+/// millions of documents), so each segment's are opened once and shared.
 pub(super) struct SegmentColumns {
-    node: StrColumn,
-    node_cache: Vec<Option<String>>,
+    node_ords: Column<u64>,
+    /// Node names by ordinal.
+    nodes: Vec<String>,
     t: Column<DateTime>,
     src_ip: Column<Ipv6Addr>,
     rsrc_ip: Column<Ipv6Addr>,
@@ -459,9 +458,14 @@ impl SegmentColumns {
     pub(super) fn open(seg: &SegmentReader) -> tantivy::Result<SegmentColumns> {
         let ff = seg.fast_fields();
         let node = ff.str("node")?.ok_or_else(|| missing("node"))?;
+        let mut nodes = Vec::with_capacity(node.num_terms());
+        let mut terms = node.dictionary().stream()?;
+        while terms.advance() {
+            nodes.push(String::from_utf8_lossy(terms.key()).into_owned());
+        }
         Ok(SegmentColumns {
-            node_cache: vec![None; node.num_terms()],
-            node,
+            node_ords: node.ords().clone(),
+            nodes,
             t: ff.date("t")?,
             src_ip: ff.ip_addr("src_ip")?,
             rsrc_ip: ff.ip_addr("rsrc_ip")?,
@@ -490,18 +494,16 @@ impl SegmentColumns {
 
     /// Node name and record of `doc`; `None` when a required column has no
     /// value (not written by this store).
-    pub(super) fn record(&mut self, doc: DocId) -> tantivy::Result<Option<(String, ConnRecord)>> {
-        let Some(node_ord) = self.node.ords().first(doc) else {
+    pub(super) fn record(&self, doc: DocId) -> tantivy::Result<Option<(String, ConnRecord)>> {
+        let Some(node) = self
+            .node_ords
+            .first(doc)
+            .and_then(|o| self.nodes.get(o as usize))
+        else {
             return Ok(None);
         };
-        let slot = &mut self.node_cache[node_ord as usize];
-        if slot.is_none() {
-            let mut s = String::new();
-            self.node.ord_to_str(node_ord, &mut s)?;
-            *slot = Some(s);
-        }
-        let node = slot.clone().unwrap_or_default();
-        let (Some(full), Some(snat)) = (self.shape.get(doc)?, self.snat.get(doc)?) else {
+        let node = node.clone();
+        let (Some(full), Some(snat)) = (self.shape.get(doc), self.snat.get(doc)) else {
             return Ok(None);
         };
         let snat = Ipv6Addr::from(snat);
