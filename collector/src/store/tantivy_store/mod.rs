@@ -532,10 +532,11 @@ impl Inner {
     /// range when the partition is not entirely inside it. The caller checks
     /// every candidate's time and fields again: a query with a selective
     /// term (a pod address or a SNAT port, whose postings are short) leaves
-    /// out the clauses that scan columns (time, `src_port`, `dst_ip`): with a
-    /// range in the middle of a partition, tantivy scans the time column from
-    /// the partition's start to find its first match, which cost tens of
-    /// milliseconds per partition at 100M records.
+    /// out the clauses that scan columns (time, `src_port`, `dst_ip`,
+    /// `node`, `snat_ip`): with a range in the middle of a partition,
+    /// tantivy scans the time column from the partition's start to find its
+    /// first match, which cost tens of milliseconds per partition at 100M
+    /// records.
     fn build_query(&self, q: &SearchQuery, time: Option<(u64, u64)>) -> Box<dyn Query> {
         let f = &self.fields;
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
@@ -547,9 +548,6 @@ impl Inner {
         };
         if let Some(ip) = q.src_ip {
             term(Term::from_field_ip_addr(f.src_ip, to_v6(ip)));
-        }
-        if let Some(ip) = q.snat_ip {
-            term(Term::from_field_ip_addr(f.snat_ip, to_v6(ip)));
         }
         if let Some(p) = q.snat_port {
             term(Term::from_field_u64(f.snat_port, p as u64));
@@ -578,6 +576,10 @@ impl Inner {
             }
             if let Some(n) = &q.node {
                 let t = Term::from_field_text(f.node, n);
+                range(t.clone(), t);
+            }
+            if let Some(ip) = q.snat_ip {
+                let t = Term::from_field_bytes(f.snat, &to_v6(ip).octets());
                 range(t.clone(), t);
             }
             if let Some((lo, hi)) = time {

@@ -11,14 +11,16 @@
 //!   others use a range query on the column. An indexed date (one term per
 //!   distinct second) cost 2-13 bytes per record and a third of the indexing
 //!   CPU in measurements.
-//! - `src_ip`: IP field, indexed. `snat_ip` (reply dst): IP field,
-//!   indexed only; its value is kept in `snat`, a dictionary-encoded bytes
-//!   column (16 bytes, IPv6 form): a node's records come in batches with one
-//!   or a few SNAT addresses, and runs of equal dictionary ordinals cost
-//!   ~0.1 byte per record where an IP column costs ~0.6. `dst_ip`: fast
-//!   only (a few service addresses: an index would not narrow much and cost
-//!   ~1 byte per record). `rsrc_ip` (reply src): fast only, present only
-//!   when it differs from `dst_ip` (DNAT), so it costs nothing without DNAT.
+//! - `src_ip`: IP field, indexed. `snat` (reply dst, the SNAT address): a
+//!   dictionary-encoded bytes column (16 bytes, IPv6 form), not indexed: a
+//!   node's records come in batches with one or a few SNAT addresses, so
+//!   runs of equal ordinals cost ~0.1 byte per record where an IP column
+//!   costs ~0.6, and a SNAT address alone (a node's) narrows little, so
+//!   searches use the SNAT port's postings and check the address per
+//!   candidate (postings for it cost 0.3 byte and a term per record to
+//!   index). `dst_ip`: the first 16 bytes of `shape` (a few service
+//!   addresses). `rsrc_ip` (reply src): fast only, present only when it
+//!   differs from `dst_ip` (DNAT), so it costs nothing without DNAT.
 //! - `snat_port` (reply dst port): u64, indexed. `src_port`: fast only
 //!   (searches by pod port come with the pod address, whose postings lead;
 //!   its postings cost ~2.5 bytes per record). `dst_port`: u64, indexed
@@ -62,13 +64,12 @@ pub(super) struct Fields {
     pub(super) node: Field,
     pub(super) t: Field,
     pub(super) src_ip: Field,
-    pub(super) snat_ip: Field,
     pub(super) rsrc_ip: Field,
     pub(super) src_port: Field,
     pub(super) dst_port: Field,
     pub(super) snat_port: Field,
     pub(super) shape: Field,
-    snat: Field,
+    pub(super) snat: Field,
     start_d: Field,
     dstart_d: Field,
     stop_d: Field,
@@ -94,7 +95,6 @@ impl Fields {
                 .set_precision(DateTimePrecision::Microseconds),
         );
         let src_ip = b.add_ip_addr_field("src_ip", ip.clone());
-        let snat_ip = b.add_ip_addr_field("snat_ip", IpAddrOptions::default().set_indexed());
         let rsrc_ip = b.add_ip_addr_field("rsrc_ip", IpAddrOptions::default().set_fast());
         let src_port = b.add_u64_field("src_port", fast.clone());
         let dst_port = b.add_u64_field("dst_port", NumericOptions::default().set_indexed());
@@ -115,7 +115,6 @@ impl Fields {
             node,
             t,
             src_ip,
-            snat_ip,
             rsrc_ip,
             src_port,
             dst_port,
@@ -154,7 +153,6 @@ impl Fields {
             Slot::Date(DateTime::from_timestamp_micros((r.event_ns / 1000) as i64)),
         );
         push(self.src_ip, Slot::Ip(to_v6(r.orig.src)));
-        push(self.snat_ip, Slot::Ip(to_v6(r.reply.dst)));
         if r.reply.src != r.orig.dst {
             push(self.rsrc_ip, Slot::Ip(to_v6(r.reply.src)));
         }
@@ -195,7 +193,7 @@ impl Fields {
 }
 
 /// Most field values of one document.
-const MAX_VALUES: usize = 20;
+const MAX_VALUES: usize = 16;
 
 /// One field value of a [`RecordDoc`].
 #[derive(Debug, Clone, Copy)]
