@@ -159,6 +159,25 @@ impl Gen {
     }
 }
 
+/// Reservoir sampling of 1000 records: `seen` counts records so far,
+/// this one included.
+fn sample(
+    samples: &mut Vec<(String, ConnRecord)>,
+    rng: &mut Rng,
+    seen: u64,
+    node: String,
+    r: ConnRecord,
+) {
+    if samples.len() < 1000 {
+        samples.push((node, r));
+    } else {
+        let j = rng.below(seen) as usize;
+        if j < 1000 {
+            samples[j] = (node, r);
+        }
+    }
+}
+
 /// Exact snat ip:port ± 5 min queries of `samples`: p50 and p99 latency in
 /// ms, how many found their record, partitions read per query.
 fn query_latency(
@@ -260,15 +279,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..k {
                 let r = gen.record(b % NODES);
                 seen += 1;
-                let name = Gen::node_name(b % NODES);
-                if samples.len() < 1000 {
-                    samples.push((name, r));
-                } else {
-                    let j = sample_rng.below(seen) as usize;
-                    if j < 1000 {
-                        samples[j] = (name, r);
-                    }
-                }
+                sample(
+                    &mut samples,
+                    &mut sample_rng,
+                    seen,
+                    Gen::node_name(b % NODES),
+                    r,
+                );
             }
         }
         let (q50, q99, found, parts) = query_latency(&store, &samples)?;
@@ -291,16 +308,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let k = batch.min((n - done) as usize);
         let records: Vec<ConnRecord> = (0..k).map(|_| gen.record(node)).collect();
         for r in &records {
-            // reservoir sample of 1000 records
-            let seen = done + 1;
-            if samples.len() < 1000 {
-                samples.push((Gen::node_name(node), *r));
-            } else {
-                let j = sample_rng.below(seen) as usize;
-                if j < 1000 {
-                    samples[j] = (Gen::node_name(node), *r);
-                }
-            }
+            sample(
+                &mut samples,
+                &mut sample_rng,
+                done + 1,
+                Gen::node_name(node),
+                *r,
+            );
             done += 1;
         }
         seqs[node] += 1;

@@ -656,38 +656,31 @@ fn collected_documents_are_capped() {
     assert_eq!(r.hits.len(), 10);
 }
 
+/// A gap of node `n`.
+fn gap(from_ns: u64, to_ns: u64, reason: &str, count: u64) -> Gap {
+    Gap {
+        node: "n".into(),
+        from_ns,
+        to_ns,
+        reason: reason.into(),
+        count,
+    }
+}
+
 #[test]
 fn gaps_are_durable_and_filtered_by_range() {
     let dir = TempDir::new("gaps");
     {
         let store = TantivyStore::open(&dir.cfg()).unwrap();
         store
-            .record_gap(Gap {
-                node: "n".into(),
-                from_ns: BASE,
-                to_ns: BASE + MIN,
-                reason: "kernel_drop".into(),
-                count: 3,
-            })
+            .record_gap(gap(BASE, BASE + MIN, "kernel_drop", 3))
             .unwrap();
         store
-            .record_gap(Gap {
-                node: "n".into(),
-                from_ns: BASE + H,
-                to_ns: BASE + H + MIN,
-                reason: "agent_disconnected".into(),
-                count: 0,
-            })
+            .record_gap(gap(BASE + H, BASE + H + MIN, "agent_disconnected", 0))
             .unwrap();
         // A resent loss report is recorded once.
         store
-            .record_gap(Gap {
-                node: "n".into(),
-                from_ns: BASE,
-                to_ns: BASE + MIN,
-                reason: "kernel_drop".into(),
-                count: 3,
-            })
+            .record_gap(gap(BASE, BASE + MIN, "kernel_drop", 3))
             .unwrap();
         store.crash();
     }

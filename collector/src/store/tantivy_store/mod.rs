@@ -134,21 +134,8 @@ impl Partition {
     /// Forget the columns of segments `searcher` no longer has.
     fn prune_columns(&self, searcher: &Searcher) {
         if let Ok(mut cache) = self.columns.lock() {
-            if cache.len() > searcher.segment_readers().len()
-                || cache.keys().any(|id| {
-                    !searcher
-                        .segment_readers()
-                        .iter()
-                        .any(|s| s.segment_id() == *id)
-                })
-            {
-                cache.retain(|id, _| {
-                    searcher
-                        .segment_readers()
-                        .iter()
-                        .any(|s| s.segment_id() == *id)
-                });
-            }
+            let segs = searcher.segment_readers();
+            cache.retain(|id, _| segs.iter().any(|s| s.segment_id() == *id));
         }
     }
 }
