@@ -4,13 +4,22 @@
 # tantivy store. Reports what was acked, the tail after sending stopped, and
 # the collector's CPU per record (gRPC ingest + WAL + index).
 #
-#   bench/uplink.sh [RATE=100000] [SECONDS=20] [DELAY_MS=25]
+#   bench/uplink.sh [RATE=100000] [SECONDS=20] [DELAY_MS=25] [SPREAD=node]
+#
+# SPREAD is the record mix (agent/examples/uplink_bench.rs): `node` is one
+# node's traffic (110 pods, NEW and DESTROY), `wide` a stress mix of 65,536
+# pod addresses, NEW only (the only mix of earlier versions: pass an empty
+# SPREAD to run an older build's uplink_bench, which takes no such argument).
+# CTW_BENCH_BIN=DIR runs the binaries in DIR (e.g. an older build, for an
+# A/B comparison in the same session) instead of building target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RATE=${1:-100000}; SECS=${2:-20}; DELAY=${3:-25}
-cargo build --release --locked -q -p ctw-collector -p ctw-loadgen
-cargo build --release --locked -q -p ctw-agent --example uplink_bench
-BIN=target/release
+RATE=${1:-100000}; SECS=${2:-20}; DELAY=${3:-25}; SPREAD=${4-node}
+BIN=${CTW_BENCH_BIN:-target/release}
+if [ -z "${CTW_BENCH_BIN:-}" ]; then
+  cargo build --release --locked -q -p ctw-collector -p ctw-loadgen
+  cargo build --release --locked -q -p ctw-agent --example uplink_bench
+fi
 W=$(mktemp -d /tmp/ctw-uplink-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
@@ -41,10 +50,22 @@ $BIN/ctw-collector --config "$W/collector.yaml" 2> "$W/collector.log" & cpid=$!;
 $BIN/rttproxy 127.0.0.1:19400 127.0.0.1:19359 "$DELAY" 2> "$W/proxy.log" & pids+=("$!")
 for _ in $(seq 100); do curl -sf 127.0.0.1:19360/readyz >/dev/null && break; sleep 0.1; done
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Machine-wide CPU and the share the hypervisor stole (a VM's noise).
+stat() { awk '/^cpu /{print $2+$3+$4+$5+$6+$7+$8+$9, $9}' /proc/stat; }
+s0=$(stat)
 c0=$(cpu "$cpid")
-out=$($BIN/examples/uplink_bench "$W/agent.yaml" "$RATE" "$SECS" 2> "$W/uplink.log") || { cat "$W/uplink.log"; exit 1; }
+out=$($BIN/examples/uplink_bench "$W/agent.yaml" "$RATE" "$SECS" ${SPREAD:+"$SPREAD"} 2> "$W/uplink.log") || { cat "$W/uplink.log"; exit 1; }
 [ -n "${CTW_BENCH_VERBOSE:-}" ] && cat "$W/uplink.log" "$W/collector.log" "$W/proxy.log"
 c1=$(cpu "$cpid")
+s1=$(stat)
+# Merges the stream started finish after it: count the collector's CPU
+# until it is idle (under 5 ticks per second), at most 120 s more.
+c2=$c1
+for _ in $(seq 120); do
+  sleep 1; c=$(cpu "$cpid")
+  if [ $((c - c2)) -lt 5 ]; then c2=$c; break; fi
+  c2=$c
+done
 tck=$(getconf CLK_TCK)
 acked=$(sed 's/.*"acked":\([0-9]*\).*/\1/' <<<"$out")
 # Let the last commit land, then read the store's size.
@@ -54,7 +75,10 @@ records=$(awk '/^ctw_collector_store_records /{print $2}' <<<"$metrics")
 bytes=$(awk '/^ctw_collector_store_bytes /{print $2}' <<<"$metrics")
 cpu_s=$(awk -v a="$c0" -v b="$c1" -v t="$tck" 'BEGIN{printf "%.2f", (b-a)/t}')
 echo "uplink: $out"
-echo "rtt_ms=$((2*DELAY)) rate=$RATE seconds=$SECS"
+echo "rtt_ms=$((2*DELAY)) rate=$RATE seconds=$SECS spread=$SPREAD"
 echo "collector cpu_seconds=$cpu_s records_acked=$acked us_per_record=$(awk -v c="$cpu_s" -v n="$acked" 'BEGIN{printf "%.2f", c*1e6/n}') records_per_core_second=$(awk -v c="$cpu_s" -v n="$acked" 'BEGIN{printf "%.0f", n/c}')"
+cpu2_s=$(awk -v a="$c0" -v b="$c2" -v t="$tck" 'BEGIN{printf "%.2f", (b-a)/t}')
+echo "collector including_merges_after cpu_seconds=$cpu2_s us_per_record=$(awk -v c="$cpu2_s" -v n="$acked" 'BEGIN{printf "%.2f", c*1e6/n}') records_per_core_second=$(awk -v c="$cpu2_s" -v n="$acked" 'BEGIN{printf "%.0f", n/c}') segments=$(ls "$W"/index/index/*/*.idx 2>/dev/null | wc -l)"
 echo "store records=$records bytes=$bytes bytes_per_record=$(awk -v b="$bytes" -v n="$records" 'BEGIN{ if (n>0) printf "%.1f", b/n; else print "n/a"}')"
+echo "steal_percent=$(awk -v a="$s0" -v b="$s1" 'BEGIN{split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * (y[2] - x[2]) / (y[1] - x[1])}')"
 echo "nproc=$(nproc) load=$(cut -d' ' -f1-3 /proc/loadavg)"

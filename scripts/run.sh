@@ -421,7 +421,6 @@ http:
   token_file: $state/token
 storage:
   path: $state/index
-  commit_interval_ms: 500
 EOF
 
 # agent_yaml NODE PORTS LOGDIR HTTP_LISTEN DIAL_IP

@@ -228,7 +228,13 @@ impl pb::ingest_server::Ingest for Fake {
                             s.batches.push((
                                 b.boot_id,
                                 b.seq,
-                                b.records.iter().map(|r| r.event_ns).collect(),
+                                // Agents send their records packed.
+                                {
+                                    assert!(b.records.is_empty(), "message-form records");
+                                    let u = ctw_proto::packed::decode(&b.packed);
+                                    assert_eq!(u.errors, 0, "{:?}", u.first_error);
+                                    u.records.iter().map(|r| r.event_ns).collect()
+                                },
                             ))
                         });
                         if stream_no == 1 && behaviour.drop_first_stream_after == Some(batches) {

@@ -71,9 +71,14 @@ pub struct StorageConfig {
     /// Oldest partitions are dropped while the total exceeds this.
     #[serde(default = "default_max_size_gb")]
     pub max_size_gb: f64,
-    /// How often the index commits (records become searchable).
+    /// How often the index commits: acknowledged records are searchable at
+    /// once (from memory until then); a commit writes them as a segment.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
+    /// Commit sooner when this many records wait in memory (bounds the
+    /// memory they use, about 200 bytes each).
+    #[serde(default = "default_commit_max_records")]
+    pub commit_max_records: u64,
     /// Width of one partition.
     #[serde(default = "default_partition_hours")]
     pub partition_hours: u32,
@@ -90,7 +95,10 @@ fn default_max_size_gb() -> f64 {
     50.0
 }
 fn default_commit_interval_ms() -> u64 {
-    1000
+    10_000
+}
+fn default_commit_max_records() -> u64 {
+    300_000
 }
 fn default_partition_hours() -> u32 {
     24
@@ -155,6 +163,12 @@ impl Config {
             return bad(format!(
                 "storage.commit_interval_ms: must be 50-60000, got {}",
                 self.storage.commit_interval_ms
+            ));
+        }
+        if !(1000..=10_000_000).contains(&self.storage.commit_max_records) {
+            return bad(format!(
+                "storage.commit_max_records: must be 1000-10000000, got {}",
+                self.storage.commit_max_records
             ));
         }
         if !(1..=168).contains(&self.storage.partition_hours)

@@ -445,7 +445,7 @@ async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSe
     while let Some(w) = work.recv().await {
         match w {
             Work::Batch(b) => {
-                let (records, errors, first_error) = convert(&b.records);
+                let (records, errors, first_error) = convert(&b.records, &b.packed);
                 if errors > 0 {
                     ctx.metrics
                         .record_conversion_errors
@@ -589,10 +589,18 @@ fn loss_reason(r: &str) -> String {
 
 /// Convert wire records; returns the good ones, the number of bad ones and
 /// the first error.
-fn convert(records: &[pb::Record]) -> (Vec<ConnRecord>, u64, Option<String>) {
-    let mut out = Vec::with_capacity(records.len());
-    let mut errors = 0;
-    let mut first = None;
+/// The records of a batch (`records`, then `packed`), the number that
+/// could not be converted and the first error.
+fn convert(records: &[pb::Record], packed: &[u8]) -> (Vec<ConnRecord>, u64, Option<String>) {
+    let unpacked = (!packed.is_empty()).then(|| ctw_proto::packed::decode(packed));
+    let (mut out, mut errors, mut first) = match unpacked {
+        Some(u) if records.is_empty() => return (u.records, u.errors, u.first_error),
+        Some(u) => (u.records, u.errors, u.first_error),
+        None => (Vec::new(), 0, None),
+    };
+    // Rare (agents send one form): `records` come first.
+    let tail = std::mem::take(&mut out);
+    out.reserve(records.len() + tail.len());
     for r in records {
         match ConnRecord::try_from(r) {
             Ok(c) => out.push(c),
@@ -604,11 +612,13 @@ fn convert(records: &[pb::Record]) -> (Vec<ConnRecord>, u64, Option<String>) {
             }
         }
     }
+    out.extend(tail);
     (out, errors, first)
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -622,9 +632,40 @@ mod tests {
     #[test]
     fn bad_records_are_counted_not_fatal() {
         let bad = pb::Record::default(); // no tuples
-        let (good, errors, first) = convert(&[bad.clone(), bad]);
+        let (good, errors, first) = convert(&[bad.clone(), bad], &[]);
         assert!(good.is_empty());
         assert_eq!(errors, 2);
         assert!(first.is_some());
+    }
+
+    #[test]
+    fn packed_records_follow_message_records() {
+        // A TCP record from pod port `port`, built from its wire form.
+        let r = |port: u16| {
+            let t = |src_port: u16| pb::Tuple {
+                src: vec![198, 18, 0, 1],
+                dst: vec![198, 18, 0, 2],
+                src_port: src_port.into(),
+                dst_port: 80,
+            };
+            ConnRecord::try_from(&pb::Record {
+                event_ns: 1,
+                protocol: 6,
+                orig: Some(t(port)),
+                reply: Some(t(80)),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let mut packed = Vec::new();
+        ctw_proto::packed::encode(&[r(2), r(3)], &mut packed);
+        let (got, errors, _) = convert(&[pb::Record::from(&r(1))], &packed);
+        assert_eq!(errors, 0);
+        assert_eq!(got, vec![r(1), r(2), r(3)]);
+        // A packed batch cut short: its whole records are kept, the rest
+        // counted.
+        let (got, errors, first) = convert(&[], &packed[..packed.len() - 1]);
+        assert_eq!((got, errors), (vec![r(2)], 1));
+        assert!(first.unwrap().contains("record 1"));
     }
 }

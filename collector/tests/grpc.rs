@@ -284,11 +284,16 @@ fn record(snat_port: u16, event_ns: u64) -> ConnRecord {
     }
 }
 
+/// A batch as agents send it (records packed); tests add message-form
+/// records to `records`.
 fn batch(seq: u64, records: &[ConnRecord]) -> AgentMsg {
+    let mut packed = Vec::new();
+    ctw_proto::packed::encode(records, &mut packed);
     AgentMsg::Batch(pb::RecordBatch {
         boot_id: "boot-1".into(),
         seq,
-        records: records.iter().map(pb::Record::from).collect(),
+        records: Vec::new(),
+        packed,
     })
 }
 

@@ -40,6 +40,7 @@ impl TempDir {
             retention_days: 36500,
             max_size_gb: 100.0,
             commit_interval_ms: 100,
+            commit_max_records: 300_000,
             partition_hours: 1,
             lookback_hours: 3,
         }
@@ -221,6 +222,11 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
 }
 
 fn load(stores: &[&dyn RecordStore], records: &[(String, ConnRecord)]) {
+    load_from(stores, records, 0)
+}
+
+/// [`load`] with batch sequence numbers from `seq0`.
+fn load_from(stores: &[&dyn RecordStore], records: &[(String, ConnRecord)], seq0: u64) {
     for (i, chunk) in records.chunks(37).enumerate() {
         // group by node per batch
         for node in ["n0", "n1", "n2"] {
@@ -234,7 +240,7 @@ fn load(stores: &[&dyn RecordStore], records: &[(String, ConnRecord)]) {
             }
             for s in stores {
                 assert_eq!(
-                    s.append(batch(node, i as u64, rs.clone())).unwrap(),
+                    s.append(batch(node, seq0 + i as u64, rs.clone())).unwrap(),
                     AppendOutcome::Stored
                 );
             }
@@ -305,12 +311,19 @@ fn append_and_search_by_snat_ip_port_and_time_v4_and_v6() {
 #[test]
 fn same_answers_as_memstore_on_random_data() {
     let dir = TempDir::new("equiv");
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let mut cfg = dir.cfg();
+    cfg.commit_interval_ms = 60_000; // only explicit commits
+    let store = TantivyStore::open(&cfg).unwrap();
     let mem = MemStore::default();
     let mut rng = Rng(1234);
     let span = 30 * H;
     let records = random_records(&mut rng, 3000, span);
-    load(&[&store, &mem], &records);
+    // A third in segments, the rest fresh (uncommitted) in the first round
+    // of queries; all in segments in the second.
+    let (old, new) = records.split_at(1000);
+    load(&[&store, &mem], old);
+    store.commit().unwrap();
+    load_from(&[&store, &mem], new, 1_000_000);
     let gap = Gap {
         node: "n1".into(),
         from_ns: BASE + 3 * H,
@@ -320,8 +333,11 @@ fn same_answers_as_memstore_on_random_data() {
     };
     store.record_gap(gap.clone()).unwrap();
     mem.record_gap(gap).unwrap();
-    store.commit().unwrap();
-    for i in 0..400 {
+    for i in 0..800 {
+        if i == 400 {
+            assert!(store.segment_count() > 0);
+            store.commit().unwrap();
+        }
         let (_, pick) = &records[rng.below(records.len() as u64) as usize];
         let mut q = SearchQuery {
             limit: 100_000,
@@ -493,10 +509,10 @@ fn load_seq(stores: &[&dyn RecordStore], records: &[(String, ConnRecord)], seq0:
 }
 
 #[test]
-fn records_become_searchable_within_the_commit_interval() {
+fn records_are_searchable_once_appended_and_after_their_commit() {
     let dir = TempDir::new("tts");
     let mut cfg = dir.cfg();
-    cfg.commit_interval_ms = 200;
+    cfg.commit_interval_ms = 60_000; // only explicit commits
     let store = TantivyStore::open(&cfg).unwrap();
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
     for k in 0..5u16 {
@@ -513,14 +529,56 @@ fn records_become_searchable_within_the_commit_interval() {
             limit: 1,
             ..Default::default()
         };
-        let t = Instant::now();
         store.append(batch("n", k as u64, vec![r])).unwrap();
-        let deadline = t + Duration::from_secs(2);
-        while store.search(&q).unwrap().total == 0 {
-            assert!(Instant::now() < deadline, "not searchable after 2 s");
-            std::thread::yield_now();
-        }
+        // Not committed yet: found among the fresh records.
+        let fresh = store.search(&q).unwrap();
+        assert_eq!(fresh.total, 1, "record {k} not searchable once appended");
+        // Committed: found once, in a segment.
+        store.commit().unwrap();
+        let committed = store.search(&q).unwrap();
+        assert_eq!(committed.total, 1, "record {k} after its commit");
+        assert_eq!(canonical(committed.hits), canonical(fresh.hits));
     }
+    assert_eq!(store.stats().records, 5);
+    assert_eq!(store.segment_count(), 5);
+}
+
+/// A search running while commits move records from memory into segments
+/// sees every record exactly once.
+#[test]
+fn searches_during_commits_see_each_record_once() {
+    let dir = TempDir::new("tts-race");
+    let mut cfg = dir.cfg();
+    cfg.commit_interval_ms = 60_000;
+    let store = std::sync::Arc::new(TantivyStore::open(&cfg).unwrap());
+    let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
+    let q = SearchQuery {
+        snat_ip: Some(snat),
+        limit: 1_000_000,
+        ..Default::default()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let committer = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut commits = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store.commit().unwrap();
+                commits += 1;
+            }
+            commits
+        })
+    };
+    let pod = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9));
+    for k in 0..300u64 {
+        let r = rec(BASE + k * 1000, pod, 1000, snat, 1024 + k as u16);
+        store.append(batch("n", k, vec![r])).unwrap();
+        // Every record appended so far, none twice, whatever the commit
+        // thread is doing.
+        assert_eq!(store.search(&q).unwrap().total, k + 1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(committer.join().unwrap() > 0);
 }
 
 #[test]
@@ -946,4 +1004,41 @@ fn destroy_joins_the_open_connection_of_its_tuple() {
             ]
         );
     }
+}
+
+/// Past `commit_max_records` uncommitted records the store commits without
+/// waiting for `commit_interval_ms`.
+#[test]
+fn many_uncommitted_records_trigger_a_commit() {
+    let dir = TempDir::new("commit-max");
+    let mut cfg = dir.cfg();
+    cfg.commit_interval_ms = 60_000;
+    cfg.commit_max_records = 1000;
+    let store = TantivyStore::open(&cfg).unwrap();
+    let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
+    let pod = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9));
+    let batch_of = |seq: u64, n: u64| {
+        let recs = (0..n)
+            .map(|i| {
+                rec(
+                    BASE + seq * 10_000 + i,
+                    pod,
+                    1000,
+                    snat,
+                    (seq * n + i) as u16,
+                )
+            })
+            .collect();
+        batch("n", seq, recs)
+    };
+    store.append(batch_of(0, 999)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(store.segment_count(), 0, "committed below the limit");
+    store.append(batch_of(1, 1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.segment_count() == 0 {
+        assert!(Instant::now() < deadline, "no commit at the limit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(store.stats().records, 1000);
 }

@@ -1,5 +1,6 @@
 //! The conntrack-watch wire protocol: generated prost/tonic code in [`pb`],
-//! and conversions between [`pb::Record`] and [`ctw_common::ConnRecord`].
+//! conversions between [`pb::Record`] and [`ctw_common::ConnRecord`], and
+//! the [`packed`] record encoding batches use.
 //!
 //! Invariant: prost message types are converted to common types at the edge
 //! (the agent's uplink, the collector's ingest and query services); storage
@@ -8,6 +9,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ctw_common::{ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+
+pub mod packed;
 
 #[allow(clippy::all, missing_debug_implementations, clippy::unwrap_used)]
 pub mod pb {
@@ -295,5 +298,70 @@ mod tests {
         let mut w = pb::Record::from(&rec(EventKind::New, false));
         w.kind = 9;
         assert!(ConnRecord::try_from(&w).is_err());
+    }
+
+    #[test]
+    fn packed_batches_round_trip() {
+        let mut all = Vec::new();
+        for kind in [EventKind::New, EventKind::Destroy, EventKind::Recovered] {
+            for v6 in [false, true] {
+                all.push(rec(kind, v6));
+            }
+        }
+        all[0].tcp_state = Some(TcpState::Other(200));
+        let mut buf = Vec::new();
+        packed::encode(&all, &mut buf);
+        let mut p = packed::Packer::default();
+        all.iter().for_each(|r| p.push(r));
+        assert_eq!(p.len(), all.len());
+        assert_eq!(p.bytes(), buf.len());
+        assert_eq!(p.finish(), buf);
+        let u = packed::decode(&buf);
+        assert_eq!((u.records, u.errors, u.first_error), (all, 0, None));
+        assert!(packed::Packer::default().finish().is_empty());
+        assert_eq!(packed::decode(&[0, 0, 0, 0]), packed::Unpacked::default());
+    }
+
+    #[test]
+    fn the_fuzz_seed_is_a_valid_packed_batch() {
+        let u = packed::decode(include_bytes!("../../fuzz/seeds/packed/three.bin"));
+        assert_eq!((u.records.len(), u.errors), (3, 0), "{:?}", u.first_error);
+        assert_eq!(u.records[1].counters_orig.map(|c| c.bytes), Some(300));
+    }
+
+    #[test]
+    fn bad_packed_batches_are_counted_not_panics() {
+        let all = vec![rec(EventKind::New, false); 3];
+        let mut buf = Vec::new();
+        packed::encode(&all, &mut buf);
+        let one = (buf.len() - 4) / 3;
+        // Every cut decodes the whole records before it and counts the rest.
+        for cut in 0..buf.len() {
+            let u = packed::decode(&buf[..cut]);
+            let whole = cut.saturating_sub(4) / one;
+            assert_eq!(u.records.len(), whole.min(3), "cut at {cut}");
+            if cut < 4 {
+                assert_eq!(u.errors, 1);
+            } else {
+                assert_eq!(u.errors, 3 - whole as u64, "cut at {cut}");
+            }
+            assert!(u.first_error.is_some());
+        }
+        // A bad kind in the second record: the first is kept, two counted.
+        let mut bad = buf.clone();
+        bad[4 + one] = 9;
+        let u = packed::decode(&bad);
+        assert_eq!((u.records.len(), u.errors), (1, 2));
+        assert!(u.first_error.unwrap().contains("record 1: field kind"));
+        // Mixed address families in a tuple.
+        let mut bad = buf.clone();
+        bad[4 + 10] = 6;
+        assert_eq!(packed::decode(&bad).errors, 3);
+        // Trailing bytes, and a count far beyond the data.
+        let mut long = buf.clone();
+        long.push(0);
+        assert_eq!(packed::decode(&long).errors, 1);
+        let u = packed::decode(&[0xff, 0xff, 0xff, 0xff, 0]);
+        assert_eq!((u.records.len(), u.errors), (0, u32::MAX as u64));
     }
 }

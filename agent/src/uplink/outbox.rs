@@ -423,6 +423,7 @@ mod tests {
                 boot_id: boot.to_string(),
                 seq,
                 records,
+                packed: Vec::new(),
             },
         )
     }

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ctw_common::{ConnRecord, Protocol, Tuple};
-use ctw_proto::pb;
-use prost::Message;
+use ctw_proto::{packed, pb};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
@@ -66,8 +65,8 @@ impl RateLimited {
 /// Records gathered for the next batch.
 #[derive(Debug, Default)]
 struct Batcher {
-    records: Vec<pb::Record>,
-    bytes: usize,
+    /// The records, packed (`RecordBatch.packed`).
+    records: packed::Packer,
     from_ns: u64,
     to_ns: u64,
     opened: Option<Instant>,
@@ -201,7 +200,6 @@ impl Core {
 
     fn add_records(&mut self, records: Vec<ConnRecord>) {
         for r in &records {
-            let rec = pb::Record::from(r);
             let b = &mut self.batcher;
             if b.records.is_empty() {
                 b.opened = Some(Instant::now());
@@ -211,10 +209,9 @@ impl Core {
                 b.from_ns = b.from_ns.min(r.event_ns);
                 b.to_ns = b.to_ns.max(r.event_ns);
             }
-            // Field tag and length prefix of the repeated field.
-            b.bytes += rec.encoded_len() + 3;
-            b.records.push(rec);
-            if b.records.len() >= self.cfg.batch_max_records || b.bytes >= self.cfg.batch_max_bytes
+            b.records.push(r);
+            if b.records.len() >= self.cfg.batch_max_records
+                || b.records.bytes() >= self.cfg.batch_max_bytes
             {
                 self.seal();
             }
@@ -245,7 +242,8 @@ impl Core {
         let msg = pb::RecordBatch {
             boot_id: self.boot_id.to_string(),
             seq,
-            records: b.records,
+            records: Vec::new(),
+            packed: b.records.finish(),
         };
         let mut dropped = Vec::new();
         let up = self.is_up();
@@ -725,6 +723,7 @@ async fn run(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use prost::Message;
 
     #[test]
     fn lookup_requests_are_validated() {

@@ -54,7 +54,7 @@ use tantivy::{
 
 use self::dedup::{BootSeqs, Dedup};
 use self::gaps::GapLog;
-use self::schema::{shape_range_of_dst, to_v6, Fields, RecordDoc, SegmentColumns};
+use self::schema::{shape_range_of_dst, to_v6, Fields, RecordDoc, Run, SegmentColumns};
 use self::wal::{io_err, Wal};
 use super::{
     assemble, matches_fields, AppendOutcome, Gap, RecordStore, SearchQuery, SearchResult,
@@ -117,9 +117,45 @@ struct Partition {
     /// Opened columns of the segments searched, dropped when their segment
     /// leaves the reader (merged away).
     columns: Mutex<HashMap<SegmentId, Arc<SegmentColumns>>>,
+    /// Records given to the writer and not yet in a segment the reader has
+    /// loaded, in append order. Searched with the reader's segments; the
+    /// commit that puts them in a segment removes them in the same write
+    /// lock as it reloads the reader, so a search sees each record once.
+    fresh: RwLock<Vec<Arc<FreshRun>>>,
+}
+
+/// The fresh records of one batch, with the search's view of them.
+type FreshRun = Run;
+
+impl Run {
+    /// Records that may match `q` (all, unless it names a SNAT port).
+    fn candidates<'a>(&'a self, q: &SearchQuery) -> Box<dyn Iterator<Item = &'a ConnRecord> + 'a> {
+        match q.snat_port {
+            Some(port) => Box::new(
+                self.snat_ports
+                    .iter()
+                    .zip(&self.records)
+                    .filter(move |(p, _)| **p == port)
+                    .map(|(_, r)| r),
+            ),
+            None => Box::new(self.records.iter()),
+        }
+    }
 }
 
 impl Partition {
+    /// The reader's segments and the records not in them yet, consistently.
+    fn view(&self) -> Result<(Searcher, Vec<Arc<FreshRun>>), StoreError> {
+        let fresh = self.fresh.read().map_err(|_| poisoned())?;
+        Ok((self.reader.searcher(), fresh.clone()))
+    }
+
+    fn fresh_records(&self) -> u64 {
+        self.fresh
+            .read()
+            .map_or(0, |f| f.iter().map(|r| r.records.len() as u64).sum::<u64>())
+    }
+
     /// The columns of `seg`, opened on first use.
     fn columns(&self, seg: &SegmentReader) -> Result<Arc<SegmentColumns>, StoreError> {
         let mut cache = self.columns.lock().map_err(|_| poisoned())?;
@@ -155,7 +191,18 @@ struct Ingest {
     applied: u64,
     /// Position written in the checkpoint file.
     checkpointed: u64,
+    /// Records in the partitions' `fresh` runs (uncommitted).
+    fresh: u64,
     closed: bool,
+}
+
+/// What the background thread is asked to do.
+#[derive(Debug, Default)]
+struct BgState {
+    /// Stop, committing first if `Some(true)`.
+    stop: Option<bool>,
+    /// Commit now (too many uncommitted records).
+    commit_now: bool,
 }
 
 struct Inner {
@@ -169,8 +216,8 @@ struct Inner {
     gaps: Mutex<GapLog>,
     last_search: Mutex<SearchStats>,
     commit_lock: Mutex<()>,
-    stop: Mutex<Option<bool>>,
-    stop_cv: Condvar,
+    bg: Mutex<BgState>,
+    bg_cv: Condvar,
 }
 
 /// The production store. See the module docs.
@@ -313,7 +360,7 @@ impl Inner {
         // channel message per run (`add_document` sends one per document,
         // and waking the indexing thread per document cost more CPU than
         // indexing it).
-        let mut run: Vec<UserOperation<RecordDoc>> = Vec::new();
+        let mut run: Vec<ConnRecord> = Vec::with_capacity(b.records.len());
         let mut cur: Option<(u64, bool)> = None;
         for r in &b.records {
             let start = self.partition_start(r.event_ns);
@@ -321,7 +368,7 @@ impl Inner {
                 Some((s, skip)) if s == start => skip,
                 _ => {
                     if let Some((s, false)) = cur {
-                        self.send_run(ing, s, &mut run)?;
+                        self.send_run(ing, s, &node, &mut run)?;
                     }
                     let skip = covered.get(&start).is_some_and(|&c| c >= end);
                     cur = Some((start, skip));
@@ -329,31 +376,44 @@ impl Inner {
                 }
             };
             if !skip {
-                run.push(UserOperation::Add(self.fields.doc(&node, r)));
+                run.push(*r);
             }
         }
         if let Some((s, false)) = cur {
-            self.send_run(ing, s, &mut run)?;
+            self.send_run(ing, s, &node, &mut run)?;
         }
         Ok(())
     }
 
+    /// Give one run to its partition's writer and make its records
+    /// searchable (as fresh records until the next commit).
     fn send_run(
         &self,
         ing: &mut Ingest,
         start: u64,
-        run: &mut Vec<UserOperation<RecordDoc>>,
+        node: &Arc<str>,
+        records: &mut Vec<ConnRecord>,
     ) -> Result<(), StoreError> {
-        if run.is_empty() {
+        if records.is_empty() {
             return Ok(());
         }
+        let fresh = Arc::new(Run::new(node.clone(), std::mem::take(records)));
+        let ops: Vec<UserOperation<RecordDoc>> =
+            Run::docs(&fresh).map(UserOperation::Add).collect();
         let slot = self.writer(ing, start)?;
         slot.dirty = true;
-        slot.writer.run(std::mem::take(run)).map_err(idx_err)?;
+        slot.writer.run(ops).map_err(idx_err)?;
+        ing.fresh += fresh.records.len() as u64;
+        self.partition(start)?
+            .fresh
+            .write()
+            .map_err(|_| poisoned())?
+            .push(fresh);
         Ok(())
     }
 
-    /// Commit every writer with new documents, reload their readers and, if
+    /// Commit every writer with new documents, reload their readers (their
+    /// fresh records are then in segments) and, if
     /// `checkpoint`, write the checkpoint and drop covered WAL segments.
     fn commit(&self, checkpoint: bool) -> Result<(), StoreError> {
         // One commit at a time (background thread, `commit()`, close).
@@ -370,6 +430,7 @@ impl Inner {
             self.wal.sync_to(pos)?;
             let payload = pos.to_string();
             let mut committed = Vec::new();
+            let mut fresh_committed = 0;
             for (&start, slot) in ing.writers.iter_mut() {
                 if slot.dirty {
                     let mut prepared = slot.writer.prepare_commit().map_err(idx_err)?;
@@ -377,7 +438,19 @@ impl Inner {
                     prepared.commit().map_err(idx_err)?;
                     slot.dirty = false;
                     slot.idle_commits = 0;
-                    committed.push(start);
+                    // Every fresh run of the partition went to the writer
+                    // before this commit (runs are added under the ingest
+                    // lock): the reload below makes them all redundant.
+                    let runs = match self.parts.read().map_err(|_| poisoned())?.get(&start) {
+                        Some(p) => {
+                            let f = p.fresh.read().map_err(|_| poisoned())?;
+                            fresh_committed +=
+                                f.iter().map(|r| r.records.len() as u64).sum::<u64>();
+                            f.len()
+                        }
+                        None => 0,
+                    };
+                    committed.push((start, runs));
                 } else {
                     slot.idle_commits += 1;
                 }
@@ -391,13 +464,17 @@ impl Inner {
                 .collect();
             let idle: Vec<WriterSlot> = idle.iter().filter_map(|s| ing.writers.remove(s)).collect();
             let snapshot = checkpoint.then(|| ing.dedup.clone());
+            ing.fresh = ing.fresh.saturating_sub(fresh_committed);
             (pos, snapshot, committed, idle)
         };
         {
             let parts = self.parts.read().map_err(|_| poisoned())?;
-            for start in committed {
+            for (start, runs) in committed {
                 if let Some(p) = parts.get(&start) {
+                    let mut fresh = p.fresh.write().map_err(|_| poisoned())?;
                     p.reader.reload().map_err(idx_err)?;
+                    let n = runs.min(fresh.len());
+                    fresh.drain(..n);
                 }
             }
         }
@@ -435,7 +512,18 @@ impl Inner {
         for p in &parts {
             let covered = lo <= p.start_ns && p.start_ns.saturating_add(width - 1) <= hi;
             let query = self.build_query(q, (!covered).then_some((lo, hi)));
-            let searcher = p.reader.searcher();
+            let (searcher, fresh) = p.view()?;
+            for run in fresh.iter().rev() {
+                for r in run.candidates(q) {
+                    if (lo..=hi).contains(&r.event_ns) && matches_fields(q, &run.node, r) {
+                        if records.len() >= cap {
+                            uncollected += 1;
+                        } else {
+                            records.push((run.node.to_string(), *r));
+                        }
+                    }
+                }
+            }
             p.prune_columns(&searcher);
             let weight = query
                 .weight(EnableScoring::disabled_from_searcher(&searcher))
@@ -539,9 +627,6 @@ impl Inner {
         if let Some(p) = q.snat_port {
             term(Term::from_field_u64(f.snat_port, p as u64));
         }
-        if let Some(p) = q.dst_port {
-            term(Term::from_field_u64(f.dst_port, p as u64));
-        }
         let selective = q.src_ip.is_some() || q.snat_port.is_some();
         if !selective {
             let mut range = |lo: Term, hi: Term| {
@@ -625,7 +710,11 @@ impl Inner {
     }
 
     fn drop_partition(&self, p: &Arc<Partition>) -> Result<(), StoreError> {
-        let slot = self.lock_ingest()?.writers.remove(&p.start_ns);
+        let slot = {
+            let mut ing = self.lock_ingest()?;
+            ing.fresh = ing.fresh.saturating_sub(p.fresh_records());
+            ing.writers.remove(&p.start_ns)
+        };
         if let Some(slot) = slot {
             // Uncommitted documents of a dropped partition are discarded.
             drop(slot);
@@ -642,21 +731,38 @@ impl Inner {
         }
     }
 
+    /// Ask the background thread to commit now.
+    fn request_commit(&self) {
+        if let Ok(mut bg) = self.bg.lock() {
+            if !bg.commit_now {
+                bg.commit_now = true;
+                self.bg_cv.notify_all();
+            }
+        }
+    }
+
+    /// Commit every `commit_interval_ms`, or sooner when asked (too many
+    /// fresh records); enforce retention every minute.
     fn background(self: Arc<Self>) {
         let interval = Duration::from_millis(self.cfg.commit_interval_ms.max(1));
         let mut next_retention = Instant::now() + RETENTION_EVERY;
-        let Ok(mut stop) = self.stop.lock() else {
+        let Ok(mut bg) = self.bg.lock() else {
             return;
         };
         loop {
-            if stop.is_none() {
-                let Ok((s, _)) = self.stop_cv.wait_timeout(stop, interval) else {
+            let due = Instant::now() + interval;
+            while bg.stop.is_none() && !bg.commit_now {
+                let left = due.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let Ok((b, _)) = self.bg_cv.wait_timeout(bg, left) else {
                     return;
                 };
-                stop = s;
+                bg = b;
             }
-            if let Some(commit) = *stop {
-                drop(stop);
+            if let Some(commit) = bg.stop {
+                drop(bg);
                 if commit {
                     if let Err(e) = self.commit(true) {
                         tracing::error!(error = %e, "final index commit failed");
@@ -664,7 +770,8 @@ impl Inner {
                 }
                 return;
             }
-            drop(stop);
+            bg.commit_now = false;
+            drop(bg);
             if let Err(e) = self.commit(true) {
                 tracing::error!(error = %e, "index commit failed");
             }
@@ -674,8 +781,8 @@ impl Inner {
                     tracing::error!(error = %e, "retention failed");
                 }
             }
-            let Ok(s) = self.stop.lock() else { return };
-            stop = s;
+            let Ok(b) = self.bg.lock() else { return };
+            bg = b;
         }
     }
 }
@@ -692,7 +799,7 @@ impl TantivyStore {
         let index_dir = root.join("index");
         std::fs::create_dir_all(&index_dir).map_err(|e| io_err(&index_dir, e))?;
         let (ckpt_pos, dedup) = dedup::read_checkpoint(&root)?;
-        let fields = Fields::new();
+        let fields = Fields::get().clone();
         let gaps = GapLog::open(&root)?;
 
         // Partitions on disk and the WAL position each one's commit covers.
@@ -752,14 +859,15 @@ impl TantivyStore {
                 writers: BTreeMap::new(),
                 applied,
                 checkpointed: ckpt_pos,
+                fresh: 0,
                 closed: false,
             }),
             parts: RwLock::new(parts),
             gaps: Mutex::new(gaps),
             last_search: Mutex::new(SearchStats::default()),
             commit_lock: Mutex::new(()),
-            stop: Mutex::new(None),
-            stop_cv: Condvar::new(),
+            bg: Mutex::new(BgState::default()),
+            bg_cv: Condvar::new(),
         });
         {
             let mut ing = inner.lock_ingest()?;
@@ -798,9 +906,9 @@ impl TantivyStore {
     fn shutdown(&self, commit: bool) {
         let Ok(mut bg) = self.bg.lock() else { return };
         let Some(handle) = bg.take() else { return };
-        if let Ok(mut s) = self.inner.stop.lock() {
-            *s = Some(commit);
-            self.inner.stop_cv.notify_all();
+        if let Ok(mut s) = self.inner.bg.lock() {
+            s.stop = Some(commit);
+            self.inner.bg_cv.notify_all();
         }
         let _ = handle.join();
         if let Ok(mut ing) = self.inner.ingest.lock() {
@@ -1008,6 +1116,7 @@ fn open_partition_at(
         index,
         reader,
         columns: Mutex::default(),
+        fresh: RwLock::default(),
     }))
 }
 
@@ -1048,7 +1157,11 @@ impl RecordStore for TantivyStore {
             b.last_seen_ns = now_ns();
             ing.applied = end;
             let indexed = inner.index_batch(&mut ing, &batch, end, &HashMap::new());
+            let commit_now = ing.fresh >= inner.cfg.commit_max_records;
             drop(ing);
+            if commit_now {
+                inner.request_commit();
+            }
             if let Err(e) = indexed {
                 tracing::error!(error = %e, "indexing a batch failed; it is in the WAL and will be indexed on restart");
             }
@@ -1074,7 +1187,10 @@ impl RecordStore for TantivyStore {
             .map(|p| p.values().cloned().collect())
             .unwrap_or_default();
         StoreStats {
-            records: parts.iter().map(|p| p.reader.searcher().num_docs()).sum(),
+            records: parts
+                .iter()
+                .map(|p| p.reader.searcher().num_docs() + p.fresh_records())
+                .sum(),
             bytes_on_disk: dir_size(&self.inner.root),
             partitions: parts.len() as u64,
         }

