@@ -592,15 +592,18 @@ fn loss_reason(r: &str) -> String {
 /// The records of a batch (`records`, then `packed`), the number that
 /// could not be converted and the first error.
 fn convert(records: &[pb::Record], packed: &[u8]) -> (Vec<ConnRecord>, u64, Option<String>) {
-    let unpacked = (!packed.is_empty()).then(|| ctw_proto::packed::decode(packed));
-    let (mut out, mut errors, mut first) = match unpacked {
-        Some(u) if records.is_empty() => return (u.records, u.errors, u.first_error),
-        Some(u) => (u.records, u.errors, u.first_error),
-        None => (Vec::new(), 0, None),
+    let mut unpacked = if packed.is_empty() {
+        ctw_proto::packed::Unpacked::default()
+    } else {
+        ctw_proto::packed::decode(packed)
     };
-    // Rare (agents send one form): `records` come first.
-    let tail = std::mem::take(&mut out);
-    out.reserve(records.len() + tail.len());
+    if records.is_empty() {
+        // What agents send.
+        return (unpacked.records, unpacked.errors, unpacked.first_error);
+    }
+    let mut out = Vec::with_capacity(records.len() + unpacked.records.len());
+    let mut errors = 0;
+    let mut first = None;
     for r in records {
         match ConnRecord::try_from(r) {
             Ok(c) => out.push(c),
@@ -612,8 +615,12 @@ fn convert(records: &[pb::Record], packed: &[u8]) -> (Vec<ConnRecord>, u64, Opti
             }
         }
     }
-    out.extend(tail);
-    (out, errors, first)
+    out.append(&mut unpacked.records);
+    (
+        out,
+        errors + unpacked.errors,
+        first.or(unpacked.first_error),
+    )
 }
 
 #[cfg(test)]

@@ -223,9 +223,9 @@ impl<'a> Reader<'a> {
         self.off == self.data.len()
     }
 
-    /// Bytes not read yet.
-    pub fn remaining(&self) -> usize {
-        self.data.len() - self.off
+    /// The bytes not read yet.
+    pub fn rest(&self) -> &'a [u8] {
+        &self.data[self.off..]
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], ConvertError> {

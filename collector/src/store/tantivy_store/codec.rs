@@ -29,8 +29,7 @@ pub(super) fn decode(data: &[u8]) -> Result<StoredBatch, String> {
     if v != VERSION {
         return Err(format!("unknown entry version {v}"));
     }
-    let rest = &data[data.len() - r.remaining()..];
-    let u = packed::decode(rest);
+    let u = packed::decode(r.rest());
     if let Some(e) = u.first_error {
         return Err(e);
     }

@@ -121,11 +121,8 @@ struct Partition {
     /// loaded, in append order. Searched with the reader's segments; the
     /// commit that puts them in a segment removes them in the same write
     /// lock as it reloads the reader, so a search sees each record once.
-    fresh: RwLock<Vec<Arc<FreshRun>>>,
+    fresh: RwLock<Vec<Arc<Run>>>,
 }
-
-/// The fresh records of one batch, with the search's view of them.
-type FreshRun = Run;
 
 impl Run {
     /// Records that may match `q` (all, unless it names a SNAT port).
@@ -145,7 +142,7 @@ impl Run {
 
 impl Partition {
     /// The reader's segments and the records not in them yet, consistently.
-    fn view(&self) -> Result<(Searcher, Vec<Arc<FreshRun>>), StoreError> {
+    fn view(&self) -> Result<(Searcher, Vec<Arc<Run>>), StoreError> {
         let fresh = self.fresh.read().map_err(|_| poisoned())?;
         Ok((self.reader.searcher(), fresh.clone()))
     }
@@ -191,8 +188,6 @@ struct Ingest {
     applied: u64,
     /// Position written in the checkpoint file.
     checkpointed: u64,
-    /// Records in the partitions' `fresh` runs (uncommitted).
-    fresh: u64,
     closed: bool,
 }
 
@@ -209,7 +204,7 @@ struct Inner {
     cfg: StorageConfig,
     opts: StoreOptions,
     root: PathBuf,
-    fields: Fields,
+    fields: &'static Fields,
     wal: Wal,
     ingest: Mutex<Ingest>,
     parts: RwLock<BTreeMap<u64, Arc<Partition>>>,
@@ -295,7 +290,7 @@ impl Inner {
     }
 
     fn open_partition(&self, start_ns: u64) -> Result<Arc<Partition>, StoreError> {
-        open_partition_at(&self.root, &self.fields, start_ns)
+        open_partition_at(&self.root, self.fields, start_ns)
     }
 
     /// The partition for `start_ns`, created when needed.
@@ -403,7 +398,6 @@ impl Inner {
         let slot = self.writer(ing, start)?;
         slot.dirty = true;
         slot.writer.run(ops).map_err(idx_err)?;
-        ing.fresh += fresh.records.len() as u64;
         self.partition(start)?
             .fresh
             .write()
@@ -430,7 +424,6 @@ impl Inner {
             self.wal.sync_to(pos)?;
             let payload = pos.to_string();
             let mut committed = Vec::new();
-            let mut fresh_committed = 0;
             for (&start, slot) in ing.writers.iter_mut() {
                 if slot.dirty {
                     let mut prepared = slot.writer.prepare_commit().map_err(idx_err)?;
@@ -442,12 +435,7 @@ impl Inner {
                     // before this commit (runs are added under the ingest
                     // lock): the reload below makes them all redundant.
                     let runs = match self.parts.read().map_err(|_| poisoned())?.get(&start) {
-                        Some(p) => {
-                            let f = p.fresh.read().map_err(|_| poisoned())?;
-                            fresh_committed +=
-                                f.iter().map(|r| r.records.len() as u64).sum::<u64>();
-                            f.len()
-                        }
+                        Some(p) => p.fresh.read().map_err(|_| poisoned())?.len(),
                         None => 0,
                     };
                     committed.push((start, runs));
@@ -464,7 +452,6 @@ impl Inner {
                 .collect();
             let idle: Vec<WriterSlot> = idle.iter().filter_map(|s| ing.writers.remove(s)).collect();
             let snapshot = checkpoint.then(|| ing.dedup.clone());
-            ing.fresh = ing.fresh.saturating_sub(fresh_committed);
             (pos, snapshot, committed, idle)
         };
         {
@@ -613,7 +600,7 @@ impl Inner {
     /// first match, which cost tens of milliseconds per partition at 100M
     /// records.
     fn build_query(&self, q: &SearchQuery, time: Option<(u64, u64)>) -> Box<dyn Query> {
-        let f = &self.fields;
+        let f = self.fields;
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
         let mut term = |t: Term| {
             clauses.push((
@@ -710,11 +697,7 @@ impl Inner {
     }
 
     fn drop_partition(&self, p: &Arc<Partition>) -> Result<(), StoreError> {
-        let slot = {
-            let mut ing = self.lock_ingest()?;
-            ing.fresh = ing.fresh.saturating_sub(p.fresh_records());
-            ing.writers.remove(&p.start_ns)
-        };
+        let slot = self.lock_ingest()?.writers.remove(&p.start_ns);
         if let Some(slot) = slot {
             // Uncommitted documents of a dropped partition are discarded.
             drop(slot);
@@ -729,6 +712,13 @@ impl Inner {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(&p.dir, e)),
         }
+    }
+
+    /// Records not committed yet, in every partition.
+    fn fresh_records(&self) -> u64 {
+        self.parts
+            .read()
+            .map_or(0, |parts| parts.values().map(|p| p.fresh_records()).sum())
     }
 
     /// Ask the background thread to commit now.
@@ -799,7 +789,7 @@ impl TantivyStore {
         let index_dir = root.join("index");
         std::fs::create_dir_all(&index_dir).map_err(|e| io_err(&index_dir, e))?;
         let (ckpt_pos, dedup) = dedup::read_checkpoint(&root)?;
-        let fields = Fields::get().clone();
+        let fields = Fields::get();
         let gaps = GapLog::open(&root)?;
 
         // Partitions on disk and the WAL position each one's commit covers.
@@ -818,7 +808,7 @@ impl TantivyStore {
         let mut covered: HashMap<u64, u64> = HashMap::new();
         let mut parts = BTreeMap::new();
         for s in starts {
-            let p = open_partition_at(&root, &fields, s)?;
+            let p = open_partition_at(&root, fields, s)?;
             let payload = p.index.load_metas().map_err(idx_err)?.payload;
             let pos = payload.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
             covered.insert(s, pos);
@@ -859,7 +849,6 @@ impl TantivyStore {
                 writers: BTreeMap::new(),
                 applied,
                 checkpointed: ckpt_pos,
-                fresh: 0,
                 closed: false,
             }),
             parts: RwLock::new(parts),
@@ -1157,9 +1146,8 @@ impl RecordStore for TantivyStore {
             b.last_seen_ns = now_ns();
             ing.applied = end;
             let indexed = inner.index_batch(&mut ing, &batch, end, &HashMap::new());
-            let commit_now = ing.fresh >= inner.cfg.commit_max_records;
             drop(ing);
-            if commit_now {
+            if inner.fresh_records() >= inner.cfg.commit_max_records {
                 inner.request_commit();
             }
             if let Err(e) = indexed {
