@@ -347,16 +347,26 @@ mod tests {
             }
             assert!(u.first_error.is_some());
         }
-        // A bad kind in the second record: the first is kept, two counted.
+        // A bad kind in the second record: only that record is lost.
         let mut bad = buf.clone();
-        bad[4 + one] = 9;
+        bad[4 + one + 1] = 9;
         let u = packed::decode(&bad);
-        assert_eq!((u.records.len(), u.errors), (1, 2));
+        assert_eq!((u.records.len(), u.errors), (2, 1));
         assert!(u.first_error.unwrap().contains("record 1: field kind"));
-        // Mixed address families in a tuple.
+        // Mixed address families in the first record's tuple.
         let mut bad = buf.clone();
-        bad[4 + 10] = 6;
-        assert_eq!(packed::decode(&bad).errors, 3);
+        bad[4 + 11] = 6;
+        let u = packed::decode(&bad);
+        assert_eq!((u.records.len(), u.errors), (2, 1));
+        // A record that is longer than its fields (a later version's) is
+        // read; its extra bytes are skipped.
+        let mut newer = buf[..4].to_vec();
+        newer.push(buf[4] + 3);
+        newer.extend_from_slice(&buf[5..4 + one]);
+        newer.extend_from_slice(&[7, 7, 7]);
+        newer.extend_from_slice(&buf[4 + one..]);
+        let u = packed::decode(&newer);
+        assert_eq!((u.records, u.errors), (all.clone(), 0));
         // Trailing bytes, and a count far beyond the data.
         let mut long = buf.clone();
         long.push(0);

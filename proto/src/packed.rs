@@ -7,14 +7,21 @@
 //! address byte strings allocated and freed). A packed batch is one byte
 //! string decoded field by field with no allocation but the output vector.
 //!
-//! Layout (little endian): `count: u32`, then `count` records, each:
-//! kind `u8` (0 NEW, 1 DESTROY, 2 recovered), event_ns `u64`, protocol `u8`,
+//! Layout (little endian): `count: u32`, then `count` records, each its
+//! length `u8` and then its fields: kind `u8` (0 NEW, 1 DESTROY,
+//! 2 recovered), event_ns `u64`, protocol `u8`,
 //! orig and reply tuples (src address, dst address as tag `u8` 4 or 6 +
 //! 4 or 16 bytes; src port, dst port `u16`), id `u32`, zone `u16`, mark
 //! `u32`, status `u32`, TCP state `u16` (0 none, else 1 + the kernel's
 //! value), TCP flags orig and reply `u8`, start_ns and stop_ns (`u8` 0, or
 //! 1 + `u64`), orig and reply counters (`u8` 0, or 1 + packets `u64` +
 //! bytes `u64`).
+//!
+//! The length frames each record, so a record that does not decode costs
+//! only itself, and bytes after the fields a reader knows (fields that a
+//! later version appends) are skipped: a collector still reads the batches
+//! of agents upgraded before it. Only a length that runs past the end of the
+//! data ends a batch early.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -22,9 +29,13 @@ use ctw_common::{ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
 
 use crate::ConvertError;
 
-/// Smallest encoded record (IPv4, no optional fields): bounds the records
-/// a byte string can claim.
-const MIN_RECORD_BYTES: usize = 1 + 8 + 1 + 2 * (5 + 5 + 4) + 4 + 2 + 4 + 4 + 2 + 2 + 4;
+/// Smallest encoded record (length, IPv4, no optional fields): bounds the
+/// records a byte string can claim.
+const MIN_RECORD_BYTES: usize = 1 + 1 + 8 + 1 + 2 * (5 + 5 + 4) + 4 + 2 + 4 + 4 + 2 + 2 + 4;
+
+/// Largest record body (IPv6, every optional field): fits its `u8` length.
+const MAX_BODY_BYTES: usize = 1 + 8 + 1 + 2 * (17 + 17 + 4) + 4 + 2 + 4 + 4 + 2 + 2 + 18 + 34;
+const _: () = assert!(MAX_BODY_BYTES <= u8::MAX as usize);
 
 /// Append `records` as a packed batch.
 pub fn encode(records: &[ConnRecord], out: &mut Vec<u8>) {
@@ -82,8 +93,9 @@ pub struct Unpacked {
     pub first_error: Option<String>,
 }
 
-/// Decode a packed batch. A bad record ends decoding (the layout has no
-/// record boundaries): it and the records after it count as errors.
+/// Decode a packed batch. A record that does not decode counts as one
+/// error; a record length past the end of the data counts that record and
+/// the ones after it.
 pub fn decode(data: &[u8]) -> Unpacked {
     let mut out = Unpacked::default();
     let mut r = Reader::new(data);
@@ -98,18 +110,26 @@ pub fn decode(data: &[u8]) -> Unpacked {
     out.records
         .reserve(count.min(data.len() / MIN_RECORD_BYTES + 1));
     for i in 0..count {
-        match r.record() {
+        let body = match r.u8().and_then(|n| r.take(n.into())) {
+            Ok(body) => body,
+            Err(e) => {
+                out.errors += (count - i) as u64;
+                out.first_error.get_or_insert(format!("record {i}: {e}"));
+                return out;
+            }
+        };
+        // Bytes after the known fields are a later version's: skipped.
+        match Reader::new(body).record() {
             Ok(rec) => out.records.push(rec),
             Err(e) => {
-                out.errors = (count - i) as u64;
-                out.first_error = Some(format!("record {i}: {e}"));
-                return out;
+                out.errors += 1;
+                out.first_error.get_or_insert(format!("record {i}: {e}"));
             }
         }
     }
     if !r.at_end() {
-        out.errors = 1;
-        out.first_error = Some(format!(
+        out.errors += 1;
+        out.first_error.get_or_insert(format!(
             "{} bytes after the last record",
             data.len() - r.off
         ));
@@ -117,8 +137,16 @@ pub fn decode(data: &[u8]) -> Unpacked {
     out
 }
 
-/// Append one record.
+/// Append one record: its length, then its fields.
 pub fn encode_record(r: &ConnRecord, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.push(0);
+    encode_fields(r, out);
+    // At most MAX_BODY_BYTES (asserted at compile time above).
+    out[at] = (out.len() - at - 1) as u8;
+}
+
+fn encode_fields(r: &ConnRecord, out: &mut Vec<u8>) {
     out.push(match r.kind {
         EventKind::New => 0,
         EventKind::Destroy => 1,
@@ -306,8 +334,8 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// One record written by [`encode_record`].
-    pub fn record(&mut self) -> Result<ConnRecord, ConvertError> {
+    /// The fields of one record written by [`encode_record`].
+    fn record(&mut self) -> Result<ConnRecord, ConvertError> {
         let kind = match self.u8()? {
             0 => EventKind::New,
             1 => EventKind::Destroy,
@@ -336,5 +364,47 @@ impl<'a> Reader<'a> {
             counters_orig: self.counters()?,
             counters_reply: self.counters()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_record_fits_its_length_byte() {
+        let c = Some(Counters {
+            packets: u64::MAX,
+            bytes: u64::MAX,
+        });
+        let v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 1));
+        let t = Tuple {
+            src: v6,
+            dst: v6,
+            src_port: 1,
+            dst_port: 2,
+        };
+        let r = ConnRecord {
+            kind: EventKind::Destroy,
+            event_ns: 1,
+            protocol: Protocol::Tcp,
+            orig: t,
+            reply: t,
+            id: 1,
+            zone: 1,
+            mark: 1,
+            status: 1,
+            tcp_state: Some(TcpState::Other(200)),
+            tcp_flags_orig: 1,
+            tcp_flags_reply: 1,
+            start_ns: Some(1),
+            stop_ns: Some(2),
+            counters_orig: c,
+            counters_reply: c,
+        };
+        let mut out = Vec::new();
+        encode_record(&r, &mut out);
+        assert_eq!(out.len(), 1 + MAX_BODY_BYTES);
+        assert_eq!(out[0] as usize, MAX_BODY_BYTES);
     }
 }

@@ -2,14 +2,15 @@
 //!
 //! Layout (little endian): version `u8`, node and boot id (`u16` length +
 //! UTF-8), seq `u64`, then the records as a packed batch
-//! ([`ctw_proto::packed`]: record count `u32`, then each record field by
-//! field).
+//! ([`ctw_proto::packed`]: record count `u32`, then each record's length
+//! and fields).
 
 use ctw_proto::packed::{self, put_str, Reader};
 
 use super::super::StoredBatch;
 
-const VERSION: u8 = 1;
+/// 2: packed records carry their length (version 1, unreleased, did not).
+const VERSION: u8 = 2;
 
 pub(super) fn encode(b: &StoredBatch, out: &mut Vec<u8>) {
     out.push(VERSION);
