@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ctw_agent::capture::RecordSink;
-use ctw_agent::config::Config;
+use ctw_agent::config::{Config, ConfigFile};
 use ctw_agent::http::LookupFn;
 use ctw_agent::metrics::Metrics;
 use ctw_agent::uplink::Uplink;

@@ -3,7 +3,6 @@
 //! reported with the key and the value.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::Path;
 
 use ctw_common::Protocol;
 use serde::Deserialize;
@@ -16,8 +15,7 @@ pub const DEFAULT_HTTP_LISTEN: &str = ":9358";
 /// Default netlink receive buffer: 64 MiB holds about 50,000 queued events.
 pub const DEFAULT_RCVBUF_BYTES: usize = 64 << 20;
 
-pub use ctw_common::config::ConfigError;
-use ctw_common::config::{load_yaml, parse_yaml};
+pub use ctw_common::config::{ConfigError, ConfigFile};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,22 +104,8 @@ impl Default for NetlinkConfig {
     }
 }
 
-impl Config {
-    /// Read, parse and validate a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = load_yaml(path)?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Parse and validate YAML text.
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = parse_yaml(text, "<text>")?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    pub fn validate(&self) -> Result<(), ConfigError> {
+impl ConfigFile for Config {
+    fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.ports.is_empty() {
             return bad("ports: at least one port is needed".into());
@@ -170,7 +154,9 @@ impl Config {
         }
         Ok(())
     }
+}
 
+impl Config {
     /// The watched ports as `u16` (validated to fit).
     pub fn ports_u16(&self) -> Vec<u16> {
         self.ports.iter().map(|&p| p as u16).collect()

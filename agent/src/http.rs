@@ -186,32 +186,26 @@ mod tests {
 
     fn entry() -> ConnRecord {
         ConnRecord {
-            kind: EventKind::Recovered,
-            event_ns: 0,
-            protocol: Protocol::Tcp,
-            orig: Tuple {
-                src: "198.18.0.2".parse().unwrap(),
-                dst: "198.19.0.2".parse().unwrap(),
-                src_port: 45678,
-                dst_port: 443,
-            },
-            reply: Tuple {
-                src: "198.19.0.2".parse().unwrap(),
-                dst: "198.19.0.1".parse().unwrap(),
-                src_port: 443,
-                dst_port: 12345,
-            },
             id: 7,
-            zone: 0,
-            mark: 0,
             status: ctw_common::status::ASSURED | ctw_common::status::SEEN_REPLY,
             tcp_state: Some(TcpState::Established),
-            tcp_flags_orig: 0,
-            tcp_flags_reply: 0,
-            start_ns: None,
-            stop_ns: None,
-            counters_orig: None,
-            counters_reply: None,
+            ..ConnRecord::new(
+                EventKind::Recovered,
+                0,
+                Protocol::Tcp,
+                Tuple::new(
+                    "198.18.0.2".parse().unwrap(),
+                    45678,
+                    "198.19.0.2".parse().unwrap(),
+                    443,
+                ),
+                Tuple::new(
+                    "198.19.0.2".parse().unwrap(),
+                    443,
+                    "198.19.0.1".parse().unwrap(),
+                    12345,
+                ),
+            )
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ctw_agent::capture::{Capture, CaptureConfig, RecordSink, Tee};
-use ctw_agent::config::Config;
+use ctw_agent::config::{Config, ConfigFile};
 use ctw_agent::filter::Filter;
 use ctw_agent::http::{self, AppState, LookupFn};
 use ctw_agent::logfile::{self, LogStats, LogWriter};

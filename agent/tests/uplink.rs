@@ -390,32 +390,16 @@ fn record(event_ns: u64) -> ConnRecord {
     let server: IpAddr = "198.19.0.2".parse().unwrap();
     let node: IpAddr = "198.19.0.1".parse().unwrap();
     ConnRecord {
-        kind: EventKind::New,
-        event_ns,
-        protocol: Protocol::Tcp,
-        orig: Tuple {
-            src: pod,
-            dst: server,
-            src_port: 10000 + (i % 50000) as u16,
-            dst_port: 443,
-        },
-        reply: Tuple {
-            src: server,
-            dst: node,
-            src_port: 443,
-            dst_port: 20000 + (i % 40000) as u16,
-        },
         id: i,
-        zone: 0,
-        mark: 0,
         status: 0x8,
         tcp_state: Some(TcpState::SynSent),
-        tcp_flags_orig: 0,
-        tcp_flags_reply: 0,
-        start_ns: None,
-        stop_ns: None,
-        counters_orig: None,
-        counters_reply: None,
+        ..ConnRecord::new(
+            EventKind::New,
+            event_ns,
+            Protocol::Tcp,
+            Tuple::new(pod, 10000 + (i % 50000) as u16, server, 443),
+            Tuple::new(server, 443, node, 20000 + (i % 40000) as u16),
+        )
     }
 }
 
@@ -436,15 +420,8 @@ fn start(cfg: UplinkConfig, metrics: &Metrics, lookup: Arc<LookupFn>) -> (Uplink
 }
 
 /// Polls an agent-side condition (metrics, files) until a deadline.
-async fn poll(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn poll(what: &str, f: impl FnMut() -> bool) {
+    ctw_testkit::eventually(WAIT, what, f).await
 }
 
 fn spool_files(dir: &Path) -> usize {
@@ -846,7 +823,7 @@ async fn lookup_requests_are_answered() {
 }
 
 #[tokio::test]
-async fn certificates_from_another_ca_are_refused_both_ways() {
+async fn certificates_from_another_ca_are_refused_both_ways_and_renewed_ones_are_read() {
     let fx = Fixture::new("wrongca");
     let other = Ca::new("another CA");
     // The collector shows a certificate the agent's CA did not sign.
@@ -864,6 +841,7 @@ async fn certificates_from_another_ca_are_refused_both_ways() {
     poll("two failed attempts", || m.uplink.reconnects.get() >= 2).await;
     assert_eq!(m.uplink.connected.get(), 0);
     assert_eq!(col.seen.borrow().streams, 0);
+    let first_boot = up.boot_id().to_string();
     drop(up);
     drop(col);
     // The collector accepts only client certificates of another CA.
@@ -881,4 +859,17 @@ async fn certificates_from_another_ca_are_refused_both_ways() {
     assert!(col.seen.borrow().hellos.is_empty());
     // The earlier run's records are still in the spool, nothing was lost.
     assert_eq!(m.uplink.unacked_batches.get(), 1);
+    // The agent's certificate is renewed (as cert-manager does), here by
+    // the CA the collector trusts: the agent reads its files again at the
+    // next attempt, without a restart, and delivers what it spooled.
+    let renewed = other.sign(&["node-a"], ExtendedKeyUsagePurpose::ClientAuth);
+    std::fs::write(fx.dir.join("agent.pem"), &renewed.cert).unwrap();
+    std::fs::write(fx.dir.join("agent-key.pem"), &renewed.key).unwrap();
+    let mut col = col;
+    let seen = col
+        .wait("the spooled records", |s| s.records().len() == 10)
+        .await;
+    assert_complete(&seen, &first_boot, 0..10);
+    poll("acked", || m.uplink.unacked_batches.get() == 0).await;
+    assert_eq!(m.uplink.connected.get(), 1);
 }

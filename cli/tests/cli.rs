@@ -27,32 +27,15 @@ const S: u64 = 1_000_000_000;
 fn conn(kind: EventKind, pod: &str, snat_port: u16, id: u32, t_ns: u64) -> ConnRecord {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     ConnRecord {
-        kind,
-        event_ns: t_ns,
-        protocol: Protocol::Tcp,
-        orig: Tuple {
-            src: ip(pod),
-            dst: ip("198.19.0.2"),
-            src_port: 40000,
-            dst_port: 80,
-        },
-        reply: Tuple {
-            src: ip("198.19.0.2"),
-            dst: ip("198.18.0.1"),
-            src_port: 80,
-            dst_port: snat_port,
-        },
         id,
-        zone: 0,
-        mark: 0,
         status: 0xe,
-        tcp_state: None,
-        tcp_flags_orig: 0,
-        tcp_flags_reply: 0,
-        start_ns: None,
-        stop_ns: None,
-        counters_orig: None,
-        counters_reply: None,
+        ..ConnRecord::new(
+            kind,
+            t_ns,
+            Protocol::Tcp,
+            Tuple::new(ip(pod), 40000, ip("198.19.0.2"), 80),
+            Tuple::new(ip("198.19.0.2"), 80, ip("198.18.0.1"), snat_port),
+        )
     }
 }
 

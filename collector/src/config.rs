@@ -2,12 +2,11 @@
 //! values are reported with the key and the value.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use ctw_common::config::ConfigError;
-use ctw_common::config::{load_yaml, parse_yaml};
+pub use ctw_common::config::{ConfigError, ConfigFile};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,20 +124,8 @@ impl Default for LookupConfig {
     }
 }
 
-impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = load_yaml(path)?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = parse_yaml(text, "<text>")?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    pub fn validate(&self) -> Result<(), ConfigError> {
+impl ConfigFile for Config {
+    fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         for (key, v) in [
             ("grpc.listen_addr", &self.grpc.listen_addr),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ctw_collector::auth::Token;
-use ctw_collector::config::Config;
+use ctw_collector::config::{Config, ConfigFile};
 use ctw_collector::http::{self, AppState};
 use ctw_collector::metrics::Metrics;
 use ctw_collector::registry::Registry;

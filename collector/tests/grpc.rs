@@ -29,16 +29,9 @@ use tonic::{Code, Streaming};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// Wait until `f` holds, checking every 20 ms, failing after [`DEADLINE`].
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Wait until `f` holds, failing after [`DEADLINE`].
+async fn eventually(what: &str, f: impl FnMut() -> bool) {
+    ctw_testkit::eventually(DEADLINE, what, f).await
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -255,32 +248,15 @@ impl Agent {
 fn record(snat_port: u16, event_ns: u64) -> ConnRecord {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     ConnRecord {
-        kind: EventKind::New,
-        event_ns,
-        protocol: Protocol::Tcp,
-        orig: Tuple {
-            src: ip("10.244.1.7"),
-            dst: ip("198.19.0.2"),
-            src_port: 40000,
-            dst_port: 80,
-        },
-        reply: Tuple {
-            src: ip("198.19.0.2"),
-            dst: ip("198.18.0.1"),
-            src_port: 80,
-            dst_port: snat_port,
-        },
         id: u32::from(snat_port),
-        zone: 0,
-        mark: 0,
         status: 0xe,
-        tcp_state: None,
-        tcp_flags_orig: 0,
-        tcp_flags_reply: 0,
-        start_ns: None,
-        stop_ns: None,
-        counters_orig: None,
-        counters_reply: None,
+        ..ConnRecord::new(
+            EventKind::New,
+            event_ns,
+            Protocol::Tcp,
+            Tuple::new(ip("10.244.1.7"), 40000, ip("198.19.0.2"), 80),
+            Tuple::new(ip("198.19.0.2"), 80, ip("198.18.0.1"), snat_port),
+        )
     }
 }
 
@@ -552,12 +528,12 @@ async fn live_lookups_travel_over_the_agent_stream() {
         let b = Agent::connect(&c, &pki, "node-b", &["198.18.0.2"]).await;
         let fa = serve_lookups(a, "node-a", true);
         let fb = serve_lookups(b, "node-b", false);
-        let reply_tuple = Tuple {
-            src: "198.19.0.2".parse().unwrap(),
-            dst: "198.18.0.1".parse().unwrap(),
-            src_port: 80,
-            dst_port: 1024,
-        };
+        let reply_tuple = Tuple::new(
+            "198.19.0.2".parse().unwrap(),
+            80,
+            "198.18.0.1".parse().unwrap(),
+            1024,
+        );
         let q = LiveQuery {
             protocol: Protocol::Tcp,
             tuple: reply_tuple,

@@ -74,32 +74,23 @@ fn rec(t: u64, src: IpAddr, sport: u16, snat: IpAddr, nport: u16) -> ConnRecord 
         IpAddr::V6(_) => IpAddr::V6("2001:db8::7".parse().unwrap()),
     };
     ConnRecord {
-        kind: EventKind::New,
-        event_ns: t,
-        protocol: Protocol::Tcp,
-        orig: Tuple {
-            src,
-            dst,
-            src_port: sport,
-            dst_port: 443,
-        },
-        reply: Tuple {
-            src: dst,
-            dst: snat,
-            src_port: 443,
-            dst_port: nport,
-        },
         id: (t % 1_000_000_007) as u32,
-        zone: 0,
-        mark: 0,
         status: status::CONFIRMED | status::SRC_NAT,
         tcp_state: Some(TcpState::SynSent),
         tcp_flags_orig: 0x27,
-        tcp_flags_reply: 0,
         start_ns: Some(t),
-        stop_ns: None,
-        counters_orig: None,
-        counters_reply: None,
+        ..ConnRecord::new(
+            EventKind::New,
+            t,
+            Protocol::Tcp,
+            Tuple {
+                src,
+                dst,
+                src_port: sport,
+                dst_port: 443,
+            },
+            Tuple::new(dst, 443, snat, nport),
+        )
     }
 }
 

@@ -1,6 +1,7 @@
 //! Loading YAML config files, shared by the agent and the collector: the
-//! error type and the read + parse step. Each binary's config struct uses
-//! `#[serde(deny_unknown_fields)]` and its own `validate()`.
+//! error type and the read + parse + validate steps. Each binary's config
+//! struct uses `#[serde(deny_unknown_fields)]` and implements
+//! [`ConfigFile::validate`].
 
 use std::path::Path;
 
@@ -34,6 +35,26 @@ pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         source,
     })?;
     parse_yaml(&text, &path.display().to_string())
+}
+
+/// A config file's top-level struct: YAML, then checks serde cannot make.
+pub trait ConfigFile: DeserializeOwned {
+    /// Checks of values and of how they fit together.
+    fn validate(&self) -> Result<(), ConfigError>;
+
+    /// Read, parse and validate a config file.
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = load_yaml(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse and validate YAML text.
+    fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = parse_yaml(text, "<text>")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 #[cfg(test)]

@@ -92,6 +92,18 @@ pub struct Tuple {
     pub dst_port: u16,
 }
 
+impl Tuple {
+    /// `src:src_port -> dst:dst_port`, in the order a log line shows them.
+    pub fn new(src: IpAddr, src_port: u16, dst: IpAddr, dst_port: u16) -> Tuple {
+        Tuple {
+            src,
+            dst,
+            src_port,
+            dst_port,
+        }
+    }
+}
+
 /// What produced a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -205,6 +217,36 @@ pub struct ConnRecord {
 }
 
 impl ConnRecord {
+    /// A record with these tuples and nothing else the kernel may send: no
+    /// id, zone, mark, status bits, TCP state or flags, timestamps or
+    /// counters. Set those with struct update syntax.
+    pub fn new(
+        kind: EventKind,
+        event_ns: u64,
+        protocol: Protocol,
+        orig: Tuple,
+        reply: Tuple,
+    ) -> ConnRecord {
+        ConnRecord {
+            kind,
+            event_ns,
+            protocol,
+            orig,
+            reply,
+            id: 0,
+            zone: 0,
+            mark: 0,
+            status: 0,
+            tcp_state: None,
+            tcp_flags_orig: 0,
+            tcp_flags_reply: 0,
+            start_ns: None,
+            stop_ns: None,
+            counters_orig: None,
+            counters_reply: None,
+        }
+    }
+
     /// The source NAT address and port: the destination of the reply tuple.
     pub fn snat(&self) -> (IpAddr, u16) {
         (self.reply.dst, self.reply.dst_port)

@@ -228,28 +228,12 @@ mod tests {
             )
         };
         ConnRecord {
-            kind,
-            event_ns: 1_733_727_900_123_000_000,
-            protocol: Protocol::Udp,
-            orig: Tuple {
-                src: a,
-                dst: b,
-                src_port: 40000,
-                dst_port: 53,
-            },
-            reply: Tuple {
-                src: b,
-                dst: c,
-                src_port: 53,
-                dst_port: 1024,
-            },
             id: 0xdead_beef,
             zone: 3,
             mark: 7,
             status: 0xe,
             tcp_state: if v6 { Some(TcpState::TimeWait) } else { None },
             tcp_flags_orig: 0x23,
-            tcp_flags_reply: 0,
             start_ns: Some(1),
             stop_ns: if kind == EventKind::Destroy {
                 Some(2)
@@ -260,7 +244,13 @@ mod tests {
                 packets: 3,
                 bytes: 300,
             }),
-            counters_reply: None,
+            ..ConnRecord::new(
+                kind,
+                1_733_727_900_123_000_000,
+                Protocol::Udp,
+                Tuple::new(a, 40000, b, 53),
+                Tuple::new(b, 53, c, 1024),
+            )
         }
     }
 

@@ -14,7 +14,7 @@
 use std::fs;
 use std::net::Ipv4Addr;
 
-use super::{ip, must_in, Topology, NETNS_LOCK};
+use super::{ip, masquerade, must_in, Topology, NETNS_LOCK};
 
 #[derive(Debug, Clone)]
 pub(crate) struct ExtraNode {
@@ -74,20 +74,7 @@ impl Topology {
         ip(&node, "link set s0 up");
         ip(&srv, &format!("link set e{i} up"));
         must_in(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let ruleset = "table inet ctwtest {\n    chain post {\n        type nat hook postrouting priority 100;\n        oifname \"s0\" masquerade\n    }\n}\n";
-        let nft_file = self.tmp.join(format!("node{i}.nft"));
-        fs::write(&nft_file, ruleset)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", nft_file.display()));
-        must_in(&node, &["nft", "-f", &nft_file.display().to_string()]);
-        must_in(
-            &node,
-            &[
-                "sysctl",
-                "-qw",
-                "net.netfilter.nf_conntrack_timestamp=1",
-                "net.netfilter.nf_conntrack_acct=1",
-            ],
-        );
+        masquerade(&node, "s0", &self.tmp.join(format!("node{i}.nft")));
         self.extra_nodes.push(ExtraNode {
             ns: node,
             pods: pod_names,

@@ -125,6 +125,42 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option
     }
 }
 
+/// [`wait_for`] for async tests: checks `f` every 20 ms without blocking
+/// the runtime (servers under test may run on the test's own thread).
+pub async fn eventually(deadline: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !f() {
+        if Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Masquerades what `ns` sends out of `out_if` (an nftables ruleset written
+/// to `nft_file`), and turns on conntrack timestamps and counters there.
+pub fn masquerade(ns: &str, out_if: &str, nft_file: &Path) {
+    let ruleset = format!(
+        "table inet ctwtest {{\n    chain post {{\n        \
+         type nat hook postrouting priority 100;\n        \
+         oifname \"{out_if}\" masquerade\n    }}\n}}\n"
+    );
+    fs::write(nft_file, ruleset)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", nft_file.display()));
+    must_in(ns, &["nft", "-f", &nft_file.display().to_string()]);
+    // The NAT chain loads nf_conntrack in this namespace, so its
+    // per-namespace sysctls exist only from here on.
+    must_in(
+        ns,
+        &[
+            "sysctl",
+            "-qw",
+            "net.netfilter.nf_conntrack_timestamp=1",
+            "net.netfilter.nf_conntrack_acct=1",
+        ],
+    );
+}
+
 /// Runs `cmd` inside namespace `ns` to completion (limit [`COMMAND_TIMEOUT`]).
 /// The caller checks the exit status.
 pub fn run_in(ns: &str, cmd: &[&str]) -> Output {
@@ -391,26 +427,7 @@ impl Topology {
                 "net.ipv6.conf.all.forwarding=1",
             ],
         );
-        let ruleset = format!(
-            "table inet ctwtest {{\n    chain post {{\n        \
-             type nat hook postrouting priority 100;\n        \
-             oifname \"{NODE_SRV_IF}\" masquerade\n    }}\n}}\n"
-        );
-        let nft_file = self.tmp.join("node.nft");
-        fs::write(&nft_file, ruleset)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", nft_file.display()));
-        must_in(&node, &["nft", "-f", &nft_file.display().to_string()]);
-        // The NAT chain loads nf_conntrack in this namespace, so its
-        // per-namespace sysctls exist only from here on.
-        must_in(
-            &node,
-            &[
-                "sysctl",
-                "-qw",
-                "net.netfilter.nf_conntrack_timestamp=1",
-                "net.netfilter.nf_conntrack_acct=1",
-            ],
-        );
+        masquerade(&node, NODE_SRV_IF, &self.tmp.join("node.nft"));
     }
 
     /// Per-run suffix shared by all namespace names of this instance.

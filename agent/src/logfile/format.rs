@@ -294,22 +294,17 @@ mod tests {
 
     fn new_v4() -> ConnRecord {
         ConnRecord {
-            kind: EventKind::New,
-            event_ns: TS_NS,
-            protocol: Protocol::Tcp,
-            orig: tuple("10.0.0.5", 45678, "1.2.3.4", 443),
-            reply: tuple("1.2.3.4", 443, "192.168.1.100", 12345),
             id: 3_141_592,
-            zone: 0,
             mark: 7,
             status: status::SEEN_REPLY | status::ASSURED | status::CONFIRMED,
             tcp_state: Some(TcpState::Established),
-            tcp_flags_orig: 0,
-            tcp_flags_reply: 0,
-            start_ns: None,
-            stop_ns: None,
-            counters_orig: None,
-            counters_reply: None,
+            ..ConnRecord::new(
+                EventKind::New,
+                TS_NS,
+                Protocol::Tcp,
+                tuple("10.0.0.5", 45678, "1.2.3.4", 443),
+                tuple("1.2.3.4", 443, "192.168.1.100", 12345),
+            )
         }
     }
 

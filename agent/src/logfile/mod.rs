@@ -669,22 +669,14 @@ pub(crate) mod tests {
             dst_port: dp,
         };
         ConnRecord {
-            kind: EventKind::New,
-            event_ns: 1_733_727_900_123_000_000,
-            protocol: Protocol::Tcp,
-            orig: tuple([10, 0, 0, 5], i, [1, 2, 3, 4], 443),
-            reply: tuple([1, 2, 3, 4], 443, [192, 168, 1, 100], i),
             id: u32::from(i),
-            zone: 0,
-            mark: 0,
-            status: 0,
-            tcp_state: None,
-            tcp_flags_orig: 0,
-            tcp_flags_reply: 0,
-            start_ns: None,
-            stop_ns: None,
-            counters_orig: None,
-            counters_reply: None,
+            ..ConnRecord::new(
+                EventKind::New,
+                1_733_727_900_123_000_000,
+                Protocol::Tcp,
+                tuple([10, 0, 0, 5], i, [1, 2, 3, 4], 443),
+                tuple([1, 2, 3, 4], 443, [192, 168, 1, 100], i),
+            )
         }
     }
 
