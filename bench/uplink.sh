@@ -10,6 +10,11 @@
 # node's traffic (110 pods, NEW and DESTROY), `wide` a stress mix of 65,536
 # pod addresses, NEW only (the only mix of earlier versions: pass an empty
 # SPREAD to run an older build's uplink_bench, which takes no such argument).
+# CTW_BENCH_PROBE=1 also measures time to searchable end to end (from the
+# agent's uplink to a search through the collector's HTTP API that finds
+# the record; 10 records a second, each searched every 20 ms until found):
+# the searches cost the collector CPU, so take CPU numbers from runs
+# without it.
 # CTW_BENCH_BIN=DIR runs the binaries in DIR (e.g. an older build, for an
 # A/B comparison in the same session) instead of building target/release.
 set -euo pipefail
@@ -54,7 +59,9 @@ cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 stat() { awk '/^cpu /{print $2+$3+$4+$5+$6+$7+$8+$9, $9}' /proc/stat; }
 s0=$(stat)
 c0=$(cpu "$cpid")
-out=$($BIN/examples/uplink_bench "$W/agent.yaml" "$RATE" "$SECS" ${SPREAD:+"$SPREAD"} 2> "$W/uplink.log") || { cat "$W/uplink.log"; exit 1; }
+probe=()
+[ -n "${CTW_BENCH_PROBE:-}" ] && probe=(env CTW_PROBE_HTTP=127.0.0.1:19360 CTW_PROBE_TOKEN_FILE="$W/token")
+out=$("${probe[@]}" $BIN/examples/uplink_bench "$W/agent.yaml" "$RATE" "$SECS" ${SPREAD:+"$SPREAD"} 2> "$W/uplink.log") || { cat "$W/uplink.log"; exit 1; }
 [ -n "${CTW_BENCH_VERBOSE:-}" ] && cat "$W/uplink.log" "$W/collector.log" "$W/proxy.log"
 c1=$(cpu "$cpid")
 s1=$(stat)

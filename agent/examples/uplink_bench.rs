@@ -5,9 +5,18 @@
 //! `uplink_bench CONFIG.yaml RATE SECONDS [node|wide]` — CONFIG holds an
 //! agent config whose `collector:` section is used; the last argument picks
 //! the record mix (see [`Spread`]).
+//!
+//! With `CTW_PROBE_HTTP=HOST:PORT` and `CTW_PROBE_TOKEN_FILE=FILE` it also
+//! measures time to searchable end to end: every 100 ms the first record of
+//! the batch handed to the uplink is searched for through the collector's
+//! HTTP API (`/api/v1/connections` by SNAT address and port, pod address
+//! and port, and its exact time) every 20 ms until found. The time from
+//! handing it to the uplink to the first answer that holds it covers the
+//! agent's batching, the link, the collector's WAL fsync and the search.
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ctw_agent::capture::RecordSink;
@@ -131,6 +140,106 @@ fn record(spread: Spread, i: u64, now_ns: u64) -> ConnRecord {
     }
 }
 
+/// A record handed to the uplink, to be found through the search API.
+struct Probe {
+    sent: Instant,
+    path: String,
+}
+
+impl Probe {
+    fn new(r: &ConnRecord, sent: Instant) -> Probe {
+        // The store keeps times to the microsecond.
+        let us = r.event_ns / 1000;
+        let t = |us: u64| format!("{}.{:06}", us / 1_000_000, us % 1_000_000);
+        let (snat, snat_port) = r.snat();
+        Probe {
+            sent,
+            path: format!(
+                "/api/v1/connections?snat_ip={snat}&snat_port={snat_port}&src_ip={}&src_port={}&from={}&to={}&limit=1",
+                r.orig.src,
+                r.orig.src_port,
+                t(us),
+                t(us + 1)
+            ),
+        }
+    }
+}
+
+/// `total` of one search, or why there is none.
+fn search_total(addr: &str, token: &str, path: &str) -> Result<u64, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{}: {body}", head.lines().next().unwrap_or("")));
+    }
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    v["total"]
+        .as_u64()
+        .ok_or_else(|| format!("no total in {body}"))
+}
+
+/// Time to searchable of each probe, in milliseconds, as JSON fields.
+fn run_prober(addr: String, token: String, probes: mpsc::Receiver<Probe>) -> String {
+    let mut waiting: Vec<Probe> = Vec::new();
+    let mut found_ms: Vec<f64> = Vec::new();
+    let (mut lost, mut errors, mut first_error) = (0u64, 0u64, String::new());
+    let mut open = true;
+    while open || !waiting.is_empty() {
+        loop {
+            match probes.try_recv() {
+                Ok(p) => waiting.push(p),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        waiting.retain(|p| match search_total(&addr, &token, &p.path) {
+            Ok(n) if n > 0 => {
+                found_ms.push(p.sent.elapsed().as_secs_f64() * 1000.0);
+                false
+            }
+            r => {
+                if let Err(e) = r {
+                    errors += 1;
+                    if first_error.is_empty() {
+                        first_error = e;
+                    }
+                }
+                let give_up = p.sent.elapsed() > Duration::from_secs(30);
+                lost += u64::from(give_up);
+                !give_up
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    found_ms.sort_by(f64::total_cmp);
+    let q = |f: f64| {
+        found_ms
+            .get(((found_ms.len() as f64 * f).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    format!(
+        "\"probes_found\":{},\"probes_not_found_in_30s\":{lost},\"searchable_ms_p50\":{:.0},\"searchable_ms_p99\":{:.0},\"searchable_ms_max\":{:.0},\"probe_errors\":{errors},\"probe_first_error\":{:?}",
+        found_ms.len(),
+        q(0.5),
+        q(0.99),
+        q(1.0),
+        first_error
+    )
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -156,6 +265,18 @@ fn main() -> anyhow::Result<()> {
     let metrics = Metrics::new(&[443]);
     let lookup: Arc<LookupFn> = Arc::new(|_q| Ok(None));
     let (uplink, sink) = Uplink::start(up, "bench-node", metrics.clone(), lookup)?;
+    let (probe_tx, prober) = match (
+        std::env::var("CTW_PROBE_HTTP"),
+        std::env::var("CTW_PROBE_TOKEN_FILE"),
+    ) {
+        (Ok(addr), Ok(file)) => {
+            let token = std::fs::read_to_string(&file)?.trim().to_string();
+            let (tx, rx) = mpsc::channel();
+            let h = std::thread::spawn(move || run_prober(addr, token, rx));
+            (Some(tx), Some(h))
+        }
+        _ => (None, None),
+    };
     let start = Instant::now();
     let tick = Duration::from_millis(10);
     let per_tick = rate / 100;
@@ -165,8 +286,17 @@ fn main() -> anyhow::Result<()> {
         let batch: Vec<ConnRecord> = (0..per_tick)
             .map(|k| record(spread, sent + k, now_ns))
             .collect();
+        let probe = match (&probe_tx, batch.first()) {
+            (Some(tx), Some(r)) if (sent / per_tick.max(1)) % 10 == 0 => {
+                Some((tx, Probe::new(r, Instant::now())))
+            }
+            _ => None,
+        };
         sent += per_tick;
         sink.send(batch);
+        if let Some((tx, p)) = probe {
+            let _ = tx.send(p);
+        }
         let due = start + tick * ((sent / per_tick.max(1)) as u32);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
@@ -187,6 +317,15 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let total_secs = start.elapsed().as_secs_f64();
+    drop(probe_tx);
+    let probes = match prober {
+        Some(h) => format!(
+            ",{}",
+            h.join()
+                .map_err(|_| anyhow::anyhow!("the prober panicked"))?
+        ),
+        None => String::new(),
+    };
     let got = acked(&metrics);
     let spooled = text(&metrics)
         .lines()
@@ -194,7 +333,7 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v.trim().to_string())
         .unwrap_or_default();
     println!(
-        "{{\"sent\":{sent},\"acked\":{got},\"send_seconds\":{send_secs:.2},\"all_acked_after_seconds\":{total_secs:.2},\"offered_rate\":{:.0},\"acked_rate\":{:.0},\"tail_after_send_seconds\":{:.2},\"spooled\":\"{spooled}\"}}",
+        "{{\"sent\":{sent},\"acked\":{got},\"send_seconds\":{send_secs:.2},\"all_acked_after_seconds\":{total_secs:.2},\"offered_rate\":{:.0},\"acked_rate\":{:.0},\"tail_after_send_seconds\":{:.2},\"spooled\":\"{spooled}\"{probes}}}",
         sent as f64 / send_secs,
         got as f64 / total_secs,
         total_secs - send_secs
