@@ -3,7 +3,8 @@
 //! Label values come only from the configured ports and a fixed set of kinds;
 //! never from addresses. The capture thread updates counters once per batch.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use ctw_common::metrics::{counter, counter_vec, gauge};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder};
 
 use crate::logfile::LogStats;
 
@@ -147,27 +148,6 @@ impl UplinkMetrics {
         }
         m
     }
-}
-
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("static metric definition");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
-}
-
-fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("static metric definition");
-    r.register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
 }
 
 impl Metrics {

@@ -5,9 +5,10 @@
 //! verified name of an agent's certificate, never a free string from the
 //! wire). Never from addresses. Ingest updates counters once per batch.
 
+use ctw_common::metrics::{counter, counter_vec, gauge, register};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry,
+    TextEncoder,
 };
 
 /// Why a TLS handshake on the gRPC port failed (label `reason`).
@@ -89,27 +90,6 @@ pub struct Metrics {
     pub store_partitions: IntGauge,
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("static metric definition");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
-}
-
-fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("static metric definition");
-    r.register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
-}
-
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
-    c
-}
-
 /// Buckets from 100 µs to 10 s.
 fn latency_buckets() -> Vec<f64> {
     vec![
@@ -123,27 +103,27 @@ impl Metrics {
     /// (value 0).
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let store_append_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "ctw_collector_store_append_seconds",
-                "Time to durably append one batch to the store",
-            )
-            .buckets(latency_buckets()),
-        )
-        .expect("static metric definition");
-        r.register(Box::new(store_append_seconds.clone()))
-            .expect("metric registered once");
-        let http_request_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "ctw_collector_http_request_seconds",
-                "HTTP request durations, per route",
-            )
-            .buckets(latency_buckets()),
-            &["route"],
-        )
-        .expect("static metric definition");
-        r.register(Box::new(http_request_seconds.clone()))
-            .expect("metric registered once");
+        let store_append_seconds = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "ctw_collector_store_append_seconds",
+                    "Time to durably append one batch to the store",
+                )
+                .buckets(latency_buckets()),
+            ),
+        );
+        let http_request_seconds = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "ctw_collector_http_request_seconds",
+                    "HTTP request durations, per route",
+                )
+                .buckets(latency_buckets()),
+                &["route"],
+            ),
+        );
         let m = Metrics {
             tls_handshake_failures: counter_vec(
                 &r,

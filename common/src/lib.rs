@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod api;
 pub mod config;
+pub mod metrics;
 pub mod nginx;
 
 /// Layer-4 protocols the product tracks: the ones whose conntrack tuple has

@@ -277,6 +277,12 @@ fn dir_size(path: &Path) -> u64 {
 }
 
 impl Inner {
+    /// The partitions now, oldest first (a snapshot: no lock is held after).
+    fn all_partitions(&self) -> Result<Vec<Arc<Partition>>, StoreError> {
+        let parts = self.parts.read().map_err(|_| poisoned())?;
+        Ok(parts.values().cloned().collect())
+    }
+
     fn width_ns(&self) -> u64 {
         self.cfg.partition_hours.max(1) as u64 * NS_PER_HOUR
     }
@@ -949,14 +955,7 @@ impl TantivyStore {
     /// Merge each partition into one segment and wait (benchmarks, tools).
     pub fn force_merge(&self) -> Result<(), StoreError> {
         self.inner.commit(true)?;
-        let parts: Vec<Arc<Partition>> = self
-            .inner
-            .parts
-            .read()
-            .map_err(|_| poisoned())?
-            .values()
-            .cloned()
-            .collect();
+        let parts = self.inner.all_partitions()?;
         for p in parts {
             let mut ing = self.inner.lock_ingest()?;
             let slot = self.inner.writer(&mut ing, p.start_ns)?;
@@ -1020,14 +1019,7 @@ impl TantivyStore {
     pub fn space_usage(&self) -> Result<(Vec<(String, u64)>, u64), StoreError> {
         let mut per: HashMap<String, u64> = HashMap::new();
         let mut total = 0u64;
-        let parts: Vec<Arc<Partition>> = self
-            .inner
-            .parts
-            .read()
-            .map_err(|_| poisoned())?
-            .values()
-            .cloned()
-            .collect();
+        let parts = self.inner.all_partitions()?;
         for p in parts {
             let usage = p
                 .reader
@@ -1168,12 +1160,7 @@ impl RecordStore for TantivyStore {
     }
 
     fn stats(&self) -> StoreStats {
-        let parts: Vec<Arc<Partition>> = self
-            .inner
-            .parts
-            .read()
-            .map(|p| p.values().cloned().collect())
-            .unwrap_or_default();
+        let parts = self.inner.all_partitions().unwrap_or_default();
         StoreStats {
             records: parts
                 .iter()
