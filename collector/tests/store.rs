@@ -705,6 +705,49 @@ fn collected_documents_are_capped() {
     assert_eq!(r.hits.len(), 10);
 }
 
+#[test]
+fn past_the_cap_only_matches_are_counted() {
+    let dir = TempDir::new("capcount");
+    let opts = StoreOptions {
+        max_collected_docs: 20,
+        ..StoreOptions::default()
+    };
+    let store = TantivyStore::open_with(&dir.cfg(), opts).unwrap();
+    let pod = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    // SNAT ports 1600-1615 share an index term; 100 records use each.
+    let rs: Vec<ConnRecord> = (0..1600u64)
+        .map(|i| {
+            rec(
+                BASE + i * 1000,
+                pod,
+                40000 + i as u16,
+                node,
+                1600 + (i % 16) as u16,
+            )
+        })
+        .collect();
+    store.append(batch("n", 1, rs.clone())).unwrap();
+    let count = |q: &SearchQuery| store.search(q).unwrap().total;
+    let by_port = SearchQuery {
+        snat_port: Some(1601),
+        limit: 5,
+        ..Default::default()
+    };
+    let by_pod_and_port = SearchQuery {
+        src_ip: Some(pod),
+        src_port: Some(40007),
+        limit: 5,
+        ..Default::default()
+    };
+    // From memory (fresh records), then from the index.
+    assert_eq!((count(&by_port), count(&by_pod_and_port)), (100, 1));
+    store.commit().unwrap();
+    assert_eq!((count(&by_port), count(&by_pod_and_port)), (100, 1));
+    let (_, stats) = store.search_with_stats(&by_port).unwrap();
+    assert!(stats.truncated);
+}
+
 /// A gap of node `n`.
 fn gap(from_ns: u64, to_ns: u64, reason: &str, count: u64) -> Gap {
     Gap {

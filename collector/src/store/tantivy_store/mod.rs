@@ -532,17 +532,20 @@ impl Inner {
                             cols = Some(p.columns(seg)?);
                         }
                         // Time first (one column), then the whole record: the
-                        // query may leave the time range and the fast-only
-                        // fields to this check. Past the cap, documents in
-                        // the time range are only counted.
+                        // query may leave the time range, the exact SNAT port
+                        // and the fast-only fields to this check. Past the
+                        // cap, matches are only counted.
                         if let Some(c) = cols
                             .as_ref()
                             .filter(|c| c.event_ns(doc).is_some_and(|t| (lo..=hi).contains(&t)))
                         {
-                            if records.len() >= cap {
-                                uncollected += 1;
-                            } else if let Some((node, r)) = c.record(doc).map_err(idx_err)? {
-                                if matches_fields(q, &node, &r) {
+                            let rec = c.record(doc).map_err(idx_err)?;
+                            if let Some((node, r)) =
+                                rec.filter(|(node, r)| matches_fields(q, node, r))
+                            {
+                                if records.len() >= cap {
+                                    uncollected += 1;
+                                } else {
                                     records.push((node, r));
                                 }
                             }
@@ -618,7 +621,8 @@ impl Inner {
             term(Term::from_field_ip_addr(f.src_ip, to_v6(ip)));
         }
         if let Some(p) = q.snat_port {
-            term(Term::from_field_u64(f.snat_port, p as u64));
+            // The port's bucket: the exact port is checked per candidate.
+            term(Term::from_field_u64(f.snat_bucket, schema::snat_bucket(p)));
         }
         let selective = q.src_ip.is_some() || q.snat_port.is_some();
         if !selective {

@@ -16,12 +16,20 @@
 //!   node's records come in batches with one or a few SNAT addresses, so
 //!   runs of equal ordinals cost ~0.1 byte per record where an IP column
 //!   costs ~0.6, and a SNAT address alone (a node's) narrows little, so
-//!   searches use the SNAT port's postings and check the address per
+//!   searches use the SNAT port bucket's postings and check the address per
 //!   candidate (postings for it cost 0.3 byte and a term per record to
 //!   index). `dst_ip`: the first 16 bytes of `shape` (a few service
 //!   addresses). `rsrc_ip` (reply src): fast only, present only when it
 //!   differs from `dst_ip` (DNAT), so it costs nothing without DNAT.
-//! - `snat_port` (reply dst port): u64, indexed. `src_port`: fast only
+//! - `snat_port` (reply dst port): u64, fast only. `snat_bucket`: the SNAT
+//!   port divided by 16 ([`snat_bucket`]), indexed only: searches by SNAT
+//!   port lead with its postings and check the exact port per candidate.
+//!   Postings of the exact port (up to 64,512 distinct terms per segment,
+//!   each hit once every few thousand records) missed the CPU cache on
+//!   most records: they were a quarter of the ingest CPU. 4,032 buckets
+//!   stay cached, and their denser postings cost 2.2 bytes per record less;
+//!   a query checks 16 times as many candidates (p99 0.27 → 1.1 ms at 10M
+//!   records). `src_port`: fast only
 //!   (searches by pod port come with the pod address, whose postings lead;
 //!   its postings cost ~2.5 bytes per record). The destination port is
 //!   only in `shape`: its postings (a few services' ports, so each matches
@@ -70,6 +78,7 @@ pub(super) struct Fields {
     pub(super) rsrc_ip: Field,
     pub(super) src_port: Field,
     pub(super) snat_port: Field,
+    pub(super) snat_bucket: Field,
     pub(super) shape: Field,
     pub(super) snat: Field,
     start_d: Field,
@@ -87,7 +96,7 @@ impl Fields {
     pub(super) fn new() -> Fields {
         let mut b = Schema::builder();
         let ip = IpAddrOptions::default().set_indexed().set_fast();
-        let port = NumericOptions::default().set_indexed().set_fast();
+        let bucket = NumericOptions::default().set_indexed();
         let fast = NumericOptions::default().set_fast();
         let node = b.add_text_field("node", TextOptions::default().set_fast("raw"));
         let t = b.add_date_field(
@@ -99,7 +108,8 @@ impl Fields {
         let src_ip = b.add_ip_addr_field("src_ip", ip.clone());
         let rsrc_ip = b.add_ip_addr_field("rsrc_ip", IpAddrOptions::default().set_fast());
         let src_port = b.add_u64_field("src_port", fast.clone());
-        let snat_port = b.add_u64_field("snat_port", port);
+        let snat_port = b.add_u64_field("snat_port", fast.clone());
+        let snat_bucket = b.add_u64_field("snat_bucket", bucket);
         let shape = b.add_bytes_field("shape", BytesOptions::default().set_fast());
         let snat = b.add_bytes_field("snat", BytesOptions::default().set_fast());
         let start_d = b.add_i64_field("start_d", fast.clone());
@@ -119,6 +129,7 @@ impl Fields {
             rsrc_ip,
             src_port,
             snat_port,
+            snat_bucket,
             shape,
             snat,
             start_d,
@@ -158,6 +169,7 @@ impl Fields {
         }
         push(self.src_port, Slot::U64(r.orig.src_port as u64));
         push(self.snat_port, Slot::U64(r.reply.dst_port as u64));
+        push(self.snat_bucket, Slot::U64(snat_bucket(r.reply.dst_port)));
         push(self.shape, Slot::Shape);
         push(self.snat, Slot::Snat);
         let us = |ns: u64| ns / 1000;
@@ -189,6 +201,11 @@ impl Fields {
         }
         len
     }
+}
+
+/// The indexed term of a SNAT port: ports 16 at a time.
+pub(super) fn snat_bucket(port: u16) -> u64 {
+    u64::from(port >> 4)
 }
 
 /// Records of one batch for one partition: what its documents are made of,
@@ -223,7 +240,7 @@ impl Run {
 }
 
 /// Most field values of one document.
-const MAX_VALUES: usize = 14;
+const MAX_VALUES: usize = 15;
 
 /// One field value of a [`RecordDoc`].
 #[derive(Debug, Clone, Copy)]
