@@ -679,14 +679,19 @@ fn search_touches_only_the_partitions_its_range_needs() {
     assert_eq!(stats.partitions.len(), 10);
 }
 
+/// A store whose searches collect at most `max` documents per query.
+fn store_collecting_at_most(dir: &TempDir, max: usize) -> TantivyStore {
+    let opts = StoreOptions {
+        max_collected_docs: max,
+        ..StoreOptions::default()
+    };
+    TantivyStore::open_with(&dir.cfg(), opts).unwrap()
+}
+
 #[test]
 fn collected_documents_are_capped() {
     let dir = TempDir::new("cap");
-    let opts = StoreOptions {
-        max_collected_docs: 50,
-        ..StoreOptions::default()
-    };
-    let store = TantivyStore::open_with(&dir.cfg(), opts).unwrap();
+    let store = store_collecting_at_most(&dir, 50);
     let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     let rs: Vec<ConnRecord> = (0..120u64)
         .map(|i| rec(BASE + i * 1000, ip, i as u16, ip, 9))
@@ -708,11 +713,7 @@ fn collected_documents_are_capped() {
 #[test]
 fn past_the_cap_only_matches_are_counted() {
     let dir = TempDir::new("capcount");
-    let opts = StoreOptions {
-        max_collected_docs: 20,
-        ..StoreOptions::default()
-    };
-    let store = TantivyStore::open_with(&dir.cfg(), opts).unwrap();
+    let store = store_collecting_at_most(&dir, 20);
     let pod = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
     // SNAT ports 1600-1615 share an index term; 100 records use each.
