@@ -83,12 +83,7 @@ fn rec(t: u64, src: IpAddr, sport: u16, snat: IpAddr, nport: u16) -> ConnRecord 
             EventKind::New,
             t,
             Protocol::Tcp,
-            Tuple {
-                src,
-                dst,
-                src_port: sport,
-                dst_port: 443,
-            },
+            Tuple::new(src, sport, dst, 443),
             Tuple::new(dst, 443, snat, nport),
         )
     }

@@ -276,6 +276,33 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
+/// A search's matching records, from fresh runs and segments alike: the
+/// first `cap` are collected, the rest only counted.
+struct Matches {
+    cap: usize,
+    records: Vec<(String, ConnRecord)>,
+    uncollected: u64,
+}
+
+impl Matches {
+    fn new(cap: usize) -> Matches {
+        Matches {
+            cap,
+            records: Vec::new(),
+            uncollected: 0,
+        }
+    }
+
+    /// One more match (its node name is copied only when it is collected).
+    fn add(&mut self, node: impl Into<String>, r: ConnRecord) {
+        if self.records.len() >= self.cap {
+            self.uncollected += 1;
+        } else {
+            self.records.push((node.into(), r));
+        }
+    }
+}
+
 impl Inner {
     /// The partitions now, oldest first (a snapshot: no lock is held after).
     fn all_partitions(&self) -> Result<Vec<Arc<Partition>>, StoreError> {
@@ -498,9 +525,7 @@ impl Inner {
             partitions: parts.iter().map(|p| p.name.clone()).collect(),
             ..Default::default()
         };
-        let cap = self.opts.max_collected_docs;
-        let mut records: Vec<(String, ConnRecord)> = Vec::new();
-        let mut uncollected = 0u64;
+        let mut matches = Matches::new(self.opts.max_collected_docs);
         let width = self.width_ns();
         for p in &parts {
             let covered = lo <= p.start_ns && p.start_ns.saturating_add(width - 1) <= hi;
@@ -509,11 +534,7 @@ impl Inner {
             for run in fresh.iter().rev() {
                 for r in run.candidates(q) {
                     if (lo..=hi).contains(&r.event_ns) && matches_fields(q, &run.node, r) {
-                        if records.len() >= cap {
-                            uncollected += 1;
-                        } else {
-                            records.push((run.node.to_string(), *r));
-                        }
+                        matches.add(&*run.node, *r);
                     }
                 }
             }
@@ -543,11 +564,7 @@ impl Inner {
                             if let Some((node, r)) =
                                 rec.filter(|(node, r)| matches_fields(q, node, r))
                             {
-                                if records.len() >= cap {
-                                    uncollected += 1;
-                                } else {
-                                    records.push((node, r));
-                                }
+                                matches.add(node, r);
                             }
                         }
                     }
@@ -555,11 +572,11 @@ impl Inner {
                 }
             }
         }
-        stats.docs = records.len() as u64;
-        stats.truncated = uncollected > 0;
+        stats.docs = matches.records.len() as u64;
+        stats.truncated = matches.uncollected > 0;
         let gaps = self.gaps.lock().map_err(|_| poisoned())?;
-        let mut result = assemble(q, records, &gaps.gaps);
-        result.total += uncollected;
+        let mut result = assemble(q, matches.records, &gaps.gaps);
+        result.total += matches.uncollected;
         Ok((result, stats))
     }
 

@@ -26,10 +26,10 @@
 //!   port lead with its postings and check the exact port per candidate.
 //!   Postings of the exact port (up to 64,512 distinct terms per segment,
 //!   each hit once every few thousand records) missed the CPU cache on
-//!   most records: they were a quarter of the ingest CPU. 4,032 buckets
-//!   stay cached, and their denser postings cost 2.2 bytes per record less;
-//!   a query checks 16 times as many candidates (p99 0.27 → 1.1 ms at 10M
-//!   records). `src_port`: fast only
+//!   most records, the largest single ingest cost. 4,032 buckets stay
+//!   cached and their postings are denser (1.1-2.1 bytes per record less
+//!   as ingested); a query checks 16 times as many candidates (p99 3.3 →
+//!   10.9 ms at 100M records; BENCHMARKS.md §3). `src_port`: fast only
 //!   (searches by pod port come with the pod address, whose postings lead;
 //!   its postings cost ~2.5 bytes per record). The destination port is
 //!   only in `shape`: its postings (a few services' ports, so each matches
