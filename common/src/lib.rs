@@ -170,7 +170,14 @@ impl TcpState {
     }
 }
 
-/// Conntrack status bits (`enum ip_conntrack_status`) the product reports.
+/// Conntrack status bits (`enum ip_conntrack_status` in
+/// `include/uapi/linux/netfilter/nf_conntrack_common.h`) the product reports,
+/// and the agent's own marks.
+///
+/// The kernel uses bits 0-15 (as of Linux 6.18, `IPS_HW_OFFLOAD` is bit 15).
+/// Bits 24-31 are never sent by the kernel: the agent sets them on records it
+/// derives ([`CTW_MARKS`]), and every layer (log, uplink, store) keeps them
+/// as part of `status`.
 pub mod status {
     pub const EXPECTED: u32 = 1 << 0;
     pub const SEEN_REPLY: u32 = 1 << 1;
@@ -178,6 +185,23 @@ pub mod status {
     pub const CONFIRMED: u32 = 1 << 3;
     pub const SRC_NAT: u32 = 1 << 4;
     pub const DST_NAT: u32 = 1 << 5;
+    /// `IPS_NAT_CLASH` (bit 12, Linux 5.7+): the entry lost a NAT clash at
+    /// confirm time (two packets of one new UDP flow on two CPUs). Such a
+    /// shadow entry sends no NEW, only a DESTROY, with its own id and
+    /// possibly another DNAT target; it is never a connection of its own.
+    pub const NAT_CLASH: u32 = 1 << 12;
+
+    /// Agent mark: the source address is outside the configured `pod_cidrs`
+    /// (an external client, e.g. of a NodePort), set only when `pod_cidrs`
+    /// is configured.
+    pub const CTW_EXTERNAL: u32 = 1 << 24;
+    /// Agent mark on a DESTROY record the kernel did not send: a re-check
+    /// (GET by tuple) found the entry gone. The connection ended at or
+    /// before the record's `event_ns` and after `stop_ns`, which holds the
+    /// last time the entry was seen alive.
+    pub const CTW_GONE: u32 = 1 << 25;
+    /// Every agent mark (bits the kernel never sets).
+    pub const CTW_MARKS: u32 = 0xff00_0000;
 }
 
 /// Packet and byte counters of one direction (needs `nf_conntrack_acct=1`).
@@ -251,6 +275,23 @@ impl ConnRecord {
     /// The source NAT address and port: the destination of the reply tuple.
     pub fn snat(&self) -> (IpAddr, u16) {
         (self.reply.dst, self.reply.dst_port)
+    }
+
+    /// Was the entry picked up mid-stream? A NEW for a TCP connection whose
+    /// first packet seen was not a SYN (state other than `SYN_SENT`): the
+    /// kernel creates such entries (`nf_conntrack_tcp_loose=1`, the default)
+    /// when an earlier entry of the same connection expired while it was
+    /// idle, e.g. HTTP keepalive past `nf_conntrack_tcp_timeout_established`.
+    /// The connection itself started earlier, under the same tuple.
+    pub fn midstream(&self) -> bool {
+        self.kind == EventKind::New
+            && self.protocol == Protocol::Tcp
+            && !matches!(self.tcp_state, None | Some(TcpState::SynSent))
+    }
+
+    /// Is this record a NAT-clash shadow entry ([`status::NAT_CLASH`])?
+    pub fn nat_clash(&self) -> bool {
+        self.status & status::NAT_CLASH != 0
     }
 
     /// The conntrack flags `conntrack -L` prints, e.g. `["ASSURED"]`.
