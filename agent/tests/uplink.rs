@@ -798,6 +798,7 @@ async fn lookup_requests_are_answered() {
             tuple: Some(t.into()),
             reply_tuple: reply,
             node: String::new(),
+            zone: None,
         })
     };
     col.send(req(1, 6, &entry.reply, true)).await;

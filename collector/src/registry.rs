@@ -495,9 +495,9 @@ impl Registry {
                 request_id,
                 protocol: u32::from(q.protocol.number()),
                 tuple: Some((&q.tuple).into()),
+                reply_tuple: q.reply_tuple,
                 node: node.to_string(),
                 zone: None,
-                node: node.to_string(),
             })),
         };
         match tokio::time::timeout_at(deadline, tx.send(Ok(msg))).await {
