@@ -530,6 +530,7 @@ mod tests {
             }),
             reply_tuple: true,
             node: String::new(),
+            zone: None,
         };
         let (q, node) = live_query(&r).unwrap();
         assert!(q.reply_tuple && node.is_none());

@@ -575,6 +575,7 @@ async fn live_lookups_travel_over_the_agent_stream() {
             tuple: Some((&reply_tuple).into()),
             reply_tuple: true,
             node: String::new(),
+            zone: None,
         };
         let r = query.lookup(req.clone()).await.unwrap().into_inner();
         assert!(r.found && r.node == "node-a" && r.request_id == 42, "{r:?}");

@@ -739,6 +739,7 @@ mod tests {
             tuple: Some(t.clone()),
             reply_tuple: true,
             node: String::new(),
+            zone: None,
         })
         .unwrap();
         assert_eq!(q.protocol, Protocol::Tcp);
@@ -751,6 +752,7 @@ mod tests {
                 tuple,
                 reply_tuple: false,
                 node: String::new(),
+                zone: None,
             })
             .unwrap_err()
         };
