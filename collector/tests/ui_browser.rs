@@ -73,7 +73,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     let (chromium, script) = match browser_tools() {
         Ok(t) => t,
         Err(why) => {
-            eprintln!("skipping: {why}");
+            ctw_testkit::skip(&why);
             return;
         }
     };

@@ -105,8 +105,34 @@ pub fn require_root() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         true
     } else {
-        eprintln!("skipping: needs root (network namespaces)");
+        skip("needs root (network namespaces)");
         false
+    }
+}
+
+/// Environment variable naming the file where [`skip`] records skipped
+/// tests (`scripts/test.sh` sets it and counts the lines as skipped).
+pub const SKIP_LOG_ENV: &str = "CTW_SKIP_LOG";
+
+/// Say that the running test checks nothing and why: prints
+/// `skipping <test>: <why>` and appends that line to the file named by
+/// [`SKIP_LOG_ENV`], so the test script's summary counts the test as
+/// skipped rather than passed. The caller returns right after.
+pub fn skip(why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let line = format!("skipping {test}: {why}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
+        use std::io::Write as _;
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = appended {
+            eprintln!("cannot record the skip in {}: {e}", path.to_string_lossy());
+        }
     }
 }
 
