@@ -698,6 +698,7 @@ async fn certificates_are_reloaded_without_restart() {
             tokio::time::Instant::now() < end,
             "new certificates not in use"
         );
+        // tidy: polls an async condition (`eventually` takes a sync one).
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The old CA's clients are refused now, and the server is not trusted

@@ -122,6 +122,7 @@ fn run_sh_demo_resolves_nginx_lines_to_pods_and_cleans_up() {
             let _ = child.wait();
             break None;
         }
+        // tidy: polls the script's exit, bounded by RUN_LIMIT.
         thread::sleep(Duration::from_millis(200));
     };
     let (stdout, stderr) = (

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ctw_collector::config::StorageConfig;
 use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
@@ -15,6 +15,7 @@ use ctw_collector::store::{
     normalize, AppendOutcome, Gap, Hit, MemStore, RecordStore, SearchQuery, StoreError, StoredBatch,
 };
 use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+use ctw_testkit::wait_for;
 
 const H: u64 = 3_600_000_000_000;
 const MIN: u64 = 60_000_000_000;
@@ -1061,14 +1062,15 @@ fn many_uncommitted_records_trigger_a_commit() {
             .collect();
         batch("n", seq, recs)
     };
+    // `append` asks for a commit itself once the limit is reached (the
+    // interval is a minute away): below it, no segment; at it, one segment
+    // with every record (had the 999 been committed alone, two).
     store.append(batch_of(0, 999)).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(store.segment_count(), 0, "committed below the limit");
     store.append(batch_of(1, 1)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while store.segment_count() == 0 {
-        assert!(Instant::now() < deadline, "no commit at the limit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(Duration::from_secs(30), "a commit at the limit", || {
+        (store.segment_count() > 0).then_some(())
+    });
+    assert_eq!(store.segment_count(), 1);
     assert_eq!(store.stats().records, 1000);
 }

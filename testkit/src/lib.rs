@@ -147,6 +147,7 @@ pub fn wait_for<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option
         if Instant::now() >= end {
             panic!("timed out after {deadline:?} waiting for {what}");
         }
+        // tidy: the polling primitive itself.
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -159,6 +160,7 @@ pub async fn eventually(deadline: Duration, what: &str, mut f: impl FnMut() -> b
         if Instant::now() >= end {
             panic!("timed out after {deadline:?} waiting for {what}");
         }
+        // tidy: the polling primitive itself.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -253,6 +255,7 @@ fn run_timeout(argv: &[&str], timeout: Duration) -> Output {
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
+            // tidy: polls the child's exit, bounded by the timeout.
             Ok(None) if Instant::now() < end => thread::sleep(Duration::from_millis(2)),
             Ok(None) => {
                 let _ = child.kill();
@@ -749,6 +752,7 @@ http {{
                     let end = Instant::now() + Duration::from_secs(2);
                     while Instant::now() < end {
                         self.check_alive(pid, what);
+                        // tidy: polls the process's exit, bounded.
                         thread::sleep(Duration::from_millis(20));
                     }
                     panic!("{what}: stdout closed without a line");
