@@ -53,7 +53,7 @@ impl Client {
             req = req.query(k, v);
         }
         let resp = req.call().map_err(|e| self.net_error(e))?;
-        self.reply(resp)
+        self.reply(path, resp)
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Result<Reply, CliError> {
@@ -67,7 +67,7 @@ impl Client {
             .content_type("application/json")
             .send(&bytes[..])
             .map_err(|e| self.net_error(e))?;
-        self.reply(resp)
+        self.reply(path, resp)
     }
 
     fn net_error(&self, e: ureq::Error) -> CliError {
@@ -77,7 +77,14 @@ impl Client {
         ))
     }
 
-    fn reply(&self, mut resp: ureq::http::Response<ureq::Body>) -> Result<Reply, CliError> {
+    /// The answer as JSON. Every answer of the collector's API is JSON, its
+    /// errors too: one that is not comes from something else at `--server`
+    /// (an agent's port, a proxy's error page), and the error says so.
+    fn reply(
+        &self,
+        path: &str,
+        mut resp: ureq::http::Response<ureq::Body>,
+    ) -> Result<Reply, CliError> {
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
@@ -88,7 +95,17 @@ impl Client {
             .map_err(|e| CliError::server(format!("HTTP {status}: cannot read the answer: {e}")))?;
         let body = serde_json::from_str(&text).map_err(|_| {
             let shown: String = text.chars().take(200).collect();
-            CliError::server(format!("HTTP {status}: the answer is not JSON: {shown:?}"))
+            CliError::server(format!(
+                "{} does not answer like a conntrack-watch collector: {path} gave HTTP {status} \
+                 and {}; check --server (CTW_SERVER): it must be the collector's HTTP API, not an \
+                 agent's port (an agent serves /metrics and /api/conntrack/query) or a proxy",
+                self.base,
+                if shown.trim().is_empty() {
+                    "an empty answer".to_string()
+                } else {
+                    format!("an answer that is not JSON: {shown:?}")
+                },
+            ))
         })?;
         Ok(Reply { status, body })
     }

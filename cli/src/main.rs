@@ -172,16 +172,16 @@ fn search(
         return Err(from_status(r.status, &r.body));
     }
     let v = r.body;
+    let total = v["total"].as_u64().unwrap_or(0);
     if json {
         print_json(out, &v)?;
-    } else {
+    } else if total > 0 {
         write!(out, "{}", output::search_table(&v)).map_err(write_err)?;
     }
-    let total = v["total"].as_u64().unwrap_or(0);
     let returned = v["returned"].as_u64().unwrap_or(0);
     if !json {
         if total == 0 {
-            eprintln!("ctw: no connection found");
+            eprintln!("ctw: {}", output::not_found_message(params, &v));
         } else if returned < total {
             eprintln!("ctw: {returned} of {total} connections shown (raise --limit)");
         }

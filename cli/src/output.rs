@@ -215,6 +215,28 @@ pub fn resolve_suffix(r: &Value) -> String {
     }
 }
 
+/// "no connection found" and what was searched: the parameters sent
+/// (address, port, protocol, node...) and the time window the collector
+/// used. Gaps that may hide a connection follow as their own warning.
+pub fn not_found_message(params: &[(String, String)], answer: &Value) -> String {
+    let searched: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "from" | "to" | "at" | "window" | "limit"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let mut m = String::from("no connection found");
+    if !searched.is_empty() {
+        m.push_str(&format!(" for {}", searched.join(" ")));
+    }
+    match (answer["from"].as_str(), answer["to"].as_str()) {
+        (Some(f), Some(t)) => m.push_str(&format!(" between {f} and {t}")),
+        (Some(f), None) => m.push_str(&format!(" since {f}")),
+        (None, Some(t)) => m.push_str(&format!(" until {t}")),
+        (None, None) => m.push_str(" at any time"),
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -222,7 +222,13 @@ fn search_table_json_and_exit_codes() {
     // Nothing found: 1. Found but incomplete: 4. Refused by the server: 2.
     let o = run(&s, &["search", "198.18.0.1:1"], None);
     assert_eq!(code(&o), 1, "{}", stderr(&o));
-    assert!(stderr(&o).contains("no connection found"));
+    // Only the message, saying what was searched; no empty table.
+    assert_eq!(stdout(&o), "", "an empty table was printed");
+    let e = stderr(&o);
+    assert!(
+        e.contains("no connection found for snat_ip=198.18.0.1 snat_port=1 at any time"),
+        "{e}"
+    );
     let o = run(
         &s,
         &["search", "198.18.0.1:46000", &format!("{}", T0 + 1000)],
@@ -436,4 +442,40 @@ fn lookup_agents_auth_and_config() {
     );
     assert_eq!(code(&o), 0);
     assert!(stdout(&o).contains("EXIT CODES"));
+}
+
+/// A server that is not a collector: every request gets what an agent's
+/// port gives for the collector's paths, 404 with an empty body.
+fn not_a_collector() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut c, &mut buf);
+            let _ = c.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn pointed_at_something_that_is_not_a_collector_it_says_so() {
+    let addr = not_a_collector();
+    let mut c = ctw_cmd();
+    c.args(["--server", &format!("http://{addr}"), "--token", TOKEN])
+        .args(["search", "198.18.0.1:45000"]);
+    let o = run_cmd(c, None);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("does not answer like a conntrack-watch collector")
+            && e.contains("HTTP 404")
+            && e.contains("an empty answer")
+            && e.contains("--server"),
+        "{e}"
+    );
 }
