@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 
+use chrono::{Offset, TimeZone};
 use serde::Serialize;
 
 use crate::{status, ConnRecord, Protocol, Tuple};
@@ -212,10 +213,33 @@ impl LookupAnswer {
     }
 }
 
-/// Parse a time: RFC 3339 (`2024-12-09T15:05:00.123+08:00`) or Unix seconds
-/// with an optional fraction (`1733727900.123`). Returns ns since the epoch.
+/// Parse a time as a user types or pastes it; see [`parse_time_in`]. A time
+/// without a zone is refused. Returns ns since the epoch.
 pub fn parse_time(s: &str) -> Result<u64, String> {
+    parse_time_in(s, None)
+}
+
+/// Parse a time in any form nginx writes or a user types, and return ns
+/// since the epoch:
+///
+/// - Unix seconds with an optional fraction (`$msec`: `1733727900.123`);
+/// - RFC 3339 / ISO 8601 with a zone (`$time_iso8601`:
+///   `2024-12-09T15:05:00+08:00`, `2024-12-09T07:05:00.123Z`; a space for
+///   the `T` is accepted);
+/// - nginx's `$time_local` (`09/Dec/2024:15:05:00 +0800`, brackets as in the
+///   access log allowed);
+/// - the last two without a zone (`2024-12-09T15:05:00`,
+///   `09/Dec/2024:15:05:00`) only with `tz`, the zone the caller chose
+///   (`ctw --tz`, the UI's zone, the API's `tz`); without one, an error says
+///   so rather than guessing.
+///
+/// The resolution as written is [`time_precision_ns`].
+pub fn parse_time_in(s: &str, tz: Option<chrono::FixedOffset>) -> Result<u64, String> {
     let s = s.trim();
+    let s = s
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(s);
     if let Ok(secs) = s.parse::<f64>() {
         if secs.is_finite() && (0.0..1e11).contains(&secs) {
             // Split to keep nanosecond precision for up to 9 decimals.
@@ -236,11 +260,69 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
         }
         return Err(format!("{s:?} is out of range for Unix seconds"));
     }
-    let t = chrono::DateTime::parse_from_rfc3339(s)
-        .map_err(|_| format!("{s:?} is neither RFC 3339 nor Unix seconds"))?;
+    let zoned = chrono::DateTime::parse_from_rfc3339(s)
+        .or_else(|_| chrono::DateTime::parse_from_rfc3339(&s.replacen(' ', "T", 1)))
+        .or_else(|_| chrono::DateTime::parse_from_str(s, TIME_LOCAL));
+    let t = match zoned {
+        Ok(t) => t,
+        Err(_) => {
+            let naive = NAIVE_FORMATS
+                .iter()
+                .find_map(|f| chrono::NaiveDateTime::parse_from_str(s, f).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "{s:?} is not a time: expected Unix seconds (1733727900.123), RFC 3339 \
+                         (2024-12-09T15:05:00+08:00) or nginx's $time_local (09/Dec/2024:15:05:00 +0800)"
+                    )
+                })?;
+            let tz = tz.ok_or_else(|| {
+                format!(
+                    "{s:?} has no time zone: add one (Z, +08:00, +0800) or choose the zone it \
+                     was written in (ctw --tz, the UI's zone, the API's tz parameter)"
+                )
+            })?;
+            naive
+                .and_local_timezone(tz)
+                .single()
+                .ok_or_else(|| format!("{s:?} is not a time in {tz}"))?
+        }
+    };
     t.timestamp_nanos_opt()
         .and_then(|n| u64::try_from(n).ok())
         .ok_or_else(|| format!("{s:?} is out of range"))
+}
+
+/// nginx's `$time_local`.
+const TIME_LOCAL: &str = "%d/%b/%Y:%H:%M:%S %z";
+/// Zone-less forms [`parse_time_in`] takes with a chosen zone.
+const NAIVE_FORMATS: [&str; 3] = [
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%d/%b/%Y:%H:%M:%S",
+];
+
+/// Parse a zone as a user gives it: `UTC`, `Z`, `+08:00`, `+0800`, `-5`.
+pub fn parse_tz(s: &str) -> Result<chrono::FixedOffset, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("utc") || t == "Z" {
+        return Ok(chrono::Utc.fix());
+    }
+    let bad = || format!("{s:?} is not a time zone offset (UTC, +08:00, +0800, -5)");
+    let (sign, rest) = match t.as_bytes().first() {
+        Some(b'+') => (1, &t[1..]),
+        Some(b'-') => (-1, &t[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = match rest.split_once(':') {
+        Some((h, m)) => (h, m),
+        None if rest.len() == 4 => rest.split_at(2),
+        None => (rest, "0"),
+    };
+    let (h, m): (i32, i32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if !(0..=14).contains(&h) || !(0..60).contains(&m) {
+        return Err(bad());
+    }
+    chrono::FixedOffset::east_opt(sign * (h * 3600 + m * 60)).ok_or_else(bad)
 }
 
 /// The resolution of a time as written: 1 ms for `1733727900.123`, 1 s for
@@ -325,6 +407,58 @@ mod tests {
             format_time(1_733_727_900_123_000_000),
             "2024-12-09T07:05:00.123Z"
         );
+    }
+
+    #[test]
+    fn times_as_nginx_writes_them() {
+        const T: u64 = 1_733_727_900_000_000_000; // 2024-12-09T07:05:00Z
+                                                  // $time_local, bare and as in the access log.
+        assert_eq!(parse_time("09/Dec/2024:15:05:00 +0800").unwrap(), T);
+        assert_eq!(parse_time("[09/Dec/2024:07:05:00 +0000]").unwrap(), T);
+        assert_eq!(
+            time_precision_ns("09/Dec/2024:15:05:00 +0800"),
+            1_000_000_000
+        );
+        // $time_iso8601, and with a space.
+        assert_eq!(parse_time("2024-12-09T15:05:00+08:00").unwrap(), T);
+        assert_eq!(parse_time("2024-12-09 07:05:00Z").unwrap(), T);
+        // Zone-less: refused, saying how to give the zone; taken with one.
+        for s in [
+            "2024-12-09T15:05:00",
+            "09/Dec/2024:15:05:00",
+            "2024-12-09 15:05:00",
+        ] {
+            let e = parse_time(s).unwrap_err();
+            assert!(e.contains("no time zone") && e.contains("--tz"), "{e}");
+            let tz = parse_tz("+08:00").unwrap();
+            assert_eq!(parse_time_in(s, Some(tz)).unwrap(), T, "{s}");
+        }
+        assert_eq!(
+            parse_time_in("2024-12-09T07:05:00.250", Some(parse_tz("UTC").unwrap())).unwrap(),
+            T + 250_000_000
+        );
+        // A zone in the text wins over the chosen one.
+        assert_eq!(
+            parse_time_in("2024-12-09T07:05:00Z", Some(parse_tz("+0800").unwrap())).unwrap(),
+            T
+        );
+        let e = parse_time("30/Foo/2026:10:50:57 +0000").unwrap_err();
+        assert!(e.contains("$time_local"), "{e}");
+    }
+
+    #[test]
+    fn zones() {
+        assert_eq!(parse_tz("UTC").unwrap().local_minus_utc(), 0);
+        assert_eq!(parse_tz("Z").unwrap().local_minus_utc(), 0);
+        assert_eq!(parse_tz("+08:00").unwrap().local_minus_utc(), 8 * 3600);
+        assert_eq!(
+            parse_tz("+0530").unwrap().local_minus_utc(),
+            5 * 3600 + 1800
+        );
+        assert_eq!(parse_tz("-5").unwrap().local_minus_utc(), -5 * 3600);
+        for bad in ["", "8", "+25:00", "+08:60", "Europe/Paris", "+x"] {
+            assert!(parse_tz(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
