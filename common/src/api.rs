@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use chrono::{Offset, TimeZone};
+use chrono::Offset;
 use serde::Serialize;
 
 use crate::{status, ConnRecord, Protocol, Tuple};
