@@ -15,7 +15,7 @@ pub const DEFAULT_HTTP_LISTEN: &str = ":9358";
 /// Default netlink receive buffer: 64 MiB holds about 50,000 queued events.
 pub const DEFAULT_RCVBUF_BYTES: usize = 64 << 20;
 
-pub use ctw_common::config::{ConfigError, ConfigFile};
+pub use ctw_common::config::{ConfigError, ConfigFile, FileUse};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +105,41 @@ impl Default for NetlinkConfig {
 }
 
 impl ConfigFile for Config {
+    fn files(&self) -> Vec<(&'static str, &std::path::Path, FileUse)> {
+        let log_dir = self
+            .log
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let mut v = vec![("log.path", log_dir, FileUse::WriteDir)];
+        if let Some(c) = &self.collector {
+            v.extend([
+                (
+                    "collector.tls.ca_file",
+                    c.tls.ca_file.as_path(),
+                    FileUse::Read,
+                ),
+                (
+                    "collector.tls.cert_file",
+                    c.tls.cert_file.as_path(),
+                    FileUse::Read,
+                ),
+                (
+                    "collector.tls.key_file",
+                    c.tls.key_file.as_path(),
+                    FileUse::Read,
+                ),
+                (
+                    "collector.spool_dir",
+                    c.spool_dir.as_path(),
+                    FileUse::WriteDir,
+                ),
+            ]);
+        }
+        v
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.ports.is_empty() {

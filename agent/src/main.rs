@@ -82,7 +82,18 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
-        println!("config {} is valid", path.display());
+        // Open every file the config names, as the run would.
+        let problems = cfg.check_files();
+        if !problems.is_empty() {
+            for p in &problems {
+                eprintln!("error: config file {}: {p}", path.display());
+            }
+            return ExitCode::from(2);
+        }
+        println!(
+            "config {} is valid (and every file it names can be used)",
+            path.display()
+        );
         return ExitCode::SUCCESS;
     }
     match run(cfg) {

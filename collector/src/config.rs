@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use ctw_common::config::{ConfigError, ConfigFile};
+pub use ctw_common::config::{ConfigError, ConfigFile, FileUse};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,6 +125,36 @@ impl Default for LookupConfig {
 }
 
 impl ConfigFile for Config {
+    fn files(&self) -> Vec<(&'static str, &std::path::Path, FileUse)> {
+        vec![
+            (
+                "grpc.tls.ca_file",
+                self.grpc.tls.ca_file.as_path(),
+                FileUse::Read,
+            ),
+            (
+                "grpc.tls.cert_file",
+                self.grpc.tls.cert_file.as_path(),
+                FileUse::Read,
+            ),
+            (
+                "grpc.tls.key_file",
+                self.grpc.tls.key_file.as_path(),
+                FileUse::Read,
+            ),
+            (
+                "http.token_file",
+                self.http.token_file.as_path(),
+                FileUse::Read,
+            ),
+            (
+                "storage.path",
+                self.storage.path.as_path(),
+                FileUse::WriteDir,
+            ),
+        ]
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         for (key, v) in [

@@ -66,10 +66,75 @@ pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     parse_yaml(&text, &path.display().to_string())
 }
 
+/// How a file named in a config is used, for [`ConfigFile::check_files`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileUse {
+    /// Read at start-up or later (a certificate, a key, a token).
+    Read,
+    /// A directory the program writes into, created when missing: it must
+    /// be writable, or its nearest existing ancestor must be.
+    WriteDir,
+}
+
+/// Open every file a config names the way the program will, and describe
+/// each problem with its key: `collector.tls.ca_file: cannot read
+/// /etc/ctw/ca.pem: No such file or directory (os error 2)`.
+pub fn check_files(files: &[(&str, &Path, FileUse)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for &(key, path, how) in files {
+        let shown = path.display();
+        match how {
+            FileUse::Read => {
+                if let Err(e) = std::fs::File::open(path).and_then(|mut f| {
+                    let mut byte = [0u8; 1];
+                    std::io::Read::read(&mut f, &mut byte).map(|_| ())
+                }) {
+                    problems.push(format!("{key}: cannot read {shown}: {e}"));
+                }
+            }
+            FileUse::WriteDir => {
+                let existing = path.ancestors().find(|a| a.exists());
+                match existing {
+                    Some(dir) if !dir.is_dir() => {
+                        problems.push(format!("{key}: {} is not a directory", dir.display()))
+                    }
+                    Some(dir) => {
+                        let probe = dir.join(format!(".ctw-check-{}", std::process::id()));
+                        match std::fs::File::create(&probe) {
+                            Ok(_) => {
+                                let _ = std::fs::remove_file(&probe);
+                            }
+                            Err(e) => problems.push(format!(
+                                "{key}: cannot write in {}{}: {e}",
+                                dir.display(),
+                                if dir == path { "" } else { " (to create it)" }
+                            )),
+                        }
+                    }
+                    None => problems.push(format!("{key}: no existing directory above {shown}")),
+                }
+            }
+        }
+    }
+    problems
+}
+
 /// A config file's top-level struct: YAML, then checks serde cannot make.
 pub trait ConfigFile: DeserializeOwned {
     /// Checks of values and of how they fit together.
     fn validate(&self) -> Result<(), ConfigError>;
+
+    /// The files the config names, by key, and how they are used (see
+    /// [`check_files`]; `--check` opens each).
+    fn files(&self) -> Vec<(&'static str, &Path, FileUse)> {
+        Vec::new()
+    }
+
+    /// Open every file the config names; one message per problem, each
+    /// naming the key (empty when all is well).
+    fn check_files(&self) -> Vec<String> {
+        check_files(&self.files())
+    }
 
     /// Read, parse and validate a config file.
     fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -139,6 +204,33 @@ mod tests {
             e.starts_with(&format!("config file {}: ports", file.display())),
             "{e}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_are_opened_as_they_will_be_used() {
+        let dir = std::env::temp_dir().join(format!("ctw-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let present = dir.join("ca.pem");
+        std::fs::write(&present, "x").unwrap();
+        let missing = dir.join("missing.pem");
+        let new_dir = dir.join("spool/sub");
+        let not_dir = present.join("sub");
+        let p = check_files(&[
+            ("tls.ca_file", &present, FileUse::Read),
+            ("tls.cert_file", &missing, FileUse::Read),
+            ("tls.key_file", &dir, FileUse::Read),
+            ("spool_dir", &new_dir, FileUse::WriteDir),
+            ("log.path", &not_dir, FileUse::WriteDir),
+        ]);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with(&format!("tls.cert_file: cannot read {}", missing.display())));
+        assert!(p[1].starts_with("tls.key_file: cannot read"), "{p:?}");
+        assert!(
+            p[2].starts_with("log.path:") && p[2].contains("not a directory"),
+            "{p:?}"
+        );
+        assert!(!new_dir.exists(), "the check creates nothing");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
