@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ctw_agent::capture::{Capture, CaptureConfig, RecordSink, Tee};
-use ctw_agent::config::{Config, ConfigFile};
+use ctw_agent::config::Config;
 use ctw_agent::filter::Filter;
 use ctw_agent::http::{self, AppState, LookupFn};
 use ctw_agent::logfile::{self, LogStats, LogWriter};
@@ -74,35 +74,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cfg = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if check_only {
-        // Open every file the config names, as the run would.
-        let problems = cfg.check_files();
-        if !problems.is_empty() {
-            for p in &problems {
-                eprintln!("error: config file {}: {p}", path.display());
-            }
-            return ExitCode::from(2);
-        }
-        println!(
-            "config {} is valid (and every file it names can be used)",
-            path.display()
-        );
-        return ExitCode::SUCCESS;
-    }
-    match run(cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    ExitCode::from(ctw_common::config::load_check_run::<Config, _>(
+        &path, check_only, run,
+    ))
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {

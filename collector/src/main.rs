@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ctw_collector::auth::Token;
-use ctw_collector::config::{Config, ConfigFile};
+use ctw_collector::config::Config;
 use ctw_collector::http::{self, AppState};
 use ctw_collector::metrics::Metrics;
 use ctw_collector::registry::Registry;
@@ -67,35 +67,9 @@ fn main() -> ExitCode {
         eprintln!("error: missing --config FILE\n{USAGE}");
         return ExitCode::from(2);
     };
-    let cfg = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if check_only {
-        // Open every file the config names, as the run would.
-        let problems = cfg.check_files();
-        if !problems.is_empty() {
-            for p in &problems {
-                eprintln!("error: config file {}: {p}", path.display());
-            }
-            return ExitCode::from(2);
-        }
-        println!(
-            "config {} is valid (and every file it names can be used)",
-            path.display()
-        );
-        return ExitCode::SUCCESS;
-    }
-    match run(cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    ExitCode::from(ctw_common::config::load_check_run::<Config, _>(
+        &path, check_only, run,
+    ))
 }
 
 async fn shutdown_signal() {

@@ -152,6 +152,51 @@ pub trait ConfigFile: DeserializeOwned {
     }
 }
 
+/// The end of both binaries' `main`: load and validate the config at
+/// `path` (exit code 2 on a bad config, the error naming file and key); with
+/// `check_only`, open every file it names and stop (2 if any cannot be
+/// used, else 0); else `run` it (1 on a fatal error, printed with its
+/// causes, else 0). Returns the process exit code.
+pub fn load_check_run<C, E>(
+    path: &Path,
+    check_only: bool,
+    run: impl FnOnce(C) -> Result<(), E>,
+) -> u8
+where
+    C: ConfigFile,
+    E: std::fmt::Display,
+{
+    let cfg = match C::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    if check_only {
+        let problems = cfg.check_files();
+        for p in &problems {
+            eprintln!("error: config file {}: {p}", path.display());
+        }
+        if !problems.is_empty() {
+            return 2;
+        }
+        println!(
+            "config {} is valid (and every file it names can be used)",
+            path.display()
+        );
+        return 0;
+    }
+    match run(cfg) {
+        Ok(()) => 0,
+        Err(e) => {
+            // `{:#}` of anyhow's error prints its causes too.
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
