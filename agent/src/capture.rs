@@ -4,30 +4,71 @@
 //! Runs on its own thread and never waits on anything but the kernel: records
 //! leave through a [`RecordSink`] that must not block.
 //!
-//! Loss handling: the agent keeps the set of watched entries it believes
-//! alive (inserted on NEW, removed on DESTROY). When the kernel reports
-//! ENOBUFS, or `/proc/net/netlink` shows drops, the agent dumps the table:
-//! every watched entry not in the set is emitted as [`EventKind::Recovered`],
-//! and the set becomes the dump's content. The same dump runs at start-up.
-//! DESTROY events are always subscribed so the set stays exact;
-//! `capture_destroy: false` only stops them from being emitted.
+//! Events come from an [`EventSource`]: [`NetlinkSource`] (the kernel) in
+//! production, [`ReplaySource`] (built records or captured datagrams, and a
+//! modelled table for dumps and GETs) in tests, so the rules below have unit
+//! tests that need no root. The source is a generic parameter: no dynamic
+//! call per event.
+//!
+//! Rules of the live-entry set (the watched entries believed alive):
+//! - NEW inserts; a NEW for an entry already in the set (a dump emitted it
+//!   first) is a duplicate, counted, not emitted. DESTROY removes. DESTROY
+//!   events are always subscribed so the set stays exact;
+//!   `capture_destroy: false` only stops them from being emitted.
+//! - Loss: when the kernel reports ENOBUFS, or `/proc/net/netlink` shows
+//!   drops, the agent dumps the table: every watched entry not in the set is
+//!   emitted as [`EventKind::Recovered`], and the set becomes the dump's
+//!   content. The same dump runs at start-up.
+//! - One entry per reply tuple: the kernel holds at most one live entry per
+//!   (zone, protocol, reply tuple). A NEW (or a recovered entry) whose reply
+//!   tuple equals a live entry's ends that older entry (counted in
+//!   `ctw_entries_superseded_total`); a pending one (below) is logged as
+//!   closed with `CTW_GONE`, its end bounded by the new entry's time.
+//! - Recovered entries are *pending*: their end is unknown, since the kernel
+//!   sends no DESTROY for entries created while no listener existed
+//!   (`nf_conntrack_events=2`). Every `recheck_interval` the agent asks the
+//!   kernel about each pending entry (a GET by original tuple in its zone,
+//!   pipelined; a dump when more than [`RECHECK_GET_LIMIT`] are pending). An
+//!   entry found alive gets its last-seen time; one found gone (no entry, or
+//!   another id under its tuple) becomes a DESTROY record with
+//!   [`status::CTW_GONE`], `event_ns` = when found gone and `stop_ns` = last
+//!   seen alive. A real DESTROY, or a NEW event for it (events flow for it),
+//!   ends its pending state. A GONE record waits until the event socket has
+//!   been read empty once, so a real DESTROY queued meanwhile wins.
+//! - NAT clash: a DESTROY with `IPS_NAT_CLASH` is a shadow entry (see
+//!   [`status::NAT_CLASH`]): never a record, never removes a live entry,
+//!   counted in `ctw_nat_clash_total`.
+//! - TCP entries picked up mid-stream ([`ConnRecord::midstream`]) are
+//!   records like any NEW, counted per port in `ctw_midstream_pickups_total`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ctw_common::{ConnRecord, EventKind};
+use ctw_common::{status, ConnRecord, EventKind};
 
 use crate::filter::Filter;
 use crate::metrics::Metrics;
-use crate::netlink::decode::{self, Decoded};
+use crate::netlink::decode::{self, DecodeError, Decoded};
 use crate::netlink::socket::{EventSocket, RecvOutcome, RequestSocket, GROUP_DESTROY, GROUP_NEW};
 use crate::netlink::{bpf, procfs, request};
 
 /// Pause after a small batch (see [`Capture::run`]).
 const COALESCE: Duration = Duration::from_millis(1);
+
+/// Above this many pending entries a re-check dumps the table instead of
+/// sending one GET per entry. A GET costs the kernel one hash lookup and
+/// user space two receives (entry and ack); a dump costs a walk of the whole
+/// table (all zones, all ports) and one receive per ~15 entries. On a table
+/// of 10,000-100,000 entries the two meet at about a thousand pending ones.
+pub const RECHECK_GET_LIMIT: usize = 1024;
+
+/// GETs in flight at once on the request socket: their answers (entry + ack,
+/// about 2 KB of receive buffer each) must fit the default socket buffer.
+const GET_WINDOW: usize = 32;
 
 /// Where kept records go.
 ///
@@ -70,6 +111,13 @@ impl<A: RecordSink, B: RecordSink> RecordSink for Tee<A, B> {
 #[derive(Debug, Default, Clone)]
 pub struct MemorySink(pub Arc<Mutex<Vec<ConnRecord>>>);
 
+impl MemorySink {
+    /// Every record sent so far, in order.
+    pub fn records(&self) -> Vec<ConnRecord> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
 impl RecordSink for MemorySink {
     fn send(&self, batch: Vec<ConnRecord>) {
         if let Ok(mut v) = self.0.lock() {
@@ -91,6 +139,8 @@ pub struct CaptureConfig {
     pub rcvbuf_bytes: usize,
     pub batch_messages: usize,
     pub kernel_filter: bool,
+    /// Time between re-checks of pending (recovered) entries.
+    pub recheck_interval: Duration,
 }
 
 /// Errors that stop capture before it starts. Once running, nothing stops it
@@ -105,6 +155,339 @@ pub enum CaptureError {
     Dump(String),
 }
 
+/// What one [`EventSource::recv`] call saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceRecv {
+    /// `datagrams` were read (`truncated` of them cut short and skipped);
+    /// every message of the others went to the callback.
+    Batch { datagrams: usize, truncated: usize },
+    /// Nothing arrived within the source's wait.
+    Idle,
+    /// The kernel dropped events: the socket overflowed.
+    Overflow,
+}
+
+/// What a re-check learnt about one pending entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// An entry with this original tuple and zone exists, with this id.
+    Alive(u32),
+    /// No entry with this original tuple in this zone.
+    Gone,
+    /// No answer (kernel error other than ENOENT): ask again next time.
+    Unknown,
+}
+
+/// Where the capture loop's conntrack messages come from: the kernel
+/// ([`NetlinkSource`]) or a replay ([`ReplaySource`]).
+pub trait EventSource {
+    /// Wait for events (at most the source's own timeout) and hand each
+    /// message's decode result to `each`, in order.
+    fn recv<F: FnMut(Result<Decoded, DecodeError>)>(&mut self, each: F) -> io::Result<SourceRecv>;
+
+    /// The kernel's count of events dropped on this socket so far
+    /// (`/proc/net/netlink` Drops), when known.
+    fn drops(&mut self) -> Option<u64>;
+
+    /// The watched entries of the table (`filter`), each
+    /// [`EventKind::Recovered`] with `event_ns` = when read.
+    fn dump(&mut self, filter: &Filter) -> Result<Vec<ConnRecord>, String>;
+
+    /// Look each entry up by original tuple in its zone; `out` gets one
+    /// [`Probe`] per entry, in order.
+    fn probe(&mut self, entries: &[ConnRecord], out: &mut Vec<Probe>) -> Result<(), String>;
+}
+
+/// The kernel: the subscribed event socket, and a request socket for dumps
+/// and GETs.
+pub struct NetlinkSource {
+    sock: EventSocket,
+    req: Option<RequestSocket>,
+}
+
+impl std::fmt::Debug for NetlinkSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetlinkSource")
+            .field("sock", &self.sock)
+            .finish()
+    }
+}
+
+impl NetlinkSource {
+    /// Open and subscribe the event socket (NEW and DESTROY groups) and
+    /// attach the BPF port filter when `cfg.kernel_filter`.
+    pub fn open(cfg: &CaptureConfig, metrics: &Metrics) -> Result<NetlinkSource, CaptureError> {
+        let sock = EventSocket::open(
+            &[GROUP_NEW, GROUP_DESTROY],
+            cfg.rcvbuf_bytes,
+            cfg.batch_messages,
+        )
+        .map_err(CaptureError::Socket)?;
+        metrics.rcvbuf_bytes.set(sock.rcvbuf() as i64);
+        if cfg.kernel_filter {
+            let prog = bpf::build(&cfg.filter);
+            bpf::attach(sock.raw_fd(), &prog).map_err(CaptureError::Bpf)?;
+            metrics.kernel_filter.set(1);
+        }
+        Ok(NetlinkSource { sock, req: None })
+    }
+
+    fn request_socket(&mut self) -> Result<&mut RequestSocket, String> {
+        if self.req.is_none() {
+            let s = RequestSocket::open(Duration::from_secs(2))
+                .map_err(|e| format!("request socket: {e}"))?;
+            self.req = Some(s);
+        }
+        self.req
+            .as_mut()
+            .ok_or_else(|| "request socket unavailable".to_string())
+    }
+
+    /// One window of pipelined GETs: all requests in one datagram, then
+    /// answers matched by sequence number until every one is closed.
+    fn probe_window(
+        &mut self,
+        entries: &[ConnRecord],
+        out: &mut [Probe],
+        seq0: u32,
+    ) -> Result<(), String> {
+        let mut reqs = Vec::with_capacity(entries.len() * 96);
+        for (i, r) in entries.iter().enumerate() {
+            reqs.extend_from_slice(&request::get_orig_in_zone(
+                r.protocol,
+                &r.orig,
+                r.zone,
+                seq0.wrapping_add(i as u32),
+            ));
+        }
+        let sock = self.request_socket()?;
+        sock.send(&reqs).map_err(|e| format!("send: {e}"))?;
+        let mut open = entries.len();
+        while open > 0 {
+            let dgram = match sock.recv() {
+                Ok(d) => d,
+                Err(e) => {
+                    self.req = None;
+                    return Err(format!("receive: {e}"));
+                }
+            };
+            for msg in decode::messages(dgram) {
+                let msg = msg.map_err(|e| format!("malformed GET answer: {e}"))?;
+                let i = msg.seq.wrapping_sub(seq0) as usize;
+                if i >= out.len() {
+                    continue;
+                }
+                match decode::decode_entry(&msg, 0) {
+                    Ok(Decoded::Conn(r)) => out[i] = Probe::Alive(r.id),
+                    Ok(Decoded::Error(0)) => open -= 1,
+                    Ok(Decoded::Error(e)) => {
+                        if e == libc::ENOENT {
+                            out[i] = Probe::Gone;
+                        }
+                        open -= 1;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "malformed GET answer skipped"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EventSource for NetlinkSource {
+    fn recv<F: FnMut(Result<Decoded, DecodeError>)>(
+        &mut self,
+        mut each: F,
+    ) -> io::Result<SourceRecv> {
+        match self.sock.recv_batch()? {
+            RecvOutcome::Batch(n) => {
+                let recv_ns = now_ns();
+                let mut truncated = 0;
+                for i in 0..n {
+                    let (dgram, cut) = self.sock.datagram(i);
+                    if cut {
+                        truncated += 1;
+                        continue;
+                    }
+                    for msg in decode::messages(dgram) {
+                        each(msg.and_then(|m| decode::decode(&m, recv_ns)));
+                    }
+                }
+                Ok(SourceRecv::Batch {
+                    datagrams: n,
+                    truncated,
+                })
+            }
+            RecvOutcome::Idle => Ok(SourceRecv::Idle),
+            RecvOutcome::Overflow => Ok(SourceRecv::Overflow),
+        }
+    }
+
+    fn drops(&mut self) -> Option<u64> {
+        procfs::read_drops(self.sock.inode())
+    }
+
+    fn dump(&mut self, filter: &Filter) -> Result<Vec<ConnRecord>, String> {
+        dump_table(filter)
+    }
+
+    fn probe(&mut self, entries: &[ConnRecord], out: &mut Vec<Probe>) -> Result<(), String> {
+        out.clear();
+        out.resize(entries.len(), Probe::Unknown);
+        let mut seq = 1u32;
+        for (chunk, res) in entries.chunks(GET_WINDOW).zip(out.chunks_mut(GET_WINDOW)) {
+            self.probe_window(chunk, res, seq)?;
+            seq = seq.wrapping_add(GET_WINDOW as u32);
+        }
+        Ok(())
+    }
+}
+
+/// A scripted source for tests: queued steps of events, and a modelled
+/// conntrack table that dumps and GETs read.
+///
+/// Clones share one state, so a test keeps a handle while the capture owns
+/// the source.
+#[derive(Debug, Default, Clone)]
+pub struct ReplaySource {
+    state: Arc<Mutex<ReplayState>>,
+}
+
+#[derive(Debug, Default)]
+struct ReplayState {
+    steps: VecDeque<ReplayStep>,
+    table: Vec<ConnRecord>,
+    drops: u64,
+    dumps: u64,
+    probes: u64,
+}
+
+/// One [`EventSource::recv`] of a [`ReplaySource`].
+#[derive(Debug, Clone)]
+pub enum ReplayStep {
+    /// Built records, delivered as decoded messages.
+    Records(Vec<ConnRecord>),
+    /// Netlink datagrams (e.g. golden captures), decoded like the kernel's;
+    /// `recv_ns` is their receive time.
+    Datagrams {
+        recv_ns: u64,
+        datagrams: Vec<Vec<u8>>,
+    },
+    /// The socket overflowed.
+    Overflow,
+}
+
+impl ReplaySource {
+    pub fn new() -> ReplaySource {
+        ReplaySource::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut ReplayState) -> T) -> T {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+
+    /// Queue one batch of events.
+    pub fn push_records(&self, recs: impl IntoIterator<Item = ConnRecord>) {
+        let v: Vec<ConnRecord> = recs.into_iter().collect();
+        self.with(|s| s.steps.push_back(ReplayStep::Records(v)));
+    }
+
+    /// Queue any step.
+    pub fn push(&self, step: ReplayStep) {
+        self.with(|s| s.steps.push_back(step));
+    }
+
+    /// Steps not yet read.
+    pub fn queued(&self) -> usize {
+        self.with(|s| s.steps.len())
+    }
+
+    /// Replace the modelled table (what dumps and GETs see).
+    pub fn set_table(&self, table: Vec<ConnRecord>) {
+        self.with(|s| s.table = table);
+    }
+
+    /// Add kernel-dropped events to the drop counter.
+    pub fn add_drops(&self, n: u64) {
+        self.with(|s| s.drops += n);
+    }
+
+    /// Dumps and GET rounds done so far: `(dumps, probe_calls)`.
+    pub fn requests(&self) -> (u64, u64) {
+        self.with(|s| (s.dumps, s.probes))
+    }
+}
+
+impl EventSource for ReplaySource {
+    fn recv<F: FnMut(Result<Decoded, DecodeError>)>(
+        &mut self,
+        mut each: F,
+    ) -> io::Result<SourceRecv> {
+        let Some(step) = self.with(|s| s.steps.pop_front()) else {
+            return Ok(SourceRecv::Idle);
+        };
+        match step {
+            ReplayStep::Records(v) => {
+                for r in &v {
+                    each(Ok(Decoded::Conn(*r)));
+                }
+                Ok(SourceRecv::Batch {
+                    datagrams: v.len(),
+                    truncated: 0,
+                })
+            }
+            ReplayStep::Datagrams { recv_ns, datagrams } => {
+                for d in &datagrams {
+                    for msg in decode::messages(d) {
+                        each(msg.and_then(|m| decode::decode(&m, recv_ns)));
+                    }
+                }
+                Ok(SourceRecv::Batch {
+                    datagrams: datagrams.len(),
+                    truncated: 0,
+                })
+            }
+            ReplayStep::Overflow => Ok(SourceRecv::Overflow),
+        }
+    }
+
+    fn drops(&mut self) -> Option<u64> {
+        Some(self.with(|s| s.drops))
+    }
+
+    fn dump(&mut self, filter: &Filter) -> Result<Vec<ConnRecord>, String> {
+        let now = now_ns();
+        Ok(self.with(|s| {
+            s.dumps += 1;
+            s.table
+                .iter()
+                .filter(|r| filter.keeps(r))
+                .map(|r| ConnRecord {
+                    kind: EventKind::Recovered,
+                    event_ns: now,
+                    ..*r
+                })
+                .collect()
+        }))
+    }
+
+    fn probe(&mut self, entries: &[ConnRecord], out: &mut Vec<Probe>) -> Result<(), String> {
+        self.with(|s| {
+            s.probes += 1;
+            out.clear();
+            out.extend(entries.iter().map(|e| {
+                s.table
+                    .iter()
+                    .find(|t| t.orig == e.orig && t.protocol == e.protocol && t.zone == e.zone)
+                    .map_or(Probe::Gone, |t| Probe::Alive(t.id))
+            }));
+        });
+        Ok(())
+    }
+}
+
 /// Identity of a conntrack entry: kernel id plus a hash of its original tuple
 /// and zone (ids are only unique among live entries).
 fn entry_key(r: &ConnRecord) -> u64 {
@@ -113,6 +496,16 @@ fn entry_key(r: &ConnRecord) -> u64 {
     r.protocol.hash(&mut h);
     r.zone.hash(&mut h);
     (u64::from(r.id) << 32) | (h.finish() & 0xffff_ffff)
+}
+
+/// Hash of (zone, protocol, reply tuple): the kernel holds at most one live
+/// entry per value.
+fn reply_key(r: &ConnRecord) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    r.reply.hash(&mut h);
+    r.protocol.hash(&mut h);
+    r.zone.hash(&mut h);
+    h.finish()
 }
 
 /// Keys are already hashes: pass them through, mixed once.
@@ -131,6 +524,7 @@ impl Hasher for KeyHasher {
         self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
+type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
 type KeySet = HashSet<u64, BuildHasherDefault<KeyHasher>>;
 
 fn now_ns() -> u64 {
@@ -177,32 +571,40 @@ struct PortCounts {
     ports: Vec<u16>,
     new: Vec<u64>,
     closed: Vec<u64>,
+    midstream: Vec<u64>,
     new_series: Vec<prometheus::IntCounter>,
     closed_series: Vec<prometheus::IntCounter>,
+    midstream_series: Vec<prometheus::IntCounter>,
 }
 
 impl PortCounts {
     fn new(ports: &[u16], m: &Metrics) -> Self {
-        let label = |p: &u16| p.to_string();
+        let series = |v: &prometheus::IntCounterVec| {
+            ports
+                .iter()
+                .map(|p| v.with_label_values(&[&p.to_string()]))
+                .collect()
+        };
         PortCounts {
             ports: ports.to_vec(),
             new: vec![0; ports.len()],
             closed: vec![0; ports.len()],
-            new_series: ports
-                .iter()
-                .map(|p| m.new_connections.with_label_values(&[&label(p)]))
-                .collect(),
-            closed_series: ports
-                .iter()
-                .map(|p| m.closed_connections.with_label_values(&[&label(p)]))
-                .collect(),
+            midstream: vec![0; ports.len()],
+            new_series: series(&m.new_connections),
+            closed_series: series(&m.closed_connections),
+            midstream_series: series(&m.midstream_pickups),
         }
     }
     fn add(&mut self, r: &ConnRecord) {
         if let Ok(i) = self.ports.binary_search(&r.orig.dst_port) {
             match r.kind {
                 EventKind::Destroy => self.closed[i] += 1,
-                EventKind::New | EventKind::Recovered => self.new[i] += 1,
+                EventKind::New | EventKind::Recovered => {
+                    self.new[i] += 1;
+                    if r.midstream() {
+                        self.midstream[i] += 1;
+                    }
+                }
             }
         }
     }
@@ -210,18 +612,61 @@ impl PortCounts {
         for i in 0..self.ports.len() {
             self.new_series[i].inc_by(std::mem::take(&mut self.new[i]));
             self.closed_series[i].inc_by(std::mem::take(&mut self.closed[i]));
+            self.midstream_series[i].inc_by(std::mem::take(&mut self.midstream[i]));
         }
     }
 }
 
-/// The running capture.
-pub struct Capture<S: RecordSink> {
+/// A recovered entry whose end is unknown.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    rec: ConnRecord,
+    /// Last time (ns) a dump or GET found it alive.
+    last_seen_ns: u64,
+}
+
+impl Pending {
+    /// The DESTROY record for this entry found gone at `found_ns`.
+    fn gone(&self, found_ns: u64) -> ConnRecord {
+        ConnRecord {
+            kind: EventKind::Destroy,
+            event_ns: found_ns,
+            status: self.rec.status | status::CTW_GONE,
+            stop_ns: Some(self.last_seen_ns),
+            counters_orig: None,
+            counters_reply: None,
+            ..self.rec
+        }
+    }
+}
+
+/// Counts of one batch, added to Prometheus once per batch.
+#[derive(Debug, Default)]
+struct BatchCounts {
+    received: u64,
+    filtered: u64,
+    duplicate: u64,
+    errors: u64,
+    superseded: u64,
+    found_gone: u64,
+    nat_clash: u64,
+}
+
+/// The live-entry set and its rules, apart from where events come from.
+struct Core<S: RecordSink> {
     cfg: CaptureConfig,
     sink: S,
     metrics: Metrics,
-    sock: EventSocket,
-    live: KeySet,
+    /// Live entries: entry key → reply key.
+    live: KeyMap<u64>,
+    /// Reply key → entry key of the live entry holding it.
+    by_reply: KeyMap<u64>,
+    /// Recovered entries with an unknown end (a subset of `live`).
+    pending: KeyMap<Pending>,
+    /// GONE records waiting for the event socket to be read empty once.
+    gone_waiting: Vec<ConnRecord>,
     counts: PortCounts,
+    batch: BatchCounts,
     last_drops: u64,
     /// Events lost since the last report, and when the loss was first seen.
     pending_loss: u64,
@@ -230,83 +675,317 @@ pub struct Capture<S: RecordSink> {
     loss_warn: RateLimited,
 }
 
-impl<S: RecordSink> std::fmt::Debug for Capture<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture").field("sock", &self.sock).finish()
+impl<S: RecordSink> Core<S> {
+    /// One decoded message of a batch.
+    fn handle(&mut self, d: Result<Decoded, DecodeError>, out: &mut Vec<ConnRecord>) {
+        self.batch.received += 1;
+        match d {
+            Ok(Decoded::Conn(r)) => {
+                if !self.cfg.filter.keeps(&r) {
+                    self.batch.filtered += 1;
+                } else if r.kind == EventKind::Destroy {
+                    self.on_destroy(r, out);
+                } else {
+                    self.on_new(r, out);
+                }
+            }
+            Ok(_) => self.batch.filtered += 1,
+            Err(e) => {
+                self.batch.errors += 1;
+                if let Some(s) = self.decode_warn.hit() {
+                    tracing::warn!(error = %e, suppressed = s, "malformed conntrack message skipped");
+                }
+            }
+        }
+    }
+
+    fn on_new(&mut self, r: ConnRecord, out: &mut Vec<ConnRecord>) {
+        let key = entry_key(&r);
+        if self.live.contains_key(&key) {
+            self.batch.duplicate += 1;
+            // A NEW event for it: the kernel sends events for this entry,
+            // its DESTROY will come.
+            if !self.pending.is_empty() {
+                self.pending.remove(&key);
+            }
+            return;
+        }
+        let rkey = reply_key(&r);
+        self.live.insert(key, rkey);
+        if let Some(old) = self.by_reply.insert(rkey, key) {
+            if old != key {
+                self.supersede(old, r.event_ns, out);
+            }
+        }
+        self.counts.add(&r);
+        out.push(r);
+    }
+
+    /// `old` lost its reply tuple to a newer entry seen at `at_ns`.
+    fn supersede(&mut self, old: u64, at_ns: u64, out: &mut Vec<ConnRecord>) {
+        self.live.remove(&old);
+        self.batch.superseded += 1;
+        if let Some(p) = self.pending.remove(&old) {
+            self.batch.found_gone += 1;
+            self.emit_destroy(p.gone(at_ns), out);
+        }
+    }
+
+    fn on_destroy(&mut self, r: ConnRecord, out: &mut Vec<ConnRecord>) {
+        if r.nat_clash() {
+            self.batch.nat_clash += 1;
+            return;
+        }
+        let key = entry_key(&r);
+        if let Some(rkey) = self.live.remove(&key) {
+            if self.by_reply.get(&rkey) == Some(&key) {
+                self.by_reply.remove(&rkey);
+            }
+            if !self.pending.is_empty() {
+                self.pending.remove(&key);
+            }
+        }
+        if !self.gone_waiting.is_empty() {
+            // A real DESTROY beats the re-check's guess.
+            if let Some(i) = self.gone_waiting.iter().position(|g| entry_key(g) == key) {
+                self.gone_waiting.swap_remove(i);
+            }
+        }
+        self.emit_destroy(r, out);
+    }
+
+    fn emit_destroy(&mut self, r: ConnRecord, out: &mut Vec<ConnRecord>) {
+        if self.cfg.capture_destroy {
+            self.counts.add(&r);
+            out.push(r);
+        } else {
+            self.batch.filtered += 1;
+        }
+    }
+
+    /// Add the batch's counts to Prometheus and send its records.
+    fn finish_batch(&mut self, out: Vec<ConnRecord>, truncated: usize) {
+        let b = std::mem::take(&mut self.batch);
+        let m = &self.metrics;
+        m.events_received.inc_by(b.received);
+        m.events_filtered.inc_by(b.filtered);
+        m.events_duplicate.inc_by(b.duplicate);
+        m.decode_errors.inc_by(b.errors + truncated as u64);
+        m.entries_superseded.inc_by(b.superseded);
+        m.entries_found_gone.inc_by(b.found_gone);
+        m.nat_clash.inc_by(b.nat_clash);
+        m.tracked_entries.set(self.live.len() as i64);
+        m.entries_pending_recheck.set(self.pending.len() as i64);
+        self.counts.flush();
+        if !out.is_empty() {
+            self.sink.send(out);
+        }
+    }
+
+    /// Send the GONE records held back, now that the socket was read empty.
+    fn flush_gone(&mut self) {
+        if self.gone_waiting.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.gone_waiting);
+        let mut out = Vec::with_capacity(held.len());
+        self.batch.found_gone += held.len() as u64;
+        for g in held {
+            self.emit_destroy(g, &mut out);
+        }
+        self.finish_batch(out, 0);
+    }
+
+    /// Apply a dump: emit watched entries not in the live set as recovered
+    /// (pending), make the live set the dump's content; pending entries
+    /// missing from the dump are found gone. Returns how many entries were
+    /// recovered.
+    fn apply_dump(&mut self, dumped: Vec<ConnRecord>, after_loss: bool) -> usize {
+        let reason = if after_loss { "loss" } else { "startup" };
+        let dump_ns = now_ns();
+        let mut fresh = KeyMap::default();
+        fresh.reserve(dumped.len());
+        let mut by_reply = KeyMap::default();
+        by_reply.reserve(dumped.len());
+        let mut out = Vec::new();
+        let mut recovered = 0;
+        for r in dumped {
+            if r.nat_clash() {
+                // A shadow entry lives briefly in the table: not a connection.
+                self.batch.filtered += 1;
+                continue;
+            }
+            let key = entry_key(&r);
+            let rkey = reply_key(&r);
+            if self.live.contains_key(&key) {
+                if let Some(p) = self.pending.get_mut(&key) {
+                    p.last_seen_ns = r.event_ns;
+                }
+            } else {
+                if after_loss {
+                    self.counts.add(&r);
+                }
+                self.pending.insert(
+                    key,
+                    Pending {
+                        rec: r,
+                        last_seen_ns: r.event_ns,
+                    },
+                );
+                out.push(r);
+                recovered += 1;
+            }
+            fresh.insert(key, rkey);
+            if let Some(old) = by_reply.insert(rkey, key) {
+                // Two entries of one reply tuple in one dump: the walk raced
+                // with a replacement; the later one holds it.
+                if old != key {
+                    fresh.remove(&old);
+                    self.batch.superseded += 1;
+                    if let Some(p) = self.pending.remove(&old) {
+                        self.gone_waiting.push(p.gone(r.event_ns));
+                    }
+                }
+            }
+        }
+        // Pending entries the dump did not find ended since last seen.
+        let live = std::mem::replace(&mut self.live, fresh);
+        if !self.pending.is_empty() {
+            for key in live.keys() {
+                if !self.live.contains_key(key) {
+                    if let Some(p) = self.pending.remove(key) {
+                        self.gone_waiting.push(p.gone(dump_ns));
+                    }
+                }
+            }
+        }
+        self.by_reply = by_reply;
+        self.metrics
+            .recovered
+            .with_label_values(&[reason])
+            .inc_by(recovered as u64);
+        let mut chunks = out.chunks(4096).peekable();
+        if chunks.peek().is_none() {
+            self.finish_batch(Vec::new(), 0);
+        }
+        for chunk in chunks {
+            self.finish_batch(chunk.to_vec(), 0);
+        }
+        recovered
+    }
+
+    /// Apply a re-check's answers for `asked` (pending entries).
+    fn apply_probes(&mut self, asked: &[ConnRecord], probes: &[Probe], at_ns: u64) {
+        for (r, p) in asked.iter().zip(probes) {
+            let key = entry_key(r);
+            match *p {
+                Probe::Alive(id) if id == r.id => {
+                    if let Some(p) = self.pending.get_mut(&key) {
+                        p.last_seen_ns = at_ns;
+                    }
+                }
+                Probe::Alive(_) | Probe::Gone => {
+                    // Still pending (no event ended it meanwhile)?
+                    let Some(p) = self.pending.remove(&key) else {
+                        continue;
+                    };
+                    if let Some(rkey) = self.live.remove(&key) {
+                        if self.by_reply.get(&rkey) == Some(&key) {
+                            self.by_reply.remove(&rkey);
+                        }
+                    }
+                    self.gone_waiting.push(p.gone(at_ns));
+                }
+                Probe::Unknown => {}
+            }
+        }
+        self.metrics.tracked_entries.set(self.live.len() as i64);
+        self.metrics
+            .entries_pending_recheck
+            .set(self.pending.len() as i64);
     }
 }
 
-impl<S: RecordSink> Capture<S> {
+/// The running capture, reading from `E` (the kernel unless a test says
+/// otherwise).
+pub struct Capture<S: RecordSink, E: EventSource = NetlinkSource> {
+    source: E,
+    core: Core<S>,
+    probes: Vec<Probe>,
+}
+
+impl<S: RecordSink, E: EventSource> std::fmt::Debug for Capture<S, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("live", &self.core.live.len())
+            .field("pending", &self.core.pending.len())
+            .finish()
+    }
+}
+
+impl<S: RecordSink> Capture<S, NetlinkSource> {
     /// Open and subscribe the event socket, attach the BPF filter and do the
     /// start-up dump. Events arriving during the dump queue in the socket.
     pub fn start(
         cfg: CaptureConfig,
         sink: S,
         metrics: Metrics,
-    ) -> Result<Capture<S>, CaptureError> {
-        let sock = EventSocket::open(
-            &[GROUP_NEW, GROUP_DESTROY],
-            cfg.rcvbuf_bytes,
-            cfg.batch_messages,
-        )
-        .map_err(CaptureError::Socket)?;
-        metrics.rcvbuf_bytes.set(sock.rcvbuf() as i64);
-        if cfg.kernel_filter {
-            let prog = bpf::build(&cfg.filter);
-            bpf::attach(sock.raw_fd(), &prog).map_err(CaptureError::Bpf)?;
-            metrics.kernel_filter.set(1);
-        }
-        let last_drops = procfs::read_drops(sock.inode()).unwrap_or(0);
+    ) -> Result<Capture<S, NetlinkSource>, CaptureError> {
+        let source = NetlinkSource::open(&cfg, &metrics)?;
+        Capture::with_source(source, cfg, sink, metrics)
+    }
+}
+
+impl<S: RecordSink, E: EventSource> Capture<S, E> {
+    /// Capture from `source`; does the start-up dump (its entries are
+    /// emitted as recovered, and pending a re-check).
+    pub fn with_source(
+        mut source: E,
+        cfg: CaptureConfig,
+        sink: S,
+        metrics: Metrics,
+    ) -> Result<Capture<S, E>, CaptureError> {
+        let last_drops = source.drops().unwrap_or(0);
         let counts = PortCounts::new(cfg.filter.ports(), &metrics);
         let mut c = Capture {
-            cfg,
-            sink,
-            metrics,
-            sock,
-            live: KeySet::default(),
-            counts,
-            last_drops,
-            pending_loss: 0,
-            last_ok_ns: now_ns(),
-            decode_warn: RateLimited::new(Duration::from_secs(10)),
-            loss_warn: RateLimited::new(Duration::from_secs(10)),
+            source,
+            core: Core {
+                cfg,
+                sink,
+                metrics,
+                live: KeyMap::default(),
+                by_reply: KeyMap::default(),
+                pending: KeyMap::default(),
+                gone_waiting: Vec::new(),
+                counts,
+                batch: BatchCounts::default(),
+                last_drops,
+                pending_loss: 0,
+                last_ok_ns: now_ns(),
+                decode_warn: RateLimited::new(Duration::from_secs(10)),
+                loss_warn: RateLimited::new(Duration::from_secs(10)),
+            },
+            probes: Vec::new(),
         };
         let n = c.resync(false).map_err(CaptureError::Dump)?;
         tracing::info!(entries = n, "start-up table dump done");
         Ok(c)
     }
 
-    /// Read and process events until `stop` is set.
+    /// Read and process events until `stop` is set; re-check pending
+    /// entries every `recheck_interval`.
     pub fn run(mut self, stop: &AtomicBool) {
         let mut last_drop_check = Instant::now();
+        let mut last_recheck = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            match self.sock.recv_batch() {
-                Ok(RecvOutcome::Batch(n)) => {
-                    self.process_batch(n);
-                    // A small batch means we are ahead of the kernel: let
-                    // events accumulate briefly, so the next recvmmsg reads
-                    // many at once (fewer syscalls and wake-ups per event).
-                    // A full batch never waits; 1 ms of events is far below
-                    // the socket buffer.
-                    if n < self.cfg.batch_messages / 4 {
-                        std::thread::sleep(COALESCE);
-                    }
-                }
-                Ok(RecvOutcome::Idle) => {
-                    if self.check_drops() {
-                        self.recover_from_loss();
-                    }
-                }
-                Ok(RecvOutcome::Overflow) => {
-                    self.metrics.overflows.inc();
-                    self.check_drops();
-                    self.recover_from_loss();
-                }
-                Err(e) => {
-                    if let Some(s) = self.decode_warn.hit() {
-                        tracing::warn!(error = %e, suppressed = s, "event socket read failed");
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
+            if let Some(n) = self.step() {
+                // A small batch means we are ahead of the kernel: let
+                // events accumulate briefly, so the next recvmmsg reads
+                // many at once (fewer syscalls and wake-ups per event).
+                // A full batch never waits; 1 ms of events is far below
+                // the socket buffer.
+                if n < self.core.cfg.batch_messages / 4 {
+                    std::thread::sleep(COALESCE);
                 }
             }
             if last_drop_check.elapsed() >= Duration::from_secs(1) {
@@ -315,20 +994,118 @@ impl<S: RecordSink> Capture<S> {
                     self.recover_from_loss();
                 }
             }
+            if last_recheck.elapsed() >= self.core.cfg.recheck_interval {
+                last_recheck = Instant::now();
+                self.recheck();
+            }
         }
+    }
+
+    /// One receive from the source and its processing. Returns the number
+    /// of datagrams read, `None` when nothing was read.
+    pub fn step(&mut self) -> Option<usize> {
+        let mut out = Vec::new();
+        let core = &mut self.core;
+        match self.source.recv(|d| core.handle(d, &mut out)) {
+            Ok(SourceRecv::Batch {
+                datagrams,
+                truncated,
+            }) => {
+                self.core.last_ok_ns = now_ns();
+                self.core.finish_batch(out, truncated);
+                if datagrams < self.core.cfg.batch_messages {
+                    self.core.flush_gone();
+                }
+                Some(datagrams)
+            }
+            Ok(SourceRecv::Idle) => {
+                self.core.flush_gone();
+                if self.check_drops() {
+                    self.recover_from_loss();
+                }
+                None
+            }
+            Ok(SourceRecv::Overflow) => {
+                self.core.metrics.overflows.inc();
+                self.check_drops();
+                self.recover_from_loss();
+                None
+            }
+            Err(e) => {
+                if let Some(s) = self.core.decode_warn.hit() {
+                    tracing::warn!(error = %e, suppressed = s, "event socket read failed");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                None
+            }
+        }
+    }
+
+    /// Re-check every pending entry now: GETs by original tuple, or one
+    /// dump when more than [`RECHECK_GET_LIMIT`] are pending. Entries found
+    /// gone are sent after the next empty read of the source.
+    pub fn recheck(&mut self) {
+        if self.core.pending.is_empty() {
+            return;
+        }
+        let asked: Vec<ConnRecord> = self.core.pending.values().map(|p| p.rec).collect();
+        let started = Instant::now();
+        let result = if asked.len() <= RECHECK_GET_LIMIT {
+            self.source.probe(&asked, &mut self.probes)
+        } else {
+            self.source.dump(&self.core.cfg.filter).map(|table| {
+                let alive: KeySet = table
+                    .iter()
+                    .filter(|r| !r.nat_clash())
+                    .map(entry_key)
+                    .collect();
+                self.probes.clear();
+                self.probes.extend(asked.iter().map(|r| {
+                    if alive.contains(&entry_key(r)) {
+                        Probe::Alive(r.id)
+                    } else {
+                        Probe::Gone
+                    }
+                }));
+            })
+        };
+        match result {
+            Ok(()) => {
+                let probes = std::mem::take(&mut self.probes);
+                self.core.apply_probes(&asked, &probes, now_ns());
+                self.probes = probes;
+                tracing::debug!(
+                    asked = asked.len(),
+                    gone = self.core.gone_waiting.len(),
+                    took_us = started.elapsed().as_micros() as u64,
+                    "re-check of recovered entries done"
+                );
+            }
+            Err(e) => {
+                if let Some(s) = self.core.loss_warn.hit() {
+                    tracing::warn!(error = %e, suppressed = s, "re-check of recovered entries failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Entries believed alive, and how many of them are pending a re-check.
+    pub fn live_counts(&self) -> (usize, usize) {
+        (self.core.live.len(), self.core.pending.len())
     }
 
     /// Add new kernel drops to the lost counter; true when there were any.
     fn check_drops(&mut self) -> bool {
-        let Some(d) = procfs::read_drops(self.sock.inode()) else {
+        let Some(d) = self.source.drops() else {
             return false;
         };
-        if d > self.last_drops {
-            let lost = d - self.last_drops;
-            self.last_drops = d;
-            self.pending_loss += lost;
-            self.metrics.events_lost.inc_by(lost);
-            if let Some(s) = self.loss_warn.hit() {
+        let c = &mut self.core;
+        if d > c.last_drops {
+            let lost = d - c.last_drops;
+            c.last_drops = d;
+            c.pending_loss += lost;
+            c.metrics.events_lost.inc_by(lost);
+            if let Some(s) = c.loss_warn.hit() {
                 tracing::warn!(
                     lost,
                     total_lost = d,
@@ -342,7 +1119,7 @@ impl<S: RecordSink> Capture<S> {
     }
 
     fn recover_from_loss(&mut self) {
-        self.metrics.resyncs.inc();
+        self.core.metrics.resyncs.inc();
         match self.resync(true) {
             Ok(n) => tracing::info!(recovered = n, "resync after event loss done"),
             Err(e) => {
@@ -351,103 +1128,10 @@ impl<S: RecordSink> Capture<S> {
         }
     }
 
-    fn process_batch(&mut self, n: usize) {
-        let recv_ns = now_ns();
-        self.last_ok_ns = recv_ns;
-        let mut out = Vec::with_capacity(n);
-        let mut received = 0u64;
-        let mut filtered = 0u64;
-        let mut duplicate = 0u64;
-        let mut errors = 0u64;
-        for i in 0..n {
-            let (dgram, truncated) = self.sock.datagram(i);
-            if truncated {
-                errors += 1;
-                continue;
-            }
-            for msg in decode::messages(dgram) {
-                received += 1;
-                let decoded = msg.and_then(|m| decode::decode(&m, recv_ns));
-                match decoded {
-                    Ok(Decoded::Conn(r)) => {
-                        if !self.cfg.filter.keeps(&r) {
-                            filtered += 1;
-                            continue;
-                        }
-                        let key = entry_key(&r);
-                        match r.kind {
-                            EventKind::Destroy => {
-                                self.live.remove(&key);
-                                if self.cfg.capture_destroy {
-                                    self.counts.add(&r);
-                                    out.push(r);
-                                } else {
-                                    filtered += 1;
-                                }
-                            }
-                            _ => {
-                                if self.live.insert(key) {
-                                    self.counts.add(&r);
-                                    out.push(r);
-                                } else {
-                                    duplicate += 1;
-                                }
-                            }
-                        }
-                    }
-                    Ok(_) => filtered += 1,
-                    Err(e) => {
-                        errors += 1;
-                        if let Some(s) = self.decode_warn.hit() {
-                            tracing::warn!(error = %e, suppressed = s, "malformed conntrack message skipped");
-                        }
-                    }
-                }
-            }
-        }
-        let m = &self.metrics;
-        m.events_received.inc_by(received);
-        m.events_filtered.inc_by(filtered);
-        m.events_duplicate.inc_by(duplicate);
-        m.decode_errors.inc_by(errors);
-        m.tracked_entries.set(self.live.len() as i64);
-        self.counts.flush();
-        if !out.is_empty() {
-            self.sink.send(out);
-        }
-    }
-
-    /// Dump the table; emit watched entries not in the live set as
-    /// recovered; make the live set the dump's content. Returns how many
-    /// entries were recovered.
+    /// Dump the table and apply it (see [`Core::apply_dump`]).
     fn resync(&mut self, after_loss: bool) -> Result<usize, String> {
-        let reason = if after_loss { "loss" } else { "startup" };
-        let mut dumped = dump_table(&self.cfg.filter)?;
-        let mut fresh = KeySet::default();
-        fresh.reserve(dumped.len());
-        let mut out = Vec::new();
-        for r in dumped.drain(..) {
-            let key = entry_key(&r);
-            fresh.insert(key);
-            if !self.live.contains(&key) {
-                if after_loss {
-                    self.counts.add(&r);
-                }
-                out.push(r);
-            }
-        }
-        self.live = fresh;
-        let n = out.len();
-        self.metrics
-            .recovered
-            .with_label_values(&[reason])
-            .inc_by(n as u64);
-        self.metrics.tracked_entries.set(self.live.len() as i64);
-        self.counts.flush();
-        for chunk in out.chunks(4096) {
-            self.sink.send(chunk.to_vec());
-        }
-        Ok(n)
+        let dumped = self.source.dump(&self.core.cfg.filter)?;
+        Ok(self.core.apply_dump(dumped, after_loss))
     }
 }
 
