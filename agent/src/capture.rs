@@ -1169,3 +1169,404 @@ pub fn dump_table(filter: &Filter) -> Result<Vec<ConnRecord>, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ctw_common::{Protocol, TcpState, Tuple};
+    use std::net::IpAddr;
+
+    const POD_A: [u8; 4] = [198, 18, 1, 2];
+    const POD_B: [u8; 4] = [198, 18, 1, 3];
+    const NODE: [u8; 4] = [198, 18, 0, 1];
+    const SRV: [u8; 4] = [198, 19, 0, 2];
+
+    fn tuple(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Tuple {
+        Tuple::new(IpAddr::from(src), sport, IpAddr::from(dst), dport)
+    }
+
+    /// A TCP entry from `pod:sport` to the server's port 80, masqueraded to
+    /// node port `snat`.
+    fn tcp(kind: EventKind, ns: u64, pod: [u8; 4], sport: u16, snat: u16, id: u32) -> ConnRecord {
+        ConnRecord {
+            id,
+            status: status::CONFIRMED | status::SEEN_REPLY | status::SRC_NAT,
+            tcp_state: Some(if kind == EventKind::Destroy {
+                TcpState::TimeWait
+            } else {
+                TcpState::SynSent
+            }),
+            ..ConnRecord::new(
+                kind,
+                ns,
+                Protocol::Tcp,
+                tuple(pod, sport, SRV, 80),
+                tuple(SRV, 80, NODE, snat),
+            )
+        }
+    }
+
+    fn cfg() -> CaptureConfig {
+        CaptureConfig {
+            filter: Filter::new(&[80, 8080, 5353], &[]),
+            capture_destroy: true,
+            rcvbuf_bytes: 1 << 20,
+            batch_messages: 256,
+            kernel_filter: false,
+            recheck_interval: Duration::from_secs(5),
+        }
+    }
+
+    struct Rig {
+        cap: Capture<MemorySink, ReplaySource>,
+        src: ReplaySource,
+        sink: MemorySink,
+        m: Metrics,
+    }
+
+    /// A capture over a replay whose table holds `table` at start-up.
+    fn rig(table: Vec<ConnRecord>) -> Rig {
+        rig_with(cfg(), table)
+    }
+
+    fn rig_with(cfg: CaptureConfig, table: Vec<ConnRecord>) -> Rig {
+        let src = ReplaySource::new();
+        src.set_table(table);
+        let sink = MemorySink::default();
+        let m = Metrics::new(cfg.filter.ports());
+        let cap = Capture::with_source(src.clone(), cfg, sink.clone(), m.clone())
+            .expect("replay capture starts");
+        Rig { cap, src, sink, m }
+    }
+
+    impl Rig {
+        /// Deliver one batch and process it; then one idle read.
+        fn feed(&mut self, recs: impl IntoIterator<Item = ConnRecord>) {
+            self.src.push_records(recs);
+            while self.src.queued() > 0 {
+                self.cap.step();
+            }
+            self.cap.step();
+        }
+        fn out(&self) -> Vec<ConnRecord> {
+            self.sink.records()
+        }
+        fn gone(&self) -> Vec<ConnRecord> {
+            self.out()
+                .into_iter()
+                .filter(|r| r.status & status::CTW_GONE != 0)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn new_and_destroy_are_emitted_and_leave_the_set_empty() {
+        let mut r = rig(vec![]);
+        r.feed([tcp(EventKind::New, 1, POD_A, 42000, 42000, 7)]);
+        r.feed([tcp(EventKind::Destroy, 2, POD_A, 42000, 42000, 7)]);
+        let kinds: Vec<EventKind> = r.out().iter().map(|x| x.kind).collect();
+        assert_eq!(kinds, [EventKind::New, EventKind::Destroy]);
+        assert_eq!(r.cap.live_counts(), (0, 0));
+        assert_eq!(r.m.closed_connections.with_label_values(&["80"]).get(), 1);
+    }
+
+    #[test]
+    fn recovered_entry_then_its_new_event_is_a_duplicate_and_no_longer_pending() {
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let mut r = rig(vec![a]);
+        assert_eq!(r.out()[0].kind, EventKind::Recovered);
+        assert_eq!(r.cap.live_counts(), (1, 1));
+        r.feed([a]);
+        assert_eq!(r.out().len(), 1);
+        assert_eq!(r.m.events_duplicate.get(), 1);
+        // Events flow for it: its DESTROY will come, no re-check needed.
+        assert_eq!(r.cap.live_counts(), (1, 0));
+    }
+
+    /// Issue 11 case 1: A recovered at start-up, its end never reported;
+    /// B gets A's node port: B's NEW ends A, which is logged gone.
+    #[test]
+    fn new_with_a_live_reply_tuple_supersedes_and_closes_a_pending_entry() {
+        let a = tcp(EventKind::New, 1_000, POD_A, 42000, 42000, 7);
+        let mut r = rig(vec![a]);
+        let seen = r.out()[0].event_ns;
+        let b = tcp(EventKind::New, seen + 5_000, POD_B, 42000, 42000, 9);
+        r.feed([b]);
+        let out = r.out();
+        assert_eq!(out.len(), 3, "{out:#?}");
+        let g = out[1];
+        assert_eq!(g.kind, EventKind::Destroy);
+        assert_eq!(g.orig, a.orig);
+        assert_eq!(g.id, 7);
+        assert!(g.status & status::CTW_GONE != 0);
+        assert_eq!(g.stop_ns, Some(seen), "last seen: the start-up dump");
+        assert_eq!(g.event_ns, b.event_ns, "ended no later than B's start");
+        assert_eq!(out[2], b);
+        assert_eq!(r.cap.live_counts(), (1, 0));
+        assert_eq!(r.m.entries_superseded.get(), 1);
+        assert_eq!(r.m.entries_found_gone.get(), 1);
+    }
+
+    #[test]
+    fn superseding_a_non_pending_entry_emits_nothing_and_its_late_destroy_is_kept() {
+        let mut r = rig(vec![]);
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let b = tcp(EventKind::New, 2, POD_B, 42000, 42000, 9);
+        r.feed([a, b]);
+        assert_eq!(r.out().len(), 2);
+        assert_eq!(r.m.entries_superseded.get(), 1);
+        assert_eq!(r.cap.live_counts(), (1, 0));
+        // A's DESTROY arriving late is still a record, and does not end B.
+        r.feed([tcp(EventKind::Destroy, 3, POD_A, 42000, 42000, 7)]);
+        assert_eq!(r.out().len(), 3);
+        assert_eq!(r.cap.live_counts(), (1, 0));
+        r.feed([tcp(EventKind::Destroy, 4, POD_B, 42000, 42000, 9)]);
+        assert_eq!(r.cap.live_counts(), (0, 0));
+    }
+
+    #[test]
+    fn same_reply_tuple_in_another_zone_is_another_entry() {
+        let mut r = rig(vec![]);
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let b = ConnRecord {
+            zone: 7,
+            ..tcp(EventKind::New, 2, POD_B, 42000, 42000, 9)
+        };
+        r.feed([a, b]);
+        assert_eq!(r.m.entries_superseded.get(), 0);
+        assert_eq!(r.cap.live_counts(), (2, 0));
+    }
+
+    #[test]
+    fn recheck_finds_a_pending_entry_alive_then_gone() {
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let mut r = rig(vec![a]);
+        let dump_seen = r.out()[0].event_ns;
+        r.cap.recheck();
+        r.cap.step();
+        assert!(r.gone().is_empty());
+        assert_eq!(r.cap.live_counts(), (1, 1));
+        assert_eq!(r.src.requests(), (1, 1), "one dump at start, one GET round");
+        let before_gone_check = now_ns();
+        r.src.set_table(vec![]);
+        r.cap.recheck();
+        // Held back until the socket was read empty once.
+        assert!(r.gone().is_empty());
+        r.cap.step();
+        let g = r.gone();
+        assert_eq!(g.len(), 1);
+        let seen = g[0].stop_ns.expect("last seen");
+        assert!(seen >= dump_seen && seen <= before_gone_check, "{seen}");
+        assert!(g[0].event_ns >= before_gone_check);
+        assert_eq!(g[0].start_ns, a.start_ns);
+        assert_eq!((g[0].orig, g[0].reply, g[0].id), (a.orig, a.reply, a.id));
+        assert_eq!(r.cap.live_counts(), (0, 0));
+        assert_eq!(r.m.entries_found_gone.get(), 1);
+        assert_eq!(r.m.closed_connections.with_label_values(&["80"]).get(), 1);
+        // Nothing pending: no more requests.
+        r.cap.recheck();
+        assert_eq!(r.src.requests(), (1, 2));
+    }
+
+    #[test]
+    fn another_id_under_the_same_tuple_means_gone() {
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let mut r = rig(vec![a]);
+        r.src
+            .set_table(vec![tcp(EventKind::New, 1, POD_A, 42000, 42001, 8)]);
+        r.cap.recheck();
+        r.cap.step();
+        assert_eq!(r.gone().len(), 1);
+    }
+
+    #[test]
+    fn a_real_destroy_beats_the_recheck() {
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let mut r = rig(vec![a]);
+        r.src.set_table(vec![]);
+        r.cap.recheck();
+        // The DESTROY was queued on the socket before the GET answered.
+        r.feed([tcp(EventKind::Destroy, 2, POD_A, 42000, 42000, 7)]);
+        assert!(r.gone().is_empty(), "{:#?}", r.out());
+        assert_eq!(r.out().len(), 2);
+        assert_eq!(r.m.entries_found_gone.get(), 0);
+        assert_eq!(r.cap.live_counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_real_destroy_ends_the_pending_state() {
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let mut r = rig(vec![a]);
+        r.feed([tcp(EventKind::Destroy, 2, POD_A, 42000, 42000, 7)]);
+        assert_eq!(r.cap.live_counts(), (0, 0));
+        r.cap.recheck();
+        assert_eq!(r.src.requests(), (1, 0), "nothing left to re-check");
+    }
+
+    #[test]
+    fn many_pending_entries_are_rechecked_with_one_dump() {
+        let n = RECHECK_GET_LIMIT as u16 + 100;
+        let table: Vec<ConnRecord> = (0..n)
+            .map(|i| {
+                tcp(
+                    EventKind::New,
+                    1,
+                    POD_A,
+                    20000 + i,
+                    20000 + i,
+                    u32::from(i) + 1,
+                )
+            })
+            .collect();
+        let mut r = rig(table.clone());
+        assert_eq!(r.cap.live_counts(), (n as usize, n as usize));
+        r.src.set_table(table[..100].to_vec());
+        r.cap.recheck();
+        r.cap.step();
+        assert_eq!(r.src.requests(), (2, 0), "a dump, no GET");
+        assert_eq!(r.gone().len(), n as usize - 100);
+        assert_eq!(r.cap.live_counts(), (100, 100));
+        // 100 left: GETs now.
+        r.cap.recheck();
+        assert_eq!(r.src.requests(), (2, 1));
+    }
+
+    #[test]
+    fn a_resync_finds_pending_entries_gone_and_supersedes_by_reply_tuple() {
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let c = tcp(EventKind::New, 1, POD_A, 42001, 42001, 8);
+        let mut r = rig(vec![a, c]);
+        // Loss; meanwhile A ended and B took its node port, C ended.
+        let b = tcp(EventKind::New, 5, POD_B, 42000, 42000, 9);
+        r.src.set_table(vec![b]);
+        r.src.add_drops(3);
+        r.cap.step();
+        r.cap.step();
+        let out = r.out();
+        let recovered: Vec<_> = out
+            .iter()
+            .filter(|x| x.kind == EventKind::Recovered)
+            .collect();
+        assert_eq!(recovered.len(), 3, "{out:#?}");
+        let gone = r.gone();
+        assert_eq!(gone.len(), 2, "{out:#?}");
+        assert_eq!(r.cap.live_counts(), (1, 1));
+        assert_eq!(r.m.resyncs.get(), 1);
+    }
+
+    /// Issue 11 case 6: the losing entry of a UDP NAT clash sends only a
+    /// DESTROY, with another id and maybe another backend.
+    #[test]
+    fn nat_clash_shadow_is_counted_never_emitted_and_never_ends_the_real_entry() {
+        let mut r = rig(vec![]);
+        let udp = |kind, id, backend: [u8; 4], clash: bool| ConnRecord {
+            id,
+            status: status::CONFIRMED | status::DST_NAT | if clash { status::NAT_CLASH } else { 0 },
+            ..ConnRecord::new(
+                kind,
+                1,
+                Protocol::Udp,
+                tuple(POD_A, 40000, [198, 19, 9, 9], 5353),
+                tuple(backend, 5353, POD_A, 40000),
+            )
+        };
+        r.feed([udp(EventKind::New, 1, SRV, false)]);
+        r.feed([udp(EventKind::Destroy, 2, [198, 19, 0, 3], true)]);
+        assert_eq!(r.out().len(), 1);
+        assert_eq!(r.m.nat_clash.get(), 1);
+        assert_eq!(r.cap.live_counts(), (1, 0));
+        // Even with the same id (it never has it): still not the real one.
+        r.feed([udp(EventKind::Destroy, 1, SRV, true)]);
+        assert_eq!(r.cap.live_counts(), (1, 0));
+        r.feed([udp(EventKind::Destroy, 1, SRV, false)]);
+        assert_eq!(r.out().len(), 2);
+        assert_eq!(r.cap.live_counts(), (0, 0));
+        assert_eq!(r.m.nat_clash.get(), 2);
+        assert_eq!(r.m.closed_connections.with_label_values(&["5353"]).get(), 1);
+    }
+
+    /// Issue 11 case 2: keepalive past the established timeout.
+    #[test]
+    fn midstream_pickups_are_records_counted_per_port() {
+        let mut r = rig(vec![]);
+        let first = tcp(EventKind::New, 1, POD_A, 43000, 43000, 7);
+        let expired = tcp(EventKind::Destroy, 2, POD_A, 43000, 43000, 7);
+        let pickup = |ns, id| ConnRecord {
+            tcp_state: Some(TcpState::Established),
+            ..tcp(EventKind::New, ns, POD_A, 43000, 43000, id)
+        };
+        r.feed([first, expired, pickup(3, 8)]);
+        r.feed([
+            tcp(EventKind::Destroy, 4, POD_A, 43000, 43000, 8),
+            pickup(5, 9),
+        ]);
+        let news: Vec<bool> = r
+            .out()
+            .iter()
+            .filter(|x| x.kind == EventKind::New)
+            .map(ConnRecord::midstream)
+            .collect();
+        assert_eq!(news, [false, true, true]);
+        assert_eq!(r.m.midstream_pickups.with_label_values(&["80"]).get(), 2);
+        assert_eq!(r.m.new_connections.with_label_values(&["80"]).get(), 3);
+        assert_eq!(r.m.entries_superseded.get(), 0);
+    }
+
+    #[test]
+    fn capture_destroy_false_hides_gone_records_but_counts_them() {
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let mut r = rig_with(
+            CaptureConfig {
+                capture_destroy: false,
+                ..cfg()
+            },
+            vec![a],
+        );
+        r.src.set_table(vec![]);
+        r.cap.recheck();
+        r.cap.step();
+        assert_eq!(r.out().len(), 1);
+        assert_eq!(r.m.entries_found_gone.get(), 1);
+        assert_eq!(r.cap.live_counts(), (0, 0));
+    }
+
+    #[test]
+    fn golden_datagrams_replay_through_the_loop() {
+        use crate::netlink::decode::testutil::golden;
+        let mut r = rig(vec![]);
+        let g = golden("tcp4");
+        r.src.push(ReplayStep::Datagrams {
+            recv_ns: g[0].0,
+            datagrams: g.into_iter().map(|(_, b)| b).collect(),
+        });
+        r.cap.step();
+        let out = r.out();
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert_eq!(
+            (out[0].kind, out[1].kind),
+            (EventKind::New, EventKind::Destroy)
+        );
+        assert_eq!(r.cap.live_counts(), (0, 0));
+        assert_eq!(r.m.decode_errors.get(), 0);
+    }
+
+    #[test]
+    fn a_full_batch_holds_gone_records_until_the_socket_is_drained() {
+        let a = tcp(EventKind::New, 1, POD_A, 42000, 42000, 7);
+        let mut r = rig_with(
+            CaptureConfig {
+                batch_messages: 1,
+                ..cfg()
+            },
+            vec![a],
+        );
+        r.src.set_table(vec![]);
+        r.cap.recheck();
+        r.src
+            .push_records([tcp(EventKind::New, 2, POD_B, 50000, 50000, 11)]);
+        r.cap.step();
+        assert!(r.gone().is_empty(), "a full batch: more may be queued");
+        r.cap.step();
+        assert_eq!(r.gone().len(), 1);
+    }
+}
