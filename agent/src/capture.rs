@@ -27,9 +27,10 @@
 //! - Recovered entries are *pending*: their end is unknown, since the kernel
 //!   sends no DESTROY for entries created while no listener existed
 //!   (`nf_conntrack_events=2`). Every `recheck_interval` the agent asks the
-//!   kernel about each pending entry (a GET by original tuple in its zone,
-//!   pipelined; a dump when more than [`RECHECK_GET_LIMIT`] are pending). An
-//!   entry found alive gets its last-seen time; one found gone (no entry, or
+//!   kernel about pending entries (a GET by original tuple in its zone,
+//!   pipelined), at most [`RECHECK_BATCH`] per round, longest unseen first,
+//!   so a round blocks the capture thread a bounded time. An entry found
+//!   alive gets its last-seen time; one found gone (no entry, or
 //!   another id under its tuple) becomes a DESTROY record with
 //!   [`status::CTW_GONE`], `event_ns` = when found gone and `stop_ns` = last
 //!   seen alive. A real DESTROY, or a NEW event for it (events flow for it),
@@ -41,7 +42,7 @@
 //! - TCP entries picked up mid-stream ([`ConnRecord::midstream`]) are
 //!   records like any NEW, counted per port in `ctw_midstream_pickups_total`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,12 +60,18 @@ use crate::netlink::{bpf, procfs, request};
 /// Pause after a small batch (see [`Capture::run`]).
 const COALESCE: Duration = Duration::from_millis(1);
 
-/// Above this many pending entries a re-check dumps the table instead of
-/// sending one GET per entry. A GET costs the kernel one hash lookup and
-/// user space two receives (entry and ack); a dump costs a walk of the whole
-/// table (all zones, all ports) and one receive per ~15 entries. On a table
-/// of 10,000-100,000 entries the two meet at about a thousand pending ones.
-pub const RECHECK_GET_LIMIT: usize = 1024;
+/// Pending entries asked about per re-check round (longest unseen first).
+///
+/// Measured on this project's VM (debug build, `examples/recheck_cost.rs`,
+/// 40,000-entry table): pipelined GETs cost about 11 us per entry whatever
+/// the table size; a dump costs about 5 us per entry of the whole table
+/// (all ports and zones; 206 ms for 40,000). A dump would be cheaper only
+/// when more than about half the table is pending, and it blocks the
+/// capture thread for the whole walk (1.3 s at 262,144 entries, longer than
+/// the socket buffer lasts at 100,000 events/s), so re-checks use GETs only,
+/// in rounds of at most this many (about 25 ms): with more pending, each is
+/// asked every `ceil(pending / RECHECK_BATCH)` intervals.
+pub const RECHECK_BATCH: usize = 2048;
 
 /// GETs in flight at once on the request socket: their answers (entry + ack,
 /// about 2 KB of receive buffer each) must fit the default socket buffer.
@@ -525,7 +532,6 @@ impl Hasher for KeyHasher {
     }
 }
 type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
-type KeySet = HashSet<u64, BuildHasherDefault<KeyHasher>>;
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -1041,34 +1047,26 @@ impl<S: RecordSink, E: EventSource> Capture<S, E> {
         }
     }
 
-    /// Re-check every pending entry now: GETs by original tuple, or one
-    /// dump when more than [`RECHECK_GET_LIMIT`] are pending. Entries found
-    /// gone are sent after the next empty read of the source.
+    /// Re-check pending entries now: GETs by original tuple in their zone,
+    /// at most [`RECHECK_BATCH`], longest unseen first. Entries found gone
+    /// are sent after the next empty read of the source.
     pub fn recheck(&mut self) {
         if self.core.pending.is_empty() {
             return;
         }
-        let asked: Vec<ConnRecord> = self.core.pending.values().map(|p| p.rec).collect();
+        let mut order: Vec<(u64, ConnRecord)> = self
+            .core
+            .pending
+            .values()
+            .map(|p| (p.last_seen_ns, p.rec))
+            .collect();
+        if order.len() > RECHECK_BATCH {
+            order.select_nth_unstable_by_key(RECHECK_BATCH, |(seen, _)| *seen);
+            order.truncate(RECHECK_BATCH);
+        }
+        let asked: Vec<ConnRecord> = order.into_iter().map(|(_, r)| r).collect();
         let started = Instant::now();
-        let result = if asked.len() <= RECHECK_GET_LIMIT {
-            self.source.probe(&asked, &mut self.probes)
-        } else {
-            self.source.dump(&self.core.cfg.filter).map(|table| {
-                let alive: KeySet = table
-                    .iter()
-                    .filter(|r| !r.nat_clash())
-                    .map(entry_key)
-                    .collect();
-                self.probes.clear();
-                self.probes.extend(asked.iter().map(|r| {
-                    if alive.contains(&entry_key(r)) {
-                        Probe::Alive(r.id)
-                    } else {
-                        Probe::Gone
-                    }
-                }));
-            })
-        };
+        let result = self.source.probe(&asked, &mut self.probes);
         match result {
             Ok(()) => {
                 let probes = std::mem::take(&mut self.probes);
@@ -1404,8 +1402,8 @@ mod tests {
     }
 
     #[test]
-    fn many_pending_entries_are_rechecked_with_one_dump() {
-        let n = RECHECK_GET_LIMIT as u16 + 100;
+    fn many_pending_entries_are_rechecked_in_bounded_rounds_longest_unseen_first() {
+        let n = RECHECK_BATCH as u16 + 100;
         let table: Vec<ConnRecord> = (0..n)
             .map(|i| {
                 tcp(
@@ -1420,15 +1418,49 @@ mod tests {
             .collect();
         let mut r = rig(table.clone());
         assert_eq!(r.cap.live_counts(), (n as usize, n as usize));
-        r.src.set_table(table[..100].to_vec());
+        r.src.set_table(vec![]);
         r.cap.recheck();
         r.cap.step();
-        assert_eq!(r.src.requests(), (2, 0), "a dump, no GET");
-        assert_eq!(r.gone().len(), n as usize - 100);
-        assert_eq!(r.cap.live_counts(), (100, 100));
-        // 100 left: GETs now.
+        assert_eq!(r.src.requests(), (1, 1), "GETs, no dump");
+        assert_eq!(r.gone().len(), RECHECK_BATCH);
         r.cap.recheck();
-        assert_eq!(r.src.requests(), (2, 1));
+        r.cap.step();
+        assert_eq!(r.gone().len(), n as usize, "the rest in the next round");
+        assert_eq!(r.cap.live_counts(), (0, 0));
+    }
+
+    #[test]
+    fn entries_found_alive_go_to_the_back_of_the_recheck_order() {
+        let n = RECHECK_BATCH as u16 + 100;
+        let table: Vec<ConnRecord> = (0..n)
+            .map(|i| {
+                tcp(
+                    EventKind::New,
+                    1,
+                    POD_A,
+                    20000 + i,
+                    20000 + i,
+                    u32::from(i) + 1,
+                )
+            })
+            .collect();
+        let mut r = rig(table.clone());
+        // First round: RECHECK_BATCH of them found alive (last seen now).
+        r.cap.recheck();
+        // Now all are gone: the 100 not asked yet come first.
+        r.src.set_table(vec![]);
+        r.cap.recheck();
+        r.cap.step();
+        let gone = r.gone();
+        assert_eq!(gone.len(), RECHECK_BATCH);
+        let first_round_missed = gone
+            .iter()
+            .filter(|g| g.stop_ns == Some(r.out()[0].event_ns))
+            .count();
+        assert_eq!(
+            first_round_missed, 100,
+            "the 100 unasked ones were asked first"
+        );
     }
 
     #[test]

@@ -734,7 +734,9 @@ fn udp_nat_clash_shadows_are_counted_and_never_records() {
     }));
     assert!(
         matched.is_ok(),
-        "agent counted {last} NAT-clash shadows, the kernel made {kernel_shadows}"
+        "agent counted {last} NAT-clash shadows, the kernel made {kernel_shadows} (agent events lost: {:?}, table now {})",
+        agent.metric("ctw_events_lost_total"),
+        sysctl(&node, "net.netfilter.nf_conntrack_count")
     );
     eprintln!("NAT clash: the agent counted {last} shadows");
     assert_eq!(flow_count(), 0, "every VIP entry deleted");
