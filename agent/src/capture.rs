@@ -42,6 +42,7 @@
 //! - TCP entries picked up mid-stream ([`ConnRecord::midstream`]) are
 //!   records like any NEW, counted per port in `ctw_midstream_pickups_total`.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::io;
@@ -495,18 +496,10 @@ impl EventSource for ReplaySource {
     }
 }
 
-/// Identity of a conntrack entry: kernel id plus a hash of its original tuple
-/// and zone (ids are only unique among live entries).
-fn entry_key(r: &ConnRecord) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    r.orig.hash(&mut h);
-    r.protocol.hash(&mut h);
-    r.zone.hash(&mut h);
-    (u64::from(r.id) << 32) | (h.finish() & 0xffff_ffff)
-}
-
 /// Hash of (zone, protocol, reply tuple): the kernel holds at most one live
-/// entry per value.
+/// entry per value, so this key and the kernel id identify an entry (ids
+/// alone repeat: they are unique only among live entries). One hash per
+/// event, as before the reply-tuple rule.
 fn reply_key(r: &ConnRecord) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     r.reply.hash(&mut h);
@@ -663,11 +656,10 @@ struct Core<S: RecordSink> {
     cfg: CaptureConfig,
     sink: S,
     metrics: Metrics,
-    /// Live entries: entry key → reply key.
-    live: KeyMap<u64>,
-    /// Reply key → entry key of the live entry holding it.
-    by_reply: KeyMap<u64>,
-    /// Recovered entries with an unknown end (a subset of `live`).
+    /// Live entries: reply key → kernel id of the one entry holding it.
+    live: KeyMap<u32>,
+    /// Recovered entries with an unknown end, by reply key (a subset of
+    /// `live`: same key and id).
     pending: KeyMap<Pending>,
     /// GONE records waiting for the event socket to be read empty once.
     gone_waiting: Vec<ConnRecord>,
@@ -706,32 +698,38 @@ impl<S: RecordSink> Core<S> {
     }
 
     fn on_new(&mut self, r: ConnRecord, out: &mut Vec<ConnRecord>) {
-        let key = entry_key(&r);
-        if self.live.contains_key(&key) {
-            self.batch.duplicate += 1;
-            // A NEW event for it: the kernel sends events for this entry,
-            // its DESTROY will come.
-            if !self.pending.is_empty() {
-                self.pending.remove(&key);
-            }
-            return;
-        }
         let rkey = reply_key(&r);
-        self.live.insert(key, rkey);
-        if let Some(old) = self.by_reply.insert(rkey, key) {
-            if old != key {
-                self.supersede(old, r.event_ns, out);
+        match self.live.insert(rkey, r.id) {
+            Some(old) if old == r.id => {
+                self.batch.duplicate += 1;
+                // A NEW event for it: the kernel sends events for this
+                // entry, its DESTROY will come.
+                if !self.pending.is_empty() {
+                    self.unpend(rkey, r.id);
+                }
+                return;
             }
+            Some(old) => self.supersede(rkey, old, r.event_ns, out),
+            None => {}
         }
         self.counts.add(&r);
         out.push(r);
     }
 
-    /// `old` lost its reply tuple to a newer entry seen at `at_ns`.
-    fn supersede(&mut self, old: u64, at_ns: u64, out: &mut Vec<ConnRecord>) {
-        self.live.remove(&old);
+    /// Remove the pending entry (`rkey`, `id`), if it is one.
+    fn unpend(&mut self, rkey: u64, id: u32) -> Option<Pending> {
+        if self.pending.get(&rkey).is_some_and(|p| p.rec.id == id) {
+            self.pending.remove(&rkey)
+        } else {
+            None
+        }
+    }
+
+    /// Entry (`rkey`, `old_id`) lost its reply tuple to a newer entry seen
+    /// at `at_ns`.
+    fn supersede(&mut self, rkey: u64, old_id: u32, at_ns: u64, out: &mut Vec<ConnRecord>) {
         self.batch.superseded += 1;
-        if let Some(p) = self.pending.remove(&old) {
+        if let Some(p) = self.unpend(rkey, old_id) {
             self.batch.found_gone += 1;
             self.emit_destroy(p.gone(at_ns), out);
         }
@@ -742,18 +740,22 @@ impl<S: RecordSink> Core<S> {
             self.batch.nat_clash += 1;
             return;
         }
-        let key = entry_key(&r);
-        if let Some(rkey) = self.live.remove(&key) {
-            if self.by_reply.get(&rkey) == Some(&key) {
-                self.by_reply.remove(&rkey);
-            }
-            if !self.pending.is_empty() {
-                self.pending.remove(&key);
+        let rkey = reply_key(&r);
+        if let Entry::Occupied(e) = self.live.entry(rkey) {
+            // One lookup; a DESTROY of a superseded entry leaves its
+            // successor alone.
+            if *e.get() == r.id {
+                e.remove();
+                if !self.pending.is_empty() {
+                    self.unpend(rkey, r.id);
+                }
             }
         }
         if !self.gone_waiting.is_empty() {
             // A real DESTROY beats the re-check's guess.
-            if let Some(i) = self.gone_waiting.iter().position(|g| entry_key(g) == key) {
+            if let Some(i) = self.gone_waiting.iter().position(|g| {
+                g.id == r.id && g.reply == r.reply && g.zone == r.zone && g.protocol == r.protocol
+            }) {
                 self.gone_waiting.swap_remove(i);
             }
         }
@@ -811,61 +813,57 @@ impl<S: RecordSink> Core<S> {
         let dump_ns = now_ns();
         let mut fresh = KeyMap::default();
         fresh.reserve(dumped.len());
-        let mut by_reply = KeyMap::default();
-        by_reply.reserve(dumped.len());
         let mut out = Vec::new();
         let mut recovered = 0;
         for r in dumped {
             if r.nat_clash() {
-                // A shadow entry lives briefly in the table: not a connection.
+                // A shadow entry in the table: not a connection.
                 self.batch.filtered += 1;
                 continue;
             }
-            let key = entry_key(&r);
             let rkey = reply_key(&r);
-            if self.live.contains_key(&key) {
-                if let Some(p) = self.pending.get_mut(&key) {
-                    p.last_seen_ns = r.event_ns;
-                }
-            } else {
-                if after_loss {
-                    self.counts.add(&r);
-                }
-                self.pending.insert(
-                    key,
-                    Pending {
-                        rec: r,
-                        last_seen_ns: r.event_ns,
-                    },
-                );
-                out.push(r);
-                recovered += 1;
-            }
-            fresh.insert(key, rkey);
-            if let Some(old) = by_reply.insert(rkey, key) {
+            if let Some(old) = fresh.insert(rkey, r.id) {
                 // Two entries of one reply tuple in one dump: the walk raced
                 // with a replacement; the later one holds it.
-                if old != key {
-                    fresh.remove(&old);
+                if old != r.id {
                     self.batch.superseded += 1;
-                    if let Some(p) = self.pending.remove(&old) {
-                        self.gone_waiting.push(p.gone(r.event_ns));
-                    }
                 }
             }
+            if self.live.get(&rkey) == Some(&r.id) {
+                if let Some(p) = self.pending.get_mut(&rkey) {
+                    if p.rec.id == r.id {
+                        p.last_seen_ns = r.event_ns;
+                    }
+                }
+                continue;
+            }
+            if after_loss {
+                self.counts.add(&r);
+            }
+            let p = Pending {
+                rec: r,
+                last_seen_ns: r.event_ns,
+            };
+            if let Some(old) = self.pending.insert(rkey, p) {
+                // Another entry held this reply tuple: it ended.
+                self.gone_waiting.push(old.gone(dump_ns));
+            }
+            out.push(r);
+            recovered += 1;
         }
         // Pending entries the dump did not find ended since last seen.
-        let live = std::mem::replace(&mut self.live, fresh);
-        if !self.pending.is_empty() {
-            for key in live.keys() {
-                if !self.live.contains_key(key) {
-                    if let Some(p) = self.pending.remove(key) {
-                        self.gone_waiting.push(p.gone(dump_ns));
-                    }
-                }
+        let ended: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(k, p)| fresh.get(*k) != Some(&p.rec.id))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in ended {
+            if let Some(p) = self.pending.remove(&k) {
+                self.gone_waiting.push(p.gone(dump_ns));
             }
         }
-        self.by_reply = by_reply;
+        self.live = fresh;
         self.metrics
             .recovered
             .with_label_values(&[reason])
@@ -883,22 +881,22 @@ impl<S: RecordSink> Core<S> {
     /// Apply a re-check's answers for `asked` (pending entries).
     fn apply_probes(&mut self, asked: &[ConnRecord], probes: &[Probe], at_ns: u64) {
         for (r, p) in asked.iter().zip(probes) {
-            let key = entry_key(r);
+            let rkey = reply_key(r);
             match *p {
                 Probe::Alive(id) if id == r.id => {
-                    if let Some(p) = self.pending.get_mut(&key) {
-                        p.last_seen_ns = at_ns;
+                    if let Some(p) = self.pending.get_mut(&rkey) {
+                        if p.rec.id == r.id {
+                            p.last_seen_ns = at_ns;
+                        }
                     }
                 }
                 Probe::Alive(_) | Probe::Gone => {
                     // Still pending (no event ended it meanwhile)?
-                    let Some(p) = self.pending.remove(&key) else {
+                    let Some(p) = self.unpend(rkey, r.id) else {
                         continue;
                     };
-                    if let Some(rkey) = self.live.remove(&key) {
-                        if self.by_reply.get(&rkey) == Some(&key) {
-                            self.by_reply.remove(&rkey);
-                        }
+                    if self.live.get(&rkey) == Some(&r.id) {
+                        self.live.remove(&rkey);
                     }
                     self.gone_waiting.push(p.gone(at_ns));
                 }
@@ -960,7 +958,6 @@ impl<S: RecordSink, E: EventSource> Capture<S, E> {
                 sink,
                 metrics,
                 live: KeyMap::default(),
-                by_reply: KeyMap::default(),
                 pending: KeyMap::default(),
                 gone_waiting: Vec::new(),
                 counts,
