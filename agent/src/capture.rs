@@ -25,8 +25,10 @@
 //!   `ctw_entries_superseded_total`); a pending one (below) is logged as
 //!   closed with `CTW_GONE`, its end bounded by the new entry's time.
 //! - Recovered entries are *pending*: their end is unknown, since the kernel
-//!   sends no DESTROY for entries created while no listener existed
-//!   (`nf_conntrack_events=2`). Every `recheck_interval` the agent asks the
+//!   sends no DESTROY for entries created without an event cache: under
+//!   `nf_conntrack_events=0`, or `2` while no ctnetlink listener existed
+//!   (a host-wide flag since Linux 6.3: any listener in any namespace gives
+//!   every new entry one). Every `recheck_interval` the agent asks the
 //!   kernel about pending entries (a GET by original tuple in its zone,
 //!   pipelined), at most [`RECHECK_BATCH`] per round, longest unseen first,
 //!   so a round blocks the capture thread a bounded time. An entry found
@@ -140,12 +142,18 @@ impl RecordSink for crate::logfile::LogHandle {
     }
 }
 
+/// What the capture needs from the agent's configuration.
 #[derive(Debug, Clone)]
 pub struct CaptureConfig {
+    /// Watched ports and protocols.
     pub filter: Filter,
+    /// Emit DESTROY records (they are always read, to keep the set exact).
     pub capture_destroy: bool,
+    /// Event socket receive buffer (bytes, SO_RCVBUFFORCE).
     pub rcvbuf_bytes: usize,
+    /// Datagrams read per `recvmmsg`.
     pub batch_messages: usize,
+    /// Attach the BPF port filter to the event socket.
     pub kernel_filter: bool,
     /// Time between re-checks of pending (recovered) entries.
     pub recheck_interval: Duration,
@@ -387,6 +395,7 @@ pub enum ReplayStep {
 }
 
 impl ReplaySource {
+    /// An empty replay: no steps queued, an empty table.
     pub fn new() -> ReplaySource {
         ReplaySource::default()
     }
