@@ -117,9 +117,9 @@ impl<A: RecordSink, B: RecordSink> RecordSink for Tee<A, B> {
     }
 }
 
-/// In-memory sink for tests.
+/// In-memory sink for tests: the records, and the losses reported.
 #[derive(Debug, Default, Clone)]
-pub struct MemorySink(pub Arc<Mutex<Vec<ConnRecord>>>);
+pub struct MemorySink(pub Arc<Mutex<Vec<ConnRecord>>>, pub Arc<Mutex<Vec<Loss>>>);
 
 impl MemorySink {
     /// Every record sent so far, in order.
@@ -132,6 +132,11 @@ impl RecordSink for MemorySink {
     fn send(&self, batch: Vec<ConnRecord>) {
         if let Ok(mut v) = self.0.lock() {
             v.extend(batch);
+        }
+    }
+    fn loss(&self, loss: &Loss) {
+        if let Ok(mut v) = self.1.lock() {
+            v.push(*loss);
         }
     }
 }
@@ -675,8 +680,9 @@ struct Core<S: RecordSink> {
     counts: PortCounts,
     batch: BatchCounts,
     last_drops: u64,
-    /// Events lost since the last report, and when the loss was first seen.
+    /// Events lost (kernel drops) not yet reported to the sink.
     pending_loss: u64,
+    /// When the last batch was read: the start of a loss window.
     last_ok_ns: u64,
     decode_warn: RateLimited,
     loss_warn: RateLimited,
@@ -1122,13 +1128,30 @@ impl<S: RecordSink, E: EventSource> Capture<S, E> {
         false
     }
 
+    /// Resync after kernel event loss, then report the loss to the sinks
+    /// (the uplink sends it to the collector as a gap): from the last batch
+    /// read before it to now, with the count `/proc/net/netlink` gave.
     fn recover_from_loss(&mut self) {
         self.core.metrics.resyncs.inc();
-        match self.resync(true) {
-            Ok(n) => tracing::info!(recovered = n, "resync after event loss done"),
-            Err(e) => {
-                tracing::warn!(error = %e, "resync after event loss failed; will retry on the next loss")
+        let resynced = match self.resync(true) {
+            Ok(n) => {
+                tracing::info!(recovered = n, "resync after event loss done");
+                true
             }
+            Err(e) => {
+                tracing::warn!(error = %e, "resync after event loss failed; will retry on the next loss");
+                false
+            }
+        };
+        let c = &mut self.core;
+        if c.pending_loss > 0 {
+            let loss = Loss {
+                from_ns: c.last_ok_ns,
+                to_ns: now_ns(),
+                count: std::mem::take(&mut c.pending_loss),
+                resynced,
+            };
+            c.sink.loss(&loss);
         }
     }
 
@@ -1490,6 +1513,10 @@ mod tests {
         assert_eq!(gone.len(), 2, "{out:#?}");
         assert_eq!(r.cap.live_counts(), (1, 1));
         assert_eq!(r.m.resyncs.get(), 1);
+        let losses = r.sink.1.lock().map(|v| v.clone()).unwrap_or_default();
+        assert_eq!(losses.len(), 1, "the loss goes to the sinks");
+        assert_eq!((losses[0].count, losses[0].resynced), (3, true));
+        assert!(losses[0].from_ns <= losses[0].to_ns);
     }
 
     /// Issue 11 case 6: the losing entry of a UDP NAT clash sends only a
