@@ -336,6 +336,14 @@ fn restart_then_port_reuse_new_entry_supersedes_the_old_ipv4() {
 }
 
 #[test]
+fn restart_then_port_reuse_new_entry_supersedes_the_old_ipv6() {
+    if !require_root() {
+        return;
+    }
+    restart_then_port_reuse(true, 3_600_000);
+}
+
+#[test]
 fn enable_events_false_leaves_the_sysctl() {
     if !require_root() {
         return;
