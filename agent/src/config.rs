@@ -14,6 +14,8 @@ pub use crate::uplink::UplinkConfig;
 pub const DEFAULT_HTTP_LISTEN: &str = ":9358";
 /// Default netlink receive buffer: 64 MiB holds about 50,000 queued events.
 pub const DEFAULT_RCVBUF_BYTES: usize = 64 << 20;
+/// Default `netlink.recheck_interval_ms`.
+pub const DEFAULT_RECHECK_INTERVAL_MS: u64 = 5000;
 
 pub use ctw_common::config::{ConfigError, ConfigFile, FileUse};
 
@@ -92,6 +94,16 @@ pub struct NetlinkConfig {
     pub batch_messages: usize,
     /// Attach the classic BPF filter so unwatched ports never reach user space.
     pub kernel_filter: bool,
+    /// Milliseconds between re-checks of recovered entries (start-up dump,
+    /// resync), whose end the kernel may never report: each still pending is
+    /// looked up by original tuple in its zone; one found gone is logged as
+    /// closed (`gone: true`). 100-3,600,000; default 5000.
+    pub recheck_interval_ms: u64,
+    /// At start-up, set `net.netfilter.nf_conntrack_events` to 1 when it is
+    /// not (needs CAP_NET_ADMIN in the namespace that owns the sysctl and a
+    /// writable /proc/sys); with 2 (auto), entries created while no listener
+    /// exists never send DESTROY. False: only warn.
+    pub enable_events: bool,
 }
 
 impl Default for NetlinkConfig {
@@ -100,6 +112,8 @@ impl Default for NetlinkConfig {
             rcvbuf_bytes: DEFAULT_RCVBUF_BYTES,
             batch_messages: 256,
             kernel_filter: true,
+            recheck_interval_ms: DEFAULT_RECHECK_INTERVAL_MS,
+            enable_events: true,
         }
     }
 }
@@ -170,6 +184,12 @@ impl ConfigFile for Config {
             return bad(format!(
                 "netlink.batch_messages: must be 1-4096, got {}",
                 self.netlink.batch_messages
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.netlink.recheck_interval_ms) {
+            return bad(format!(
+                "netlink.recheck_interval_ms: must be 100-3600000, got {}",
+                self.netlink.recheck_interval_ms
             ));
         }
         if let Some(a) = &self.http.listen_addr {

@@ -93,6 +93,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
 
     startup::check_capabilities()?;
     startup::check_conntrack()?;
+    startup::enable_events(cfg.netlink.enable_events);
     startup::warn_sysctls(cfg.capture_destroy);
 
     let ports = cfg.ports_u16();
@@ -114,6 +115,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         rcvbuf_bytes: cfg.netlink.rcvbuf_bytes,
         batch_messages: cfg.netlink.batch_messages,
         kernel_filter: cfg.netlink.kernel_filter,
+        recheck_interval: std::time::Duration::from_millis(cfg.netlink.recheck_interval_ms),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicBool::new(true));

@@ -38,6 +38,17 @@ pub struct Metrics {
     pub kernel_filter: IntGauge,
     /// Entries of watched ports the agent believes alive.
     pub tracked_entries: IntGauge,
+    /// Live entries ended because a NEW or recovered entry took their
+    /// (zone, protocol, reply tuple): the kernel holds one entry per reply tuple.
+    pub entries_superseded: IntCounter,
+    /// Recovered entries a re-check (GET by tuple, dump) found gone.
+    pub entries_found_gone: IntCounter,
+    /// Recovered entries waiting for a re-check (end unknown).
+    pub entries_pending_recheck: IntGauge,
+    /// TCP NEW events picked up mid-stream (state not SYN_SENT), per watched port.
+    pub midstream_pickups: IntCounterVec,
+    /// DESTROY events of NAT-clash shadow entries (`IPS_NAT_CLASH`): not records.
+    pub nat_clash: IntCounter,
     log_written: IntCounter,
     log_dropped: IntCounter,
     log_errors: IntCounter,
@@ -224,6 +235,32 @@ impl Metrics {
                 "ctw_tracked_entries",
                 "Watched conntrack entries believed alive",
             ),
+            entries_superseded: counter(
+                &r,
+                "ctw_entries_superseded_total",
+                "Live entries ended by a newer entry with the same zone, protocol and reply tuple",
+            ),
+            entries_found_gone: counter(
+                &r,
+                "ctw_entries_found_gone_total",
+                "Recovered entries a re-check found gone (logged as closed, gone: true)",
+            ),
+            entries_pending_recheck: gauge(
+                &r,
+                "ctw_entries_pending_recheck",
+                "Recovered entries whose end is unknown, re-checked periodically",
+            ),
+            midstream_pickups: counter_vec(
+                &r,
+                "ctw_midstream_pickups_total",
+                "TCP entries picked up mid-stream (NEW in a state other than SYN_SENT), per watched port",
+                &["port"],
+            ),
+            nat_clash: counter(
+                &r,
+                "ctw_nat_clash_total",
+                "DESTROY events of NAT-clash shadow entries (IPS_NAT_CLASH), never records",
+            ),
             log_written: counter(
                 &r,
                 "ctw_log_records_written_total",
@@ -252,6 +289,7 @@ impl Metrics {
             let p = p.to_string();
             m.new_connections.with_label_values(&[&p]);
             m.closed_connections.with_label_values(&[&p]);
+            m.midstream_pickups.with_label_values(&[&p]);
         }
         for reason in ["startup", "loss"] {
             m.recovered.with_label_values(&[reason]);

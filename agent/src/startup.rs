@@ -8,10 +8,85 @@ use anyhow::bail;
 /// CAP_NET_ADMIN is bit 12 of the effective capability set.
 const CAP_NET_ADMIN: u32 = 12;
 
+/// Directory of the conntrack sysctls of the agent's network namespace.
+const NETFILTER_SYSCTLS: &str = "/proc/sys/net/netfilter";
+
 fn read_sysctl(name: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+    std::fs::read_to_string(format!("{NETFILTER_SYSCTLS}/{name}"))
         .ok()
         .map(|s| s.trim().to_string())
+}
+
+/// What [`enable_events`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventsSysctl {
+    /// Already 1.
+    AlreadyOn,
+    /// Was `old`, now 1.
+    Set { old: String },
+    /// Not 1 and left so: disabled by config, unreadable, or the write failed.
+    Left {
+        value: Option<String>,
+        reason: String,
+    },
+}
+
+/// Set `nf_conntrack_events` to 1 in `dir` (a `/proc/sys/net/netfilter`)
+/// when `enable` and it is not 1. Writing needs CAP_NET_ADMIN in the user
+/// namespace owning the network namespace, and a writable /proc/sys (not a
+/// read-only container mount).
+pub fn set_events_sysctl(dir: &std::path::Path, enable: bool) -> EventsSysctl {
+    let path = dir.join("nf_conntrack_events");
+    let value = std::fs::read_to_string(&path)
+        .ok()
+        .map(|s| s.trim().to_string());
+    match value.as_deref() {
+        Some("1") => EventsSysctl::AlreadyOn,
+        None => EventsSysctl::Left {
+            value,
+            reason: format!("cannot read {}", path.display()),
+        },
+        Some(_) if !enable => EventsSysctl::Left {
+            value,
+            reason: "netlink.enable_events is false".into(),
+        },
+        Some(old) => match std::fs::write(&path, "1\n") {
+            Ok(()) => EventsSysctl::Set {
+                old: old.to_string(),
+            },
+            Err(e) => EventsSysctl::Left {
+                value: value.clone(),
+                reason: format!("cannot write {}: {e}", path.display()),
+            },
+        },
+    }
+}
+
+/// At start-up: make the kernel send events for every new entry
+/// (`nf_conntrack_events=1`) when `enable` and allowed, and say so. With 2
+/// (auto), entries created while no listener exists send no events at all,
+/// so an agent restart leaves connections whose end is never reported; the
+/// entries created before this call are re-checked by the capture instead.
+/// When left unchanged, [`warn_sysctls`] warns as before.
+pub fn enable_events(enable: bool) -> EventsSysctl {
+    let r = set_events_sysctl(std::path::Path::new(NETFILTER_SYSCTLS), enable);
+    match &r {
+        EventsSysctl::Set { old } => tracing::info!(
+            old = %old,
+            new = "1",
+            "set net.netfilter.nf_conntrack_events=1 (was {old}): every new conntrack entry now sends NEW and DESTROY events, also while no agent listens (after an agent restart, connections opened while it was down used to stay open forever in its records); entries created before are re-checked; disable with netlink.enable_events: false"
+        ),
+        EventsSysctl::Left {
+            value: Some(v),
+            reason,
+        } if v != "1" && enable => tracing::warn!(
+            value = %v,
+            reason = %reason,
+            "could not set net.netfilter.nf_conntrack_events=1 (needs CAP_NET_ADMIN in the namespace owning it and a writable /proc/sys)"
+        ),
+        _ => {}
+    }
+    r
 }
 
 /// Parse `CapEff` from `/proc/self/status` text.
@@ -107,6 +182,30 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_sysctl_is_set_only_when_enabled_and_not_1() {
+        let dir = std::env::temp_dir().join(format!("ctw-sysctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let f = dir.join("nf_conntrack_events");
+        std::fs::write(&f, "2\n").expect("write");
+        assert!(matches!(
+            set_events_sysctl(&dir, false),
+            EventsSysctl::Left { value: Some(v), .. } if v == "2"
+        ));
+        assert_eq!(std::fs::read_to_string(&f).unwrap_or_default(), "2\n");
+        assert_eq!(
+            set_events_sysctl(&dir, true),
+            EventsSysctl::Set { old: "2".into() }
+        );
+        assert_eq!(std::fs::read_to_string(&f).unwrap_or_default().trim(), "1");
+        assert_eq!(set_events_sysctl(&dir, true), EventsSysctl::AlreadyOn);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(
+            set_events_sysctl(&dir, true),
+            EventsSysctl::Left { value: None, .. }
+        ));
+    }
 
     #[test]
     fn parses_cap_eff() {

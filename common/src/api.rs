@@ -186,7 +186,17 @@ pub struct LookupAnswer {
     pub zone: u16,
     pub mark: u32,
     pub node: String,
+    /// TCP entry picked up mid-stream: a NEW not in SYN_SENT
+    /// ([`ConnRecord::midstream`]) or, for an entry read from the table, one
+    /// whose both directions carry `IP_CT_TCP_FLAG_BE_LIBERAL` (0x08), which
+    /// the kernel's `tcp_new()` sets on a loose pickup and not on a SYN
+    /// (unless `nf_conntrack_tcp_be_liberal=1` or flow offload set it).
+    /// Its connection started earlier under the same tuple.
+    pub midstream: bool,
 }
+
+/// `IP_CT_TCP_FLAG_BE_LIBERAL` (`include/uapi/linux/netfilter/nf_conntrack_tcp.h`).
+const TCP_FLAG_BE_LIBERAL: u8 = 0x08;
 
 impl LookupAnswer {
     pub fn new(r: &ConnRecord, node: &str) -> LookupAnswer {
@@ -209,6 +219,11 @@ impl LookupAnswer {
             zone: r.zone,
             mark: r.mark,
             node: node.to_string(),
+            midstream: r.midstream()
+                || (r.protocol == Protocol::Tcp
+                    && !matches!(r.tcp_state, None | Some(crate::TcpState::SynSent))
+                    && r.tcp_flags_orig & TCP_FLAG_BE_LIBERAL != 0
+                    && r.tcp_flags_reply & TCP_FLAG_BE_LIBERAL != 0),
         }
     }
 }

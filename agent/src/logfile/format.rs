@@ -66,8 +66,27 @@ pub fn format_record<Tz: TimeZone>(buf: &mut Vec<u8>, rec: &ConnRecord, node: &s
     write_num(buf, rec.reply.src_port);
 
     match rec.kind {
-        EventKind::New => {}
+        EventKind::New => {
+            if rec.midstream() {
+                buf.extend_from_slice(b",\"midstream\":true");
+            }
+        }
         EventKind::Recovered => buf.extend_from_slice(b",\"recovered\":true"),
+        EventKind::Destroy if rec.status & status::CTW_GONE != 0 => {
+            // Found gone by a re-check: ended after `last_seen` (stop_ns),
+            // at or before `ts`; the real stop is unknown.
+            buf.extend_from_slice(b",\"gone\":true");
+            if let Some(seen) = rec.stop_ns {
+                buf.extend_from_slice(b",\"last_seen\":\"");
+                write_ts(buf, seen, tz, false);
+                buf.push(b'"');
+            }
+            if let Some(start) = rec.start_ns {
+                buf.extend_from_slice(b",\"start\":\"");
+                write_ts(buf, start, tz, true);
+                buf.push(b'"');
+            }
+        }
         EventKind::Destroy => {
             if let Some(start) = rec.start_ns {
                 buf.extend_from_slice(b",\"start\":\"");
@@ -297,7 +316,7 @@ mod tests {
             id: 3_141_592,
             mark: 7,
             status: status::SEEN_REPLY | status::ASSURED | status::CONFIRMED,
-            tcp_state: Some(TcpState::Established),
+            tcp_state: Some(TcpState::SynSent),
             ..ConnRecord::new(
                 EventKind::New,
                 TS_NS,
@@ -321,7 +340,7 @@ mod tests {
             concat!(
                 r#"{"ts":"2024-12-09T15:05:00.123+0800","level":"info","msg":"new_connection","type":"conntrack","#,
                 r#""dst_port":443,"src_ip":"10.0.0.5","src_port":45678,"dst_ip":"1.2.3.4","snat_ip":"192.168.1.100","snat_port":12345,"#,
-                r#""protocol":"tcp","node":"node-1","id":3141592,"zone":0,"mark":7,"state":"ESTABLISHED","flags":["ASSURED"],"#,
+                r#""protocol":"tcp","node":"node-1","id":3141592,"zone":0,"mark":7,"state":"SYN_SENT","flags":["ASSURED"],"#,
                 r#""reply_src_ip":"1.2.3.4","reply_src_port":443}"#,
                 "\n"
             )
@@ -414,6 +433,50 @@ mod tests {
             "{l}"
         );
         assert!(!l.contains("duration_ms") && !l.contains("packets") && !l.contains("\"stop\""));
+    }
+
+    #[test]
+    fn midstream_pickup_is_marked() {
+        let rec = ConnRecord {
+            tcp_state: Some(TcpState::Established),
+            ..new_v4()
+        };
+        let l = line(&rec, &cst());
+        assert!(
+            l.ends_with("\"reply_src_port\":443,\"midstream\":true}\n"),
+            "{l}"
+        );
+        // Only NEW: a recovered ESTABLISHED entry is not a mid-stream pickup.
+        let rec = ConnRecord {
+            kind: EventKind::Recovered,
+            ..rec
+        };
+        assert!(!line(&rec, &cst()).contains("midstream"));
+    }
+
+    #[test]
+    fn gone_has_last_seen_and_no_stop_or_duration() {
+        let rec = ConnRecord {
+            kind: EventKind::Destroy,
+            status: status::SEEN_REPLY | status::ASSURED | status::CTW_GONE,
+            tcp_state: Some(TcpState::Established),
+            start_ns: Some(TS_NS - 2_500_000_000),
+            stop_ns: Some(TS_NS - 1_000_000_000),
+            ..new_v4()
+        };
+        let l = line(&rec, &cst());
+        assert!(l.contains(r#""msg":"connection_closed""#), "{l}");
+        assert!(
+            l.ends_with(concat!(
+                r#""reply_src_port":443,"gone":true,"last_seen":"2024-12-09T15:04:59.123+0800","#,
+                r#""start":"2024-12-09T15:04:57.623+08:00"}"#,
+                "\n"
+            )),
+            "{l}"
+        );
+        assert!(!l.contains("\"stop\"") && !l.contains("duration_ms"), "{l}");
+        let v: Value = serde_json::from_str(&l).expect("json");
+        assert_eq!(v["gone"], true);
     }
 
     #[test]

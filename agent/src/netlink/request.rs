@@ -78,6 +78,43 @@ pub fn dump(seq: u32) -> Vec<u8> {
     ))
 }
 
+/// `CTA_ZONE` (`enum ctattr_type`, `include/uapi/linux/netfilter/nfnetlink_conntrack.h`).
+const CTA_ZONE: u16 = 18;
+
+/// `IPCTNL_MSG_CT_GET` for the entry whose original tuple is `t`, in
+/// conntrack zone `zone` (`CTA_ZONE`, big-endian u16; the kernel looks only
+/// in that zone). Used by the capture's re-check of recovered entries.
+///
+/// Minimal zone-aware variant added by the capture work; it serves until
+/// [`get`] takes a zone itself.
+pub fn get_orig_in_zone(protocol: Protocol, t: &Tuple, zone: u16, seq: u32) -> Vec<u8> {
+    let tuple = vec![
+        NlTuple::Ip(vec![
+            IPTuple::SourceAddress(t.src),
+            IPTuple::DestinationAddress(t.dst),
+        ]),
+        NlTuple::Proto(vec![
+            ProtoTuple::Protocol(protocol.number().into()),
+            ProtoTuple::SourcePort(t.src_port),
+            ProtoTuple::DestinationPort(t.dst_port),
+        ]),
+    ];
+    let zone_attr = ConntrackAttribute::Other(netlink_packet_core::DefaultNla::new(
+        CTA_ZONE,
+        zone.to_be_bytes().to_vec(),
+    ));
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST | NLM_F_ACK;
+    hdr.sequence_number = seq;
+    serialize(NetlinkMessage::new(
+        hdr,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(family_of(t.src), 0, 0),
+            ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleOrig(tuple), zone_attr]),
+        )),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +139,16 @@ mod tests {
         assert_eq!(b[16], libc::AF_INET as u8);
         // First attribute: CTA_TUPLE_REPLY (2), nested.
         assert_eq!(u16::from_ne_bytes([b[22], b[23]]) & 0x3fff, 2);
+        let z = get_orig_in_zone(Protocol::Tcp, &t, 7, 3);
+        assert_eq!(
+            u32::from_ne_bytes([z[0], z[1], z[2], z[3]]) as usize,
+            z.len()
+        );
+        // The zone attribute closes the message: len 6 (padded to 8), type 18, be16 7.
+        let tail = &z[z.len() - 8..];
+        assert_eq!(u16::from_ne_bytes([tail[0], tail[1]]), 6);
+        assert_eq!(u16::from_ne_bytes([tail[2], tail[3]]), 18);
+        assert_eq!([tail[4], tail[5]], [0, 7]);
         let d = dump(9);
         assert_eq!(u16::from_ne_bytes([d[6], d[7]]), 0x1 | 0x300);
     }
