@@ -81,7 +81,7 @@ s.connect((dst, 80))
 s.sendall(b"GET /a HTTP/1.1\r\nHost: srv\r\n\r\n")
 s.recv(4096)
 with open(out, 'a') as f: f.write("connected %f\n" % time.time())
-time.sleep(hold)
+time.sleep(hold)  # tidy: holding the connection open is the scenario
 t = time.time()
 s.close()
 with open(out, 'a') as f: f.write("closed %f\n" % t)
@@ -372,7 +372,7 @@ s.settimeout(5)
 s.connect((dst, 80))
 for n in range(3):
     if n:
-        time.sleep(gap)
+        time.sleep(gap)  # tidy: the idle gap past the timeout is the scenario
     s.sendall(b"GET /k HTTP/1.1\r\nHost: srv\r\n\r\n")
     got = b""
     while not got.endswith(b"ok\n"):
