@@ -360,6 +360,7 @@ impl<S: RecordSink> Capture<S> {
         let mut filtered = 0u64;
         let mut duplicate = 0u64;
         let mut errors = 0u64;
+        let mut lag = self.metrics.event_lag.local();
         for i in 0..n {
             let (dgram, truncated) = self.sock.datagram(i);
             if truncated {
@@ -377,6 +378,9 @@ impl<S: RecordSink> Capture<S> {
                         }
                         self.cfg.filter.mark(&mut r);
                         let port = self.cfg.filter.matched_port(&r);
+                        if let Some(k) = decode::kernel_event_ns(&r) {
+                            lag.observe(recv_ns.saturating_sub(k) as f64 / 1e9);
+                        }
                         let key = entry_key(&r);
                         match r.kind {
                             EventKind::Destroy => {
@@ -414,6 +418,7 @@ impl<S: RecordSink> Capture<S> {
         m.events_duplicate.inc_by(duplicate);
         m.decode_errors.inc_by(errors);
         m.tracked_entries.set(self.live.len() as i64);
+        lag.flush();
         self.counts.flush();
         if !out.is_empty() {
             self.sink.send(out);
