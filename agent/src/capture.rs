@@ -360,7 +360,7 @@ impl<S: RecordSink> Capture<S> {
         let mut filtered = 0u64;
         let mut duplicate = 0u64;
         let mut errors = 0u64;
-        let mut lag = self.metrics.event_lag.local();
+        let lag = self.metrics.event_lag.local();
         for i in 0..n {
             let (dgram, truncated) = self.sock.datagram(i);
             if truncated {
