@@ -643,6 +643,22 @@ pub(crate) mod testutil {
         ("icmp4", include_str!("testdata/icmp4.hex")),
     ];
 
+    /// Golden files for issue 11, captured by `testdata/capture.sh BIN
+    /// issue11` on Linux 6.18; `testdata/NAME.events.txt` holds what
+    /// `conntrack -E -o extended,id` printed for the same events.
+    /// - `zone7_tcp4`: the NEW of a TCP flow moved to conntrack zone 7;
+    /// - `tcp4_expire`: NEW (`CTA_TIMESTAMP_EVENT`, no start) and the
+    ///   DESTROY the kernel sent itself when TIME_WAIT (1 s) expired;
+    /// - `nat_clash_udp4`: the DESTROY of a UDP NAT-clash shadow entry.
+    pub(crate) const GOLDEN_ISSUE11: &[(&str, &str)] = &[
+        ("zone7_tcp4", include_str!("testdata/zone7_tcp4.hex")),
+        ("tcp4_expire", include_str!("testdata/tcp4_expire.hex")),
+        (
+            "nat_clash_udp4",
+            include_str!("testdata/nat_clash_udp4.hex"),
+        ),
+    ];
+
     /// `(recv_ns, bytes)` of every datagram in a golden file's text.
     pub(crate) fn parse_hex(text: &str) -> Vec<(u64, Vec<u8>)> {
         let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -667,6 +683,7 @@ pub(crate) mod testutil {
     pub(crate) fn golden(name: &str) -> Vec<(u64, Vec<u8>)> {
         let text = GOLDEN
             .iter()
+            .chain(GOLDEN_ISSUE11)
             .find(|(n, _)| *n == name)
             .expect("golden file")
             .1;
@@ -677,6 +694,7 @@ pub(crate) mod testutil {
     pub(crate) fn all_golden() -> Vec<(&'static str, u64, Vec<u8>)> {
         GOLDEN
             .iter()
+            .chain(GOLDEN_ISSUE11)
             .flat_map(|(n, t)| parse_hex(t).into_iter().map(move |(r, b)| (*n, r, b)))
             .collect()
     }
@@ -1075,6 +1093,149 @@ mod tests {
         }
     }
 
+    /// `zone7_tcp4.events.txt`: `[NEW] ipv4 2 tcp 6 120 SYN_SENT
+    /// src=198.18.0.2 dst=198.19.0.2 sport=40011 dport=8080 [UNREPLIED]
+    /// src=198.19.0.2 dst=198.19.0.1 sport=8080 dport=40011 zone=7
+    /// id=3331928233` (timestamps off).
+    #[test]
+    fn golden_zone7_entry() {
+        let d = golden("zone7_tcp4");
+        assert_eq!(d.len(), 1);
+        let r = conn(decode(&one(&d[0].1), d[0].0));
+        assert_eq!(r.kind, EventKind::New);
+        assert_eq!(r.zone, 7);
+        assert_eq!(r.id, 3_331_928_233);
+        assert_eq!(r.protocol, Protocol::Tcp);
+        assert_eq!(
+            r.orig,
+            Tuple::new(ip("198.18.0.2"), 40011, ip("198.19.0.2"), 8080)
+        );
+        assert_eq!(
+            r.reply,
+            Tuple::new(ip("198.19.0.2"), 8080, ip("198.19.0.1"), 40011)
+        );
+        assert_eq!(r.tcp_state, Some(TcpState::SynSent));
+        assert_eq!(r.status & status::SEEN_REPLY, 0, "[UNREPLIED]");
+        assert_eq!(r.event_ns, d[0].0, "no timestamps: receive time");
+        assert_eq!(kernel_event_ns(&r), None);
+        // A dump or GET answer with the same bytes says the same zone.
+        assert_eq!(conn(decode_entry(&one(&d[0].1), 1)).zone, 7);
+    }
+
+    /// `tcp4_expire.events.txt`: `[NEW] ... sport=40012 dport=8080
+    /// [UNREPLIED] ... id=2595743943` and `[DESTROY] ipv4 2 tcp 6 TIME_WAIT
+    /// src=198.18.0.2 dst=198.19.0.2 sport=40012 dport=8080 packets=6
+    /// bytes=399 src=198.19.0.2 dst=198.19.0.1 sport=8080 dport=40012
+    /// packets=6 bytes=1518 [ASSURED] delta-time=1 id=2595743943`
+    /// (`nf_conntrack_timestamp=1`, `nf_conntrack_acct=1`,
+    /// `nf_conntrack_tcp_timeout_time_wait=1`).
+    #[test]
+    fn golden_new_event_time_and_kernel_destroy() {
+        let d = golden("tcp4_expire");
+        let new = conn(decode(&one(&d[0].1), d[0].0));
+        let destroy = conn(decode(&one(&d[1].1), d[1].0));
+        // NEW: CTA_TIMESTAMP_EVENT (27, last attribute), no CTA_TIMESTAMP.
+        assert_eq!(new.event_ns, 0x18ec_ced3_bbdd_6f39);
+        assert_eq!(new.start_ns, Some(new.event_ns), "event time as start");
+        assert_eq!(new.stop_ns, None);
+        assert_eq!(kernel_event_ns(&new), Some(new.event_ns));
+        assert!(new.event_ns < d[0].0, "the kernel's time precedes the read");
+        assert_eq!(new.id, 2_595_743_943);
+        assert_eq!(new.tcp_state, Some(TcpState::SynSent));
+        // DESTROY by the garbage collector: start, stop and event time.
+        assert_eq!(destroy.kind, EventKind::Destroy);
+        assert_eq!(destroy.id, new.id);
+        assert_eq!(destroy.start_ns, Some(0x18ec_ced3_bbdd_be3f));
+        assert_eq!(destroy.stop_ns, Some(0x18ec_ced3_f7f2_6901));
+        assert_eq!(destroy.event_ns, 0x18ec_ced3_f86c_7e2d);
+        assert_eq!(kernel_event_ns(&destroy), Some(destroy.event_ns));
+        // delta-time=1: TIME_WAIT was 1 s; the GC found it 8 ms later.
+        let lived = destroy.stop_ns.unwrap() - destroy.start_ns.unwrap();
+        assert!((1_000_000_000..1_100_000_000).contains(&lived), "{lived}");
+        assert!(destroy.event_ns > destroy.stop_ns.unwrap());
+        // Protoinfo with the state only: no flags.
+        assert_eq!(destroy.tcp_state, Some(TcpState::TimeWait));
+        assert_eq!((destroy.tcp_flags_orig, destroy.tcp_flags_reply), (0, 0));
+        assert_eq!(
+            destroy.counters_orig,
+            Some(Counters {
+                packets: 6,
+                bytes: 399
+            })
+        );
+        assert_eq!(
+            destroy.counters_reply,
+            Some(Counters {
+                packets: 6,
+                bytes: 1518
+            })
+        );
+        assert!(destroy.status & status::ASSURED != 0);
+    }
+
+    /// `nat_clash_udp4.events.txt`: the winner's `[NEW] ipv4 2 udp 17 1
+    /// src=198.18.0.2 dst=198.19.0.100 sport=20001 dport=5353 [UNREPLIED]
+    /// src=198.19.0.2 dst=198.19.0.1 sport=5353 dport=20001 id=357113252`,
+    /// then the shadow's `[DESTROY] ipv4 2 udp 17 src=198.18.0.2
+    /// dst=198.19.0.100 sport=20001 dport=5353 [UNREPLIED] src=198.19.0.3
+    /// dst=198.19.0.1 sport=5353 dport=20001 id=1599356118`: another id,
+    /// the other backend, and no NEW of its own.
+    #[test]
+    fn golden_nat_clash_destroy() {
+        let d = golden("nat_clash_udp4");
+        let r = conn(decode(&one(&d[0].1), d[0].0));
+        assert_eq!(r.kind, EventKind::Destroy);
+        assert!(r.nat_clash(), "status {:#x}", r.status);
+        assert_eq!(r.status, 0x17b8);
+        assert_eq!(r.id, 1_599_356_118);
+        assert_ne!(r.id, 357_113_252, "not the winner's id");
+        assert_eq!(r.protocol, Protocol::Udp);
+        assert_eq!(
+            r.orig,
+            Tuple::new(ip("198.18.0.2"), 20001, ip("198.19.0.100"), 5353)
+        );
+        assert_eq!(
+            r.reply,
+            Tuple::new(ip("198.19.0.3"), 5353, ip("198.19.0.1"), 20001)
+        );
+        assert_eq!(r.tcp_state, None);
+        assert_eq!((r.start_ns, r.stop_ns), (None, None));
+        assert_eq!(r.event_ns, d[0].0);
+        // Kept by a filter on the original destination port like any UDP
+        // record: the capture loop decides what a shadow means.
+        assert!(crate::filter::Filter::new(&[5353], &[]).keeps(&r));
+    }
+
+    /// An ICMP echo NEW never stops the decoding of the messages around it:
+    /// it is `NoPorts` (counted as filtered by the capture loop), never an
+    /// error.
+    #[test]
+    fn icmp_between_port_entries_loses_nothing() {
+        let icmp = golden("icmp4");
+        let tcp = golden("tcp4");
+        let mut dgram = tcp[0].1.clone();
+        dgram.extend_from_slice(&icmp[0].1);
+        dgram.extend_from_slice(&tcp[1].1);
+        let got: Vec<Decoded> = messages(&dgram)
+            .map(|m| decode(&m.unwrap(), 5).unwrap())
+            .collect();
+        assert_eq!(got.len(), 3);
+        assert!(matches!(got[0], Decoded::Conn(r) if r.kind == EventKind::New));
+        assert_eq!(got[1], Decoded::NoPorts);
+        assert!(matches!(got[2], Decoded::Conn(r) if r.kind == EventKind::Destroy));
+        // Whatever port is watched, ICMP never matches one.
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let f = crate::filter::Filter::new(&all, &[])
+            .with_match(&[crate::filter::Match::Original, crate::filter::Match::Reply]);
+        let prog = crate::netlink::bpf::build(&f);
+        for d in &icmp {
+            assert_eq!(
+                crate::netlink::bpf::run(&prog, &d.1),
+                crate::netlink::bpf::DROP
+            );
+        }
+    }
+
     #[test]
     fn golden_icmp_has_no_ports() {
         let d = golden("icmp4");
@@ -1089,7 +1250,12 @@ mod tests {
         // the requester's port id into the header. decode ignores it.
         for (name, _, bytes) in all_golden() {
             let m = one(&bytes);
-            if m.msg_type == CT_DELETE {
+            // The issue-11 DESTROY events come from the kernel itself
+            // (expiry, clash shadow): port id 0.
+            let by_kernel = GOLDEN_ISSUE11.iter().any(|(n, _)| *n == name);
+            if m.msg_type == CT_DELETE && by_kernel {
+                assert_eq!((m.pid, m.flags), (0, 0), "{name}");
+            } else if m.msg_type == CT_DELETE {
                 assert_ne!(m.pid, 0, "{name}");
                 assert_eq!(m.flags, 0, "{name}");
             } else {
