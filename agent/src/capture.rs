@@ -378,7 +378,7 @@ impl<S: RecordSink> Capture<S> {
                         }
                         self.cfg.filter.mark(&mut r);
                         let port = self.cfg.filter.matched_port(&r);
-                        if let Some(k) = decode::kernel_event_ns(&r) {
+                        if let Some(k) = decode::kernel_event_ns(&r, recv_ns) {
                             lag.observe(recv_ns.saturating_sub(k) as f64 / 1e9);
                         }
                         let key = entry_key(&r);

@@ -193,18 +193,24 @@ pub enum Decoded {
     Other(u16),
 }
 
-/// The kernel's time of a decoded event, when it sent one: the record's
-/// `event_ns` came from `CTA_TIMESTAMP_EVENT` or `CTA_TIMESTAMP`
-/// (`nf_conntrack_timestamp=1`) rather than the receive time. `None` for
-/// entries of a dump or GET and for events without timestamps.
-pub fn kernel_event_ns(r: &ConnRecord) -> Option<u64> {
-    let has = match r.kind {
-        EventKind::New => r.start_ns.is_some(),
-        // A DESTROY the agent made after a re-check has no kernel time.
-        EventKind::Destroy => r.stop_ns.is_some() && r.status & status::CTW_GONE == 0,
+/// The kernel's time of an event decoded with receive time `recv_ns`, when
+/// the kernel sent one (`nf_conntrack_timestamp=1`): `CTA_TIMESTAMP_EVENT`,
+/// else the start (NEW) or stop (DESTROY) time, which [`decode`] put in
+/// `event_ns` instead of `recv_ns`. `None` for dump and GET entries, for
+/// events without timestamps and for the DESTROY records the agent makes
+/// itself ([`status::CTW_GONE`]).
+///
+/// A NEW's kernel start time stays in `start_ns` only when the kernel sent
+/// `CTA_TIMESTAMP_START` (before Linux 6.14): the event time differs from
+/// it by some microseconds (the golden `tcp4_ts_acct` capture: 18 us), and
+/// the collector joins a NEW and its DESTROY on equal start times.
+pub fn kernel_event_ns(r: &ConnRecord, recv_ns: u64) -> Option<u64> {
+    let kernel = match r.kind {
+        EventKind::New => r.event_ns != recv_ns,
+        EventKind::Destroy => r.event_ns != recv_ns && r.status & status::CTW_GONE == 0,
         EventKind::Recovered => false,
     };
-    has.then_some(r.event_ns)
+    kernel.then_some(r.event_ns)
 }
 
 /// Decode an event received on the NEW/DESTROY multicast groups.
@@ -589,12 +595,9 @@ fn decode_conn(payload: &[u8], kind: EventKind, recv_ns: u64) -> Result<Decoded,
         EventKind::Destroy => stop_ns,
         EventKind::Recovered => None,
     });
+    // A NEW carries CTA_TIMESTAMP_EVENT and no start time: `event_ns` is
+    // then its start as far as anyone can tell (`start_ns` stays None).
     let event_ns = kernel_ns.unwrap_or(recv_ns);
-    // A NEW event carries CTA_TIMESTAMP_EVENT but no start time: the entry
-    // was confirmed (started) when the event was made.
-    if kind == EventKind::New && start_ns.is_none() {
-        start_ns = event_ts;
-    }
 
     Ok(Decoded::Conn(ConnRecord {
         kind,
@@ -1009,10 +1012,10 @@ mod tests {
                 "{name}: NEW is unreplied"
             );
             assert!(new.counters_orig.is_none());
-            // With timestamps the NEW's start is its CTA_TIMESTAMP_EVENT.
-            assert_eq!(new.start_ns.is_some(), name.contains("_ts"), "{name}");
+            // The NEW carries no start time, only CTA_TIMESTAMP_EVENT.
+            assert_eq!(new.start_ns, None, "{name}");
             assert_eq!(
-                kernel_event_ns(&new).is_some(),
+                kernel_event_ns(&new, d[0].0).is_some(),
                 name.contains("_ts"),
                 "{name}"
             );
@@ -1117,7 +1120,7 @@ mod tests {
         assert_eq!(r.tcp_state, Some(TcpState::SynSent));
         assert_eq!(r.status & status::SEEN_REPLY, 0, "[UNREPLIED]");
         assert_eq!(r.event_ns, d[0].0, "no timestamps: receive time");
-        assert_eq!(kernel_event_ns(&r), None);
+        assert_eq!(kernel_event_ns(&r, d[0].0), None);
         // A dump or GET answer with the same bytes says the same zone.
         assert_eq!(conn(decode_entry(&one(&d[0].1), 1)).zone, 7);
     }
@@ -1136,9 +1139,8 @@ mod tests {
         let destroy = conn(decode(&one(&d[1].1), d[1].0));
         // NEW: CTA_TIMESTAMP_EVENT (27, last attribute), no CTA_TIMESTAMP.
         assert_eq!(new.event_ns, 0x18ec_ced3_bbdd_6f39);
-        assert_eq!(new.start_ns, Some(new.event_ns), "event time as start");
-        assert_eq!(new.stop_ns, None);
-        assert_eq!(kernel_event_ns(&new), Some(new.event_ns));
+        assert_eq!((new.start_ns, new.stop_ns), (None, None));
+        assert_eq!(kernel_event_ns(&new, d[0].0), Some(new.event_ns));
         assert!(new.event_ns < d[0].0, "the kernel's time precedes the read");
         assert_eq!(new.id, 2_595_743_943);
         assert_eq!(new.tcp_state, Some(TcpState::SynSent));
@@ -1148,7 +1150,9 @@ mod tests {
         assert_eq!(destroy.start_ns, Some(0x18ec_ced3_bbdd_be3f));
         assert_eq!(destroy.stop_ns, Some(0x18ec_ced3_f7f2_6901));
         assert_eq!(destroy.event_ns, 0x18ec_ced3_f86c_7e2d);
-        assert_eq!(kernel_event_ns(&destroy), Some(destroy.event_ns));
+        assert_eq!(kernel_event_ns(&destroy, d[1].0), Some(destroy.event_ns));
+        // The NEW's event time is within microseconds of the kernel start.
+        assert!(new.event_ns.abs_diff(destroy.start_ns.unwrap()) < 1_000_000);
         // delta-time=1: TIME_WAIT was 1 s; the GC found it 8 ms later.
         let lived = destroy.stop_ns.unwrap() - destroy.start_ns.unwrap();
         assert!((1_000_000_000..1_100_000_000).contains(&lived), "{lived}");
