@@ -196,10 +196,11 @@ fn nodeport_is_not_captured_with_the_default_match() {
 const TWO_FROM_ONE_PORT: &str = r#"
 import socket, sys
 vip, srv, lport = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fam = socket.AF_INET6 if ':' in srv else socket.AF_INET
 def conn(dst):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(fam, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(('0.0.0.0', lport))
+    s.bind(('::' if fam == socket.AF_INET6 else '0.0.0.0', lport))
     s.settimeout(5)
     s.connect((dst, 80))
     return s
@@ -224,7 +225,7 @@ print('ok', flush=True)
 /// to the VIP from port 4321 holds the reply tuple `srv:80 -> pod:4321`;
 /// a direct connection from the same port would clash, so the kernel
 /// rewrites its source port. The server logs the pod's address with another
-/// port: that line resolves to the pod, like the VIP one.
+/// port: that line resolves to the pod, like the VIP one. IPv4 and IPv6.
 #[test]
 fn kernel_port_rewrite_without_snat_resolves_to_the_pod() {
     if !require_root() {
@@ -233,97 +234,103 @@ fn kernel_port_rewrite_without_snat_resolves_to_the_pod() {
     let c = Cluster::start(1, None, "", "");
     let node_ns = c.topo.node_ns_of(0).to_string();
     let srv_ns = c.topo.srv_ns().to_string();
-    let pod_ip = c.topo.pod_ip4_of(0, 0);
-    let srv = c.topo.srv_ip4();
-    let node_ip = c.topo.node_ip4_of(0);
-    let o = node_ip.octets();
-    let vip = std::net::Ipv4Addr::new(o[0], o[1], o[2], 100);
     // No SNAT: the NAT chain stays (nat hooks registered) but is empty.
     must_in(
         &node_ns,
         &["nft", "flush", "chain", "inet", "ctwtest", "post"],
     );
-    let p = pod_ip.octets();
-    must_in(
-        &srv_ns,
-        &[
-            "ip",
-            "route",
-            "add",
-            &format!("{}.{}.{}.0/24", p[0], p[1], p[2]),
-            "via",
-            &node_ip.to_string(),
-        ],
-    );
+    let (p4, p6) = (c.topo.pod_ip4(0), c.topo.pod_ip6(0));
+    let (n4, n6) = (c.topo.node_ip4(), c.topo.node_ip6());
+    let (s4, s6) = (c.topo.srv_ip4(), c.topo.srv_ip6());
+    let o = n4.octets();
+    let vip4 = std::net::Ipv4Addr::new(o[0], o[1], o[2], 100);
+    let g = n6.segments();
+    let vip6 = std::net::Ipv6Addr::new(g[0], g[1], g[2], g[3], 0, 0, 0, 0x100);
+    let q = p4.octets();
+    let h = p6.segments();
+    for route in [
+        format!("{}.{}.{}.0/24 via {n4}", q[0], q[1], q[2]),
+        format!("{:x}:{:x}:{:x}:{:x}::/64 via {n6}", h[0], h[1], h[2], h[3]),
+    ] {
+        let mut argv = vec!["ip", "route", "add"];
+        argv.extend(route.split(' '));
+        must_in(&srv_ns, &argv);
+    }
     let ruleset = format!(
-        "table ip vip {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    \
-         ip daddr {vip} tcp dport 80 dnat to {srv}:80\n  }}\n}}\n"
+        "table inet vip {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    \
+         ip daddr {vip4} tcp dport 80 dnat ip to {s4}:80\n    \
+         ip6 daddr {vip6} tcp dport 80 dnat ip6 to [{s6}]:80\n  }}\n}}\n"
     );
     let f = c.topo.tmp_dir().join("vip.nft");
     std::fs::write(&f, ruleset).unwrap();
     must_in(&node_ns, &["nft", "-f", &f.display().to_string()]);
 
-    let before = logged(&c);
     let pod_ns = c.topo.pod_ns_of(0, 0).to_string();
     let python = must_in(
         &pod_ns,
         &["python3", "-c", "import sys; print(sys.executable)"],
     );
-    let out = must_in(
-        &pod_ns,
-        &[
-            python.trim(),
-            "-c",
-            TWO_FROM_ONE_PORT,
-            &vip.to_string(),
-            &srv.to_string(),
-            "4321",
-        ],
-    );
-    assert_eq!(out.trim(), "ok");
-    let first = next_line(&c, before);
-    let second = next_line(&c, before + 1);
-    let addr_port = |l: &str| -> (IpAddr, u16) {
-        let mut w = l.split(' ');
-        (
-            w.next().unwrap().parse().unwrap(),
-            w.next().unwrap().parse().unwrap(),
-        )
-    };
-    // What the server saw: the pod's own address both times, the second
-    // time from a port the kernel chose.
-    let (a1, p1) = addr_port(&first);
-    let (a2, p2) = addr_port(&second);
-    assert_eq!((a1, p1), (IpAddr::from(pod_ip), 4321), "{first}");
-    assert_eq!(a2, IpAddr::from(pod_ip), "{second}");
-    assert_ne!(
-        p2, 4321,
-        "the kernel rewrote the clashing source port: {second}"
-    );
+    for (vip, srv, pod_ip) in [
+        (IpAddr::from(vip4), IpAddr::from(s4), IpAddr::from(p4)),
+        (IpAddr::from(vip6), IpAddr::from(s6), IpAddr::from(p6)),
+    ] {
+        let before = logged(&c);
+        let out = must_in(
+            &pod_ns,
+            &[
+                python.trim(),
+                "-c",
+                TWO_FROM_ONE_PORT,
+                &vip.to_string(),
+                &srv.to_string(),
+                "4321",
+            ],
+        );
+        assert_eq!(out.trim(), "ok");
+        let first = next_line(&c, before);
+        let second = next_line(&c, before + 1);
+        let addr_port = |l: &str| -> (IpAddr, u16) {
+            let mut w = l.split(' ');
+            (
+                w.next().unwrap().parse().unwrap(),
+                w.next().unwrap().parse().unwrap(),
+            )
+        };
+        // What the server saw: the pod's own address both times, the
+        // second time from a port the kernel chose.
+        let (a1, p1) = addr_port(&first);
+        let (a2, p2) = addr_port(&second);
+        assert_eq!((a1, p1), (pod_ip, 4321), "{first}");
+        assert_eq!(a2, pod_ip, "{second}");
+        assert_ne!(
+            p2, 4321,
+            "the kernel rewrote the clashing source port: {second}"
+        );
 
-    // The agent's record of the rewritten connection: snat_ip == src_ip.
-    let agent = &c.agents[0];
-    let rec = wait_for(WAIT, "the record of the rewritten connection", || {
-        agent
-            .records("new_connection")
-            .into_iter()
-            .find(|r| r["snat_port"] == p2 && r["dst_ip"] == srv.to_string())
-    });
-    assert_eq!(rec["src_ip"], pod_ip.to_string(), "{rec}");
-    assert_eq!(rec["snat_ip"], pod_ip.to_string(), "{rec}");
-    assert_eq!(rec["src_port"], 4321, "{rec}");
+        // The agent's record of the rewritten connection: snat_ip == src_ip.
+        let agent = &c.agents[0];
+        let rec = wait_for(WAIT, "the record of the rewritten connection", || {
+            agent
+                .records("new_connection")
+                .into_iter()
+                .find(|r| r["snat_port"] == p2 && r["dst_ip"] == srv.to_string())
+        });
+        assert_eq!(rec["src_ip"], pod_ip.to_string(), "{rec}");
+        assert_eq!(rec["snat_ip"], pod_ip.to_string(), "{rec}");
+        assert_eq!(rec["src_port"], 4321, "{rec}");
 
-    let lines = vec![first.clone(), second.clone()];
-    let v = wait_for(WAIT, "both lines resolved", || {
-        let (code, v) = resolve(&c, &lines);
-        assert_eq!(code, 200, "{v:#}");
-        (v["summary"]["resolved"] == 2).then_some(v)
-    });
-    for (i, line) in lines.iter().enumerate() {
-        let r = &v["results"][i];
-        assert_eq!(r["status"], "resolved", "{line}: {r:#}");
-        assert_eq!(r["pod_ip"], pod_ip.to_string(), "{line}: {r:#}");
-        assert_eq!(r["node"], "node-0", "{r:#}");
-        assert_eq!(r["pod_port"], 4321, "{r:#}");
+        let lines = vec![first.clone(), second.clone()];
+        let v = wait_for(WAIT, "both lines resolved", || {
+            let (code, v) = resolve(&c, &lines);
+            assert_eq!(code, 200, "{v:#}");
+            (v["summary"]["resolved"] == 2).then_some(v)
+        });
+        for (i, line) in lines.iter().enumerate() {
+            let r = &v["results"][i];
+            assert_eq!(r["status"], "resolved", "{line}: {r:#}");
+            assert_eq!(r["pod_ip"], pod_ip.to_string(), "{line}: {r:#}");
+            assert_eq!(r["node"], "node-0", "{r:#}");
+            assert_eq!(r["pod_port"], 4321, "{r:#}");
+        }
     }
 }
