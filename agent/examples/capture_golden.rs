@@ -1,7 +1,11 @@
 //! Captures raw ctnetlink event datagrams from the running kernel and writes
 //! them as a golden file for the decoder and BPF tests.
 //!
-//! Usage: `capture_golden OUT.hex COUNT [TIMEOUT_SECS]`
+//! Usage: `capture_golden OUT.hex COUNT [TIMEOUT_SECS [KEEP]]`
+//!
+//! KEEP selects which datagrams count (default `all`): `nat_clash` keeps
+//! only datagrams holding an entry with `IPS_NAT_CLASH` (status bit 12), so
+//! a run of thousands of flows yields just the rare clash DESTROY events.
 //!
 //! Joins `NFNLGRP_CONNTRACK_NEW` (1) and `NFNLGRP_CONNTRACK_DESTROY` (3) on a
 //! `NETLINK_NETFILTER` socket in the current network namespace (run it with
@@ -33,6 +37,11 @@ fn main() -> anyhow::Result<()> {
         Some(s) => s.parse().context("TIMEOUT_SECS must be a number")?,
         None => 20,
     });
+    let nat_clash_only = match args.get(4).map(String::as_str) {
+        None | Some("all") => false,
+        Some("nat_clash") => true,
+        Some(k) => bail!("KEEP must be all or nat_clash, got {k:?}"),
+    };
 
     let mut sock = Socket::new(NETLINK_NETFILTER).context("open NETLINK_NETFILTER")?;
     sock.bind(&SocketAddr::new(0, 0)).context("bind")?;
@@ -57,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         match sock.recv(&mut &mut buf[..], 0) {
+            Ok(n) if nat_clash_only && !has_nat_clash(&buf[..n]) => {}
             Ok(n) => {
                 let recv_ns = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -90,6 +100,14 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(out_path, out).with_context(|| format!("write {out_path}"))?;
     eprintln!("wrote {} datagrams to {out_path}", datagrams.len());
     Ok(())
+}
+
+/// Does any message of the datagram decode into a NAT-clash shadow entry?
+fn has_nat_clash(dgram: &[u8]) -> bool {
+    use ctw_agent::netlink::decode::{self, Decoded};
+    decode::messages(dgram).any(
+        |m| matches!(m.and_then(|m| decode::decode(&m, 0)), Ok(Decoded::Conn(r)) if r.nat_clash()),
+    )
 }
 
 fn set_recv_timeout(fd: std::os::fd::RawFd, d: Duration) -> anyhow::Result<()> {

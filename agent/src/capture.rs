@@ -203,8 +203,12 @@ pub enum Probe {
 /// ([`NetlinkSource`]) or a replay ([`ReplaySource`]).
 pub trait EventSource {
     /// Wait for events (at most the source's own timeout) and hand each
-    /// message's decode result to `each`, in order.
-    fn recv<F: FnMut(Result<Decoded, DecodeError>)>(&mut self, each: F) -> io::Result<SourceRecv>;
+    /// message's decode result to `each`, in order, with the time (ns since
+    /// the epoch) the agent read it.
+    fn recv<F: FnMut(Result<Decoded, DecodeError>, u64)>(
+        &mut self,
+        each: F,
+    ) -> io::Result<SourceRecv>;
 
     /// The kernel's count of events dropped on this socket so far
     /// (`/proc/net/netlink` Drops), when known.
@@ -274,9 +278,10 @@ impl NetlinkSource {
     ) -> Result<(), String> {
         let mut reqs = Vec::with_capacity(entries.len() * 96);
         for (i, r) in entries.iter().enumerate() {
-            reqs.extend_from_slice(&request::get_orig_in_zone(
+            reqs.extend_from_slice(&request::get(
                 r.protocol,
                 &r.orig,
+                request::TupleDir::Orig,
                 r.zone,
                 seq0.wrapping_add(i as u32),
             ));
@@ -317,7 +322,7 @@ impl NetlinkSource {
 }
 
 impl EventSource for NetlinkSource {
-    fn recv<F: FnMut(Result<Decoded, DecodeError>)>(
+    fn recv<F: FnMut(Result<Decoded, DecodeError>, u64)>(
         &mut self,
         mut each: F,
     ) -> io::Result<SourceRecv> {
@@ -332,7 +337,7 @@ impl EventSource for NetlinkSource {
                         continue;
                     }
                     for msg in decode::messages(dgram) {
-                        each(msg.and_then(|m| decode::decode(&m, recv_ns)));
+                        each(msg.and_then(|m| decode::decode(&m, recv_ns)), recv_ns);
                     }
                 }
                 Ok(SourceRecv::Batch {
@@ -443,7 +448,7 @@ impl ReplaySource {
 }
 
 impl EventSource for ReplaySource {
-    fn recv<F: FnMut(Result<Decoded, DecodeError>)>(
+    fn recv<F: FnMut(Result<Decoded, DecodeError>, u64)>(
         &mut self,
         mut each: F,
     ) -> io::Result<SourceRecv> {
@@ -453,7 +458,9 @@ impl EventSource for ReplaySource {
         match step {
             ReplayStep::Records(v) => {
                 for r in &v {
-                    each(Ok(Decoded::Conn(*r)));
+                    // Built records carry their own time: none of it is
+                    // a kernel event time.
+                    each(Ok(Decoded::Conn(*r)), r.event_ns);
                 }
                 Ok(SourceRecv::Batch {
                     datagrams: v.len(),
@@ -463,7 +470,7 @@ impl EventSource for ReplaySource {
             ReplayStep::Datagrams { recv_ns, datagrams } => {
                 for d in &datagrams {
                     for msg in decode::messages(d) {
-                        each(msg.and_then(|m| decode::decode(&m, recv_ns)));
+                        each(msg.and_then(|m| decode::decode(&m, recv_ns)), recv_ns);
                     }
                 }
                 Ok(SourceRecv::Batch {
@@ -486,10 +493,14 @@ impl EventSource for ReplaySource {
             s.table
                 .iter()
                 .filter(|r| filter.keeps(r))
-                .map(|r| ConnRecord {
-                    kind: EventKind::Recovered,
-                    event_ns: now,
-                    ..*r
+                .map(|r| {
+                    let mut r = ConnRecord {
+                        kind: EventKind::Recovered,
+                        event_ns: now,
+                        ..*r
+                    };
+                    filter.mark(&mut r);
+                    r
                 })
                 .collect()
         }))
@@ -608,8 +619,9 @@ impl PortCounts {
             midstream_series: series(&m.midstream_pickups),
         }
     }
-    fn add(&mut self, r: &ConnRecord) {
-        if let Ok(i) = self.ports.binary_search(&r.orig.dst_port) {
+    /// Count `r` under `port`, the watched port that matched it.
+    fn add(&mut self, port: Option<u16>, r: &ConnRecord) {
+        if let Some(Ok(i)) = port.map(|p| self.ports.binary_search(&p)) {
             match r.kind {
                 EventKind::Destroy => self.closed[i] += 1,
                 EventKind::New | EventKind::Recovered => {
@@ -689,14 +701,27 @@ struct Core<S: RecordSink> {
 }
 
 impl<S: RecordSink> Core<S> {
-    /// One decoded message of a batch.
-    fn handle(&mut self, d: Result<Decoded, DecodeError>, out: &mut Vec<ConnRecord>) {
+    /// One decoded message of a batch, read at `recv_ns`; `lag` gathers
+    /// the kernel-to-agent delay of records with a kernel event time.
+    fn handle(
+        &mut self,
+        d: Result<Decoded, DecodeError>,
+        recv_ns: u64,
+        lag: &prometheus::local::LocalHistogram,
+        out: &mut Vec<ConnRecord>,
+    ) {
         self.batch.received += 1;
         match d {
-            Ok(Decoded::Conn(r)) => {
+            Ok(Decoded::Conn(mut r)) => {
                 if !self.cfg.filter.keeps(&r) {
                     self.batch.filtered += 1;
-                } else if r.kind == EventKind::Destroy {
+                    return;
+                }
+                self.cfg.filter.mark(&mut r);
+                if let Some(k) = decode::kernel_event_ns(&r, recv_ns) {
+                    lag.observe(recv_ns.saturating_sub(k) as f64 / 1e9);
+                }
+                if r.kind == EventKind::Destroy {
                     self.on_destroy(r, out);
                 } else {
                     self.on_new(r, out);
@@ -727,7 +752,7 @@ impl<S: RecordSink> Core<S> {
             Some(old) => self.supersede(rkey, old, r.event_ns, out),
             None => {}
         }
-        self.counts.add(&r);
+        self.counts.add(self.cfg.filter.matched_port(&r), &r);
         out.push(r);
     }
 
@@ -779,7 +804,7 @@ impl<S: RecordSink> Core<S> {
 
     fn emit_destroy(&mut self, r: ConnRecord, out: &mut Vec<ConnRecord>) {
         if self.cfg.capture_destroy {
-            self.counts.add(&r);
+            self.counts.add(self.cfg.filter.matched_port(&r), &r);
             out.push(r);
         } else {
             self.batch.filtered += 1;
@@ -853,7 +878,7 @@ impl<S: RecordSink> Core<S> {
                 continue;
             }
             if after_loss {
-                self.counts.add(&r);
+                self.counts.add(self.cfg.filter.matched_port(&r), &r);
             }
             let p = Pending {
                 rec: r,
@@ -1024,7 +1049,12 @@ impl<S: RecordSink, E: EventSource> Capture<S, E> {
     pub fn step(&mut self) -> Option<usize> {
         let mut out = Vec::new();
         let core = &mut self.core;
-        match self.source.recv(|d| core.handle(d, &mut out)) {
+        let lag = core.metrics.event_lag.local();
+        let got = self
+            .source
+            .recv(|d, recv_ns| core.handle(d, recv_ns, &lag, &mut out));
+        lag.flush();
+        match got {
             Ok(SourceRecv::Batch {
                 datagrams,
                 truncated,
@@ -1176,8 +1206,9 @@ pub fn dump_table(filter: &Filter) -> Result<Vec<ConnRecord>, String> {
         for msg in decode::messages(dgram) {
             let msg = msg.map_err(|e| format!("malformed dump reply: {e}"))?;
             match decode::decode_entry(&msg, recv_ns) {
-                Ok(Decoded::Conn(r)) => {
+                Ok(Decoded::Conn(mut r)) => {
                     if filter.keeps(&r) {
+                        filter.mark(&mut r);
                         out.push(r);
                     }
                 }

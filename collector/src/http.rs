@@ -292,6 +292,9 @@ pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
     if let Some(s) = r.tcp_state {
         o.insert("state".into(), json!(s.name()));
     }
+    if r.status & ctw_common::status::CTW_EXTERNAL != 0 {
+        o.insert("external".into(), json!(true));
+    }
     if let Some(c) = h.closed_ns {
         o.insert("end".into(), json!(api::format_time(c)));
         o.insert(
