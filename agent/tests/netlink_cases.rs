@@ -26,7 +26,7 @@ s.settimeout(5)
 s.connect((dst, port))
 print('ok', flush=True)
 while True:
-    time.sleep(60)
+    time.sleep(60)  # tidy: holds the connection until killed
 "#;
 
 /// The kernel's entry for a held connection from `sport`, as
@@ -255,7 +255,7 @@ fn stalled_agent_keeps_the_kernel_event_time_and_reports_its_lag() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The stall itself is the scenario (not a wait for a condition): the
-    // agent stays stopped for 5 s after the connection was made.
+    // agent stays stopped for 5 s after the connection was made (tidy: the scenario).
     std::thread::sleep(Duration::from_secs(5));
     let resumed = now_ns();
     agent.signal("CONT");
