@@ -731,11 +731,18 @@ fn udp_nat_clash_shadows_are_counted_and_never_records() {
     });
     let mut last = -1.0;
     let matched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // Shadows expire a second after the clash but leave the table only
+        // when the garbage collector (which may scan once a minute) or a
+        // table walk evicts them (`ctnetlink_dump_table` evicts a few
+        // expired entries per batch): walk the table while waiting.
         wait_for(
-            WAIT,
+            Duration::from_secs(120),
             "the agent's clash count to match the kernel's",
             || {
                 last = agent.metric("ctw_nat_clash_total").unwrap_or(-1.0);
+                if last != kernel_shadows as f64 {
+                    let _ = topo.node_conntrack(&["-L", "-p", "udp"]);
+                }
                 (last == kernel_shadows as f64).then_some(())
             },
         )
