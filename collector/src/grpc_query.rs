@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::LookupConfig;
 use crate::registry::{unix_ns, LiveAnswer, LiveQuery, LookupError, Registry};
-use crate::store::{Gap, RecordStore, SearchQuery, SearchResult, StoreError};
+use crate::store::{ConnKind, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
 
 /// `limit` when a search does not give one.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -130,6 +130,18 @@ pub fn search_query(r: &pb::SearchRequest, max_limit: usize) -> Result<SearchQue
         at_ns: r.at_ns,
         at_precision_ns: 0,
         limit,
+        kind: r
+            .kind
+            .as_deref()
+            .map(|k| {
+                ConnKind::parse(k).ok_or_else(|| {
+                    invalid(
+                        "kind",
+                        format!("unknown kind {k:?}; valid: {}", ConnKind::valid_values()),
+                    )
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -167,6 +179,8 @@ fn search_response(result: SearchResult) -> pb::SearchResponse {
                 node: h.node.clone(),
                 record: Some((&h.record).into()),
                 closed_ns: h.closed_ns,
+                end: h.end.map(|e| e.as_str().to_string()),
+                last_seen_ns: h.last_seen_ns,
                 counters_orig: pb_counters(h.counters_orig),
                 counters_reply: pb_counters(h.counters_reply),
             })

@@ -24,7 +24,7 @@ use crate::grpc_query::{merge_open_gaps, route_lookup};
 use crate::metrics::Metrics;
 use crate::registry::{LiveQuery, LookupError, Registry};
 use crate::resolve;
-use crate::store::{alive_at, Gap, Hit, RecordStore, SearchQuery, SearchResult};
+use crate::store::{alive_at, ConnKind, Gap, Hit, RecordStore, SearchQuery, SearchResult};
 
 /// Default and largest `window` around `at`.
 const DEFAULT_WINDOW_NS: u64 = 5 * 60 * 1_000_000_000;
@@ -267,6 +267,19 @@ pub fn parse_search(
         at_ns: at,
         at_precision_ns: api::param(params, "at").map_or(0, api::time_precision_ns),
         limit,
+        kind: api::param(params, "kind")
+            .map(|k| {
+                ConnKind::parse(k).ok_or_else(|| {
+                    BadParam::new(
+                        "kind",
+                        format!(
+                            "kind: unknown value {k:?}; valid: {}",
+                            ConnKind::valid_values()
+                        ),
+                    )
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -294,6 +307,12 @@ pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
     }
     if let Some(c) = h.closed_ns {
         o.insert("end".into(), json!(api::format_time(c)));
+        if let Some(e) = h.end {
+            o.insert("end_kind".into(), json!(e.as_str()));
+        }
+        if let Some(s) = h.last_seen_ns {
+            o.insert("last_seen".into(), json!(api::format_time(s)));
+        }
         o.insert(
             "duration_ms".into(),
             json!(c.saturating_sub(start) / 1_000_000),

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use ctw_collector::config::StorageConfig;
 use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
 use ctw_collector::store::{
-    normalize, AppendOutcome, Gap, Hit, MemStore, RecordStore, SearchQuery, StoreError, StoredBatch,
+    alive_at, normalize, AppendOutcome, ConnKind, End, Gap, Hit, MemStore, RecordStore,
+    SearchQuery, StoreError, StoredBatch,
 };
 use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
 
@@ -107,12 +108,34 @@ fn batch(node: &str, seq: u64, records: Vec<ConnRecord>) -> StoredBatch {
 /// Random connections: NEW, often a DESTROY (lifetime < 2 h), sometimes a
 /// recovered duplicate while alive; IPv4 and IPv6; few values so queries
 /// collide. Like the kernel, never two live connections with the same
-/// original tuple on one node: a source port is redrawn (else a fresh one
-/// taken) when the tuple is alive at the drawn time.
+/// original or the same reply tuple on one node: a source port (for the
+/// original tuple) or a SNAT port (for the reply tuple) is redrawn (else a
+/// fresh one taken) when the tuple is alive at the drawn time.
+///
+/// Connections without a DESTROY are, in turns: superseded (a later NEW of
+/// another pod takes their reply tuple: the kernel sent no DESTROY), found
+/// gone by the agent (a `CTW_GONE` record), or alive for 4 h. Some UDP
+/// connections also get a NAT-clash shadow DESTROY (another backend).
 fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord)> {
     use std::collections::HashMap;
+    type Alive = HashMap<(String, Protocol, bool, ctw_common::Tuple), Vec<(u64, u64)>>;
     let mut out = Vec::new();
-    let mut alive: HashMap<(String, Protocol, ctw_common::Tuple), Vec<(u64, u64)>> = HashMap::new();
+    // Lifetimes by (node, protocol, is reply tuple, tuple).
+    let mut alive: Alive = HashMap::new();
+    let free = |alive: &Alive, node: &str, r: &ConnRecord, reply: bool, a: u64, b: u64| {
+        let t = if reply { r.reply } else { r.orig };
+        alive
+            .get(&(node.to_string(), r.protocol, reply, t))
+            .is_none_or(|v| v.iter().all(|&(x, y)| b < x || a > y))
+    };
+    let take = |alive: &mut Alive, node: &str, r: &ConnRecord, a: u64, b: u64| {
+        for (reply, t) in [(false, r.orig), (true, r.reply)] {
+            alive
+                .entry((node.to_string(), r.protocol, reply, t))
+                .or_default()
+                .push((a, b));
+        }
+    };
     let mut fresh_port = 20000u16;
     for _ in 0..n {
         let node = format!("n{}", rng.below(3));
@@ -159,33 +182,41 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
         if rng.below(3) == 0 {
             r.start_ns = None;
         }
-        let destroy = rng.below(10) < 6;
-        let life = if destroy { rng.below(2 * H) } else { 4 * H };
-        let free = |alive: &HashMap<_, Vec<(u64, u64)>>, r: &ConnRecord| {
-            alive
-                .get(&(node.clone(), r.protocol, r.orig))
-                .is_none_or(|v: &Vec<(u64, u64)>| v.iter().all(|&(a, b)| t + life < a || t > b))
+        // 0-5: DESTROY; 6: superseded; 7: gone; 8-9: alive 4 h.
+        let fate = rng.below(10);
+        let life = if fate < 6 || fate == 7 {
+            rng.below(2 * H)
+        } else if fate == 6 {
+            1 + rng.below(H)
+        } else {
+            4 * H
         };
         for _ in 0..8 {
-            if free(&alive, &r) {
+            if free(&alive, &node, &r, false, t, t + life) {
                 break;
             }
             r.orig.src_port = 1000 + rng.below(8) as u16;
         }
-        if !free(&alive, &r) {
+        for _ in 0..8 {
+            if free(&alive, &node, &r, true, t, t + life) {
+                break;
+            }
+            r.reply.dst_port = 5000 + rng.below(8) as u16;
+        }
+        if !free(&alive, &node, &r, false, t, t + life)
+            || !free(&alive, &node, &r, true, t, t + life)
+        {
             fresh_port += 1;
             r.orig.src_port = fresh_port;
+            r.reply.dst_port = fresh_port;
         }
-        alive
-            .entry((node.clone(), r.protocol, r.orig))
-            .or_default()
-            .push((t, t + life));
+        take(&mut alive, &node, &r, t, t + life);
         out.push((node.clone(), r));
-        if destroy {
-            let mut d = r;
+        let destroy = |r: &ConnRecord, at: u64, rng: &mut Rng| {
+            let mut d = *r;
             d.kind = EventKind::Destroy;
-            d.event_ns = t + life;
-            d.stop_ns = Some(t + life);
+            d.event_ns = at;
+            d.stop_ns = Some(at);
             d.tcp_state = Some(TcpState::TimeWait);
             d.counters_orig = Some(Counters {
                 packets: rng.below(100),
@@ -195,7 +226,59 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
                 packets: rng.below(100),
                 bytes: rng.below(100_000),
             });
-            out.push((node.clone(), d));
+            d
+        };
+        match fate {
+            0..6 => {
+                out.push((node.clone(), destroy(&r, t + life, rng)));
+                if r.protocol == Protocol::Udp && rng.below(5) == 0 {
+                    // The shadow of a NAT clash: another id and backend,
+                    // its own start, only a DESTROY.
+                    let mut shadow = destroy(&r, t + rng.below(life + 1), rng);
+                    shadow.status |= status::NAT_CLASH;
+                    shadow.reply.src = ip(rng, 5);
+                    shadow.start_ns = r.start_ns.map(|s| s + 1000);
+                    out.push((node.clone(), shadow));
+                }
+            }
+            6 => {
+                // Another pod takes the reply tuple at t + life; this
+                // connection's end was never reported (or, sometimes, the
+                // agent found it gone only after the successor started).
+                let at = t + life;
+                let mut next = r;
+                next.event_ns = at;
+                next.start_ns = r.start_ns.map(|_| at);
+                next.orig.src = ip(rng, 6);
+                let next_life = rng.below(2 * H);
+                if free(&alive, &node, &next, false, at, at + next_life)
+                    && free(&alive, &node, &next, true, at + 1, at + next_life)
+                {
+                    take(&mut alive, &node, &next, at, at + next_life);
+                    out.push((node.clone(), next));
+                    if rng.below(2) == 0 {
+                        out.push((node.clone(), destroy(&next, at + next_life, rng)));
+                    }
+                    if rng.below(3) == 0 {
+                        let mut gone = destroy(&r, at + rng.below(MIN), rng);
+                        gone.status |= status::CTW_GONE;
+                        gone.stop_ns = Some(t + rng.below(life));
+                        gone.counters_orig = None;
+                        gone.counters_reply = None;
+                        out.push((node.clone(), gone));
+                    }
+                }
+            }
+            7 => {
+                // Found gone by the agent: last seen before, gone at t + life.
+                let mut gone = destroy(&r, t + life, rng);
+                gone.status |= status::CTW_GONE;
+                gone.stop_ns = Some(t + rng.below(life + 1));
+                gone.counters_orig = None;
+                gone.counters_reply = None;
+                out.push((node.clone(), gone));
+            }
+            _ => {}
         }
         if rng.below(10) == 0 {
             let mut again = r;
@@ -272,11 +355,17 @@ fn append_and_search_by_snat_ip_port_and_time_v4_and_v6() {
     assert_eq!(r.total, 1, "{r:?}");
     assert_eq!(r.hits[0].record, kept(a));
     assert_eq!(r.hits[0].node, "n1");
+    // b took a's reply tuple: a had ended by b's start (no DESTROY seen),
+    // so a may have been alive in the range but not at b's start.
     let r = store.search(&q(node4, BASE + 50 * MIN)).unwrap();
     assert_eq!(
         r.hits.iter().map(|h| h.record).collect::<Vec<_>>(),
-        vec![kept(b)]
+        vec![kept(b), kept(a)]
     );
+    assert_eq!(r.hits[1].end, Some(End::Superseded));
+    assert_eq!(r.hits[1].closed_ns, Some(BASE + 50 * MIN));
+    assert!(!alive_at(&r.hits[1], BASE + 50 * MIN, 1));
+    assert!(alive_at(&r.hits[0], BASE + 50 * MIN, 1));
     let r = store.search(&q(node6, BASE + 10 * MIN)).unwrap();
     assert_eq!(
         r.hits.iter().map(|h| h.record).collect::<Vec<_>>(),
@@ -300,7 +389,9 @@ fn same_answers_as_memstore_on_random_data() {
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000; // only explicit commits
     let store = TantivyStore::open(&cfg).unwrap();
-    let mem = MemStore::default();
+    // Reads what the tantivy store reads: connections superseded (or
+    // destroyed) more than the lookback after a range show no end in both.
+    let mem = MemStore::with_lookback(cfg.lookback_hours as u64 * H);
     let mut rng = Rng(1234);
     let span = 30 * H;
     let records = random_records(&mut rng, 3000, span);
@@ -361,6 +452,9 @@ fn same_answers_as_memstore_on_random_data() {
             if m & 512 != 0 {
                 q.at_ns = Some(from + rng.below(H));
             }
+        }
+        if m & 1024 != 0 && m & 2048 != 0 {
+            q.kind = Some(ConnKind::ALL[rng.below(4) as usize]);
         }
         let a = store.search(&q).unwrap();
         let b = mem.search(&q).unwrap();
@@ -664,7 +758,20 @@ fn search_touches_only_the_partitions_its_range_needs() {
     );
     assert_eq!(store.last_search_stats(), stats);
     assert_eq!(store.partitions_for(&q).len(), 3);
-    assert_eq!(r.total, 1);
+    // The 05:01 connection (superseded at 06:01, inside the lookback), and
+    // the 04:01 one it superseded (same reply tuple, no DESTROY): that one
+    // may have been alive until 05:01.
+    assert_eq!(r.total, 2);
+    assert_eq!(
+        r.hits
+            .iter()
+            .map(|h| (h.start_ns(), h.end))
+            .collect::<Vec<_>>(),
+        vec![
+            (BASE + 5 * H + MIN, Some(End::Superseded)),
+            (BASE + 4 * H + MIN, Some(End::Superseded))
+        ]
+    );
     let (_, stats) = store
         .search_with_stats(&SearchQuery {
             limit: 1,
