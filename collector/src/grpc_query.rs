@@ -523,11 +523,25 @@ mod tests {
                 },
                 "node",
             ),
+            (
+                pb::SearchRequest {
+                    kind: Some("opened".into()),
+                    ..Default::default()
+                },
+                "kind",
+            ),
         ];
         for (req, field) in cases {
             let e = search_query(&req, 1000).unwrap_err();
             assert_eq!(e.field, field, "{e}");
             assert!(invalid_status(&e).message().starts_with(field));
+        }
+        for k in ConnKind::ALL {
+            let req = pb::SearchRequest {
+                kind: Some(k.as_str().into()),
+                ..Default::default()
+            };
+            assert_eq!(search_query(&req, 1000).unwrap().kind, Some(k));
         }
     }
 

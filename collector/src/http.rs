@@ -472,3 +472,29 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
 async fn agents(State(s): State<Arc<AppState>>) -> Response {
     Json(json!({ "agents": s.registry.agents() })).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn params(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn kind_is_parsed_and_an_unknown_one_names_the_valid_values() {
+        for k in ConnKind::ALL {
+            let q = parse_search(&params(&[("kind", k.as_str())]), 100).unwrap();
+            assert_eq!(q.kind, Some(k));
+        }
+        assert_eq!(parse_search(&params(&[]), 100).unwrap().kind, None);
+        let e = parse_search(&params(&[("kind", "NEW")]), 100).unwrap_err();
+        assert_eq!(e.parameter, "kind");
+        for k in ["new", "midstream", "recovered", "destroy"] {
+            assert!(e.message.contains(k), "{}", e.message);
+        }
+    }
+}
