@@ -451,6 +451,20 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
 /// matching the query's fields, e.g. another pod's when searching by pod
 /// address) leaves the connection without an end.
 pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap]) -> SearchResult {
+    assemble_with(q, records, gaps, false)
+}
+
+/// [`assemble`] of the records a store collected when it stopped at its
+/// cap (`truncated`): then a DESTROY standing alone may be the end of a
+/// connection whose opening record was read but not collected (and is
+/// counted by [`counts_uncollected`]), so `total` counts it only as
+/// [`counts_uncollected`] would (never below the hits returned).
+pub fn assemble_with(
+    q: &SearchQuery,
+    records: Vec<(String, ConnRecord)>,
+    gaps: &[Gap],
+    truncated: bool,
+) -> SearchResult {
     use std::collections::HashMap;
     type Key = (String, Protocol, u16);
     let mut by_key: HashMap<Key, Vec<ConnRecord>> = HashMap::new();
@@ -476,8 +490,15 @@ pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap
         start <= to && end >= from && q.kind.is_none_or(|k| k == ConnKind::of(&h.record))
     });
     rank(&mut hits, q.at_ns, q.at_precision_ns);
-    let total = hits.len() as u64;
+    let mut total = hits.len() as u64;
+    if truncated {
+        total -= hits
+            .iter()
+            .filter(|h| h.record.kind == EventKind::Destroy && !counts_uncollected(q, &h.record))
+            .count() as u64;
+    }
     hits.truncate(q.limit);
+    let total = total.max(hits.len() as u64);
     let gaps = gaps
         .iter()
         .filter(|g| g.from_ns <= to && g.to_ns >= from)
@@ -497,13 +518,17 @@ pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap
 ///   after it: a connection alive into the range that started before it
 ///   (its NEW, if read, is not counted by the first rule).
 ///
-/// The count is exact, for the uncollected part, when each connection
-/// has one opening record (no recovered duplicate of a NEW) and, for
+/// A collected DESTROY standing alone counts by the same rule (its opening
+/// record may be among the uncollected ones), see [`assemble_with`].
+///
+/// So `total` is exact, whatever the cap, when each connection has one
+/// opening record (no recovered duplicate of a NEW, no lost NEW) and, for
 /// connections started before `from`, the kernel sent start timestamps
 /// (`nf_conntrack_timestamp=1`) and they had ended by the end of the read
-/// range. Else it counts recovered duplicates twice and misses connections
-/// still open (or without timestamps) that started before `from`, and
-/// DESTROYs whose NEW was lost. The collected part is joined and exact.
+/// range. Else, past the cap, it counts recovered duplicates twice and
+/// misses connections still open (or without timestamps) that started
+/// before `from`, and DESTROYs whose NEW was lost. Below the cap every
+/// record is joined and `total` is exact.
 pub fn counts_uncollected(q: &SearchQuery, r: &ConnRecord) -> bool {
     let from = q.from_ns.unwrap_or(0);
     let to = q.to_ns.unwrap_or(u64::MAX);

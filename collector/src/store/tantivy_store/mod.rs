@@ -60,8 +60,8 @@ use self::gaps::GapLog;
 use self::schema::{shape_range_of_dst, to_v6, Fields, RecordDoc, Run, SegmentColumns};
 use self::wal::{io_err, Wal};
 use super::{
-    assemble, counts_uncollected, matches_fields, AppendOutcome, Gap, RecordStore, SearchQuery,
-    SearchResult, StoreError, StoreStats, StoredBatch,
+    assemble_with, counts_uncollected, matches_fields, AppendOutcome, Gap, RecordStore,
+    SearchQuery, SearchResult, StoreError, StoreStats, StoredBatch,
 };
 use crate::config::StorageConfig;
 
@@ -586,7 +586,7 @@ impl Inner {
         stats.docs = matches.records.len() as u64;
         stats.truncated = matches.uncollected > 0;
         let gaps = self.gaps.lock().map_err(|_| poisoned())?;
-        let mut result = assemble(q, matches.records, &gaps.gaps);
+        let mut result = assemble_with(q, matches.records, &gaps.gaps, stats.truncated);
         result.total += matches.uncollected_connections;
         Ok((result, stats))
     }
