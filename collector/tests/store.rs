@@ -44,6 +44,7 @@ impl TempDir {
             commit_max_records: 300_000,
             partition_hours: 1,
             lookback_hours: 3,
+            max_collected_records: 200_000,
         }
     }
 }
@@ -1302,6 +1303,18 @@ fn a_later_entry_with_the_reply_tuple_ends_the_open_one() {
                     assert_eq!(ha.last_seen_ns, gone_at.map(|_| t + 6 * s));
                 }
             }
+            // A line in B's first millisecond (nginx's `$msec`) is B's:
+            // A's bound lies inside the line's interval, A is not alive.
+            if gone_at.is_none() {
+                let qb = SearchQuery {
+                    at_ns: Some(t + 10 * s - 200_000),
+                    ..q.clone()
+                };
+                let rb = store.search(&qb).unwrap();
+                assert_eq!(rb.hits[0].record.orig.src, b_pod);
+                assert!(alive_at(&rb.hits[0], t + 10 * s - 200_000, 1_000_000));
+                assert!(!alive_at(&rb.hits[1], t + 10 * s - 200_000, 1_000_000));
+            }
             // A's own line (at 5 s) is A's alone.
             let qa = SearchQuery {
                 at_ns: Some(t + 5 * s),
@@ -1444,6 +1457,16 @@ fn total_counts_connections_past_the_cap() {
         }
     }
     store.commit().unwrap();
+    // Every NEW committed, then every DESTROY fresh: the newest records,
+    // collected first, are all DESTROYs of connections whose NEW is not
+    // collected (as when a real run's DESTROYs arrive last).
+    let dir2 = TempDir::new("total-destroys-last");
+    let store2 = store_collecting_at_most(&dir2, 500);
+    let (news, destroys): (Vec<ConnRecord>, Vec<ConnRecord>) =
+        records.iter().partition(|r| r.kind == EventKind::New);
+    store2.append(batch("n1", 1, news)).unwrap();
+    store2.commit().unwrap();
+    store2.append(batch("n1", 2, destroys)).unwrap();
     let span = 3000 * 1_000_000_000u64;
     for (from, to, kind) in [
         (None, None, None),
@@ -1475,6 +1498,7 @@ fn total_counts_connections_past_the_cap() {
         let (r, stats) = store.search_with_stats(&q).unwrap();
         assert!(stats.truncated || want == 0, "{q:?}");
         assert_eq!(r.total, want, "{q:?}");
+        assert_eq!(store2.search(&q).unwrap().total, want, "{q:?}");
         assert_eq!(mem.search(&q).unwrap().total, want, "{q:?}");
     }
 }

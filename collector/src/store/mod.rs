@@ -458,7 +458,8 @@ pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap
 /// cap (`truncated`): then a DESTROY standing alone may be the end of a
 /// connection whose opening record was read but not collected (and is
 /// counted by [`counts_uncollected`]), so `total` counts it only as
-/// [`counts_uncollected`] would (never below the hits returned).
+/// [`counts_uncollected`] would; the caller adds the uncollected count (and
+/// keeps `total` at least the number of hits returned).
 pub fn assemble_with(
     q: &SearchQuery,
     records: Vec<(String, ConnRecord)>,
@@ -498,7 +499,6 @@ pub fn assemble_with(
             .count() as u64;
     }
     hits.truncate(q.limit);
-    let total = total.max(hits.len() as u64);
     let gaps = gaps
         .iter()
         .filter(|g| g.from_ns <= to && g.to_ns >= from)
@@ -546,16 +546,23 @@ pub fn counts_uncollected(q: &SearchQuery, r: &ConnRecord) -> bool {
     }
 }
 
-/// Is the connection alive somewhere in `[at, at + precision)`? A
-/// superseded connection had ended before its successor started (the
-/// kernel removes the old entry before it inserts the new one), so it is
-/// not alive at `closed_ns` itself.
+/// Is the connection alive somewhere in `[at, at + precision)`?
+///
+/// A superseded connection counts as alive only when its successor started
+/// after the whole interval: from the successor's start on, the tuple is
+/// the successor's. The interval is only the caller's rounding (nginx's
+/// `$msec` is 1 ms), and for the line to be the older connection's it
+/// would have to have been served, closed, and its entry removed (the
+/// successor could not take the tuple before) all inside that interval
+/// and before the successor's first packet; its exact end is unknown
+/// (`closed_ns` is an upper bound), so it would otherwise make every line
+/// of the successor's first millisecond ambiguous.
 pub fn alive_at(h: &Hit, at: u64, precision: u64) -> bool {
     let at_end = at.saturating_add(precision.saturating_sub(1));
     h.start_ns() <= at_end
         && h.closed_ns.is_none_or(|c| {
             if h.end == Some(End::Superseded) {
-                c > at
+                c > at_end
             } else {
                 c >= at
             }
@@ -574,7 +581,7 @@ pub fn rank(hits: &mut [Hit], at_ns: Option<u64>, precision: u64) {
             } else if start > at {
                 start - at
             } else {
-                at - h.closed_ns.unwrap_or(start)
+                at.saturating_sub(h.closed_ns.unwrap_or(start))
             };
             (!alive, distance, std::cmp::Reverse(start))
         }),

@@ -588,6 +588,9 @@ impl Inner {
         let gaps = self.gaps.lock().map_err(|_| poisoned())?;
         let mut result = assemble_with(q, matches.records, &gaps.gaps, stats.truncated);
         result.total += matches.uncollected_connections;
+        // Never fewer than returned (DESTROYs standing alone are returned
+        // but not counted when their NEW may be among the uncollected).
+        result.total = result.total.max(result.hits.len() as u64);
         Ok((result, stats))
     }
 
@@ -818,8 +821,14 @@ impl Inner {
 impl TantivyStore {
     /// Open (or create) the store under `cfg.path`, replaying the WAL tail
     /// into the index, and start its commit/retention thread.
+    /// Open (or create) the store at `cfg.path`, collecting at most
+    /// `cfg.max_collected_records` per search.
     pub fn open(cfg: &StorageConfig) -> Result<TantivyStore, StoreError> {
-        TantivyStore::open_with(cfg, StoreOptions::default())
+        let opts = StoreOptions {
+            max_collected_docs: cfg.max_collected_records,
+            ..StoreOptions::default()
+        };
+        TantivyStore::open_with(cfg, opts)
     }
 
     pub fn open_with(cfg: &StorageConfig, opts: StoreOptions) -> Result<TantivyStore, StoreError> {
