@@ -546,6 +546,50 @@ mod tests {
     }
 
     #[test]
+    fn connections_say_how_their_end_is_known() {
+        use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+        let ip = "198.18.0.1".parse().unwrap();
+        let r = ConnRecord::new(
+            EventKind::New,
+            1,
+            Protocol::Udp,
+            Tuple::new(ip, 1, ip, 2),
+            Tuple::new(ip, 2, ip, 1),
+        );
+        let hit = |end, closed_ns, last_seen_ns| crate::store::Hit {
+            node: "n".into(),
+            record: r,
+            closed_ns,
+            end,
+            last_seen_ns,
+            counters_orig: None,
+            counters_reply: None,
+        };
+        let res = SearchResult {
+            hits: vec![
+                hit(None, None, None),
+                hit(Some(crate::store::End::Gone), Some(9), Some(5)),
+                hit(Some(crate::store::End::Superseded), Some(7), None),
+            ],
+            total: 3,
+            gaps: Vec::new(),
+        };
+        let c = search_response(res).connections;
+        let got: Vec<_> = c
+            .iter()
+            .map(|c| (c.end.as_deref(), c.closed_ns, c.last_seen_ns))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (None, None, None),
+                (Some("gone"), Some(9), Some(5)),
+                (Some("superseded"), Some(7), None)
+            ]
+        );
+    }
+
+    #[test]
     fn lookup_request_is_validated_by_name() {
         let mut r = pb::LookupRequest {
             request_id: 1,

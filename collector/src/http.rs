@@ -485,6 +485,43 @@ mod tests {
     }
 
     #[test]
+    fn hit_json_says_how_the_end_is_known() {
+        use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+        let ip = "198.18.0.1".parse().unwrap();
+        let r = ConnRecord::new(
+            EventKind::Recovered,
+            1_000_000_000,
+            Protocol::Tcp,
+            Tuple::new(ip, 1, ip, 2),
+            Tuple::new(ip, 2, ip, 1),
+        );
+        let mut h = Hit {
+            node: "n".into(),
+            record: r,
+            closed_ns: None,
+            end: None,
+            last_seen_ns: None,
+            counters_orig: None,
+            counters_reply: None,
+        };
+        let q = SearchQuery::default();
+        let v = hit_json(&h, &q);
+        assert!(v.get("end").is_none() && v.get("end_kind").is_none(), "{v}");
+        h.closed_ns = Some(3_000_000_000);
+        h.end = Some(crate::store::End::Gone);
+        h.last_seen_ns = Some(2_000_000_000);
+        let v = hit_json(&h, &q);
+        assert_eq!(v["end_kind"], "gone", "{v}");
+        assert_eq!(v["end"], "1970-01-01T00:00:03.000Z", "{v}");
+        assert_eq!(v["last_seen"], "1970-01-01T00:00:02.000Z", "{v}");
+        h.end = Some(crate::store::End::Superseded);
+        h.last_seen_ns = None;
+        let v = hit_json(&h, &q);
+        assert_eq!(v["end_kind"], "superseded", "{v}");
+        assert!(v.get("last_seen").is_none(), "{v}");
+    }
+
+    #[test]
     fn kind_is_parsed_and_an_unknown_one_names_the_valid_values() {
         for k in ConnKind::ALL {
             let q = parse_search(&params(&[("kind", k.as_str())]), 100).unwrap();
