@@ -1329,6 +1329,53 @@ fn a_later_entry_with_the_reply_tuple_ends_the_open_one() {
     }
 }
 
+/// A dump read after the NEW of the entry that replaced the dumped one
+/// (records out of order): by the kernel start times the recovered record
+/// is the older connection, ended by the newer one's start; the newer one
+/// stays open and alone alive after it started.
+#[test]
+fn a_late_dump_record_of_an_older_entry_does_not_end_the_newer() {
+    let dir = TempDir::new("late-dump");
+    let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    let t = BASE + MIN;
+    let s = 1_000_000_000;
+    let b = rec(
+        t + 10 * s,
+        IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3)),
+        42000,
+        node,
+        42000,
+    );
+    let mut a = rec(
+        t,
+        IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2)),
+        42000,
+        node,
+        42000,
+    );
+    a.kind = EventKind::Recovered;
+    a.event_ns = t + 10 * s + 1000;
+    let (store, mem) = both(&dir, dir.cfg(), &[b, a]);
+    let q = SearchQuery {
+        snat_port: Some(42000),
+        at_ns: Some(t + 11 * s),
+        at_precision_ns: 1_000_000,
+        limit: 10,
+        ..Default::default()
+    };
+    for r in [store.search(&q).unwrap(), mem.search(&q).unwrap()] {
+        assert_eq!(r.total, 2);
+        assert_eq!(r.hits[0].record.orig.src, b.orig.src);
+        assert_eq!(r.hits[0].end, None);
+        assert!(alive_at(&r.hits[0], t + 11 * s, 1_000_000));
+        assert_eq!(
+            (r.hits[1].end, r.hits[1].closed_ns),
+            (Some(End::Superseded), Some(t + 10 * s))
+        );
+        assert!(!alive_at(&r.hits[1], t + 11 * s, 1_000_000));
+    }
+}
+
 /// At the edges of the records read: a search reads event times in
 /// `[from - lookback, to + lookback]`; a superseding record after that
 /// leaves the connection without an end (like a DESTROY that late), in

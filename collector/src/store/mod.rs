@@ -345,6 +345,27 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
             let mut ended: Vec<usize> = by_orig.get(&r.orig).copied().into_iter().collect();
             ended.extend(by_reply.get(&r.reply).copied());
             ended.dedup();
+            // A record read after a newer holder of its tuple (a dump read
+            // after the newer entry's NEW): by the kernel start times it is
+            // the older entry, ended by the holder's start.
+            let newer = ended
+                .iter()
+                .filter_map(|&i| hits[i].record.start_ns)
+                .filter(|&s| r.start_ns.is_some_and(|own| own < s))
+                .min();
+            if let Some(bound) = newer {
+                hits.push(Hit {
+                    node: node.to_string(),
+                    record: r,
+                    closed_ns: Some(bound),
+                    end: Some(End::Superseded),
+                    last_seen_ns: None,
+                    counters_orig: None,
+                    counters_reply: None,
+                });
+                last.insert((r.orig, r.reply), hits.len() - 1);
+                continue;
+            }
             for i in ended {
                 unlink(hits, i, &mut by_orig, &mut by_reply);
                 let h = &mut hits[i];
@@ -439,7 +460,10 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
 ///   connection holding its original or its reply tuple ([`End::Superseded`],
 ///   bounded by the new start), except that a recovered record of an open
 ///   (or ended) connection with the same tuples and kernel start (if known)
-///   is that connection again (the earliest record is kept);
+///   is that connection again (the earliest record is kept), and that a
+///   record whose kernel start is before an open holder's (a dump read
+///   after the newer entry's NEW) is that older connection, ended by the
+///   holder's start;
 /// - a DESTROY (or the agent's `CTW_GONE` record) ends the open connection
 ///   with the same original tuple, reply tuple and kernel start (if known);
 ///   else it refines the end of the superseded connection with those
