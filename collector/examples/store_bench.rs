@@ -254,6 +254,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         commit_max_records: 300_000,
         partition_hours: 24,
         lookback_hours: 24,
+        max_collected_records: 200_000,
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?

@@ -85,6 +85,12 @@ pub struct StorageConfig {
     /// in it (long-lived connections logged their NEW earlier).
     #[serde(default = "default_lookback_hours")]
     pub lookback_hours: u32,
+    /// Most records one search collects and joins into connections (bounds
+    /// its memory, about 200 bytes a record); past it, matching records
+    /// are only counted (see `store::counts_uncollected` for when `total`
+    /// is then exact).
+    #[serde(default = "default_max_collected_records")]
+    pub max_collected_records: usize,
 }
 
 fn default_retention_days() -> u32 {
@@ -104,6 +110,9 @@ fn default_partition_hours() -> u32 {
 }
 fn default_lookback_hours() -> u32 {
     24
+}
+fn default_max_collected_records() -> usize {
+    200_000
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::LookupConfig;
 use crate::registry::{unix_ns, LiveAnswer, LiveQuery, LookupError, Registry};
-use crate::store::{Gap, RecordStore, SearchQuery, SearchResult, StoreError};
+use crate::store::{ConnKind, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
 
 /// `limit` when a search does not give one.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -130,6 +130,18 @@ pub fn search_query(r: &pb::SearchRequest, max_limit: usize) -> Result<SearchQue
         at_ns: r.at_ns,
         at_precision_ns: 0,
         limit,
+        kind: r
+            .kind
+            .as_deref()
+            .map(|k| {
+                ConnKind::parse(k).ok_or_else(|| {
+                    invalid(
+                        "kind",
+                        format!("unknown kind {k:?}; valid: {}", ConnKind::valid_values()),
+                    )
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -167,6 +179,8 @@ fn search_response(result: SearchResult) -> pb::SearchResponse {
                 node: h.node.clone(),
                 record: Some((&h.record).into()),
                 closed_ns: h.closed_ns,
+                end: h.end.map(|e| e.as_str().to_string()),
+                last_seen_ns: h.last_seen_ns,
                 counters_orig: pb_counters(h.counters_orig),
                 counters_reply: pb_counters(h.counters_reply),
             })
@@ -509,12 +523,70 @@ mod tests {
                 },
                 "node",
             ),
+            (
+                pb::SearchRequest {
+                    kind: Some("opened".into()),
+                    ..Default::default()
+                },
+                "kind",
+            ),
         ];
         for (req, field) in cases {
             let e = search_query(&req, 1000).unwrap_err();
             assert_eq!(e.field, field, "{e}");
             assert!(invalid_status(&e).message().starts_with(field));
         }
+        for k in ConnKind::ALL {
+            let req = pb::SearchRequest {
+                kind: Some(k.as_str().into()),
+                ..Default::default()
+            };
+            assert_eq!(search_query(&req, 1000).unwrap().kind, Some(k));
+        }
+    }
+
+    #[test]
+    fn connections_say_how_their_end_is_known() {
+        use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+        let ip = "198.18.0.1".parse().unwrap();
+        let r = ConnRecord::new(
+            EventKind::New,
+            1,
+            Protocol::Udp,
+            Tuple::new(ip, 1, ip, 2),
+            Tuple::new(ip, 2, ip, 1),
+        );
+        let hit = |end, closed_ns, last_seen_ns| crate::store::Hit {
+            node: "n".into(),
+            record: r,
+            closed_ns,
+            end,
+            last_seen_ns,
+            counters_orig: None,
+            counters_reply: None,
+        };
+        let res = SearchResult {
+            hits: vec![
+                hit(None, None, None),
+                hit(Some(crate::store::End::Gone), Some(9), Some(5)),
+                hit(Some(crate::store::End::Superseded), Some(7), None),
+            ],
+            total: 3,
+            gaps: Vec::new(),
+        };
+        let c = search_response(res).connections;
+        let got: Vec<_> = c
+            .iter()
+            .map(|c| (c.end.as_deref(), c.closed_ns, c.last_seen_ns))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (None, None, None),
+                (Some("gone"), Some(9), Some(5)),
+                (Some("superseded"), Some(7), None)
+            ]
+        );
     }
 
     #[test]

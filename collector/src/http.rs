@@ -24,7 +24,7 @@ use crate::grpc_query::{merge_open_gaps, route_lookup};
 use crate::metrics::Metrics;
 use crate::registry::{LiveQuery, LookupError, Registry};
 use crate::resolve;
-use crate::store::{alive_at, Gap, Hit, RecordStore, SearchQuery, SearchResult};
+use crate::store::{alive_at, ConnKind, Gap, Hit, RecordStore, SearchQuery, SearchResult};
 
 /// Default and largest `window` around `at`.
 const DEFAULT_WINDOW_NS: u64 = 5 * 60 * 1_000_000_000;
@@ -267,6 +267,19 @@ pub fn parse_search(
         at_ns: at,
         at_precision_ns: api::param(params, "at").map_or(0, api::time_precision_ns),
         limit,
+        kind: api::param(params, "kind")
+            .map(|k| {
+                ConnKind::parse(k).ok_or_else(|| {
+                    BadParam::new(
+                        "kind",
+                        format!(
+                            "kind: unknown value {k:?}; valid: {}",
+                            ConnKind::valid_values()
+                        ),
+                    )
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -297,6 +310,12 @@ pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
     }
     if let Some(c) = h.closed_ns {
         o.insert("end".into(), json!(api::format_time(c)));
+        if let Some(e) = h.end {
+            o.insert("end_kind".into(), json!(e.as_str()));
+        }
+        if let Some(s) = h.last_seen_ns {
+            o.insert("last_seen".into(), json!(api::format_time(s)));
+        }
         o.insert(
             "duration_ms".into(),
             json!(c.saturating_sub(start) / 1_000_000),
@@ -455,4 +474,67 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
 
 async fn agents(State(s): State<Arc<AppState>>) -> Response {
     Json(json!({ "agents": s.registry.agents() })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn params(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn hit_json_says_how_the_end_is_known() {
+        use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+        let ip = "198.18.0.1".parse().unwrap();
+        let r = ConnRecord::new(
+            EventKind::Recovered,
+            1_000_000_000,
+            Protocol::Tcp,
+            Tuple::new(ip, 1, ip, 2),
+            Tuple::new(ip, 2, ip, 1),
+        );
+        let mut h = Hit {
+            node: "n".into(),
+            record: r,
+            closed_ns: None,
+            end: None,
+            last_seen_ns: None,
+            counters_orig: None,
+            counters_reply: None,
+        };
+        let q = SearchQuery::default();
+        let v = hit_json(&h, &q);
+        assert!(v.get("end").is_none() && v.get("end_kind").is_none(), "{v}");
+        h.closed_ns = Some(3_000_000_000);
+        h.end = Some(crate::store::End::Gone);
+        h.last_seen_ns = Some(2_000_000_000);
+        let v = hit_json(&h, &q);
+        assert_eq!(v["end_kind"], "gone", "{v}");
+        assert_eq!(v["end"], "1970-01-01T00:00:03.000Z", "{v}");
+        assert_eq!(v["last_seen"], "1970-01-01T00:00:02.000Z", "{v}");
+        h.end = Some(crate::store::End::Superseded);
+        h.last_seen_ns = None;
+        let v = hit_json(&h, &q);
+        assert_eq!(v["end_kind"], "superseded", "{v}");
+        assert!(v.get("last_seen").is_none(), "{v}");
+    }
+
+    #[test]
+    fn kind_is_parsed_and_an_unknown_one_names_the_valid_values() {
+        for k in ConnKind::ALL {
+            let q = parse_search(&params(&[("kind", k.as_str())]), 100).unwrap();
+            assert_eq!(q.kind, Some(k));
+        }
+        assert_eq!(parse_search(&params(&[]), 100).unwrap().kind, None);
+        let e = parse_search(&params(&[("kind", "NEW")]), 100).unwrap_err();
+        assert_eq!(e.parameter, "kind");
+        for k in ["new", "midstream", "recovered", "destroy"] {
+            assert!(e.message.contains(k), "{}", e.message);
+        }
+    }
 }
