@@ -200,7 +200,7 @@ async fn default_format_lines_resolve_to_pods() {
     assert_eq!(r[5]["gaps"][0]["node"], "node-b");
     assert_eq!(
         v["summary"],
-        json!({"lines": 6, "resolved": 3, "not_found": 1, "ambiguous": 1, "unparsed": 1, "incomplete": 1})
+        json!({"lines": 6, "resolved": 3, "not_found": 1, "ambiguous": 1, "not_observed": 0, "unparsed": 1, "incomplete": 1})
     );
 }
 
