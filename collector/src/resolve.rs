@@ -596,7 +596,8 @@ fn resolve_line(
         o.insert("dst_ip".into(), json!(r.orig.dst));
         o.insert("dst_port".into(), json!(r.orig.dst_port));
         o.insert("merged".into(), json!(top.hits.len()));
-        if top.hits.iter().any(|h| h.record.midstream()) {
+        if r.midstream() {
+            // The line's own entry was picked up mid-stream.
             o.insert("midstream".into(), json!(true));
         }
         o.insert("record".into(), hit_json(best, &q));

@@ -110,12 +110,12 @@ fn lines_of(c: &Cluster, pod: &str) -> Vec<String> {
         .collect()
 }
 
-/// argv: dst (IPv6 in brackets), local port, requests, seconds between,
+/// argv: dst, local port, requests, seconds between,
 /// pod name. One HTTP/1.1 connection, several requests on it.
 const KEEPALIVE: &str = r#"
 import http.client, sys, time
 dst, lport, n, gap, pod = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-any_addr = "::" if dst.startswith("[") else "0.0.0.0"
+any_addr = "::" if ":" in dst else "0.0.0.0"
 c = http.client.HTTPConnection(dst, 80, source_address=(any_addr, lport), timeout=10)
 for i in range(n):
     if i:
@@ -144,7 +144,7 @@ fn keepalive_entries_picked_up_midstream_are_one_connection() {
         ],
     );
     let v4 = format!("{}", c.topo.srv_ip4());
-    let v6 = format!("[{}]", c.topo.srv_ip6());
+    let v6 = format!("{}", c.topo.srv_ip6());
     // Both families at once: pod 0 over IPv4, pod 1 over IPv6, each one
     // connection from port 43000 with three requests 8 s apart.
     let clients: Vec<_> = [(0usize, v4, "ka-v4"), (1, v6, "ka-v6")]
@@ -206,7 +206,10 @@ fn keepalive_entries_picked_up_midstream_are_one_connection() {
             .filter(|x| x["src_ip"] == pod_ip.to_string() && x["src_port"] == 43000)
             .filter(|x| x["state"] == "ESTABLISHED")
             .count();
-        assert!(midstream_news >= 2, "{name}: {midstream_news} mid-stream NEW");
+        assert!(
+            midstream_news >= 2,
+            "{name}: {midstream_news} mid-stream NEW"
+        );
     }
 }
 
@@ -302,9 +305,10 @@ fn a_record_read_late_after_the_agent_was_stopped_still_resolves() {
     let stopped = now_ns();
     let line = c.request(0, 0, None, &["-H", "X-Pod: p0"]);
     // The agent stays stopped 5 s (the stimulus), then reads the event.
-    std::thread::sleep(Duration::from_secs(5).saturating_sub(Duration::from_nanos(
-        now_ns().saturating_sub(stopped),
-    )));
+    std::thread::sleep(
+        Duration::from_secs(5)
+            .saturating_sub(Duration::from_nanos(now_ns().saturating_sub(stopped))),
+    );
     c.agents[0].signal("CONT");
     let v = wait_for(WAIT, "the line to resolve", || {
         let v = resolve(&c, std::slice::from_ref(&line), json!({}));
@@ -327,23 +331,25 @@ fn traffic_the_node_conntrack_never_sees_is_not_observed() {
     let t = &c.topo;
     let (p4, s4, n4) = (t.pod_ip4_of(0, 0), t.srv_ip4(), t.node_ip4());
     let (p6, s6, n6) = (t.pod_ip6(0), t.srv_ip6(), t.node_ip6());
-    // Pod 0's traffic to nginx is untracked and NATed statelessly (as an
-    // eBPF masquerade would): the node's conntrack never has an entry.
+    // Pod 0's traffic to nginx from ports 47000 (IPv4) and 47001 (IPv6) is untracked and NATed
+    // statelessly (as an eBPF masquerade would): the node's conntrack
+    // never has an entry for it.
+    let (lp, lp6) = (47000, 47001);
     let rules = format!(
         "table inet ctwnotrack {{
     chain pre {{
         type filter hook prerouting priority raw;
-        ip saddr {p4} ip daddr {s4} tcp dport 80 notrack
-        ip saddr {s4} ip daddr {n4} tcp sport 80 notrack
-        ip saddr {s4} ip daddr {n4} tcp sport 80 ip daddr set {p4}
-        ip6 saddr {p6} ip6 daddr {s6} tcp dport 80 notrack
-        ip6 saddr {s6} ip6 daddr {n6} tcp sport 80 notrack
-        ip6 saddr {s6} ip6 daddr {n6} tcp sport 80 ip6 daddr set {p6}
+        ip saddr {p4} ip daddr {s4} tcp sport {lp} tcp dport 80 notrack
+        ip saddr {s4} ip daddr {n4} tcp sport 80 tcp dport {lp} notrack
+        ip saddr {s4} ip daddr {n4} tcp sport 80 tcp dport {lp} ip daddr set {p4}
+        ip6 saddr {p6} ip6 daddr {s6} tcp sport {lp6} tcp dport 80 notrack
+        ip6 saddr {s6} ip6 daddr {n6} tcp sport 80 tcp dport {lp6} notrack
+        ip6 saddr {s6} ip6 daddr {n6} tcp sport 80 tcp dport {lp6} ip6 daddr set {p6}
     }}
     chain post {{
         type filter hook postrouting priority 0;
-        oifname \"s0\" ip saddr {p4} ip daddr {s4} tcp dport 80 ip saddr set {n4}
-        oifname \"s0\" ip6 saddr {p6} ip6 daddr {s6} tcp dport 80 ip6 saddr set {n6}
+        oifname \"s0\" ip saddr {p4} ip daddr {s4} tcp sport {lp} tcp dport 80 ip saddr set {n4}
+        oifname \"s0\" ip6 saddr {p6} ip6 daddr {s6} tcp sport {lp6} tcp dport 80 ip6 saddr set {n6}
     }}
 }}
 "
@@ -352,14 +358,25 @@ fn traffic_the_node_conntrack_never_sees_is_not_observed() {
     std::fs::write(&file, rules).unwrap();
     must_in(t.node_ns_of(0), &["nft", "-f", &file.display().to_string()]);
     let mut lines = Vec::new();
-    for (dst, name) in [
-        (format!("http://{s4}/"), "nt-v4"),
-        (format!("http://[{s6}]/"), "nt-v6"),
+    for (dst, name, port) in [
+        (format!("http://{s4}/"), "nt-v4", "47000"),
+        (format!("http://[{s6}]/"), "nt-v6", "47001"),
     ] {
         let hdr = format!("X-Pod: {name}");
         let out = run_in(
             t.pod_ns_of(0, 0),
-            &["curl", "-sS", "-g", "--max-time", "5", "-H", &hdr, &dst],
+            &[
+                "curl",
+                "-sS",
+                "-g",
+                "--max-time",
+                "5",
+                "--local-port",
+                port,
+                "-H",
+                &hdr,
+                &dst,
+            ],
         );
         assert!(
             out.status.success(),
@@ -373,7 +390,9 @@ fn traffic_the_node_conntrack_never_sees_is_not_observed() {
         lines.push(l);
     }
     // The node really has no entry for it.
-    let listed = c.topo.conntrack_on(0, &["-L", "-p", "tcp", "--dport", "80"]);
+    let listed = c
+        .topo
+        .conntrack_on(0, &["-L", "-p", "tcp", "--dport", "80"]);
     assert!(!listed.contains(&p4.to_string()), "{listed}");
     let v = resolve(&c, &lines, json!({}));
     for r in v["results"].as_array().unwrap() {
@@ -436,7 +455,16 @@ fn live_lookup_finds_an_entry_in_zone_7() {
     wait_for(WAIT, "the entry in zone 7", || {
         let out = run_in(
             c.topo.node_ns_of(0),
-            &["conntrack", "-L", "-w", "7", "-p", "tcp", "--sport", "45001"],
+            &[
+                "conntrack",
+                "-L",
+                "-w",
+                "7",
+                "-p",
+                "tcp",
+                "--sport",
+                "45001",
+            ],
         );
         String::from_utf8_lossy(&out.stdout)
             .contains("sport=45001")
