@@ -198,8 +198,9 @@ impl PortCounts {
                 .collect(),
         }
     }
-    fn add(&mut self, r: &ConnRecord) {
-        if let Ok(i) = self.ports.binary_search(&r.orig.dst_port) {
+    /// Count `r` under `port`, the watched port that matched it.
+    fn add(&mut self, port: Option<u16>, r: &ConnRecord) {
+        if let Some(Ok(i)) = port.map(|p| self.ports.binary_search(&p)) {
             match r.kind {
                 EventKind::Destroy => self.closed[i] += 1,
                 EventKind::New | EventKind::Recovered => self.new[i] += 1,
@@ -359,6 +360,7 @@ impl<S: RecordSink> Capture<S> {
         let mut filtered = 0u64;
         let mut duplicate = 0u64;
         let mut errors = 0u64;
+        let lag = self.metrics.event_lag.local();
         for i in 0..n {
             let (dgram, truncated) = self.sock.datagram(i);
             if truncated {
@@ -369,17 +371,22 @@ impl<S: RecordSink> Capture<S> {
                 received += 1;
                 let decoded = msg.and_then(|m| decode::decode(&m, recv_ns));
                 match decoded {
-                    Ok(Decoded::Conn(r)) => {
+                    Ok(Decoded::Conn(mut r)) => {
                         if !self.cfg.filter.keeps(&r) {
                             filtered += 1;
                             continue;
+                        }
+                        self.cfg.filter.mark(&mut r);
+                        let port = self.cfg.filter.matched_port(&r);
+                        if let Some(k) = decode::kernel_event_ns(&r) {
+                            lag.observe(recv_ns.saturating_sub(k) as f64 / 1e9);
                         }
                         let key = entry_key(&r);
                         match r.kind {
                             EventKind::Destroy => {
                                 self.live.remove(&key);
                                 if self.cfg.capture_destroy {
-                                    self.counts.add(&r);
+                                    self.counts.add(port, &r);
                                     out.push(r);
                                 } else {
                                     filtered += 1;
@@ -387,7 +394,7 @@ impl<S: RecordSink> Capture<S> {
                             }
                             _ => {
                                 if self.live.insert(key) {
-                                    self.counts.add(&r);
+                                    self.counts.add(port, &r);
                                     out.push(r);
                                 } else {
                                     duplicate += 1;
@@ -411,6 +418,7 @@ impl<S: RecordSink> Capture<S> {
         m.events_duplicate.inc_by(duplicate);
         m.decode_errors.inc_by(errors);
         m.tracked_entries.set(self.live.len() as i64);
+        lag.flush();
         self.counts.flush();
         if !out.is_empty() {
             self.sink.send(out);
@@ -431,7 +439,7 @@ impl<S: RecordSink> Capture<S> {
             fresh.insert(key);
             if !self.live.contains(&key) {
                 if after_loss {
-                    self.counts.add(&r);
+                    self.counts.add(self.cfg.filter.matched_port(&r), &r);
                 }
                 out.push(r);
             }
@@ -465,8 +473,9 @@ pub fn dump_table(filter: &Filter) -> Result<Vec<ConnRecord>, String> {
         for msg in decode::messages(dgram) {
             let msg = msg.map_err(|e| format!("malformed dump reply: {e}"))?;
             match decode::decode_entry(&msg, recv_ns) {
-                Ok(Decoded::Conn(r)) => {
+                Ok(Decoded::Conn(mut r)) => {
                     if filter.keeps(&r) {
+                        filter.mark(&mut r);
                         out.push(r);
                     }
                 }

@@ -7,6 +7,8 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use ctw_common::Protocol;
 use serde::Deserialize;
 
+pub use crate::filter::{Cidr, Match};
+
 pub use crate::logfile::LogConfig;
 pub use crate::uplink::UplinkConfig;
 
@@ -25,6 +27,17 @@ pub struct Config {
     /// Protocols to keep; empty or absent = every protocol with ports.
     #[serde(default)]
     pub protocols: Vec<Protocol>,
+    /// Where a watched port is looked for: `original` (the original
+    /// destination port, the seed's rule) and/or `reply` (the reply source
+    /// port, i.e. the port after DNAT: NodePort and other service backends).
+    /// Default `[original]`.
+    #[serde(default = "default_match", rename = "match")]
+    pub match_on: Vec<Match>,
+    /// Pod address blocks; records whose original source is outside all of
+    /// them are marked external clients (`status` bit `CTW_EXTERNAL`, log
+    /// field `"external": true`). Absent or empty = no marking.
+    #[serde(default)]
+    pub pod_cidrs: Vec<Cidr>,
     /// Also record DESTROY events (connection closed, with counters).
     #[serde(default = "yes")]
     pub capture_destroy: bool,
@@ -48,6 +61,10 @@ pub struct Config {
 
 fn yes() -> bool {
     true
+}
+
+fn default_match() -> Vec<Match> {
+    vec![Match::Original]
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -114,6 +131,9 @@ impl ConfigFile for Config {
             if p == 0 || p > 65535 {
                 return bad(format!("ports[{i}]: must be 1-65535, got {p}"));
             }
+        }
+        if self.match_on.is_empty() {
+            return bad("match: name at least one of original, reply".into());
         }
         if let Some(n) = &self.node_name {
             if n.trim().is_empty() || n.len() > 253 {
@@ -285,6 +305,31 @@ web_ui:
             e.contains("netlink.rcvbuf_bytes") && e.contains("10"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn match_and_pod_cidrs() {
+        let c = Config::parse("ports: [80]").unwrap();
+        assert_eq!(c.match_on, vec![Match::Original], "seed behaviour");
+        assert!(c.pod_cidrs.is_empty());
+        let c = Config::parse(
+            "ports: [80]\nmatch: [original, reply]\npod_cidrs: [198.18.0.0/16, 'fd00:198:18::/48']",
+        )
+        .unwrap();
+        assert_eq!(c.match_on, vec![Match::Original, Match::Reply]);
+        assert_eq!(c.pod_cidrs.len(), 2);
+        let e = Config::parse("ports: [80]\nmatch: [original, replies]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replies"), "{e}");
+        let e = Config::parse("ports: [80]\nmatch: []")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("match"), "{e}");
+        let e = Config::parse("ports: [80]\npod_cidrs: [198.18.0.0/40]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("198.18.0.0/40") && e.contains("0-32"), "{e}");
     }
 
     #[test]

@@ -114,11 +114,21 @@ pub fn parse_query(params: &[(String, String)]) -> Result<LookupQuery, BadParam>
     api::check_names(
         params,
         &[
-            "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node",
+            "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node", "zone",
         ],
     )?;
     let p = api::parse_live(params)?;
+    let zone = match params.iter().find(|(k, _)| k == "zone") {
+        None => 0,
+        Some((_, v)) => v.trim().parse::<u16>().map_err(|_| {
+            BadParam::new(
+                "zone",
+                format!("zone: {v:?} must be a conntrack zone, 0-65535"),
+            )
+        })?,
+    };
     Ok(LookupQuery {
+        zone,
         protocol: p.protocol,
         tuple: p.tuple,
         dir: if p.reply_tuple {
@@ -159,7 +169,11 @@ async fn query(
                 tuple: q.tuple,
                 reply_tuple: q.dir == TupleDir::Reply,
             };
-            error(StatusCode::NOT_FOUND, &api::not_found_message(&p), None)
+            let mut msg = api::not_found_message(&p);
+            if q.zone != 0 {
+                msg.push_str(&format!(" (conntrack zone {})", q.zone));
+            }
+            error(StatusCode::NOT_FOUND, &msg, None)
         }
         Ok(Err(e)) => error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -210,13 +224,17 @@ mod tests {
     }
 
     fn state() -> Arc<AppState> {
+        // The entry exists in zones 0 and 7 (two entries, same tuples).
         let lookup: Arc<LookupFn> = Arc::new(|q: &LookupQuery| {
-            let e = entry();
+            let e = ConnRecord {
+                zone: q.zone,
+                ..entry()
+            };
             let hit = match q.dir {
                 TupleDir::Orig => q.tuple == e.orig,
                 TupleDir::Reply => q.tuple == e.reply,
             };
-            Ok(hit.then_some(e))
+            Ok((hit && matches!(q.zone, 0 | 7)).then_some(e))
         });
         Arc::new(AppState {
             node: "node-a".into(),
@@ -267,6 +285,26 @@ mod tests {
         .await;
         assert_eq!(code, StatusCode::OK, "{body}");
         assert!(body.contains("\"snat_port\":12345"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn zone_lookup() {
+        let base = "/api/conntrack/query?tuple=reply&src_ip=198.19.0.2&src_port=443&dst_ip=198.19.0.1&dst_port=12345";
+        for (zone, want) in [("", 0), ("&zone=0", 0), ("&zone=7", 7)] {
+            let (code, body) = call(&format!("{base}{zone}")).await;
+            assert_eq!(code, StatusCode::OK, "{zone}: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["zone"], want, "the answer names the entry's zone");
+        }
+        let (code, body) = call(&format!("{base}&zone=3")).await;
+        assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
+        assert!(body.contains("zone 3"), "{body}");
+        for bad in ["-1", "65536", "seven", ""] {
+            let (code, body) = call(&format!("{base}&zone={bad}")).await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["parameter"], "zone", "{body}");
+        }
     }
 
     #[tokio::test]

@@ -13,8 +13,12 @@ use crate::netlink::socket::RequestSocket;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LookupQuery {
     pub protocol: Protocol,
+    /// The tuple to look for, in direction `dir`.
     pub tuple: Tuple,
     pub dir: TupleDir,
+    /// Conntrack zone to look in (`CTA_ZONE`); the kernel finds an entry
+    /// only in the zone named, 0 when none is given.
+    pub zone: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +34,7 @@ pub enum LookupError {
 /// Ask the kernel for the entry; `Ok(None)` when there is none.
 pub fn lookup(q: &LookupQuery) -> Result<Option<ConnRecord>, LookupError> {
     let mut sock = RequestSocket::open(Duration::from_secs(2)).map_err(LookupError::Netlink)?;
-    sock.send(&request::get(q.protocol, &q.tuple, q.dir, 1))
+    sock.send(&request::get(q.protocol, &q.tuple, q.dir, q.zone, 1))
         .map_err(LookupError::Netlink)?;
     let mut found = None;
     loop {

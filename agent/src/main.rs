@@ -111,7 +111,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     startup::warn_sysctls(cfg.capture_destroy);
 
     let ports = cfg.ports_u16();
-    let filter = Filter::new(&ports, &cfg.protocols);
+    let filter = Filter::new(&ports, &cfg.protocols)
+        .with_match(&cfg.match_on)
+        .with_pod_cidrs(&cfg.pod_cidrs);
     let metrics = Metrics::new(filter.ports());
     let lookup_fn: Arc<LookupFn> = Arc::new(lookup::lookup);
     let (uplink, uplink_sink) = match &cfg.collector {

@@ -3,8 +3,16 @@
 //! Label values come only from the configured ports and a fixed set of kinds;
 //! never from addresses. The capture thread updates counters once per batch.
 
-use ctw_common::metrics::{counter, counter_vec, gauge};
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder};
+use ctw_common::metrics::{counter, counter_vec, gauge, register};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
+};
+
+/// Buckets of `ctw_event_lag_seconds`: 100 µs to 10 s.
+pub const EVENT_LAG_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 
 use crate::logfile::LogStats;
 
@@ -38,6 +46,10 @@ pub struct Metrics {
     pub kernel_filter: IntGauge,
     /// Entries of watched ports the agent believes alive.
     pub tracked_entries: IntGauge,
+    /// Seconds from the kernel's event time (`CTA_TIMESTAMP_EVENT`, or the
+    /// start/stop time) to the agent's read, once per kept record that has
+    /// a kernel time (needs `nf_conntrack_timestamp=1`).
+    pub event_lag: Histogram,
     log_written: IntCounter,
     log_dropped: IntCounter,
     log_errors: IntCounter,
@@ -223,6 +235,16 @@ impl Metrics {
                 &r,
                 "ctw_tracked_entries",
                 "Watched conntrack entries believed alive",
+            ),
+            event_lag: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "ctw_event_lag_seconds",
+                        "Time from the kernel's event timestamp to the agent reading the event (nf_conntrack_timestamp=1)",
+                    )
+                    .buckets(EVENT_LAG_BUCKETS.to_vec()),
+                ),
             ),
             log_written: counter(
                 &r,

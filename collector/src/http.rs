@@ -301,6 +301,9 @@ pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
     if r.zone != 0 {
         o.insert("zone".into(), json!(r.zone));
     }
+    if r.status & ctw_common::status::CTW_EXTERNAL != 0 {
+        o.insert("external".into(), json!(true));
+    }
     if let Some(c) = h.closed_ns {
         o.insert("end".into(), json!(api::format_time(c)));
         o.insert(

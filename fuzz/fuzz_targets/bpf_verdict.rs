@@ -1,11 +1,12 @@
 //! Fuzzes the kernel-side BPF filter against the decoder: the program must
 //! never drop a datagram that user space would decode into a kept record.
-//! The first input byte picks one of a few filters, the rest is the skb.
+//! The first input byte picks one of a few filters (matching the original
+//! destination port, the reply source port or both), the rest is the skb.
 #![no_main]
 
 use std::sync::OnceLock;
 
-use ctw_agent::filter::Filter;
+use ctw_agent::filter::{Filter, Match};
 use ctw_agent::netlink::{bpf, decode};
 use ctw_common::Protocol;
 use libfuzzer_sys::fuzz_target;
@@ -20,6 +21,9 @@ fn programs() -> &'static [(Filter, Vec<libc::sock_filter>)] {
             Filter::new(&[53, 5353], &[Protocol::Udp, Protocol::UdpLite]),
             Filter::new(&wide, &[Protocol::Sctp, Protocol::Dccp, Protocol::Tcp]),
             Filter::new(&[], &[]),
+            Filter::new(&[80, 443, 8080, 5353], &[]).with_match(&[Match::Original, Match::Reply]),
+            Filter::new(&[80], &[Protocol::Tcp]).with_match(&[Match::Reply]),
+            Filter::new(&wide, &[]).with_match(&[Match::Original, Match::Reply]),
         ]
         .into_iter()
         .map(|f| {

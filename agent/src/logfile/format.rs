@@ -64,6 +64,9 @@ pub fn format_record<Tz: TimeZone>(buf: &mut Vec<u8>, rec: &ConnRecord, node: &s
     write_ip(buf, rec.reply.src);
     buf.extend_from_slice(b",\"reply_src_port\":");
     write_num(buf, rec.reply.src_port);
+    if rec.status & status::CTW_EXTERNAL != 0 {
+        buf.extend_from_slice(b",\"external\":true");
+    }
 
     match rec.kind {
         EventKind::New => {}
@@ -430,6 +433,18 @@ mod tests {
         );
         let v: Value = serde_json::from_str(&l).expect("json");
         assert_eq!(v["recovered"], true);
+    }
+
+    #[test]
+    fn external_clients_are_marked() {
+        let rec = ConnRecord {
+            status: status::CTW_EXTERNAL,
+            ..new_v4()
+        };
+        let v: Value = serde_json::from_str(&line(&rec, &cst())).expect("json");
+        assert_eq!(v["external"], true);
+        let v: Value = serde_json::from_str(&line(&new_v4(), &cst())).expect("json");
+        assert!(v.get("external").is_none(), "absent unless marked");
     }
 
     #[test]

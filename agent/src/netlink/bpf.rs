@@ -25,7 +25,10 @@
 //! - anything not where the layout above says (length, type, nesting, a
 //!   multi-message skb): accept, user space decides (fail open);
 //! - protocol not kept, or without ports (ICMP ...): drop;
-//! - original destination port not watched: drop;
+//! - original destination port not watched (or not matched, see
+//!   [`Filter::matches_original`]): with `match: [.., reply]`, the same
+//!   port check on the reply tuple's source port (laid out the same way
+//!   right after `CTA_TUPLE_ORIG`, see `reply_source_port`), else drop;
 //! - otherwise accept.
 //!
 //! So the program never drops a message that [`super::decode`] decodes into
@@ -44,8 +47,10 @@ pub const ACCEPT: u32 = 0xffff_ffff;
 /// Return value that drops the message.
 pub const DROP: u32 = 0;
 
-/// Above this many disjoint port ranges the program skips the port check
-/// (accepts every kept protocol) to stay within `BPF_MAXINSNS`.
+/// Above this many disjoint port ranges (half as many with
+/// `match: [original, reply]`, which needs two searches) the program skips
+/// the port check (accepts every kept protocol) to stay within
+/// `BPF_MAXINSNS`.
 pub const MAX_PORT_RANGES: usize = 600;
 
 const NLA_TYPE_MASK: u16 = !(0x8000 | 0x4000);
@@ -56,6 +61,8 @@ const M_TMP: u32 = 1;
 const M_ORIG_END: u32 = 2; // offset just past CTA_TUPLE_ORIG
 const M_PROTO: u32 = 3; // P, offset of CTA_TUPLE_PROTO
 const M_PROTO_LEN: u32 = 4;
+const M_REPLY: u32 = 5; // R, offset of CTA_TUPLE_REPLY
+const M_REPLY_PROTO: u32 = 6; // Q, offset of CTA_TUPLE_PROTO in CTA_TUPLE_REPLY
 
 /// Offset of CTA_TUPLE_ORIG and of its first nested attribute.
 const ORIG_OFF: u32 = 20;
@@ -217,10 +224,16 @@ fn port_ranges(ports: &[u16]) -> Vec<(u16, u16)> {
     out
 }
 
-/// Binary search over `ranges` on A; every leaf returns.
-fn port_tree(a: &mut Asm, ranges: &[(u16, u16)]) {
+/// Binary search over `ranges` on A; a hit returns [`ACCEPT`], a miss
+/// returns [`DROP`] or, with `miss`, jumps there (a `JA`, which has no
+/// 255-instruction limit).
+fn port_tree(a: &mut Asm, ranges: &[(u16, u16)], miss: Option<Label>) {
+    let missed = |a: &mut Asm| match miss {
+        Some(l) => a.ja(l),
+        None => a.ret(DROP),
+    };
     match ranges {
-        [] => a.ret(DROP),
+        [] => missed(a),
         [(lo, hi)] if lo == hi => {
             let no = a.label();
             a.jump(
@@ -231,7 +244,7 @@ fn port_tree(a: &mut Asm, ranges: &[(u16, u16)]) {
             );
             a.ret(ACCEPT);
             a.bind(no);
-            a.ret(DROP);
+            missed(a);
         }
         [(lo, hi)] => {
             let no = a.label();
@@ -249,7 +262,7 @@ fn port_tree(a: &mut Asm, ranges: &[(u16, u16)]) {
             );
             a.ret(ACCEPT);
             a.bind(no);
-            a.ret(DROP);
+            missed(a);
         }
         _ => {
             let (left, right) = ranges.split_at(ranges.len() / 2);
@@ -265,11 +278,84 @@ fn port_tree(a: &mut Asm, ranges: &[(u16, u16)]) {
             );
             a.ja(l_right);
             a.bind(l_left);
-            port_tree(a, left);
+            port_tree(a, left, miss);
             a.bind(l_right);
-            port_tree(a, right);
+            port_tree(a, right, miss);
         }
     }
+}
+
+/// Load the reply tuple's source port into A, or accept (fail open) when the
+/// reply tuple is not laid out as expected:
+///
+/// ```text
+///  R   CTA_TUPLE_REPLY       R = just past CTA_TUPLE_ORIG (4-aligned), type 2
+/// R+4    CTA_TUPLE_IP        nla_len 20 (IPv4) or 44 (IPv6), type 1
+///  Q     CTA_TUPLE_PROTO     Q = R + 4 + 20 or 44, type 2
+/// Q+4      CTA_PROTO_NUM     nla_len 5, type 1
+/// Q+12     CTA_PROTO_SRC_PORT nla_len 6, type 2, be16 at Q+16
+/// ```
+///
+/// When the decoder accepts the message, these checks make the port read
+/// here the one it reads: the decoder walks the same attributes by length,
+/// and any attribute that ran past its parent, repeated, or was missing
+/// would be an error there (no record, nothing to keep).
+fn reply_source_port(a: &mut Asm) {
+    use libc::{
+        BPF_ADD, BPF_ALU, BPF_JEQ, BPF_JGT, BPF_JMP, BPF_JSET, BPF_K, BPF_LDX, BPF_LEN, BPF_MEM,
+        BPF_MISC, BPF_ST, BPF_TXA, BPF_W, BPF_X,
+    };
+    let accept = a.label();
+    let v4 = a.label();
+    let v6 = a.label();
+    let proto = a.label();
+    let port = a.label();
+    // Only slots written in this block are read here: the kernel's linear
+    // check may see the tree before it reached through an early accept.
+    a.ld_host16(ORIG_OFF, false);
+    a.op(BPF_ALU | BPF_ADD | BPF_K, ORIG_OFF);
+    a.op(BPF_ST, M_REPLY);
+    a.jump(BPF_JMP | BPF_JSET | BPF_K, 3, Some(accept), None);
+    a.op(BPF_ALU | BPF_ADD | BPF_K, 8);
+    a.op(BPF_LDX | BPF_W | BPF_LEN, 0);
+    a.jump(BPF_JMP | BPF_JGT | BPF_X, 0, Some(accept), None);
+    a.op(BPF_LDX | BPF_MEM, M_REPLY);
+    a.ld_h_ind(2);
+    a.expect_type(2, accept);
+    a.ld_h_ind(6);
+    a.expect_type(1, accept);
+    a.ld_h_ind(4);
+    a.jump(BPF_JMP | BPF_JEQ | BPF_K, h(20), Some(v4), None);
+    a.jump(BPF_JMP | BPF_JEQ | BPF_K, h(44), Some(v6), Some(accept));
+    a.bind(v4);
+    a.op(BPF_MISC | BPF_TXA, 0);
+    a.op(BPF_ALU | BPF_ADD | BPF_K, 4 + 20);
+    a.ja(proto);
+    a.bind(v6);
+    a.op(BPF_MISC | BPF_TXA, 0);
+    a.op(BPF_ALU | BPF_ADD | BPF_K, 4 + 44);
+    a.bind(proto);
+    // A = Q. Everything up to the source port lies inside the skb.
+    a.op(BPF_ST, M_REPLY_PROTO);
+    a.op(BPF_ALU | BPF_ADD | BPF_K, 18);
+    a.op(BPF_LDX | BPF_W | BPF_LEN, 0);
+    a.jump(BPF_JMP | BPF_JGT | BPF_X, 0, Some(accept), None);
+    a.op(BPF_LDX | BPF_MEM, M_REPLY_PROTO);
+    a.ld_h_ind(2);
+    a.expect_type(2, accept);
+    a.ld_h_ind(4);
+    a.jump(BPF_JMP | BPF_JEQ | BPF_K, h(5), None, Some(accept));
+    a.ld_h_ind(6);
+    a.expect_type(1, accept);
+    a.ld_h_ind(12);
+    a.jump(BPF_JMP | BPF_JEQ | BPF_K, h(6), None, Some(accept));
+    a.ld_h_ind(14);
+    a.expect_type(2, accept);
+    a.ld_h_ind(16);
+    a.ja(port);
+    a.bind(accept);
+    a.ret(ACCEPT);
+    a.bind(port);
 }
 
 /// Build the socket filter for `filter`. See the module docs for what it
@@ -382,10 +468,27 @@ pub fn build(filter: &Filter) -> Vec<sock_filter> {
     a.ret(ACCEPT);
     a.bind(tree);
     let ranges = port_ranges(filter.ports());
-    if ranges.len() > MAX_PORT_RANGES {
+    // Two trees (original and reply port) share the instruction budget.
+    let limit = if filter.matches_original() && filter.matches_reply() {
+        MAX_PORT_RANGES / 2
+    } else {
+        MAX_PORT_RANGES
+    };
+    if ranges.len() > limit {
         a.ret(ACCEPT);
     } else {
-        port_tree(&mut a, &ranges);
+        let reply = a.label();
+        let miss = filter.matches_reply().then_some(reply);
+        if filter.matches_original() {
+            port_tree(&mut a, &ranges, miss);
+        } else {
+            a.ja(reply);
+        }
+        if filter.matches_reply() {
+            a.bind(reply);
+            reply_source_port(&mut a);
+            port_tree(&mut a, &ranges, None);
+        }
     }
 
     match a.finish() {
@@ -603,6 +706,7 @@ pub fn check(prog: &[sock_filter]) -> Result<(), &'static str> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::filter::Match;
     use crate::netlink::decode::testutil::*;
     use crate::netlink::decode::{self, Decoded};
     use ctw_common::Protocol;
@@ -643,7 +747,13 @@ mod tests {
         if rng.chance(30) {
             protos.clear(); // all of them
         }
-        Filter::new(&ports, &protos)
+        let on = rng.pick(&[
+            &[][..],
+            &[Match::Original],
+            &[Match::Original, Match::Reply],
+            &[Match::Reply],
+        ]);
+        Filter::new(&ports, &protos).with_match(on)
     }
 
     fn assert_valid(prog: &[sock_filter]) {
@@ -659,11 +769,28 @@ mod tests {
         let over: Vec<u16> = (0..=MAX_PORT_RANGES as u16).map(|i| i * 3).collect();
         for ports in [&[][..], &[80], &[80, 443], &all, &even, &at_limit, &over] {
             for protos in [&[][..], &[Protocol::Udp]] {
-                let prog = build(&Filter::new(ports, protos));
-                assert_valid(&prog);
+                for on in [
+                    &[Match::Original][..],
+                    &[Match::Original, Match::Reply],
+                    &[Match::Reply],
+                ] {
+                    let prog = build(&Filter::new(ports, protos).with_match(on));
+                    assert_valid(&prog);
+                }
             }
         }
-        let prog = build(&Filter::new(&at_limit, &[]));
+        for on in [
+            &[Match::Original][..],
+            &[Match::Original, Match::Reply],
+            &[Match::Reply],
+        ] {
+            let prog = build(&Filter::new(&at_limit, &[]).with_match(on));
+            assert!(prog.len() <= libc::BPF_MAXINSNS as usize);
+        }
+        let half = &at_limit[..at_limit.len() / 2];
+        let prog = build(&Filter::new(half, &[]).with_match(&[Match::Original, Match::Reply]));
+        assert_valid(&prog);
+        assert!(prog.len() > 2 * half.len(), "both trees built");
         assert!(prog.len() <= libc::BPF_MAXINSNS as usize);
         let mut rng = Rng(3);
         for _ in 0..200 {
@@ -682,6 +809,8 @@ mod tests {
             Filter::new(&[80, 443], &[]),
             Filter::new(&[], &[]),
             Filter::new(&(5000..9000).collect::<Vec<_>>(), &[]),
+            Filter::new(&[8080], &[]).with_match(&[Match::Reply]),
+            Filter::new(&[5353, 9], &[]).with_match(&[Match::Original, Match::Reply]),
         ];
         filters.extend((0..200).map(|_| random_filter(&mut rng)));
         let (mut kept, mut dropped) = (0, 0);
@@ -797,6 +926,83 @@ mod tests {
     }
 
     #[test]
+    fn every_reply_port_against_the_port_tree() {
+        let mut rng = Rng(98);
+        let template = golden("udp4")[0].1.clone();
+        // CTA_TUPLE_ORIG is 52 bytes: the reply tuple starts at 72, its
+        // CTA_TUPLE_PROTO at 96 and the reply source port at 96 + 16.
+        assert_eq!(u16::from_be_bytes([template[112], template[113]]), 5353);
+        // Make the original destination port one no filter below watches.
+        let mut base = template.clone();
+        base[68..70].copy_from_slice(&7u16.to_be_bytes());
+        for _ in 0..4 {
+            let f = random_filter(&mut rng);
+            let ports: Vec<u16> = f.ports().iter().copied().filter(|&p| p != 7).collect();
+            for on in [&[Match::Original, Match::Reply][..], &[Match::Reply]] {
+                let f = Filter::new(&ports, &[Protocol::Udp]).with_match(on);
+                let prog = build(&f);
+                let mut pkt = base.clone();
+                for port in 0..=u16::MAX {
+                    pkt[112..114].copy_from_slice(&port.to_be_bytes());
+                    assert_eq!(
+                        verdict(&prog, &pkt) == ACCEPT,
+                        f.keeps_port(port),
+                        "reply port {port} {f:?}"
+                    );
+                }
+            }
+            // Default match: the reply port never makes a record kept.
+            let prog = build(&Filter::new(&ports, &[Protocol::Udp]));
+            let mut pkt = base.clone();
+            for port in [80u16, 5353, 8080] {
+                pkt[112..114].copy_from_slice(&port.to_be_bytes());
+                assert_eq!(verdict(&prog, &pkt), DROP, "{port}");
+            }
+        }
+    }
+
+    /// A NodePort connection the way the kernel reports it: the original
+    /// destination is the node port, the reply source the backend's port.
+    #[test]
+    fn nodeport_dnat_is_kept_with_reply_match_only() {
+        for (client, node, backend, snat) in [
+            ("198.18.9.9", "198.18.0.1", "198.19.0.2", "198.19.0.1"),
+            (
+                "fd00:198:18:9::9",
+                "fd00:198:18::1",
+                "fd00:198:19::2",
+                "fd00:198:19::1",
+            ),
+        ] {
+            let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+            let mut b = Builder::new(decode::CT_NEW, decode::NLM_F_CREATE, 2);
+            b.tuple(
+                decode::CTA_TUPLE_ORIG,
+                ip(client),
+                ip(node),
+                6,
+                Some((40000, 30080)),
+            );
+            b.tuple(
+                decode::CTA_TUPLE_REPLY,
+                ip(backend),
+                ip(snat),
+                6,
+                Some((80, 40000)),
+            );
+            b.attr(decode::CTA_STATUS, &0x1b8u32.to_be_bytes());
+            let pkt = b.finish();
+            let seed = Filter::new(&[80], &[]);
+            let both = Filter::new(&[80], &[]).with_match(&[Match::Original, Match::Reply]);
+            assert_eq!(verdict(&build(&seed), &pkt), DROP, "{client}");
+            assert_eq!(verdict(&build(&both), &pkt), ACCEPT, "{client}");
+            assert!(user_space_keeps(&both, &pkt) && !user_space_keeps(&seed, &pkt));
+            let f = Filter::new(&[30080], &[]).with_match(&[Match::Reply]);
+            assert_eq!(verdict(&build(&f), &pkt), DROP, "{client}");
+        }
+    }
+
+    #[test]
     fn other_messages_and_layouts_are_accepted() {
         let prog = build(&Filter::new(&[1], &[Protocol::Sctp]));
         let g = golden("tcp4");
@@ -903,6 +1109,8 @@ mod tests {
         let at_limit: Vec<u16> = (0..MAX_PORT_RANGES as u16).map(|i| i * 3).collect();
         for f in [
             Filter::new(&[80, 443], &[]),
+            Filter::new(&[80, 443], &[]).with_match(&[Match::Original, Match::Reply]),
+            Filter::new(&all, &[]).with_match(&[Match::Reply]),
             Filter::new(&[], &[Protocol::Udp]),
             Filter::new(&all, &[]),
             Filter::new(&at_limit, &[]),

@@ -14,7 +14,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ctw_common::{ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
 
 /// Netlink message header length (`NLMSG_HDRLEN`).
 pub const NLMSG_HDRLEN: usize = 16;
@@ -191,6 +191,20 @@ pub enum Decoded {
     Overrun,
     /// Any other message type (another subsystem, `IPCTNL_MSG_CT_GET` ...).
     Other(u16),
+}
+
+/// The kernel's time of a decoded event, when it sent one: the record's
+/// `event_ns` came from `CTA_TIMESTAMP_EVENT` or `CTA_TIMESTAMP`
+/// (`nf_conntrack_timestamp=1`) rather than the receive time. `None` for
+/// entries of a dump or GET and for events without timestamps.
+pub fn kernel_event_ns(r: &ConnRecord) -> Option<u64> {
+    let has = match r.kind {
+        EventKind::New => r.start_ns.is_some(),
+        // A DESTROY the agent made after a re-check has no kernel time.
+        EventKind::Destroy => r.stop_ns.is_some() && r.status & status::CTW_GONE == 0,
+        EventKind::Recovered => false,
+    };
+    has.then_some(r.event_ns)
 }
 
 /// Decode an event received on the NEW/DESTROY multicast groups.
@@ -568,13 +582,19 @@ fn decode_conn(payload: &[u8], kind: EventKind, recv_ns: u64) -> Result<Decoded,
     let (osport, odport) = ports(&orig_raw, &ORIG)?;
     let (rsport, rdport) = ports(&reply_raw, &REPLY)?;
 
-    let event_ns = event_ts
-        .or(match kind {
-            EventKind::New => start_ns,
-            EventKind::Destroy => stop_ns,
-            EventKind::Recovered => None,
-        })
-        .unwrap_or(recv_ns);
+    // The kernel's time of the event: CTA_TIMESTAMP_EVENT (Linux 6.14+),
+    // else the start (NEW) or stop (DESTROY) time.
+    let kernel_ns = event_ts.or(match kind {
+        EventKind::New => start_ns,
+        EventKind::Destroy => stop_ns,
+        EventKind::Recovered => None,
+    });
+    let event_ns = kernel_ns.unwrap_or(recv_ns);
+    // A NEW event carries CTA_TIMESTAMP_EVENT but no start time: the entry
+    // was confirmed (started) when the event was made.
+    if kind == EventKind::New && start_ns.is_none() {
+        start_ns = event_ts;
+    }
 
     Ok(Decoded::Conn(ConnRecord {
         kind,
@@ -970,7 +990,14 @@ mod tests {
                 new.status & status::SEEN_REPLY == 0,
                 "{name}: NEW is unreplied"
             );
-            assert!(new.counters_orig.is_none() && new.start_ns.is_none());
+            assert!(new.counters_orig.is_none());
+            // With timestamps the NEW's start is its CTA_TIMESTAMP_EVENT.
+            assert_eq!(new.start_ns.is_some(), name.contains("_ts"), "{name}");
+            assert_eq!(
+                kernel_event_ns(&new).is_some(),
+                name.contains("_ts"),
+                "{name}"
+            );
             if proto == Protocol::Tcp {
                 assert_eq!(new.tcp_state, Some(TcpState::SynSent), "{name}");
                 assert_eq!(destroy.tcp_state, Some(TcpState::TimeWait), "{name}");

@@ -484,6 +484,11 @@ fn lookup_query(req: &pb::LookupRequest) -> Result<LookupQuery, String> {
         .ok_or_else(|| format!("unsupported protocol number {}", req.protocol))?;
     let tuple = req.tuple.as_ref().ok_or("missing tuple")?;
     let tuple = Tuple::try_from(tuple).map_err(|e| e.to_string())?;
+    // No zone: zone 0, the kernel's default and the seed's behaviour.
+    let zone = match req.zone {
+        None => 0,
+        Some(z) => u16::try_from(z).map_err(|_| format!("zone {z} out of range 0-65535"))?,
+    };
     Ok(LookupQuery {
         protocol,
         tuple,
@@ -492,6 +497,7 @@ fn lookup_query(req: &pb::LookupRequest) -> Result<LookupQuery, String> {
         } else {
             TupleDir::Orig
         },
+        zone,
     })
 }
 
@@ -745,6 +751,20 @@ mod tests {
         assert_eq!(q.protocol, Protocol::Tcp);
         assert_eq!(q.dir, TupleDir::Reply);
         assert_eq!(q.tuple.src_port, 45678);
+        assert_eq!(q.zone, 0, "no zone: zone 0");
+        let zoned = |zone| {
+            lookup_query(&pb::LookupRequest {
+                request_id: 1,
+                protocol: 6,
+                tuple: Some(t.clone()),
+                reply_tuple: true,
+                node: String::new(),
+                zone,
+            })
+        };
+        assert_eq!(zoned(Some(7)).unwrap().zone, 7);
+        assert_eq!(zoned(Some(65535)).unwrap().zone, 65535);
+        assert!(zoned(Some(65536)).unwrap_err().contains("zone 65536"));
         let bad = |protocol, tuple| {
             lookup_query(&pb::LookupRequest {
                 request_id: 1,
