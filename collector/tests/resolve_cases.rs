@@ -434,12 +434,15 @@ fn live_lookup_finds_an_entry_in_zone_7() {
     }
     let mut c = start();
     let (pod_net, srv, node_ip) = (
-        format!("{}/24", c.topo.pod_ip4_of(0, 0)),
+        {
+            let o = c.topo.pod_ip4_of(0, 0).octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        },
         c.topo.srv_ip4(),
         c.topo.node_ip4(),
     );
     let rules = format!(
-        "table ip z {{ chain pre {{ type filter hook prerouting priority raw; ip saddr {pod_net} ct zone set 7; ip saddr {srv} tcp sport 80 ct zone set 7 }} }}\n"
+        "table ip z {{\n    chain pre {{\n        type filter hook prerouting priority raw;\n        ip saddr {pod_net} ct zone set 7\n        ip saddr {srv} tcp sport 80 ct zone set 7\n    }}\n}}\n"
     );
     let file = c.topo.tmp_dir().join("zone.nft");
     std::fs::write(&file, rules).unwrap();
