@@ -24,17 +24,17 @@
 //!
 //! - exactly one candidate alive in the interval: `resolved`
 //!   (`match: "alive"`); two or more: `ambiguous` (`match: "alive"`).
-//! - none alive in it, some alive within ± `skew` of it: `ambiguous`
+//! - none alive in the interval, but the only candidate in the whole
+//!   window started after the line and the window has no gap: `resolved`
+//!   (`match: "late"`). Records are never early (without kernel timestamps
+//!   a record's time is the agent's read time, later than the event, e.g.
+//!   after the agent was stopped), so that connection may be the line's own.
+//! - otherwise, some alive within ± `skew` of the interval: `ambiguous`
 //!   (`match: "skew"`), candidates `ranked` by distance; a neighbour is
 //!   never silently taken for the line's connection.
-//! - none within `skew`, but the only candidate in the whole window started
-//!   after the line and the window has no gap: `resolved` (`match: "late"`).
-//!   Records are never early (without kernel timestamps a record's time is
-//!   the agent's read time, later than the event, e.g. after the agent was
-//!   stopped), so that connection may be the line's own.
-//! - none within `skew` and several candidates, or a gap: `ambiguous`
-//!   (`match: "late"`) when one started after the line, else `not_found`
-//!   with the nearest listed in `ranked` (they ended before the line).
+//! - none within `skew`: `ambiguous` (`match: "late"`) when one started
+//!   after the line, else `not_found` with the nearest listed in `ranked`
+//!   (they ended before the line, so none carried it).
 //! - no candidate at all: `not_observed` when the agent of the node that
 //!   owns the address (its Hello listed it) recorded no connection SNATed
 //!   to that address in the window (its capture does not see this traffic:
@@ -369,10 +369,12 @@ pub fn judge<'a>(hits: &'a [Hit], line: Interval, skew_ns: u64, complete: bool) 
         ("resolved", Basis::Alive)
     } else if alive > 1 {
         ("ambiguous", Basis::Alive)
+    } else if ranked.len() == 1 && complete && started_after(&ranked[0]) {
+        // Whatever the skew: a record is never early, so the one
+        // connection recorded after the line may be its own, read late.
+        ("resolved", Basis::Late)
     } else if near > 0 {
         ("ambiguous", Basis::Skew)
-    } else if ranked.len() == 1 && complete && started_after(&ranked[0]) {
-        ("resolved", Basis::Late)
     } else if ranked.iter().any(started_after) {
         // A record that started after the line may be its own, late.
         ranked.sort_by_key(|c| (!started_after(c), c.distance_ns));
