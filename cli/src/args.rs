@@ -68,6 +68,11 @@ const SEARCH_FLAGS: [(&str, &str); 14] = [
     ("--kind", "kind"),
 ];
 
+/// The values of `search --kind` (the collector's `kind` parameter):
+/// `new` seen opening, `midstream` TCP picked up mid-stream, `recovered`
+/// found by a table dump, `destroy` only its end seen.
+pub const KINDS: [&str; 4] = ["new", "midstream", "recovered", "destroy"];
+
 const LOOKUP_FLAGS: [(&str, &str); 7] = [
     ("--protocol", "protocol"),
     ("--src-ip", "src_ip"),
@@ -272,6 +277,14 @@ fn search(
         )));
     }
     let has = |params: &[(String, String)], k: &str| params.iter().any(|(p, _)| p == k);
+    if let Some((_, k)) = params.iter().find(|(p, _)| p == "kind") {
+        if !KINDS.contains(&k.as_str()) {
+            return Err(CliError::usage(format!(
+                "search: --kind {k:?} is not one of {}",
+                KINDS.join(", ")
+            )));
+        }
+    }
     if let Some(addr) = positional.first() {
         if has(&params, "snat_ip") || has(&params, "snat_port") {
             return Err(CliError::usage(

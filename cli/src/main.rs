@@ -28,6 +28,10 @@ COMMANDS:
            [--from TIME] [--to TIME] [--at TIME] [--window DUR] [--limit N] [--kind K]
         Search recorded connections. IP:PORT is the SNAT address and port a
         server logged (remote_addr:remote_port), TIME sets --at.
+        --kind K keeps connections whose first record was: new (seen opening),
+        midstream (TCP picked up mid-stream), recovered (found by a table
+        dump), destroy (only its end seen). END shows <=TIME (superseded) or
+        <=TIME (gone) when only an upper bound of the end is known.
     resolve [FILE|-] [--log-format FMT] [--window DUR] [--skew DUR] [--at TIME] [--batch N]
         Read nginx access-log lines (FILE, or standard input) and write each
         back with ' pod=IP node=NODE' appended, or ' pod=? reason=...'

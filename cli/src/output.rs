@@ -88,9 +88,11 @@ pub fn search_table(v: &Value) -> String {
                 endpoint(&r["src_ip"], &r["src_port"]),
                 endpoint(&r["dst_ip"], &r["dst_port"]),
                 endpoint(&r["snat_ip"], &r["snat_port"]),
-                match &r["end"] {
-                    Value::Null => "open".into(),
-                    e => cell(e),
+                match (&r["end"], r["end_kind"].as_str()) {
+                    (Value::Null, _) => "open".into(),
+                    // Only an upper bound of the end is known.
+                    (e, Some(k @ ("gone" | "superseded"))) => format!("<={} ({k})", cell(e)),
+                    (e, _) => cell(e),
                 },
                 cell(&r["state"]),
             ];

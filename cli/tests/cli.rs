@@ -55,6 +55,8 @@ fn server() -> Server {
                 conn(EventKind::New, "10.244.1.7", 45000, 1, T0 * S),
                 conn(EventKind::Destroy, "10.244.1.7", 45000, 1, (T0 + 10) * S),
                 conn(EventKind::New, "10.244.1.8", 45000, 2, (T0 + 60) * S),
+                // Found by the agent's start-up dump.
+                conn(EventKind::Recovered, "10.244.1.9", 45002, 3, (T0 + 3) * S),
             ],
         })
         .unwrap();
@@ -240,6 +242,44 @@ fn search_table_json_and_exit_codes() {
     // Usage errors never reach the server.
     let o = run(&s, &["search", "--bogus", "1"], None);
     assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn search_kind_filters_and_lists_its_values() {
+    let s = server();
+    let pods = |kind: &str| {
+        let o = run(
+            &s,
+            &["--json", "search", "--node", "node-a", "--kind", kind],
+            None,
+        );
+        assert!(matches!(code(&o), 0 | 1), "{}", stderr(&o));
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let mut pods: Vec<String> = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["src_ip"].as_str().unwrap().to_string())
+            .collect();
+        pods.sort();
+        assert_eq!(v["total"], pods.len(), "{v}");
+        pods
+    };
+    assert_eq!(pods("recovered"), vec!["10.244.1.9"]);
+    assert_eq!(pods("new"), vec!["10.244.1.7", "10.244.1.8"]);
+    assert!(pods("destroy").is_empty());
+    assert!(pods("midstream").is_empty());
+    // An unknown kind: a usage error naming the valid values, client-side.
+    let o = run(&s, &["search", "--kind", "opened"], None);
+    assert_eq!(code(&o), 2);
+    for k in ctw_collector::store::ConnKind::ALL {
+        assert!(stderr(&o).contains(k.as_str()), "{}", stderr(&o));
+    }
+    // The help lists them too.
+    let o = run(&s, &["--help"], None);
+    for k in ["new", "midstream", "recovered", "destroy"] {
+        assert!(stdout(&o).contains(k), "{}", stdout(&o));
+    }
 }
 
 #[test]

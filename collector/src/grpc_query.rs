@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::LookupConfig;
 use crate::registry::{unix_ns, LiveAnswer, LiveQuery, LookupError, Registry};
-use crate::store::{Gap, RecordStore, SearchQuery, SearchResult, StoreError};
+use crate::store::{ConnKind, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
 
 /// `limit` when a search does not give one.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -137,6 +137,18 @@ pub fn search_query(r: &pb::SearchRequest, max_limit: usize) -> Result<SearchQue
         at_ns: r.at_ns,
         at_precision_ns: 0,
         limit,
+        kind: r
+            .kind
+            .as_deref()
+            .map(|k| {
+                ConnKind::parse(k).ok_or_else(|| {
+                    invalid(
+                        "kind",
+                        format!("unknown kind {k:?}; valid: {}", ConnKind::valid_values()),
+                    )
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -174,6 +186,8 @@ fn search_response(result: SearchResult) -> pb::SearchResponse {
                 node: h.node.clone(),
                 record: Some((&h.record).into()),
                 closed_ns: h.closed_ns,
+                end: h.end.map(|e| e.as_str().to_string()),
+                last_seen_ns: h.last_seen_ns,
                 counters_orig: pb_counters(h.counters_orig),
                 counters_reply: pb_counters(h.counters_reply),
             })
@@ -558,11 +572,25 @@ mod tests {
                 },
                 "node",
             ),
+            (
+                pb::SearchRequest {
+                    kind: Some("opened".into()),
+                    ..Default::default()
+                },
+                "kind",
+            ),
         ];
         for (req, field) in cases {
             let e = search_query(&req, 1000).unwrap_err();
             assert_eq!(e.field, field, "{e}");
             assert!(invalid_status(&e).message().starts_with(field));
+        }
+        for k in ConnKind::ALL {
+            let req = pb::SearchRequest {
+                kind: Some(k.as_str().into()),
+                ..Default::default()
+            };
+            assert_eq!(search_query(&req, 1000).unwrap().kind, Some(k));
         }
     }
 

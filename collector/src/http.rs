@@ -26,7 +26,7 @@ use crate::grpc_query::{merge_open_gaps, route_lookup};
 use crate::metrics::Metrics;
 use crate::registry::{LiveQuery, LookupError, Registry};
 use crate::resolve;
-use crate::store::{alive_at, Gap, Hit, RecordStore, SearchQuery, SearchResult};
+use crate::store::{alive_at, ConnKind, Gap, Hit, RecordStore, SearchQuery, SearchResult};
 
 /// Default and largest `window` around `at`.
 const DEFAULT_WINDOW_NS: u64 = 5 * 60 * 1_000_000_000;
@@ -269,6 +269,19 @@ pub fn parse_search(
         at_ns: at,
         at_precision_ns: api::param(params, "at").map_or(0, api::time_precision_ns),
         limit,
+        kind: api::param(params, "kind")
+            .map(|k| {
+                ConnKind::parse(k).ok_or_else(|| {
+                    BadParam::new(
+                        "kind",
+                        format!(
+                            "kind: unknown value {k:?}; valid: {}",
+                            ConnKind::valid_values()
+                        ),
+                    )
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -306,6 +319,12 @@ pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
     }
     if let Some(c) = h.closed_ns {
         o.insert("end".into(), json!(api::format_time(c)));
+        if let Some(e) = h.end {
+            o.insert("end_kind".into(), json!(e.as_str()));
+        }
+        if let Some(s) = h.last_seen_ns {
+            o.insert("last_seen".into(), json!(api::format_time(s)));
+        }
         o.insert(
             "duration_ms".into(),
             json!(c.saturating_sub(start) / 1_000_000),
@@ -489,4 +508,30 @@ fn parse_zone(params: &[(String, String)]) -> Result<Option<u16>, BadParam> {
 
 async fn agents(State(s): State<Arc<AppState>>) -> Response {
     Json(json!({ "agents": s.registry.agents() })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn params(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn kind_is_parsed_and_an_unknown_one_names_the_valid_values() {
+        for k in ConnKind::ALL {
+            let q = parse_search(&params(&[("kind", k.as_str())]), 100).unwrap();
+            assert_eq!(q.kind, Some(k));
+        }
+        assert_eq!(parse_search(&params(&[]), 100).unwrap().kind, None);
+        let e = parse_search(&params(&[("kind", "NEW")]), 100).unwrap_err();
+        assert_eq!(e.parameter, "kind");
+        for k in ["new", "midstream", "recovered", "destroy"] {
+            assert!(e.message.contains(k), "{}", e.message);
+        }
+    }
 }

@@ -52,9 +52,13 @@ fn store() -> Arc<MemStore> {
         conn(EventKind::New, "10.244.1.7", 45000, 1, T0 * S),
         conn(EventKind::Destroy, "10.244.1.7", 45000, 1, (T0 + 10) * S),
         conn(EventKind::New, "10.244.1.8", 45000, 2, (T0 + 60) * S),
-        // Two open connections with the same node port (e.g. different
-        // destinations): ambiguous.
-        conn(EventKind::New, "10.244.1.9", 45001, 3, T0 * S),
+        // Two open connections with the same node port and server, in two
+        // conntrack zones (in one zone the later would supersede the
+        // earlier): ambiguous.
+        ConnRecord {
+            zone: 1,
+            ..conn(EventKind::New, "10.244.1.9", 45001, 3, T0 * S)
+        },
         conn(EventKind::New, "10.244.1.10", 45001, 4, (T0 + 1) * S),
     ];
     s.append(StoredBatch {

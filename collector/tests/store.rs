@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use ctw_collector::config::StorageConfig;
 use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
 use ctw_collector::store::{
-    normalize, AppendOutcome, Gap, Hit, MemStore, RecordStore, SearchQuery, StoreError, StoredBatch,
+    alive_at, normalize, AppendOutcome, ConnKind, End, Gap, Hit, MemStore, RecordStore,
+    SearchQuery, StoreError, StoredBatch,
 };
 use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
 
@@ -107,12 +108,34 @@ fn batch(node: &str, seq: u64, records: Vec<ConnRecord>) -> StoredBatch {
 /// Random connections: NEW, often a DESTROY (lifetime < 2 h), sometimes a
 /// recovered duplicate while alive; IPv4 and IPv6; few values so queries
 /// collide. Like the kernel, never two live connections with the same
-/// original tuple on one node: a source port is redrawn (else a fresh one
-/// taken) when the tuple is alive at the drawn time.
+/// original or the same reply tuple on one node: a source port (for the
+/// original tuple) or a SNAT port (for the reply tuple) is redrawn (else a
+/// fresh one taken) when the tuple is alive at the drawn time.
+///
+/// Connections without a DESTROY are, in turns: superseded (a later NEW of
+/// another pod takes their reply tuple: the kernel sent no DESTROY), found
+/// gone by the agent (a `CTW_GONE` record), or alive for 4 h. Some UDP
+/// connections also get a NAT-clash shadow DESTROY (another backend).
 fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord)> {
     use std::collections::HashMap;
+    type Alive = HashMap<(String, Protocol, bool, ctw_common::Tuple), Vec<(u64, u64)>>;
     let mut out = Vec::new();
-    let mut alive: HashMap<(String, Protocol, ctw_common::Tuple), Vec<(u64, u64)>> = HashMap::new();
+    // Lifetimes by (node, protocol, is reply tuple, tuple).
+    let mut alive: Alive = HashMap::new();
+    let free = |alive: &Alive, node: &str, r: &ConnRecord, reply: bool, a: u64, b: u64| {
+        let t = if reply { r.reply } else { r.orig };
+        alive
+            .get(&(node.to_string(), r.protocol, reply, t))
+            .is_none_or(|v| v.iter().all(|&(x, y)| b < x || a > y))
+    };
+    let take = |alive: &mut Alive, node: &str, r: &ConnRecord, a: u64, b: u64| {
+        for (reply, t) in [(false, r.orig), (true, r.reply)] {
+            alive
+                .entry((node.to_string(), r.protocol, reply, t))
+                .or_default()
+                .push((a, b));
+        }
+    };
     let mut fresh_port = 20000u16;
     for _ in 0..n {
         let node = format!("n{}", rng.below(3));
@@ -159,33 +182,41 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
         if rng.below(3) == 0 {
             r.start_ns = None;
         }
-        let destroy = rng.below(10) < 6;
-        let life = if destroy { rng.below(2 * H) } else { 4 * H };
-        let free = |alive: &HashMap<_, Vec<(u64, u64)>>, r: &ConnRecord| {
-            alive
-                .get(&(node.clone(), r.protocol, r.orig))
-                .is_none_or(|v: &Vec<(u64, u64)>| v.iter().all(|&(a, b)| t + life < a || t > b))
+        // 0-5: DESTROY; 6: superseded; 7: gone; 8-9: alive 4 h.
+        let fate = rng.below(10);
+        let life = if fate < 6 || fate == 7 {
+            rng.below(2 * H)
+        } else if fate == 6 {
+            1 + rng.below(H)
+        } else {
+            4 * H
         };
         for _ in 0..8 {
-            if free(&alive, &r) {
+            if free(&alive, &node, &r, false, t, t + life) {
                 break;
             }
             r.orig.src_port = 1000 + rng.below(8) as u16;
         }
-        if !free(&alive, &r) {
+        for _ in 0..8 {
+            if free(&alive, &node, &r, true, t, t + life) {
+                break;
+            }
+            r.reply.dst_port = 5000 + rng.below(8) as u16;
+        }
+        if !free(&alive, &node, &r, false, t, t + life)
+            || !free(&alive, &node, &r, true, t, t + life)
+        {
             fresh_port += 1;
             r.orig.src_port = fresh_port;
+            r.reply.dst_port = fresh_port;
         }
-        alive
-            .entry((node.clone(), r.protocol, r.orig))
-            .or_default()
-            .push((t, t + life));
+        take(&mut alive, &node, &r, t, t + life);
         out.push((node.clone(), r));
-        if destroy {
-            let mut d = r;
+        let destroy = |r: &ConnRecord, at: u64, rng: &mut Rng| {
+            let mut d = *r;
             d.kind = EventKind::Destroy;
-            d.event_ns = t + life;
-            d.stop_ns = Some(t + life);
+            d.event_ns = at;
+            d.stop_ns = Some(at);
             d.tcp_state = Some(TcpState::TimeWait);
             d.counters_orig = Some(Counters {
                 packets: rng.below(100),
@@ -195,7 +226,59 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
                 packets: rng.below(100),
                 bytes: rng.below(100_000),
             });
-            out.push((node.clone(), d));
+            d
+        };
+        match fate {
+            0..6 => {
+                out.push((node.clone(), destroy(&r, t + life, rng)));
+                if r.protocol == Protocol::Udp && rng.below(5) == 0 {
+                    // The shadow of a NAT clash: another id and backend,
+                    // its own start, only a DESTROY.
+                    let mut shadow = destroy(&r, t + rng.below(life + 1), rng);
+                    shadow.status |= status::NAT_CLASH;
+                    shadow.reply.src = ip(rng, 5);
+                    shadow.start_ns = r.start_ns.map(|s| s + 1000);
+                    out.push((node.clone(), shadow));
+                }
+            }
+            6 => {
+                // Another pod takes the reply tuple at t + life; this
+                // connection's end was never reported (or, sometimes, the
+                // agent found it gone only after the successor started).
+                let at = t + life;
+                let mut next = r;
+                next.event_ns = at;
+                next.start_ns = r.start_ns.map(|_| at);
+                next.orig.src = ip(rng, 6);
+                let next_life = rng.below(2 * H);
+                if free(&alive, &node, &next, false, at, at + next_life)
+                    && free(&alive, &node, &next, true, at + 1, at + next_life)
+                {
+                    take(&mut alive, &node, &next, at, at + next_life);
+                    out.push((node.clone(), next));
+                    if rng.below(2) == 0 {
+                        out.push((node.clone(), destroy(&next, at + next_life, rng)));
+                    }
+                    if rng.below(3) == 0 {
+                        let mut gone = destroy(&r, at + rng.below(MIN), rng);
+                        gone.status |= status::CTW_GONE;
+                        gone.stop_ns = Some(t + rng.below(life));
+                        gone.counters_orig = None;
+                        gone.counters_reply = None;
+                        out.push((node.clone(), gone));
+                    }
+                }
+            }
+            7 => {
+                // Found gone by the agent: last seen before, gone at t + life.
+                let mut gone = destroy(&r, t + life, rng);
+                gone.status |= status::CTW_GONE;
+                gone.stop_ns = Some(t + rng.below(life + 1));
+                gone.counters_orig = None;
+                gone.counters_reply = None;
+                out.push((node.clone(), gone));
+            }
+            _ => {}
         }
         if rng.below(10) == 0 {
             let mut again = r;
@@ -272,11 +355,17 @@ fn append_and_search_by_snat_ip_port_and_time_v4_and_v6() {
     assert_eq!(r.total, 1, "{r:?}");
     assert_eq!(r.hits[0].record, kept(a));
     assert_eq!(r.hits[0].node, "n1");
+    // b took a's reply tuple: a had ended by b's start (no DESTROY seen),
+    // so a may have been alive in the range but not at b's start.
     let r = store.search(&q(node4, BASE + 50 * MIN)).unwrap();
     assert_eq!(
         r.hits.iter().map(|h| h.record).collect::<Vec<_>>(),
-        vec![kept(b)]
+        vec![kept(b), kept(a)]
     );
+    assert_eq!(r.hits[1].end, Some(End::Superseded));
+    assert_eq!(r.hits[1].closed_ns, Some(BASE + 50 * MIN));
+    assert!(!alive_at(&r.hits[1], BASE + 50 * MIN, 1));
+    assert!(alive_at(&r.hits[0], BASE + 50 * MIN, 1));
     let r = store.search(&q(node6, BASE + 10 * MIN)).unwrap();
     assert_eq!(
         r.hits.iter().map(|h| h.record).collect::<Vec<_>>(),
@@ -300,16 +389,31 @@ fn same_answers_as_memstore_on_random_data() {
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000; // only explicit commits
     let store = TantivyStore::open(&cfg).unwrap();
-    let mem = MemStore::default();
+    // Reads what the tantivy store reads: connections superseded (or
+    // destroyed) more than the lookback after a range show no end in both.
+    let mem = MemStore::with_lookback(cfg.lookback_hours as u64 * H);
+    // Collects at most 300 records per search: the same answer whenever it
+    // did not reach the cap.
+    let capped_dir = TempDir::new("equiv-capped");
+    let capped = TantivyStore::open_with(
+        &capped_dir.cfg(),
+        StoreOptions {
+            max_collected_docs: 300,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
     let mut rng = Rng(1234);
     let span = 30 * H;
     let records = random_records(&mut rng, 3000, span);
     // A third in segments, the rest fresh (uncommitted) in the first round
     // of queries; all in segments in the second.
     let (old, new) = records.split_at(1000);
-    load(&[&store, &mem], old);
+    load(&[&store, &mem, &capped], old);
     store.commit().unwrap();
-    load_from(&[&store, &mem], new, 1_000_000);
+    load_from(&[&store, &mem, &capped], new, 1_000_000);
+    capped.commit().unwrap();
+    let mut truncated = 0;
     let gap = Gap {
         node: "n1".into(),
         from_ns: BASE + 3 * H,
@@ -362,9 +466,24 @@ fn same_answers_as_memstore_on_random_data() {
                 q.at_ns = Some(from + rng.below(H));
             }
         }
+        if m & 1024 != 0 && m & 2048 != 0 {
+            q.kind = Some(ConnKind::ALL[rng.below(4) as usize]);
+        }
         let a = store.search(&q).unwrap();
         let b = mem.search(&q).unwrap();
         assert_eq!(a.total, b.total, "query {i}: {q:?}");
+        let (c, stats) = capped.search_with_stats(&q).unwrap();
+        if stats.truncated {
+            truncated += 1;
+            assert!(c.total >= c.hits.len() as u64, "query {i}: {q:?}");
+        } else {
+            assert_eq!(c.total, b.total, "query {i}: {q:?}");
+            assert_eq!(
+                canonical(c.hits),
+                canonical(b.hits.clone()),
+                "query {i}: {q:?}"
+            );
+        }
         assert_eq!(a.gaps, b.gaps, "query {i}: {q:?}");
         assert_eq!(canonical(a.hits), canonical(b.hits), "query {i}: {q:?}");
         // With a small limit: the same number, and the same rank order.
@@ -381,6 +500,7 @@ fn same_answers_as_memstore_on_random_data() {
             assert_eq!(starts(&a.hits), starts(&b.hits), "query {i}: {q:?}");
         }
     }
+    assert!(truncated > 20, "{truncated}");
 }
 
 #[test]
@@ -664,7 +784,20 @@ fn search_touches_only_the_partitions_its_range_needs() {
     );
     assert_eq!(store.last_search_stats(), stats);
     assert_eq!(store.partitions_for(&q).len(), 3);
-    assert_eq!(r.total, 1);
+    // The 05:01 connection (superseded at 06:01, inside the lookback), and
+    // the 04:01 one it superseded (same reply tuple, no DESTROY): that one
+    // may have been alive until 05:01.
+    assert_eq!(r.total, 2);
+    assert_eq!(
+        r.hits
+            .iter()
+            .map(|h| (h.start_ns(), h.end))
+            .collect::<Vec<_>>(),
+        vec![
+            (BASE + 5 * H + MIN, Some(End::Superseded)),
+            (BASE + 4 * H + MIN, Some(End::Superseded))
+        ]
+    );
     let (_, stats) = store
         .search_with_stats(&SearchQuery {
             limit: 1,
@@ -1071,4 +1204,277 @@ fn many_uncommitted_records_trigger_a_commit() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(store.stats().records, 1000);
+}
+
+/// Both stores, loaded with `records` on node `n1`, committed.
+fn both(dir: &TempDir, cfg: StorageConfig, records: &[ConnRecord]) -> (TantivyStore, MemStore) {
+    let _ = dir;
+    let store = TantivyStore::open(&cfg).unwrap();
+    let mem = MemStore::with_lookback(cfg.lookback_hours as u64 * H);
+    for s in [&store as &dyn RecordStore, &mem] {
+        s.append(batch("n1", 1, records.to_vec())).unwrap();
+    }
+    store.commit().unwrap();
+    (store, mem)
+}
+
+fn destroy_of(r: &ConnRecord, at: u64) -> ConnRecord {
+    ConnRecord {
+        kind: EventKind::Destroy,
+        event_ns: at,
+        stop_ns: r.start_ns.map(|_| at),
+        tcp_state: Some(TcpState::TimeWait),
+        counters_orig: Some(Counters {
+            packets: 3,
+            bytes: 180,
+        }),
+        ..*r
+    }
+}
+
+/// Issue 11 case 1: pod A's entry was recovered by the start-up dump and its
+/// DESTROY never came (created while no listener existed); pod B later got
+/// the same node port, i.e. the same reply tuple. B's start ends A (an
+/// upper bound), so at B's time only B is alive; a `CTW_GONE` record for A
+/// arriving after B keeps the tighter bound and adds when A was last seen;
+/// one arriving before B ends A itself.
+#[test]
+fn a_later_entry_with_the_reply_tuple_ends_the_open_one() {
+    let dir = TempDir::new("supersede");
+    let a_pod = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2));
+    let b_pod = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3));
+    let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    let t = BASE + 10 * MIN;
+    let s = 1_000_000_000;
+    for (gone_at, v6) in [
+        (None, false),
+        (Some(t + 20 * s), false),
+        (Some(t + 8 * s), true),
+    ] {
+        let (a_pod, b_pod, node) = if v6 {
+            let v = |s: &str| s.parse::<IpAddr>().unwrap();
+            (v("fd00::1:2"), v("fd00::1:3"), v("fd00::1"))
+        } else {
+            (a_pod, b_pod, node)
+        };
+        let mut a = rec(t, a_pod, 42000, node, 42000);
+        a.kind = EventKind::Recovered;
+        a.event_ns = t + 2 * s;
+        a.tcp_state = Some(TcpState::Established);
+        let b = rec(t + 10 * s, b_pod, 42000, node, 42000);
+        let mut records = vec![a, b, destroy_of(&b, t + 11 * s)];
+        if let Some(g) = gone_at {
+            let mut gone = destroy_of(&a, g);
+            gone.status |= status::CTW_GONE;
+            gone.stop_ns = Some(t + 6 * s);
+            gone.counters_orig = None;
+            records.push(gone);
+        }
+        let (store, mem) = both(&dir, dir.cfg(), &records);
+        let at = t + 10 * s + 500_000_000;
+        let q = SearchQuery {
+            snat_ip: Some(node),
+            snat_port: Some(42000),
+            from_ns: Some(at - 5 * MIN),
+            to_ns: Some(at + 5 * MIN),
+            at_ns: Some(at),
+            at_precision_ns: 1_000_000,
+            limit: 10,
+            ..Default::default()
+        };
+        for r in [store.search(&q).unwrap(), mem.search(&q).unwrap()] {
+            assert_eq!(r.total, 2, "{r:?}");
+            assert_eq!(r.hits[0].record.orig.src, b_pod, "{r:?}");
+            assert!(alive_at(&r.hits[0], at, 1_000_000));
+            let ha = &r.hits[1];
+            assert_eq!(ha.record.orig.src, a_pod);
+            assert!(!alive_at(ha, at, 1_000_000));
+            match gone_at {
+                Some(g) if g < t + 10 * s => {
+                    assert_eq!((ha.end, ha.closed_ns), (Some(End::Gone), Some(g)));
+                    assert_eq!(ha.last_seen_ns, Some(t + 6 * s));
+                }
+                _ => {
+                    assert_eq!(
+                        (ha.end, ha.closed_ns),
+                        (Some(End::Superseded), Some(t + 10 * s))
+                    );
+                    assert_eq!(ha.last_seen_ns, gone_at.map(|_| t + 6 * s));
+                }
+            }
+            // A's own line (at 5 s) is A's alone.
+            let qa = SearchQuery {
+                at_ns: Some(t + 5 * s),
+                ..q.clone()
+            };
+            let ra = store.search(&qa).unwrap();
+            assert!(alive_at(&ra.hits[0], t + 5 * s, 1) && !alive_at(&ra.hits[1], t + 5 * s, 1));
+            assert_eq!(ra.hits[0].record.orig.src, a_pod);
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir.0);
+    }
+}
+
+/// At the edges of the records read: a search reads event times in
+/// `[from - lookback, to + lookback]`; a superseding record after that
+/// leaves the connection without an end (like a DESTROY that late), in
+/// both stores; with the successor read, the end is known.
+#[test]
+fn a_successor_outside_the_records_read_leaves_no_end() {
+    let dir = TempDir::new("supersede-edge");
+    let mut cfg = dir.cfg();
+    cfg.lookback_hours = 1;
+    let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    let a = rec(BASE, IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2)), 1, node, 9);
+    let b = rec(
+        BASE + 2 * H,
+        IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3)),
+        1,
+        node,
+        9,
+    );
+    let (store, mem) = both(&dir, cfg, &[a, b]);
+    let ends = |from: u64, to: u64| {
+        let q = SearchQuery {
+            from_ns: Some(from),
+            to_ns: Some(to),
+            limit: 10,
+            ..Default::default()
+        };
+        let x = store.search(&q).unwrap();
+        let y = mem.search(&q).unwrap();
+        assert_eq!(canonical(x.hits.clone()), canonical(y.hits), "{q:?}");
+        assert_eq!(x.total, y.total);
+        x.hits
+            .iter()
+            .map(|h| (h.start_ns(), h.end, h.closed_ns))
+            .collect::<Vec<_>>()
+    };
+    // B is 2 h after a range ending at A's start: not read (lookback 1 h).
+    assert_eq!(ends(BASE, BASE), vec![(BASE, None, None)]);
+    // Read: A ended by B's start, so it may have been alive at 01:00.
+    assert_eq!(
+        ends(BASE + H, BASE + H),
+        vec![(BASE, Some(End::Superseded), Some(BASE + 2 * H))]
+    );
+    assert_eq!(
+        ends(BASE, BASE + 2 * H),
+        vec![
+            (BASE + 2 * H, None, None),
+            (BASE, Some(End::Superseded), Some(BASE + 2 * H))
+        ]
+    );
+}
+
+/// Issue 11 case 6: a NAT-clash shadow DESTROY (another id, start and
+/// backend) neither closes the real connection nor shows as one; a DESTROY
+/// joins its NEW on original tuple, reply tuple and zone.
+#[test]
+fn nat_clash_shadows_never_close_or_duplicate_a_connection() {
+    let dir = TempDir::new("clash");
+    let pod = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2));
+    let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    let t = BASE + MIN;
+    let mut new = rec(t, pod, 5353, node, 5353);
+    new.protocol = Protocol::Udp;
+    new.tcp_state = None;
+    let mut shadow = destroy_of(&new, t + 1_000_000);
+    shadow.status |= status::NAT_CLASH;
+    shadow.reply.src = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 3));
+    shadow.start_ns = Some(t + 1000);
+    shadow.counters_orig = Some(Counters {
+        packets: 1,
+        bytes: 60,
+    });
+    // Same original tuple, another zone: another connection's DESTROY.
+    let other_zone = ConnRecord {
+        zone: 7,
+        ..destroy_of(&new, t + 2_000_000)
+    };
+    let real = destroy_of(&new, t + 30_000_000_000);
+    let (store, mem) = both(&dir, dir.cfg(), &[new, shadow, other_zone, real]);
+    let q = SearchQuery {
+        src_ip: Some(pod),
+        limit: 10,
+        ..Default::default()
+    };
+    for r in [store.search(&q).unwrap(), mem.search(&q).unwrap()] {
+        assert_eq!(r.total, 2, "{r:?}");
+        let by_zone = |z: u16| r.hits.iter().find(|h| h.record.zone == z).unwrap();
+        let h = by_zone(0);
+        assert_eq!(h.record.kind, EventKind::New);
+        assert_eq!(
+            (h.end, h.closed_ns),
+            (Some(End::Destroy), Some(t + 30_000_000_000))
+        );
+        assert_eq!(h.counters_orig.map(|c| c.packets), Some(3));
+        assert_eq!(by_zone(7).record.kind, EventKind::Destroy);
+    }
+}
+
+/// Issue 11 case 4: `total` counts connections, also past the collection
+/// cap: UDP flows with NEW and DESTROY each (with kernel timestamps), some
+/// started before the range and alive into it; for every range the total
+/// is the number of flows alive in it, counted from the generated flows.
+#[test]
+fn total_counts_connections_past_the_cap() {
+    let dir = TempDir::new("total");
+    let store = store_collecting_at_most(&dir, 500);
+    let mem = MemStore::with_lookback(3 * H);
+    let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    let mut rng = Rng(77);
+    let mut flows = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..3000u64 {
+        let t = BASE + i * 1_000_000_000;
+        let life = rng.below(20 * MIN);
+        let mut r = rec(t, node, 10_000 + i as u16, node, 10_000 + i as u16);
+        r.orig.src = IpAddr::V4(Ipv4Addr::new(198, 18, 1, (i % 200) as u8));
+        r.protocol = Protocol::Udp;
+        r.tcp_state = None;
+        records.push(r);
+        records.push(destroy_of(&r, t + life));
+        flows.push((t, t + life));
+    }
+    // Interleaved in batches, so the cap cuts between a NEW and its DESTROY.
+    for (i, c) in records.chunks(97).enumerate() {
+        for s in [&store as &dyn RecordStore, &mem] {
+            s.append(batch("n1", i as u64, c.to_vec())).unwrap();
+        }
+    }
+    store.commit().unwrap();
+    let span = 3000 * 1_000_000_000u64;
+    for (from, to, kind) in [
+        (None, None, None),
+        (Some(BASE), Some(BASE + span), None),
+        (Some(BASE + span / 3), Some(BASE + span / 2), None),
+        (Some(BASE + span / 2), Some(BASE + span / 2), None),
+        // With a kind, past the cap, only connections started in the range
+        // are counted (a DESTROY does not say how its connection opened):
+        // exact for ranges no connection is alive into.
+        (None, None, Some(ConnKind::New)),
+        (Some(BASE), Some(BASE + span / 2), Some(ConnKind::New)),
+        (None, None, Some(ConnKind::Recovered)),
+    ] {
+        let q = SearchQuery {
+            from_ns: from,
+            to_ns: to,
+            kind,
+            limit: 10,
+            ..Default::default()
+        };
+        let (f, t) = (from.unwrap_or(0), to.unwrap_or(u64::MAX));
+        let want = flows
+            .iter()
+            .filter(|&&(a, b)| {
+                // Started in the range, or alive into it; every flow is NEW.
+                kind.is_none_or(|k| k == ConnKind::New) && ((a >= f && a <= t) || (a < f && b >= f))
+            })
+            .count() as u64;
+        let (r, stats) = store.search_with_stats(&q).unwrap();
+        assert!(stats.truncated || want == 0, "{q:?}");
+        assert_eq!(r.total, want, "{q:?}");
+        assert_eq!(mem.search(&q).unwrap().total, want, "{q:?}");
+    }
 }

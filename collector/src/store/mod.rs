@@ -64,6 +64,96 @@ pub struct SearchQuery {
     /// `$msec`): "alive at" means alive somewhere in `[at, at + precision)`.
     pub at_precision_ns: u64,
     pub limit: usize,
+    /// Only connections of this kind (see [`ConnKind`]); `None`: all.
+    pub kind: Option<ConnKind>,
+}
+
+/// What a connection's first stored record was, the `kind` search filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnKind {
+    /// `new`: seen opening (a conntrack NEW whose first packet opened the
+    /// connection: any UDP/ICMP NEW, a TCP NEW in state `SYN_SENT`).
+    New,
+    /// `midstream`: a TCP NEW picked up mid-stream ([`ConnRecord::midstream`]),
+    /// e.g. after an idle keepalive connection's entry expired.
+    Midstream,
+    /// `recovered`: found by a table dump (agent start-up or resync), its
+    /// NEW not seen.
+    Recovered,
+    /// `destroy`: only its end was seen (a DESTROY, or the agent's
+    /// `CTW_GONE` record, with no NEW or recovered record of it stored).
+    Destroy,
+}
+
+impl ConnKind {
+    /// Every kind, in the order help texts list them.
+    pub const ALL: [ConnKind; 4] = [
+        ConnKind::New,
+        ConnKind::Midstream,
+        ConnKind::Recovered,
+        ConnKind::Destroy,
+    ];
+
+    /// The API / CLI value: `new`, `midstream`, `recovered`, `destroy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnKind::New => "new",
+            ConnKind::Midstream => "midstream",
+            ConnKind::Recovered => "recovered",
+            ConnKind::Destroy => "destroy",
+        }
+    }
+
+    /// Parse an API / CLI value (exact, lower case); `None` if unknown.
+    pub fn parse(s: &str) -> Option<ConnKind> {
+        ConnKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The valid values, comma-separated, for error and help texts.
+    pub fn valid_values() -> String {
+        ConnKind::ALL.map(ConnKind::as_str).join(", ")
+    }
+
+    /// The kind of a connection whose first record is `r`.
+    pub fn of(r: &ConnRecord) -> ConnKind {
+        match r.kind {
+            EventKind::New if r.midstream() => ConnKind::Midstream,
+            EventKind::New => ConnKind::New,
+            EventKind::Recovered => ConnKind::Recovered,
+            EventKind::Destroy => ConnKind::Destroy,
+        }
+    }
+}
+
+/// How a connection's end (`Hit::closed_ns`) is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum End {
+    /// `destroy`: the kernel's DESTROY event; the end is its stop time
+    /// (`CTA_TIMESTAMP_STOP`) or, without timestamps, when the agent read it.
+    Destroy,
+    /// `gone`: the agent's re-check found the entry gone (a DESTROY record
+    /// with [`status::CTW_GONE`](ctw_common::status::CTW_GONE)). The end is
+    /// after `Hit::last_seen_ns` and at or before `closed_ns` (when it was
+    /// found gone): `closed_ns` is an upper bound.
+    Gone,
+    /// `superseded`: a later NEW or recovered entry on the same node took
+    /// this connection's reply (or original) tuple in its zone; the kernel
+    /// holds one live entry per tuple, so this one had ended at or before
+    /// the later one's start, which is `closed_ns` (an upper bound). Seen
+    /// for entries whose DESTROY the kernel never sent (created while no
+    /// event listener existed, `nf_conntrack_events=2`) or was lost.
+    Superseded,
+}
+
+impl End {
+    /// The API value: `destroy`, `gone`, `superseded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Destroy => "destroy",
+            End::Gone => "gone",
+            End::Superseded => "superseded",
+        }
+    }
 }
 
 /// One connection: its NEW (or recovered) record joined with its DESTROY.
@@ -72,8 +162,16 @@ pub struct Hit {
     pub node: String,
     /// The NEW / recovered record; a DESTROY record when no NEW was stored.
     pub record: ConnRecord,
-    /// When the connection was seen to end (the DESTROY's stop or event time).
+    /// When the connection ended, or the upper bound of its end (see
+    /// [`End`]); `None` while no end is known.
     pub closed_ns: Option<u64>,
+    /// How the end is known; `Some` exactly when `closed_ns` is.
+    pub end: Option<End>,
+    /// The last time the connection was seen alive, when the end is only
+    /// bounded: the `stop_ns` of a [`End::Gone`] record (also kept when a
+    /// superseded connection's `CTW_GONE` record arrives later).
+    pub last_seen_ns: Option<u64>,
+    /// Counters of the DESTROY (or gone) record, when it carried them.
     pub counters_orig: Option<Counters>,
     pub counters_reply: Option<Counters>,
 }
@@ -164,82 +262,221 @@ fn same_start(a: &ConnRecord, b: &ConnRecord) -> bool {
     }
 }
 
-/// Join NEW/recovered records with DESTROY records of the same connection,
-/// filter by time, rank and cut to `limit`. Shared by every store so they
-/// answer alike.
-///
-/// The kernel never holds two entries with the same original tuple in one
-/// zone, so the records of a (node, protocol, original tuple, zone), in event
-/// order, are one connection after another: a DESTROY closes the open
-/// connection (when their kernel start times, if known, agree); a recovered
-/// record while a connection is open is that connection again (the earliest
-/// record is kept); a DESTROY with nothing open stands alone.
-pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap]) -> SearchResult {
+/// A total order of a tuple, to sort records deterministically.
+fn tuple_key(t: &ctw_common::Tuple) -> (IpAddr, u16, IpAddr, u16) {
+    (t.src, t.src_port, t.dst, t.dst_port)
+}
+
+/// Where a DESTROY record says its connection ended: for a kernel DESTROY
+/// its stop time (else when it was read), for a `CTW_GONE` record when the
+/// entry was found gone (the upper bound).
+fn destroy_end(r: &ConnRecord) -> (u64, End) {
+    if r.status & ctw_common::status::CTW_GONE != 0 {
+        (r.event_ns, End::Gone)
+    } else {
+        (r.stop_ns.unwrap_or(r.event_ns), End::Destroy)
+    }
+}
+
+/// The connections of one (node, protocol, zone), from its records in any
+/// order, appended to `hits`. See [`assemble`] for the rules.
+fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
+    use ctw_common::Tuple;
     use std::collections::HashMap;
-    type Key = (String, Protocol, ctw_common::Tuple, u16);
+    let order = |k: EventKind| match k {
+        EventKind::New => 0,
+        EventKind::Recovered => 1,
+        EventKind::Destroy => 2,
+    };
+    rs.sort_by_key(|r| {
+        (
+            r.event_ns,
+            order(r.kind),
+            r.start_ns,
+            tuple_key(&r.orig),
+            tuple_key(&r.reply),
+            r.status,
+            r.stop_ns,
+        )
+    });
+    // Open connections by original and by reply tuple (the kernel's two
+    // hash keys), and the newest connection of each (original, reply).
+    let mut by_orig: HashMap<Tuple, usize> = HashMap::new();
+    let mut by_reply: HashMap<Tuple, usize> = HashMap::new();
+    let mut last: HashMap<(Tuple, Tuple), usize> = HashMap::new();
+    fn unlink(
+        hits: &[Hit],
+        i: usize,
+        by_orig: &mut HashMap<Tuple, usize>,
+        by_reply: &mut HashMap<Tuple, usize>,
+    ) {
+        let r = &hits[i].record;
+        if by_orig.get(&r.orig) == Some(&i) {
+            by_orig.remove(&r.orig);
+        }
+        if by_reply.get(&r.reply) == Some(&i) {
+            by_reply.remove(&r.reply);
+        }
+    }
+    for r in rs {
+        if r.kind == EventKind::Destroy && r.nat_clash() {
+            // A NAT-clash shadow entry: never a connection of its own, and
+            // never the end of the real one (another id, maybe another
+            // DNAT target). Agents of this version do not send them.
+            continue;
+        }
+        if r.kind != EventKind::Destroy {
+            if r.kind == EventKind::Recovered {
+                let open_same = by_orig.get(&r.orig).is_some_and(|&i| {
+                    hits[i].record.reply == r.reply && same_start(&hits[i].record, &r)
+                });
+                let ended_same = last.get(&(r.orig, r.reply)).is_some_and(|&i| {
+                    r.start_ns.is_some() && hits[i].record.start_ns == r.start_ns
+                });
+                if open_same || ended_same {
+                    // The same connection again (the earliest record is kept).
+                    continue;
+                }
+            }
+            // The kernel holds one live entry per original and per reply
+            // tuple in a zone: an open connection holding either ended at
+            // or before this one started.
+            let start = r.start_ns.unwrap_or(r.event_ns);
+            let mut ended: Vec<usize> = by_orig.get(&r.orig).copied().into_iter().collect();
+            ended.extend(by_reply.get(&r.reply).copied());
+            ended.dedup();
+            for i in ended {
+                unlink(hits, i, &mut by_orig, &mut by_reply);
+                let h = &mut hits[i];
+                h.closed_ns = Some(start.max(h.start_ns()));
+                h.end = Some(End::Superseded);
+            }
+            hits.push(Hit {
+                node: node.to_string(),
+                record: r,
+                closed_ns: None,
+                end: None,
+                last_seen_ns: None,
+                counters_orig: None,
+                counters_reply: None,
+            });
+            let i = hits.len() - 1;
+            by_orig.insert(r.orig, i);
+            by_reply.insert(r.reply, i);
+            last.insert((r.orig, r.reply), i);
+            continue;
+        }
+        let (closed, end) = destroy_end(&r);
+        let last_seen = (end == End::Gone).then_some(r.stop_ns).flatten();
+        // The open connection with the same original and reply tuple.
+        if let Some(i) = by_orig.get(&r.orig).copied().filter(|&i| {
+            let h = &hits[i];
+            h.record.reply == r.reply && same_start(&h.record, &r) && closed >= h.start_ns()
+        }) {
+            unlink(hits, i, &mut by_orig, &mut by_reply);
+            let h = &mut hits[i];
+            h.closed_ns = Some(closed);
+            h.end = Some(end);
+            h.last_seen_ns = last_seen;
+            h.counters_orig = r.counters_orig;
+            h.counters_reply = r.counters_reply;
+            continue;
+        }
+        // The end of a connection already superseded: the kernel's DESTROY
+        // is exact when it is earlier than the bound; a gone record adds
+        // when it was last seen.
+        if let Some(&i) = last.get(&(r.orig, r.reply)) {
+            let h = &mut hits[i];
+            if h.end == Some(End::Superseded) && same_start(&h.record, &r) {
+                let bound = h.closed_ns.unwrap_or(u64::MAX);
+                if end == End::Destroy && closed <= bound && closed >= h.start_ns() {
+                    h.closed_ns = Some(closed);
+                    h.end = Some(End::Destroy);
+                }
+                if last_seen.is_some_and(|s| s <= bound) {
+                    h.last_seen_ns = last_seen;
+                }
+                if r.counters_orig.is_some() || r.counters_reply.is_some() {
+                    h.counters_orig = r.counters_orig;
+                    h.counters_reply = r.counters_reply;
+                }
+                continue;
+            }
+        }
+        // Nothing to close: the DESTROY stands alone (its NEW was lost or
+        // is outside the records read), and ends the claim of an open
+        // connection on its tuples (without an end: when is not known).
+        for i in [
+            by_orig.get(&r.orig).copied(),
+            by_reply.get(&r.reply).copied(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            unlink(hits, i, &mut by_orig, &mut by_reply);
+        }
+        hits.push(Hit {
+            node: node.to_string(),
+            record: r,
+            closed_ns: Some(closed),
+            end: Some(end),
+            last_seen_ns: last_seen,
+            counters_orig: r.counters_orig,
+            counters_reply: r.counters_reply,
+        });
+        last.insert((r.orig, r.reply), hits.len() - 1);
+    }
+}
+
+/// Join NEW/recovered records with DESTROY records of the same connection,
+/// end connections superseded by later ones, filter by time and kind, rank
+/// and cut to `limit`. Shared by every store so they answer alike.
+///
+/// The kernel holds at most one live entry per original tuple and one per
+/// reply tuple in a zone (`nf_conntrack_hash` keys both directions), so the
+/// records of a (node, protocol, zone), in event order, are read as:
+/// - a NEW or recovered record opens a connection, and ends every open
+///   connection holding its original or its reply tuple ([`End::Superseded`],
+///   bounded by the new start), except that a recovered record of an open
+///   (or ended) connection with the same tuples and kernel start (if known)
+///   is that connection again (the earliest record is kept);
+/// - a DESTROY (or the agent's `CTW_GONE` record) ends the open connection
+///   with the same original tuple, reply tuple and kernel start (if known);
+///   else it refines the end of the superseded connection with those
+///   tuples; else it stands alone (a connection whose opening was not read);
+/// - a NAT-clash shadow DESTROY (`IPS_NAT_CLASH`) is skipped.
+///
+/// Only the records the store read take part: a superseding record, like a
+/// DESTROY, more than the store's lookback after the range's end (or not
+/// matching the query's fields, e.g. another pod's when searching by pod
+/// address) leaves the connection without an end.
+pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap]) -> SearchResult {
+    assemble_with(q, records, gaps, false)
+}
+
+/// [`assemble`] of the records a store collected when it stopped at its
+/// cap (`truncated`): then a DESTROY standing alone may be the end of a
+/// connection whose opening record was read but not collected (and is
+/// counted by [`counts_uncollected`]), so `total` counts it only as
+/// [`counts_uncollected`] would (never below the hits returned).
+pub fn assemble_with(
+    q: &SearchQuery,
+    records: Vec<(String, ConnRecord)>,
+    gaps: &[Gap],
+    truncated: bool,
+) -> SearchResult {
+    use std::collections::HashMap;
+    type Key = (String, Protocol, u16);
     let mut by_key: HashMap<Key, Vec<ConnRecord>> = HashMap::new();
     for (node, r) in records {
         by_key
-            .entry((node, r.protocol, r.orig, r.zone))
+            .entry((node, r.protocol, r.zone))
             .or_default()
             .push(r);
     }
     let mut hits: Vec<Hit> = Vec::new();
-    for ((node, ..), mut rs) in by_key {
-        let order = |k: EventKind| match k {
-            EventKind::New => 0,
-            EventKind::Recovered => 1,
-            EventKind::Destroy => 2,
-        };
-        rs.sort_by_key(|r| (r.event_ns, order(r.kind)));
-        // `open`: the connection not yet closed; `last`: the newest one.
-        let mut open: Option<usize> = None;
-        let mut last: Option<usize> = None;
-        for r in rs {
-            let closed = (r.kind == EventKind::Destroy).then(|| r.stop_ns.unwrap_or(r.event_ns));
-            match r.kind {
-                EventKind::New | EventKind::Recovered => {
-                    let again = r.kind == EventKind::Recovered
-                        && (open.is_some_and(|i| same_start(&hits[i].record, &r))
-                            || last.is_some_and(|i: usize| {
-                                r.start_ns.is_some() && hits[i].record.start_ns == r.start_ns
-                            }));
-                    if again {
-                        continue;
-                    }
-                }
-                EventKind::Destroy => {
-                    if let Some(i) = open.filter(|&i| {
-                        same_start(&hits[i].record, &r)
-                            && closed.is_some_and(|c| c >= hits[i].start_ns())
-                    }) {
-                        let h = &mut hits[i];
-                        h.closed_ns = closed;
-                        h.counters_orig = r.counters_orig;
-                        h.counters_reply = r.counters_reply;
-                        open = None;
-                        continue;
-                    }
-                }
-            }
-            hits.push(Hit {
-                node: node.clone(),
-                closed_ns: closed,
-                counters_orig: if closed.is_some() {
-                    r.counters_orig
-                } else {
-                    None
-                },
-                counters_reply: if closed.is_some() {
-                    r.counters_reply
-                } else {
-                    None
-                },
-                record: r,
-            });
-            last = Some(hits.len() - 1);
-            open = closed.is_none().then_some(hits.len() - 1);
-        }
+    for ((node, ..), rs) in by_key {
+        assemble_zone(&node, rs, &mut hits);
     }
     let from = q.from_ns.unwrap_or(0);
     let to = q.to_ns.unwrap_or(u64::MAX);
@@ -250,11 +487,18 @@ pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap
             h.start_ns()
         };
         let end = h.closed_ns.unwrap_or(start.max(h.record.event_ns));
-        start <= to && end >= from
+        start <= to && end >= from && q.kind.is_none_or(|k| k == ConnKind::of(&h.record))
     });
     rank(&mut hits, q.at_ns, q.at_precision_ns);
-    let total = hits.len() as u64;
+    let mut total = hits.len() as u64;
+    if truncated {
+        total -= hits
+            .iter()
+            .filter(|h| h.record.kind == EventKind::Destroy && !counts_uncollected(q, &h.record))
+            .count() as u64;
+    }
     hits.truncate(q.limit);
+    let total = total.max(hits.len() as u64);
     let gaps = gaps
         .iter()
         .filter(|g| g.from_ns <= to && g.to_ns >= from)
@@ -264,10 +508,58 @@ pub fn assemble(q: &SearchQuery, records: Vec<(String, ConnRecord)>, gaps: &[Gap
     SearchResult { hits, total, gaps }
 }
 
-/// Is the connection alive somewhere in `[at, at + precision)`?
+/// Does an uncollected record (one a store read past its collection cap,
+/// so not joined) count as a connection of `q`'s `total`? Without the join
+/// a store counts a connection by one of its records:
+/// - a NEW or recovered record whose start is in `[from, to]` (and whose
+///   kind is `q.kind`, if given): a connection that started in the range;
+/// - without `q.kind`, a DESTROY (not a NAT-clash shadow) whose kernel
+///   start (`CTA_TIMESTAMP_START`) is before `from` and whose end is at or
+///   after it: a connection alive into the range that started before it
+///   (its NEW, if read, is not counted by the first rule).
+///
+/// A collected DESTROY standing alone counts by the same rule (its opening
+/// record may be among the uncollected ones), see [`assemble_with`].
+///
+/// So `total` is exact, whatever the cap, when each connection has one
+/// opening record (no recovered duplicate of a NEW, no lost NEW) and, for
+/// connections started before `from`, the kernel sent start timestamps
+/// (`nf_conntrack_timestamp=1`) and they had ended by the end of the read
+/// range. Else, past the cap, it counts recovered duplicates twice and
+/// misses connections still open (or without timestamps) that started
+/// before `from`, and DESTROYs whose NEW was lost. Below the cap every
+/// record is joined and `total` is exact.
+pub fn counts_uncollected(q: &SearchQuery, r: &ConnRecord) -> bool {
+    let from = q.from_ns.unwrap_or(0);
+    let to = q.to_ns.unwrap_or(u64::MAX);
+    match r.kind {
+        EventKind::New | EventKind::Recovered => {
+            let start = r.start_ns.unwrap_or(r.event_ns);
+            (from..=to).contains(&start) && q.kind.is_none_or(|k| k == ConnKind::of(r))
+        }
+        EventKind::Destroy => {
+            q.kind.is_none()
+                && !r.nat_clash()
+                && r.start_ns.is_some_and(|s| s < from)
+                && destroy_end(r).0 >= from
+        }
+    }
+}
+
+/// Is the connection alive somewhere in `[at, at + precision)`? A
+/// superseded connection had ended before its successor started (the
+/// kernel removes the old entry before it inserts the new one), so it is
+/// not alive at `closed_ns` itself.
 pub fn alive_at(h: &Hit, at: u64, precision: u64) -> bool {
     let at_end = at.saturating_add(precision.saturating_sub(1));
-    h.start_ns() <= at_end && h.closed_ns.is_none_or(|c| c >= at)
+    h.start_ns() <= at_end
+        && h.closed_ns.is_none_or(|c| {
+            if h.end == Some(End::Superseded) {
+                c > at
+            } else {
+                c >= at
+            }
+        })
 }
 
 /// With `at`: connections alive at `at` (see [`alive_at`]) first, newest
@@ -291,9 +583,25 @@ pub fn rank(hits: &mut [Hit], at_ns: Option<u64>, precision: u64) {
 }
 
 /// In-memory store for tests: same dedup and search semantics, no durability.
+/// By default a search reads every record; [`MemStore::with_lookback`] makes
+/// it read only the event times the tantivy store reads.
 #[derive(Debug, Default)]
 pub struct MemStore {
     inner: Mutex<MemInner>,
+    lookback_ns: Option<u64>,
+}
+
+impl MemStore {
+    /// A store whose searches read only records with event times in
+    /// `[from - lookback_ns, to + lookback_ns]`, like the tantivy store with
+    /// `lookback_hours` (so the two answer alike also for connections longer
+    /// than the lookback).
+    pub fn with_lookback(lookback_ns: u64) -> MemStore {
+        MemStore {
+            lookback_ns: Some(lookback_ns),
+            ..MemStore::default()
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -335,10 +643,17 @@ impl RecordStore for MemStore {
             .inner
             .lock()
             .map_err(|_| StoreError::Index("poisoned".into()))?;
+        let (lo, hi) = match self.lookback_ns {
+            Some(lb) => (
+                q.from_ns.map_or(0, |f| f.saturating_sub(lb)),
+                q.to_ns.map_or(u64::MAX, |t| t.saturating_add(lb)),
+            ),
+            None => (0, u64::MAX),
+        };
         let matching = g
             .records
             .iter()
-            .filter(|(n, r)| matches_fields(q, n, r))
+            .filter(|(n, r)| (lo..=hi).contains(&r.event_ns) && matches_fields(q, n, r))
             .cloned()
             .collect();
         Ok(assemble(q, matching, &g.gaps))

@@ -27,8 +27,11 @@
 //! column from the partition's start. Partitions entirely inside the range
 //! get no time clause at all. At most [`StoreOptions::max_collected_docs`] documents
 //! are collected per search (newest or nearest partitions first); when more
-//! match, [`SearchStats::truncated`] is set and `total` adds the uncollected
-//! matching documents to the connections found.
+//! match, [`SearchStats::truncated`] is set and `total` adds, to the
+//! connections found, the uncollected documents that count as connections
+//! ([`counts_uncollected`](super::counts_uncollected): NEW and recovered
+//! records starting in the range, and DESTROYs of connections started
+//! before it; its docs say when that is exact).
 
 mod codec;
 mod dedup;
@@ -57,8 +60,8 @@ use self::gaps::GapLog;
 use self::schema::{shape_range_of_dst, to_v6, Fields, RecordDoc, Run, SegmentColumns};
 use self::wal::{io_err, Wal};
 use super::{
-    assemble, matches_fields, AppendOutcome, Gap, RecordStore, SearchQuery, SearchResult,
-    StoreError, StoreStats, StoredBatch,
+    assemble_with, counts_uncollected, matches_fields, AppendOutcome, Gap, RecordStore,
+    SearchQuery, SearchResult, StoreError, StoreStats, StoredBatch,
 };
 use crate::config::StorageConfig;
 
@@ -277,19 +280,26 @@ fn dir_size(path: &Path) -> u64 {
 }
 
 /// A search's matching records, from fresh runs and segments alike: the
-/// first `cap` are collected, the rest only counted.
-struct Matches {
+/// first `cap` are collected, the rest only counted (see
+/// [`counts_uncollected`] for which of them count as connections).
+struct Matches<'q> {
+    q: &'q SearchQuery,
     cap: usize,
     records: Vec<(String, ConnRecord)>,
+    /// Uncollected matching records.
     uncollected: u64,
+    /// Uncollected records that count as connections.
+    uncollected_connections: u64,
 }
 
-impl Matches {
-    fn new(cap: usize) -> Matches {
+impl<'q> Matches<'q> {
+    fn new(q: &'q SearchQuery, cap: usize) -> Matches<'q> {
         Matches {
+            q,
             cap,
             records: Vec::new(),
             uncollected: 0,
+            uncollected_connections: 0,
         }
     }
 
@@ -297,6 +307,7 @@ impl Matches {
     fn add(&mut self, node: impl Into<String>, r: ConnRecord) {
         if self.records.len() >= self.cap {
             self.uncollected += 1;
+            self.uncollected_connections += u64::from(counts_uncollected(self.q, &r));
         } else {
             self.records.push((node.into(), r));
         }
@@ -525,7 +536,7 @@ impl Inner {
             partitions: parts.iter().map(|p| p.name.clone()).collect(),
             ..Default::default()
         };
-        let mut matches = Matches::new(self.opts.max_collected_docs);
+        let mut matches = Matches::new(q, self.opts.max_collected_docs);
         let width = self.width_ns();
         for p in &parts {
             let covered = lo <= p.start_ns && p.start_ns.saturating_add(width - 1) <= hi;
@@ -575,8 +586,8 @@ impl Inner {
         stats.docs = matches.records.len() as u64;
         stats.truncated = matches.uncollected > 0;
         let gaps = self.gaps.lock().map_err(|_| poisoned())?;
-        let mut result = assemble(q, matches.records, &gaps.gaps);
-        result.total += matches.uncollected;
+        let mut result = assemble_with(q, matches.records, &gaps.gaps, stats.truncated);
+        result.total += matches.uncollected_connections;
         Ok((result, stats))
     }
 
