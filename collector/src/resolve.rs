@@ -717,3 +717,75 @@ pub async fn handler(
     }))
     .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+
+    const S: u64 = 1_000_000_000;
+
+    fn hit(node: &str, pod: &str, port: u16, start: u64, end: Option<u64>) -> Hit {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        Hit {
+            node: node.into(),
+            record: ConnRecord::new(
+                EventKind::New,
+                start,
+                Protocol::Tcp,
+                Tuple::new(ip(pod), port, ip("198.19.0.2"), 80),
+                Tuple::new(ip("198.19.0.2"), 80, ip("198.19.0.1"), 40000),
+            ),
+            closed_ns: end,
+            end: None,
+            last_seen_ns: None,
+            counters_orig: None,
+            counters_reply: None,
+        }
+    }
+
+    #[test]
+    fn a_line_is_its_request_interval() {
+        let iv = Interval::of_line(10 * S, 1_000_000, Some(2 * S));
+        assert_eq!((iv.from_ns, iv.to_ns), (8 * S, 10 * S + 999_999));
+        let iv = Interval::of_line(10 * S, S, None);
+        assert_eq!((iv.from_ns, iv.to_ns), (10 * S, 11 * S - 1));
+        // Alive somewhere in it; distance otherwise.
+        let iv = Interval::of_line(10 * S, 1, Some(S));
+        assert!(iv.alive(&hit("a", "10.0.0.1", 1, 5 * S, Some(9 * S))));
+        assert_eq!(iv.distance(&hit("a", "10.0.0.1", 1, 5 * S, Some(8 * S))), S);
+        assert_eq!(iv.distance(&hit("a", "10.0.0.1", 1, 12 * S, None)), 2 * S);
+    }
+
+    #[test]
+    fn candidates_are_pod_address_port_and_node() {
+        let line = Interval::of_line(10 * S, 1, None);
+        // Two entries of one connection: one candidate, resolved.
+        let hits = vec![
+            hit("a", "10.0.0.1", 1, S, Some(10 * S)),
+            hit("a", "10.0.0.1", 1, 10 * S, None),
+        ];
+        let v = judge(&hits, line, S, true);
+        assert_eq!((v.status, v.basis, v.alive), ("resolved", Basis::Alive, 1));
+        assert_eq!(v.ranked.len(), 1);
+        assert_eq!(v.ranked[0].hits.len(), 2);
+        // The same pod address and port on another node, or another port,
+        // is another candidate.
+        for other in [
+            hit("b", "10.0.0.1", 1, 9 * S, None),
+            hit("a", "10.0.0.1", 2, 9 * S, None),
+        ] {
+            let mut hs = hits.clone();
+            hs.push(other);
+            let v = judge(&hs, line, S, true);
+            assert_eq!((v.status, v.alive), ("ambiguous", 2));
+        }
+        // Nothing at all.
+        let v = judge(&[], line, S, true);
+        assert_eq!(
+            (v.status, v.basis, v.answers),
+            ("not_found", Basis::None, false)
+        );
+    }
+}
