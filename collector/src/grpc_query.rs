@@ -18,7 +18,8 @@
 //! Zones: a GET finds an entry only in the zone it names. With a `zone` in
 //! the request only that zone is asked; without one, each agent is asked in
 //! zone 0 and then in every zone its records showed
-//! ([`Registry::zones_of`]), in order, until one has the entry.
+//! ([`Registry::zones_of`], plus the zone of the newest indexed match of
+//! the tuple), in order, until one has the entry.
 //! [`RoutedLookup::zones_tried`] says which zones were asked of the node
 //! that answered (or of the last one asked).
 
@@ -255,8 +256,9 @@ impl RoutedLookup {
     }
 }
 
-/// The node of the newest indexed connection with this tuple.
-fn indexed_node(store: &dyn RecordStore, q: &LiveQuery) -> Option<String> {
+/// The node and conntrack zone of the newest indexed connection with this
+/// tuple.
+fn indexed_node(store: &dyn RecordStore, q: &LiveQuery) -> Option<(String, u16)> {
     let now = unix_ns(SystemTime::now());
     let t = q.tuple;
     let mut sq = SearchQuery {
@@ -279,7 +281,7 @@ fn indexed_node(store: &dyn RecordStore, q: &LiveQuery) -> Option<String> {
         sq.dst_port = Some(t.dst_port);
     }
     match store.search(&sq) {
-        Ok(r) => r.hits.into_iter().next().map(|h| h.node),
+        Ok(r) => r.hits.into_iter().next().map(|h| (h.node, h.record.zone)),
         Err(e) => {
             tracing::warn!(error = %e, "index search for lookup routing failed");
             None
@@ -336,6 +338,18 @@ pub async fn route_lookup(
         }
         return Ok(out);
     }
+    // The index knows the tuple's node and zone even when the registry
+    // does not (a collector restart forgets the zones seen until the node
+    // sends records again).
+    let s = store.clone();
+    let indexed = tokio::task::spawn_blocking(move || indexed_node(s.as_ref(), &q))
+        .await
+        .ok()
+        .flatten();
+    if let Some((n, zone)) = &indexed {
+        registry.add_zone(n, *zone);
+    }
+    let indexed = indexed.map(|(n, _)| n);
     let owner_ip = if q.reply_tuple {
         q.tuple.dst
     } else {
@@ -354,11 +368,6 @@ pub async fn route_lookup(
         }
     }
     let mut asked: Vec<String> = out.failed.iter().map(|(n, _)| n.clone()).collect();
-    let s = store.clone();
-    let indexed = tokio::task::spawn_blocking(move || indexed_node(s.as_ref(), &q))
-        .await
-        .ok()
-        .flatten();
     if let Some(n) = indexed.filter(|n| !asked.contains(n) && registry.is_connected(n)) {
         asked.push(n.clone());
         let (r, tried) = lookup_in_zones(&registry, &n, q, timeout).await;

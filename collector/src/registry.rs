@@ -445,6 +445,14 @@ impl Registry {
             .map(|(n, _)| n.clone())
     }
 
+    /// Remember that `node` uses conntrack zone `zone` (from an indexed
+    /// record). Unknown nodes are ignored.
+    pub fn add_zone(&self, node: &str, zone: u16) {
+        if let Some(a) = self.lock().agents.get_mut(node) {
+            a.zones.insert(zone);
+        }
+    }
+
     /// The conntrack zones to try for a lookup on `node` without an
     /// explicit zone: 0 first, then every zone seen in its records.
     pub fn zones_of(&self, node: &str) -> Vec<u16> {
@@ -687,6 +695,10 @@ mod tests {
         r.batch_stored(&t, &batch(vec![7, 0]));
         r.batch_stored(&t, &batch(vec![3]));
         assert_eq!(r.zones_of("a"), vec![0, 3, 7]);
+        r.add_zone("a", 9);
+        r.add_zone("unknown", 9);
+        assert_eq!(r.zones_of("a"), vec![0, 3, 7, 9]);
+        assert_eq!(r.zones_of("unknown"), vec![0]);
         // The owner is known after it disconnects (its capture is what
         // should have seen the address's connections).
         r.disconnect(&t);

@@ -18,7 +18,8 @@
 //!   statelessly as eBPF masquerade would) → `not_observed`, naming the
 //!   node (IPv4 and IPv6);
 //! - conntrack zone 7: the collector's live lookup finds the entry by
-//!   trying the zones the node recorded.
+//!   trying the zones the node recorded (also after a collector restart,
+//!   from the index).
 
 #![allow(clippy::unwrap_used)]
 
@@ -497,4 +498,13 @@ fn live_lookup_finds_an_entry_in_zone_7() {
     let (code, v) = c.collector.api(&format!("{live}&zone=x"));
     assert_eq!(code, 400, "{v:#}");
     assert_eq!(v["parameter"], "zone");
+
+    // A restarted collector has seen no batch yet: the index gives zone 7.
+    c.collector.kill9(&mut c.topo);
+    c.collector.restart(&mut c.topo);
+    c.collector.wait_connected(&["node-0", "node-1"]);
+    let (code, v) = c.collector.api(&live);
+    assert_eq!(code, 200, "{v:#}");
+    assert_eq!(v["zone"], 7, "{v:#}");
+    assert_eq!(v["zones_tried"], json!([0, 7]), "{v:#}");
 }
