@@ -25,10 +25,11 @@
 //! - exactly one candidate alive in the interval: `resolved`
 //!   (`match: "alive"`); two or more: `ambiguous` (`match: "alive"`).
 //! - none alive in the interval, but the only candidate in the whole
-//!   window started after the line and the window has no gap: `resolved`
-//!   (`match: "late"`). Records are never early (without kernel timestamps
-//!   a record's time is the agent's read time, later than the event, e.g.
-//!   after the agent was stopped), so that connection may be the line's own.
+//!   window started after the line, by a record time that is the agent's
+//!   read time (no kernel start time), and the window has no gap:
+//!   `resolved` (`match: "late"`). Read times are never early (later than
+//!   the event, e.g. after the agent was stopped), so that connection may
+//!   be the line's own; a kernel start time after the line rules it out.
 //! - otherwise, some alive within ± `skew` of the interval: `ambiguous`
 //!   (`match: "skew"`), candidates `ranked` by distance; a neighbour is
 //!   never silently taken for the line's connection.
@@ -364,7 +365,14 @@ pub fn judge<'a>(hits: &'a [Hit], line: Interval, skew_ns: u64, complete: bool) 
         .iter()
         .filter(|c| c.hits.iter().any(|h| near_iv.alive(h)))
         .count();
-    let started_after = |c: &Candidate| c.hits.iter().any(|h| h.start_ns() > line.to_ns);
+    // A connection recorded after the line may be the line's own only when
+    // its time is the agent's read time (no kernel start time): kernel
+    // times are exact.
+    let started_after = |c: &Candidate| {
+        c.hits
+            .iter()
+            .any(|h| h.start_ns() > line.to_ns && h.record.start_ns.is_none())
+    };
     let (status, basis) = if alive == 1 {
         ("resolved", Basis::Alive)
     } else if alive > 1 {

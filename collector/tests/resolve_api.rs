@@ -430,6 +430,12 @@ async fn skew_interval_and_late_records() {
         // Port 45200: one connection that ended long before the line.
         conn(EventKind::New, "10.244.1.10", 45200, 0, T0 * S),
         conn(EventKind::Destroy, "10.244.1.10", 45200, 0, (T0 + 1) * S),
+        // Port 45400: one connection whose kernel start time is after the
+        // line: exact, so not the line's.
+        ConnRecord {
+            start_ns: Some((T0 + 35) * S),
+            ..conn(EventKind::New, "10.244.1.13", 45400, 0, (T0 + 35) * S)
+        },
         // Port 45300: two connections recorded after the line.
         conn(EventKind::New, "10.244.1.11", 45300, 0, (T0 + 35) * S),
         conn(EventKind::Destroy, "10.244.1.11", 45300, 0, (T0 + 36) * S),
@@ -447,6 +453,8 @@ async fn skew_interval_and_late_records() {
         rt_line(45200, (T0 + 30) * S, 1),
         // 4: two connections after the line: one may be late, which?
         rt_line(45300, (T0 + 30) * S, 1),
+        // 5: the only connection started after the line by kernel time.
+        rt_line(45400, (T0 + 30) * S, 1),
     ];
     let app = || app_with(s.clone(), Arc::new(Registry::new(Metrics::new())));
     let (code, v) = post_to(app(), json!({"lines": lines, "log_format": FMT_RT})).await;
@@ -484,6 +492,9 @@ async fn skew_interval_and_late_records() {
     assert_eq!(r[4]["status"], "ambiguous", "{:#}", r[4]);
     assert_eq!(r[4]["match"], "late");
     assert_eq!(r[4]["pod_ip"], "10.244.1.11");
+
+    assert_eq!(r[5]["status"], "not_found", "{:#}", r[5]);
+    assert!(r[5].get("pod_ip").is_none());
 
     // No skew: line 0 has no connection within 0 s; one started after it
     // (maybe late), one ended before: still ambiguous, never one silently.
