@@ -29,6 +29,8 @@ pub enum Command {
         input: Option<PathBuf>,
         log_format: Option<String>,
         window: Option<String>,
+        /// Clock-skew tolerance (`skew`, a duration).
+        skew: Option<String>,
         at: Option<String>,
         batch: usize,
     },
@@ -71,18 +73,20 @@ const SEARCH_FLAGS: [(&str, &str); 14] = [
 /// found by a table dump, `destroy` only its end seen.
 pub const KINDS: [&str; 4] = ["new", "midstream", "recovered", "destroy"];
 
-const LOOKUP_FLAGS: [(&str, &str); 6] = [
+const LOOKUP_FLAGS: [(&str, &str); 7] = [
     ("--protocol", "protocol"),
     ("--src-ip", "src_ip"),
     ("--src-port", "src_port"),
     ("--dst-ip", "dst_ip"),
     ("--dst-port", "dst_port"),
     ("--node", "node"),
+    ("--zone", "zone"),
 ];
 
-const RESOLVE_FLAGS: [(&str, &str); 4] = [
+const RESOLVE_FLAGS: [(&str, &str); 5] = [
     ("--log-format", "log_format"),
     ("--window", "window"),
+    ("--skew", "skew"),
     ("--at", "at"),
     ("--batch", "batch"),
 ];
@@ -331,6 +335,7 @@ fn resolve(
         input: positional.first().filter(|p| *p != "-").map(PathBuf::from),
         log_format: get("log_format"),
         window: get("window"),
+        skew: get("skew"),
         at: get("at"),
         batch,
     })
@@ -441,18 +446,20 @@ mod tests {
                 input: Some("access.log".into()),
                 log_format: Some("$remote_addr:$remote_port".into()),
                 window: None,
+                skew: None,
                 at: Some("1733727900".into()),
                 batch: DEFAULT_BATCH
             }
         );
-        let c = p("resolve - --batch 10 --window 1m").unwrap();
+        let c = p("resolve - --batch 10 --window 1m --skew 2s").unwrap();
         assert!(matches!(
             c.command,
             Command::Resolve {
                 input: None,
                 batch: 10,
+                skew: Some(ref s),
                 ..
-            }
+            } if s == "2s"
         ));
         assert!(matches!(
             p("resolve").unwrap().command,
@@ -462,7 +469,7 @@ mod tests {
         assert_eq!(p("resolve a b").unwrap_err().exit, Exit::Usage);
 
         let c = p(
-            "lookup --src-ip 1.1.1.1 --src-port 80 --dst-ip 2.2.2.2 --dst-port 5 --reply --node n1",
+            "lookup --src-ip 1.1.1.1 --src-port 80 --dst-ip 2.2.2.2 --dst-port 5 --reply --node n1 --zone 7",
         )
         .unwrap();
         assert_eq!(
@@ -474,6 +481,7 @@ mod tests {
                     ("dst_ip", "2.2.2.2"),
                     ("dst_port", "5"),
                     ("node", "n1"),
+                    ("zone", "7"),
                     ("tuple", "reply")
                 ])
             }

@@ -32,17 +32,23 @@ COMMANDS:
         midstream (TCP picked up mid-stream), recovered (found by a table
         dump), destroy (only its end seen). END shows <=TIME (superseded) or
         <=TIME (gone) when only an upper bound of the end is known.
-    resolve [FILE|-] [--log-format FMT] [--window DUR] [--at TIME] [--batch N]
+    resolve [FILE|-] [--log-format FMT] [--window DUR] [--skew DUR] [--at TIME] [--batch N]
         Read nginx access-log lines (FILE, or standard input) and write each
         back with ' pod=IP node=NODE' appended, or ' pod=? reason=...'
-        (not_found, unparsed); ' ambiguous=N' and ' incomplete=true' flag
-        uncertain answers. Order is kept; lines go in batches of N (1000).
+        (not_found, not_observed node=NODE: that node's capture saw no
+        connection from its address, unparsed); ' ambiguous=N',
+        ' midstream=true' and ' incomplete=true' flag uncertain or special
+        answers. --skew: clock difference tolerated between the log's host
+        and the nodes (default 1s, at most 60s); $request_time in FMT makes
+        each line the interval the request ran. Order is kept; lines go in batches of N (1000).
         The default format is nginx's combined plus ' $remote_port'; FMT is an
         nginx log_format string with $remote_addr and $remote_port (and
         $msec, $time_iso8601 or $time_local, else give --at).
-    lookup --src-ip IP --src-port N --dst-ip IP --dst-port N [--protocol P] [--reply] [--node NAME]
+    lookup --src-ip IP --src-port N --dst-ip IP --dst-port N [--protocol P] [--reply] [--node NAME] [--zone N]
         Live conntrack lookup on the agent that owns the connection. --reply:
         the addresses are the reply direction (server -> SNAT address).
+        --zone: the conntrack zone; without it zone 0 and then every zone
+        the node's records showed are tried.
     agents
         Every agent seen: connected, addresses, last batch, lag, loss.
 
@@ -109,6 +115,7 @@ fn run(argv: &[String]) -> Result<Exit, CliError> {
             input,
             log_format,
             window,
+            skew,
             at,
             batch,
         } => {
@@ -122,6 +129,7 @@ fn run(argv: &[String]) -> Result<Exit, CliError> {
             let opts = ResolveOpts {
                 log_format,
                 window,
+                skew,
                 at,
                 batch,
                 json: global.json,
@@ -237,16 +245,18 @@ fn agents(c: &Client, json: bool, out: &mut dyn Write) -> Result<Exit, CliError>
 struct ResolveOpts {
     log_format: Option<String>,
     window: Option<String>,
+    skew: Option<String>,
     at: Option<String>,
     batch: usize,
     json: bool,
 }
 
-const SUMMARY_KEYS: [&str; 6] = [
+const SUMMARY_KEYS: [&str; 7] = [
     "lines",
     "resolved",
     "not_found",
     "ambiguous",
+    "not_observed",
     "unparsed",
     "incomplete",
 ];
@@ -255,7 +265,7 @@ const SUMMARY_KEYS: [&str; 6] = [
 /// resolve to exactly one pod, else 4 when an answer may be incomplete.
 fn resolve_exit(summary: &Map<String, Value>) -> Exit {
     let n = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(0);
-    if n("not_found") + n("ambiguous") + n("unparsed") > 0 {
+    if n("not_found") + n("ambiguous") + n("not_observed") + n("unparsed") > 0 {
         Exit::NotFound
     } else if n("incomplete") > 0 {
         Exit::Incomplete
@@ -308,6 +318,7 @@ fn resolve(
         for (k, v) in [
             ("log_format", &o.log_format),
             ("window", &o.window),
+            ("skew", &o.skew),
             ("at", &o.at),
         ] {
             if let Some(v) = v {

@@ -173,6 +173,7 @@ pub fn lookup_table(v: &Value) -> String {
         vec!["flags".into(), cell(&v["flags"])],
         vec!["id".into(), cell(&v["id"])],
         vec!["zone".into(), cell(&v["zone"])],
+        vec!["zones tried".into(), cell(&v["zones_tried"])],
         vec!["mark".into(), cell(&v["mark"])],
     ];
     table(&["FIELD", "VALUE"], &rows)
@@ -198,14 +199,23 @@ pub fn gap_lines(v: &Value) -> Vec<String> {
 }
 
 /// One resolve result appended to its line: ` pod=IP node=NODE`, plus
-/// ` ambiguous=N` / ` incomplete=true`; or ` pod=? reason=...`.
+/// ` ambiguous=N` / ` midstream=true` / ` incomplete=true`; or
+/// ` pod=? reason=...` (` node=NODE` with `not_observed`).
 pub fn resolve_suffix(r: &Value) -> String {
     let status = r["status"].as_str().unwrap_or("error");
     match status {
         "resolved" | "ambiguous" => {
             let mut s = format!(" pod={} node={}", cell(&r["pod_ip"]), cell(&r["node"]));
             if status == "ambiguous" {
-                s.push_str(&format!(" ambiguous={}", cell(&r["alive_candidates"])));
+                // Candidates alive at the line's time, else within the skew.
+                let n = match r["alive_candidates"].as_u64() {
+                    Some(0) | None => cell(&r["near_candidates"]),
+                    Some(n) => n.to_string(),
+                };
+                s.push_str(&format!(" ambiguous={n}"));
+            }
+            if r["midstream"] == true {
+                s.push_str(" midstream=true");
             }
             if r["incomplete"] == true {
                 s.push_str(" incomplete=true");
@@ -213,6 +223,7 @@ pub fn resolve_suffix(r: &Value) -> String {
             s
         }
         "not_found" if r["incomplete"] == true => " pod=? reason=not_found incomplete=true".into(),
+        "not_observed" => format!(" pod=? reason=not_observed node={}", cell(&r["node"])),
         other => format!(" pod=? reason={other}"),
     }
 }
@@ -320,6 +331,14 @@ mod tests {
             resolve_suffix(&json!({"status": "unparsed"})),
             " pod=? reason=unparsed"
         );
+        assert_eq!(
+            resolve_suffix(&json!({"status": "not_observed", "node": "node-0"})),
+            " pod=? reason=not_observed node=node-0"
+        );
+        let r = json!({"status": "resolved", "pod_ip": "10.0.0.5", "node": "a", "midstream": true});
+        assert_eq!(resolve_suffix(&r), " pod=10.0.0.5 node=a midstream=true");
+        let r = json!({"status": "ambiguous", "pod_ip": "10.0.0.5", "node": "a", "alive_candidates": 0, "near_candidates": 2});
+        assert_eq!(resolve_suffix(&r), " pod=10.0.0.5 node=a ambiguous=2");
         let lines = gap_lines(
             &json!([{"node": "a", "from": "f", "to": "t", "reason": "kernel_drop", "count": 3}]),
         );

@@ -14,6 +14,14 @@
 //! 3. the node of the newest indexed match of the tuple (last 7 days);
 //! 4. every other connected agent, `lookup.max_concurrency` at a time, each
 //!    with `lookup.timeout_ms`; the first that finds the entry wins.
+//!
+//! Zones: a GET finds an entry only in the zone it names. With a `zone` in
+//! the request only that zone is asked; without one, each agent is asked in
+//! zone 0 and then in every zone its records showed
+//! ([`Registry::zones_of`], plus the zone of the newest indexed match of
+//! the tuple), in order, until one has the entry.
+//! [`RoutedLookup::zones_tried`] says which zones were asked of the node
+//! that answered (or of the last one asked).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -210,11 +218,18 @@ pub fn live_query(r: &pb::LookupRequest) -> Result<(LiveQuery, Option<String>), 
         ctw_proto::ConvertError::Invalid { field, message } => invalid(field, message),
     })?;
     let node = (!r.node.is_empty()).then(|| r.node.clone());
+    let zone = r
+        .zone
+        .map(|z| {
+            u16::try_from(z).map_err(|_| invalid("zone", format!("{z} is not a zone (0-65535)")))
+        })
+        .transpose()?;
     Ok((
         LiveQuery {
             protocol,
             tuple,
             reply_tuple: r.reply_tuple,
+            zone,
         },
         node,
     ))
@@ -229,6 +244,9 @@ pub struct RoutedLookup {
     pub not_found: Vec<String>,
     /// Agents that did not answer, and why.
     pub failed: Vec<(String, LookupError)>,
+    /// Zones asked, in order, of the node that answered (with the entry's
+    /// zone last), or of the last node asked.
+    pub zones_tried: Vec<u16>,
 }
 
 impl RoutedLookup {
@@ -238,8 +256,9 @@ impl RoutedLookup {
     }
 }
 
-/// The node of the newest indexed connection with this tuple.
-fn indexed_node(store: &dyn RecordStore, q: &LiveQuery) -> Option<String> {
+/// The node and conntrack zone of the newest indexed connection with this
+/// tuple.
+fn indexed_node(store: &dyn RecordStore, q: &LiveQuery) -> Option<(String, u16)> {
     let now = unix_ns(SystemTime::now());
     let t = q.tuple;
     let mut sq = SearchQuery {
@@ -262,12 +281,36 @@ fn indexed_node(store: &dyn RecordStore, q: &LiveQuery) -> Option<String> {
         sq.dst_port = Some(t.dst_port);
     }
     match store.search(&sq) {
-        Ok(r) => r.hits.into_iter().next().map(|h| h.node),
+        Ok(r) => r.hits.into_iter().next().map(|h| (h.node, h.record.zone)),
         Err(e) => {
             tracing::warn!(error = %e, "index search for lookup routing failed");
             None
         }
     }
+}
+
+/// Ask `node` in the request's zone, or in zone 0 and then every zone seen
+/// on it, until one has the entry. Returns the answer and the zones asked.
+async fn lookup_in_zones(
+    registry: &Registry,
+    node: &str,
+    q: LiveQuery,
+    timeout: Duration,
+) -> (Result<Option<LiveAnswer>, LookupError>, Vec<u16>) {
+    let zones = match q.zone {
+        Some(z) => vec![z],
+        None => registry.zones_of(node),
+    };
+    let mut tried = Vec::new();
+    for z in zones {
+        tried.push(z);
+        let zq = LiveQuery { zone: Some(z), ..q };
+        match registry.lookup_on(node, zq, timeout).await {
+            Ok(None) => continue,
+            other => return (other, tried),
+        }
+    }
+    (Ok(None), tried)
 }
 
 /// Ask the right agent(s) for a live entry (routing in the module docs).
@@ -284,21 +327,38 @@ pub async fn route_lookup(
         answer: None,
         not_found: Vec::new(),
         failed: Vec::new(),
+        zones_tried: Vec::new(),
     };
     if let Some(node) = node {
-        match registry.lookup_on(node, q, timeout).await? {
+        let (r, tried) = lookup_in_zones(&registry, node, q, timeout).await;
+        out.zones_tried = tried;
+        match r? {
             Some(a) => out.answer = Some(a),
             None => out.not_found.push(node.to_string()),
         }
         return Ok(out);
     }
+    // The index knows the tuple's node and zone even when the registry
+    // does not (a collector restart forgets the zones seen until the node
+    // sends records again).
+    let s = store.clone();
+    let indexed = tokio::task::spawn_blocking(move || indexed_node(s.as_ref(), &q))
+        .await
+        .ok()
+        .flatten();
+    if let Some((n, zone)) = &indexed {
+        registry.add_zone(n, *zone);
+    }
+    let indexed = indexed.map(|(n, _)| n);
     let owner_ip = if q.reply_tuple {
         q.tuple.dst
     } else {
         q.tuple.src
     };
     if let Some(owner) = registry.node_owning(owner_ip) {
-        match registry.lookup_on(&owner, q, timeout).await {
+        let (r, tried) = lookup_in_zones(&registry, &owner, q, timeout).await;
+        out.zones_tried = tried;
+        match r {
             Ok(Some(a)) => out.answer = Some(a),
             Ok(None) => out.not_found.push(owner),
             Err(e) => out.failed.push((owner, e)),
@@ -308,14 +368,11 @@ pub async fn route_lookup(
         }
     }
     let mut asked: Vec<String> = out.failed.iter().map(|(n, _)| n.clone()).collect();
-    let s = store.clone();
-    let indexed = tokio::task::spawn_blocking(move || indexed_node(s.as_ref(), &q))
-        .await
-        .ok()
-        .flatten();
     if let Some(n) = indexed.filter(|n| !asked.contains(n) && registry.is_connected(n)) {
         asked.push(n.clone());
-        match registry.lookup_on(&n, q, timeout).await {
+        let (r, tried) = lookup_in_zones(&registry, &n, q, timeout).await;
+        out.zones_tried = tried;
+        match r {
             Ok(Some(a)) => {
                 out.answer = Some(a);
                 return Ok(out);
@@ -333,12 +390,13 @@ pub async fn route_lookup(
         let (registry, sem) = (registry.clone(), sem.clone());
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let r = registry.lookup_on(&n, q, timeout).await;
-            (n, r)
+            let (r, tried) = lookup_in_zones(&registry, &n, q, timeout).await;
+            (n, r, tried)
         });
     }
     while let Some(joined) = tasks.join_next().await {
-        let Ok((n, r)) = joined else { continue };
+        let Ok((n, r, tried)) = joined else { continue };
+        out.zones_tried = tried;
         match r {
             Ok(Some(a)) => {
                 out.answer = Some(a);
@@ -605,7 +663,12 @@ mod tests {
             zone: None,
         };
         let (q, node) = live_query(&r).unwrap();
-        assert!(q.reply_tuple && node.is_none());
+        assert!(q.reply_tuple && node.is_none() && q.zone.is_none());
+        r.zone = Some(7);
+        assert_eq!(live_query(&r).unwrap().0.zone, Some(7));
+        r.zone = Some(1 << 16);
+        assert_eq!(live_query(&r).unwrap_err().field, "zone");
+        r.zone = None;
         r.tuple.as_mut().unwrap().dst_port = 1 << 20;
         assert_eq!(live_query(&r).unwrap_err().field, "tuple.dst_port");
         r.tuple = None;

@@ -1,6 +1,8 @@
 //! The collector's HTTP API: cluster-wide search (`/api/v1/connections`),
-//! live lookups proxied to agents (`/api/v1/conntrack/query`), the agents
-//! list, and `/metrics`, `/healthz`, `/readyz`.
+//! live lookups proxied to agents (`/api/v1/conntrack/query`, optional
+//! `zone`; without it the zones the node has recorded are tried, zone 0
+//! first, and `zones_tried` says which were asked), the agents list, and
+//! `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Everything under `/api/` needs `Authorization: Bearer TOKEN`; metrics and
 //! probes do not (Prometheus and kubelet have no token).
@@ -305,6 +307,13 @@ pub fn hit_json(h: &Hit, q: &SearchQuery) -> Value {
     if let Some(s) = r.tcp_state {
         o.insert("state".into(), json!(s.name()));
     }
+    if r.midstream() {
+        // Picked up mid-stream: the connection started before this entry.
+        o.insert("midstream".into(), json!(true));
+    }
+    if r.zone != 0 {
+        o.insert("zone".into(), json!(r.zone));
+    }
     if r.status & ctw_common::status::CTW_EXTERNAL != 0 {
         o.insert("external".into(), json!(true));
     }
@@ -397,11 +406,12 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
     let parsed = api::check_names(
         &params,
         &[
-            "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node",
+            "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node", "zone",
         ],
     )
-    .and_then(|_| api::parse_live(&params));
-    let lp = match parsed {
+    .and_then(|_| api::parse_live(&params))
+    .and_then(|lp| parse_zone(&params).map(|z| (lp, z)));
+    let (lp, zone) = match parsed {
         Ok(p) => p,
         Err(b) => return bad(b),
     };
@@ -410,6 +420,7 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
         protocol: lp.protocol,
         tuple: lp.tuple,
         reply_tuple: lp.reply_tuple,
+        zone,
     };
     let routed = route_lookup(
         s.store.clone(),
@@ -437,7 +448,12 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
         }
     };
     if let Some(ans) = routed.answer {
-        return Json(LookupAnswer::new(&ans.record, &ans.node)).into_response();
+        let mut v = serde_json::to_value(LookupAnswer::new(&ans.record, &ans.node))
+            .unwrap_or_else(|_| json!({}));
+        if let Some(o) = v.as_object_mut() {
+            o.insert("zones_tried".into(), json!(routed.zones_tried));
+        }
+        return Json(v).into_response();
     }
     let failures: Vec<String> = routed
         .failed
@@ -452,7 +468,11 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
         );
     }
     if failures.is_empty() {
-        let body = json!({"error": api::not_found_message(&lp), "asked": routed.not_found});
+        let body = json!({
+            "error": api::not_found_message(&lp),
+            "asked": routed.not_found,
+            "zones_tried": routed.zones_tried,
+        });
         return (StatusCode::NOT_FOUND, Json(body)).into_response();
     }
     let timeouts = routed
@@ -470,6 +490,20 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
         "failures": failures,
     });
     (code, Json(body)).into_response()
+}
+
+/// The optional `zone` of a live lookup: a conntrack zone, 0-65535.
+fn parse_zone(params: &[(String, String)]) -> Result<Option<u16>, BadParam> {
+    api::param(params, "zone")
+        .map(|v| {
+            v.parse::<u16>().map_err(|_| {
+                BadParam::new(
+                    "zone",
+                    format!("zone: {v:?} is not a conntrack zone (0-65535)"),
+                )
+            })
+        })
+        .transpose()
 }
 
 async fn agents(State(s): State<Arc<AppState>>) -> Response {

@@ -470,6 +470,13 @@ async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSe
                     duplicate: false,
                     conversion_errors: errors,
                     newest_event_ns: records.iter().map(|r| r.event_ns).max(),
+                    // Usually one zone: a linear check beats sorting.
+                    zones: records.iter().fold(Vec::new(), |mut z, r| {
+                        if !z.contains(&r.zone) {
+                            z.push(r.zone);
+                        }
+                        z
+                    }),
                 };
                 let batch = StoredBatch {
                     node: node.to_string(),

@@ -16,8 +16,13 @@
 //! gap from its last contact to now, which the ingest service stores. The
 //! registry is in memory: a collector restart forgets the agents until they
 //! reconnect (their spools cover the collector's downtime).
+//!
+//! Conntrack zones: every stored batch adds the zones (`CTA_ZONE`) of its
+//! records to the node's set ([`Registry::zones_of`]); a live lookup without
+//! an explicit zone tries zone 0 and then these (a GET looks in one zone
+//! only; OVN-Kubernetes and OVS keep NAT state in non-zero zones).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -42,6 +47,9 @@ pub struct LiveQuery {
     pub tuple: Tuple,
     /// `tuple` names the reply direction (its dst is the SNAT address).
     pub reply_tuple: bool,
+    /// Conntrack zone to look in (`CTA_ZONE`); `None` = the agent's default
+    /// (zone 0).
+    pub zone: Option<u16>,
 }
 
 /// An agent's answer: the live conntrack entry and the node that has it.
@@ -136,6 +144,8 @@ struct Agent {
     loss_reports: u64,
     events_lost: u64,
     connections: u64,
+    /// Conntrack zones seen in this node's stored records.
+    zones: BTreeSet<u16>,
 }
 
 #[derive(Debug)]
@@ -178,6 +188,8 @@ pub struct BatchInfo {
     pub conversion_errors: u64,
     /// Newest record time in the batch (ns since the epoch), if any.
     pub newest_event_ns: Option<u64>,
+    /// Distinct conntrack zones of the batch's records.
+    pub zones: Vec<u16>,
 }
 
 /// The handle of one stream in the registry; pass it back on every call.
@@ -261,6 +273,7 @@ impl Registry {
             loss_reports: 0,
             events_lost: 0,
             connections: 0,
+            zones: BTreeSet::new(),
         });
         if let Some(old) = agent.conn.take() {
             let _ = old.tx.try_send(Err(Status::aborted(
@@ -343,6 +356,7 @@ impl Registry {
             a.last_batch_boot_id = Some(b.boot_id.clone());
             a.last_batch_seq = Some(b.seq);
             a.conversion_errors += b.conversion_errors;
+            a.zones.extend(b.zones.iter().copied());
             if b.duplicate {
                 a.duplicates += 1;
             } else {
@@ -421,6 +435,35 @@ impl Registry {
             .map(|(n, _)| n.clone())
     }
 
+    /// The agent, connected or not, whose Hello addresses contain `ip`: the
+    /// node whose capture should have seen connections SNATed to `ip`.
+    pub fn node_owning_any(&self, ip: IpAddr) -> Option<String> {
+        let g = self.lock();
+        g.agents
+            .iter()
+            .find(|(_, a)| a.owned.contains(&ip))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Remember that `node` uses conntrack zone `zone` (from an indexed
+    /// record). Unknown nodes are ignored.
+    pub fn add_zone(&self, node: &str, zone: u16) {
+        if let Some(a) = self.lock().agents.get_mut(node) {
+            a.zones.insert(zone);
+        }
+    }
+
+    /// The conntrack zones to try for a lookup on `node` without an
+    /// explicit zone: 0 first, then every zone seen in its records.
+    pub fn zones_of(&self, node: &str) -> Vec<u16> {
+        let g = self.lock();
+        let mut zones = vec![0];
+        if let Some(a) = g.agents.get(node) {
+            zones.extend(a.zones.iter().copied().filter(|&z| z != 0));
+        }
+        zones
+    }
+
     pub fn connected_nodes(&self) -> Vec<String> {
         let g = self.lock();
         g.agents
@@ -497,7 +540,7 @@ impl Registry {
                 tuple: Some((&q.tuple).into()),
                 reply_tuple: q.reply_tuple,
                 node: node.to_string(),
-                zone: None,
+                zone: q.zone.map(u32::from),
             })),
         };
         match tokio::time::timeout_at(deadline, tx.send(Ok(msg))).await {
@@ -588,6 +631,7 @@ mod tests {
                 dst_port: 1024,
             },
             reply_tuple: true,
+            zone: None,
         }
     }
 
@@ -630,6 +674,39 @@ mod tests {
         assert_eq!(gap.reason, "agent_restarted");
         assert!(gap.from_ns <= gap.to_ns);
         assert!(r.open_gaps().is_empty());
+    }
+
+    #[test]
+    fn zones_seen_in_batches_are_tried_after_zone_0() {
+        let r = Registry::new(Metrics::new());
+        let (tx, _rx) = mpsc::channel(4);
+        let (t, _) = r.connect("a", hello(&["198.19.0.1"]), tx);
+        assert_eq!(r.zones_of("a"), vec![0]);
+        assert_eq!(r.zones_of("unknown"), vec![0]);
+        let batch = |zones: Vec<u16>| BatchInfo {
+            boot_id: "b1".into(),
+            seq: 1,
+            records: 2,
+            duplicate: false,
+            conversion_errors: 0,
+            newest_event_ns: None,
+            zones,
+        };
+        r.batch_stored(&t, &batch(vec![7, 0]));
+        r.batch_stored(&t, &batch(vec![3]));
+        assert_eq!(r.zones_of("a"), vec![0, 3, 7]);
+        r.add_zone("a", 9);
+        r.add_zone("unknown", 9);
+        assert_eq!(r.zones_of("a"), vec![0, 3, 7, 9]);
+        assert_eq!(r.zones_of("unknown"), vec![0]);
+        // The owner is known after it disconnects (its capture is what
+        // should have seen the address's connections).
+        r.disconnect(&t);
+        assert_eq!(r.node_owning("198.19.0.1".parse().unwrap()), None);
+        assert_eq!(
+            r.node_owning_any("198.19.0.1".parse().unwrap()).as_deref(),
+            Some("a")
+        );
     }
 
     #[test]

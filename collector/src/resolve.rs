@@ -3,6 +3,44 @@
 //! [`ctw_common::nginx::LogFormat`] to `(remote_addr, remote_port, time)`,
 //! which is searched in the store as the SNAT address and port of a
 //! connection alive at that time.
+//!
+//! # The line's interval
+//!
+//! nginx writes a line when the request ends (`$msec`, 1 ms; `$time_local`,
+//! 1 s). With `$request_time` in the format the request ran for that long
+//! before, so the connection was alive somewhere in
+//! `[time - request_time, time + resolution)`; without it the interval is
+//! `[time, time + resolution)`.
+//!
+//! # Candidates and statuses
+//!
+//! Connections (store hits) with the same pod address, pod port and node
+//! are one candidate: a keepalive connection idle past the node's
+//! established timeout has several conntrack entries (the later ones picked
+//! up mid-stream), and they are the same answer (`merged` says how many
+//! entries the answer joins). `candidates` and `alive_candidates` count
+//! distinct candidates. With `skew` (the clock difference tolerated between
+//! the log's host and the nodes, default 1 s, at most 60 s):
+//!
+//! - exactly one candidate alive in the interval: `resolved`
+//!   (`match: "alive"`); two or more: `ambiguous` (`match: "alive"`).
+//! - none alive in the interval, but the only candidate in the whole
+//!   window started after the line, by a record time that is the agent's
+//!   read time (no kernel start time), and the window has no gap:
+//!   `resolved` (`match: "late"`). Read times are never early (later than
+//!   the event, e.g. after the agent was stopped), so that connection may
+//!   be the line's own; a kernel start time after the line rules it out.
+//! - otherwise, some alive within ± `skew` of the interval: `ambiguous`
+//!   (`match: "skew"`), candidates `ranked` by distance; a neighbour is
+//!   never silently taken for the line's connection.
+//! - none within `skew`: `ambiguous` (`match: "late"`) when one started
+//!   after the line, else `not_found` with the nearest listed in `ranked`
+//!   (they ended before the line, so none carried it).
+//! - no candidate at all: `not_observed` when the agent of the node that
+//!   owns the address (its Hello listed it) recorded no connection SNATed
+//!   to that address in the window (its capture does not see this traffic:
+//!   eBPF masquerade, a `notrack` rule, conntrack events off), naming the
+//!   node; else `not_found`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,7 +58,8 @@ use serde_json::{json, Map, Value};
 
 use crate::grpc_query::merge_open_gaps;
 use crate::http::{error, hit_json, search_json, AppState};
-use crate::store::{alive_at, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
+use crate::registry::Registry;
+use crate::store::{Gap, Hit, RecordStore, SearchQuery, SearchResult, StoreError};
 
 pub use ctw_common::nginx::{
     FormatError, LineError, LogFormat, ParsedLine, TimeVar, COMBINED, DEFAULT_LOG_FORMAT,
@@ -34,8 +73,14 @@ pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Default and largest `window` around each line's time.
 const DEFAULT_WINDOW_NS: u64 = 5 * 60 * 1_000_000_000;
 const MAX_WINDOW_NS: u64 = 24 * 3600 * 1_000_000_000;
-/// Hits fetched per line.
-const SEARCH_LIMIT: usize = 10;
+/// Default clock-skew tolerance between the log's host and the nodes.
+pub const DEFAULT_SKEW_NS: u64 = 1_000_000_000;
+/// Largest `skew` accepted.
+pub const MAX_SKEW_NS: u64 = 60 * 1_000_000_000;
+/// Hits fetched per line (a keepalive connection may have several).
+const SEARCH_LIMIT: usize = 50;
+/// Candidates listed in `ranked`.
+const RANKED_SHOWN: usize = 10;
 
 // ---------------------------------------------------------------------------
 // The endpoint.
@@ -74,6 +119,7 @@ struct Request {
     lines: Vec<String>,
     format: LogFormat,
     window_ns: u64,
+    skew_ns: u64,
     at: Option<(u64, u64)>,
 }
 
@@ -93,7 +139,7 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
             None,
         ));
     };
-    const KNOWN: [&str; 4] = ["lines", "log_format", "window", "at"];
+    const KNOWN: [&str; 5] = ["lines", "log_format", "window", "skew", "at"];
     if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(bad(
             k,
@@ -150,6 +196,16 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
         }
         None => DEFAULT_WINDOW_NS,
     };
+    let skew_ns = match text(&mut o, "skew")? {
+        Some(w) => {
+            let ns = api::parse_duration(&w).map_err(|e| bad("skew", format!("skew: {e}")))?;
+            if ns > MAX_SKEW_NS {
+                return Err(bad("skew", format!("skew: {w:?} is longer than 60s")));
+            }
+            ns
+        }
+        None => DEFAULT_SKEW_NS,
+    };
     let at = text(&mut o, "at")?
         .map(|a| {
             api::parse_time(&a)
@@ -173,16 +229,257 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
         lines,
         format,
         window_ns,
+        skew_ns,
         at,
     })
+}
+
+/// The interval a line covers, inclusive, in ns since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval {
+    pub from_ns: u64,
+    pub to_ns: u64,
+}
+
+impl Interval {
+    /// `[time - request_time, time + precision)` (see the module docs).
+    pub fn of_line(time_ns: u64, precision_ns: u64, request_time_ns: Option<u64>) -> Interval {
+        Interval {
+            from_ns: time_ns.saturating_sub(request_time_ns.unwrap_or(0)),
+            to_ns: time_ns.saturating_add(precision_ns.saturating_sub(1)),
+        }
+    }
+
+    fn widened(self, by: u64) -> Interval {
+        Interval {
+            from_ns: self.from_ns.saturating_sub(by),
+            to_ns: self.to_ns.saturating_add(by),
+        }
+    }
+
+    /// Was `h` alive somewhere in the interval?
+    pub fn alive(&self, h: &Hit) -> bool {
+        h.start_ns() <= self.to_ns && h.closed_ns.is_none_or(|c| c >= self.from_ns)
+    }
+
+    /// How far `h` was from the interval (0 when alive in it).
+    pub fn distance(&self, h: &Hit) -> u64 {
+        if self.alive(h) {
+            0
+        } else if h.start_ns() > self.to_ns {
+            h.start_ns() - self.to_ns
+        } else {
+            self.from_ns - h.closed_ns.unwrap_or(h.start_ns())
+        }
+    }
+}
+
+/// One candidate answer: the connections of one pod address and port on
+/// one node (several conntrack entries of one connection, e.g. keepalive
+/// entries picked up mid-stream), nearest to the line first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    pub hits: Vec<&'a Hit>,
+    /// Smallest distance of its connections to the line's interval.
+    pub distance_ns: u64,
+}
+
+impl Candidate<'_> {
+    /// The connection shown for the candidate (the nearest, newest first).
+    pub fn best(&self) -> &Hit {
+        self.hits[0]
+    }
+}
+
+/// How the status was reached (`match` in the answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// Alive in the line's interval.
+    Alive,
+    /// Alive within ± skew of it, not in it.
+    Skew,
+    /// Started after the line (records are never early).
+    Late,
+    /// No candidate could have carried the line.
+    None,
+}
+
+impl Basis {
+    fn as_str(self) -> &'static str {
+        match self {
+            Basis::Alive => "alive",
+            Basis::Skew => "skew",
+            Basis::Late => "late",
+            Basis::None => "none",
+        }
+    }
+}
+
+/// The verdict for one line's hits (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict<'a> {
+    /// `resolved`, `ambiguous` or `not_found` (`not_observed` is decided
+    /// by the caller, which knows the agents).
+    pub status: &'static str,
+    pub basis: Basis,
+    /// Distinct candidates, nearest first.
+    pub ranked: Vec<Candidate<'a>>,
+    /// Distinct candidates alive in the interval.
+    pub alive: usize,
+    /// Distinct candidates alive within ± skew (including `alive`).
+    pub near: usize,
+    /// Whether the verdict names a pod (`resolved` / `ambiguous`).
+    pub answers: bool,
+}
+
+/// Group `hits` by (pod address, pod port, node) and decide the status.
+/// `complete`: no gap in the window (a late candidate is taken alone only
+/// then).
+pub fn judge<'a>(hits: &'a [Hit], line: Interval, skew_ns: u64, complete: bool) -> Verdict<'a> {
+    let mut ranked: Vec<Candidate<'a>> = Vec::new();
+    for h in hits {
+        let key = (h.record.orig.src, h.record.orig.src_port, h.node.as_str());
+        let d = line.distance(h);
+        match ranked.iter_mut().find(|c| {
+            let b = c.best();
+            (b.record.orig.src, b.record.orig.src_port, b.node.as_str()) == key
+        }) {
+            Some(c) => {
+                c.hits.push(h);
+                c.distance_ns = c.distance_ns.min(d);
+            }
+            None => ranked.push(Candidate {
+                hits: vec![h],
+                distance_ns: d,
+            }),
+        }
+    }
+    for c in &mut ranked {
+        c.hits
+            .sort_by_key(|h| (line.distance(h), std::cmp::Reverse(h.start_ns())));
+    }
+    ranked.sort_by_key(|c| (c.distance_ns, std::cmp::Reverse(c.best().start_ns())));
+    let near_iv = line.widened(skew_ns);
+    let alive = ranked.iter().filter(|c| c.distance_ns == 0).count();
+    let near = ranked
+        .iter()
+        .filter(|c| c.hits.iter().any(|h| near_iv.alive(h)))
+        .count();
+    // A connection recorded after the line may be the line's own only when
+    // its time is the agent's read time (no kernel start time): kernel
+    // times are exact.
+    let started_after = |c: &Candidate| {
+        c.hits
+            .iter()
+            .any(|h| h.start_ns() > line.to_ns && h.record.start_ns.is_none())
+    };
+    let (status, basis) = if alive == 1 {
+        ("resolved", Basis::Alive)
+    } else if alive > 1 {
+        ("ambiguous", Basis::Alive)
+    } else if ranked.len() == 1 && complete && started_after(&ranked[0]) {
+        // Whatever the skew: a record is never early, so the one
+        // connection recorded after the line may be its own, read late.
+        ("resolved", Basis::Late)
+    } else if near > 0 {
+        ("ambiguous", Basis::Skew)
+    } else if ranked.iter().any(started_after) {
+        // A record that started after the line may be its own, late.
+        ranked.sort_by_key(|c| (!started_after(c), c.distance_ns));
+        ("ambiguous", Basis::Late)
+    } else {
+        ("not_found", Basis::None)
+    };
+    Verdict {
+        status,
+        basis,
+        answers: status != "not_found",
+        ranked,
+        alive,
+        near,
+    }
+}
+
+/// Shared by the lines of one request (one per worker thread).
+#[derive(Debug, Default)]
+struct Caches {
+    searches: HashMap<(IpAddr, u16, u64, u64), SearchResult>,
+    /// (address, owner node, window bucket) -> the node recorded something.
+    observed: HashMap<(IpAddr, String, u64), bool>,
+}
+
+/// Did `node` record any connection SNATed to `addr` around `at`? The
+/// range is `at ± window` widened to whole windows (so lines share the
+/// search); wider only makes the answer `not_found` rather than
+/// `not_observed`, today's answer.
+fn node_observed(
+    store: &dyn RecordStore,
+    caches: &mut Caches,
+    node: &str,
+    addr: IpAddr,
+    at: u64,
+    window_ns: u64,
+) -> Result<bool, StoreError> {
+    let w = window_ns.max(1);
+    let bucket = at / w;
+    let key = (addr, node.to_string(), bucket);
+    if let Some(&seen) = caches.observed.get(&key) {
+        return Ok(seen);
+    }
+    let q = SearchQuery {
+        snat_ip: Some(addr),
+        node: Some(node.to_string()),
+        from_ns: Some(bucket.saturating_sub(1).saturating_mul(w)),
+        to_ns: Some(bucket.saturating_add(2).saturating_mul(w)),
+        limit: 1,
+        ..SearchQuery::default()
+    };
+    let seen = store.search(&q)?.total > 0;
+    caches.observed.insert(key, seen);
+    Ok(seen)
+}
+
+/// One candidate in `ranked`.
+fn candidate_json(c: &Candidate, line: Interval) -> Value {
+    let b = c.best();
+    let r = &b.record;
+    let mut v = json!({
+        "pod_ip": r.orig.src,
+        "pod_port": r.orig.src_port,
+        "node": b.node,
+        "dst_ip": r.orig.dst,
+        "dst_port": r.orig.dst_port,
+        "alive": c.distance_ns == 0,
+        "distance_ms": c.distance_ns / 1_000_000,
+        "merged": c.hits.len(),
+        "start": api::format_time(c.hits.iter().map(|h| h.start_ns()).min().unwrap_or(0)),
+    });
+    if let Some(o) = v.as_object_mut() {
+        let end = c
+            .hits
+            .iter()
+            .map(|h| h.closed_ns)
+            .try_fold(0u64, |m, e| e.map(|e| m.max(e)));
+        if let Some(e) = end {
+            o.insert("end".into(), json!(api::format_time(e)));
+        }
+        if c.hits.iter().any(|h| h.record.midstream()) {
+            o.insert("midstream".into(), json!(true));
+        }
+        if c.hits.iter().any(|h| h.start_ns() > line.to_ns) {
+            o.insert("started_after".into(), json!(true));
+        }
+    }
+    v
 }
 
 /// One line's answer as JSON (the search runs here, on a blocking thread).
 fn resolve_line(
     store: &dyn RecordStore,
+    registry: &Registry,
     req: &Request,
     open_gaps: &[Gap],
-    cache: &mut HashMap<(IpAddr, u16, u64, u64), SearchResult>,
+    caches: &mut Caches,
     line_no: usize,
 ) -> Result<Value, StoreError> {
     let line = &req.lines[line_no - 1];
@@ -199,36 +496,70 @@ fn resolve_line(
         (None, Some(a)) => a,
         (None, None) => (0, 0), // refused in parse_request
     };
+    let iv = Interval::of_line(at, precision, parsed.request_time_ns);
     let q = SearchQuery {
         snat_ip: Some(parsed.remote_addr),
         snat_port: Some(parsed.remote_port),
-        from_ns: Some(at.saturating_sub(req.window_ns)),
-        to_ns: Some(at.saturating_add(req.window_ns).saturating_add(precision)),
+        from_ns: Some(iv.from_ns.saturating_sub(req.window_ns)),
+        to_ns: Some(iv.to_ns.saturating_add(req.window_ns)),
         at_ns: Some(at),
         at_precision_ns: precision,
         limit: SEARCH_LIMIT,
         ..SearchQuery::default()
     };
-    let key = (parsed.remote_addr, parsed.remote_port, at, precision);
-    let res = match cache.get(&key) {
+    let key = (parsed.remote_addr, parsed.remote_port, iv.from_ns, iv.to_ns);
+    let res = match caches.searches.get(&key) {
         Some(r) => r.clone(),
         None => {
             let mut r = store.search(&q)?;
             merge_open_gaps(&q, &mut r, open_gaps.to_vec());
-            cache.insert(key, r.clone());
+            caches.searches.insert(key, r.clone());
             r
         }
     };
-    let alive = res
-        .hits
-        .iter()
-        .filter(|h| alive_at(h, at, precision))
-        .count();
-    let status = match (res.hits.first(), alive) {
-        (None, _) => "not_found",
-        (Some(_), n) if n > 1 => "ambiguous",
-        (Some(_), _) => "resolved",
-    };
+    let verdict = judge(&res.hits, iv, req.skew_ns, res.gaps.is_empty());
+    // Hits past the limit are counted as distinct candidates (an upper bound).
+    let unseen = res.total.saturating_sub(res.hits.len() as u64);
+    let candidates = verdict.ranked.len() as u64 + unseen;
+    let mut status = verdict.status;
+    let mut note: Option<String> = None;
+    let mut owner: Option<String> = None;
+    if candidates == 0 {
+        if let Some(node) = registry.node_owning_any(parsed.remote_addr) {
+            if !node_observed(store, caches, &node, parsed.remote_addr, at, req.window_ns)? {
+                status = "not_observed";
+                note = Some(format!(
+                    "the agent of {node}, which owns {}, recorded no connection from that address within {} of the line: its capture does not see this traffic (eBPF masquerade, a notrack rule, conntrack events off) or it was not running",
+                    parsed.remote_addr,
+                    fmt_duration(req.window_ns)
+                ));
+            }
+            owner = Some(node);
+        } else {
+            note = Some(format!(
+                "no agent lists {} among its node addresses",
+                parsed.remote_addr
+            ));
+        }
+    } else {
+        note = match verdict.basis {
+            Basis::Skew => Some(format!(
+                "no connection was alive at the line's time; {} within the {} clock-skew tolerance, ranked by distance",
+                verdict.near,
+                fmt_duration(req.skew_ns)
+            )),
+            Basis::Late if status == "resolved" => Some(
+                "the only connection with this address and port in the window started after the line: taken as recorded late (agent read lag without kernel timestamps)".into(),
+            ),
+            Basis::Late => Some(
+                "no connection was alive at the line's time; one started after it (possibly recorded late), ranked first".into(),
+            ),
+            Basis::None => Some(
+                "no connection with this address and port was alive at the line's time; the nearest ones ended before it".into(),
+            ),
+            Basis::Alive => None,
+        };
+    }
     let gaps = gaps_json(&res.gaps, &q);
     let mut v = json!({
         "line_no": line_no,
@@ -236,22 +567,63 @@ fn resolve_line(
         "remote_addr": parsed.remote_addr,
         "remote_port": parsed.remote_port,
         "time": api::format_time(at),
+        "interval": {"from": api::format_time(iv.from_ns), "to": api::format_time(iv.to_ns)},
+        "skew_ms": req.skew_ns / 1_000_000,
         "status": status,
-        "candidates": res.total,
-        "alive_candidates": alive,
+        "match": verdict.basis.as_str(),
+        "candidates": candidates,
+        "alive_candidates": verdict.alive,
+        "near_candidates": verdict.near,
         "incomplete": !res.gaps.is_empty(),
         "gaps": gaps,
     });
-    if let (Some(best), Some(o)) = (res.hits.first(), v.as_object_mut()) {
+    let Some(o) = v.as_object_mut() else {
+        return Ok(v);
+    };
+    if let Some(n) = note {
+        o.insert("note".into(), json!(n));
+    }
+    if status == "not_observed" {
+        o.insert("node".into(), json!(owner));
+    }
+    if !verdict.ranked.is_empty() && status != "resolved" {
+        o.insert(
+            "ranked".into(),
+            json!(verdict
+                .ranked
+                .iter()
+                .take(RANKED_SHOWN)
+                .map(|c| candidate_json(c, iv))
+                .collect::<Vec<_>>()),
+        );
+    }
+    if let (true, Some(top)) = (verdict.answers, verdict.ranked.first()) {
+        let best = top.best();
         let r = &best.record;
         o.insert("pod_ip".into(), json!(r.orig.src));
         o.insert("pod_port".into(), json!(r.orig.src_port));
         o.insert("node".into(), json!(best.node));
         o.insert("dst_ip".into(), json!(r.orig.dst));
         o.insert("dst_port".into(), json!(r.orig.dst_port));
+        o.insert("merged".into(), json!(top.hits.len()));
+        if r.midstream() {
+            // The line's own entry was picked up mid-stream.
+            o.insert("midstream".into(), json!(true));
+        }
         o.insert("record".into(), hit_json(best, &q));
     }
     Ok(v)
+}
+
+/// `1s`, `5m`, `250ms` for messages.
+fn fmt_duration(ns: u64) -> String {
+    if ns % 60_000_000_000 == 0 && ns > 0 {
+        format!("{}m", ns / 60_000_000_000)
+    } else if ns % 1_000_000_000 == 0 {
+        format!("{}s", ns / 1_000_000_000)
+    } else {
+        format!("{}ms", ns / 1_000_000)
+    }
 }
 
 /// Gaps in the API's JSON shape (through `search_json`, the one place that
@@ -306,10 +678,11 @@ pub async fn handler(
     let mut tasks = Vec::new();
     for start in (0..n).step_by(chunk) {
         let (store, req, gaps) = (s.store.clone(), req.clone(), open_gaps.clone());
+        let registry = s.registry.clone();
         tasks.push(tokio::task::spawn_blocking(move || {
-            let mut cache = HashMap::new();
+            let mut caches = Caches::default();
             (start..(start + chunk).min(n))
-                .map(|i| resolve_line(store.as_ref(), &req, &gaps, &mut cache, i + 1))
+                .map(|i| resolve_line(store.as_ref(), &registry, &req, &gaps, &mut caches, i + 1))
                 .collect::<Result<Vec<Value>, StoreError>>()
         }));
     }
@@ -339,6 +712,7 @@ pub async fn handler(
         "resolved": count("resolved"),
         "not_found": count("not_found"),
         "ambiguous": count("ambiguous"),
+        "not_observed": count("not_observed"),
         "unparsed": count("unparsed"),
         "incomplete": results.iter().filter(|r| r["incomplete"] == true).count(),
     });
@@ -347,6 +721,79 @@ pub async fn handler(
         "summary": summary,
         "log_format": req.format.source(),
         "window_ms": req.window_ns / 1_000_000,
+        "skew_ms": req.skew_ns / 1_000_000,
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+
+    const S: u64 = 1_000_000_000;
+
+    fn hit(node: &str, pod: &str, port: u16, start: u64, end: Option<u64>) -> Hit {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        Hit {
+            node: node.into(),
+            record: ConnRecord::new(
+                EventKind::New,
+                start,
+                Protocol::Tcp,
+                Tuple::new(ip(pod), port, ip("198.19.0.2"), 80),
+                Tuple::new(ip("198.19.0.2"), 80, ip("198.19.0.1"), 40000),
+            ),
+            closed_ns: end,
+            end: None,
+            last_seen_ns: None,
+            counters_orig: None,
+            counters_reply: None,
+        }
+    }
+
+    #[test]
+    fn a_line_is_its_request_interval() {
+        let iv = Interval::of_line(10 * S, 1_000_000, Some(2 * S));
+        assert_eq!((iv.from_ns, iv.to_ns), (8 * S, 10 * S + 999_999));
+        let iv = Interval::of_line(10 * S, S, None);
+        assert_eq!((iv.from_ns, iv.to_ns), (10 * S, 11 * S - 1));
+        // Alive somewhere in it; distance otherwise.
+        let iv = Interval::of_line(10 * S, 1, Some(S));
+        assert!(iv.alive(&hit("a", "10.0.0.1", 1, 5 * S, Some(9 * S))));
+        assert_eq!(iv.distance(&hit("a", "10.0.0.1", 1, 5 * S, Some(8 * S))), S);
+        assert_eq!(iv.distance(&hit("a", "10.0.0.1", 1, 12 * S, None)), 2 * S);
+    }
+
+    #[test]
+    fn candidates_are_pod_address_port_and_node() {
+        let line = Interval::of_line(10 * S, 1, None);
+        // Two entries of one connection: one candidate, resolved.
+        let hits = vec![
+            hit("a", "10.0.0.1", 1, S, Some(10 * S)),
+            hit("a", "10.0.0.1", 1, 10 * S, None),
+        ];
+        let v = judge(&hits, line, S, true);
+        assert_eq!((v.status, v.basis, v.alive), ("resolved", Basis::Alive, 1));
+        assert_eq!(v.ranked.len(), 1);
+        assert_eq!(v.ranked[0].hits.len(), 2);
+        // The same pod address and port on another node, or another port,
+        // is another candidate.
+        for other in [
+            hit("b", "10.0.0.1", 1, 9 * S, None),
+            hit("a", "10.0.0.1", 2, 9 * S, None),
+        ] {
+            let mut hs = hits.clone();
+            hs.push(other);
+            let v = judge(&hs, line, S, true);
+            assert_eq!((v.status, v.alive), ("ambiguous", 2));
+        }
+        // Nothing at all.
+        let v = judge(&[], line, S, true);
+        assert_eq!(
+            (v.status, v.basis, v.answers),
+            ("not_found", Basis::None, false)
+        );
+    }
 }

@@ -538,6 +538,7 @@ async fn live_lookups_travel_over_the_agent_stream() {
             protocol: Protocol::Tcp,
             tuple: reply_tuple,
             reply_tuple: true,
+            zone: None,
         };
         let ans = c
             .registry

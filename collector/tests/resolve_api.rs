@@ -16,7 +16,7 @@ use ctw_collector::http::{router, AppState};
 use ctw_collector::metrics::Metrics;
 use ctw_collector::registry::Registry;
 use ctw_collector::store::{Gap, MemStore, RecordStore, StoredBatch};
-use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+use ctw_common::{ConnRecord, EventKind, Protocol, TcpState, Tuple};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -204,7 +204,7 @@ async fn default_format_lines_resolve_to_pods() {
     assert_eq!(r[5]["gaps"][0]["node"], "node-b");
     assert_eq!(
         v["summary"],
-        json!({"lines": 6, "resolved": 3, "not_found": 1, "ambiguous": 1, "unparsed": 1, "incomplete": 1})
+        json!({"lines": 6, "resolved": 3, "not_found": 1, "ambiguous": 1, "not_observed": 0, "unparsed": 1, "incomplete": 1})
     );
 }
 
@@ -291,4 +291,308 @@ async fn token_and_limits() {
     assert_eq!(code, StatusCode::OK, "{v:#}");
     assert_eq!(v["summary"]["resolved"], ctw_collector::resolve::MAX_LINES);
     assert_eq!(v["results"][19_999]["line_no"], 20_000);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 11: candidates, the line's interval, skew, late records, not observed.
+
+fn app_with(store: Arc<MemStore>, registry: Arc<Registry>) -> axum::Router {
+    let metrics = Metrics::new();
+    router(Arc::new(AppState {
+        store: store as Arc<dyn RecordStore>,
+        registry,
+        metrics,
+        token: Token::fixed(TOKEN),
+        max_limit: 1000,
+        lookup: LookupConfig::default(),
+        ready: Arc::new(AtomicBool::new(true)),
+    }))
+}
+
+async fn post_to(app: axum::Router, body: Value) -> (StatusCode, Value) {
+    let req = Request::post("/api/v1/resolve")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    let code = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (code, serde_json::from_slice(&bytes).unwrap())
+}
+
+const MS: u64 = 1_000_000;
+const FMT_RT: &str = "$remote_addr $remote_port $msec $request_time";
+
+/// A line ending at `t_ns` after `rt_ms`, in [`FMT_RT`].
+fn rt_line(port: u16, t_ns: u64, rt_ms: u64) -> String {
+    let ms = t_ns / MS;
+    format!(
+        "{NODE_IP} {port} {}.{:03} {}.{:03}",
+        ms / 1000,
+        ms % 1000,
+        rt_ms / 1000,
+        rt_ms % 1000
+    )
+}
+
+fn tcp(kind: EventKind, pod: &str, snat_port: u16, t_ns: u64, state: TcpState) -> ConnRecord {
+    ConnRecord {
+        tcp_state: Some(state),
+        ..conn(kind, pod, snat_port, 0, t_ns)
+    }
+}
+
+fn store_of(records: Vec<ConnRecord>) -> Arc<MemStore> {
+    let s = Arc::new(MemStore::default());
+    s.append(StoredBatch {
+        node: "node-a".into(),
+        boot_id: "b".into(),
+        seq: 1,
+        records,
+    })
+    .unwrap();
+    s
+}
+
+#[tokio::test]
+async fn keepalive_entries_of_one_connection_are_one_candidate() {
+    use TcpState::*;
+    // One connection from pod .7 port 40000, three entries: the first
+    // expired while idle and was reaped by the next packet, which created
+    // the second mid-stream (NEW in ESTABLISHED), and again. (The DESTROY
+    // of the reaped entry is sent just before the NEW.)
+    let s = store_of(vec![
+        tcp(EventKind::New, "10.244.1.7", 43000, T0 * S, SynSent),
+        tcp(
+            EventKind::Destroy,
+            "10.244.1.7",
+            43000,
+            (T0 + 8) * S - MS,
+            Established,
+        ),
+        tcp(
+            EventKind::New,
+            "10.244.1.7",
+            43000,
+            (T0 + 8) * S,
+            Established,
+        ),
+        tcp(
+            EventKind::Destroy,
+            "10.244.1.7",
+            43000,
+            (T0 + 16) * S - MS,
+            Established,
+        ),
+        tcp(
+            EventKind::New,
+            "10.244.1.7",
+            43000,
+            (T0 + 16) * S,
+            Established,
+        ),
+    ]);
+    let app = app_with(s, Arc::new(Registry::new(Metrics::new())));
+    let lines: Vec<String> = [0, 8, 16]
+        .iter()
+        .map(|t| rt_line(43000, (T0 + t) * S + 2 * MS, 1))
+        .collect();
+    let (code, v) = post_to(app, json!({"lines": lines, "log_format": FMT_RT})).await;
+    assert_eq!(code, StatusCode::OK, "{v:#}");
+    for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(r["status"], "resolved", "{r:#}");
+        assert_eq!(r["pod_ip"], "10.244.1.7");
+        assert_eq!(r["candidates"], 1, "{r:#}");
+        assert_eq!(r["alive_candidates"], 1, "{r:#}");
+        assert_eq!(r["merged"], 3, "{r:#}");
+        assert_eq!(r["match"], "alive");
+        assert_eq!(r.get("midstream").is_some(), i > 0, "{r:#}");
+        assert_eq!(r["record"]["midstream"] == true, i > 0, "{r:#}");
+    }
+}
+
+#[tokio::test]
+async fn skew_interval_and_late_records() {
+    // Pod .7 held port 45000 until T0+10 s; pod .8 from T0+10.6 s.
+    let s = store_of(vec![
+        conn(EventKind::New, "10.244.1.7", 45000, 0, T0 * S),
+        conn(EventKind::Destroy, "10.244.1.7", 45000, 0, (T0 + 10) * S),
+        conn(
+            EventKind::New,
+            "10.244.1.8",
+            45000,
+            0,
+            (T0 + 10) * S + 600 * MS,
+        ),
+        // Port 45100: one connection recorded 5 s after the line (late).
+        conn(EventKind::New, "10.244.1.9", 45100, 0, (T0 + 35) * S),
+        // Port 45200: one connection that ended long before the line.
+        conn(EventKind::New, "10.244.1.10", 45200, 0, T0 * S),
+        conn(EventKind::Destroy, "10.244.1.10", 45200, 0, (T0 + 1) * S),
+        // Port 45400: one connection whose kernel start time is after the
+        // line: exact, so not the line's.
+        ConnRecord {
+            start_ns: Some((T0 + 35) * S),
+            ..conn(EventKind::New, "10.244.1.13", 45400, 0, (T0 + 35) * S)
+        },
+        // Port 45300: two connections recorded after the line.
+        conn(EventKind::New, "10.244.1.11", 45300, 0, (T0 + 35) * S),
+        conn(EventKind::Destroy, "10.244.1.11", 45300, 0, (T0 + 36) * S),
+        conn(EventKind::New, "10.244.1.12", 45300, 0, (T0 + 40) * S),
+    ]);
+    let between = (T0 + 10) * S + 300 * MS;
+    let lines = vec![
+        // 0: between the two, no request time: within the skew of both.
+        rt_line(45000, between, 0),
+        // 1: the same end, but the request ran 0.5 s: only pod .7.
+        rt_line(45000, between, 500),
+        // 2: the only connection, recorded 5 s after the line.
+        rt_line(45100, (T0 + 30) * S, 1),
+        // 3: the only connection ended 29 s before the line.
+        rt_line(45200, (T0 + 30) * S, 1),
+        // 4: two connections after the line: one may be late, which?
+        rt_line(45300, (T0 + 30) * S, 1),
+        // 5: the only connection started after the line by kernel time.
+        rt_line(45400, (T0 + 30) * S, 1),
+    ];
+    let app = || app_with(s.clone(), Arc::new(Registry::new(Metrics::new())));
+    let (code, v) = post_to(app(), json!({"lines": lines, "log_format": FMT_RT})).await;
+    assert_eq!(code, StatusCode::OK, "{v:#}");
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r[0]["status"], "ambiguous", "{:#}", r[0]);
+    assert_eq!(r[0]["match"], "skew");
+    assert_eq!(r[0]["alive_candidates"], 0);
+    assert_eq!(r[0]["near_candidates"], 2);
+    let ranked: Vec<&str> = r[0]["ranked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["pod_ip"].as_str().unwrap())
+        .collect();
+    // Pod .7 ended 300 ms before, pod .8 started 300 ms after: the newer
+    // first on a tie.
+    assert_eq!(ranked, ["10.244.1.8", "10.244.1.7"], "{:#}", r[0]);
+    assert_eq!(r[0]["interval"]["from"], "2024-12-09T07:05:10.300Z");
+
+    assert_eq!(r[1]["status"], "resolved", "{:#}", r[1]);
+    assert_eq!(r[1]["pod_ip"], "10.244.1.7");
+    assert_eq!(r[1]["interval"]["from"], "2024-12-09T07:05:09.800Z");
+
+    assert_eq!(r[2]["status"], "resolved", "{:#}", r[2]);
+    assert_eq!(r[2]["match"], "late");
+    assert_eq!(r[2]["pod_ip"], "10.244.1.9");
+
+    // A connection that ended before the line never carried it.
+    assert_eq!(r[3]["status"], "not_found", "{:#}", r[3]);
+    assert_eq!(r[3]["candidates"], 1);
+    assert!(r[3].get("pod_ip").is_none());
+    assert_eq!(r[3]["ranked"][0]["pod_ip"], "10.244.1.10");
+
+    assert_eq!(r[4]["status"], "ambiguous", "{:#}", r[4]);
+    assert_eq!(r[4]["match"], "late");
+    assert_eq!(r[4]["pod_ip"], "10.244.1.11");
+
+    assert_eq!(r[5]["status"], "not_found", "{:#}", r[5]);
+    assert!(r[5].get("pod_ip").is_none());
+
+    // No skew: line 0 has no connection within 0 s; one started after it
+    // (maybe late), one ended before: still ambiguous, never one silently.
+    let (_, v) = post_to(
+        app(),
+        json!({"lines": [lines[0].clone()], "log_format": FMT_RT, "skew": "0s"}),
+    )
+    .await;
+    assert_eq!(v["results"][0]["status"], "ambiguous", "{v:#}");
+    assert_eq!(v["results"][0]["match"], "late");
+    // A wider skew changes nothing for line 2: its only candidate started
+    // after it, whatever the tolerance.
+    let (_, v) = post_to(
+        app(),
+        json!({"lines": [lines[2].clone()], "log_format": FMT_RT, "skew": "10s"}),
+    )
+    .await;
+    assert_eq!(v["results"][0]["status"], "resolved", "{v:#}");
+    assert_eq!(v["results"][0]["match"], "late");
+    assert_eq!(v["skew_ms"], 10_000);
+    // But pod .10, which ended 29 s before line 3, is within a 30 s skew:
+    // the line's clock may be that far off; ambiguous, not resolved.
+    let (_, v) = post_to(
+        app(),
+        json!({"lines": [lines[3].clone()], "log_format": FMT_RT, "skew": "30s"}),
+    )
+    .await;
+    assert_eq!(v["results"][0]["status"], "ambiguous", "{v:#}");
+    assert_eq!(v["results"][0]["match"], "skew");
+
+    for bad in ["61s", "soon"] {
+        let (code, v) = post_to(
+            app(),
+            json!({"lines": [lines[0].clone()], "log_format": FMT_RT, "skew": bad}),
+        )
+        .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{v:#}");
+        assert_eq!(v["parameter"], "skew");
+    }
+}
+
+#[tokio::test]
+async fn a_late_record_is_not_taken_alone_when_the_window_has_a_gap() {
+    let s = store_of(vec![conn(
+        EventKind::New,
+        "10.244.1.9",
+        45100,
+        0,
+        (T0 + 35) * S,
+    )]);
+    s.record_gap(Gap {
+        node: "node-a".into(),
+        from_ns: (T0 + 20) * S,
+        to_ns: (T0 + 21) * S,
+        reason: "kernel_drop".into(),
+        count: 1,
+    })
+    .unwrap();
+    let app = app_with(s, Arc::new(Registry::new(Metrics::new())));
+    let (_, v) = post_to(
+        app,
+        json!({"lines": [rt_line(45100, (T0 + 30) * S, 1)], "log_format": FMT_RT}),
+    )
+    .await;
+    let r = &v["results"][0];
+    assert_eq!(r["status"], "ambiguous", "{r:#}");
+    assert_eq!(r["incomplete"], true);
+}
+
+#[tokio::test]
+async fn nothing_recorded_by_the_owning_node_is_not_observed() {
+    let registry = Arc::new(Registry::new(Metrics::new()));
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let hello = ctw_collector::registry::HelloInfo {
+        addresses: vec![NODE_IP.into(), "198.18.0.9".into()],
+        boot_id: "b".into(),
+        version: "test".into(),
+        peer: None,
+    };
+    registry.connect("node-a", hello, tx);
+    // node-a recorded port 45000 traffic from NODE_IP, nothing from .9.
+    let s = store_of(vec![conn(EventKind::New, "10.244.1.7", 45000, 0, T0 * S)]);
+    let app = app_with(s, registry);
+    let lines = vec![
+        format!("198.18.0.9 45000 {}.000 0.001", T0 + 1),
+        rt_line(45999, (T0 + 1) * S, 1),
+        format!("198.18.0.77 45000 {}.000 0.001", T0 + 1),
+    ];
+    let (code, v) = post_to(app, json!({"lines": lines, "log_format": FMT_RT})).await;
+    assert_eq!(code, StatusCode::OK, "{v:#}");
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r[0]["status"], "not_observed", "{:#}", r[0]);
+    assert_eq!(r[0]["node"], "node-a");
+    assert!(r[0]["note"].as_str().unwrap().contains("node-a"));
+    // The node sees its address's traffic: nothing matched is not_found.
+    assert_eq!(r[1]["status"], "not_found", "{:#}", r[1]);
+    // No agent owns the address.
+    assert_eq!(r[2]["status"], "not_found", "{:#}", r[2]);
+    assert!(r[2]["note"].as_str().unwrap().contains("no agent"));
+    assert_eq!(v["summary"]["not_observed"], 1);
 }

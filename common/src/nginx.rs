@@ -1,8 +1,9 @@
 //! nginx access-log lines: a [`LogFormat`] is compiled once from an nginx
 //! `log_format` string into a sequence of literal and variable matchers; each
 //! line is then matched against it (a variable runs up to the next literal,
-//! with bounded backtracking) to get `$remote_addr`, `$remote_port` and the
-//! request time. Lines are untrusted input: any bytes give a value or an
+//! with bounded backtracking) to get `$remote_addr`, `$remote_port`, the
+//! time the line was written and, when the format has it, `$request_time`
+//! (how long the request took, so the line covers an interval). Lines are untrusted input: any bytes give a value or an
 //! error, never a panic (fuzzed).
 //!
 //! The default format is nginx's `combined` with ` $remote_port` appended
@@ -62,6 +63,8 @@ enum Field {
     Msec,
     TimeLocal,
     TimeIso,
+    /// `$request_time`: seconds with a millisecond fraction (`0.005`).
+    RequestTime,
     Other,
 }
 
@@ -93,6 +96,7 @@ pub struct LogFormat {
     source: String,
     pieces: Vec<Piece>,
     time: Option<TimeVar>,
+    request_time: bool,
 }
 
 /// What one line gives: the connection's SNAT address and port as the server
@@ -103,6 +107,11 @@ pub struct ParsedLine {
     pub remote_port: u16,
     pub time_ns: Option<u64>,
     pub precision_ns: u64,
+    /// `$request_time` in ns, when the format has it: nginx writes the line
+    /// when the request ends (`$msec`, `$time_local`), and the request ran
+    /// for this long before, so the connection was alive somewhere in
+    /// `[time - request_time, time + precision)`.
+    pub request_time_ns: Option<u64>,
 }
 
 impl LogFormat {
@@ -130,10 +139,20 @@ impl LogFormat {
         }
         let mut pieces = tokenize(&source)?;
         let time = assign_fields(&mut pieces)?;
+        let request_time = pieces.iter().any(|p| {
+            matches!(
+                p,
+                Piece::Var {
+                    field: Field::RequestTime,
+                    ..
+                }
+            )
+        });
         Ok(LogFormat {
             source,
             pieces,
             time,
+            request_time,
         })
     }
 
@@ -145,6 +164,11 @@ impl LogFormat {
     /// The time variable the lines carry, if any.
     pub fn time_var(&self) -> Option<TimeVar> {
         self.time
+    }
+
+    /// Does the format carry `$request_time` (see [`ParsedLine::request_time_ns`])?
+    pub fn has_request_time(&self) -> bool {
+        self.request_time
     }
 
     /// Split one line (a trailing `\r`/`\n` is ignored). Never panics.
@@ -177,6 +201,7 @@ impl LogFormat {
             remote_port: 0,
             time_ns: None,
             precision_ns: 0,
+            request_time_ns: None,
         };
         for (p, &(a, b)) in self.pieces.iter().zip(&m.spans) {
             let Piece::Var { field, name, .. } = p else {
@@ -196,6 +221,11 @@ impl LogFormat {
                         parse_time_field(*field, v).ok_or_else(|| bad_value(name, v, "a time"))?;
                     out.time_ns = Some(t);
                     out.precision_ns = prec;
+                }
+                Field::RequestTime => {
+                    out.request_time_ns = Some(
+                        parse_request_time(v).ok_or_else(|| bad_value(name, v, "a duration"))?,
+                    )
                 }
                 Field::Other => {}
             }
@@ -337,6 +367,7 @@ fn assign_fields(pieces: &mut [Piece]) -> Result<Option<TimeVar>, FormatError> {
     ]
     .into_iter()
     .find_map(|(n, f, t)| find(pieces, &[n]).map(|i| (i, f, t)));
+    let request_time = find(pieces, &["request_time"]);
     let quoted: Vec<bool> = (0..pieces.len())
         .map(|i| {
             let before = i.checked_sub(1).and_then(|j| pieces.get(j));
@@ -358,6 +389,7 @@ fn assign_fields(pieces: &mut [Piece]) -> Result<Option<TimeVar>, FormatError> {
             } else {
                 match time {
                     Some((t, f, _)) if t == i => f,
+                    _ if request_time == Some(i) => Field::RequestTime,
                     _ => Field::Other,
                 }
             };
@@ -392,6 +424,28 @@ fn parse_port(v: &str) -> Option<u16> {
     v.parse().ok().filter(|p| *p > 0)
 }
 
+/// Longest `$request_time` accepted: a day (nginx's own timeouts are far
+/// shorter; a larger value is a misparsed field).
+const MAX_REQUEST_TIME_NS: u64 = 86_400 * 1_000_000_000;
+
+/// `$request_time` (`0.005`, `12.345`, `3`) in ns.
+fn parse_request_time(v: &str) -> Option<u64> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if int.is_empty()
+        || int.len() > 6
+        || frac.len() > 9
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let mut ns = int.parse::<u64>().ok()? * 1_000_000_000;
+    for (i, d) in frac.bytes().enumerate() {
+        ns += u64::from(d - b'0') * 10u64.pow(8 - i as u32);
+    }
+    (ns <= MAX_REQUEST_TIME_NS).then_some(ns)
+}
+
 /// A time field as (ns since the epoch, resolution in ns).
 fn parse_time_field(f: Field, v: &str) -> Option<(u64, u64)> {
     match f {
@@ -412,7 +466,7 @@ fn parse_time_field(f: Field, v: &str) -> Option<(u64, u64)> {
             let ns = u64::try_from(t.timestamp_nanos_opt()?).ok()?;
             Some((ns, 1_000_000_000))
         }
-        Field::Addr | Field::Port | Field::Other => None,
+        Field::Addr | Field::Port | Field::RequestTime | Field::Other => None,
     }
 }
 
@@ -425,6 +479,7 @@ fn value_ok(f: Field, v: &str) -> Result<(), &'static str> {
         Field::Msec | Field::TimeLocal | Field::TimeIso => {
             parse_time_field(f, v).map(|_| ()).ok_or("a time")
         }
+        Field::RequestTime => parse_request_time(v).map(|_| ()).ok_or("a duration"),
         Field::Other => Ok(()),
     }
 }
@@ -672,6 +727,38 @@ mod tests {
             .unwrap();
         assert_eq!(p.remote_addr, "198.19.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(p.remote_port, 40000);
+    }
+
+    #[test]
+    fn request_time_makes_the_line_an_interval() {
+        let f = fmt("$remote_addr $remote_port $msec $request_time \"$http_x_pod\"");
+        assert!(f.has_request_time());
+        let p = f
+            .parse_line("198.19.0.1 45000 1733727900.500 2.250 \"pod-a\"")
+            .unwrap();
+        assert_eq!(p.time_ns, Some(1_733_727_900_500_000_000));
+        assert_eq!(p.request_time_ns, Some(2_250_000_000));
+        let p = f
+            .parse_line("198.19.0.1 45000 1733727900.500 0.000 \"-\"")
+            .unwrap();
+        assert_eq!(p.request_time_ns, Some(0));
+        let e = f
+            .parse_line("198.19.0.1 45000 1733727900.500 soon \"-\"")
+            .unwrap_err();
+        assert!(e.0.contains("$request_time"), "{e}");
+        assert!(f
+            .parse_line("198.19.0.1 45000 1733727900.500 99999999.0 \"-\"")
+            .is_err());
+        // Without it, no interval.
+        let f = fmt(DEFAULT_LOG_FORMAT);
+        assert!(!f.has_request_time());
+        assert_eq!(
+            fmt("combined $remote_port $request_time")
+                .parse_line(r#"198.19.0.1 - - [09/Dec/2024:15:05:00 +0800] "GET / HTTP/1.1" 200 3 "-" "curl" 45000 0.125"#)
+                .unwrap()
+                .request_time_ns,
+            Some(125_000_000)
+        );
     }
 
     #[test]

@@ -253,11 +253,17 @@ pub fn normalize(r: &mut ConnRecord) {
     r.id = 0;
 }
 
+/// How far two start times of one entry may differ: a NEW's start is its
+/// `CTA_TIMESTAMP_EVENT` (set when the entry is allocated), a DESTROY's or
+/// a dump's is `CTA_TIMESTAMP_START` (set at confirm, after the rest of
+/// the hooks), microseconds later.
+const START_SLACK_NS: u64 = 10_000_000;
+
 /// Could `a` and `b` be records of the same connection, judged by the
 /// kernel start times when both carry one?
 fn same_start(a: &ConnRecord, b: &ConnRecord) -> bool {
     match (a.start_ns, b.start_ns) {
-        (Some(x), Some(y)) => x == y,
+        (Some(x), Some(y)) => x.abs_diff(y) <= START_SLACK_NS,
         _ => true,
     }
 }

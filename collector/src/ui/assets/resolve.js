@@ -65,8 +65,10 @@ function options() {
   const o = {};
   const f = $('#log-format').value.trim();
   const w = $('#window').value.trim();
+  const k = $('#skew').value.trim();
   if (f) o.log_format = f;
   if (w) o.window = w;
+  if (k) o.skew = k;
   return o;
 }
 
@@ -198,11 +200,19 @@ function statusCell(r) {
     case 'resolved':
       badges.push(badge('ok', 'resolved'));
       break;
-    case 'ambiguous':
-      badges.push(badge('warn', `ambiguous: ${r.candidates ?? '?'} candidates`, 'several connections used this address and port around that time; the first is shown'));
+    case 'ambiguous': {
+      const n = r.alive_candidates || r.near_candidates || r.candidates || '?';
+      const why = r.match === 'skew'
+        ? 'no connection was alive at that time; these were within the clock-skew tolerance'
+        : 'several connections (distinct pods or ports) used this address and port around that time; the nearest is shown';
+      badges.push(badge('warn', `ambiguous: ${n} candidates`, why));
       break;
+    }
     case 'not_found':
       badges.push(badge('bad', 'not found'));
+      break;
+    case 'not_observed':
+      badges.push(badge('bad', `not observed on ${r.node ?? '?'}`, 'the node that owns this address recorded no connection from it: its capture does not see this traffic'));
       break;
     case 'unparsed':
       badges.push(badge('bad', 'unparsed'));
@@ -210,7 +220,13 @@ function statusCell(r) {
     default:
       badges.push(badge('warn', String(r.status || 'unknown')));
   }
+  if (r.midstream) badges.push(badge('ok', 'mid-stream', 'this conntrack entry was picked up mid-stream (an earlier entry of the same connection expired while idle, e.g. keepalive)'));
+  if (r.merged > 1) reasons.push(`one connection, ${r.merged} conntrack entries merged`);
   if (r.error) reasons.push(r.error);
+  if (r.note) reasons.push(r.note);
+  if (r.status !== 'resolved' && Array.isArray(r.ranked) && r.ranked.length) {
+    reasons.push(`ranked: ${r.ranked.map((c) => `${addr(c.pod_ip, c.pod_port)} on ${c.node}${c.alive ? '' : ` (${c.distance_ms} ms away)`}`).join('; ')}`);
+  }
   if (r.incomplete) {
     const gaps = r.gaps || [];
     const text = gaps.length
@@ -233,7 +249,7 @@ function row(r) {
   const lifetime = r.record
     ? [fmtClock(rec.start), ' – ', rec.end ? fmtClock(rec.end) : el('b', {}, 'open'), rec.duration_ms !== undefined ? el('span', { class: 'reason' }, fmtDuration(rec.duration_ms)) : null]
     : '';
-  const cls = r.status === 'not_found' || r.status === 'unparsed' ? 'bad' : r.status === 'ambiguous' || r.incomplete ? 'warn' : '';
+  const cls = r.status === 'not_found' || r.status === 'not_observed' || r.status === 'unparsed' ? 'bad' : r.status === 'ambiguous' || r.incomplete ? 'warn' : '';
   if (r.status === 'unparsed' && !r.remote_addr) {
     // Nothing was read from the line: show the line itself.
     return el(
@@ -292,7 +308,7 @@ async function lookupLive(rec, button, out) {
       out,
       badge('ok', `live: ${v.status || 'open'}`),
       el('span', { class: 'mono' }, `${addr(o.src, o.src_port)} → ${addr(o.dst, o.dst_port)}`),
-      el('span', { class: 'reason' }, `${v.node || ''} ${(v.flags || []).join(' ')}`),
+      el('span', { class: 'reason' }, `${v.node || ''} zone ${v.zone ?? 0} ${(v.flags || []).join(' ')}`),
     );
   } catch (e) {
     const gone = e instanceof ApiError && e.status === 404;
@@ -310,7 +326,7 @@ function render(rows) {
 }
 
 function renderSummary() {
-  const c = { resolved: 0, not_found: 0, ambiguous: 0, unparsed: 0, incomplete: 0 };
+  const c = { resolved: 0, not_found: 0, ambiguous: 0, not_observed: 0, unparsed: 0, incomplete: 0 };
   for (const r of results) {
     if (r.status in c) c[r.status] += 1;
     if (r.incomplete) c.incomplete += 1;
@@ -323,6 +339,7 @@ function renderSummary() {
     badge('ok', `${c.resolved} resolved`),
     c.ambiguous ? badge('warn', `${c.ambiguous} ambiguous`) : null,
     c.not_found ? badge('bad', `${c.not_found} not found`) : null,
+    c.not_observed ? badge('bad', `${c.not_observed} not observed`) : null,
     c.unparsed ? badge('bad', `${c.unparsed} unparsed`) : null,
     c.incomplete ? badge('warn', `${c.incomplete} incomplete`) : null,
     el('button', { type: 'button', class: 'secondary small', id: 'resolve-download', onclick: download }, 'Download CSV'),
@@ -335,11 +352,11 @@ function download() {
     const s = v === undefined || v === null ? '' : String(v);
     return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
   };
-  const head = ['line_no', 'remote_addr', 'remote_port', 'time', 'status', 'pod_ip', 'pod_port', 'node', 'dst_ip', 'dst_port', 'start', 'end', 'incomplete', 'error', 'line'];
+  const head = ['line_no', 'remote_addr', 'remote_port', 'time', 'status', 'pod_ip', 'pod_port', 'node', 'dst_ip', 'dst_port', 'start', 'end', 'incomplete', 'midstream', 'note', 'error', 'line'];
   const lines = [head.join(',')];
   for (const r of results) {
     const rec = r.record || {};
-    lines.push([r.line_no, r.remote_addr, r.remote_port, r.time, r.status, r.pod_ip ?? rec.src_ip, r.pod_port ?? rec.src_port, r.node ?? rec.node, r.dst_ip ?? rec.dst_ip, r.dst_port ?? rec.dst_port, rec.start, rec.end, r.incomplete ? 'yes' : '', r.error, r.line].map(esc).join(','));
+    lines.push([r.line_no, r.remote_addr, r.remote_port, r.time, r.status, r.pod_ip ?? rec.src_ip, r.pod_port ?? rec.src_port, r.node ?? rec.node, r.dst_ip ?? rec.dst_ip, r.dst_port ?? rec.dst_port, rec.start, rec.end, r.incomplete ? 'yes' : '', r.midstream ? 'yes' : '', r.note, r.error, r.line].map(esc).join(','));
   }
   const url = URL.createObjectURL(new Blob([`${lines.join('\n')}\n`], { type: 'text/csv' }));
   const a = el('a', { href: url, download: 'resolved.csv' });

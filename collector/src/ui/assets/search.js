@@ -189,7 +189,7 @@ function renderTable() {
         el('td', { class: 'mono src' }, addr(r.src_ip, r.src_port)),
         el('td', { class: 'mono' }, addr(r.dst_ip, r.dst_port)),
         el('td', { class: 'mono' }, addr(r.snat_ip, r.snat_port)),
-        el('td', {}, r.state ?? ''),
+        el('td', { title: r.midstream ? 'picked up mid-stream: the connection started before this entry' : null }, `${r.state ?? ''}${r.midstream ? ' (mid-stream)' : ''}${r.zone ? ` zone ${r.zone}` : ''}`),
         el('td', {}, r.kind ?? ''),
       ),
     );
