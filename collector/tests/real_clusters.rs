@@ -55,7 +55,7 @@ end = time.time() + 120
 while not os.path.exists(sig):
     if time.time() > end:
         sys.exit("no signal to go on")
-    time.sleep(0.05)
+    time.sleep(0.05)  # tidy: the client script polls for the test's go signal, bounded
 one()
 s.close()
 print("done", flush=True)

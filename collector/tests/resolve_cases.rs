@@ -120,7 +120,7 @@ any_addr = "::" if ":" in dst else "0.0.0.0"
 c = http.client.HTTPConnection(dst, 80, source_address=(any_addr, lport), timeout=10)
 for i in range(n):
     if i:
-        time.sleep(gap)  # the idle time is the stimulus
+        time.sleep(gap)  # tidy: the idle time is the stimulus
     c.request("GET", "/", headers={"X-Pod": pod})
     r = c.getresponse()
     r.read()
@@ -305,7 +305,7 @@ fn a_record_read_late_after_the_agent_was_stopped_still_resolves() {
     c.agents[0].signal("STOP");
     let stopped = now_ns();
     let line = c.request(0, 0, None, &["-H", "X-Pod: p0"]);
-    // The agent stays stopped 5 s (the stimulus), then reads the event.
+    // The agent stays stopped 5 s (tidy: the stimulus), then reads the event.
     std::thread::sleep(
         Duration::from_secs(5)
             .saturating_sub(Duration::from_nanos(now_ns().saturating_sub(stopped))),
