@@ -59,7 +59,7 @@ use serde_json::{json, Map, Value};
 use crate::grpc_query::merge_open_gaps;
 use crate::http::{error, hit_json, search_json, AppState};
 use crate::registry::Registry;
-use crate::store::{Gap, Hit, RecordStore, SearchQuery, SearchResult, StoreError};
+use crate::store::{alive_in, Gap, Hit, RecordStore, SearchQuery, SearchResult, StoreError};
 
 pub use ctw_common::nginx::{
     FormatError, LineError, LogFormat, ParsedLine, TimeVar, COMBINED, DEFAULT_LOG_FORMAT,
@@ -257,9 +257,10 @@ impl Interval {
         }
     }
 
-    /// Was `h` alive somewhere in the interval?
+    /// Was `h` alive somewhere in the interval? ([`alive_in`], the rule
+    /// every answer uses.)
     pub fn alive(&self, h: &Hit) -> bool {
-        h.start_ns() <= self.to_ns && h.closed_ns.is_none_or(|c| c >= self.from_ns)
+        alive_in(h, self.from_ns, self.to_ns)
     }
 
     /// How far `h` was from the interval (0 when alive in it).
@@ -269,7 +270,11 @@ impl Interval {
         } else if h.start_ns() > self.to_ns {
             h.start_ns() - self.to_ns
         } else {
-            self.from_ns - h.closed_ns.unwrap_or(h.start_ns())
+            // Ended before the interval; or superseded inside it (its
+            // successor holds the tuple there): near, never 0 (0 is alive).
+            self.from_ns
+                .saturating_sub(h.closed_ns.unwrap_or(h.start_ns()))
+                .max(1)
         }
     }
 }
@@ -764,6 +769,23 @@ mod tests {
         assert!(iv.alive(&hit("a", "10.0.0.1", 1, 5 * S, Some(9 * S))));
         assert_eq!(iv.distance(&hit("a", "10.0.0.1", 1, 5 * S, Some(8 * S))), S);
         assert_eq!(iv.distance(&hit("a", "10.0.0.1", 1, 12 * S, None)), 2 * S);
+    }
+
+    #[test]
+    fn a_connection_superseded_inside_the_interval_is_near_not_alive() {
+        // The search ranking and the resolver use one rule (store::alive_in):
+        // A's tuple went to B at 10.0004 s, inside the line's millisecond.
+        let mut a = hit("a", "10.0.0.1", 1, 5 * S, Some(10 * S + 400_000));
+        a.end = Some(crate::store::End::Superseded);
+        let b = hit("a", "10.0.0.2", 1, 10 * S + 400_000, None);
+        let iv = Interval::of_line(10 * S, 1_000_000, None);
+        assert!(!iv.alive(&a) && iv.alive(&b));
+        assert!(iv.distance(&a) > 0, "0 means alive");
+        assert_eq!(iv.alive(&a), crate::store::alive_at(&a, 10 * S, 1_000_000));
+        let hits = [a, b];
+        let v = judge(&hits, iv, S, true);
+        assert_eq!((v.status, v.alive), ("resolved", 1));
+        assert_eq!(v.ranked[0].best().record.orig.src.to_string(), "10.0.0.2");
     }
 
     #[test]

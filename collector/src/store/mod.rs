@@ -576,25 +576,31 @@ pub fn counts_uncollected(q: &SearchQuery, r: &ConnRecord) -> bool {
     }
 }
 
-/// Is the connection alive somewhere in `[at, at + precision)`?
+/// Is the connection alive somewhere in `[at, at + precision)`? See
+/// [`alive_in`].
+pub fn alive_at(h: &Hit, at: u64, precision: u64) -> bool {
+    alive_in(h, at, at.saturating_add(precision.saturating_sub(1)))
+}
+
+/// Is the connection alive somewhere in `[from, to]` (ns, inclusive)? The
+/// one rule every answer uses (search ranking, the resolver's interval and
+/// its skew tolerance).
 ///
 /// A superseded connection counts as alive only when its successor started
 /// after the whole interval: from the successor's start on, the tuple is
-/// the successor's. The interval is only the caller's rounding (nginx's
-/// `$msec` is 1 ms), and for the line to be the older connection's it
-/// would have to have been served, closed, and its entry removed (the
-/// successor could not take the tuple before) all inside that interval
-/// and before the successor's first packet; its exact end is unknown
-/// (`closed_ns` is an upper bound), so it would otherwise make every line
-/// of the successor's first millisecond ambiguous.
-pub fn alive_at(h: &Hit, at: u64, precision: u64) -> bool {
-    let at_end = at.saturating_add(precision.saturating_sub(1));
-    h.start_ns() <= at_end
+/// the successor's, and the kernel gave it to the successor only once the
+/// older entry had expired, which takes the timeout of its last state
+/// (TIME_WAIT 120 s, CLOSE 10 s, UDP 30 s by default) after its last
+/// packet. Its exact end is unknown (`closed_ns` is only an upper bound),
+/// so it would otherwise make every line of the successor's first
+/// millisecond (or second, or skew) ambiguous.
+pub fn alive_in(h: &Hit, from: u64, to: u64) -> bool {
+    h.start_ns() <= to
         && h.closed_ns.is_none_or(|c| {
             if h.end == Some(End::Superseded) {
-                c > at_end
+                c > to
             } else {
-                c >= at
+                c >= from
             }
         })
 }
