@@ -26,7 +26,7 @@ pub fn format_record<Tz: TimeZone>(buf: &mut Vec<u8>, rec: &ConnRecord, node: &s
         EventKind::Destroy => "connection_closed",
     };
     buf.extend_from_slice(b"{\"ts\":\"");
-    write_ts(buf, rec.event_ns, tz, false);
+    write_ts(buf, rec.event_ns, tz);
     buf.extend_from_slice(b"\",\"level\":\"info\",\"msg\":\"");
     buf.extend_from_slice(msg.as_bytes());
     buf.extend_from_slice(b"\",\"type\":\"conntrack\",\"dst_port\":");
@@ -81,24 +81,24 @@ pub fn format_record<Tz: TimeZone>(buf: &mut Vec<u8>, rec: &ConnRecord, node: &s
             buf.extend_from_slice(b",\"gone\":true");
             if let Some(seen) = rec.stop_ns {
                 buf.extend_from_slice(b",\"last_seen\":\"");
-                write_ts(buf, seen, tz, false);
+                write_ts(buf, seen, tz);
                 buf.push(b'"');
             }
             if let Some(start) = rec.start_ns {
                 buf.extend_from_slice(b",\"start\":\"");
-                write_ts(buf, start, tz, true);
+                write_ts(buf, start, tz);
                 buf.push(b'"');
             }
         }
         EventKind::Destroy => {
             if let Some(start) = rec.start_ns {
                 buf.extend_from_slice(b",\"start\":\"");
-                write_ts(buf, start, tz, true);
+                write_ts(buf, start, tz);
                 buf.push(b'"');
             }
             if let Some(stop) = rec.stop_ns {
                 buf.extend_from_slice(b",\"stop\":\"");
-                write_ts(buf, stop, tz, true);
+                write_ts(buf, stop, tz);
                 buf.push(b'"');
             }
             if let (Some(start), Some(stop)) = (rec.start_ns, rec.stop_ns) {
@@ -136,7 +136,7 @@ pub fn format_log_line<Tz: TimeZone, K: AsRef<str>>(
     tz: &Tz,
 ) {
     buf.extend_from_slice(b"{\"ts\":\"");
-    write_ts(buf, ts_ns, tz, false);
+    write_ts(buf, ts_ns, tz);
     buf.extend_from_slice(b"\",\"level\":");
     write_json_str(buf, level);
     buf.extend_from_slice(b",\"msg\":");
@@ -172,10 +172,10 @@ pub(crate) fn level_name(level: &str) -> Cow<'static, str> {
     Cow::Owned(level.to_string())
 }
 
-/// Writes `ns` (Unix epoch nanoseconds) in `tz` with millisecond precision:
-/// `2024-12-09T15:05:00.123+0800`, or with `rfc3339` set
-/// `2024-12-09T15:05:00.123+08:00`.
-fn write_ts<Tz: TimeZone>(buf: &mut Vec<u8>, ns: u64, tz: &Tz, rfc3339: bool) {
+/// Writes `ns` (Unix epoch nanoseconds) in `tz` with millisecond precision,
+/// in the seed's `ts` format: `2024-12-09T15:05:00.123+0800`. Every time in
+/// a log line (`ts`, `start`, `stop`, `last_seen`) has this one format.
+fn write_ts<Tz: TimeZone>(buf: &mut Vec<u8>, ns: u64, tz: &Tz) {
     let utc = DateTime::from_timestamp_nanos(i64::try_from(ns).unwrap_or(i64::MAX));
     let local = utc.with_timezone(tz);
     let offset_secs = local.offset().fix().local_minus_utc();
@@ -198,9 +198,6 @@ fn write_ts<Tz: TimeZone>(buf: &mut Vec<u8>, ns: u64, tz: &Tz, rfc3339: bool) {
     buf.push(if offset_secs < 0 { b'-' } else { b'+' });
     let off_min = offset_secs.unsigned_abs() / 60;
     write_padded(buf, off_min / 60, 2);
-    if rfc3339 {
-        buf.push(b':');
-    }
     write_padded(buf, off_min % 60, 2);
 }
 
@@ -410,13 +407,17 @@ mod tests {
         );
         assert!(l.ends_with(concat!(
             r#""state":"TIME_WAIT","flags":["ASSURED"],"reply_src_ip":"1.2.3.4","reply_src_port":443,"#,
-            r#""start":"2024-12-09T15:04:57.623+08:00","stop":"2024-12-09T15:05:00.123+08:00","duration_ms":2500,"#,
+            r#""start":"2024-12-09T15:04:57.623+0800","stop":"2024-12-09T15:05:00.123+0800","duration_ms":2500,"#,
             r#""orig_packets":10,"orig_bytes":1000,"reply_packets":8,"reply_bytes":64000}"#,
             "\n"
         )), "{l}");
         let v: Value = serde_json::from_str(&l).expect("json");
-        let start =
-            DateTime::parse_from_rfc3339(v["start"].as_str().expect("start")).expect("rfc3339");
+        // The seed's `ts` format, like `ts` itself.
+        let start = DateTime::parse_from_str(
+            v["start"].as_str().expect("start"),
+            "%Y-%m-%dT%H:%M:%S%.3f%z",
+        )
+        .expect("seed time format");
         assert_eq!(
             start.timestamp_millis(),
             i64::try_from((TS_NS - 2_500_000_000) / 1_000_000).expect("fits")
@@ -432,7 +433,7 @@ mod tests {
         };
         let l = line(&rec, &cst());
         assert!(
-            l.ends_with("\"reply_src_port\":443,\"start\":\"2024-12-09T15:05:00.123+08:00\"}\n"),
+            l.ends_with("\"reply_src_port\":443,\"start\":\"2024-12-09T15:05:00.123+0800\"}\n"),
             "{l}"
         );
         assert!(!l.contains("duration_ms") && !l.contains("packets") && !l.contains("\"stop\""));
@@ -472,7 +473,7 @@ mod tests {
         assert!(
             l.ends_with(concat!(
                 r#""reply_src_port":443,"gone":true,"last_seen":"2024-12-09T15:04:59.123+0800","#,
-                r#""start":"2024-12-09T15:04:57.623+08:00"}"#,
+                r#""start":"2024-12-09T15:04:57.623+0800"}"#,
                 "\n"
             )),
             "{l}"
