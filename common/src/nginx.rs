@@ -171,6 +171,43 @@ impl LogFormat {
         self.request_time
     }
 
+    /// The reason a line failed at `piece`, in the user's terms: when the
+    /// line matched part of the format and then ended or went another way
+    /// before variables the resolver needs, say which are missing and that
+    /// nginx's `log_format` must write them, then the matcher's detail.
+    fn explain(&self, piece: usize, detail: String) -> String {
+        if piece == 0 || piece == usize::MAX {
+            return detail;
+        }
+        let missing: Vec<&str> = self
+            .pieces
+            .iter()
+            .skip(piece + 1)
+            .filter_map(|p| match p {
+                Piece::Var { name, field, .. } if *field != Field::Other => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        if missing.is_empty() {
+            return detail;
+        }
+        let vars = missing
+            .iter()
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let hint = if missing.contains(&"remote_port") {
+            " (the resolver needs $remote_port: add it to nginx's log_format, e.g. at the end of \
+             `combined`, which is the default format here)"
+        } else {
+            ""
+        };
+        format!(
+            "the line has no {vars} where the log format expects it: was it written with another \
+             log_format? Give the format the lines were written with{hint}. Detail: {detail}"
+        )
+    }
+
     /// Split one line (a trailing `\r`/`\n` is ignored). Never panics.
     pub fn parse_line(&self, line: &str) -> Result<ParsedLine, LineError> {
         let line = line.trim_end_matches(['\r', '\n']);
@@ -191,7 +228,7 @@ impl LogFormat {
         };
         if !m.run(0, 0) {
             let msg = match m.fail {
-                Some((_, _, msg)) => msg,
+                Some((piece, _, msg)) => self.explain(piece, msg),
                 None => "line does not match the log format".into(),
             };
             return Err(LineError(msg));
@@ -462,9 +499,12 @@ fn parse_time_field(f: Field, v: &str) -> Option<(u64, u64)> {
             Some((api::parse_time(v).ok()?, api::time_precision_ns(v)))
         }
         Field::TimeLocal => {
-            let t = chrono::DateTime::parse_from_str(v, "%d/%b/%Y:%H:%M:%S %z").ok()?;
-            let ns = u64::try_from(t.timestamp_nanos_opt()?).ok()?;
-            Some((ns, 1_000_000_000))
+            // `09/Dec/2024:15:05:00 +0800`: the one time parser (api), for
+            // this shape only.
+            if !v.contains('/') || v.contains('[') {
+                return None;
+            }
+            Some((api::parse_time(v).ok()?, 1_000_000_000))
         }
         Field::Addr | Field::Port | Field::RequestTime | Field::Other => None,
     }
@@ -822,7 +862,14 @@ mod tests {
         let line =
             r#"198.19.0.1 - - [09/Dec/2024:15:05:00 +0800] "GET / HTTP/1.1" 200 3 "-" "curl""#;
         let e = f.parse_line(line).unwrap_err();
-        assert!(e.0.contains("after $http_user_agent"), "{e}");
+        // A combined line without the port: said in the user's terms, with
+        // the matcher's detail after.
+        assert!(
+            e.0.starts_with("the line has no $remote_port where the log format expects it")
+                && e.0.contains("add it to nginx's log_format")
+                && e.0.contains("after $http_user_agent"),
+            "{e}"
+        );
         let e = f.parse_line(&"x".repeat(MAX_LINE_BYTES + 1)).unwrap_err();
         assert!(e.0.contains("longer than"), "{e}");
         let f = fmt("$remote_addr $remote_port $msec");
