@@ -45,26 +45,46 @@ fn logged(c: &Cluster) -> usize {
 }
 
 /// An external client host and a NodePort on node 0: `node:30080` DNATs to
-/// nginx on srv:80, masqueraded out of the node. Returns (client namespace,
-/// client address, node address).
-fn nodeport(c: &mut Cluster) -> (String, IpAddr, IpAddr) {
-    let (client_ns, client) = c.topo.add_host("x");
+/// nginx on srv:80, masqueraded out of the node, over IPv4 or IPv6.
+/// Returns (client namespace, client address, node address).
+fn nodeport(c: &mut Cluster, v6: bool) -> (String, IpAddr, IpAddr) {
+    let (client_ns, client4) = c.topo.add_host("x");
     let node_ns = c.topo.node_ns_of(0).to_string();
-    let node_ip = c.topo.node_ip4_of(0);
+    let (client, node_ip, srv, family, to) = if v6 {
+        let client = c.topo.host_ip6(&client_ns).unwrap();
+        let srv = c.topo.srv_ip6();
+        (
+            IpAddr::from(client),
+            IpAddr::from(c.topo.node_ip6()),
+            format!("[{srv}]"),
+            "ip6",
+            "ip6 daddr",
+        )
+    } else {
+        (
+            IpAddr::from(client4),
+            IpAddr::from(c.topo.node_ip4_of(0)),
+            c.topo.srv_ip4().to_string(),
+            "ip",
+            "ip daddr",
+        )
+    };
     let ruleset = format!(
-        "table ip np {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    \
-         ip daddr {node_ip} tcp dport 30080 dnat to {}:80\n  }}\n}}\n",
-        c.topo.srv_ip4()
+        "table {family} np {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    \
+         {to} {node_ip} tcp dport 30080 dnat to {srv}:80\n  }}\n}}\n"
     );
     let f = c.topo.tmp_dir().join("nodeport.nft");
     std::fs::write(&f, ruleset).unwrap();
     must_in(&node_ns, &["nft", "-f", &f.display().to_string()]);
-    (client_ns, client.into(), node_ip.into())
+    (client_ns, client, node_ip)
 }
 
 fn curl_nodeport(c: &Cluster, client_ns: &str, node_ip: IpAddr, local_port: u16) -> String {
     let before = logged(c);
-    let url = format!("http://{node_ip}:30080/");
+    let url = match node_ip {
+        IpAddr::V6(a) => format!("http://[{a}]:30080/"),
+        IpAddr::V4(a) => format!("http://{a}:30080/"),
+    };
     let lp = local_port.to_string();
     let out = run_in(
         client_ns,
@@ -94,6 +114,16 @@ fn curl_nodeport(c: &Cluster, client_ns: &str, node_ip: IpAddr, local_port: u16)
 /// resolves to the external client.
 #[test]
 fn nodeport_line_resolves_to_the_external_client_with_reply_match() {
+    nodeport_resolves_to_the_external_client(false);
+}
+
+/// Case 8 over IPv6.
+#[test]
+fn nodeport_line_resolves_to_the_external_client_with_reply_match_ipv6() {
+    nodeport_resolves_to_the_external_client(true);
+}
+
+fn nodeport_resolves_to_the_external_client(v6: bool) {
     if !require_root() {
         return;
     }
@@ -101,9 +131,9 @@ fn nodeport_line_resolves_to_the_external_client_with_reply_match() {
         1,
         None,
         "",
-        "match: [original, reply]\npod_cidrs: [198.18.0.0/16]\n",
+        "match: [original, reply]\npod_cidrs: [198.18.0.0/16, \"fd00:198:18::/48\"]\n",
     );
-    let (client_ns, client, node_ip) = nodeport(&mut c);
+    let (client_ns, client, node_ip) = nodeport(&mut c, v6);
     let line = curl_nodeport(&c, &client_ns, node_ip, 45200);
     // nginx saw the node (masquerade), not the client.
     let remote: IpAddr = line.split(' ').next().unwrap().parse().unwrap();
@@ -167,7 +197,7 @@ fn nodeport_is_not_captured_with_the_default_match() {
         return;
     }
     let mut c = Cluster::start(1, None, "", "");
-    let (client_ns, _client, node_ip) = nodeport(&mut c);
+    let (client_ns, _client, node_ip) = nodeport(&mut c, false);
     let line = curl_nodeport(&c, &client_ns, node_ip, 45210);
     // A watched pod request afterwards: events arrive in order, so once its
     // record is written the NodePort one would have been too.

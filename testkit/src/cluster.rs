@@ -12,7 +12,7 @@
 //! 198.19.(k + 128 + h).0/24 (host .1, srv .2). IPv4 only.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::{ip, masquerade, must_in, Topology, NETNS_LOCK};
 
@@ -96,15 +96,34 @@ impl Topology {
         );
         ip(&ns, &format!("addr add 198.19.{k}.1/24 dev eth0"));
         ip(&srv, &format!("addr add 198.19.{k}.2/24 dev h{h}"));
+        // IPv6 too ([`Self::host_ip6`]), without duplicate address detection.
+        let (v6, srv_v6) = (Self::host_net6(k, 1), Self::host_net6(k, 2));
+        ip(&ns, &format!("-6 addr add {v6}/64 dev eth0 nodad"));
+        ip(&srv, &format!("-6 addr add {srv_v6}/64 dev h{h} nodad"));
         ip(&ns, "link set eth0 up");
         ip(&srv, &format!("link set h{h} up"));
         // The host reaches the node links through srv; srv forwards.
         ip(&ns, &format!("route add default via 198.19.{k}.2"));
+        ip(&ns, &format!("-6 route add default via {srv_v6}"));
         must_in(&srv, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        must_in(&srv, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         let addr = Ipv4Addr::new(198, 19, k, 1);
         self.hosts.push((ns.clone(), addr));
         self.route_hosts_from_nodes();
         (ns, addr)
+    }
+
+    /// `fd00:198:19:k::n`: IPv6 address `n` on the link of the host whose
+    /// link number is `k`.
+    fn host_net6(k: u8, n: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x198, 0x19, u16::from(k), 0, 0, 0, n)
+    }
+
+    /// The IPv6 address of the host `add_host` made in namespace `ns`.
+    /// Only node 0 has IPv6 (and a route to it); extra nodes are IPv4 only.
+    pub fn host_ip6(&self, ns: &str) -> Option<Ipv6Addr> {
+        let o = self.hosts.iter().find(|(n, _)| n == ns)?.1.octets();
+        Some(Self::host_net6(o[2], 1))
     }
 
     /// Every node gets a route to every host through srv.
@@ -117,6 +136,13 @@ impl Topology {
                 let ns = self.node_ns_of(i).to_string();
                 // `replace` makes this idempotent across calls.
                 ip(&ns, &format!("route replace {net} via {via}"));
+                if i == 0 {
+                    let net6 = Self::host_net6(o[2], 0);
+                    ip(
+                        &ns,
+                        &format!("-6 route replace {net6}/64 via {}", self.srv_ip6()),
+                    );
+                }
             }
         }
     }
