@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ctw_testkit::agent::Agent;
-use ctw_testkit::{must_in, require_root, run_in, wait_for, Topology};
+use ctw_testkit::{must_in, require_root, wait_for, Topology};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -44,27 +44,7 @@ fn assert_seed_ts(v: &Value) {
 /// node's SNAT port and masquerade must remap one of them.
 fn curl_from(topo: &Topology, pod: usize, dst: IpAddr, port: u16, local_port: u16) {
     let url = support::http_url(dst, port, "/");
-    let lp = local_port.to_string();
-    let out = run_in(
-        topo.pod_ns(pod),
-        &[
-            "curl",
-            "-sS",
-            "-g",
-            "--max-time",
-            "5",
-            "--local-port",
-            &lp,
-            "-o",
-            "/dev/null",
-            &url,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "curl {url} from pod {pod}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::curl_ok(topo.pod_ns(pod), &url, Some(local_port), &[]);
 }
 
 #[test]

@@ -89,28 +89,7 @@ with open(out, 'a') as f: f.write("closed %f\n" % t)
 
 /// curl from pod `pod` with a fixed local port.
 fn curl_from(topo: &Topology, pod: usize, dst: IpAddr, lport: u16) {
-    let url = http_url(dst, 80, "/b");
-    let lp = lport.to_string();
-    let out = run_in(
-        topo.pod_ns(pod),
-        &[
-            "curl",
-            "-sS",
-            "-g",
-            "--max-time",
-            "5",
-            "--local-port",
-            &lp,
-            "-o",
-            "/dev/null",
-            &url,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "curl {url} from pod {pod}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ctw_testkit::curl_ok(topo.pod_ns(pod), &http_url(dst, 80, "/b"), Some(lport), &[]);
 }
 
 /// Issue 11 case 1. `recheck_ms`: the agent's re-check interval; short, the

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ctw_testkit::cluster::Cluster;
-use ctw_testkit::{must_in, require_root, run_in, wait_for};
+use ctw_testkit::{must_in, require_root, wait_for};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -85,26 +85,7 @@ fn curl_nodeport(c: &Cluster, client_ns: &str, node_ip: IpAddr, local_port: u16)
         IpAddr::V6(a) => format!("http://[{a}]:30080/"),
         IpAddr::V4(a) => format!("http://{a}:30080/"),
     };
-    let lp = local_port.to_string();
-    let out = run_in(
-        client_ns,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "--local-port",
-            &lp,
-            "-o",
-            "/dev/null",
-            &url,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ctw_testkit::curl_ok(client_ns, &url, Some(local_port), &[]);
     next_line(c, before)
 }
 

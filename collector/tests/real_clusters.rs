@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use ctw_testkit::agent::Agent;
 use ctw_testkit::collector::Collector;
-use ctw_testkit::{must_in, require_root, run_in, wait_for, Topology};
+use ctw_testkit::{must_in, require_root, wait_for, Topology};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -197,26 +197,7 @@ fn agent_restart_then_port_reuse(v6: bool, no_destroy: bool) {
     } else {
         format!("http://{srv}/")
     };
-    let out = run_in(
-        topo.pod_ns(1),
-        &[
-            "curl",
-            "-sS",
-            "-g",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "--local-port",
-            "42000",
-            &url,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ctw_testkit::curl_ok(topo.pod_ns(1), &url, Some(42000), &[]);
     let b = access_line(&nginx.access_log, 2);
     // The premise: B got A's node port (nginx saw the same address and port).
     assert_eq!(remote(&b), (node_ip, node_port), "A: {a1} B: {b}");

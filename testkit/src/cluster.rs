@@ -279,19 +279,7 @@ impl Cluster {
         let read = || fs::read_to_string(&self.nginx.access_log).unwrap_or_default();
         let before = read().lines().count();
         let url = format!("http://{}/", self.topo.srv_ip_for_node(node));
-        let lp = local_port.map(|p| p.to_string());
-        let mut argv = vec!["curl", "-sS", "--max-time", "5", "-o", "/dev/null"];
-        if let Some(p) = &lp {
-            argv.extend(["--local-port", p.as_str()]);
-        }
-        argv.extend_from_slice(extra_args);
-        argv.push(&url);
-        let out = crate::run_in(self.topo.pod_ns_of(node, pod), &argv);
-        assert!(
-            out.status.success(),
-            "curl from node {node} pod {pod}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::curl_ok(self.topo.pod_ns_of(node, pod), &url, local_port, extra_args);
         crate::wait_for(
             std::time::Duration::from_secs(30),
             "nginx to log the request",

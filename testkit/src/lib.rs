@@ -200,6 +200,35 @@ pub fn run_in_timeout(ns: &str, cmd: &[&str], timeout: Duration) -> Output {
     run_timeout(&ns_argv(ns, cmd), timeout)
 }
 
+/// One HTTP request with curl from namespace `ns`:
+/// `curl -sS -g --max-time 5 -o /dev/null [--local-port P] EXTRA... URL`;
+/// panics with curl's error unless it succeeded. A fixed local port makes
+/// the SNAT port (and its reuse) part of the test.
+pub fn curl_ok(ns: &str, url: &str, local_port: Option<u16>, extra_args: &[&str]) {
+    let max_time = CLIENT_TIMEOUT_SECS.to_string();
+    let lp = local_port.map(|p| p.to_string());
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "-g",
+        "--max-time",
+        &max_time,
+        "-o",
+        "/dev/null",
+    ];
+    if let Some(p) = &lp {
+        argv.extend(["--local-port", p.as_str()]);
+    }
+    argv.extend_from_slice(extra_args);
+    argv.push(url);
+    let out = run_in(ns, &argv);
+    assert!(
+        out.status.success(),
+        "curl {url} from {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `cmd` inside `ns` and panics (with its stderr) unless it succeeds;
 /// returns its stdout.
 pub fn must_in(ns: &str, cmd: &[&str]) -> String {
