@@ -88,6 +88,19 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// A test collector on a free loopback port with this fixture's server
+    /// certificate, trusting its CA.
+    async fn collector(&self, behaviour: Behaviour) -> Collector {
+        self.collector_at("127.0.0.1:0".parse().unwrap(), behaviour)
+            .await
+    }
+
+    /// The same at `addr` (a restarted collector on the address the agent
+    /// knows).
+    async fn collector_at(&self, addr: SocketAddr, behaviour: Behaviour) -> Collector {
+        Collector::start(addr, &self.server, &self.ca.pem, behaviour).await
+    }
+
     fn new(name: &str) -> Fixture {
         let dir = std::env::temp_dir().join(format!("ctw-uplink-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -461,13 +474,7 @@ fn assert_complete(seen: &Seen, boot: &str, records: std::ops::Range<u64>) {
 #[tokio::test]
 async fn records_arrive_in_order_with_seq_1_to_n_and_are_acked() {
     let fx = Fixture::new("inorder");
-    let mut col = Collector::start(
-        "127.0.0.1:0".parse().unwrap(),
-        &fx.server,
-        &fx.ca.pem,
-        ACKING,
-    )
-    .await;
+    let mut col = fx.collector(ACKING).await;
     let m = Metrics::new(&[]);
     let mut cfg = fx.config(col.addr);
     cfg.server_name = Some("collector.test".into());
@@ -531,7 +538,7 @@ async fn collector_down_at_start_then_everything_delivered_once() {
     assert_eq!(m.uplink.connected.get(), 0);
     poll("a reconnect attempt", || m.uplink.reconnects.get() >= 1).await;
 
-    let mut col = Collector::start(addr, &fx.server, &fx.ca.pem, ACKING).await;
+    let mut col = fx.collector_at(addr, ACKING).await;
     let seen = col.wait("500 records", |s| s.records().len() == 500).await;
     assert_eq!(
         seen.batches.len(),
@@ -559,13 +566,7 @@ async fn unacked_batches_are_resent_after_the_stream_drops() {
         ack: true,
         drop_first_stream_after: Some(3),
     };
-    let mut col = Collector::start(
-        "127.0.0.1:0".parse().unwrap(),
-        &fx.server,
-        &fx.ca.pem,
-        behaviour,
-    )
-    .await;
+    let mut col = fx.collector(behaviour).await;
     let m = Metrics::new(&[]);
     let (up, sink) = start(fx.config(col.addr), &m, no_lookup());
     send(&sink, 0..1000, 50);
@@ -615,7 +616,7 @@ async fn full_spool_drops_oldest_first_and_reports_the_exact_loss() {
     assert!(lost > 0, "the spool must overflow");
     assert!(m.uplink.spool_bytes.get() <= 1 << 20);
 
-    let mut col = Collector::start(addr, &fx.server, &fx.ca.pem, ACKING).await;
+    let mut col = fx.collector_at(addr, ACKING).await;
     let seen = col
         .wait("the rest and the loss report", |s| {
             let reported: u64 = s
@@ -682,7 +683,7 @@ async fn spooled_batches_and_losses_survive_an_agent_restart() {
     })
     .await;
 
-    let mut col = Collector::start(addr, &fx.server, &fx.ca.pem, ACKING).await;
+    let mut col = fx.collector_at(addr, ACKING).await;
     let seen = col.wait("400 records", |s| s.records().len() == 400).await;
     assert_complete(&seen, &boot1, 0..300);
     assert_complete(&seen, &boot2, 300..400);
@@ -716,13 +717,7 @@ async fn spooled_batches_and_losses_survive_an_agent_restart() {
 #[tokio::test]
 async fn queue_overflow_and_kernel_loss_are_reported() {
     let fx = Fixture::new("queue");
-    let mut col = Collector::start(
-        "127.0.0.1:0".parse().unwrap(),
-        &fx.server,
-        &fx.ca.pem,
-        ACKING,
-    )
-    .await;
+    let mut col = fx.collector(ACKING).await;
     let m = Metrics::new(&[]);
     let mut cfg = fx.config(col.addr);
     cfg.queue_max_records = 10;
@@ -772,13 +767,7 @@ async fn queue_overflow_and_kernel_loss_are_reported() {
 #[tokio::test]
 async fn lookup_requests_are_answered() {
     let fx = Fixture::new("lookup");
-    let mut col = Collector::start(
-        "127.0.0.1:0".parse().unwrap(),
-        &fx.server,
-        &fx.ca.pem,
-        ACKING,
-    )
-    .await;
+    let mut col = fx.collector(ACKING).await;
     let m = Metrics::new(&[]);
     let entry = record(77);
     let want = entry;
