@@ -9,22 +9,10 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ctw_testkit::agent::Agent;
-use ctw_testkit::{must_in, require_root, wait_for, Topology};
+use ctw_testkit::{field_ip as ip, field_port as port, must_in, require_root, wait_for, Topology};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn ip(v: &Value, k: &str) -> IpAddr {
-    v[k].as_str()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("{k} in {v}: {e}"))
-}
-
-fn port(v: &Value, k: &str) -> u16 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}")) as u16
-}
 
 /// `ts` as the seed writes it: local time, milliseconds, numeric offset.
 fn assert_seed_ts(v: &Value) {

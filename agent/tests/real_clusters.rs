@@ -20,22 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ctw_testkit::agent::Agent;
-use ctw_testkit::{http_url, must_in, require_root, run_in, wait_for, Topology};
+use ctw_testkit::{
+    field_ip as ip, field_port as port, http_url, must_in, require_root, run_in, wait_for, Topology,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn ip(v: &Value, k: &str) -> IpAddr {
-    v[k].as_str()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("{k} in {v}: {e}"))
-}
-
-fn port(v: &Value, k: &str) -> u16 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}")) as u16
-}
 
 /// A seed-format time (`2024-12-09T15:05:00.123+0800`) as Unix seconds.
 fn seed_secs(v: &Value, k: &str) -> f64 {

@@ -200,6 +200,22 @@ pub fn run_in_timeout(ns: &str, cmd: &[&str], timeout: Duration) -> Output {
     run_timeout(&ns_argv(ns, cmd), timeout)
 }
 
+/// The address in field `k` of a JSON record (an agent log line, an API
+/// hit); panics naming the field and the record when it is not one.
+pub fn field_ip(v: &serde_json::Value, k: &str) -> IpAddr {
+    v[k].as_str()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{k} in {v}: {e}"))
+}
+
+/// The port in field `k` of a JSON record; panics when it is not one.
+pub fn field_port(v: &serde_json::Value, k: &str) -> u16 {
+    v[k].as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("{k} missing or not a port in {v}"))
+}
+
 /// One HTTP request with curl from namespace `ns`:
 /// `curl -sS -g --max-time 5 -o /dev/null [--local-port P] EXTRA... URL`;
 /// panics with curl's error unless it succeeded. A fixed local port makes
