@@ -49,7 +49,8 @@ fn main() -> anyhow::Result<()> {
         .context("join NFNLGRP_CONNTRACK_NEW")?;
     sock.add_membership(NFNLGRP_CONNTRACK_DESTROY)
         .context("join NFNLGRP_CONNTRACK_DESTROY")?;
-    set_recv_timeout(sock.as_raw_fd(), Duration::from_millis(200))?;
+    ctw_agent::netlink::socket::set_recv_timeout(sock.as_raw_fd(), Duration::from_millis(200))
+        .context("setsockopt SO_RCVTIMEO")?;
 
     println!("ready");
     std::io::stdout().flush()?;
@@ -108,26 +109,4 @@ fn has_nat_clash(dgram: &[u8]) -> bool {
     decode::messages(dgram).any(
         |m| matches!(m.and_then(|m| decode::decode(&m, 0)), Ok(Decoded::Conn(r)) if r.nat_clash()),
     )
-}
-
-fn set_recv_timeout(fd: std::os::fd::RawFd, d: Duration) -> anyhow::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: fd is an open socket owned by the caller; tv is a valid timeval
-    // and its exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("setsockopt SO_RCVTIMEO");
-    }
-    Ok(())
 }

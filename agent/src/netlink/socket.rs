@@ -39,7 +39,9 @@ fn setsockopt_int(
     }
 }
 
-fn set_recv_timeout(fd: RawFd, d: Duration) -> io::Result<()> {
+/// `SO_RCVTIMEO` on socket `fd`: a blocking receive returns `EAGAIN` after
+/// `d` (microsecond resolution; zero waits forever, see socket(7)).
+pub fn set_recv_timeout(fd: RawFd, d: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: d.as_secs() as libc::time_t,
         tv_usec: d.subsec_micros() as libc::suseconds_t,
