@@ -79,6 +79,27 @@ fn screenshots_dir() -> PathBuf {
         .join("ui-screenshots")
 }
 
+/// argv: dst, local port, FIFO. One HTTP/1.1 connection, two requests on
+/// it; the second waits (select, 30 s at most) until the test writes to the
+/// FIFO, after it deleted the connection's conntrack entry: the kernel then
+/// picks the connection up mid-stream (`nf_conntrack_tcp_loose`).
+const KEEPALIVE: &str = r#"
+import http.client, os, select, sys
+dst, lport, fifo = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = http.client.HTTPConnection(dst, 80, source_address=("0.0.0.0", lport), timeout=10)
+for i in range(2):
+    if i:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        ready, _, _ = select.select([fd], [], [], 30)
+        assert ready, "the test did not say go"
+    c.request("GET", "/")
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+    assert c.sock.getsockname()[1] == lport
+print("ok", flush=True)
+"#;
+
 /// One request: its access line as nginx wrote it, and what it says.
 struct Sent {
     raw: String,
@@ -212,6 +233,79 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         v["records"][0]["end"].as_str().map(|_| ())
     });
 
+    // A keepalive connection from node-1's pod 0 whose entry is deleted
+    // between its two requests: the second line's entry is picked up
+    // mid-stream (state ESTABLISHED at its first packet seen).
+    let fifo = topo.tmp_dir().join("ui-keepalive-go");
+    let mk = run_in(
+        topo.node_ns_of(1),
+        &["mkfifo", fifo.to_str().expect("utf-8 path")],
+    );
+    assert!(
+        mk.status.success(),
+        "mkfifo: {}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let log_lines = || {
+        std::fs::read_to_string(&c.nginx.access_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = log_lines().len();
+    let client = {
+        let ns = topo.pod_ns_of(1, 0).to_string();
+        let dst = topo.srv_ip_for_node(1).to_string();
+        let fifo = fifo.to_str().expect("utf-8 path").to_string();
+        std::thread::spawn(move || run_in(&ns, &["python3", "-c", KEEPALIVE, &dst, "43100", &fifo]))
+    };
+    let ka_first = wait_for(WAIT, "the keepalive's first request", || {
+        log_lines().get(before).cloned()
+    });
+    let ka_first = read_line(&ka_first, topo.pod_ip4_of(1, 0), 1);
+    wait_for(WAIT, "the keepalive's first entry at the collector", || {
+        let (_, v) = collector.api(&query(&ka_first));
+        (v["total"].as_u64().unwrap_or(0) >= 1).then_some(())
+    });
+    let del = run_in(
+        topo.node_ns_of(1),
+        &[
+            "conntrack",
+            "-D",
+            "-p",
+            "tcp",
+            "--reply-dst",
+            &ka_first.remote_addr.to_string(),
+            "--reply-port-dst",
+            &ka_first.remote_port.to_string(),
+        ],
+    );
+    assert!(
+        del.status.success(),
+        "conntrack -D: {}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    std::fs::write(&fifo, "go").expect("write the FIFO");
+    let out = client.join().expect("keepalive client thread");
+    assert!(
+        out.status.success(),
+        "keepalive client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ka_second = wait_for(WAIT, "the keepalive's second request", || {
+        log_lines().get(before + 1).cloned()
+    });
+    let ka_second = read_line(&ka_second, topo.pod_ip4_of(1, 0), 1);
+    assert_eq!(
+        ka_second.remote_port, ka_first.remote_port,
+        "one connection"
+    );
+    wait_for(WAIT, "the mid-stream entry at the collector", || {
+        let (_, v) = collector.api(&query(&ka_second));
+        (v["total"].as_u64().unwrap_or(0) >= 2).then_some(())
+    });
+
     // Lines nobody could have made: node-0's address an hour before the
     // cluster existed (node-0's agent saw nothing then: not observed), and a
     // pod address, which no agent lists as its own (not found).
@@ -230,7 +324,12 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     // One line that is no nginx line at all.
     let garbage = "this is not an access log line";
     let mut text_lines: Vec<&str> = sent.iter().map(|s| s.raw.as_str()).collect();
-    text_lines.extend([not_observed.as_str(), not_found.as_str(), garbage]);
+    text_lines.extend([
+        ka_second.raw.as_str(),
+        not_observed.as_str(),
+        not_found.as_str(),
+        garbage,
+    ]);
     let lines_file = topo.tmp_dir().join("ui-lines.txt");
     std::fs::write(&lines_file, format!("{}\n", text_lines.join("\n"))).expect("lines file");
 
@@ -316,7 +415,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     assert_eq!(v["zone_after_reload"], "local");
     let rows = v["resolve"].as_array().expect("resolve rows");
     let local = v["resolve_local"].as_array().expect("resolve rows, local");
-    assert_eq!(rows.len(), sent.len() + 3, "{v:#}");
+    assert_eq!(rows.len(), sent.len() + 4, "{v:#}");
     for (i, s) in sent.iter().enumerate() {
         let (r, l) = (&rows[i], &local[i]);
         let raw = &s.raw;
@@ -358,8 +457,18 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         "{legend}"
     );
     assert!(legend.contains("TIME_WAIT"), "{legend}");
-    // Not observed: names node-0 and says what was searched.
+    // The keepalive's second request: its entry was picked up mid-stream.
     let r = &rows[sent.len()];
+    assert_eq!(r["status"], "resolved", "{r}");
+    assert_eq!(r["pod_ip"], ka_second.pod.to_string(), "{r}");
+    assert_eq!(r["time"], shown(ka_second.time, None), "{r}");
+    assert_eq!(
+        r["state"], "state at first packet seen: ESTABLISHED (mid-stream)",
+        "{r}"
+    );
+    assert!(text(&r["status_text"]).contains("mid-stream"), "{r}");
+    // Not observed: names node-0 and says what was searched.
+    let r = &rows[sent.len() + 1];
     assert_eq!(r["status"], "not_observed", "{r}");
     let st = text(&r["status_text"]);
     assert!(
@@ -378,7 +487,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         "the line's time in {r}"
     );
     // Not found: address, port, protocol, window and gaps.
-    let r = &rows[sent.len() + 1];
+    let r = &rows[sent.len() + 2];
     assert_eq!(r["status"], "not_found", "{r}");
     let st = text(&r["status_text"]);
     assert!(st.contains(&format!("no agent lists {stray}")), "{r}");
@@ -392,7 +501,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         st.contains("in records from ") && st.contains("gaps: none"),
         "{r}"
     );
-    let last = &rows[sent.len() + 2];
+    let last = &rows[sent.len() + 3];
     assert_eq!(last["status"], "unparsed", "{last}");
     assert_eq!(last["pod_ip"], "", "{last}");
     // The file upload shows the same pods.
@@ -406,7 +515,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     assert_eq!(uploaded, pasted, "{v:#}");
     let summary = text(&v["resolve_summary"]);
     assert!(
-        summary.contains(&format!("{} resolved", sent.len()))
+        summary.contains(&format!("{} resolved", sent.len() + 1))
             && summary.contains("1 unparsed")
             && summary.contains("1 not found")
             && summary.contains("1 not observed"),
@@ -449,7 +558,9 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         .filter(|l| !l.is_null())
         .expect("a live lookup");
     let line = live["line"].as_u64().unwrap_or(0) as usize;
-    let s = &sent[line - 1];
+    // The last row with a live button: the keepalive's line, after the
+    // requests' lines.
+    let s = sent.get(line - 1).unwrap_or(&ka_second);
     let held = run_in(
         topo.node_ns_of(s.node),
         &[
@@ -505,9 +616,10 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         "{empty}"
     );
 
-    // Search: every request, both nodes, one histogram bar per match counted.
+    // Search: every request (and the keepalive's two entries), both nodes,
+    // one histogram bar per match counted.
     let nodes = v["search"]["nodes"].as_array().expect("search nodes");
-    assert_eq!(nodes.len(), sent.len(), "{v:#}");
+    assert_eq!(nodes.len(), sent.len() + 2, "{v:#}");
     for n in ["node-0", "node-1"] {
         assert!(nodes.iter().any(|x| x == n), "{n} missing in search: {v:#}");
     }
@@ -516,7 +628,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         sorted.windows(2).all(|w| w[0] <= w[1]),
         "not sorted by node: {sorted:?}"
     );
-    assert_eq!(v["search"]["histogram_total"], sent.len(), "{v:#}");
+    assert_eq!(v["search"]["histogram_total"], sent.len() + 2, "{v:#}");
     let pods = v["search"]["pods"].as_array().expect("search pods");
     for s in &sent {
         let p = IpAddr::V4(s.pod).to_string();
@@ -532,15 +644,23 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
             .iter()
             .filter(|r| text(r).contains("ended (destroy"))
             .count(),
-        1,
-        "{v:#}"
+        2,
+        "the two deleted entries: {v:#}"
     );
     assert_eq!(
         search_rows
             .iter()
             .filter(|r| text(r).contains("no end yet"))
             .count(),
-        sent.len() - 1,
+        sent.len(),
+        "{v:#}"
+    );
+    assert_eq!(
+        search_rows
+            .iter()
+            .filter(|r| text(r).contains("state at first packet seen: ESTABLISHED (mid-stream)"))
+            .count(),
+        1,
         "{v:#}"
     );
 

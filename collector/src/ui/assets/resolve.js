@@ -361,7 +361,7 @@ async function lookupLive(rec, button, out) {
         : badge('ok', `live: ${v.status || 'open'}`),
       closing ? el('span', { class: 'reason' }, 'closed: conntrack drops the entry within ~120 s of the close') : null,
       el('span', { class: 'mono' }, `${addr(o.src, o.src_port)} → ${addr(o.dst, o.dst_port)}`),
-      el('span', { class: 'reason' }, `${v.node || ''} zone ${v.zone ?? 0} ${(v.flags || []).join(' ')}`),
+      el('span', { class: 'reason' }, `${v.node || ''} zone ${v.zone ?? 0} ${(v.flags || []).join(' ')}${v.midstream ? ' · picked up mid-stream' : ''}`),
     );
   } catch (e) {
     const gone = e instanceof ApiError && e.status === 404;
