@@ -10,7 +10,8 @@
 // The browser runs in --timezone (default Asia/Shanghai, UTC+8) so times
 // shown without their zone would be caught. --checks names a JSON file:
 //   { "single": [{ "addr": "ip:port", "time": "as typed", "zone": "utc|local" }],
-//     "search_at": { "snat_ip": ..., "snat_port": ..., "at": "as typed" } }
+//     "search_at": { "snat_ip": ..., "snat_port": ..., "at": "as typed",
+//                    "at_zoneless": "in the browser's zone", "empty_port": N } }
 //
 // Exit code 0 with the JSON on stdout; any failure exits 1 with the reason
 // on stderr (and a screenshot `failure.png` when a page was open).
@@ -198,6 +199,19 @@ try {
       legend: (await page.innerText('#search-legend')).replace(/\s+/g, ' ').trim(),
     };
     await shot(page, 'search-at');
+    if (a.at_zoneless) {
+      // The same time without a zone, typed in the browser's zone.
+      await setZone('local');
+      await page.fill('#search-form input[name=at]', a.at_zoneless);
+      await page.click('#search-button');
+      await page.waitForFunction(() => document.querySelector('#search-summary .zone-note'));
+      out.search_at.zoneless = {
+        rows: await page.$$eval('#search-table tbody tr', (rows) => rows.map((tr) => tr.innerText.replace(/\s+/g, ' ').trim())),
+        summary: text(await page.innerText('#search-summary')),
+      };
+      await setZone('utc');
+      await page.fill('#search-form input[name=at]', a.at);
+    }
     // Nothing on the port next to it: the summary says what was searched.
     await page.fill('#search-form input[name=snat_port]', String(a.empty_port));
     await page.click('#search-button');

@@ -347,11 +347,14 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
             {"addr": format!("{}:{}", first.remote_addr, first.remote_port), "time": first.time_local, "zone": "utc"},
             {"addr": format!("{}:{}", second.remote_addr, second.remote_port), "time": zoneless, "zone": "local"},
             {"addr": format!("{stray}:40001"), "time": first.time.to_rfc3339(), "zone": "utc"},
+            {"addr": format!("{}:{}", second.remote_addr, second.remote_port), "time": second.time.timestamp().to_string(), "zone": "utc"},
+            {"addr": format!("{}:{}", second.remote_addr, second.remote_port), "time": format!("{}.999", second.time.timestamp()), "zone": "local"},
         ],
         "search_at": {
             "snat_ip": first.remote_addr.to_string(),
             "snat_port": first.remote_port,
             "at": first.time_local,
+            "at_zoneless": first.time.with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("offset")).format("%Y-%m-%d %H:%M:%S").to_string(),
             "empty_port": 40002,
         },
     });
@@ -527,7 +530,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     // saying which zone it was read in; the stray address says what was
     // searched.
     let single = v["single"].as_array().expect("single rows");
-    assert_eq!(single.len(), 3, "{v:#}");
+    assert_eq!(single.len(), 5, "{v:#}");
     for (k, s) in [first, second].into_iter().enumerate() {
         let r = &single[k];
         assert_eq!(r["error"], Value::Null, "{r}");
@@ -540,6 +543,24 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     let note = format!("{zoneless} has no zone: read as browser-local time (+08:00)");
     assert!(text(&single[1]["summary"]).contains(&note), "{v:#}");
     assert!(text(&single[1]["status_text"]).contains(&note), "{v:#}");
+    // Unix seconds, and $msec (ms: shown with ms, here in +08:00) at the
+    // end of the line's second (nginx wrote the line within that second,
+    // after the connection started): the second pod, whose entry lives on
+    // in TIME_WAIT.
+    for (k, shown_as) in [
+        (3, shown(second.time, None)),
+        (
+            4,
+            shown(second.time, Some(8)).replace(" +08:00", ".999 +08:00"),
+        ),
+    ] {
+        let r = &single[k];
+        assert_eq!(r["error"], Value::Null, "{r}");
+        assert_eq!(r["status"], "resolved", "{r}");
+        assert_eq!(r["pod_ip"], second.pod.to_string(), "{r}");
+        assert_eq!(r["time"], shown_as, "{r}");
+        assert!(!text(&r["summary"]).contains("has no zone"), "{r}");
+    }
     let r = &single[2];
     assert_eq!(r["status"], "not_found", "{r}");
     let st = text(&r["status_text"]);
@@ -604,6 +625,19 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     assert_eq!(sa["alive"], json!(["yes"]), "{sa}");
     assert!(
         text(&sa["legend"]).contains("alive at = the conntrack entry existed"),
+        "{sa}"
+    );
+    // The same time typed without a zone in the browser's zone (+08:00).
+    let z = &sa["zoneless"];
+    let zr = z["rows"].as_array().expect("zone-less search rows");
+    assert_eq!(zr.len(), 1, "{sa}");
+    let zr = text(&zr[0]);
+    assert!(
+        zr.contains(&format!("{}:", first.pod)) && zr.contains(" +08:00") && zr.ends_with(" yes"),
+        "{sa}"
+    );
+    assert!(
+        text(&z["summary"]).contains("has no zone: read as browser-local time (+08:00)"),
         "{sa}"
     );
     let empty = text(&v["search_empty"]);
