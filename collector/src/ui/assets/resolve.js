@@ -265,7 +265,7 @@ function statusCell(r) {
       badges.push(badge('warn', String(r.status || 'unknown')));
   }
   const rec = r.record || {};
-  if (rec.alive_at === true) badges.push(badge('ok', 'alive at line time', ALIVE_AT_HELP));
+  if (rec.alive_at === true) badges.push(badge('ok', r.line_no === '–' ? 'alive at that time' : 'alive at line time', ALIVE_AT_HELP));
   if (r.midstream) badges.push(badge('ok', 'mid-stream', 'this conntrack entry was picked up mid-stream (an earlier entry of the same connection expired while idle, e.g. keepalive)'));
   if (r.merged > 1) reasons.push(`one connection, ${r.merged} conntrack entries merged`);
   if (r.error) reasons.push(r.error);
@@ -323,7 +323,7 @@ function row(r) {
     el('td', { class: 'mono' }, podIp ? `${addr(podIp, podPort)} → ${addr(dstIp, dstPort)}` : ''),
     el('td', { class: 'mono' }, snat),
     el('td', { class: 'mono lifetime', title: r.record ? `${rec.start} – ${rec.end || 'no end yet'}` : null }, lifetime),
-    el('td', { class: 'state' }, stateText(rec)),
+    el('td', { class: 'state' }, stateText(rec), r.record && !rec.end && isClosing(rec.state) ? [' ', badge('warn', 'closing', 'TIME_WAIT or CLOSE: closed; conntrack drops the entry about 120 s after the close')] : null),
     statusCell(r),
   );
   const action = el('td', {});
