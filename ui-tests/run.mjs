@@ -4,8 +4,14 @@
 // the collector's network namespace:
 //
 //   node ui-tests/run.mjs --url http://127.0.0.1:9360 --token TOKEN \
-//     --lines FILE --log-format '$remote_addr $remote_port $msec $server_port' \
-//     --screenshots DIR
+//     --lines FILE [--log-format '$remote_addr $remote_port $msec $server_port'] \
+//     --screenshots DIR [--checks FILE] [--timezone Asia/Shanghai]
+//
+// The browser runs in --timezone (default Asia/Shanghai, UTC+8) so times
+// shown without their zone would be caught. --checks names a JSON file:
+//   { "single": [{ "addr": "ip:port", "time": "as typed", "zone": "utc|local" }],
+//     "search_at": { "snat_ip": ..., "snat_port": ..., "at": "as typed",
+//                    "at_zoneless": "in the browser's zone", "empty_port": N } }
 //
 // Exit code 0 with the JSON on stdout; any failure exits 1 with the reason
 // on stderr (and a screenshot `failure.png` when a page was open).
@@ -30,9 +36,11 @@ fs.rmSync(path.join(args.screenshots, 'failure.png'), { force: true });
 const shot = (page, name) => page.screenshot({ path: path.join(args.screenshots, `${name}.png`), fullPage: true });
 
 const userDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ctw-ui-chromium-'));
+const checks = args.checks ? JSON.parse(fs.readFileSync(args.checks, 'utf8')) : {};
 const ctx = await chromium.launchPersistentContext(userDir, {
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
   headless: true,
+  timezoneId: args.timezone || 'Asia/Shanghai',
   viewport: { width: 1400, height: 900 },
   args: [
     '--headless',
@@ -61,6 +69,26 @@ page.on('request', (r) => {
 
 const out = { problems };
 const visible = (sel) => page.locator(sel).waitFor({ state: 'visible' });
+const text = (s) => s.replace(/\s+/g, ' ').trim();
+// Every row of the Resolve table, cell by cell.
+const resolveRows = () =>
+  page.$$eval('#resolve-table tbody tr', (rows) =>
+    rows.map((tr) => ({
+      line: Number(tr.dataset.line),
+      status: tr.dataset.status,
+      pod_ip: tr.querySelector('td.pod-ip').textContent.trim(),
+      node: tr.querySelector('td.node').textContent.trim(),
+      time: tr.querySelector('td.time')?.textContent.trim() ?? '',
+      lifetime: tr.querySelector('td.lifetime')?.innerText.replace(/\s+/g, ' ').trim() ?? '',
+      state: tr.querySelector('td.state')?.textContent.trim() ?? '',
+      status_text: tr.querySelector('td.status').innerText.replace(/\s+/g, ' ').trim(),
+      live_button: !!tr.querySelector('.live-button'),
+      text: tr.innerText.replace(/\s+/g, ' ').trim(),
+    })),
+  );
+const setZone = async (z) => {
+  await page.selectOption('#zone', z);
+};
 try {
   // Sign-in: nothing else renders; a wrong token is refused with a message.
   await page.goto(`${args.url}/#/agents`);
@@ -84,7 +112,9 @@ try {
   await page.click('nav a[data-page=resolve]');
   await visible('#page-resolve');
 
-  // Resolve: paste the nginx lines with their log_format.
+  // Resolve: paste the nginx lines with their log_format (none: the
+  // collector's default). Times are shown in UTC first (the default).
+  out.zone_default = await page.inputValue('#zone');
   await page.fill('#lines', lines.join('\n'));
   if (args['log-format']) await page.fill('#log-format', args['log-format']);
   await page.click('#resolve-button');
@@ -99,20 +129,23 @@ try {
     const line = await row.getAttribute('data-line');
     await row.locator('.live-button').click();
     await row.locator('.live .badge').waitFor();
-    out.live = { line: Number(line), text: (await row.locator('.live').innerText()).replace(/\s+/g, ' ').trim() };
+    out.live = { line: Number(line), text: text(await row.locator('.live').innerText()) };
   }
-  out.resolve = await page.$$eval('#resolve-table tbody tr', (rows) =>
-    rows.map((tr) => ({
-      line: Number(tr.dataset.line),
-      status: tr.dataset.status,
-      pod_ip: tr.querySelector('td.pod-ip').textContent.trim(),
-      node: tr.querySelector('td.node').textContent.trim(),
-      text: tr.innerText.replace(/\s+/g, ' ').trim(),
-    })),
-  );
-  out.resolve_summary = (await page.innerText('#resolve-summary')).replace(/\s+/g, ' ').trim();
+  out.resolve = await resolveRows();
+  out.resolve_summary = text(await page.innerText('#resolve-summary'));
   out.resolve_progress = await page.textContent('#resolve-progress');
+  out.resolve_legend = text(await page.innerText('#resolve-legend'));
   await shot(page, 'resolve');
+
+  // The switch to browser-local redraws the rows with the browser's offset,
+  // and is remembered across a reload.
+  await setZone('local');
+  await page.waitForFunction(() => / [+-]\d\d:\d\d$/.test(document.querySelector('#resolve-table tbody td.time')?.textContent ?? ''));
+  out.resolve_local = await resolveRows();
+  await shot(page, 'resolve-local');
+  await page.reload();
+  await visible('#page-resolve');
+  out.zone_after_reload = await page.inputValue('#zone');
 
   // The same lines from a file upload (read in the browser, sent in chunks).
   // (Clear the pasted answer first so the wait below sees the upload's.)
@@ -127,21 +160,66 @@ try {
   );
   out.upload = await page.$$eval('#resolve-table tbody tr td.pod-ip', (tds) => tds.map((td) => td.textContent.trim()));
 
-  // One ip:port and a time, from the first line.
-  const [ip, port, time] = lines[0].split(/\s+/);
-  await page.fill('#single-addr', `${ip}:${port}`);
-  await page.fill('#single-time', time);
-  await page.click('#single-button');
-  await page.locator('#resolve-table tbody tr[data-status]').first().waitFor();
-  out.single = await page.$eval('#resolve-table tbody tr', (tr) => ({
-    status: tr.dataset.status,
-    pod_ip: tr.querySelector('td.pod-ip').textContent.trim(),
-    node: tr.querySelector('td.node').textContent.trim(),
-  }));
+  // One ip:port and a time typed as nginx writes it, or zone-less in the
+  // chosen zone.
+  out.single = [];
+  for (const c of checks.single || []) {
+    await setZone(c.zone || 'utc');
+    await page.evaluate(() => document.querySelector('#resolve-table tbody').replaceChildren());
+    await page.fill('#single-addr', c.addr);
+    await page.fill('#single-time', c.time);
+    await page.click('#single-button');
+    await page.locator('#resolve-table tbody tr[data-status], #resolve-error:not([hidden])').first().waitFor();
+    const rows = await resolveRows();
+    out.single.push({
+      ...c,
+      ...(rows[0] || {}),
+      error: (await page.locator('#resolve-error').isVisible()) ? await page.textContent('#resolve-error') : null,
+      summary: (await page.locator('#resolve-summary').isVisible()) ? text(await page.innerText('#resolve-summary')) : '',
+    });
+  }
+  await shot(page, 'single');
+  await setZone('utc');
 
-  // Search: every connection to port 80, sorted by node, with a histogram.
+  // Search: one connection at a time typed as nginx writes it (alive at).
   await page.click('nav a[data-page=search]');
   await visible('#page-search');
+  if (checks.search_at) {
+    const a = checks.search_at;
+    await page.fill('#search-form input[name=snat_ip]', a.snat_ip);
+    await page.fill('#search-form input[name=snat_port]', String(a.snat_port));
+    await page.fill('#search-form input[name=at]', a.at);
+    await page.fill('#search-form input[name=window]', '2m');
+    await page.click('#search-button');
+    await page.locator('#search-table tbody tr, #search-error:not([hidden])').first().waitFor();
+    out.search_at = {
+      error: (await page.locator('#search-error').isVisible()) ? await page.textContent('#search-error') : null,
+      rows: await page.$$eval('#search-table tbody tr', (rows) => rows.map((tr) => tr.innerText.replace(/\s+/g, ' ').trim())),
+      alive: await page.$$eval('#search-table tbody td.alive', (tds) => tds.map((td) => td.textContent.trim())),
+      legend: (await page.innerText('#search-legend')).replace(/\s+/g, ' ').trim(),
+    };
+    await shot(page, 'search-at');
+    if (a.at_zoneless) {
+      // The same time without a zone, typed in the browser's zone.
+      await setZone('local');
+      await page.fill('#search-form input[name=at]', a.at_zoneless);
+      await page.click('#search-button');
+      await page.waitForFunction(() => document.querySelector('#search-summary .zone-note'));
+      out.search_at.zoneless = {
+        rows: await page.$$eval('#search-table tbody tr', (rows) => rows.map((tr) => tr.innerText.replace(/\s+/g, ' ').trim())),
+        summary: text(await page.innerText('#search-summary')),
+      };
+      await setZone('utc');
+      await page.fill('#search-form input[name=at]', a.at);
+    }
+    // Nothing on the port next to it: the summary says what was searched.
+    await page.fill('#search-form input[name=snat_port]', String(a.empty_port));
+    await page.click('#search-button');
+    await page.waitForFunction(() => document.querySelector('#search-summary .searched'));
+    out.search_empty = text(await page.innerText('#search-summary'));
+    await page.click('#search-form button[type=reset]');
+  }
+  // Every connection to port 80, sorted by node, with a histogram.
   await page.fill('#search-form input[name=dst_port]', '80');
   await page.click('#search-button');
   await visible('#search-table');
@@ -154,6 +232,7 @@ try {
     histogram_bars: await page.locator('#histogram rect.bar').count(),
     histogram_total: await page.$$eval('#histogram rect.bar', (rs) => rs.reduce((n, r) => n + Number(r.dataset.count), 0)),
     sorted_class: await page.getAttribute('#search-table th[data-key=node]', 'class'),
+    rows: await page.$$eval('#search-table tbody tr', (rows) => rows.map((tr) => tr.innerText.replace(/\s+/g, ' ').trim())),
   };
   await shot(page, 'search');
 
@@ -161,13 +240,24 @@ try {
   await page.click('nav a[data-page=agents]');
   await visible('#page-agents');
   await page.waitForFunction(() => document.querySelectorAll('#agents-table tbody tr').length > 0);
+  // No traffic now: the agents are connected and idle (the page refreshes
+  // every 5 s; idle after 10 s without a batch).
+  await page.waitForFunction(
+    () => [...document.querySelectorAll('#agents-table tbody tr')].every((tr) => tr.dataset.idle === 'true'),
+    null,
+    { timeout: Number(args.idle_timeout_ms || 60000) },
+  );
   out.agents = await page.$$eval('#agents-table tbody tr', (rows) =>
     rows.map((tr) => ({
       node: tr.dataset.node,
       connected: tr.dataset.connected === 'true',
+      idle: tr.dataset.idle === 'true',
+      lag: tr.querySelector('td.lag').textContent.trim(),
+      stream: tr.querySelector('td.stream').innerText.replace(/\s+/g, ' ').trim(),
       text: tr.innerText.replace(/\s+/g, ' ').trim(),
     })),
   );
+  out.agents_summary = text(await page.innerText('#agents-summary'));
   await shot(page, 'agents');
 
   // Sign out: back to sign-in, and the pages stay hidden.

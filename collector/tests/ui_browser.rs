@@ -1,13 +1,21 @@
 //! The web UI in headless Chromium against a real cluster: two nodes with
-//! pods behind masquerade, an nginx ingress, agents streaming to the
+//! pods behind masquerade, an nginx ingress writing nginx's own default
+//! (`combined`) format plus `$remote_port`, agents streaming to the
 //! collector (the topology of `e2e.rs`). The pods send requests; the nginx
-//! access lines they produced are pasted into the Resolve page (with the
-//! testkit's `log_format`), and the pod IP shown on every row must be the
-//! pod that sent that request. The Search and Agents pages must show both
-//! nodes, connected. `ui-tests/run.mjs` drives the browser (playwright-core
-//! with Debian's chromium, inside the collector's network namespace, where
-//! its HTTP API listens on 127.0.0.1) and saves a screenshot of each page
-//! under `target/ui-screenshots/`.
+//! access lines they produced are pasted into the Resolve page (no
+//! `log_format`: the collector's default), and the pod IP shown on every
+//! row must be the pod that sent that request. The browser runs in
+//! Asia/Shanghai (UTC+8): every time shown must carry its zone, with the
+//! precision nginx logged (`$time_local`: whole seconds), in UTC or, after
+//! the switch, in +08:00. One connection is ended for real (`conntrack -D`:
+//! the kernel's DESTROY) and must show its end; the others show the state
+//! at their first packet and no end yet, and the live lookup of one of them
+//! calls its TIME_WAIT entry closing. Lines nobody could have made say what
+//! was searched. The Search and Agents pages must show both nodes,
+//! connected and, with no traffic, idle. `ui-tests/run.mjs` drives the
+//! browser (playwright-core with Debian's chromium, inside the collector's
+//! network namespace, where its HTTP API listens on 127.0.0.1) and saves a
+//! screenshot of each page under `target/ui-screenshots/`.
 //!
 //! Needs root, chromium, node and `npm ci` in `ui-tests/`; without them it
 //! prints why it is skipping and passes.
@@ -18,12 +26,18 @@ use std::time::Duration;
 
 use ctw_testkit::cluster::Cluster;
 use ctw_testkit::collector::HTTP_PORT;
-use ctw_testkit::{require_root, run_in_timeout, wait_for};
-use serde_json::Value;
+use ctw_testkit::{require_root, run_in, run_in_timeout, wait_for};
+use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
-/// The testkit's nginx `log_format`.
-const LOG_FORMAT: &str = "$remote_addr $remote_port $msec $server_port";
+/// nginx's `combined` format plus `$remote_port`: what the collector reads
+/// when no `log_format` is given (`ctw_common::nginx::DEFAULT_LOG_FORMAT`).
+const LOG_FORMAT: &str = concat!(
+    r#"$remote_addr - $remote_user [$time_local] "$request" "#,
+    r#"$status $body_bytes_sent "$http_referer" "$http_user_agent" $remote_port"#
+);
+/// The browser's zone: UTC+8, so a time shown without its zone shows.
+const BROWSER_TZ: &str = "Asia/Shanghai";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -65,6 +79,91 @@ fn screenshots_dir() -> PathBuf {
         .join("ui-screenshots")
 }
 
+/// argv: dst, local port, FIFO. One HTTP/1.1 connection, two requests on
+/// it; the second waits (select, 30 s at most) until the test writes to the
+/// FIFO, after it deleted the connection's conntrack entry: the kernel then
+/// picks the connection up mid-stream (`nf_conntrack_tcp_loose`).
+const KEEPALIVE: &str = r#"
+import http.client, os, select, sys
+dst, lport, fifo = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = http.client.HTTPConnection(dst, 80, source_address=("0.0.0.0", lport), timeout=10)
+for i in range(2):
+    if i:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        ready, _, _ = select.select([fd], [], [], 30)
+        assert ready, "the test did not say go"
+    c.request("GET", "/")
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+    assert c.sock.getsockname()[1] == lport
+print("ok", flush=True)
+"#;
+
+/// One request: its access line as nginx wrote it, and what it says.
+struct Sent {
+    raw: String,
+    remote_addr: Ipv4Addr,
+    remote_port: u16,
+    /// `$time_local` as written (`30/Nov/2026:10:51:45 +0000`).
+    time_local: String,
+    time: chrono::DateTime<chrono::FixedOffset>,
+    pod: Ipv4Addr,
+    node: usize,
+}
+
+/// `$remote_addr - - [$time_local] "..." ... $remote_port`, read by hand
+/// (not with the collector's parser).
+fn read_line(raw: &str, pod: Ipv4Addr, node: usize) -> Sent {
+    let remote_addr = raw
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {raw:?}"));
+    let remote_port = raw
+        .split_whitespace()
+        .last()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port at the end of {raw:?}"));
+    let time_local = raw
+        .split_once('[')
+        .and_then(|(_, r)| r.split_once(']'))
+        .map(|(t, _)| t.to_string())
+        .unwrap_or_else(|| panic!("no [$time_local] in {raw:?}"));
+    let time = chrono::DateTime::parse_from_str(&time_local, "%d/%b/%Y:%H:%M:%S %z")
+        .unwrap_or_else(|e| panic!("{time_local:?}: {e}"));
+    Sent {
+        raw: raw.to_string(),
+        remote_addr,
+        remote_port,
+        time_local,
+        time,
+        pod,
+        node,
+    }
+}
+
+/// The time as the UI must show it in `zone`: `2026-11-30 10:51:45 UTC`,
+/// `2026-11-30 18:51:45 +08:00`.
+fn shown(t: chrono::DateTime<chrono::FixedOffset>, zone: Option<i32>) -> String {
+    match zone {
+        None => format!(
+            "{} UTC",
+            t.with_timezone(&chrono::Utc).format("%Y-%m-%d %H:%M:%S")
+        ),
+        Some(h) => {
+            let z = chrono::FixedOffset::east_opt(h * 3600).expect("offset");
+            t.with_timezone(&z)
+                .format("%Y-%m-%d %H:%M:%S %:z")
+                .to_string()
+        }
+    }
+}
+
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
 #[test]
 fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     if !require_root() {
@@ -79,38 +178,188 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     };
 
     // The cluster of e2e.rs: two nodes with two pods each, nginx on port 80.
-    let c = Cluster::start(2, None, "", "");
+    let c = Cluster::start(2, Some(LOG_FORMAT), "", "");
     let (topo, collector) = (&c.topo, &c.collector);
 
     // Requests from known pods; each one's raw access line and its sender.
-    let mut sent: Vec<(String, Ipv4Addr, String)> = Vec::new();
+    let mut sent: Vec<Sent> = Vec::new();
     for _round in 0..2 {
         for node in 0..2 {
             for pod in 0..2 {
                 let raw = c.request(node, pod, None, &[]);
-                sent.push((raw, topo.pod_ip4_of(node, pod), format!("node-{node}")));
+                sent.push(read_line(&raw, topo.pod_ip4_of(node, pod), node));
             }
         }
     }
     // Every line is searchable before the browser asks (the index commits
     // every 200 ms).
-    for (raw, _, _) in &sent {
-        let f: Vec<&str> = raw.split_whitespace().collect();
-        let q = format!(
+    let query = |s: &Sent| {
+        format!(
             "/api/v1/connections?snat_ip={}&snat_port={}&at={}&window=2m",
-            f[0], f[1], f[2]
-        );
+            s.remote_addr,
+            s.remote_port,
+            s.time.timestamp()
+        )
+    };
+    for s in &sent {
         wait_for(WAIT, "the connection to be searchable", || {
-            let (code, v) = collector.api(&q);
+            let (code, v) = collector.api(&query(s));
             (code == 200 && v["total"].as_u64().unwrap_or(0) >= 1).then_some(())
         });
     }
+    // The first request's connection ends for real: its entry is deleted
+    // (the kernel sends DESTROY), and the collector has its end.
+    let first = &sent[0];
+    let del = run_in(
+        topo.node_ns_of(first.node),
+        &[
+            "conntrack",
+            "-D",
+            "-p",
+            "tcp",
+            "--reply-dst",
+            &first.remote_addr.to_string(),
+            "--reply-port-dst",
+            &first.remote_port.to_string(),
+        ],
+    );
+    assert!(
+        del.status.success(),
+        "conntrack -D: {}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    wait_for(WAIT, "the deleted connection's end", || {
+        let (_, v) = collector.api(&query(first));
+        v["records"][0]["end"].as_str().map(|_| ())
+    });
+
+    // A keepalive connection from node-1's pod 0 whose entry is deleted
+    // between its two requests: the second line's entry is picked up
+    // mid-stream (state ESTABLISHED at its first packet seen).
+    let fifo = topo.tmp_dir().join("ui-keepalive-go");
+    let mk = run_in(
+        topo.node_ns_of(1),
+        &["mkfifo", fifo.to_str().expect("utf-8 path")],
+    );
+    assert!(
+        mk.status.success(),
+        "mkfifo: {}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let log_lines = || {
+        std::fs::read_to_string(&c.nginx.access_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = log_lines().len();
+    let client = {
+        let ns = topo.pod_ns_of(1, 0).to_string();
+        let dst = topo.srv_ip_for_node(1).to_string();
+        let fifo = fifo.to_str().expect("utf-8 path").to_string();
+        std::thread::spawn(move || run_in(&ns, &["python3", "-c", KEEPALIVE, &dst, "43100", &fifo]))
+    };
+    let ka_first = wait_for(WAIT, "the keepalive's first request", || {
+        log_lines().get(before).cloned()
+    });
+    let ka_first = read_line(&ka_first, topo.pod_ip4_of(1, 0), 1);
+    wait_for(WAIT, "the keepalive's first entry at the collector", || {
+        let (_, v) = collector.api(&query(&ka_first));
+        (v["total"].as_u64().unwrap_or(0) >= 1).then_some(())
+    });
+    let del = run_in(
+        topo.node_ns_of(1),
+        &[
+            "conntrack",
+            "-D",
+            "-p",
+            "tcp",
+            "--reply-dst",
+            &ka_first.remote_addr.to_string(),
+            "--reply-port-dst",
+            &ka_first.remote_port.to_string(),
+        ],
+    );
+    assert!(
+        del.status.success(),
+        "conntrack -D: {}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    std::fs::write(&fifo, "go").expect("write the FIFO");
+    let out = client.join().expect("keepalive client thread");
+    assert!(
+        out.status.success(),
+        "keepalive client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ka_second = wait_for(WAIT, "the keepalive's second request", || {
+        log_lines().get(before + 1).cloned()
+    });
+    let ka_second = read_line(&ka_second, topo.pod_ip4_of(1, 0), 1);
+    assert_eq!(
+        ka_second.remote_port, ka_first.remote_port,
+        "one connection"
+    );
+    wait_for(WAIT, "the mid-stream entry at the collector", || {
+        let (_, v) = collector.api(&query(&ka_second));
+        (v["total"].as_u64().unwrap_or(0) >= 2).then_some(())
+    });
+
+    // Lines nobody could have made: node-0's address an hour before the
+    // cluster existed (node-0's agent saw nothing then: not observed), and a
+    // pod address, which no agent lists as its own (not found).
+    let hour_before = first.time - chrono::Duration::hours(1);
+    let stamp = |t: chrono::DateTime<chrono::FixedOffset>| t.format("%d/%b/%Y:%H:%M:%S %z");
+    let not_observed = format!(
+        r#"{} - - [{}] "GET / HTTP/1.1" 200 3 "-" "curl/8" 40000"#,
+        topo.node_ip4_of(0),
+        stamp(hour_before)
+    );
+    let stray = topo.pod_ip4_of(0, 0);
+    let not_found = format!(
+        r#"{stray} - - [{}] "GET / HTTP/1.1" 200 3 "-" "curl/8" 40001"#,
+        stamp(first.time)
+    );
     // One line that is no nginx line at all.
     let garbage = "this is not an access log line";
-    let mut text: Vec<&str> = sent.iter().map(|(l, _, _)| l.as_str()).collect();
-    text.push(garbage);
+    let mut text_lines: Vec<&str> = sent.iter().map(|s| s.raw.as_str()).collect();
+    text_lines.extend([
+        ka_second.raw.as_str(),
+        not_observed.as_str(),
+        not_found.as_str(),
+        garbage,
+    ]);
     let lines_file = topo.tmp_dir().join("ui-lines.txt");
-    std::fs::write(&lines_file, format!("{}\n", text.join("\n"))).expect("lines file");
+    std::fs::write(&lines_file, format!("{}\n", text_lines.join("\n"))).expect("lines file");
+
+    // Typed times: $time_local as written; the second line's time without a
+    // zone, typed in the browser's zone (UTC+8) with the switch on local;
+    // a pod address that no connection used.
+    let second = &sent[1];
+    let zoneless = second
+        .time
+        .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("offset"))
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    let checks = json!({
+        "single": [
+            {"addr": format!("{}:{}", first.remote_addr, first.remote_port), "time": first.time_local, "zone": "utc"},
+            {"addr": format!("{}:{}", second.remote_addr, second.remote_port), "time": zoneless, "zone": "local"},
+            {"addr": format!("{stray}:40001"), "time": first.time.to_rfc3339(), "zone": "utc"},
+            {"addr": format!("{}:{}", second.remote_addr, second.remote_port), "time": second.time.timestamp().to_string(), "zone": "utc"},
+            {"addr": format!("{}:{}", second.remote_addr, second.remote_port), "time": format!("{}.999", second.time.timestamp()), "zone": "local"},
+        ],
+        "search_at": {
+            "snat_ip": first.remote_addr.to_string(),
+            "snat_port": first.remote_port,
+            "at": first.time_local,
+            "at_zoneless": first.time.with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("offset")).format("%Y-%m-%d %H:%M:%S").to_string(),
+            "empty_port": 40002,
+        },
+    });
+    let checks_file = topo.tmp_dir().join("ui-checks.json");
+    std::fs::write(&checks_file, checks.to_string()).expect("checks file");
 
     let shots = screenshots_dir();
     let url = format!("http://127.0.0.1:{HTTP_PORT}");
@@ -125,12 +374,14 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         &collector.token,
         "--lines",
         lines_file.to_str().expect("utf-8 path"),
-        "--log-format",
-        LOG_FORMAT,
+        "--checks",
+        checks_file.to_str().expect("utf-8 path"),
+        "--timezone",
+        BROWSER_TZ,
         "--screenshots",
         shots.to_str().expect("utf-8 path"),
     ];
-    let out = run_in_timeout(&collector.ns, &argv, Duration::from_secs(180));
+    let out = run_in_timeout(&collector.ns, &argv, Duration::from_secs(240));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -147,35 +398,116 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
 
     assert_eq!(
         v["problems"],
-        serde_json::json!([]),
+        json!([]),
         "console errors, CSP violations or foreign requests"
     );
     // Sign-in gates everything.
     assert_eq!(v["signin"]["header_hidden"], true);
     assert_eq!(v["signin"]["agents_hidden"], true);
     assert!(
-        v["signin"]["wrong_token_message"]
-            .as_str()
-            .is_some_and(|m| m.contains("401")),
+        text(&v["signin"]["wrong_token_message"]).contains("401"),
         "{v:#}"
     );
     assert_eq!(v["signed_out"]["search_hidden"], true);
     assert_eq!(v["signed_out"]["token_kept"], 0);
 
-    // Resolve: one row per line, in order, each with the pod that sent it.
+    // Resolve: one row per line, in order, each with the pod that sent it,
+    // the line's time with its zone and nginx's one-second precision (UTC,
+    // then +08:00 after the switch, which a reload keeps).
+    assert_eq!(v["zone_default"], "utc");
+    assert_eq!(v["zone_after_reload"], "local");
     let rows = v["resolve"].as_array().expect("resolve rows");
-    assert_eq!(rows.len(), sent.len() + 1, "{v:#}");
-    for (i, (raw, pod, node)) in sent.iter().enumerate() {
-        let r = &rows[i];
+    let local = v["resolve_local"].as_array().expect("resolve rows, local");
+    assert_eq!(rows.len(), sent.len() + 4, "{v:#}");
+    for (i, s) in sent.iter().enumerate() {
+        let (r, l) = (&rows[i], &local[i]);
+        let raw = &s.raw;
         assert_eq!(r["line"], i + 1, "{r}");
-        assert_eq!(r["pod_ip"], pod.to_string(), "line {raw:?}: {r}");
-        assert_eq!(r["node"], node.as_str(), "line {raw:?}: {r}");
+        assert_eq!(r["pod_ip"], s.pod.to_string(), "line {raw:?}: {r}");
+        assert_eq!(r["node"], format!("node-{}", s.node), "line {raw:?}: {r}");
         assert_eq!(r["status"], "resolved", "line {raw:?}: {r}");
+        assert_eq!(r["time"], shown(s.time, None), "line {raw:?}: {r}");
+        assert_eq!(l["time"], shown(s.time, Some(8)), "line {raw:?}: {l}");
+        // A client's connection seen from its SYN.
+        assert_eq!(r["state"], "state at first packet: SYN_SENT", "{r}");
+        assert!(
+            text(&r["status_text"]).contains("alive at line time"),
+            "{r}"
+        );
+        for t in [&r["lifetime"], &l["lifetime"]] {
+            assert!(
+                text(t).contains(" UTC") || text(t).contains("+08:00"),
+                "lifetime without a zone: {t}"
+            );
+        }
+        if i == 0 {
+            // Deleted above: the kernel's DESTROY is its end.
+            assert!(text(&r["lifetime"]).contains("ended (destroy"), "{r}");
+            assert_eq!(r["live_button"], false, "{r}");
+        } else {
+            // In TIME_WAIT (120 s): no DESTROY yet, and not called "open".
+            assert!(text(&r["lifetime"]).contains("no end yet"), "{r}");
+            assert!(!text(&r["text"]).contains("open"), "{r}");
+            assert_eq!(r["live_button"], true, "{r}");
+        }
     }
-    let last = &rows[sent.len()];
+    for r in rows.iter().chain(local) {
+        assert!(!text(&r["time"]).contains(".000"), "{r}");
+    }
+    let legend = text(&v["resolve_legend"]);
+    assert!(
+        legend.contains("alive at — alive at = the conntrack entry existed"),
+        "{legend}"
+    );
+    assert!(legend.contains("TIME_WAIT"), "{legend}");
+    // The keepalive's second request: its entry was picked up mid-stream.
+    let r = &rows[sent.len()];
+    assert_eq!(r["status"], "resolved", "{r}");
+    assert_eq!(r["pod_ip"], ka_second.pod.to_string(), "{r}");
+    assert_eq!(r["time"], shown(ka_second.time, None), "{r}");
+    assert_eq!(
+        r["state"], "state at first packet seen: ESTABLISHED (mid-stream)",
+        "{r}"
+    );
+    assert!(text(&r["status_text"]).contains("mid-stream"), "{r}");
+    // Not observed: names node-0 and says what was searched.
+    let r = &rows[sent.len() + 1];
+    assert_eq!(r["status"], "not_observed", "{r}");
+    let st = text(&r["status_text"]);
+    assert!(
+        st.contains("not observed on node-0") && st.contains("the agent of node-0"),
+        "{r}"
+    );
+    assert!(
+        st.contains(&format!(
+            "searched: SNAT address {}:40000, any protocol",
+            topo.node_ip4_of(0)
+        )),
+        "{r}"
+    );
+    assert!(
+        st.contains(&shown(hour_before, None)[11..]),
+        "the line's time in {r}"
+    );
+    // Not found: address, port, protocol, window and gaps.
+    let r = &rows[sent.len() + 2];
+    assert_eq!(r["status"], "not_found", "{r}");
+    let st = text(&r["status_text"]);
+    assert!(st.contains(&format!("no agent lists {stray}")), "{r}");
+    assert!(
+        st.contains(&format!(
+            "searched: SNAT address {stray}:40001, any protocol, every node's records"
+        )),
+        "{r}"
+    );
+    assert!(
+        st.contains("in records from ") && st.contains("gaps: none"),
+        "{r}"
+    );
+    let last = &rows[sent.len() + 3];
     assert_eq!(last["status"], "unparsed", "{last}");
     assert_eq!(last["pod_ip"], "", "{last}");
-    // The file upload shows the same pods; one ip:port + time finds the first.
+    // The file upload shows the same pods.
     let uploaded: Vec<&str> = v["upload"]
         .as_array()
         .expect("upload rows")
@@ -184,28 +516,144 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         .collect();
     let pasted: Vec<&str> = rows.iter().filter_map(|r| r["pod_ip"].as_str()).collect();
     assert_eq!(uploaded, pasted, "{v:#}");
-    assert_eq!(v["single"]["pod_ip"], sent[0].1.to_string(), "{v:#}");
-    assert_eq!(v["single"]["node"], sent[0].2.as_str(), "{v:#}");
-    assert_eq!(v["single"]["status"], "resolved", "{v:#}");
-    let summary = v["resolve_summary"].as_str().unwrap_or_default();
+    let summary = text(&v["resolve_summary"]);
     assert!(
-        summary.contains(&format!("{} resolved", sent.len())) && summary.contains("1 unparsed"),
+        summary.contains(&format!("{} resolved", sent.len() + 1))
+            && summary.contains("1 unparsed")
+            && summary.contains("1 not found")
+            && summary.contains("1 not observed"),
         "{summary}"
     );
-    // The live lookup (the connection is in TIME_WAIT or gone by now) answered.
-    if let Some(live) = v.get("live").filter(|l| !l.is_null()) {
-        let text = live["text"].as_str().unwrap_or_default();
-        let line = live["line"].as_u64().unwrap_or(0) as usize;
-        let pod = sent[line - 1].1.to_string();
+
+    // One address: $time_local as written finds the first pod; a zone-less
+    // time typed in the browser's zone (switch on local) finds the second,
+    // saying which zone it was read in; the stray address says what was
+    // searched.
+    let single = v["single"].as_array().expect("single rows");
+    assert_eq!(single.len(), 5, "{v:#}");
+    for (k, s) in [first, second].into_iter().enumerate() {
+        let r = &single[k];
+        assert_eq!(r["error"], Value::Null, "{r}");
+        assert_eq!(r["status"], "resolved", "{r}");
+        assert_eq!(r["pod_ip"], s.pod.to_string(), "{r}");
+        assert_eq!(r["node"], format!("node-{}", s.node), "{r}");
+    }
+    assert_eq!(single[0]["time"], shown(first.time, None), "{v:#}");
+    assert_eq!(single[1]["time"], shown(second.time, Some(8)), "{v:#}");
+    let note = format!("{zoneless} has no zone: read as browser-local time (+08:00)");
+    assert!(text(&single[1]["summary"]).contains(&note), "{v:#}");
+    assert!(text(&single[1]["status_text"]).contains(&note), "{v:#}");
+    // Unix seconds, and $msec (ms: shown with ms, here in +08:00) at the
+    // end of the line's second (nginx wrote the line within that second,
+    // after the connection started): the second pod, whose entry lives on
+    // in TIME_WAIT.
+    for (k, shown_as) in [
+        (3, shown(second.time, None)),
+        (
+            4,
+            shown(second.time, Some(8)).replace(" +08:00", ".999 +08:00"),
+        ),
+    ] {
+        let r = &single[k];
+        assert_eq!(r["error"], Value::Null, "{r}");
+        assert_eq!(r["status"], "resolved", "{r}");
+        assert_eq!(r["pod_ip"], second.pod.to_string(), "{r}");
+        assert_eq!(r["time"], shown_as, "{r}");
+        assert!(!text(&r["summary"]).contains("has no zone"), "{r}");
+    }
+    let r = &single[2];
+    assert_eq!(r["status"], "not_found", "{r}");
+    let st = text(&r["status_text"]);
+    assert!(
+        st.contains(&format!(
+            "searched: SNAT address {stray}:40001, any protocol, every node's records; from "
+        )) && st.contains("gaps: none"),
+        "{r}"
+    );
+
+    // The live lookup of a connection in TIME_WAIT calls it closing: the
+    // state conntrack holds for it (read after the browser asked; TIME_WAIT
+    // only ends by the entry going away).
+    let live = v
+        .get("live")
+        .filter(|l| !l.is_null())
+        .expect("a live lookup");
+    let line = live["line"].as_u64().unwrap_or(0) as usize;
+    // The last row with a live button: the keepalive's line, after the
+    // requests' lines.
+    let s = sent.get(line - 1).unwrap_or(&ka_second);
+    let held = run_in(
+        topo.node_ns_of(s.node),
+        &[
+            "conntrack",
+            "-L",
+            "-p",
+            "tcp",
+            "--reply-dst",
+            &s.remote_addr.to_string(),
+            "--reply-port-dst",
+            &s.remote_port.to_string(),
+        ],
+    );
+    let held = String::from_utf8_lossy(&held.stdout);
+    let live_text = text(&live["text"]);
+    if held.contains("TIME_WAIT") {
         assert!(
-            text.starts_with("live:") && text.contains(&pod) || text.starts_with("closed"),
+            live_text.starts_with("live: closing (TIME_WAIT)"),
+            "{live}; conntrack: {held}"
+        );
+        assert!(live_text.contains(&s.pod.to_string()), "{live}");
+    } else {
+        assert!(held.trim().is_empty(), "unexpected state: {held}");
+        assert!(
+            live_text.starts_with("closed") || live_text.contains("closing"),
             "{live}"
         );
     }
 
-    // Search: every request, both nodes, one histogram bar per match counted.
+    // Search with at typed as nginx wrote it: the deleted connection, alive
+    // at that time, ended by its DESTROY. An empty one says what it searched.
+    let sa = &v["search_at"];
+    assert_eq!(sa["error"], Value::Null, "{sa}");
+    let sa_rows = sa["rows"].as_array().expect("search_at rows");
+    assert_eq!(sa_rows.len(), 1, "{sa}");
+    assert!(text(&sa_rows[0]).contains("ended (destroy"), "{sa}");
+    assert!(
+        text(&sa_rows[0]).contains("state at first packet: SYN_SENT"),
+        "{sa}"
+    );
+    assert_eq!(sa["alive"], json!(["yes"]), "{sa}");
+    assert!(
+        text(&sa["legend"]).contains("alive at = the conntrack entry existed"),
+        "{sa}"
+    );
+    // The same time typed without a zone in the browser's zone (+08:00).
+    let z = &sa["zoneless"];
+    let zr = z["rows"].as_array().expect("zone-less search rows");
+    assert_eq!(zr.len(), 1, "{sa}");
+    let zr = text(&zr[0]);
+    assert!(
+        zr.contains(&format!("{}:", first.pod)) && zr.contains(" +08:00") && zr.ends_with(" yes"),
+        "{sa}"
+    );
+    assert!(
+        text(&z["summary"]).contains("has no zone: read as browser-local time (+08:00)"),
+        "{sa}"
+    );
+    let empty = text(&v["search_empty"]);
+    assert!(
+        empty.contains(&format!(
+            "No connection found. Searched: SNAT {}:40002, protocol any, every node, from {}",
+            first.remote_addr,
+            shown(first.time - chrono::Duration::minutes(2), None).replace(" UTC", ".000 UTC")
+        )) && empty.contains("gaps: none"),
+        "{empty}"
+    );
+
+    // Search: every request (and the keepalive's two entries), both nodes,
+    // one histogram bar per match counted.
     let nodes = v["search"]["nodes"].as_array().expect("search nodes");
-    assert_eq!(nodes.len(), sent.len(), "{v:#}");
+    assert_eq!(nodes.len(), sent.len() + 2, "{v:#}");
     for n in ["node-0", "node-1"] {
         assert!(nodes.iter().any(|x| x == n), "{n} missing in search: {v:#}");
     }
@@ -214,18 +662,44 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         sorted.windows(2).all(|w| w[0] <= w[1]),
         "not sorted by node: {sorted:?}"
     );
-    assert_eq!(v["search"]["histogram_total"], sent.len(), "{v:#}");
+    assert_eq!(v["search"]["histogram_total"], sent.len() + 2, "{v:#}");
     let pods = v["search"]["pods"].as_array().expect("search pods");
-    for (_, pod, _) in &sent {
-        let p = IpAddr::V4(*pod).to_string();
+    for s in &sent {
+        let p = IpAddr::V4(s.pod).to_string();
         assert!(
             pods.iter()
-                .any(|x| x.as_str().is_some_and(|s| s.starts_with(&format!("{p}:")))),
+                .any(|x| x.as_str().is_some_and(|t| t.starts_with(&format!("{p}:")))),
             "{p} not in {pods:?}"
         );
     }
+    let search_rows = v["search"]["rows"].as_array().expect("search rows");
+    assert_eq!(
+        search_rows
+            .iter()
+            .filter(|r| text(r).contains("ended (destroy"))
+            .count(),
+        2,
+        "the two deleted entries: {v:#}"
+    );
+    assert_eq!(
+        search_rows
+            .iter()
+            .filter(|r| text(r).contains("no end yet"))
+            .count(),
+        sent.len(),
+        "{v:#}"
+    );
+    assert_eq!(
+        search_rows
+            .iter()
+            .filter(|r| text(r).contains("state at first packet seen: ESTABLISHED (mid-stream)"))
+            .count(),
+        1,
+        "{v:#}"
+    );
 
-    // Agents: both nodes, connected.
+    // Agents: both nodes, connected, idle (no traffic since), their stream
+    // shown as connected rather than a stale "last seen", no empty lag.
     let agents_seen = v["agents"].as_array().expect("agents rows");
     for n in ["node-0", "node-1"] {
         let a = agents_seen
@@ -233,12 +707,21 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
             .find(|a| a["node"] == n)
             .unwrap_or_else(|| panic!("{n} missing: {v:#}"));
         assert_eq!(a["connected"], true, "{a}");
-        assert!(
-            a["text"].as_str().is_some_and(|t| t.contains("connected")),
-            "{a}"
-        );
+        assert_eq!(a["idle"], true, "{a}");
+        assert_eq!(a["lag"], "idle", "{a}");
+        assert!(text(&a["stream"]).starts_with("connected since "), "{a}");
+        assert!(text(&a["stream"]).contains("idle: last batch "), "{a}");
+        assert!(!text(&a["text"]).contains("last seen"), "{a}");
     }
-    for name in ["signin", "resolve", "search", "agents"] {
+    assert!(text(&v["agents_summary"]).contains("2 idle"), "{v:#}");
+    for name in [
+        "signin",
+        "resolve",
+        "resolve-local",
+        "single",
+        "search",
+        "agents",
+    ] {
         let p = shots.join(format!("{name}.png"));
         assert!(
             std::fs::metadata(&p).is_ok_and(|m| m.len() > 1000),

@@ -57,6 +57,11 @@ pub const ASSETS: &[Asset] = &[
         body: include_bytes!("assets/dom.js"),
     },
     Asset {
+        name: "time.js",
+        content_type: JS,
+        body: include_bytes!("assets/time.js"),
+    },
+    Asset {
         name: "resolve.js",
         content_type: JS,
         body: include_bytes!("assets/resolve.js"),

@@ -7,6 +7,7 @@ import { api, token, ApiError, setUnauthorizedHandler } from './api.js';
 import * as resolve from './resolve.js';
 import * as search from './search.js';
 import * as agents from './agents.js';
+import { zone, setZone, localOffset } from './time.js';
 
 const PAGES = { resolve, search, agents };
 const started = new Set();
@@ -71,6 +72,12 @@ $('#signin-form').addEventListener('submit', async (ev) => {
 });
 
 $('#sign-out').addEventListener('click', () => signOut('Signed out.'));
+
+// The UTC / browser-local switch: remembered; pages re-render on change.
+const zoneSelect = $('#zone');
+zoneSelect.querySelector('option[value=local]').textContent = `browser-local (${localOffset(new Date())})`;
+zoneSelect.value = zone();
+zoneSelect.addEventListener('change', () => setZone(zoneSelect.value));
 window.addEventListener('hashchange', () => route());
 
 // A token kept from earlier in this tab is checked before anything renders.

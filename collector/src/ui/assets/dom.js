@@ -47,19 +47,8 @@ export function addr(ip, port) {
   return port === undefined || port === null ? host : `${host}:${port}`;
 }
 
-// RFC3339 from the API -> "2024-12-09 15:05:00.123" in local time.
-export function fmtTime(t) {
-  if (!t) return '';
-  const d = new Date(t);
-  if (Number.isNaN(d.getTime())) return String(t);
-  const p = (n, w = 2) => String(n).padStart(w, '0');
-  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}.${p(d.getMilliseconds(), 3)}`;
-}
-
-// Time of day only: "15:05:00.123" (the date is in the row's time).
-export function fmtClock(t) {
-  return fmtTime(t).slice(11);
-}
+// Times carry their zone and the chosen UTC/local switch (time.js).
+export { fmtTime, fmtClock } from './time.js';
 
 export function fmtDuration(ms) {
   if (ms === undefined || ms === null) return '';
@@ -72,4 +61,54 @@ export function fmtDuration(ms) {
 
 export function badge(kind, text, title) {
   return el('span', { class: `badge ${kind}`, title }, text);
+}
+
+// Help shown wherever "alive at" appears.
+export const ALIVE_AT_HELP =
+  'alive at = the conntrack entry existed at that time (between its first packet and its end). ' +
+  'It does not mean the connection is open now, nor that it was still sending: a closed TCP ' +
+  "connection's entry stays in TIME_WAIT about 120 s (nf_conntrack_tcp_timeout_time_wait) before conntrack drops it.";
+
+const CLOSING = new Set(['TIME_WAIT', 'CLOSE']);
+
+// A TCP state in the TIME_WAIT/CLOSE family is called "closing".
+export function isClosing(state) {
+  return CLOSING.has(String(state ?? ''));
+}
+
+// What a record's `state` means, by how the record was made (`kind`):
+// a NEW carries the state at the connection's first packet (SYN_SENT), a
+// mid-stream NEW the state at the first packet seen, a recovered record the
+// state when the table was read, a DESTROY the state at the end.
+export function stateText(r) {
+  if (!r || !r.state) return '';
+  if (r.kind === 'destroy') return `state at end: ${r.state}`;
+  if (r.kind === 'recovered') return `state when read from the table: ${r.state}`;
+  if (r.midstream) return `state at first packet seen: ${r.state} (mid-stream)`;
+  return `state at first packet: ${r.state}`;
+}
+
+// The end of a record as nodes for a table cell: the end and how it is known
+// (end_kind), or that none is known yet.
+export function endCell(r, clock) {
+  const f = clock || ((t) => t);
+  if (!r.end) {
+    return [
+      el('b', { class: 'no-end', title: 'no DESTROY event yet: the conntrack entry still existed when last heard of. A closed TCP connection keeps its entry ~120 s in TIME_WAIT; look it up live for its state now.' }, 'no end yet'),
+    ];
+  }
+  switch (r.end_kind) {
+    case 'superseded':
+      return [
+        `by ${f(r.end)}`,
+        el('span', { class: 'reason end-kind' }, 'ended at or before this (superseded: a later entry took the tuple; an upper bound)'),
+      ];
+    case 'gone':
+      return [
+        r.last_seen ? `${f(r.last_seen)} … ${f(r.end)}` : `by ${f(r.end)}`,
+        el('span', { class: 'reason end-kind' }, 'ended between these (gone: last seen alive, then found gone at a re-check)'),
+      ];
+    default:
+      return [f(r.end), el('span', { class: 'reason end-kind' }, 'ended (destroy: the kernel\'s DESTROY event)')];
+  }
 }

@@ -2,7 +2,8 @@
 // to /api/v1/resolve) or one ip:port + time become rows with the pod that
 // opened the connection, and a live lookup for rows that may still be open.
 
-import { $, el, fill, show, hide, addr, fmtTime, fmtClock, fmtDuration, badge } from './dom.js';
+import { $, el, fill, show, hide, addr, fmtTime, fmtClock, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endCell } from './dom.js';
+import { typedTime, digitsOf, digitsTyped, onZoneChange, zoneLabel } from './time.js';
 import { api, qs, ApiError } from './api.js';
 
 // What the collector assumes when no log_format is given (shown as a hint).
@@ -35,6 +36,15 @@ export function init() {
     ev.preventDefault();
     single();
   });
+  onZoneChange(rerender);
+}
+
+// The zone changed: draw the rows again from the answers kept.
+function rerender() {
+  if (!results.length) return;
+  $('#resolve-table tbody').replaceChildren();
+  render(results);
+  renderSummary();
 }
 
 // On sign-out: forget everything that came from the API or was typed.
@@ -49,7 +59,7 @@ function clearResults() {
   if (running) running.abort();
   results = [];
   $('#resolve-table tbody').replaceChildren();
-  for (const id of ['#resolve-table', '#resolve-summary', '#resolve-error']) hide($(id));
+  for (const id of ['#resolve-table', '#resolve-summary', '#resolve-error', '#resolve-legend']) hide($(id));
   $('#resolve-progress').textContent = '';
 }
 
@@ -96,7 +106,7 @@ async function run(lines, source) {
           body: { lines: chunk.map((l) => l.text), ...opts },
           signal: ctl.signal,
         });
-        got = (ans.results || []).map((r, k) => ({ ...r, line_no: chunk[lineIndex(r, k, chunk)].no }));
+        got = (ans.results || []).map((r, k) => ({ ...r, window_ms: ans.window_ms, line_no: chunk[lineIndex(r, k, chunk)].no }));
       } catch (e) {
         if (e instanceof ApiError && e.status === 413 && chunk.length > 1) {
           chunkBytes = Math.max(1024, Math.floor(chunkBytes / 2));
@@ -147,10 +157,13 @@ async function single() {
     show($('#resolve-error'), `"${a}" is not ip:port (IPv6 as [addr]:port)`);
     return;
   }
+  const typed = typedTime(t);
   try {
-    const r = await lookupOne({ remote_addr: m[1], remote_port: Number(m[2]), time: t }, options());
+    const r = await lookupOne({ remote_addr: m[1], remote_port: Number(m[2]), time: typed.value }, options());
     r.line_no = '–';
     r.line = `${a} at ${t}`;
+    r.time_digits = digitsTyped(t);
+    r.zone_note = typed.zoneNote;
     results = [r];
     render(results);
     renderSummary();
@@ -169,10 +182,11 @@ async function lookupOne(p, opts, signal) {
   const r = {
     remote_addr: p.remote_addr,
     remote_port: p.remote_port,
-    time: p.time,
+    time: v.at || p.time,
     candidates: alive.length,
     incomplete: v.complete === false,
     gaps: v.gaps || [],
+    searched: { from: v.from, to: v.to },
   };
   if (!rec) return { ...r, status: 'not_found', error: recs.length ? `${recs.length} connection(s) near that time, none alive at it` : 'no connection with that address and port in the window' };
   return {
@@ -187,10 +201,40 @@ async function lookupOne(p, opts, signal) {
   };
 }
 
-function timeText(t) {
+// The line's time with the precision it was logged with: the resolver's
+// interval is [time, time + precision), so a one-second $time_local line
+// shows no fraction and a $msec line shows ms.
+function timeText(r) {
+  const t = r.time;
   if (t === undefined || t === null || t === '') return '';
-  if (typeof t === 'number' || /^\d+(\.\d+)?$/.test(String(t))) return fmtTime(new Date(Number(t) * 1000).toISOString());
-  return fmtTime(t);
+  if (typeof t === 'number' || /^\d+(\.\d+)?$/.test(String(t))) return fmtTime(new Date(Number(t) * 1000), digitsTyped(t));
+  let digits = r.time_digits;
+  if (digits === undefined && r.interval && r.interval.to) {
+    const prec = Date.parse(r.interval.to) - Date.parse(t) + 1;
+    if (prec > 0) digits = digitsOf(prec);
+  }
+  return fmtTime(t, digits ?? 3);
+}
+
+// What a "not found" searched: address, port, protocol, nodes, time window
+// and the gaps in it.
+function searchedText(r) {
+  const parts = [`searched: SNAT address ${addr(r.remote_addr, r.remote_port)}, any protocol, every node's records`];
+  if (r.interval && r.interval.from) {
+    const w = r.window_ms;
+    const from = w !== undefined ? new Date(Date.parse(r.interval.from) - w) : r.interval.from;
+    const to = w !== undefined ? new Date(Date.parse(r.interval.to) + w) : r.interval.to;
+    const when = Date.parse(r.interval.from) === Date.parse(r.time)
+      ? `at the line's time ${timeText(r)}`
+      : `between ${fmtTime(r.interval.from)} (the line's time less $request_time) and ${timeText(r)}`;
+    const skew = r.skew_ms ? ` (± ${r.skew_ms >= 1000 ? `${r.skew_ms / 1000} s` : `${r.skew_ms} ms`} clock skew)` : '';
+    parts.push(`for an entry alive ${when}${skew}, in records from ${fmtTime(from, 0)} to ${fmtTime(to, 0)}`);
+  } else if (r.searched) {
+    parts.push(`from ${fmtTime(r.searched.from) || '…'} to ${fmtTime(r.searched.to) || '…'}`);
+  }
+  const gaps = r.gaps || [];
+  parts.push(gaps.length ? `gaps: ${gaps.map((g) => `${g.node} ${g.reason} ${fmtTime(g.from)} – ${fmtTime(g.to)}`).join('; ')}` : 'gaps: none (every agent connected, no events lost)');
+  return parts.join('; ');
 }
 
 function statusCell(r) {
@@ -220,10 +264,13 @@ function statusCell(r) {
     default:
       badges.push(badge('warn', String(r.status || 'unknown')));
   }
+  const rec = r.record || {};
+  if (rec.alive_at === true) badges.push(badge('ok', r.line_no === '–' ? 'alive at that time' : 'alive at line time', ALIVE_AT_HELP));
   if (r.midstream) badges.push(badge('ok', 'mid-stream', 'this conntrack entry was picked up mid-stream (an earlier entry of the same connection expired while idle, e.g. keepalive)'));
   if (r.merged > 1) reasons.push(`one connection, ${r.merged} conntrack entries merged`);
   if (r.error) reasons.push(r.error);
   if (r.note) reasons.push(r.note);
+  if (r.zone_note) reasons.push(r.zone_note);
   if (r.status !== 'resolved' && Array.isArray(r.ranked) && r.ranked.length) {
     reasons.push(`ranked: ${r.ranked.map((c) => `${addr(c.pod_ip, c.pod_port)} on ${c.node}${c.alive ? '' : ` (${c.distance_ms} ms away)`}`).join('; ')}`);
   }
@@ -235,7 +282,8 @@ function statusCell(r) {
     badges.push(badge('warn', 'incomplete', text));
     reasons.push(`may be incomplete: ${text}`);
   }
-  return el('td', { class: 'status' }, badges, reasons.map((t) => el('span', { class: 'reason' }, t)));
+  const searched = r.status === 'not_found' || r.status === 'not_observed' ? el('span', { class: 'searched' }, searchedText(r)) : null;
+  return el('td', { class: 'status' }, badges, reasons.map((t) => el('span', { class: 'reason' }, t)), searched);
 }
 
 function row(r) {
@@ -247,7 +295,7 @@ function row(r) {
   const snat = rec.snat_ip ? addr(rec.snat_ip, rec.snat_port) : '';
   const open = r.record && !rec.end;
   const lifetime = r.record
-    ? [fmtClock(rec.start), ' – ', rec.end ? fmtClock(rec.end) : el('b', {}, 'open'), rec.duration_ms !== undefined ? el('span', { class: 'reason' }, fmtDuration(rec.duration_ms)) : null]
+    ? [fmtClock(rec.start), ' – ', endCell(rec, (t) => fmtClock(t)), rec.duration_ms !== undefined ? el('span', { class: 'reason' }, fmtDuration(rec.duration_ms)) : null]
     : '';
   const cls = r.status === 'not_found' || r.status === 'not_observed' || r.status === 'unparsed' ? 'bad' : r.status === 'ambiguous' || r.incomplete ? 'warn' : '';
   if (r.status === 'unparsed' && !r.remote_addr) {
@@ -259,7 +307,7 @@ function row(r) {
       el('td', { class: 'raw', colspan: 2 }, String(r.line ?? '').slice(0, 300)),
       el('td', { class: 'pod-ip' }),
       el('td', { class: 'node' }),
-      el('td', { colspan: 3 }),
+      el('td', { colspan: 4 }),
       statusCell(r),
       el('td', {}),
     );
@@ -269,12 +317,13 @@ function row(r) {
     { class: cls || null, 'data-line': r.line_no, 'data-status': r.status },
     el('td', { class: 'mono', title: r.line }, r.line_no),
     el('td', { class: 'mono', title: r.line }, addr(r.remote_addr, r.remote_port)),
-    el('td', { class: 'mono' }, timeText(r.time)),
+    el('td', { class: 'mono time' }, timeText(r)),
     el('td', { class: 'pod-ip' }, podIp ?? ''),
     el('td', { class: 'node' }, r.node ?? rec.node ?? ''),
     el('td', { class: 'mono' }, podIp ? `${addr(podIp, podPort)} → ${addr(dstIp, dstPort)}` : ''),
     el('td', { class: 'mono' }, snat),
-    el('td', { class: 'mono', title: r.record ? `${rec.start} – ${rec.end || 'open'}` : null }, lifetime),
+    el('td', { class: 'mono lifetime', title: r.record ? `${rec.start} – ${rec.end || 'no end yet'}` : null }, lifetime),
+    el('td', { class: 'state' }, stateText(rec), r.record && !rec.end && isClosing(rec.state) ? [' ', badge('warn', 'closing', 'TIME_WAIT or CLOSE: closed; conntrack drops the entry about 120 s after the close')] : null),
     statusCell(r),
   );
   const action = el('td', {});
@@ -304,11 +353,15 @@ async function lookupLive(rec, button, out) {
   try {
     const v = await api(`/api/v1/conntrack/query?${q}`);
     const o = v.origin || {};
+    const closing = isClosing(v.status);
     fill(
       out,
-      badge('ok', `live: ${v.status || 'open'}`),
+      closing
+        ? badge('warn', `live: closing (${v.status})`, 'the connection is closed; conntrack keeps the entry in TIME_WAIT about 120 s after the close (nf_conntrack_tcp_timeout_time_wait), then drops it')
+        : badge('ok', `live: ${v.status || 'open'}`),
+      closing ? el('span', { class: 'reason' }, 'closed: conntrack drops the entry within ~120 s of the close') : null,
       el('span', { class: 'mono' }, `${addr(o.src, o.src_port)} → ${addr(o.dst, o.dst_port)}`),
-      el('span', { class: 'reason' }, `${v.node || ''} zone ${v.zone ?? 0} ${(v.flags || []).join(' ')}`),
+      el('span', { class: 'reason' }, `${v.node || ''} zone ${v.zone ?? 0} ${(v.flags || []).join(' ')}${v.midstream ? ' · picked up mid-stream' : ''}`),
     );
   } catch (e) {
     const gone = e instanceof ApiError && e.status === 404;
@@ -323,6 +376,14 @@ function render(rows) {
   const room = SHOWN_ROWS - tbody.childElementCount;
   if (room > 0) tbody.append(...rows.slice(0, room).map(row));
   show($('#resolve-table'));
+  fill(
+    $('#resolve-legend'),
+    el('b', {}, 'Times'), ` in ${zoneLabel()} (switch at the top right); a line's time has the precision it was logged with. `,
+    el('b', {}, 'alive at'), ` — ${ALIVE_AT_HELP} `,
+    el('b', {}, 'state at first packet'), " — a NEW record's TCP state (SYN_SENT for a connection seen from its start); the state later in the connection is its live state. ",
+    el('b', {}, 'end'), ' — destroy: the DESTROY event; superseded: a later entry took the tuple (an upper bound); gone: found gone at a re-check (between last seen and the end).',
+  );
+  show($('#resolve-legend'));
 }
 
 function renderSummary() {
@@ -333,6 +394,7 @@ function renderSummary() {
   }
   const s = $('#resolve-summary');
   const shown = results.length > SHOWN_ROWS ? ` (first ${SHOWN_ROWS} shown)` : '';
+  const zoneNote = results.find((r) => r.zone_note)?.zone_note;
   fill(
     s,
     `${results.length} line${results.length === 1 ? '' : 's'}${shown}: `,
@@ -343,6 +405,7 @@ function renderSummary() {
     c.unparsed ? badge('bad', `${c.unparsed} unparsed`) : null,
     c.incomplete ? badge('warn', `${c.incomplete} incomplete`) : null,
     el('button', { type: 'button', class: 'secondary small', id: 'resolve-download', onclick: download }, 'Download CSV'),
+    zoneNote ? el('span', { class: 'muted zone-note' }, ` · ${zoneNote}`) : null,
   );
   show(s);
 }

@@ -2,11 +2,15 @@
 // sortable by any column, and a histogram of the returned records' start
 // times (inline SVG).
 
-import { $, el, fill, show, hide, addr, fmtTime, fmtDuration, badge } from './dom.js';
+import { $, el, fill, show, hide, addr, fmtTime, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endCell } from './dom.js';
+import { typedTime, onZoneChange, zoneLabel } from './time.js';
 import { api, qs } from './api.js';
 
 const BINS = 40;
 let records = [];
+let last = null; // the last answer, kept to redraw on a zone change
+let zoneNotes = [];
+let lastParams = {};
 let sort = { key: 'start', dir: -1 };
 
 export function init() {
@@ -31,24 +35,41 @@ export function init() {
       renderTable();
     });
   }
+  onZoneChange(() => {
+    if (!last) return;
+    renderSummary(last);
+    renderHistogram(last);
+    renderTable();
+  });
 }
 
 export function reset() {
   records = [];
+  last = null;
   $('#search-form').reset();
   $('#search-table tbody').replaceChildren();
-  for (const id of ['#search-table', '#search-summary', '#search-gaps', '#histogram', '#search-error']) hide($(id));
+  for (const id of ['#search-table', '#search-summary', '#search-gaps', '#histogram', '#search-error', '#search-legend']) hide($(id));
 }
 
 async function run() {
   const form = $('#search-form');
   const params = Object.fromEntries(new FormData(form).entries());
+  // Typed times as nginx writes them go as typed; zone-less ones get the
+  // zone chosen at the top right (said next to the result).
+  zoneNotes = [];
+  for (const k of ['from', 'to', 'at']) {
+    const t = typedTime(params[k]);
+    params[k] = t.value;
+    if (t.zoneNote) zoneNotes.push(`${k}: ${t.zoneNote}`);
+  }
   const button = $('#search-button');
   button.disabled = true;
   hide($('#search-error'));
   try {
     const v = await api(`/api/v1/connections?${qs(params)}`);
     records = v.records || [];
+    last = v;
+    lastParams = params;
     renderSummary(v);
     renderHistogram(v);
     renderTable();
@@ -72,6 +93,8 @@ function renderSummary(v) {
     v.from || v.to ? el('span', { class: 'muted' }, ` · ${fmtTime(v.from) || '…'} – ${fmtTime(v.to) || '…'}`) : '',
     ' ',
     v.complete ? badge('ok', 'complete') : badge('warn', 'may be incomplete'),
+    zoneNotes.map((n) => el('span', { class: 'reason zone-note' }, n)),
+    v.total === 0 ? el('span', { class: 'searched' }, searchedText(v)) : null,
   );
   show(s);
   const g = $('#search-gaps');
@@ -87,6 +110,26 @@ function renderSummary(v) {
     el('ul', {}, gaps.map((x) => el('li', {}, `${x.node}: ${x.reason} from ${fmtTime(x.from)} to ${fmtTime(x.to)}${x.count ? `, ${x.count} events` : ''}`))),
   );
   show(g);
+}
+
+// What an empty search looked for: every filter given, the protocol, the
+// time range and the gaps in it.
+function searchedText(v) {
+  const p = lastParams;
+  const f = [];
+  const pair = (ip, port, what) => {
+    if (p[ip] || p[port]) f.push(`${what} ${p[ip] || '*'}:${p[port] || '*'}`);
+  };
+  pair('src_ip', 'src_port', 'pod (src)');
+  pair('dst_ip', 'dst_port', 'dst');
+  pair('snat_ip', 'snat_port', 'SNAT');
+  f.push(`protocol ${p.protocol || 'any'}`);
+  f.push(p.node ? `node ${p.node}` : 'every node');
+  if (p.kind) f.push(`kind ${p.kind}`);
+  f.push(v.from || v.to ? `from ${fmtTime(v.from) || 'the first record'} to ${fmtTime(v.to) || 'now'}` : 'any time');
+  const gaps = v.gaps || [];
+  f.push(gaps.length ? `gaps: ${gaps.map((g) => `${g.node} ${g.reason} ${fmtTime(g.from)} – ${fmtTime(g.to)}`).join('; ')}` : 'gaps: none');
+  return `No connection found. Searched: ${f.join(', ')}.`;
 }
 
 function ms(t) {
@@ -161,6 +204,8 @@ function sortValue(r, key) {
       return ms(r[key]) ?? -Infinity;
     case 'duration_ms':
       return r.duration_ms ?? -Infinity;
+    case 'alive_at':
+      return r.alive_at === undefined ? '' : String(r.alive_at);
     case 'src':
       return `${ipKey(r.src_ip)}#${String(r.src_port).padStart(5, '0')}`;
     case 'dst':
@@ -182,15 +227,22 @@ function renderTable() {
         'tr',
         {},
         el('td', { class: 'mono' }, fmtTime(r.start)),
-        el('td', { class: 'mono' }, r.end ? fmtTime(r.end) : el('b', {}, 'open')),
+        el('td', { class: 'mono end' }, endCell(r, (t) => fmtTime(t))),
         el('td', {}, fmtDuration(r.duration_ms)),
         el('td', { class: 'node' }, r.node),
         el('td', {}, r.protocol),
         el('td', { class: 'mono src' }, addr(r.src_ip, r.src_port)),
         el('td', { class: 'mono' }, addr(r.dst_ip, r.dst_port)),
         el('td', { class: 'mono' }, addr(r.snat_ip, r.snat_port)),
-        el('td', { title: r.midstream ? 'picked up mid-stream: the connection started before this entry' : null }, `${r.state ?? ''}${r.midstream ? ' (mid-stream)' : ''}${r.zone ? ` zone ${r.zone}` : ''}`),
+        el(
+          'td',
+          { class: 'state', title: r.midstream ? 'picked up mid-stream: the connection started before this entry' : null },
+          stateText(r),
+          !r.end && isClosing(r.state) ? badge('warn', 'closing') : null,
+          r.zone ? ` zone ${r.zone}` : '',
+        ),
         el('td', {}, r.kind ?? ''),
+        el('td', { class: 'alive', title: ALIVE_AT_HELP }, r.alive_at === undefined ? '' : r.alive_at ? 'yes' : 'no'),
       ),
     );
   for (const th of document.querySelectorAll('#search-table th[data-key]')) {
@@ -199,4 +251,14 @@ function renderTable() {
   }
   $('#search-table tbody').replaceChildren(...rows);
   show($('#search-table'));
+  const withAt = records.some((r) => r.alive_at !== undefined);
+  for (const c of document.querySelectorAll('#search-table .alive-col, #search-table td.alive')) c.hidden = !withAt;
+  fill(
+    $('#search-legend'),
+    el('b', {}, 'Times'), ` in ${zoneLabel()}. `,
+    withAt ? [el('b', {}, 'alive at'), ` (the time searched with at) — ${ALIVE_AT_HELP} `] : null,
+    el('b', {}, 'state'), " — as the record saw it: at the first packet for a NEW record, at the end for a DESTROY; TIME_WAIT or CLOSE is called closing. ",
+    el('b', {}, 'end'), ' — destroy: the DESTROY event; superseded: a later entry took the tuple (an upper bound); gone: found gone at a re-check (between last seen and the end); no end yet: no DESTROY so far (a closed TCP connection keeps its entry ~120 s).',
+  );
+  show($('#search-legend'));
 }
