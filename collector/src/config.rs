@@ -16,6 +16,29 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub lookup: LookupConfig,
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// `kubernetes.enabled`: whether the collector watches Pods to name pod IPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubernetesEnabled {
+    /// On when `kubeconfig` is set or the collector runs in a pod.
+    #[default]
+    Auto,
+    True,
+    False,
+}
+
+/// The `kubernetes` section: the pod watch (pod names in answers).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub enabled: KubernetesEnabled,
+    /// A kubeconfig file (its current context); the in-cluster service
+    /// account when unset.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -135,7 +158,7 @@ impl Default for LookupConfig {
 
 impl ConfigFile for Config {
     fn files(&self) -> Vec<(&'static str, &std::path::Path, FileUse)> {
-        vec![
+        let mut files = vec![
             (
                 "grpc.tls.ca_file",
                 self.grpc.tls.ca_file.as_path(),
@@ -161,7 +184,11 @@ impl ConfigFile for Config {
                 self.storage.path.as_path(),
                 FileUse::WriteDir,
             ),
-        ]
+        ];
+        if let Some(k) = &self.kubernetes.kubeconfig {
+            files.push(("kubernetes.kubeconfig", k.as_path(), FileUse::Read));
+        }
+        files
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
