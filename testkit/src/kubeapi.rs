@@ -203,6 +203,17 @@ impl KubeApi {
         true
     }
 
+    /// Remove an object without any watch event, as if its DELETED event
+    /// fell in a window the server compacted away (use with
+    /// [`KubeApi::expire`]: only a re-list can notice).
+    pub fn delete_unseen(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        let mut g = self.lock();
+        g.rv += 1;
+        g.objects
+            .get_mut(kind)
+            .is_some_and(|m| m.remove(&format!("{namespace}/{name}")).is_some())
+    }
+
     /// End every open watch stream (the connection drops after the last
     /// line). The client resumes from its last resourceVersion.
     pub fn drop_watches(&self) {
@@ -220,6 +231,11 @@ impl KubeApi {
     /// Send a BOOKMARK (current resourceVersion) to watches that allow them.
     pub fn bookmark(&self) {
         let _ = self.shared.tx.send(Msg::Bookmark);
+    }
+
+    /// The server's current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
     }
 
     /// Requests served so far, e.g. `list /api/v1/pods`,
