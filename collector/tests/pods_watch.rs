@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ctw_collector::config::{KubernetesConfig, KubernetesEnabled};
-use ctw_collector::pods::watch::{self, now_ns, WatchCounters};
+use ctw_collector::metrics::Metrics;
+use ctw_collector::pods::watch::{self, now_ns};
 use ctw_collector::pods::{NoPodReason, PodHistory};
 use ctw_testkit::eventually;
 use ctw_testkit::kubeapi::{owner_json, pod_json, KubeApi};
@@ -89,12 +90,12 @@ async fn kube_rs_list_watch_bookmark_drop_and_410_relist() {
     assert!(watch::enabled(&cfg));
     let client = watch::client(&cfg).await.expect("client");
     let history = Arc::new(PodHistory::open(&dir.join("pods"), u64::MAX).expect("history"));
-    let counters = Arc::new(WatchCounters::default());
+    let metrics = Metrics::new();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(watch::run(
         client,
         history.clone(),
-        counters.clone(),
+        metrics.clone(),
         async {
             let _ = stop_rx.await;
         },
@@ -246,9 +247,10 @@ async fn kube_rs_list_watch_bookmark_drop_and_410_relist() {
     assert!(!inside.verified, "{inside:?}");
     assert!(history.at(ip("198.18.1.12"), before).verified);
     assert!(
-        counters
-            .pod_watch_errors
-            .load(std::sync::atomic::Ordering::Relaxed)
+        metrics
+            .pod_watch_failures
+            .with_label_values(&["pods"])
+            .get()
             >= 1
     );
     // Other pods survive the re-list unchanged (same interval).

@@ -99,6 +99,21 @@ struct Inner {
     retention_ns: u64,
 }
 
+/// What [`PodHistory::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryStats {
+    pub history: Stats,
+    /// Open intervals.
+    pub live: usize,
+    /// All intervals kept.
+    pub intervals: usize,
+    pub gaps: usize,
+    /// Journal writes that failed.
+    pub journal_errors: u64,
+    /// Journal lines that did not parse at start-up.
+    pub bad_lines: u64,
+}
+
 /// The shared pod history: `Sync`, cheap to query under a mutex.
 #[derive(Debug)]
 pub struct PodHistory {
@@ -285,17 +300,17 @@ impl PodHistory {
         self.answer(hit.record.orig.src, start, end)
     }
 
-    /// Counters for metrics: (history stats, live intervals, gaps, journal
-    /// write errors, bad journal lines read).
-    pub fn stats(&self) -> (Stats, usize, usize, u64, u64) {
+    /// Sizes and counters, for metrics.
+    pub fn stats(&self) -> HistoryStats {
         let g = self.lock();
-        (
-            g.history.stats,
-            g.history.live_intervals(),
-            g.history.gaps().len(),
-            g.journal_errors,
-            g.bad_lines,
-        )
+        HistoryStats {
+            history: g.history.stats,
+            live: g.history.live_intervals(),
+            intervals: g.history.intervals(),
+            gaps: g.history.gaps().len(),
+            journal_errors: g.journal_errors,
+            bad_lines: g.bad_lines,
+        }
     }
 
     /// The recorded gaps (oldest first).
@@ -400,8 +415,8 @@ mod tests {
         assert_eq!(name_at(&h, 20 * S).as_deref(), Some("a"));
         assert_eq!(name_at(&h, 35 * S).as_deref(), Some("b"));
         assert_eq!(name_at(&h, 50 * S).as_deref(), Some("b"));
-        let (stats, live, ..) = h.stats();
-        assert_eq!((stats.fenced, live), (1, 1));
+        let st = h.stats();
+        assert_eq!((st.history.fenced, st.live), (1, 1));
         // A later update of A (still terminating) does not take the IP back.
         let mut a = pod(1, "a", &[]);
         a.terminal = true;
@@ -632,7 +647,7 @@ mod tests {
         )
         .unwrap();
         let h = PodHistory::open(&dir, u64::MAX).unwrap();
-        assert_eq!(h.stats().4, 1);
+        assert_eq!(h.stats().bad_lines, 1);
         assert_eq!(
             h.gaps(),
             vec![Gap {

@@ -22,6 +22,7 @@ use super::{
     history::parse_uid, Input, PodHistory, PodState, PodsError, Workload, SYNC_INTERVAL_MS,
 };
 use crate::config::{KubernetesConfig, KubernetesEnabled};
+use crate::metrics::Metrics;
 
 /// Whether the pod watch runs: `true`/`false` as configured; `auto` when a
 /// kubeconfig is set or the process runs in a pod (`KUBERNETES_SERVICE_HOST`
@@ -118,10 +119,14 @@ enum Item {
     /// A pod whose UID did not parse.
     BadPod,
     /// An owner watch failed (retried; names stay at the direct owner).
-    OwnerBroken,
+    OwnerBroken(&'static str),
 }
 
-fn owner_stream<K>(api: Api<K>, kind: &'static str) -> impl Stream<Item = Item> + Send
+fn owner_stream<K>(
+    api: Api<K>,
+    kind: &'static str,
+    label: &'static str,
+) -> impl Stream<Item = Item> + Send
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
@@ -132,7 +137,7 @@ where
                 Ok(ev) => ev,
                 Err(e) => {
                     tracing::warn!(kind, error = %e, "owner watch failed; retrying");
-                    return Some(Item::OwnerBroken);
+                    return Some(Item::OwnerBroken(label));
                 }
             };
             let owner = |m: &ObjectMeta| Input::Owner {
@@ -177,28 +182,23 @@ fn pod_stream(api: Api<Pod>) -> impl Stream<Item = Item> + Send {
         })
 }
 
-/// Counters of the watch task, read by metrics.
-#[derive(Debug, Default)]
-pub struct WatchCounters {
-    pub events: std::sync::atomic::AtomicU64,
-    pub bad_pods: std::sync::atomic::AtomicU64,
-    pub pod_watch_errors: std::sync::atomic::AtomicU64,
-    pub owner_watch_errors: std::sync::atomic::AtomicU64,
-}
-
 /// Run the watches into `history` until `stop` resolves; heartbeats every
 /// [`SYNC_INTERVAL_MS`], a final compaction at the end. Never returns an
 /// error: the watches retry with backoff, and failures become gaps.
 pub async fn run(
     client: Client,
     history: Arc<PodHistory>,
-    counters: Arc<WatchCounters>,
+    metrics: Metrics,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     let items = stream::select_all([
-        owner_stream(Api::<ReplicaSet>::all(client.clone()), "ReplicaSet").boxed(),
-        owner_stream(Api::<Job>::all(client.clone()), "Job").boxed(),
+        owner_stream(
+            Api::<ReplicaSet>::all(client.clone()),
+            "ReplicaSet",
+            "replicasets",
+        )
+        .boxed(),
+        owner_stream(Api::<Job>::all(client.clone()), "Job", "jobs").boxed(),
         pod_stream(Api::<Pod>::all(client)).boxed(),
     ]);
     tokio::pin!(items);
@@ -207,21 +207,22 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            _ = tick.tick() => history.tick(now_ns()),
+            _ = tick.tick() => {
+                history.tick(now_ns());
+                metrics.sync_pods(&history);
+            }
             item = items.next() => match item {
                 None => break,
                 Some(Item::Input(input)) => {
-                    counters.events.fetch_add(1, Relaxed);
+                    metrics.pod_watch_events.inc();
                     if input == Input::Broken {
-                        counters.pod_watch_errors.fetch_add(1, Relaxed);
+                        metrics.pod_watch_failures.with_label_values(&["pods"]).inc();
                     }
                     history.apply(input, now_ns());
                 }
-                Some(Item::BadPod) => {
-                    counters.bad_pods.fetch_add(1, Relaxed);
-                }
-                Some(Item::OwnerBroken) => {
-                    counters.owner_watch_errors.fetch_add(1, Relaxed);
+                Some(Item::BadPod) => metrics.pods_rejected.inc(),
+                Some(Item::OwnerBroken(watch)) => {
+                    metrics.pod_watch_failures.with_label_values(&[watch]).inc();
                 }
             }
         }
@@ -229,4 +230,5 @@ pub async fn run(
     if let Err(e) = history.compact(now_ns()) {
         tracing::warn!(error = %e, "pod history: final compaction failed");
     }
+    metrics.sync_pods(&history);
 }
