@@ -203,6 +203,41 @@ pub fn parse_uid(s: &str) -> Option<u128> {
     u128::from_str_radix(&hex, 16).ok()
 }
 
+/// The IPs a live pod holds: at most one per family (`status.podIPs`),
+/// kept inline (no heap allocation per pod).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveIps([Option<IpAddr>; 2]);
+
+impl LiveIps {
+    fn to_vec(self) -> Vec<IpAddr> {
+        self.0.into_iter().flatten().collect()
+    }
+    fn len(&self) -> usize {
+        self.0.iter().flatten().count()
+    }
+    /// Add `ip`; a third address (never sent by Kubernetes) replaces the
+    /// second.
+    fn add(&mut self, ip: IpAddr) {
+        if self.0.contains(&Some(ip)) {
+            return;
+        }
+        match self.0.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some(ip),
+            None => self.0[1] = Some(ip),
+        }
+    }
+    fn remove(&mut self, ip: IpAddr) {
+        for s in &mut self.0 {
+            if *s == Some(ip) {
+                *s = None;
+            }
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+}
+
 /// The in-memory history (no I/O: [`super::store`] persists its changes).
 #[derive(Debug, Default)]
 pub struct History {
@@ -210,7 +245,7 @@ pub struct History {
     /// Intervals per IP, ordered by `from_ns`.
     pub(crate) by_ip: HashMap<IpAddr, Vec<Interval>>,
     /// The IPs each live pod holds (to close them on delete).
-    pub(crate) live: HashMap<u128, Vec<IpAddr>>,
+    pub(crate) live: HashMap<u128, LiveIps>,
     pub(crate) gaps: Vec<Gap>,
     pub stats: Stats,
 }
@@ -226,7 +261,7 @@ pub enum Change {
 impl History {
     /// Number of open intervals (live pods with an IP, per IP).
     pub fn live_intervals(&self) -> usize {
-        self.live.values().map(Vec::len).sum()
+        self.live.values().map(LiveIps::len).sum()
     }
 
     /// Number of stored intervals, open and closed.
@@ -252,7 +287,11 @@ impl History {
     ) {
         let holds = if pod.terminal { &[][..] } else { &pod.ips[..] };
         // Close what the pod no longer holds.
-        let old: Vec<IpAddr> = self.live.get(&pod.uid).cloned().unwrap_or_default();
+        let old: Vec<IpAddr> = self
+            .live
+            .get(&pod.uid)
+            .map(|l| l.to_vec())
+            .unwrap_or_default();
         for ip in &old {
             if !holds.contains(ip) {
                 self.close(*ip, pod.uid, now_ns, out);
@@ -304,7 +343,7 @@ impl History {
     /// The pod was deleted (watch `DELETED`, or absent from a re-list) at
     /// `now_ns`: close what it still holds.
     pub fn delete(&mut self, uid: u128, now_ns: u64, out: &mut Vec<Change>) {
-        match self.live.get(&uid).cloned() {
+        match self.live.get(&uid).map(|l| l.to_vec()) {
             Some(ips) => {
                 for ip in ips {
                     self.close(ip, uid, now_ns, out);
@@ -345,7 +384,7 @@ impl History {
 
     /// Set the workload of open intervals whose owner was unresolved.
     pub fn set_workload(&mut self, uid: u128, workload: &Workload) {
-        let Some(ips) = self.live.get(&uid).cloned() else {
+        let Some(ips) = self.live.get(&uid).map(|l| l.to_vec()) else {
             return;
         };
         let kind = self.strings.intern(&workload.kind);
@@ -477,13 +516,13 @@ impl History {
         let uid = iv.uid;
         let open = iv.to_ns == OPEN;
         let v = self.by_ip.entry(ip).or_default();
+        // Exact growth: most IPs hold one or two intervals (a Vec would
+        // otherwise reserve four).
+        v.reserve_exact(1);
         let pos = v.partition_point(|i| i.from_ns <= iv.from_ns);
         v.insert(pos, iv);
         if open {
-            let ips = self.live.entry(uid).or_default();
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
+            self.live.entry(uid).or_default().add(ip);
         }
         self.stats.opened += 1;
     }
@@ -503,7 +542,7 @@ impl History {
             });
         }
         if let Some(ips) = self.live.get_mut(&uid) {
-            ips.retain(|i| *i != ip);
+            ips.remove(ip);
             if ips.is_empty() {
                 self.live.remove(&uid);
             }
