@@ -92,6 +92,16 @@ pub struct KubeApi {
 impl KubeApi {
     /// Start on 127.0.0.1 (a free port) on its own thread and runtime.
     pub fn start() -> KubeApi {
+        Self::start_in(None)
+    }
+
+    /// Start on 127.0.0.1 inside network namespace `ns` (`ip netns` name),
+    /// for a collector running there. Needs root.
+    pub fn start_in_netns(ns: &str) -> KubeApi {
+        Self::start_in(Some(ns.to_string()))
+    }
+
+    fn start_in(ns: Option<String>) -> KubeApi {
         let (tx, _) = broadcast::channel(65_536);
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
@@ -100,15 +110,27 @@ impl KubeApi {
             }),
             tx,
         });
-        let std_listener =
-            std::net::TcpListener::bind("127.0.0.1:0").expect("bind the kube API test server");
-        std_listener.set_nonblocking(true).expect("nonblocking");
-        let addr = std_listener.local_addr().expect("local addr");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let app = axum::Router::new()
             .fallback(serve)
             .with_state(shared.clone());
         let thread = std::thread::spawn(move || {
+            if let Some(ns) = ns {
+                // This thread only: the listening socket is created in `ns`.
+                let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
+                    .unwrap_or_else(|e| panic!("open netns {ns}: {e}"));
+                // SAFETY: setns on a valid namespace fd, for this thread.
+                let rc =
+                    unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            }
+            let std_listener =
+                std::net::TcpListener::bind("127.0.0.1:0").expect("bind the kube API test server");
+            std_listener.set_nonblocking(true).expect("nonblocking");
+            addr_tx
+                .send(std_listener.local_addr().expect("local addr"))
+                .expect("send addr");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -123,6 +145,7 @@ impl KubeApi {
                     .await;
             });
         });
+        let addr = addr_rx.recv().expect("the kube API test server started");
         KubeApi {
             addr,
             shared,

@@ -162,9 +162,15 @@ impl PodHistory {
         let mut out = Vec::new();
         match input {
             Input::ListBegin => g.listing = Some(HashSet::new()),
-            Input::Listed(pod) => {
+            Input::Listed(mut pod) => {
                 if let Some(l) = g.listing.as_mut() {
                     l.insert(pod.uid);
+                }
+                // A pod new to the history got its IP after the history was
+                // last complete (the gap's start): never earlier, whatever
+                // its startTime says.
+                if let (Some(s), Some(gap)) = (pod.start_ns, g.gap_since) {
+                    pod.start_ns = Some(s.max(gap));
                 }
                 observe(g, &pod, now_ns, &mut out);
             }
@@ -512,6 +518,30 @@ mod tests {
         assert_eq!(other.reason, Some(NoPodReason::HistoryGap));
         // Before the history began: a gap too.
         assert_eq!(h.at(ip(), S / 2).reason, Some(NoPodReason::HistoryGap));
+    }
+
+    #[test]
+    fn a_pod_first_listed_after_a_gap_starts_no_earlier_than_the_gap() {
+        let h = started();
+        h.apply(Input::Applied(pod(1, "a", &[IP])), 10 * S);
+        h.apply(Input::Broken, 20 * S);
+        // A was deleted and B took its IP while the watch was down; B's
+        // startTime is older than the gap (kubelet clock, or a pod that
+        // waited for its sandbox).
+        h.apply(Input::ListBegin, 30 * S);
+        let mut b = pod(2, "b", &[IP]);
+        b.start_ns = Some(5 * S);
+        h.apply(Input::Listed(b), 30 * S);
+        h.apply(Input::ListDone, 30 * S);
+        assert_eq!(
+            name_at(&h, 15 * S).as_deref(),
+            Some("a"),
+            "A keeps its verified past"
+        );
+        let b = h.at(ip(), 25 * S).pod.unwrap();
+        assert_eq!((b.name.as_str(), b.from_ns), ("b", 20 * S));
+        assert!(!h.at(ip(), 25 * S).verified);
+        assert_eq!(name_at(&h, 31 * S).as_deref(), Some("b"));
     }
 
     #[test]
