@@ -4,7 +4,7 @@
 //! Each event is what the watch task does per pod event, minus the HTTP
 //! stream: parse the Pod JSON (real schema, about 900 bytes) into
 //! `k8s_openapi::api::core::v1::Pod`, extract the `PodState`, apply it to
-//! the `PodHistory` with its journal on disk (heartbeat + fsync every 5 s).
+//! the `PodHistory` with its journal on disk (heartbeat + fsync every 5 s here; the collector syncs every 1 s).
 //! Churn keeps the pod count constant: each pair of events deletes the
 //! oldest pod and creates a new one that takes the freed IP (IP reuse).
 //! Heap bytes are counted by a global allocator wrapper (exact live heap);

@@ -448,7 +448,8 @@ async fn serve(
 
 /// A Pod in the real schema (`v1.Pod`): `ips` go to `status.podIP(s)`;
 /// `owner` is the controller owner reference (kind, name); `phase` e.g.
-/// `Running`, `Succeeded`; `start_time` RFC 3339.
+/// `Running`, `Succeeded`. `creationTimestamp` and `status.startTime` are
+/// now, in whole seconds (RFC 3339, as the API server writes them).
 #[allow(clippy::too_many_arguments)]
 pub fn pod_json(
     namespace: &str,
@@ -473,8 +474,8 @@ pub fn pod_json(
         })
         .unwrap_or_default();
     let pod_ips: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
-    let mut status = json!({"phase": phase, "hostIP": "198.18.0.1",
-                            "startTime": "2026-01-01T00:00:00Z"});
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut status = json!({"phase": phase, "hostIP": "198.18.0.1", "startTime": now});
     if let Some(first) = ips.first() {
         status["podIP"] = json!(first);
         status["podIPs"] = json!(pod_ips);
@@ -482,7 +483,7 @@ pub fn pod_json(
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": namespace, "uid": uid,
-                     "creationTimestamp": "2026-01-01T00:00:00Z",
+                     "creationTimestamp": now,
                      "labels": {"app": name},
                      "ownerReferences": owners},
         "spec": {"nodeName": node, "hostNetwork": host_network,

@@ -254,8 +254,19 @@ pub struct History {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Opened(IpAddr, Interval),
-    Closed { ip: IpAddr, uid: u128, to_ns: u64 },
+    Closed {
+        ip: IpAddr,
+        uid: u128,
+        to_ns: u64,
+    },
     Gap(Gap),
+    /// The open interval's workload became known (its owner's metadata
+    /// arrived after the pod).
+    Workload {
+        ip: IpAddr,
+        uid: u128,
+        workload: Workload,
+    },
 }
 
 impl History {
@@ -383,21 +394,35 @@ impl History {
     }
 
     /// Set the workload of open intervals whose owner was unresolved.
-    pub fn set_workload(&mut self, uid: u128, workload: &Workload) {
+    pub fn set_workload(&mut self, uid: u128, workload: &Workload, out: &mut Vec<Change>) {
         let Some(ips) = self.live.get(&uid).map(|l| l.to_vec()) else {
             return;
         };
+        for ip in ips {
+            if self.set_workload_at(ip, uid, workload) {
+                out.push(Change::Workload {
+                    ip,
+                    uid,
+                    workload: workload.clone(),
+                });
+            }
+        }
+    }
+
+    fn set_workload_at(&mut self, ip: IpAddr, uid: u128, workload: &Workload) -> bool {
         let kind = self.strings.intern(&workload.kind);
         let name = self.strings.intern(&workload.name);
-        for ip in ips {
-            if let Some(iv) = self
-                .by_ip
-                .get_mut(&ip)
-                .and_then(|v| v.iter_mut().find(|i| i.uid == uid && i.to_ns == OPEN))
-            {
+        match self
+            .by_ip
+            .get_mut(&ip)
+            .and_then(|v| v.iter_mut().rev().find(|i| i.uid == uid))
+        {
+            Some(iv) => {
                 iv.workload_kind = kind;
                 iv.workload_name = name;
+                true
             }
+            None => false,
         }
     }
 
@@ -430,6 +455,9 @@ impl History {
                 self.close(ip, uid, to_ns, &mut ignore);
             }
             Change::Gap(g) => self.push_gap(g),
+            Change::Workload { ip, uid, workload } => {
+                self.set_workload_at(ip, uid, &workload);
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! The pod history on disk: one JSON-lines file, `<storage.path>/pods/history.jsonl`.
 //!
 //! Each line is one [`Line`]: an interval opened (`open`, with `to_ns` once
-//! compacted and closed), closed (`close`), a watch gap (`gap`), or the
+//! compacted and closed), closed (`close`), its workload resolved late
+//! (`workload`), a watch gap (`gap`), or the
 //! watch's heartbeat (`alive`: the history was complete up to `at_ns`).
 //! Appends are buffered and written + fsynced at every heartbeat
 //! ([`Journal::sync`]); after a crash the lines since the last heartbeat are
@@ -48,6 +49,12 @@ pub enum Line {
     Gap {
         from_ns: u64,
         to_ns: u64,
+    },
+    Workload {
+        ip: IpAddr,
+        uid: String,
+        kind: String,
+        name: String,
     },
     Alive {
         at_ns: u64,
@@ -235,6 +242,12 @@ fn change_line(h: &History, c: &Change) -> Line {
             from_ns: g.from_ns,
             to_ns: g.to_ns,
         },
+        Change::Workload { ip, uid, workload } => Line::Workload {
+            ip: *ip,
+            uid: uid_text(*uid),
+            kind: workload.kind.clone(),
+            name: workload.name.clone(),
+        },
     }
 }
 
@@ -281,6 +294,19 @@ fn apply_line(h: &mut History, l: Line) -> Option<u64> {
         }
         Line::Gap { from_ns, to_ns } => {
             h.replay(Change::Gap(Gap { from_ns, to_ns }));
+            None
+        }
+        Line::Workload {
+            ip,
+            uid,
+            kind,
+            name,
+        } => {
+            h.replay(Change::Workload {
+                ip,
+                uid: parse_uid(&uid)?,
+                workload: super::history::Workload { kind, name },
+            });
             None
         }
         Line::Alive { at_ns } => Some(at_ns),

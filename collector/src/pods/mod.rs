@@ -28,8 +28,11 @@ use journal::{Journal, JournalError};
 
 use crate::store::Hit;
 
-/// Heartbeats (journal fsync) and compaction checks run this often.
-pub const SYNC_INTERVAL_MS: u64 = 5_000;
+/// Heartbeats (journal write + fsync) and compaction checks run this often:
+/// a crash loses at most this much of the journal, and the restart's gap
+/// starts at the last heartbeat, so the lost window is never answered as
+/// verified.
+pub const SYNC_INTERVAL_MS: u64 = 1_000;
 
 /// What the watch task reports, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,7 +222,7 @@ impl PodHistory {
                         name: key.2.clone(),
                     });
                     for uid in uids {
-                        g.history.set_workload(uid, &w);
+                        g.history.set_workload(uid, &w, &mut out);
                     }
                 }
                 g.owners.insert(key, owner);
@@ -657,6 +660,28 @@ mod tests {
             ("b", 11 * S),
             "B's interval continues"
         );
+        // A workload resolved late is journaled too.
+        h.apply(
+            Input::Owner {
+                kind: "ReplicaSet".into(),
+                namespace: "payments".into(),
+                name: "checkout-7d9f".into(),
+                owner: Some(Workload {
+                    kind: "Deployment".into(),
+                    name: "checkout".into(),
+                }),
+            },
+            62 * S,
+        );
+        h.tick(63 * S);
+        drop(h);
+        let h = PodHistory::open(&dir, u64::MAX).unwrap();
+        let w = h
+            .at("198.18.1.12".parse().unwrap(), 61 * S)
+            .pod
+            .unwrap()
+            .workload;
+        assert_eq!(w.unwrap().kind, "Deployment");
         // Compaction keeps the same answers.
         h.compact(70 * S).unwrap();
         drop(h);
