@@ -309,6 +309,14 @@ impl PodHistory {
         self.answer(hit.record.orig.src, start, end)
     }
 
+    /// Integration point for live lookups (a kernel entry, no stored end):
+    /// the pod of the record's original source as of its start (kernel
+    /// start time, else the record's time) up to `now_ns`.
+    pub fn for_record(&self, record: &ctw_common::ConnRecord, now_ns: u64) -> PodAnswer {
+        let start = record.start_ns.unwrap_or(record.event_ns);
+        self.answer(record.orig.src, start, now_ns.max(start))
+    }
+
     /// Sizes and counters, for metrics.
     pub fn stats(&self) -> HistoryStats {
         let g = self.lock();
@@ -613,6 +621,32 @@ mod tests {
         assert_eq!(
             (w.kind.as_str(), w.name.as_str()),
             ("Deployment", "checkout")
+        );
+    }
+
+    #[test]
+    fn answer_json_shape() {
+        let h = started();
+        h.apply(Input::Applied(pod(1, "a", &[IP])), 10 * S);
+        let a = serde_json::to_value(h.at(ip(), 11 * S)).unwrap();
+        assert_eq!(
+            a,
+            serde_json::json!({
+                "pod": {
+                    "namespace": "payments", "name": "a",
+                    "uid": "00000000-0000-0000-0000-000000000001",
+                    "workload": {"kind": "ReplicaSet", "name": "checkout-7d9f"},
+                    "node": "node-3", "host_network": false,
+                    "from_ns": 10 * S, "to_ns": null
+                },
+                "reason": null, "verified": true, "pod_ip_reused": false, "holders": []
+            })
+        );
+        let none = serde_json::to_value(h.at(ip(), 5 * S)).unwrap();
+        assert_eq!(
+            none,
+            serde_json::json!({"pod": null, "reason": "no_pod_at_time", "verified": true,
+                               "pod_ip_reused": false, "holders": []})
         );
     }
 
