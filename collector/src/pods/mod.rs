@@ -34,6 +34,14 @@ use crate::store::Hit;
 /// verified.
 pub const SYNC_INTERVAL_MS: u64 = 1_000;
 
+/// After a watch failure with no pod event since, the watch counts as
+/// re-established once no failure was reported for this long: kube-rs
+/// reports every failed attempt and retries at most 30 s apart
+/// (`DefaultBackoff`), plus up to 30 s for the attempt itself to fail. A
+/// resumed watch replays what it missed, so only the timing within the gap
+/// is uncertain.
+pub const QUIET_AFTER_FAILURE_MS: u64 = 90_000;
+
 /// What the watch task reports, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -95,6 +103,8 @@ struct Inner {
     /// Where the current gap started (the watch broke, or the last
     /// heartbeat before a restart); `None` when there is none.
     gap_since: Option<u64>,
+    /// The last watch failure while the gap is open.
+    last_failure_ns: Option<u64>,
     /// Journal write errors (the history in memory stays right; the disk
     /// copy misses lines until a compaction succeeds).
     journal_errors: u64,
@@ -207,6 +217,7 @@ impl PodHistory {
                 if g.gap_since.is_none() {
                     g.gap_since = Some(now_ns);
                 }
+                g.last_failure_ns = Some(now_ns);
                 g.alive_ns = None;
             }
             Input::Owner {
@@ -252,6 +263,19 @@ impl PodHistory {
     pub fn tick(&self, now_ns: u64) {
         let mut g = self.lock();
         let g = &mut *g;
+        if let Some(f) = g.last_failure_ns {
+            if g.listing.is_none() && now_ns.saturating_sub(f) >= QUIET_AFTER_FAILURE_MS * 1_000_000
+            {
+                let mut out = Vec::new();
+                end_gap(g, now_ns, &mut out);
+                if let Some(j) = g.journal.as_mut() {
+                    if let Err(e) = j.append(&g.history, &out) {
+                        g.journal_errors += 1;
+                        tracing::warn!(error = %e, "pod history: cannot write the journal");
+                    }
+                }
+            }
+        }
         if g.gap_since.is_none() {
             g.alive_ns = Some(now_ns);
         }
@@ -337,6 +361,7 @@ impl PodHistory {
 }
 
 fn end_gap(g: &mut Inner, now_ns: u64, out: &mut Vec<Change>) {
+    g.last_failure_ns = None;
     if let Some(from) = g.gap_since.take() {
         g.history.gap(from, now_ns, out);
     }
@@ -569,6 +594,26 @@ mod tests {
             })
         );
         assert!(!h.at(ip(), 22 * S).verified);
+    }
+
+    #[test]
+    fn a_quiet_watch_after_a_failure_ends_the_gap_after_the_quiet_window() {
+        let h = started();
+        h.apply(Input::Applied(pod(1, "a", &[IP])), 10 * S);
+        h.apply(Input::Broken, 20 * S);
+        h.apply(Input::Broken, 50 * S);
+        h.tick(100 * S);
+        assert_eq!(h.gaps().len(), 1, "failures 50 s ago: still in the gap");
+        h.tick(141 * S);
+        assert_eq!(
+            h.gaps().last(),
+            Some(&Gap {
+                from_ns: 20 * S,
+                to_ns: 141 * S
+            })
+        );
+        assert!(h.at(ip(), 142 * S).verified);
+        assert!(!h.at(ip(), 60 * S).verified);
     }
 
     #[test]
