@@ -280,7 +280,10 @@ impl PodHistory {
             g.alive_ns = Some(now_ns);
         }
         let cutoff = now_ns.saturating_sub(g.retention_ns);
-        let alive = g.alive_ns;
+        // While a gap is open the history is complete up to its start: a
+        // compacted file keeps that (not "never"), so a restart's gap starts
+        // there.
+        let alive = g.alive_ns.or(g.gap_since);
         let Some(j) = g.journal.as_mut() else {
             g.history.prune(cutoff);
             return;
@@ -303,7 +306,7 @@ impl PodHistory {
         let g = &mut *g;
         g.history.prune(now_ns.saturating_sub(g.retention_ns));
         if let Some(j) = g.journal.as_mut() {
-            j.compact(&g.history, g.alive_ns)?;
+            j.compact(&g.history, g.alive_ns.or(g.gap_since))?;
         }
         Ok(())
     }
@@ -768,6 +771,33 @@ mod tests {
         assert_eq!(name_at(&h, 15 * S).as_deref(), Some("a"));
         assert!(!h.at(ip(), 40 * S).verified);
         assert_eq!(h.at(ip(), 61 * S).reason, Some(NoPodReason::NoPodAtTime));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn compaction_during_a_gap_keeps_where_the_history_was_complete() {
+        let dir = temp_dir("gapcompact");
+        {
+            let h = PodHistory::open(&dir, u64::MAX).unwrap();
+            h.apply(Input::ListBegin, S);
+            h.apply(Input::ListDone, S);
+            h.apply(Input::Applied(pod(1, "a", &[IP])), 10 * S);
+            h.tick(15 * S);
+            h.apply(Input::Broken, 20 * S);
+            h.compact(25 * S).unwrap();
+        }
+        let h = PodHistory::open(&dir, u64::MAX).unwrap();
+        h.apply(Input::ListBegin, 60 * S);
+        h.apply(Input::Listed(pod(1, "a", &[IP])), 60 * S);
+        h.apply(Input::ListDone, 60 * S);
+        assert_eq!(
+            h.gaps().last(),
+            Some(&Gap {
+                from_ns: 20 * S,
+                to_ns: 60 * S
+            })
+        );
+        assert!(h.at(ip(), 12 * S).verified);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

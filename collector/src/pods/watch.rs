@@ -208,7 +208,10 @@ pub async fn run(
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
-                history.tick(now_ns());
+                // fsync, and now and then a compaction rewriting the file:
+                // off the async workers.
+                let h = history.clone();
+                let _ = tokio::task::spawn_blocking(move || h.tick(now_ns())).await;
                 metrics.sync_pods(&history);
             }
             item = items.next() => match item {
