@@ -4,7 +4,7 @@
 //! Each event is what the watch task does per pod event, minus the HTTP
 //! stream: parse the Pod JSON (real schema, about 900 bytes) into
 //! `k8s_openapi::api::core::v1::Pod`, extract the `PodState`, apply it to
-//! the `PodHistory` with its journal on disk (heartbeat + fsync every 5 s here; the collector syncs every 1 s).
+//! the `PodHistory` with its journal on disk (heartbeat + fsync every 1 s, as in the collector).
 //! Churn keeps the pod count constant: each pair of events deletes the
 //! oldest pod and creates a new one that takes the freed IP (IP reuse).
 //! Heap bytes are counted by a global allocator wrapper (exact live heap);
@@ -176,7 +176,7 @@ fn main() {
             oldest += 1;
             done += 2;
         }
-        if last_tick.elapsed() >= Duration::from_secs(5) {
+        if last_tick.elapsed() >= Duration::from_secs(1) {
             let t = Instant::now();
             h.tick(fake_ns);
             apply_time += t.elapsed();
