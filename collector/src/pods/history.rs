@@ -464,7 +464,16 @@ impl History {
     /// The answer for `ip` for a connection from `start_ns` to `end_ns`
     /// (`end_ns == start_ns` for an instant).
     pub fn answer(&self, ip: IpAddr, start_ns: u64, end_ns: u64) -> PodAnswer {
-        let end_ns = end_ns.max(start_ns);
+        self.answer_in(ip, start_ns, start_ns, end_ns)
+    }
+
+    /// The pod that held `ip` at `at_ns`; `pod_ip_reused` when another pod
+    /// held it within `[lo_ns, hi_ns]` (the connection's lifetime widened by
+    /// the query's clock skew).
+    pub fn answer_in(&self, ip: IpAddr, at_ns: u64, lo_ns: u64, hi_ns: u64) -> PodAnswer {
+        let start_ns = at_ns;
+        let lo_ns = lo_ns.min(at_ns);
+        let end_ns = hi_ns.max(at_ns);
         let in_gap = self
             .gaps
             .iter()
@@ -475,7 +484,7 @@ impl History {
         let at: Option<&Interval> = ivs.iter().rev().find(|i| !i.host_network && covers(i));
         let overlapping: Vec<&Interval> = ivs
             .iter()
-            .filter(|i| !i.host_network && i.from_ns <= end_ns && start_ns < i.to_ns)
+            .filter(|i| !i.host_network && i.from_ns <= end_ns && lo_ns < i.to_ns)
             .collect();
         let mut uids: Vec<u128> = overlapping.iter().map(|i| i.uid).collect();
         uids.dedup();

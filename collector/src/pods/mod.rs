@@ -327,13 +327,25 @@ impl PodHistory {
     /// original tuple) as of its start, with reuse checked up to its end
     /// (the last time seen alive, or its start when neither is known).
     pub fn for_hit(&self, hit: &Hit) -> PodAnswer {
+        self.for_hit_with_skew(hit, 0)
+    }
+
+    /// [`PodHistory::for_hit`] with the reuse window widened by `skew_ns`
+    /// on both sides (a resolve query's clock skew between the log and the
+    /// node): a reuse within the skew is reported too.
+    pub fn for_hit_with_skew(&self, hit: &Hit, skew_ns: u64) -> PodAnswer {
         let start = hit.start_ns();
         let end = hit
             .closed_ns
             .or(hit.last_seen_ns)
             .unwrap_or(start)
             .max(start);
-        self.answer(hit.record.orig.src, start, end)
+        self.lock().history.answer_in(
+            hit.record.orig.src,
+            start,
+            start.saturating_sub(skew_ns),
+            end.saturating_add(skew_ns),
+        )
     }
 
     /// Integration point for live lookups (a kernel entry, no stored end):
@@ -495,6 +507,21 @@ mod tests {
         let names: Vec<_> = a.holders.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
         assert!(!h.answer(ip(), 15 * S, 19 * S).pod_ip_reused);
+        // B took the IP at 30 s: a connection of A's until 29 s is reused
+        // within a 2 s skew (window to 31 s), not without.
+        let hist = h.lock();
+        assert!(
+            hist.history
+                .answer_in(ip(), 15 * S, 13 * S, 31 * S)
+                .pod_ip_reused
+        );
+        assert!(
+            !hist
+                .history
+                .answer_in(ip(), 15 * S, 14 * S, 29 * S)
+                .pod_ip_reused
+        );
+        drop(hist);
     }
 
     #[test]
