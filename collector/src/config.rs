@@ -16,6 +16,55 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub lookup: LookupConfig,
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// `kubernetes.enabled`: whether the collector watches Pods to name pod IPs.
+/// YAML `true`/`false` (booleans) or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "EnabledValue")]
+pub enum KubernetesEnabled {
+    /// On when `kubeconfig` is set or the collector runs in a pod.
+    #[default]
+    Auto,
+    True,
+    False,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EnabledValue {
+    Bool(bool),
+    Text(String),
+}
+
+impl TryFrom<EnabledValue> for KubernetesEnabled {
+    type Error = String;
+    fn try_from(v: EnabledValue) -> Result<Self, String> {
+        match v {
+            EnabledValue::Bool(true) => Ok(KubernetesEnabled::True),
+            EnabledValue::Bool(false) => Ok(KubernetesEnabled::False),
+            EnabledValue::Text(t) => match t.as_str() {
+                "auto" => Ok(KubernetesEnabled::Auto),
+                "true" => Ok(KubernetesEnabled::True),
+                "false" => Ok(KubernetesEnabled::False),
+                _ => Err(format!(
+                    "kubernetes.enabled: expected auto, true or false, got {t:?}"
+                )),
+            },
+        }
+    }
+}
+
+/// The `kubernetes` section: the pod watch (pod names in answers).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub enabled: KubernetesEnabled,
+    /// A kubeconfig file (its current context); the in-cluster service
+    /// account when unset.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -135,7 +184,7 @@ impl Default for LookupConfig {
 
 impl ConfigFile for Config {
     fn files(&self) -> Vec<(&'static str, &std::path::Path, FileUse)> {
-        vec![
+        let mut files = vec![
             (
                 "grpc.tls.ca_file",
                 self.grpc.tls.ca_file.as_path(),
@@ -161,7 +210,11 @@ impl ConfigFile for Config {
                 self.storage.path.as_path(),
                 FileUse::WriteDir,
             ),
-        ]
+        ];
+        if let Some(k) = &self.kubernetes.kubeconfig {
+            files.push(("kubernetes.kubeconfig", k.as_path(), FileUse::Read));
+        }
+        files
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -250,6 +303,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("grpc.listen_addr") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_section() {
+        let c = Config::parse(MIN).unwrap();
+        assert_eq!(c.kubernetes, KubernetesConfig::default());
+        assert_eq!(c.kubernetes.enabled, KubernetesEnabled::Auto);
+        let c = Config::parse(&format!(
+            "{MIN}kubernetes:\n  enabled: true\n  kubeconfig: /k\n"
+        ))
+        .unwrap();
+        assert_eq!(c.kubernetes.enabled, KubernetesEnabled::True);
+        assert_eq!(c.kubernetes.kubeconfig, Some(PathBuf::from("/k")));
+        let c = Config::parse(&format!("{MIN}kubernetes:\n  enabled: \"false\"\n")).unwrap();
+        assert_eq!(c.kubernetes.enabled, KubernetesEnabled::False);
+        for bad in [
+            "kubernetes:\n  enable: true\n",
+            "kubernetes:\n  enabled: maybe\n",
+        ] {
+            let e = Config::parse(&format!("{MIN}{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("enable"), "{e}");
+        }
     }
 
     #[test]

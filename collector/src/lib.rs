@@ -9,6 +9,7 @@ pub mod grpc_query;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod pods;
 pub mod registry;
 pub mod resolve;
 pub mod store;

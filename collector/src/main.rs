@@ -9,8 +9,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use ctw_collector::auth::Token;
 use ctw_collector::config::Config;
+use ctw_collector::config::KubernetesEnabled;
 use ctw_collector::http::{self, AppState};
 use ctw_collector::metrics::Metrics;
+use ctw_collector::pods::{self, PodHistory};
 use ctw_collector::registry::Registry;
 use ctw_collector::store::tantivy_store::TantivyStore;
 use ctw_collector::store::RecordStore;
@@ -88,6 +90,25 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// Open the pod history under `storage.path/pods` and start the watch task.
+async fn start_pod_watch(
+    cfg: &Config,
+    metrics: Metrics,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<PodHistory>)> {
+    let retention_ns = u64::from(cfg.storage.retention_days) * 86_400 * 1_000_000_000;
+    let history = Arc::new(
+        PodHistory::open(&cfg.storage.path.join("pods"), retention_ns)
+            .context("pod history (storage.path/pods)")?,
+    );
+    let client = pods::watch::client(&cfg.kubernetes)
+        .await
+        .context("kubernetes")?;
+    tracing::info!("watching pods cluster-wide");
+    let task = tokio::spawn(pods::watch::run(client, history.clone(), metrics, stop));
+    Ok((task, history))
+}
+
 fn run(cfg: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -134,6 +155,20 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             let stop = stopped(stop_rx.clone());
             async move { ingest::serve(&grpc_cfg, &lookup, store, registry, metrics, stop).await }
         });
+        // The pod watch (issue 13): one per collector. Answers do not use the
+        // history yet (see pods::PodHistory::for_hit).
+        let pod_watch = if pods::watch::enabled(&cfg.kubernetes) {
+            match start_pod_watch(&cfg, metrics.clone(), stopped(stop_rx.clone())).await {
+                Ok(t) => Some(t),
+                Err(e) if cfg.kubernetes.enabled == KubernetesEnabled::True => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "kubernetes.enabled is auto: running without pod names");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
             .with_context(|| format!("http.listen_addr: cannot listen on {http_addr}"))?;
@@ -159,6 +194,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         }
         .context("gRPC task")?;
         let _ = http.await;
+        if let Some((t, _history)) = pod_watch {
+            let _ = t.await;
+        }
         grpc_res
     });
     store.close();

@@ -88,7 +88,28 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
     /// Index partitions on disk.
     pub store_partitions: IntGauge,
+    /// Pod watch inputs applied to the pod history (pods and owners).
+    pub pod_watch_events: IntCounter,
+    /// Watch failures (retried with backoff), by `watch` ([`POD_WATCHES`]);
+    /// a `pods` failure opens a history gap.
+    pub pod_watch_failures: IntCounterVec,
+    /// Pods whose `metadata.uid` is not a UUID (skipped).
+    pub pods_rejected: IntCounter,
+    /// Pod IP intervals open (live pods with an IP, per IP).
+    pub pod_intervals_live: IntGauge,
+    /// Pod IP intervals kept (open and closed, within retention).
+    pub pod_intervals: IntGauge,
+    /// Watch gaps kept in the pod history.
+    pub pod_history_gaps: IntGauge,
+    /// Intervals closed because a newer pod (another UID) took the IP.
+    pub pod_ip_fenced: IntCounter,
+    /// Pod history journal writes that failed, and journal lines that did
+    /// not parse at start-up (skipped).
+    pub pod_journal_errors: IntCounterVec,
 }
+
+/// The watches of the pod history (label `watch`).
+pub const POD_WATCHES: [&str; 3] = ["pods", "replicasets", "jobs"];
 
 /// Buckets from 100 µs to 10 s.
 fn latency_buckets() -> Vec<f64> {
@@ -227,6 +248,48 @@ impl Metrics {
             store_records: gauge(&r, "ctw_collector_store_records", "Records in the store"),
             store_bytes: gauge(&r, "ctw_collector_store_bytes", "Bytes the store uses on disk"),
             store_partitions: gauge(&r, "ctw_collector_store_partitions", "Index partitions on disk"),
+            pod_watch_events: counter(
+                &r,
+                "ctw_collector_pod_watch_events_total",
+                "Pod and owner watch events applied to the pod history",
+            ),
+            pod_watch_failures: counter_vec(
+                &r,
+                "ctw_collector_pod_watch_failures_total",
+                "Kubernetes watch failures (retried), per watch; pods failures open a history gap",
+                &["watch"],
+            ),
+            pods_rejected: counter(
+                &r,
+                "ctw_collector_pods_rejected_total",
+                "Pods skipped because their metadata.uid is not a UUID",
+            ),
+            pod_intervals_live: gauge(
+                &r,
+                "ctw_collector_pod_intervals_live",
+                "Open pod IP intervals (live pods holding an IP)",
+            ),
+            pod_intervals: gauge(
+                &r,
+                "ctw_collector_pod_intervals",
+                "Pod IP intervals kept, open and closed",
+            ),
+            pod_history_gaps: gauge(
+                &r,
+                "ctw_collector_pod_history_gaps",
+                "Watch gaps kept in the pod history",
+            ),
+            pod_ip_fenced: counter(
+                &r,
+                "ctw_collector_pod_ip_fenced_total",
+                "Pod IP intervals closed because a newer pod took the IP",
+            ),
+            pod_journal_errors: counter_vec(
+                &r,
+                "ctw_collector_pod_journal_errors_total",
+                "Pod history journal errors, per kind (write, bad_line)",
+                &["kind"],
+            ),
             registry: r,
         };
         for reason in HANDSHAKE_REASONS {
@@ -240,6 +303,12 @@ impl Metrics {
         }
         for result in LOOKUP_RESULTS {
             m.lookups.with_label_values(&[result]);
+        }
+        for w in POD_WATCHES {
+            m.pod_watch_failures.with_label_values(&[w]);
+        }
+        for k in ["write", "bad_line"] {
+            m.pod_journal_errors.with_label_values(&[k]);
         }
         m
     }
@@ -277,6 +346,25 @@ impl Metrics {
         self.store_records.set(st.records as i64);
         self.store_bytes.set(st.bytes_on_disk as i64);
         self.store_partitions.set(st.partitions as i64);
+    }
+
+    /// Copy the pod history's state into the pod gauges and counters
+    /// (called by the pod watch at each heartbeat).
+    pub fn sync_pods(&self, h: &crate::pods::PodHistory) {
+        let st = h.stats();
+        self.pod_intervals_live.set(st.live as i64);
+        self.pod_intervals.set(st.intervals as i64);
+        self.pod_history_gaps.set(st.gaps as i64);
+        let up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        up(&self.pod_ip_fenced, st.history.fenced);
+        up(
+            &self.pod_journal_errors.with_label_values(&["write"]),
+            st.journal_errors,
+        );
+        up(
+            &self.pod_journal_errors.with_label_values(&["bad_line"]),
+            st.bad_lines,
+        );
     }
 
     pub fn render(&self) -> String {

@@ -30,6 +30,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod collector;
+pub mod kubeapi;
 
 /// Path of a workspace binary (`ctw-agent`, `ctw-collector`) in the same
 /// target directory as the running test, built once with cargo when it is

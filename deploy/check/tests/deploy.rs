@@ -413,6 +413,98 @@ fn under(path: &str, dir: &str) -> bool {
     Path::new(path).starts_with(dir)
 }
 
+/// The API resources the collector's pod watch reads, from its source:
+/// `Api::<Kind>::all` in collector/src/pods/watch.rs, as (group, resource).
+fn watched_resources() -> BTreeSet<(String, String)> {
+    let src = read(&root().join("collector/src/pods/watch.rs"));
+    let mut out = BTreeSet::new();
+    for part in src.split("Api::<").skip(1) {
+        let kind = part.split('>').next().unwrap_or_default();
+        let (group, resource) = match kind {
+            "Pod" => ("", "pods"),
+            "ReplicaSet" => ("apps", "replicasets"),
+            "Job" => ("batch", "jobs"),
+            k => panic!(
+                "collector/src/pods/watch.rs watches {k}: add it to collector-rbac.yaml and here"
+            ),
+        };
+        out.insert((group.to_string(), resource.to_string()));
+    }
+    out
+}
+
+#[test]
+fn collector_rbac_reads_pods_and_owner_kinds_only() {
+    let docs = yaml_docs(&deploy().join("kubernetes/base/collector-rbac.yaml"));
+    let role = kind(&docs, "ClusterRole", "ctw-collector-pods");
+    let mut granted = BTreeSet::new();
+    for rule in seq(role, "rules") {
+        let verbs: BTreeSet<&str> = seq(rule, "verbs")
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            verbs,
+            BTreeSet::from(["get", "list", "watch"]),
+            "read-only verbs, no wildcard: {rule:?}"
+        );
+        assert!(rule["resourceNames"].is_null() && rule["nonResourceURLs"].is_null());
+        for g in seq(rule, "apiGroups") {
+            for r in seq(rule, "resources") {
+                let (g, r) = (g.as_str().unwrap(), r.as_str().unwrap());
+                assert!(
+                    g != "*" && r != "*" && !r.contains('/'),
+                    "no wildcard or subresource: {g}/{r}"
+                );
+                granted.insert((g.to_string(), r.to_string()));
+            }
+        }
+    }
+    assert_eq!(
+        granted,
+        watched_resources(),
+        "the role grants exactly what the pod watch reads"
+    );
+    let binding = kind(&docs, "ClusterRoleBinding", "ctw-collector-pods");
+    assert_eq!(s(binding, "roleRef.kind"), "ClusterRole");
+    assert_eq!(s(binding, "roleRef.name"), "ctw-collector-pods");
+    assert_eq!(s(binding, "roleRef.apiGroup"), "rbac.authorization.k8s.io");
+    let subjects = seq(binding, "subjects");
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(s(&subjects[0], "kind"), "ServiceAccount");
+    assert_eq!(s(&subjects[0], "name"), "ctw-collector");
+    assert_eq!(s(&subjects[0], "namespace"), "conntrack-watch");
+    // The account exists, the collector's pod runs as it with its token
+    // mounted (the in-cluster config reads it); the agent gets no token.
+    let cdocs = collector_docs();
+    kind(&cdocs, "ServiceAccount", "ctw-collector");
+    let pod = at(
+        kind(&cdocs, "StatefulSet", "ctw-collector"),
+        "spec.template.spec",
+    );
+    assert_eq!(s(pod, "serviceAccountName"), "ctw-collector");
+    assert_eq!(
+        at(pod, "automountServiceAccountToken").as_bool(),
+        Some(true)
+    );
+    let adocs = agent_docs();
+    let apod = at(kind(&adocs, "DaemonSet", "ctw-agent"), "spec.template.spec");
+    assert_eq!(
+        at(apod, "automountServiceAccountToken").as_bool(),
+        Some(false)
+    );
+    // The base lists the file; the config has the watch on (auto) with the
+    // in-cluster account (no kubeconfig).
+    let kust = &yaml_docs(&deploy().join("kubernetes/base/kustomization.yaml"))[0];
+    assert!(seq(kust, "resources").contains(&Value::from("collector-rbac.yaml")));
+    let cfg = &yaml_docs(&root().join("config/collector-kubernetes.yaml"))[0];
+    assert!(
+        matches!(cfg["kubernetes"]["enabled"].as_str(), Some("auto"))
+            || cfg["kubernetes"]["enabled"].as_bool() == Some(true)
+    );
+    assert!(cfg["kubernetes"]["kubeconfig"].is_null());
+}
+
 #[test]
 fn config_paths_match_the_mounts() {
     let agent_cfg = &yaml_docs(&root().join("config/agent-kubernetes.yaml"))[0];
@@ -579,7 +671,7 @@ fn build_overlay(mode: &str, overlay: &str, collector: Option<&Path>) -> Vec<Val
 fn check_rendered(docs: &[Value]) {
     for d in docs {
         let k = s(d, "kind");
-        if k != "Namespace" {
+        if !["Namespace", "ClusterRole", "ClusterRoleBinding"].contains(&k) {
             assert_eq!(s(d, "metadata.namespace"), "conntrack-watch", "{k}");
         }
     }
@@ -623,6 +715,15 @@ fn check_rendered(docs: &[Value]) {
         read(&root().join("config/agent-kubernetes.yaml"))
     );
     kind(docs, "Secret", "ctw-collector-token");
+    // The pod-watch RBAC is rendered, bound to the collector's account in
+    // the product's namespace.
+    kind(docs, "ClusterRole", "ctw-collector-pods");
+    let b = kind(docs, "ClusterRoleBinding", "ctw-collector-pods");
+    let subj = &seq(b, "subjects")[0];
+    assert_eq!(
+        (s(subj, "name"), s(subj, "namespace")),
+        ("ctw-collector", "conntrack-watch")
+    );
     let images: BTreeSet<&str> = seq(pod, "containers")
         .iter()
         .chain(seq(pod, "initContainers"))
