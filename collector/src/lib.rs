@@ -2,6 +2,7 @@
 //! mTLS gRPC stream each, stores them durably in a tantivy index, and serves
 //! the cluster-wide search API and live lookups proxied to agents.
 
+pub mod answer;
 pub mod auth;
 pub mod certs;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod grpc_query;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod query;
 pub mod registry;
 pub mod resolve;
 pub mod store;

@@ -26,9 +26,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use ctw_common::{ConnRecord, Protocol, Tuple};
+use ctw_common::{unix_ns, ConnRecord, Protocol, Tuple};
 use ctw_proto::pb;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -197,12 +197,6 @@ pub struct BatchInfo {
 pub struct ConnToken {
     pub node: String,
     id: u64,
-}
-
-pub fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn rfc3339(t: Option<SystemTime>) -> Option<String> {

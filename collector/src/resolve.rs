@@ -46,18 +46,11 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{post, MethodRouter};
-use axum::Json;
 use ctw_common::api;
 use serde_json::{json, Map, Value};
 
-use crate::grpc_query::merge_open_gaps;
-use crate::http::{error, hit_json, search_json, AppState};
+use crate::answer::{gaps_json, hit_json};
+use crate::query::{merge_open_gaps, QueryError};
 use crate::registry::Registry;
 use crate::store::{Gap, Hit, RecordStore, SearchQuery, SearchResult, StoreError};
 
@@ -70,8 +63,8 @@ pub use ctw_common::nginx::{
 pub const MAX_LINES: usize = 20_000;
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-/// Default and largest `window` around each line's time.
-const DEFAULT_WINDOW_NS: u64 = 5 * 60 * 1_000_000_000;
+/// Largest `window` around each line's time (default
+/// [`crate::query::DEFAULT_WINDOW_NS`]).
 const MAX_WINDOW_NS: u64 = 24 * 3600 * 1_000_000_000;
 /// Default clock-skew tolerance between the log's host and the nodes.
 pub const DEFAULT_SKEW_NS: u64 = 1_000_000_000;
@@ -82,40 +75,9 @@ const SEARCH_LIMIT: usize = 50;
 /// Candidates listed in `ranked`.
 const RANKED_SHOWN: usize = 10;
 
-// ---------------------------------------------------------------------------
-// The endpoint.
-
-/// `POST /api/v1/resolve` with its own body limit ([`MAX_BODY_BYTES`]); the
-/// caller mounts it behind the bearer token.
-pub fn route() -> MethodRouter<Arc<AppState>> {
-    post(handler).layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-}
-
-/// A refused request (kept small: clippy's `result_large_err`).
+/// A validated `POST /api/v1/resolve` body ([`parse_request`]).
 #[derive(Debug)]
-struct Reject {
-    code: StatusCode,
-    message: String,
-    parameter: Option<String>,
-}
-
-impl Reject {
-    fn new(code: StatusCode, message: impl Into<String>, parameter: Option<&str>) -> Reject {
-        Reject {
-            code,
-            message: message.into(),
-            parameter: parameter.map(str::to_string),
-        }
-    }
-
-    fn into_response(self) -> Response {
-        error(self.code, &self.message, self.parameter.as_deref())
-    }
-}
-
-/// A validated request.
-#[derive(Debug)]
-struct Request {
+pub struct Request {
     lines: Vec<String>,
     format: LogFormat,
     window_ns: u64,
@@ -123,21 +85,14 @@ struct Request {
     at: Option<(u64, u64)>,
 }
 
-fn parse_request(body: &[u8]) -> Result<Request, Reject> {
-    let bad = |p: &str, m: String| Reject::new(StatusCode::BAD_REQUEST, m, Some(p));
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        Reject::new(
-            StatusCode::BAD_REQUEST,
-            format!("body is not JSON: {e}"),
-            None,
-        )
-    })?;
+/// Validate a request body: `{"lines": [...], "log_format", "window",
+/// "skew", "at"}` (see the module docs).
+pub fn parse_request(body: &[u8]) -> Result<Request, QueryError> {
+    let bad = |p: &str, m: String| QueryError::invalid(p, m);
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| QueryError::Malformed(format!("body is not JSON: {e}")))?;
     let Value::Object(mut o) = v else {
-        return Err(Reject::new(
-            StatusCode::BAD_REQUEST,
-            "body must be a JSON object",
-            None,
-        ));
+        return Err(QueryError::Malformed("body must be a JSON object".into()));
     };
     const KNOWN: [&str; 5] = ["lines", "log_format", "window", "skew", "at"];
     if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -152,14 +107,13 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
         None => return Err(bad("lines", "missing field \"lines\"".into())),
     };
     if lines.len() > MAX_LINES {
-        return Err(Reject::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
+        return Err(QueryError::TooLarge {
+            parameter: "lines".into(),
+            message: format!(
                 "{} lines: at most {MAX_LINES} per request, send them in batches",
                 lines.len()
             ),
-            Some("lines"),
-        ));
+        });
     }
     let lines = lines
         .into_iter()
@@ -168,8 +122,8 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
             Value::String(s) => Ok(s),
             _ => Err(bad("lines", format!("lines[{i}] is not a string"))),
         })
-        .collect::<Result<Vec<String>, Reject>>()?;
-    let text = |o: &mut Map<String, Value>, k: &str| -> Result<Option<String>, Reject> {
+        .collect::<Result<Vec<String>, QueryError>>()?;
+    let text = |o: &mut Map<String, Value>, k: &str| -> Result<Option<String>, QueryError> {
         match o.remove(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
@@ -194,7 +148,7 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
             }
             ns
         }
-        None => DEFAULT_WINDOW_NS,
+        None => crate::query::DEFAULT_WINDOW_NS,
     };
     let skew_ns = match text(&mut o, "skew")? {
         Some(w) => {
@@ -560,7 +514,7 @@ fn resolve_line(
             Basis::Alive => None,
         };
     }
-    let gaps = gaps_json(&res.gaps, &q);
+    let gaps = gaps_json(&res.gaps);
     let mut v = json!({
         "line_no": line_no,
         "line": line,
@@ -626,48 +580,14 @@ fn fmt_duration(ns: u64) -> String {
     }
 }
 
-/// Gaps in the API's JSON shape (through `search_json`, the one place that
-/// writes them).
-fn gaps_json(gaps: &[Gap], q: &SearchQuery) -> Value {
-    if gaps.is_empty() {
-        return json!([]);
-    }
-    let only_gaps = SearchResult {
-        hits: Vec::new(),
-        total: 0,
-        gaps: gaps.to_vec(),
-    };
-    let mut v = search_json(&only_gaps, q);
-    v.get_mut("gaps")
-        .map(Value::take)
-        .unwrap_or_else(|| json!([]))
-}
-
-/// `POST /api/v1/resolve`: see the module documentation.
-pub async fn handler(
-    State(s): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
-                    "request body larger than {} MiB: send the lines in batches",
-                    MAX_BODY_BYTES >> 20
-                ),
-                Some("lines"),
-            )
-        }
-        Err(e) => return error(e.status(), &format!("cannot read the body: {e}"), None),
-    };
-    let req = match parse_request(&body) {
-        Ok(r) => Arc::new(r),
-        Err(r) => return r.into_response(),
-    };
-    drop(body);
-    let open_gaps = Arc::new(s.registry.open_gaps());
+/// Resolve every line of `req` (in order, over a few blocking threads) and
+/// add the summary: the whole answer of `POST /api/v1/resolve`.
+pub async fn resolve(
+    store: Arc<dyn RecordStore>,
+    registry: Arc<Registry>,
+    req: Arc<Request>,
+) -> Result<Value, QueryError> {
+    let open_gaps = Arc::new(registry.open_gaps());
     let n = req.lines.len();
     // Contiguous slices over a few blocking threads; order is kept.
     let workers = std::thread::available_parallelism()
@@ -677,8 +597,8 @@ pub async fn handler(
     let chunk = n.div_ceil(workers).max(1);
     let mut tasks = Vec::new();
     for start in (0..n).step_by(chunk) {
-        let (store, req, gaps) = (s.store.clone(), req.clone(), open_gaps.clone());
-        let registry = s.registry.clone();
+        let (store, req, gaps) = (store.clone(), req.clone(), open_gaps.clone());
+        let registry = registry.clone();
         tasks.push(tokio::task::spawn_blocking(move || {
             let mut caches = Caches::default();
             (start..(start + chunk).min(n))
@@ -688,23 +608,7 @@ pub async fn handler(
     }
     let mut results = Vec::with_capacity(n);
     for t in tasks {
-        match t.await {
-            Ok(Ok(v)) => results.extend(v),
-            Ok(Err(e)) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("search failed: {e}"),
-                    None,
-                )
-            }
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("search task failed: {e}"),
-                    None,
-                )
-            }
-        }
+        results.extend(t.await.map_err(|e| QueryError::Task(e.to_string()))??);
     }
     let count = |st: &str| results.iter().filter(|r| r["status"] == st).count();
     let summary = json!({
@@ -716,14 +620,13 @@ pub async fn handler(
         "unparsed": count("unparsed"),
         "incomplete": results.iter().filter(|r| r["incomplete"] == true).count(),
     });
-    Json(json!({
+    Ok(json!({
         "results": results,
         "summary": summary,
         "log_format": req.format.source(),
         "window_ms": req.window_ns / 1_000_000,
         "skew_ms": req.skew_ns / 1_000_000,
     }))
-    .into_response()
 }
 
 #[cfg(test)]

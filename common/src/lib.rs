@@ -16,6 +16,19 @@ pub mod config;
 pub mod metrics;
 pub mod nginx;
 
+/// Nanoseconds since the Unix epoch of `t` (0 before the epoch, `u64::MAX`
+/// past year 2554). The one conversion every crate uses.
+pub fn unix_ns(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The wall clock now, in ns since the Unix epoch ([`unix_ns`]).
+pub fn now_ns() -> u64 {
+    unix_ns(std::time::SystemTime::now())
+}
+
 /// Layer-4 protocols the product tracks: the ones whose conntrack tuple has
 /// source and destination ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
