@@ -699,4 +699,222 @@ mod tests {
             ("not_found", Basis::None, false)
         );
     }
+
+    /// Field-wise JSON: keys sorted, so only a changed name, value or
+    /// presence shows in the diff.
+    fn json(v: impl serde::Serialize) -> String {
+        serde_json::to_string_pretty(&serde_json::to_value(v).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn resolve_answer_snapshot() {
+        use crate::store::{MemStore, StoredBatch};
+        use ctw_common::TcpState;
+        const T: u64 = 1_733_727_900_000_000_000; // 2024-12-09T07:05:00Z
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let rec = |kind, at: u64, pod: &str, snat_port: u16| {
+            let mut r = ConnRecord::new(
+                kind,
+                at,
+                Protocol::Tcp,
+                Tuple::new(ip(pod), 1000, ip("198.19.0.2"), 80),
+                Tuple::new(ip("198.19.0.2"), 80, ip("198.18.0.1"), snat_port),
+            );
+            r.tcp_state = Some(TcpState::Established);
+            r
+        };
+        let store = Arc::new(MemStore::default());
+        let batch = |node: &str, records| StoredBatch {
+            node: node.into(),
+            boot_id: "b".into(),
+            seq: 1,
+            records,
+        };
+        store
+            .append(batch(
+                "node-a",
+                vec![
+                    // Resolved: alive at the line, closed after it.
+                    rec(EventKind::New, T, "10.244.1.7", 40001),
+                    rec(EventKind::Destroy, T + 2 * S, "10.244.1.7", 40001),
+                    // Ambiguous: two pods behind one address and port.
+                    rec(EventKind::Recovered, T, "10.244.1.8", 40002),
+                ],
+            ))
+            .unwrap();
+        store
+            .append(batch(
+                "node-b",
+                vec![rec(EventKind::New, T, "10.244.2.9", 40002)],
+            ))
+            .unwrap();
+        let body = serde_json::json!({
+            "log_format": "$remote_addr $remote_port $msec",
+            "lines": [
+                "198.18.0.1 40001 1733727900.500",
+                "198.18.0.1 40002 1733727900.500",
+                "198.18.0.1 40003 1733727900.500",
+                "not a line",
+            ],
+        });
+        let req = parse_request(body.to_string().as_bytes()).unwrap();
+        let registry = Arc::new(Registry::new(crate::metrics::Metrics::new()));
+        let answer = resolve(store, registry, Arc::new(req)).await.unwrap();
+        expect_test::expect![[r#"
+            {
+              "log_format": "$remote_addr $remote_port $msec",
+              "results": [
+                {
+                  "alive_candidates": 1,
+                  "candidates": 1,
+                  "dst_ip": "198.19.0.2",
+                  "dst_port": 80,
+                  "gaps": [],
+                  "incomplete": false,
+                  "interval": {
+                    "from": "2024-12-09T07:05:00.500Z",
+                    "to": "2024-12-09T07:05:00.500Z"
+                  },
+                  "line": "198.18.0.1 40001 1733727900.500",
+                  "line_no": 1,
+                  "match": "alive",
+                  "merged": 1,
+                  "midstream": true,
+                  "near_candidates": 1,
+                  "node": "node-a",
+                  "pod_ip": "10.244.1.7",
+                  "pod_port": 1000,
+                  "record": {
+                    "alive_at": true,
+                    "dst_ip": "198.19.0.2",
+                    "dst_port": 80,
+                    "duration_ms": 2000,
+                    "end": "2024-12-09T07:05:02.000Z",
+                    "end_kind": "destroy",
+                    "kind": "new",
+                    "midstream": true,
+                    "node": "node-a",
+                    "protocol": "tcp",
+                    "snat_ip": "198.18.0.1",
+                    "snat_port": 40001,
+                    "src_ip": "10.244.1.7",
+                    "src_port": 1000,
+                    "start": "2024-12-09T07:05:00.000Z",
+                    "state": "ESTABLISHED",
+                    "ts": "2024-12-09T07:05:00.000Z"
+                  },
+                  "remote_addr": "198.18.0.1",
+                  "remote_port": 40001,
+                  "skew_ms": 1000,
+                  "status": "resolved",
+                  "time": "2024-12-09T07:05:00.500Z"
+                },
+                {
+                  "alive_candidates": 2,
+                  "candidates": 2,
+                  "dst_ip": "198.19.0.2",
+                  "dst_port": 80,
+                  "gaps": [],
+                  "incomplete": false,
+                  "interval": {
+                    "from": "2024-12-09T07:05:00.500Z",
+                    "to": "2024-12-09T07:05:00.500Z"
+                  },
+                  "line": "198.18.0.1 40002 1733727900.500",
+                  "line_no": 2,
+                  "match": "alive",
+                  "merged": 1,
+                  "midstream": true,
+                  "near_candidates": 2,
+                  "node": "node-b",
+                  "pod_ip": "10.244.2.9",
+                  "pod_port": 1000,
+                  "ranked": [
+                    {
+                      "alive": true,
+                      "distance_ms": 0,
+                      "dst_ip": "198.19.0.2",
+                      "dst_port": 80,
+                      "merged": 1,
+                      "midstream": true,
+                      "node": "node-b",
+                      "pod_ip": "10.244.2.9",
+                      "pod_port": 1000,
+                      "start": "2024-12-09T07:05:00.000Z"
+                    },
+                    {
+                      "alive": true,
+                      "distance_ms": 0,
+                      "dst_ip": "198.19.0.2",
+                      "dst_port": 80,
+                      "merged": 1,
+                      "node": "node-a",
+                      "pod_ip": "10.244.1.8",
+                      "pod_port": 1000,
+                      "start": "2024-12-09T07:05:00.000Z"
+                    }
+                  ],
+                  "record": {
+                    "alive_at": true,
+                    "dst_ip": "198.19.0.2",
+                    "dst_port": 80,
+                    "kind": "new",
+                    "midstream": true,
+                    "node": "node-b",
+                    "protocol": "tcp",
+                    "snat_ip": "198.18.0.1",
+                    "snat_port": 40002,
+                    "src_ip": "10.244.2.9",
+                    "src_port": 1000,
+                    "start": "2024-12-09T07:05:00.000Z",
+                    "state": "ESTABLISHED",
+                    "ts": "2024-12-09T07:05:00.000Z"
+                  },
+                  "remote_addr": "198.18.0.1",
+                  "remote_port": 40002,
+                  "skew_ms": 1000,
+                  "status": "ambiguous",
+                  "time": "2024-12-09T07:05:00.500Z"
+                },
+                {
+                  "alive_candidates": 0,
+                  "candidates": 0,
+                  "gaps": [],
+                  "incomplete": false,
+                  "interval": {
+                    "from": "2024-12-09T07:05:00.500Z",
+                    "to": "2024-12-09T07:05:00.500Z"
+                  },
+                  "line": "198.18.0.1 40003 1733727900.500",
+                  "line_no": 3,
+                  "match": "none",
+                  "near_candidates": 0,
+                  "note": "no agent lists 198.18.0.1 among its node addresses",
+                  "remote_addr": "198.18.0.1",
+                  "remote_port": 40003,
+                  "skew_ms": 1000,
+                  "status": "not_found",
+                  "time": "2024-12-09T07:05:00.500Z"
+                },
+                {
+                  "error": "$remote_addr: \"not\" is not an IP address",
+                  "line": "not a line",
+                  "line_no": 4,
+                  "status": "unparsed"
+                }
+              ],
+              "skew_ms": 1000,
+              "summary": {
+                "ambiguous": 1,
+                "incomplete": 0,
+                "lines": 4,
+                "not_found": 1,
+                "not_observed": 0,
+                "resolved": 1,
+                "unparsed": 1
+              },
+              "window_ms": 300000
+            }"#]]
+        .assert_eq(&json(answer));
+    }
 }

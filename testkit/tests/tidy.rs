@@ -207,10 +207,18 @@ fn only_the_query_layer_maps_errors_to_status_codes() {
 fn the_query_layer_knows_no_endpoint() {
     let mut bad = Vec::new();
     for (p, t) in sources() {
-        if !matches!(p.as_str(), "collector/src/query.rs" | "collector/src/resolve.rs") {
+        if !matches!(
+            p.as_str(),
+            "collector/src/query.rs" | "collector/src/resolve.rs"
+        ) {
             continue;
         }
-        for s in ["crate::http", "axum::extract", "axum::routing", "axum::response"] {
+        for s in [
+            "crate::http",
+            "axum::extract",
+            "axum::routing",
+            "axum::response",
+        ] {
             if t.contains(s) {
                 bad.push(format!("{p}: {s}"));
             }
