@@ -18,10 +18,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ctw_common::api::LookupAnswer;
-use serde_json::json;
+use ctw_common::api::{AgentsAnswer, ErrorAnswer, LookupAnswer, StatusAnswer};
 
-use crate::answer::search_json;
+use crate::answer;
 use crate::auth::Token;
 use crate::config::LookupConfig;
 use crate::metrics::Metrics;
@@ -66,47 +65,43 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(api)
         .merge(crate::ui::router())
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(|| async { status("ok") }))
         .route("/readyz", get(readyz))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }
 
+/// `{"status": s}`.
+fn status(s: &str) -> Json<StatusAnswer> {
+    Json(StatusAnswer { status: s.into() })
+}
+
 /// A JSON error answer: `{"error": msg}` plus `"parameter"` when one is named.
 fn error(code: StatusCode, msg: &str, parameter: Option<&str>) -> Response {
-    let body = match parameter {
-        Some(p) => json!({ "error": msg, "parameter": p }),
-        None => json!({ "error": msg }),
-    };
-    (code, Json(body)).into_response()
+    (code, Json(ErrorAnswer::new(msg, parameter))).into_response()
 }
 
 /// A failed query as its JSON answer, with the status [`query`] maps it to.
 fn query_error(e: &QueryError) -> Response {
     let code = e.http_status();
-    match e {
+    let answer = match e {
         QueryError::Unanswered {
             not_found,
             failures,
             ..
-        } => (
-            code,
-            Json(json!({
-                "error": e.to_string(),
-                "not_found": not_found,
-                "failures": failures,
-            })),
-        )
-            .into_response(),
-        QueryError::Lookup(crate::registry::LookupError::NotConnected(n)) => error(
-            code,
-            &format!("agent {n:?} is not connected"),
-            e.parameter(),
-        ),
-        QueryError::Lookup(_) => error(code, &format!("lookup failed: {e}"), e.parameter()),
-        e => error(code, &e.to_string(), e.parameter()),
-    }
+        } => ErrorAnswer {
+            not_found: Some(not_found.clone()),
+            failures: Some(failures.clone()),
+            ..ErrorAnswer::new(e.to_string(), None)
+        },
+        QueryError::Lookup(crate::registry::LookupError::NotConnected(n)) => {
+            ErrorAnswer::new(format!("agent {n:?} is not connected"), e.parameter())
+        }
+        QueryError::Lookup(_) => ErrorAnswer::new(format!("lookup failed: {e}"), e.parameter()),
+        e => ErrorAnswer::new(e.to_string(), e.parameter()),
+    };
+    (code, Json(answer)).into_response()
 }
 
 /// Count every request by route pattern and status class.
@@ -180,7 +175,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     if s.ready.load(Ordering::Relaxed) {
-        Json(json!({"status": "ready"})).into_response()
+        status("ready").into_response()
     } else {
         error(StatusCode::SERVICE_UNAVAILABLE, "starting", None)
     }
@@ -213,7 +208,7 @@ async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Pa
         Err(e) => return query_error(&e),
     };
     match query::search(s.store.clone(), &s.registry, &q).await {
-        Ok(res) => Json(search_json(&res, &q)).into_response(),
+        Ok(res) => Json(answer::search(&res, &q)).into_response(),
         Err(e) => query_error(&e),
     }
 }
@@ -231,20 +226,17 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
         Ok(LookupOutcome::Found {
             answer,
             zones_tried,
-        }) => {
-            let mut v = serde_json::to_value(LookupAnswer::new(&answer.record, &answer.node))
-                .unwrap_or_else(|_| json!({}));
-            if let Some(o) = v.as_object_mut() {
-                o.insert("zones_tried".into(), json!(zones_tried));
-            }
-            Json(v).into_response()
-        }
+        }) => Json(LookupAnswer {
+            zones_tried: Some(zones_tried),
+            ..LookupAnswer::new(&answer.record, &answer.node)
+        })
+        .into_response(),
         Ok(LookupOutcome::NotFound { asked, zones_tried }) => {
-            let body = json!({
-                "error": l.not_found_message(),
-                "asked": asked,
-                "zones_tried": zones_tried,
-            });
+            let body = ErrorAnswer {
+                asked: Some(asked),
+                zones_tried: Some(zones_tried),
+                ..ErrorAnswer::new(l.not_found_message(), None)
+            };
             (StatusCode::NOT_FOUND, Json(body)).into_response()
         }
         Err(e) => query_error(&e),
@@ -281,5 +273,8 @@ async fn resolve_lines(
 }
 
 async fn agents(State(s): State<Arc<AppState>>) -> Response {
-    Json(json!({ "agents": s.registry.agents() })).into_response()
+    Json(AgentsAnswer {
+        agents: s.registry.agents(),
+    })
+    .into_response()
 }

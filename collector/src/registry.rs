@@ -30,7 +30,6 @@ use std::time::{Duration, SystemTime};
 
 use ctw_common::{unix_ns, ConnRecord, Protocol, Tuple};
 use ctw_proto::pb;
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
@@ -82,39 +81,8 @@ impl LookupError {
     }
 }
 
-/// One agent as `GET /api/v1/agents` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AgentInfo {
-    pub node: String,
-    /// The addresses the agent's Hello listed (the SNAT addresses it owns).
-    pub addresses: Vec<String>,
-    pub boot_id: String,
-    pub version: String,
-    pub connected: bool,
-    /// Remote address of the current (or last) stream.
-    pub peer: Option<String>,
-    pub connected_since: Option<String>,
-    /// Set while disconnected: start of the open `agent_disconnected` gap.
-    pub disconnected_since: Option<String>,
-    /// Last message of any kind.
-    pub last_seen: Option<String>,
-    pub last_batch_at: Option<String>,
-    pub last_batch_boot_id: Option<String>,
-    pub last_batch_seq: Option<u64>,
-    /// When the last batch arrived, minus the newest record time in it.
-    pub lag_seconds: Option<f64>,
-    pub batches_stored: u64,
-    pub records_stored: u64,
-    /// Batches received again after they were stored (replays).
-    pub duplicates: u64,
-    /// Records that could not be converted and were skipped.
-    pub conversion_errors: u64,
-    /// Loss reports received and the events or records they counted.
-    pub loss_reports: u64,
-    pub events_lost: u64,
-    /// Streams this agent opened since the collector started.
-    pub connections: u64,
-}
+/// One agent as `GET /api/v1/agents` shows it (the API's type).
+pub use ctw_common::api::AgentInfo;
 
 #[derive(Debug)]
 struct Conn {

@@ -46,10 +46,12 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use ctw_common::api;
-use serde_json::{json, Map, Value};
+use ctw_common::api::{
+    self, CandidateAnswer, IntervalAnswer, LineAnswer, ResolveAnswer, ResolveSummary,
+};
+use serde_json::{Map, Value};
 
-use crate::answer::{gaps_json, hit_json};
+use crate::answer;
 use crate::query::{merge_open_gaps, QueryError};
 use crate::registry::Registry;
 use crate::store::{Gap, Hit, RecordStore, SearchQuery, SearchResult, StoreError};
@@ -394,40 +396,31 @@ fn node_observed(
 }
 
 /// One candidate in `ranked`.
-fn candidate_json(c: &Candidate, line: Interval) -> Value {
+fn candidate(c: &Candidate, line: Interval) -> CandidateAnswer {
     let b = c.best();
     let r = &b.record;
-    let mut v = json!({
-        "pod_ip": r.orig.src,
-        "pod_port": r.orig.src_port,
-        "node": b.node,
-        "dst_ip": r.orig.dst,
-        "dst_port": r.orig.dst_port,
-        "alive": c.distance_ns == 0,
-        "distance_ms": c.distance_ns / 1_000_000,
-        "merged": c.hits.len(),
-        "start": api::format_time(c.hits.iter().map(|h| h.start_ns()).min().unwrap_or(0)),
-    });
-    if let Some(o) = v.as_object_mut() {
-        let end = c
+    CandidateAnswer {
+        pod_ip: r.orig.src,
+        pod_port: r.orig.src_port,
+        node: b.node.clone(),
+        dst_ip: r.orig.dst,
+        dst_port: r.orig.dst_port,
+        alive: c.distance_ns == 0,
+        distance_ms: c.distance_ns / 1_000_000,
+        merged: c.hits.len() as u64,
+        start: api::format_time(c.hits.iter().map(|h| h.start_ns()).min().unwrap_or(0)),
+        end: c
             .hits
             .iter()
             .map(|h| h.closed_ns)
-            .try_fold(0u64, |m, e| e.map(|e| m.max(e)));
-        if let Some(e) = end {
-            o.insert("end".into(), json!(api::format_time(e)));
-        }
-        if c.hits.iter().any(|h| h.record.midstream()) {
-            o.insert("midstream".into(), json!(true));
-        }
-        if c.hits.iter().any(|h| h.start_ns() > line.to_ns) {
-            o.insert("started_after".into(), json!(true));
-        }
+            .try_fold(0u64, |m, e| e.map(|e| m.max(e)))
+            .map(api::format_time),
+        midstream: c.hits.iter().any(|h| h.record.midstream()),
+        started_after: c.hits.iter().any(|h| h.start_ns() > line.to_ns),
     }
-    v
 }
 
-/// One line's answer as JSON (the search runs here, on a blocking thread).
+/// One line's answer (the search runs here, on a blocking thread).
 fn resolve_line(
     store: &dyn RecordStore,
     registry: &Registry,
@@ -435,14 +428,18 @@ fn resolve_line(
     open_gaps: &[Gap],
     caches: &mut Caches,
     line_no: usize,
-) -> Result<Value, StoreError> {
+) -> Result<LineAnswer, StoreError> {
     let line = &req.lines[line_no - 1];
     let parsed = match req.format.parse_line(line) {
         Ok(p) => p,
         Err(e) => {
-            return Ok(json!({
-                "line_no": line_no, "line": line, "status": "unparsed", "error": e.0,
-            }))
+            return Ok(LineAnswer {
+                line_no: line_no as u64,
+                line: line.clone(),
+                status: "unparsed".into(),
+                error: Some(e.0),
+                ..LineAnswer::default()
+            })
         }
     };
     let (at, precision) = match (parsed.time_ns, req.at) {
@@ -514,57 +511,52 @@ fn resolve_line(
             Basis::Alive => None,
         };
     }
-    let gaps = gaps_json(&res.gaps);
-    let mut v = json!({
-        "line_no": line_no,
-        "line": line,
-        "remote_addr": parsed.remote_addr,
-        "remote_port": parsed.remote_port,
-        "time": api::format_time(at),
-        "interval": {"from": api::format_time(iv.from_ns), "to": api::format_time(iv.to_ns)},
-        "skew_ms": req.skew_ns / 1_000_000,
-        "status": status,
-        "match": verdict.basis.as_str(),
-        "candidates": candidates,
-        "alive_candidates": verdict.alive,
-        "near_candidates": verdict.near,
-        "incomplete": !res.gaps.is_empty(),
-        "gaps": gaps,
-    });
-    let Some(o) = v.as_object_mut() else {
-        return Ok(v);
+    let mut v = LineAnswer {
+        line_no: line_no as u64,
+        line: line.clone(),
+        status: status.into(),
+        remote_addr: Some(parsed.remote_addr),
+        remote_port: Some(parsed.remote_port),
+        time: Some(api::format_time(at)),
+        interval: Some(IntervalAnswer {
+            from: api::format_time(iv.from_ns),
+            to: api::format_time(iv.to_ns),
+        }),
+        skew_ms: Some(req.skew_ns / 1_000_000),
+        basis: Some(verdict.basis.as_str().into()),
+        candidates: Some(candidates),
+        alive_candidates: Some(verdict.alive as u64),
+        near_candidates: Some(verdict.near as u64),
+        incomplete: Some(!res.gaps.is_empty()),
+        gaps: Some(answer::gaps(&res.gaps)),
+        note,
+        ..LineAnswer::default()
     };
-    if let Some(n) = note {
-        o.insert("note".into(), json!(n));
-    }
     if status == "not_observed" {
-        o.insert("node".into(), json!(owner));
+        v.node = owner;
     }
     if !verdict.ranked.is_empty() && status != "resolved" {
-        o.insert(
-            "ranked".into(),
-            json!(verdict
+        v.ranked = Some(
+            verdict
                 .ranked
                 .iter()
                 .take(RANKED_SHOWN)
-                .map(|c| candidate_json(c, iv))
-                .collect::<Vec<_>>()),
+                .map(|c| candidate(c, iv))
+                .collect(),
         );
     }
     if let (true, Some(top)) = (verdict.answers, verdict.ranked.first()) {
         let best = top.best();
         let r = &best.record;
-        o.insert("pod_ip".into(), json!(r.orig.src));
-        o.insert("pod_port".into(), json!(r.orig.src_port));
-        o.insert("node".into(), json!(best.node));
-        o.insert("dst_ip".into(), json!(r.orig.dst));
-        o.insert("dst_port".into(), json!(r.orig.dst_port));
-        o.insert("merged".into(), json!(top.hits.len()));
-        if r.midstream() {
-            // The line's own entry was picked up mid-stream.
-            o.insert("midstream".into(), json!(true));
-        }
-        o.insert("record".into(), hit_json(best, &q));
+        v.pod_ip = Some(r.orig.src);
+        v.pod_port = Some(r.orig.src_port);
+        v.node = Some(best.node.clone());
+        v.dst_ip = Some(r.orig.dst);
+        v.dst_port = Some(r.orig.dst_port);
+        v.merged = Some(top.hits.len() as u64);
+        // The line's own entry was picked up mid-stream.
+        v.midstream = r.midstream();
+        v.record = Some(Box::new(answer::connection(best, &q)));
     }
     Ok(v)
 }
@@ -586,7 +578,7 @@ pub async fn resolve(
     store: Arc<dyn RecordStore>,
     registry: Arc<Registry>,
     req: Arc<Request>,
-) -> Result<Value, QueryError> {
+) -> Result<ResolveAnswer, QueryError> {
     let open_gaps = Arc::new(registry.open_gaps());
     let n = req.lines.len();
     // Contiguous slices over a few blocking threads; order is kept.
@@ -603,30 +595,33 @@ pub async fn resolve(
             let mut caches = Caches::default();
             (start..(start + chunk).min(n))
                 .map(|i| resolve_line(store.as_ref(), &registry, &req, &gaps, &mut caches, i + 1))
-                .collect::<Result<Vec<Value>, StoreError>>()
+                .collect::<Result<Vec<LineAnswer>, StoreError>>()
         }));
     }
     let mut results = Vec::with_capacity(n);
     for t in tasks {
         results.extend(t.await.map_err(|e| QueryError::Task(e.to_string()))??);
     }
-    let count = |st: &str| results.iter().filter(|r| r["status"] == st).count();
-    let summary = json!({
-        "lines": n,
-        "resolved": count("resolved"),
-        "not_found": count("not_found"),
-        "ambiguous": count("ambiguous"),
-        "not_observed": count("not_observed"),
-        "unparsed": count("unparsed"),
-        "incomplete": results.iter().filter(|r| r["incomplete"] == true).count(),
-    });
-    Ok(json!({
-        "results": results,
-        "summary": summary,
-        "log_format": req.format.source(),
-        "window_ms": req.window_ns / 1_000_000,
-        "skew_ms": req.skew_ns / 1_000_000,
-    }))
+    let count = |st: &str| results.iter().filter(|r| r.status == st).count() as u64;
+    let summary = ResolveSummary {
+        lines: n as u64,
+        resolved: count("resolved"),
+        not_found: count("not_found"),
+        ambiguous: count("ambiguous"),
+        not_observed: count("not_observed"),
+        unparsed: count("unparsed"),
+        incomplete: results
+            .iter()
+            .filter(|r| r.incomplete == Some(true))
+            .count() as u64,
+    };
+    Ok(ResolveAnswer {
+        summary,
+        log_format: req.format.source().to_string(),
+        window_ms: req.window_ns / 1_000_000,
+        skew_ms: req.skew_ns / 1_000_000,
+        results,
+    })
 }
 
 #[cfg(test)]
@@ -745,7 +740,8 @@ mod tests {
         store
             .append(batch(
                 "node-b",
-                vec![rec(EventKind::New, T, "10.244.2.9", 40002)],
+                // Started later: ranked first (newest start first).
+                vec![rec(EventKind::New, T + 100_000_000, "10.244.2.9", 40002)],
             ))
             .unwrap();
         let body = serde_json::json!({
@@ -840,7 +836,7 @@ mod tests {
                       "node": "node-b",
                       "pod_ip": "10.244.2.9",
                       "pod_port": 1000,
-                      "start": "2024-12-09T07:05:00.000Z"
+                      "start": "2024-12-09T07:05:00.100Z"
                     },
                     {
                       "alive": true,
@@ -866,9 +862,9 @@ mod tests {
                     "snat_port": 40002,
                     "src_ip": "10.244.2.9",
                     "src_port": 1000,
-                    "start": "2024-12-09T07:05:00.000Z",
+                    "start": "2024-12-09T07:05:00.100Z",
                     "state": "ESTABLISHED",
-                    "ts": "2024-12-09T07:05:00.000Z"
+                    "ts": "2024-12-09T07:05:00.100Z"
                   },
                   "remote_addr": "198.18.0.1",
                   "remote_port": 40002,

@@ -381,7 +381,7 @@ pub struct ResolveSummary {
 /// One nginx line's answer. An `unparsed` line has only `line_no`,
 /// `line`, `status` and `error`; every other one has the fields up to
 /// `gaps`, and the rest as said.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct LineAnswer {
     /// 1-based, in the request.
     pub line_no: u64,
