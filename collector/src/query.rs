@@ -97,7 +97,7 @@ pub const MAX_NODE_LEN: usize = 253;
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     /// A bad field: `parameter` names it as the caller's API spells it;
-    /// `message` starts with that name.
+    /// `message` starts with that name (build it with [`QueryError::invalid`]).
     #[error("{message}")]
     Invalid { parameter: String, message: String },
     /// A request that cannot be read at all (not JSON, a malformed query
@@ -132,11 +132,17 @@ pub enum QueryError {
 }
 
 impl QueryError {
-    /// A bad field; `message` should start with `parameter`.
+    /// A bad field; `message` is made to start with `parameter` (so a
+    /// client showing only the message still names the field).
     pub fn invalid(parameter: &str, message: impl Into<String>) -> QueryError {
+        let message = message.into();
         QueryError::Invalid {
+            message: if message.starts_with(parameter) {
+                message
+            } else {
+                format!("{parameter}: {message}")
+            },
             parameter: parameter.to_string(),
-            message: message.into(),
         }
     }
 
@@ -196,18 +202,10 @@ impl QueryError {
     }
 }
 
-/// A bad HTTP parameter; the message is made to start with its name.
+/// A bad HTTP parameter ([`QueryError::invalid`]).
 impl From<BadParam> for QueryError {
     fn from(b: BadParam) -> QueryError {
-        let message = if b.message.starts_with(&b.parameter) {
-            b.message
-        } else {
-            format!("{}: {}", b.parameter, b.message)
-        };
-        QueryError::Invalid {
-            parameter: b.parameter,
-            message,
-        }
+        QueryError::invalid(&b.parameter, b.message)
     }
 }
 
