@@ -15,8 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ctw_collector::config::StorageConfig;
-use ctw_collector::store::tantivy_store::TantivyStore;
+use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
 use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
 use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
 
@@ -245,7 +244,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = arg("--dir").map(Into::into).unwrap_or_else(|| {
         std::env::temp_dir().join(format!("ctw-store-bench-{}", std::process::id()))
     });
-    let cfg = StorageConfig {
+    let cfg = StoreOptions {
         path: dir,
         retention_days: 14,
         max_size_gb: 1000.0,
@@ -254,7 +253,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         commit_max_records: 300_000,
         partition_hours: 24,
         lookback_hours: 24,
-        max_collected_records: 200_000,
+        max_collected_docs: 200_000,
+        ..StoreOptions::default()
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -266,7 +266,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         now - SPAN_NS - 3_600_000_000_000
     };
-    let store = Arc::new(TantivyStore::open(&cfg)?);
+    let store = Arc::new(TantivyStore::open(cfg.clone())?);
     std::fs::write(&t0_file, t0.to_string())?;
     let mut gen = Gen::new(n, t0);
     let mut samples: Vec<(String, ConnRecord)> = Vec::new();

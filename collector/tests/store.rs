@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use ctw_collector::config::StorageConfig;
 use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
 use ctw_collector::store::{
     alive_at, normalize, AppendOutcome, ConnKind, End, Gap, Hit, MemStore, RecordStore,
@@ -36,8 +35,8 @@ impl TempDir {
         let _ = std::fs::remove_dir_all(&p);
         TempDir(p)
     }
-    fn cfg(&self) -> StorageConfig {
-        StorageConfig {
+    fn cfg(&self) -> StoreOptions {
+        StoreOptions {
             path: self.0.clone(),
             retention_days: 36500,
             max_size_gb: 100.0,
@@ -45,7 +44,8 @@ impl TempDir {
             commit_max_records: 300_000,
             partition_hours: 1,
             lookback_hours: 3,
-            max_collected_records: 200_000,
+            max_collected_docs: 200_000,
+            ..StoreOptions::default()
         }
     }
 }
@@ -328,7 +328,7 @@ fn canonical(mut hits: Vec<Hit>) -> Vec<String> {
 #[test]
 fn append_and_search_by_snat_ip_port_and_time_v4_and_v6() {
     let dir = TempDir::new("snat");
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let store = TantivyStore::open(dir.cfg()).unwrap();
     let pod4 = IpAddr::V4(Ipv4Addr::new(198, 18, 3, 4));
     let node4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     let pod6: IpAddr = "fd00::3:4".parse().unwrap();
@@ -390,20 +390,17 @@ fn same_answers_as_memstore_on_random_data() {
     let dir = TempDir::new("equiv");
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000; // only explicit commits
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     // Reads what the tantivy store reads: connections superseded (or
     // destroyed) more than the lookback after a range show no end in both.
     let mem = MemStore::with_lookback(cfg.lookback_hours as u64 * H);
     // Collects at most 300 records per search: the same answer whenever it
     // did not reach the cap.
     let capped_dir = TempDir::new("equiv-capped");
-    let capped = TantivyStore::open_with(
-        &capped_dir.cfg(),
-        StoreOptions {
-            max_collected_docs: 300,
-            ..StoreOptions::default()
-        },
-    )
+    let capped = TantivyStore::open(StoreOptions {
+        max_collected_docs: 300,
+        ..capped_dir.cfg()
+    })
     .unwrap();
     let mut rng = Rng(1234);
     let span = 30 * H;
@@ -518,7 +515,7 @@ fn duplicates_are_stored_once_also_after_reopen_and_crash() {
         )
     };
     {
-        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        let store = TantivyStore::open(dir.cfg()).unwrap();
         for seq in [1u64, 2, 3, 5] {
             assert_eq!(
                 store.append(batch("n", seq, vec![r(seq)])).unwrap(),
@@ -536,7 +533,7 @@ fn duplicates_are_stored_once_also_after_reopen_and_crash() {
         store.close();
     }
     {
-        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        let store = TantivyStore::open(dir.cfg()).unwrap();
         assert_eq!(
             store.append(batch("n", 3, vec![r(3)])).unwrap(),
             AppendOutcome::Duplicate
@@ -551,7 +548,7 @@ fn duplicates_are_stored_once_also_after_reopen_and_crash() {
         );
         store.crash();
     }
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let store = TantivyStore::open(dir.cfg()).unwrap();
     for seq in 1..=6 {
         assert_eq!(
             store.append(batch("n", seq, vec![r(seq)])).unwrap(),
@@ -580,20 +577,20 @@ fn crash_loses_nothing_acknowledged_and_never_duplicates() {
     let (first, rest) = records.split_at(records.len() / 3);
     let (second, third) = rest.split_at(rest.len() / 2);
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         load(&[&store, &mem], first);
         store.commit().unwrap(); // part is committed, the rest only in the WAL
         load_seq(&[&store, &mem], second, 1000);
         store.crash();
     }
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         assert_eq!(store.stats().records as usize, first.len() + second.len());
         load_seq(&[&store, &mem], third, 2000);
         // Every partition commits, the checkpoint is not written.
         store.crash_after_index_commit().unwrap();
     }
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     assert_eq!(store.stats().records as usize, records.len());
     let q = SearchQuery {
         limit: 1_000_000,
@@ -621,7 +618,7 @@ fn records_are_searchable_once_appended_and_after_their_commit() {
     let dir = TempDir::new("tts");
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000; // only explicit commits
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
     for k in 0..5u16 {
         let r = rec(
@@ -658,7 +655,7 @@ fn searches_during_commits_see_each_record_once() {
     let dir = TempDir::new("tts-race");
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000;
-    let store = std::sync::Arc::new(TantivyStore::open(&cfg).unwrap());
+    let store = std::sync::Arc::new(TantivyStore::open(cfg.clone()).unwrap());
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
     let q = SearchQuery {
         snat_ip: Some(snat),
@@ -697,7 +694,7 @@ fn retention_drops_old_partitions_by_age_and_by_size() {
     let day = 24 * H;
     let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         for h in 0..6u64 {
             store
                 .append(batch(
@@ -738,7 +735,7 @@ fn retention_drops_old_partitions_by_age_and_by_size() {
     // By size: a limit below the current size drops the oldest first and
     // never the newest partition.
     cfg.max_size_gb = 1e-9;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     assert_eq!(store.enforce_retention(BASE).unwrap(), 2);
     assert_eq!(store.partitions(), vec!["p-2026010105"]);
     let all = store
@@ -761,7 +758,7 @@ fn search_touches_only_the_partitions_its_range_needs() {
     let dir = TempDir::new("prune");
     let mut cfg = dir.cfg();
     cfg.lookback_hours = 1;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     for h in 0..10u64 {
         store
@@ -811,11 +808,11 @@ fn search_touches_only_the_partitions_its_range_needs() {
 
 /// A store whose searches collect at most `max` documents per query.
 fn store_collecting_at_most(dir: &TempDir, max: usize) -> TantivyStore {
-    let opts = StoreOptions {
+    TantivyStore::open(StoreOptions {
         max_collected_docs: max,
-        ..StoreOptions::default()
-    };
-    TantivyStore::open_with(&dir.cfg(), opts).unwrap()
+        ..dir.cfg()
+    })
+    .unwrap()
 }
 
 #[test]
@@ -894,7 +891,7 @@ fn gap(from_ns: u64, to_ns: u64, reason: &str, count: u64) -> Gap {
 fn gaps_are_durable_and_filtered_by_range() {
     let dir = TempDir::new("gaps");
     {
-        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        let store = TantivyStore::open(dir.cfg()).unwrap();
         store
             .record_gap(gap(BASE, BASE + MIN, "kernel_drop", 3))
             .unwrap();
@@ -907,7 +904,7 @@ fn gaps_are_durable_and_filtered_by_range() {
             .unwrap();
         store.crash();
     }
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let store = TantivyStore::open(dir.cfg()).unwrap();
     let r = store
         .search(&SearchQuery {
             from_ns: Some(BASE + H),
@@ -944,7 +941,7 @@ fn torn_wal_tail_is_cut_and_corrupt_middle_is_an_error() {
     cfg.commit_interval_ms = 60_000;
     let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         for i in 0..3u64 {
             store
                 .append(batch("n", i, vec![rec(BASE + i, ip, 1, ip, i as u16)]))
@@ -961,7 +958,7 @@ fn torn_wal_tail_is_cut_and_corrupt_middle_is_an_error() {
         f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]).unwrap();
     }
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         assert_eq!(store.stats().records, 3);
         assert_eq!(
             std::fs::metadata(&seg).unwrap().len(),
@@ -979,7 +976,7 @@ fn torn_wal_tail_is_cut_and_corrupt_middle_is_an_error() {
     bytes[12] ^= 0xff;
     std::fs::write(&seg, &bytes).unwrap();
     // The segment is still the active one, so open reads all of it.
-    match TantivyStore::open(&cfg) {
+    match TantivyStore::open(cfg.clone()) {
         Err(StoreError::Corrupt { path, message }) => {
             assert!(path.contains("wal"), "{path}");
             assert!(message.contains("checksum"), "{message}");
@@ -997,7 +994,7 @@ fn edge_values_round_trip_and_match_memstore() {
     let dir = TempDir::new("edges");
     let mut cfg = dir.cfg();
     cfg.lookback_hours = 0;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let mem = MemStore::default();
     let src = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
@@ -1108,7 +1105,7 @@ fn edge_values_round_trip_and_match_memstore() {
 #[test]
 fn destroy_joins_the_open_connection_of_its_tuple() {
     let dir = TempDir::new("join");
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let store = TantivyStore::open(dir.cfg()).unwrap();
     let mem = MemStore::default();
     let pod = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9));
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
@@ -1179,7 +1176,7 @@ fn many_uncommitted_records_trigger_a_commit() {
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000;
     cfg.commit_max_records = 1000;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
     let pod = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9));
     let batch_of = |seq: u64, n: u64| {
@@ -1210,9 +1207,9 @@ fn many_uncommitted_records_trigger_a_commit() {
 }
 
 /// Both stores, loaded with `records` on node `n1`, committed.
-fn both(dir: &TempDir, cfg: StorageConfig, records: &[ConnRecord]) -> (TantivyStore, MemStore) {
+fn both(dir: &TempDir, cfg: StoreOptions, records: &[ConnRecord]) -> (TantivyStore, MemStore) {
     let _ = dir;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let mem = MemStore::with_lookback(cfg.lookback_hours as u64 * H);
     for s in [&store as &dyn RecordStore, &mem] {
         s.append(batch("n1", 1, records.to_vec())).unwrap();

@@ -14,7 +14,10 @@
 //!   `collector/src/query.rs` maps `QueryError` to HTTP statuses and gRPC
 //!   codes;
 //! - `resolve.rs` and `query.rs` know no HTTP framework and no `http`
-//!   module (no import cycle with the endpoints).
+//!   module (no import cycle with the endpoints);
+//! - the store knows no app configuration (`crate::config`): it takes its
+//!   own options; the tantivy store's test hooks live only in its
+//!   `hooks.rs`, compiled for tests and the `test-hooks` feature.
 
 use std::path::{Path, PathBuf};
 
@@ -227,4 +230,30 @@ fn the_query_layer_knows_no_endpoint() {
         }
     }
     fail_if_any("the query layer depends on the HTTP endpoints", &bad);
+}
+
+#[test]
+fn the_store_takes_its_own_options_and_hides_its_test_hooks() {
+    let mut bad = Vec::new();
+    for (p, t) in sources() {
+        if p.starts_with("collector/src/store/") && t.contains("crate::config") {
+            bad.push(format!("{p}: imports the app configuration"));
+        }
+        let hooks = "collector/src/store/tantivy_store/hooks.rs";
+        if p.starts_with("collector/src/") && p != hooks {
+            for hook in ["pub fn crash", "pub fn segment_count", "pub fn force_merge"] {
+                if t.contains(hook) {
+                    bad.push(format!("{p}: {hook} outside {hooks}"));
+                }
+            }
+        }
+        if p == "collector/src/store/tantivy_store/mod.rs"
+            && !t.contains("#[cfg(any(test, feature = \"test-hooks\"))]\nmod hooks;")
+        {
+            bad.push(format!(
+                "{p}: mod hooks is not behind the test-hooks feature"
+            ));
+        }
+    }
+    fail_if_any("store layout", &bad);
 }
