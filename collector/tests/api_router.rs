@@ -10,15 +10,12 @@
 //! nothing else. No root, no network.
 
 use std::net::IpAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
-use ctw_collector::auth::Token;
-use ctw_collector::config::LookupConfig;
-use ctw_collector::http::{router, AppState};
+use ctw_collector::http::router;
 use ctw_collector::metrics::Metrics;
 use ctw_collector::registry::{HelloInfo, Registry};
 use ctw_collector::store::{Gap, MemStore, RecordStore, StoredBatch};
@@ -29,6 +26,12 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tower::ServiceExt;
+
+mod support {
+    //! The shared router fixture.
+    #[path = "mem_api.rs"]
+    pub mod mem_api;
+}
 
 const TOKEN: &str = "secret-token";
 /// 2024-12-09T07:05:00Z, in Unix seconds and ns.
@@ -128,15 +131,9 @@ async fn api() -> Api {
         }
     });
     Api {
-        app: router(Arc::new(AppState {
-            store,
-            registry,
-            metrics,
-            token: Token::fixed(TOKEN),
-            max_limit: 1000,
-            lookup: LookupConfig::default(),
-            ready: Arc::new(AtomicBool::new(true)),
-        })),
+        app: router(support::mem_api::state_with(
+            store, registry, metrics, TOKEN,
+        )),
         _agent: agent,
     }
 }
