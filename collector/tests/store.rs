@@ -56,21 +56,6 @@ impl Drop for TempDir {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn rec(t: u64, src: IpAddr, sport: u16, snat: IpAddr, nport: u16) -> ConnRecord {
     let dst = match src {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
@@ -118,7 +103,7 @@ fn batch(node: &str, seq: u64, records: Vec<ConnRecord>) -> StoredBatch {
 /// another pod takes their reply tuple: the kernel sent no DESTROY), found
 /// gone by the agent (a `CTW_GONE` record), or alive for 4 h. Some UDP
 /// connections also get a NAT-clash shadow DESTROY (another backend).
-fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord)> {
+fn random_records(rng: &mut fastrand::Rng, n: usize, span: u64) -> Vec<(String, ConnRecord)> {
     use std::collections::HashMap;
     type Alive = HashMap<(String, Protocol, bool, ctw_common::Tuple), Vec<(u64, u64)>>;
     let mut out = Vec::new();
@@ -140,9 +125,9 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
     };
     let mut fresh_port = 20000u16;
     for _ in 0..n {
-        let node = format!("n{}", rng.below(3));
-        let v6 = rng.below(4) == 0;
-        let ip = |rng: &mut Rng, net: u8| -> IpAddr {
+        let node = format!("n{}", rng.u64(..3));
+        let v6 = rng.u64(..4) == 0;
+        let ip = |rng: &mut fastrand::Rng, net: u8| -> IpAddr {
             if v6 {
                 IpAddr::V6(Ipv6Addr::new(
                     0x2001,
@@ -152,44 +137,44 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
                     0,
                     0,
                     0,
-                    rng.below(6) as u16,
+                    rng.u64(..6) as u16,
                 ))
             } else {
-                IpAddr::V4(Ipv4Addr::new(10, net, 0, rng.below(6) as u8))
+                IpAddr::V4(Ipv4Addr::new(10, net, 0, rng.u64(..6) as u8))
             }
         };
-        let t = BASE + rng.below(span);
+        let t = BASE + rng.u64(..span);
         let mut r = rec(
             t,
             ip(rng, 1),
-            1000 + rng.below(8) as u16,
+            1000 + rng.u64(..8) as u16,
             ip(rng, 2),
-            5000 + rng.below(8) as u16,
+            5000 + rng.u64(..8) as u16,
         );
         r.orig.dst = ip(rng, 3);
-        r.reply.src = if rng.below(5) == 0 {
+        r.reply.src = if rng.u64(..5) == 0 {
             ip(rng, 4)
         } else {
             r.orig.dst
         };
-        r.orig.dst_port = [53, 80, 443][rng.below(3) as usize];
+        r.orig.dst_port = [53, 80, 443][rng.u64(..3) as usize];
         r.reply.src_port = r.orig.dst_port;
-        r.protocol = if rng.below(4) == 0 {
+        r.protocol = if rng.u64(..4) == 0 {
             Protocol::Udp
         } else {
             Protocol::Tcp
         };
-        r.id = rng.next() as u32;
-        r.mark = rng.below(3) as u32;
-        if rng.below(3) == 0 {
+        r.id = rng.u64(..) as u32;
+        r.mark = rng.u64(..3) as u32;
+        if rng.u64(..3) == 0 {
             r.start_ns = None;
         }
         // 0-5: DESTROY; 6: superseded; 7: gone; 8-9: alive 4 h.
-        let fate = rng.below(10);
+        let fate = rng.u64(..10);
         let life = if fate < 6 || fate == 7 {
-            rng.below(2 * H)
+            rng.u64(..2 * H)
         } else if fate == 6 {
-            1 + rng.below(H)
+            1 + rng.u64(..H)
         } else {
             4 * H
         };
@@ -197,13 +182,13 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
             if free(&alive, &node, &r, false, t, t + life) {
                 break;
             }
-            r.orig.src_port = 1000 + rng.below(8) as u16;
+            r.orig.src_port = 1000 + rng.u64(..8) as u16;
         }
         for _ in 0..8 {
             if free(&alive, &node, &r, true, t, t + life) {
                 break;
             }
-            r.reply.dst_port = 5000 + rng.below(8) as u16;
+            r.reply.dst_port = 5000 + rng.u64(..8) as u16;
         }
         if !free(&alive, &node, &r, false, t, t + life)
             || !free(&alive, &node, &r, true, t, t + life)
@@ -214,29 +199,29 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
         }
         take(&mut alive, &node, &r, t, t + life);
         out.push((node.clone(), r));
-        let destroy = |r: &ConnRecord, at: u64, rng: &mut Rng| {
+        let destroy = |r: &ConnRecord, at: u64, rng: &mut fastrand::Rng| {
             let mut d = *r;
             d.kind = EventKind::Destroy;
             d.event_ns = at;
             d.stop_ns = Some(at);
             d.tcp_state = Some(TcpState::TimeWait);
             d.counters_orig = Some(Counters {
-                packets: rng.below(100),
-                bytes: rng.below(1 << 40),
+                packets: rng.u64(..100),
+                bytes: rng.u64(..1 << 40),
             });
-            d.counters_reply = (rng.below(2) == 0).then(|| Counters {
-                packets: rng.below(100),
-                bytes: rng.below(100_000),
+            d.counters_reply = (rng.u64(..2) == 0).then(|| Counters {
+                packets: rng.u64(..100),
+                bytes: rng.u64(..100_000),
             });
             d
         };
         match fate {
             0..6 => {
                 out.push((node.clone(), destroy(&r, t + life, rng)));
-                if r.protocol == Protocol::Udp && rng.below(5) == 0 {
+                if r.protocol == Protocol::Udp && rng.u64(..5) == 0 {
                     // The shadow of a NAT clash: another id and backend,
                     // its own start, only a DESTROY.
-                    let mut shadow = destroy(&r, t + rng.below(life + 1), rng);
+                    let mut shadow = destroy(&r, t + rng.u64(..life + 1), rng);
                     shadow.status |= status::NAT_CLASH;
                     shadow.reply.src = ip(rng, 5);
                     shadow.start_ns = r.start_ns.map(|s| s + 1000);
@@ -252,19 +237,19 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
                 next.event_ns = at;
                 next.start_ns = r.start_ns.map(|_| at);
                 next.orig.src = ip(rng, 6);
-                let next_life = rng.below(2 * H);
+                let next_life = rng.u64(..2 * H);
                 if free(&alive, &node, &next, false, at, at + next_life)
                     && free(&alive, &node, &next, true, at + 1, at + next_life)
                 {
                     take(&mut alive, &node, &next, at, at + next_life);
                     out.push((node.clone(), next));
-                    if rng.below(2) == 0 {
+                    if rng.u64(..2) == 0 {
                         out.push((node.clone(), destroy(&next, at + next_life, rng)));
                     }
-                    if rng.below(3) == 0 {
-                        let mut gone = destroy(&r, at + rng.below(MIN), rng);
+                    if rng.u64(..3) == 0 {
+                        let mut gone = destroy(&r, at + rng.u64(..MIN), rng);
                         gone.status |= status::CTW_GONE;
-                        gone.stop_ns = Some(t + rng.below(life));
+                        gone.stop_ns = Some(t + rng.u64(..life));
                         gone.counters_orig = None;
                         gone.counters_reply = None;
                         out.push((node.clone(), gone));
@@ -275,17 +260,17 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
                 // Found gone by the agent: last seen before, gone at t + life.
                 let mut gone = destroy(&r, t + life, rng);
                 gone.status |= status::CTW_GONE;
-                gone.stop_ns = Some(t + rng.below(life + 1));
+                gone.stop_ns = Some(t + rng.u64(..life + 1));
                 gone.counters_orig = None;
                 gone.counters_reply = None;
                 out.push((node.clone(), gone));
             }
             _ => {}
         }
-        if rng.below(10) == 0 {
+        if rng.u64(..10) == 0 {
             let mut again = r;
             again.kind = EventKind::Recovered;
-            again.event_ns = t + rng.below(MIN.min(life).max(1));
+            again.event_ns = t + rng.u64(..MIN.min(life).max(1));
             out.push((node, again));
         }
     }
@@ -402,7 +387,7 @@ fn same_answers_as_memstore_on_random_data() {
         ..capped_dir.cfg()
     })
     .unwrap();
-    let mut rng = Rng(1234);
+    let mut rng = fastrand::Rng::with_seed(1234);
     let span = 30 * H;
     let records = random_records(&mut rng, 3000, span);
     // A third in segments, the rest fresh (uncommitted) in the first round
@@ -427,12 +412,12 @@ fn same_answers_as_memstore_on_random_data() {
             assert!(store.segment_count() > 0);
             store.commit().unwrap();
         }
-        let (_, pick) = &records[rng.below(records.len() as u64) as usize];
+        let (_, pick) = &records[rng.u64(..records.len() as u64) as usize];
         let mut q = SearchQuery {
             limit: 100_000,
             ..Default::default()
         };
-        let m = rng.next();
+        let m = rng.u64(..);
         if m & 1 != 0 {
             q.snat_ip = Some(pick.reply.dst);
         }
@@ -452,21 +437,21 @@ fn same_answers_as_memstore_on_random_data() {
             q.dst_port = Some(pick.orig.dst_port);
         }
         if m & 64 != 0 {
-            q.node = Some(format!("n{}", rng.below(3)));
+            q.node = Some(format!("n{}", rng.u64(..3)));
         }
         if m & 128 != 0 {
             q.protocol = Some(pick.protocol);
         }
         if m & 256 != 0 {
-            let from = BASE + rng.below(span);
+            let from = BASE + rng.u64(..span);
             q.from_ns = Some(from);
-            q.to_ns = Some(from + rng.below(3 * H));
+            q.to_ns = Some(from + rng.u64(..3 * H));
             if m & 512 != 0 {
-                q.at_ns = Some(from + rng.below(H));
+                q.at_ns = Some(from + rng.u64(..H));
             }
         }
         if m & 1024 != 0 && m & 2048 != 0 {
-            q.kind = Some(ConnKind::ALL[rng.below(4) as usize]);
+            q.kind = Some(ConnKind::ALL[rng.u64(..4) as usize]);
         }
         let a = store.search(&q).unwrap();
         let b = mem.search(&q).unwrap();
@@ -486,7 +471,7 @@ fn same_answers_as_memstore_on_random_data() {
         assert_eq!(a.gaps, b.gaps, "query {i}: {q:?}");
         assert_eq!(canonical(a.hits), canonical(b.hits), "query {i}: {q:?}");
         // With a small limit: the same number, and the same rank order.
-        q.limit = 1 + rng.below(5) as usize;
+        q.limit = 1 + rng.u64(..5) as usize;
         let a = store.search(&q).unwrap();
         let b = mem.search(&q).unwrap();
         assert_eq!(
@@ -571,7 +556,7 @@ fn crash_loses_nothing_acknowledged_and_never_duplicates() {
     let dir = TempDir::new("crash");
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000; // only explicit commits
-    let mut rng = Rng(99);
+    let mut rng = fastrand::Rng::with_seed(99);
     let records = random_records(&mut rng, 600, 10 * H);
     let mem = MemStore::default();
     let (first, rest) = records.split_at(records.len() / 3);
@@ -1482,12 +1467,12 @@ fn total_counts_connections_past_the_cap() {
     let store = store_collecting_at_most(&dir, 500);
     let mem = MemStore::with_lookback(3 * H);
     let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
-    let mut rng = Rng(77);
+    let mut rng = fastrand::Rng::with_seed(77);
     let mut flows = Vec::new();
     let mut records = Vec::new();
     for i in 0..3000u64 {
         let t = BASE + i * 1_000_000_000;
-        let life = rng.below(20 * MIN);
+        let life = rng.u64(..20 * MIN);
         let mut r = rec(t, node, 10_000 + i as u16, node, 10_000 + i as u16);
         r.orig.src = IpAddr::V4(Ipv4Addr::new(198, 18, 1, (i % 200) as u8));
         r.protocol = Protocol::Udp;

@@ -15,6 +15,7 @@ pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod nginx;
+pub mod ratelimit;
 
 /// Nanoseconds since the Unix epoch of `t` (0 before the epoch, `u64::MAX`
 /// past year 2554). The one conversion every crate uses.
