@@ -90,6 +90,25 @@ pub(crate) mod fixtures {
     use crate::store::{End, Hit};
 
     pub const T: u64 = 1_733_727_900_000_000_000; // 2024-12-09T07:05:00Z
+
+    /// Field-wise JSON for snapshots: keys sorted, so only a changed name,
+    /// value or presence shows in the diff.
+    pub fn json(v: impl serde::Serialize) -> String {
+        serde_json::to_string_pretty(&serde_json::to_value(v).unwrap()).unwrap()
+    }
+
+    /// An open connection of `record` on `node`, nothing joined.
+    fn hit(node: &str, record: ConnRecord) -> Hit {
+        Hit {
+            node: node.into(),
+            record,
+            closed_ns: None,
+            end: None,
+            last_seen_ns: None,
+            counters_orig: None,
+            counters_reply: None,
+        }
+    }
     pub const MS: u64 = 1_000_000;
 
     fn record(kind: EventKind, protocol: Protocol, pod: &str, port: u16) -> ConnRecord {
@@ -112,11 +131,8 @@ pub(crate) mod fixtures {
         r.status |= status::CTW_EXTERNAL;
         r.start_ns = Some(T - 5 * MS);
         Hit {
-            node: "node-a".into(),
-            record: r,
             closed_ns: Some(T + 1500 * MS),
             end: Some(End::Destroy),
-            last_seen_ns: None,
             counters_orig: Some(Counters {
                 packets: 5,
                 bytes: 400,
@@ -125,6 +141,7 @@ pub(crate) mod fixtures {
                 packets: 4,
                 bytes: 3000,
             }),
+            ..hit("node-a", r)
         }
     }
 
@@ -132,15 +149,7 @@ pub(crate) mod fixtures {
     pub fn midstream() -> Hit {
         let mut r = record(EventKind::New, Protocol::Tcp, "10.244.1.8", 2);
         r.tcp_state = Some(TcpState::Established);
-        Hit {
-            node: "node-b".into(),
-            record: r,
-            closed_ns: None,
-            end: None,
-            last_seen_ns: None,
-            counters_orig: None,
-            counters_reply: None,
-        }
+        hit("node-b", r)
     }
 
     /// A UDP flow found by a dump (IPv6), found gone by the agent.
@@ -159,13 +168,10 @@ pub(crate) mod fixtures {
             40003,
         );
         Hit {
-            node: "node-c".into(),
-            record: r,
             closed_ns: Some(T + 30_000 * MS),
             end: Some(End::Gone),
             last_seen_ns: Some(T + 20_000 * MS),
-            counters_orig: None,
-            counters_reply: None,
+            ..hit("node-c", r)
         }
     }
 }
@@ -175,14 +181,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use expect_test::expect;
 
-    use super::fixtures::{self, MS, T};
+    use super::fixtures::{self, json, MS, T};
     use super::*;
-
-    /// Field-wise JSON: keys sorted, so only a changed name, value or
-    /// presence shows in the diff.
-    fn json(v: impl serde::Serialize) -> String {
-        serde_json::to_string_pretty(&serde_json::to_value(v).unwrap()).unwrap()
-    }
 
     #[test]
     fn search_answer_snapshot() {

@@ -695,12 +695,6 @@ mod tests {
         );
     }
 
-    /// Field-wise JSON: keys sorted, so only a changed name, value or
-    /// presence shows in the diff.
-    fn json(v: impl serde::Serialize) -> String {
-        serde_json::to_string_pretty(&serde_json::to_value(v).unwrap()).unwrap()
-    }
-
     #[tokio::test]
     async fn resolve_answer_snapshot() {
         use crate::store::{MemStore, StoredBatch};
@@ -911,6 +905,6 @@ mod tests {
               },
               "window_ms": 300000
             }"#]]
-        .assert_eq(&json(answer));
+        .assert_eq(&crate::answer::fixtures::json(answer));
     }
 }

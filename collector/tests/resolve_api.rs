@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode};
 use ctw_collector::http::router;
 use ctw_collector::metrics::Metrics;
 use ctw_collector::registry::Registry;
-use ctw_collector::store::{Gap, MemStore, RecordStore, StoredBatch};
+use ctw_collector::store::{MemStore, RecordStore, StoredBatch};
 use ctw_common::{ConnRecord, EventKind, TcpState};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -477,14 +477,8 @@ async fn a_late_record_is_not_taken_alone_when_the_window_has_a_gap() {
         0,
         (T0 + 35) * S,
     )]);
-    s.record_gap(Gap {
-        node: "node-a".into(),
-        from_ns: (T0 + 20) * S,
-        to_ns: (T0 + 21) * S,
-        reason: "kernel_drop".into(),
-        count: 1,
-    })
-    .unwrap();
+    s.record_gap(mem_api::kernel_drop("node-a", T0 + 20, T0 + 21, 1))
+        .unwrap();
     let app = app_with(s, Arc::new(Registry::new(Metrics::new())));
     let (_, v) = post_to(
         app,

@@ -70,15 +70,21 @@ pub fn store(node_a: Vec<ConnRecord>) -> Arc<MemStore> {
         )],
     ))
     .expect("append");
-    s.record_gap(Gap {
-        node: "node-b".into(),
-        from_ns: (T0 + 990) * S,
-        to_ns: (T0 + 995) * S,
-        reason: "kernel_drop".into(),
-        count: 3,
-    })
-    .expect("gap");
+    s.record_gap(kernel_drop("node-b", T0 + 990, T0 + 995, 3))
+        .expect("gap");
     s
+}
+
+/// A `kernel_drop` gap of `count` events on `node` from `from_s` to `to_s`
+/// (Unix seconds).
+pub fn kernel_drop(node: &str, from_s: u64, to_s: u64, count: u64) -> Gap {
+    Gap {
+        node: node.into(),
+        from_ns: from_s * S,
+        to_ns: to_s * S,
+        reason: "kernel_drop".into(),
+        count,
+    }
 }
 
 /// The router's state over `store`, with `registry` (and its `metrics`),
