@@ -50,10 +50,10 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ctw_common::ratelimit::RateLimiter;
-use ctw_common::{status, ConnRecord, EventKind};
+use ctw_common::{now_ns, status, ConnRecord, EventKind};
 
 use crate::filter::Filter;
 use crate::metrics::Metrics;
@@ -551,13 +551,6 @@ impl Hasher for KeyHasher {
     }
 }
 type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
 
 /// Per-port counts gathered during one batch, flushed to Prometheus once.
 struct PortCounts {
