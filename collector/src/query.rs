@@ -493,35 +493,15 @@ impl Lookup {
     /// protocol default `tcp`, `tuple` `orig` or `reply`).
     pub fn from_params(params: &[(String, String)]) -> Result<Lookup, QueryError> {
         api::check_names(params, &LOOKUP_PARAMS)?;
-        let lp = api::parse_live(params)?;
-        let z = api::param(params, "zone")
-            .map(|v| {
-                v.parse::<u64>().map_err(|_| {
-                    QueryError::invalid(
-                        "zone",
-                        format!("zone: {v:?} is not a conntrack zone (0-65535)"),
-                    )
-                })
-            })
-            .transpose()?;
         Ok(Lookup {
-            query: LiveQuery {
-                protocol: lp.protocol,
-                tuple: lp.tuple,
-                reply_tuple: lp.reply_tuple,
-                zone: zone(z)?,
-            },
+            query: api::parse_live(params)?,
             node: lookup_node(api::param(params, "node"))?,
         })
     }
 
     /// The "no such entry" message, the same as the agent's.
     pub fn not_found_message(&self) -> String {
-        api::not_found_message(&api::LiveParams {
-            protocol: self.query.protocol,
-            tuple: self.query.tuple,
-            reply_tuple: self.query.reply_tuple,
-        })
+        api::not_found_message(&self.query)
     }
 }
 

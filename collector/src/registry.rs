@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use ctw_common::{unix_ns, ConnRecord, Protocol, Tuple};
+use ctw_common::{unix_ns, ConnRecord};
 use ctw_proto::pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -39,17 +39,9 @@ use crate::store::Gap;
 /// What the collector sends down an agent's stream.
 pub type AgentSender = mpsc::Sender<Result<pb::CollectorMessage, Status>>;
 
-/// A live lookup: the same question as the agent's `/api/conntrack/query`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LiveQuery {
-    pub protocol: Protocol,
-    pub tuple: Tuple,
-    /// `tuple` names the reply direction (its dst is the SNAT address).
-    pub reply_tuple: bool,
-    /// Conntrack zone to look in (`CTA_ZONE`); `None` = the agent's default
-    /// (zone 0).
-    pub zone: Option<u16>,
-}
+/// A live lookup: the same question as the agent's `/api/conntrack/query`
+/// (the API's type).
+pub use ctw_common::api::LiveQuery;
 
 /// An agent's answer: the live conntrack entry and the node that has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -573,6 +565,7 @@ impl Drop for PendingGuard<'_> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use ctw_common::{Protocol, Tuple};
 
     fn hello(addrs: &[&str]) -> HelloInfo {
         HelloInfo {

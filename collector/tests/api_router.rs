@@ -467,15 +467,15 @@ async fn lookup_answer_snapshots() {
     snapshot(
         &v,
         expect![[r#"
-        {
-          "asked": [
-            "node-a"
-          ],
-          "error": "no conntrack entry with reply tuple tcp 198.19.0.2:80 -> 198.18.0.1:40001",
-          "zones_tried": [
-            7
-          ]
-        }"#]],
+            {
+              "asked": [
+                "node-a"
+              ],
+              "error": "no conntrack entry with reply tuple tcp 198.19.0.2:80 -> 198.18.0.1:40001 (conntrack zone 7)",
+              "zones_tried": [
+                7
+              ]
+            }"#]],
     );
     let (code, v) = api.get(&lookup_uri("&node=ghost")).await;
     assert_eq!(code, StatusCode::NOT_FOUND);

@@ -43,12 +43,20 @@ impl BadParam {
     }
 }
 
-/// A validated live lookup: `tuple` names the reply direction when `reply_tuple`.
+/// A validated live lookup, the one question of the agent's
+/// `/api/conntrack/query`, the collector's `/api/v1/conntrack/query`, the
+/// collector's `Query.Lookup` and the `LookupRequest` it sends down an
+/// agent's stream: `tuple` names the reply direction when `reply_tuple`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LiveParams {
+pub struct LiveQuery {
     pub protocol: Protocol,
     pub tuple: Tuple,
+    /// `tuple` is the reply direction (its destination is the SNAT address).
     pub reply_tuple: bool,
+    /// Conntrack zone to look in (`CTA_ZONE`, 16 bits); `None`: not given
+    /// (the agent looks in zone 0; the collector tries zone 0 and then
+    /// the zones the node's records showed).
+    pub zone: Option<u16>,
 }
 
 /// Reject unknown and repeated parameters. `known` lists every accepted name.
@@ -109,8 +117,8 @@ pub fn parse_protocol(params: &[(String, String)], k: &str) -> Result<Option<Pro
 }
 
 /// The parameters of a live lookup (`protocol`, `src_ip`, `src_port`,
-/// `dst_ip`, `dst_port`, `tuple`). The caller checks names first.
-pub fn parse_live(params: &[(String, String)]) -> Result<LiveParams, BadParam> {
+/// `dst_ip`, `dst_port`, `tuple`, `zone`). The caller checks names first.
+pub fn parse_live(params: &[(String, String)]) -> Result<LiveQuery, BadParam> {
     let required = |k: &str| BadParam::new(k, format!("missing parameter {k:?}"));
     let protocol = parse_protocol(params, "protocol")?.unwrap_or(Protocol::Tcp);
     let src = parse_ip(params, "src_ip")?.ok_or_else(|| required("src_ip"))?;
@@ -133,7 +141,17 @@ pub fn parse_live(params: &[(String, String)]) -> Result<LiveParams, BadParam> {
             ))
         }
     };
-    Ok(LiveParams {
+    let zone = param(params, "zone")
+        .map(|v| {
+            v.parse::<u16>().map_err(|_| {
+                BadParam::new(
+                    "zone",
+                    format!("zone: {v:?} is not a conntrack zone (0-65535)"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(LiveQuery {
         protocol,
         tuple: Tuple {
             src,
@@ -142,21 +160,27 @@ pub fn parse_live(params: &[(String, String)]) -> Result<LiveParams, BadParam> {
             dst_port,
         },
         reply_tuple,
+        zone,
     })
 }
 
-/// The "no such entry" message, the same from agent and collector.
-pub fn not_found_message(p: &LiveParams) -> String {
+/// The "no such entry" message, the same from agent and collector (the
+/// zone is named when one was given and is not 0).
+pub fn not_found_message(p: &LiveQuery) -> String {
     let dir = if p.reply_tuple { "reply" } else { "original" };
     let t = &p.tuple;
-    format!(
+    let mut m = format!(
         "no conntrack entry with {dir} tuple {} {}:{} -> {}:{}",
         p.protocol,
         fmt_ip(t.src),
         t.src_port,
         fmt_ip(t.dst),
         t.dst_port
-    )
+    );
+    if let Some(z) = p.zone.filter(|&z| z != 0) {
+        m.push_str(&format!(" (conntrack zone {z})"));
+    }
+    m
 }
 
 /// An address as it appears before `:port` (`[v6]`).

@@ -60,9 +60,9 @@ mod tests {
     #[test]
     fn the_next_message_says_how_many_were_held_back() {
         let r = RateLimiter::new(Duration::from_millis(1));
+        let start = Instant::now();
         assert_eq!(r.allow(), Some(0));
         // Held back until the interval has passed (measured, not slept).
-        let start = Instant::now();
         let mut held = 0;
         let got = loop {
             match r.allow() {
