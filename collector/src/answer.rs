@@ -97,17 +97,8 @@ pub(crate) mod fixtures {
         serde_json::to_string_pretty(&serde_json::to_value(v).unwrap()).unwrap()
     }
 
-    /// An open connection of `record` on `node`, nothing joined.
     fn hit(node: &str, record: ConnRecord) -> Hit {
-        Hit {
-            node: node.into(),
-            record,
-            closed_ns: None,
-            end: None,
-            last_seen_ns: None,
-            counters_orig: None,
-            counters_reply: None,
-        }
+        Hit::open(node, record)
     }
     pub const MS: u64 = 1_000_000;
 
@@ -319,15 +310,7 @@ mod tests {
             Tuple::new(ip, 1, ip, 2),
             Tuple::new(ip, 2, ip, 1),
         );
-        let mut h = Hit {
-            node: "n".into(),
-            record: r,
-            closed_ns: None,
-            end: None,
-            last_seen_ns: None,
-            counters_orig: None,
-            counters_reply: None,
-        };
+        let mut h = Hit::open("n", r);
         let q = SearchQuery::default();
         let v = serde_json::to_value(connection(&h, &q)).unwrap();
         assert!(v.get("end").is_none() && v.get("end_kind").is_none(), "{v}");

@@ -635,19 +635,17 @@ mod tests {
     fn hit(node: &str, pod: &str, port: u16, start: u64, end: Option<u64>) -> Hit {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         Hit {
-            node: node.into(),
-            record: ConnRecord::new(
-                EventKind::New,
-                start,
-                Protocol::Tcp,
-                Tuple::new(ip(pod), port, ip("198.19.0.2"), 80),
-                Tuple::new(ip("198.19.0.2"), 80, ip("198.19.0.1"), 40000),
-            ),
             closed_ns: end,
-            end: None,
-            last_seen_ns: None,
-            counters_orig: None,
-            counters_reply: None,
+            ..Hit::open(
+                node,
+                ConnRecord::new(
+                    EventKind::New,
+                    start,
+                    Protocol::Tcp,
+                    Tuple::new(ip(pod), port, ip("198.19.0.2"), 80),
+                    Tuple::new(ip("198.19.0.2"), 80, ip("198.19.0.1"), 40000),
+                ),
+            )
         }
     }
 
