@@ -101,12 +101,9 @@ async fn healthz(State(s): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// The API's error answer (`common::api::ErrorAnswer`).
 fn error(code: StatusCode, msg: &str, parameter: Option<&str>) -> Response {
-    let body = match parameter {
-        Some(p) => json!({ "error": msg, "parameter": p }),
-        None => json!({ "error": msg }),
-    };
-    (code, Json(body)).into_response()
+    (code, Json(api::ErrorAnswer::new(msg, parameter))).into_response()
 }
 
 /// Parse the query string of `/api/conntrack/query`.

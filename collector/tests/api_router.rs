@@ -628,4 +628,24 @@ async fn agents_health_and_error_snapshots() {
           "parameter": "limit"
         }"#]],
     );
+    // Not ready (storage or gRPC not up yet): 503.
+    let state_off = support::mem_api::state(Arc::new(MemStore::default()), TOKEN);
+    state_off
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let req = Request::builder()
+        .uri("/readyz")
+        .body(Body::empty())
+        .expect("request");
+    let resp = router(state_off).oneshot(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).expect("json");
+    snapshot(
+        &v,
+        expect![[r#"
+            {
+              "error": "starting"
+            }"#]],
+    );
 }
