@@ -190,7 +190,7 @@ impl TcpState {
 ///
 /// The kernel uses bits 0-15 (as of Linux 6.18, `IPS_HW_OFFLOAD` is bit 15).
 /// Bits 24-31 are never sent by the kernel: the agent sets them on records it
-/// derives ([`CTW_MARKS`]), and every layer (log, uplink, store) keeps them
+/// derives ([`CTW_MARKS`](status::CTW_MARKS)), and every layer (log, uplink, store) keeps them
 /// as part of `status`.
 pub mod status {
     pub const EXPECTED: u32 = 1 << 0;

@@ -2,7 +2,7 @@
 //! tantivy index per time partition for search.
 //!
 //! Layout under [`StoreOptions::path`]:
-//! - `wal/` — write-ahead log segments (see [`wal`]); `append` returns only
+//! - `wal/` — write-ahead log segments (see the `wal` module); `append` returns only
 //!   after its entry is fsynced (concurrent appends share an fsync).
 //! - `index/p-YYYYMMDDHH/` — one tantivy index per [`StoreOptions::partition_hours`] window
 //!   of event time, named by the window start (UTC).
@@ -29,7 +29,7 @@
 //! are collected per search (newest or nearest partitions first); when more
 //! match, [`SearchStats::truncated`] is set and `total` adds, to the
 //! connections found, the uncollected documents that count as connections
-//! ([`counts_uncollected`](super::counts_uncollected): NEW and recovered
+//! ([`counts_uncollected`]: NEW and recovered
 //! records starting in the range, and DESTROYs of connections started
 //! before it; its docs say when that is exact).
 //!
