@@ -50,9 +50,10 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use ctw_common::{status, ConnRecord, EventKind};
+use ctw_common::ratelimit::RateLimiter;
+use ctw_common::{now_ns, status, ConnRecord, EventKind};
 
 use crate::filter::Filter;
 use crate::metrics::Metrics;
@@ -551,45 +552,6 @@ impl Hasher for KeyHasher {
 }
 type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-/// Logs a repeating warning at most once per interval, with the number of
-/// occurrences folded in.
-struct RateLimited {
-    last: Option<Instant>,
-    suppressed: u64,
-    every: Duration,
-}
-
-impl RateLimited {
-    fn new(every: Duration) -> Self {
-        RateLimited {
-            last: None,
-            suppressed: 0,
-            every,
-        }
-    }
-    /// Returns `Some(suppressed_since_last)` when it is time to log.
-    fn hit(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(t) if now.duration_since(t) < self.every => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
 /// Per-port counts gathered during one batch, flushed to Prometheus once.
 struct PortCounts {
     ports: Vec<u16>,
@@ -696,8 +658,8 @@ struct Core<S: RecordSink> {
     pending_loss: u64,
     /// When the last batch was read: the start of a loss window.
     last_ok_ns: u64,
-    decode_warn: RateLimited,
-    loss_warn: RateLimited,
+    decode_warn: RateLimiter,
+    loss_warn: RateLimiter,
 }
 
 impl<S: RecordSink> Core<S> {
@@ -730,7 +692,7 @@ impl<S: RecordSink> Core<S> {
             Ok(_) => self.batch.filtered += 1,
             Err(e) => {
                 self.batch.errors += 1;
-                if let Some(s) = self.decode_warn.hit() {
+                if let Some(s) = self.decode_warn.allow() {
                     tracing::warn!(error = %e, suppressed = s, "malformed conntrack message skipped");
                 }
             }
@@ -1005,8 +967,8 @@ impl<S: RecordSink, E: EventSource> Capture<S, E> {
                 last_drops,
                 pending_loss: 0,
                 last_ok_ns: now_ns(),
-                decode_warn: RateLimited::new(Duration::from_secs(10)),
-                loss_warn: RateLimited::new(Duration::from_secs(10)),
+                decode_warn: RateLimiter::new(Duration::from_secs(10)),
+                loss_warn: RateLimiter::new(Duration::from_secs(10)),
             },
             probes: Vec::new(),
         };
@@ -1080,7 +1042,7 @@ impl<S: RecordSink, E: EventSource> Capture<S, E> {
                 None
             }
             Err(e) => {
-                if let Some(s) = self.core.decode_warn.hit() {
+                if let Some(s) = self.core.decode_warn.allow() {
                     tracing::warn!(error = %e, suppressed = s, "event socket read failed");
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -1122,7 +1084,7 @@ impl<S: RecordSink, E: EventSource> Capture<S, E> {
                 );
             }
             Err(e) => {
-                if let Some(s) = self.core.loss_warn.hit() {
+                if let Some(s) = self.core.loss_warn.allow() {
                     tracing::warn!(error = %e, suppressed = s, "re-check of recovered entries failed; will retry");
                 }
             }
@@ -1145,7 +1107,7 @@ impl<S: RecordSink, E: EventSource> Capture<S, E> {
             c.last_drops = d;
             c.pending_loss += lost;
             c.metrics.events_lost.inc_by(lost);
-            if let Some(s) = c.loss_warn.hit() {
+            if let Some(s) = c.loss_warn.allow() {
                 tracing::warn!(
                     lost,
                     total_lost = d,

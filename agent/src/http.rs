@@ -101,12 +101,9 @@ async fn healthz(State(s): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// The API's error answer (`common::api::ErrorAnswer`).
 fn error(code: StatusCode, msg: &str, parameter: Option<&str>) -> Response {
-    let body = match parameter {
-        Some(p) => json!({ "error": msg, "parameter": p }),
-        None => json!({ "error": msg }),
-    };
-    (code, Json(body)).into_response()
+    (code, Json(api::ErrorAnswer::new(msg, parameter))).into_response()
 }
 
 /// Parse the query string of `/api/conntrack/query`.
@@ -118,17 +115,8 @@ pub fn parse_query(params: &[(String, String)]) -> Result<LookupQuery, BadParam>
         ],
     )?;
     let p = api::parse_live(params)?;
-    let zone = match params.iter().find(|(k, _)| k == "zone") {
-        None => 0,
-        Some((_, v)) => v.trim().parse::<u16>().map_err(|_| {
-            BadParam::new(
-                "zone",
-                format!("zone: {v:?} must be a conntrack zone, 0-65535"),
-            )
-        })?,
-    };
     Ok(LookupQuery {
-        zone,
+        zone: p.zone.unwrap_or(0),
         protocol: p.protocol,
         tuple: p.tuple,
         dir: if p.reply_tuple {
@@ -164,16 +152,13 @@ async fn query(
     match res {
         Ok(Ok(Some(r))) => Json(LookupAnswer::new(&r, &s.node)).into_response(),
         Ok(Ok(None)) => {
-            let p = api::LiveParams {
+            let p = api::LiveQuery {
                 protocol: q.protocol,
                 tuple: q.tuple,
                 reply_tuple: q.dir == TupleDir::Reply,
+                zone: Some(q.zone),
             };
-            let mut msg = api::not_found_message(&p);
-            if q.zone != 0 {
-                msg.push_str(&format!(" (conntrack zone {})", q.zone));
-            }
-            error(StatusCode::NOT_FOUND, &msg, None)
+            error(StatusCode::NOT_FOUND, &api::not_found_message(&p), None)
         }
         Ok(Err(e)) => error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -290,7 +275,8 @@ mod tests {
     #[tokio::test]
     async fn zone_lookup() {
         let base = "/api/conntrack/query?tuple=reply&src_ip=198.19.0.2&src_port=443&dst_ip=198.19.0.1&dst_port=12345";
-        for (zone, want) in [("", 0), ("&zone=0", 0), ("&zone=7", 7)] {
+        // An empty parameter is absent, as every parameter (common::api).
+        for (zone, want) in [("", 0), ("&zone=", 0), ("&zone=0", 0), ("&zone=7", 7)] {
             let (code, body) = call(&format!("{base}{zone}")).await;
             assert_eq!(code, StatusCode::OK, "{zone}: {body}");
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -299,7 +285,7 @@ mod tests {
         let (code, body) = call(&format!("{base}&zone=3")).await;
         assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
         assert!(body.contains("zone 3"), "{body}");
-        for bad in ["-1", "65536", "seven", ""] {
+        for bad in ["-1", "65536", "seven"] {
             let (code, body) = call(&format!("{base}&zone={bad}")).await;
             assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {body}");
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -60,14 +60,14 @@ impl CliError {
 /// 400 is the caller's mistake (exit 2), 404 "not found" (exit 1), anything
 /// else a server or auth problem (exit 3).
 pub fn from_status(status: u16, body: &serde_json::Value) -> CliError {
-    let msg = body
-        .get("error")
-        .and_then(|e| e.as_str())
-        .map(str::to_string)
+    use serde::Deserialize;
+    let answer = ctw_common::api::ErrorAnswer::deserialize(body).ok();
+    let msg = answer
+        .as_ref()
+        .map(|a| a.error.clone())
         .unwrap_or_else(|| body.to_string());
-    let param = body
-        .get("parameter")
-        .and_then(|p| p.as_str())
+    let param = answer
+        .and_then(|a| a.parameter)
         .map(|p| format!(" (parameter {p})"))
         .unwrap_or_default();
     let text = format!("HTTP {status}: {msg}{param}");

@@ -10,7 +10,12 @@ mod output;
 
 use std::io::{BufRead, BufReader, Read, Write};
 
-use serde_json::{json, Map, Value};
+use ctw_common::api::{
+    AgentsAnswer, LineAnswer, LookupAnswer, ResolveAnswer, ResolveSummary, SearchAnswer,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
 
 use args::{Cli, Command};
 use client::Client;
@@ -157,16 +162,22 @@ fn write_err(e: std::io::Error) -> CliError {
     CliError::server(format!("cannot write output: {e}"))
 }
 
-fn print_json(out: &mut dyn Write, v: &Value) -> Result<(), CliError> {
+fn print_json(out: &mut dyn Write, v: &impl Serialize) -> Result<(), CliError> {
     let s = serde_json::to_string_pretty(v).map_err(|e| CliError::server(e.to_string()))?;
     writeln!(out, "{s}").map_err(write_err)
 }
 
+/// A 200 answer as its typed shape; a body that is not that shape is the
+/// server's problem.
+fn typed<T: DeserializeOwned>(body: &Value, what: &str) -> Result<T, CliError> {
+    T::deserialize(body).map_err(|e| CliError::server(format!("HTTP 200: not {what}: {e}")))
+}
+
 /// Exit code of a search answer: 1 nothing found, 4 found but incomplete.
-fn search_exit(v: &Value) -> Exit {
-    if v["total"].as_u64().unwrap_or(0) == 0 {
+fn search_exit(v: &SearchAnswer) -> Exit {
+    if v.total == 0 {
         Exit::NotFound
-    } else if v["complete"] == false {
+    } else if !v.complete {
         Exit::Incomplete
     } else {
         Exit::Ok
@@ -183,24 +194,26 @@ fn search(
     if r.status != 200 {
         return Err(from_status(r.status, &r.body));
     }
-    let v = r.body;
-    let total = v["total"].as_u64().unwrap_or(0);
+    let v: SearchAnswer = typed(&r.body, "a search answer")?;
     if json {
-        print_json(out, &v)?;
-    } else if total > 0 {
+        // As the server sent it (fields this client does not know included).
+        print_json(out, &r.body)?;
+    } else if v.total > 0 {
         write!(out, "{}", output::search_table(&v)).map_err(write_err)?;
     }
-    let returned = v["returned"].as_u64().unwrap_or(0);
     if !json {
-        if total == 0 {
+        if v.total == 0 {
             eprintln!("ctw: {}", output::not_found_message(params, &v));
-        } else if returned < total {
-            eprintln!("ctw: {returned} of {total} connections shown (raise --limit)");
+        } else if v.returned < v.total {
+            eprintln!(
+                "ctw: {} of {} connections shown (raise --limit)",
+                v.returned, v.total
+            );
         }
     }
-    if v["complete"] == false {
+    if !v.complete {
         eprintln!("ctw: warning: the answer may be incomplete:");
-        for g in output::gap_lines(&v["gaps"]) {
+        for g in output::gap_lines(&v.gaps) {
             eprintln!("ctw:   {g}");
         }
     }
@@ -220,10 +233,11 @@ fn lookup(
     if r.status != 200 {
         return Err(from_status(r.status, &r.body));
     }
+    let v: LookupAnswer = typed(&r.body, "a lookup answer")?;
     if json {
         print_json(out, &r.body)?;
     } else {
-        write!(out, "{}", output::lookup_table(&r.body)).map_err(write_err)?;
+        write!(out, "{}", output::lookup_table(&v)).map_err(write_err)?;
     }
     Ok(Exit::Ok)
 }
@@ -233,10 +247,11 @@ fn agents(c: &Client, json: bool, out: &mut dyn Write) -> Result<Exit, CliError>
     if r.status != 200 {
         return Err(from_status(r.status, &r.body));
     }
+    let v: AgentsAnswer = typed(&r.body, "an agents answer")?;
     if json {
         print_json(out, &r.body)?;
     } else {
-        write!(out, "{}", output::agents_table(&r.body)).map_err(write_err)?;
+        write!(out, "{}", output::agents_table(&v)).map_err(write_err)?;
     }
     Ok(Exit::Ok)
 }
@@ -251,27 +266,25 @@ struct ResolveOpts {
     json: bool,
 }
 
-const SUMMARY_KEYS: [&str; 7] = [
-    "lines",
-    "resolved",
-    "not_found",
-    "ambiguous",
-    "not_observed",
-    "unparsed",
-    "incomplete",
-];
-
 /// Exit code of a resolve run from its summed summary: 1 when a line did not
 /// resolve to exactly one pod, else 4 when an answer may be incomplete.
-fn resolve_exit(summary: &Map<String, Value>) -> Exit {
-    let n = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(0);
-    if n("not_found") + n("ambiguous") + n("not_observed") + n("unparsed") > 0 {
+fn resolve_exit(s: &ResolveSummary) -> Exit {
+    if s.not_found + s.ambiguous + s.not_observed + s.unparsed > 0 {
         Exit::NotFound
-    } else if n("incomplete") > 0 {
+    } else if s.incomplete > 0 {
         Exit::Incomplete
     } else {
         Exit::Ok
     }
+}
+
+/// `ctw resolve --json`: every batch's results, line numbers counted over
+/// the whole input, and the summed summary.
+#[derive(Debug, Serialize)]
+struct ResolveJson {
+    results: Vec<LineAnswer>,
+    summary: ResolveSummary,
+    log_format: Option<String>,
 }
 
 /// Read lines (any bytes; invalid UTF-8 is replaced), `batch` at a time.
@@ -301,12 +314,9 @@ fn resolve(
     out: &mut dyn Write,
 ) -> Result<Exit, CliError> {
     let mut input = BufReader::with_capacity(1 << 16, input);
-    let mut summary: Map<String, Value> = SUMMARY_KEYS
-        .iter()
-        .map(|k| (k.to_string(), json!(0)))
-        .collect();
-    let mut all: Vec<Value> = Vec::new();
-    let mut log_format = Value::Null;
+    let mut summary = ResolveSummary::default();
+    let mut all: Vec<LineAnswer> = Vec::new();
+    let mut log_format = None;
     let mut offset = 0u64;
     let mut shown_errors = 0;
     loop {
@@ -333,29 +343,29 @@ fn resolve(
             }
             return Err(e);
         }
-        let mut body = r.body;
-        let results = match body.get_mut("results").map(Value::take) {
-            Some(Value::Array(a)) if a.len() == lines.len() => a,
-            _ => {
-                return Err(CliError::server(
-                    "HTTP 200: the answer has no results for every line",
-                ))
-            }
-        };
-        for k in SUMMARY_KEYS {
-            let add = body["summary"][k].as_u64().unwrap_or(0);
-            let cur = summary.get(k).and_then(Value::as_u64).unwrap_or(0);
-            summary.insert(k.to_string(), json!(cur + add));
+        let body: ResolveAnswer = typed(&r.body, "a resolve answer")?;
+        if body.results.len() != lines.len() {
+            return Err(CliError::server(
+                "HTTP 200: the answer has no results for every line",
+            ));
         }
-        log_format = body["log_format"].take();
-        for (line, mut r) in lines.iter().zip(results) {
-            let no = offset + r["line_no"].as_u64().unwrap_or(0);
-            if r["status"] == "unparsed" && shown_errors < 5 && !o.json {
+        let s = &body.summary;
+        summary.lines += s.lines;
+        summary.resolved += s.resolved;
+        summary.not_found += s.not_found;
+        summary.ambiguous += s.ambiguous;
+        summary.not_observed += s.not_observed;
+        summary.unparsed += s.unparsed;
+        summary.incomplete += s.incomplete;
+        log_format = Some(body.log_format);
+        for (line, mut r) in lines.iter().zip(body.results) {
+            let no = offset + r.line_no;
+            if r.status == "unparsed" && shown_errors < 5 && !o.json {
                 shown_errors += 1;
-                eprintln!("ctw: line {no}: {}", output::cell(&r["error"]));
+                eprintln!("ctw: line {no}: {}", output::opt(r.error.as_deref()));
             }
             if o.json {
-                r["line_no"] = json!(no);
+                r.line_no = no;
                 all.push(r);
             } else {
                 writeln!(out, "{line}{}", output::resolve_suffix(&r)).map_err(write_err)?;
@@ -364,22 +374,26 @@ fn resolve(
         offset += lines.len() as u64;
     }
     if o.json {
+        let exit = resolve_exit(&summary);
         print_json(
             out,
-            &json!({ "results": all, "summary": summary, "log_format": log_format }),
+            &ResolveJson {
+                results: all,
+                summary,
+                log_format,
+            },
         )?;
-    } else {
-        let n = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(0);
-        eprintln!(
-            "ctw: {} lines: {} resolved, {} not found, {} ambiguous, {} unparsed, {} incomplete",
-            n("lines"),
-            n("resolved"),
-            n("not_found"),
-            n("ambiguous"),
-            n("unparsed"),
-            n("incomplete")
-        );
+        return Ok(exit);
     }
+    eprintln!(
+        "ctw: {} lines: {} resolved, {} not found, {} ambiguous, {} unparsed, {} incomplete",
+        summary.lines,
+        summary.resolved,
+        summary.not_found,
+        summary.ambiguous,
+        summary.unparsed,
+        summary.incomplete
+    );
     Ok(resolve_exit(&summary))
 }
 
@@ -390,38 +404,49 @@ mod tests {
 
     #[test]
     fn exit_codes_of_answers() {
+        let search = |total: u64, complete: bool| {
+            search_exit(&SearchAnswer {
+                records: vec![],
+                total,
+                returned: 0,
+                limit: 100,
+                complete,
+                gaps: vec![],
+                from: None,
+                to: None,
+                at: None,
+            })
+        };
+        assert_eq!(search(0, true), Exit::NotFound);
+        assert_eq!(search(0, false), Exit::NotFound);
+        assert_eq!(search(2, true), Exit::Ok);
+        assert_eq!(search(2, false), Exit::Incomplete);
+        let s = |v: Value| serde_json::from_value::<ResolveSummary>(v).unwrap();
+        let full = |v: Value| {
+            let mut all = json!({"lines": 0, "resolved": 0, "not_found": 0, "ambiguous": 0,
+                "not_observed": 0, "unparsed": 0, "incomplete": 0});
+            for (k, x) in v.as_object().unwrap() {
+                all[k] = x.clone();
+            }
+            s(all)
+        };
         assert_eq!(
-            search_exit(&json!({"total": 0, "complete": true})),
-            Exit::NotFound
-        );
-        assert_eq!(
-            search_exit(&json!({"total": 0, "complete": false})),
-            Exit::NotFound
-        );
-        assert_eq!(
-            search_exit(&json!({"total": 2, "complete": true})),
+            resolve_exit(&full(json!({"lines": 3, "resolved": 3}))),
             Exit::Ok
         );
+        assert_eq!(resolve_exit(&full(json!({"lines": 0}))), Exit::Ok);
         assert_eq!(
-            search_exit(&json!({"total": 2, "complete": false})),
-            Exit::Incomplete
-        );
-        let s = |v: Value| v.as_object().cloned().unwrap_or_default();
-        assert_eq!(
-            resolve_exit(&s(json!({"lines": 3, "resolved": 3}))),
-            Exit::Ok
-        );
-        assert_eq!(resolve_exit(&s(json!({"lines": 0}))), Exit::Ok);
-        assert_eq!(
-            resolve_exit(&s(json!({"resolved": 2, "incomplete": 1}))),
+            resolve_exit(&full(json!({"resolved": 2, "incomplete": 1}))),
             Exit::Incomplete
         );
         assert_eq!(
-            resolve_exit(&s(json!({"resolved": 2, "unparsed": 1, "incomplete": 1}))),
+            resolve_exit(&full(
+                json!({"resolved": 2, "unparsed": 1, "incomplete": 1})
+            )),
             Exit::NotFound
         );
-        assert_eq!(resolve_exit(&s(json!({"ambiguous": 1}))), Exit::NotFound);
-        assert_eq!(resolve_exit(&s(json!({"not_found": 1}))), Exit::NotFound);
+        assert_eq!(resolve_exit(&full(json!({"ambiguous": 1}))), Exit::NotFound);
+        assert_eq!(resolve_exit(&full(json!({"not_found": 1}))), Exit::NotFound);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Human output: aligned tables built from the API's JSON.
+//! Human output: aligned tables built from the API's typed answers
+//! ([`ctw_common::api`]).
 
-use serde_json::Value;
+use ctw_common::api::{AgentsAnswer, GapAnswer, LineAnswer, LookupAnswer, SearchAnswer, TupleJson};
 
 /// Render rows under a header, columns separated by two spaces and padded
 /// to the widest cell (in characters); the last column is not padded.
@@ -37,21 +38,22 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// A JSON value as a cell: strings bare, null/absent as `-`.
-pub fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        Value::Array(a) if a.is_empty() => "-".into(),
-        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
-    }
+/// An optional value as a cell: `-` when absent.
+pub fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-/// `ip:port` (`[v6]:port`) from two JSON fields.
-pub fn endpoint(ip: &Value, port: &Value) -> String {
-    let ip = cell(ip);
-    let port = cell(port);
+/// A list as a cell: comma-separated, `-` when empty.
+pub fn list<T: std::fmt::Display>(v: &[T]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.iter().map(T::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// `ip:port` (`[v6]:port`).
+pub fn endpoint(ip: impl std::fmt::Display, port: u16) -> String {
+    let ip = ip.to_string();
     if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {
@@ -60,8 +62,8 @@ pub fn endpoint(ip: &Value, port: &Value) -> String {
 }
 
 /// The rows of `GET /api/v1/connections`.
-pub fn search_table(v: &Value) -> String {
-    let with_at = !v["at"].is_null();
+pub fn search_table(v: &SearchAnswer) -> String {
+    let with_at = v.at.is_some();
     let mut header = vec![
         "START",
         "NODE",
@@ -75,29 +77,34 @@ pub fn search_table(v: &Value) -> String {
     if with_at {
         header.push("ALIVE@AT");
     }
-    let rows: Vec<Vec<String>> = v["records"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+    let rows: Vec<Vec<String>> = v
+        .records
         .iter()
         .map(|r| {
             let mut row = vec![
-                cell(&r["start"]),
-                cell(&r["node"]),
-                cell(&r["protocol"]),
-                endpoint(&r["src_ip"], &r["src_port"]),
-                endpoint(&r["dst_ip"], &r["dst_port"]),
-                endpoint(&r["snat_ip"], &r["snat_port"]),
-                match (&r["end"], r["end_kind"].as_str()) {
-                    (Value::Null, _) => "open".into(),
+                r.start.clone(),
+                r.node.clone(),
+                r.protocol.to_string(),
+                endpoint(r.src_ip, r.src_port),
+                endpoint(r.dst_ip, r.dst_port),
+                endpoint(r.snat_ip, r.snat_port),
+                match (&r.end, r.end_kind.as_deref()) {
+                    (None, _) => "open".into(),
                     // Only an upper bound of the end is known.
-                    (e, Some(k @ ("gone" | "superseded"))) => format!("<={} ({k})", cell(e)),
-                    (e, _) => cell(e),
+                    (Some(e), Some(k @ ("gone" | "superseded"))) => format!("<={e} ({k})"),
+                    (Some(e), _) => e.clone(),
                 },
-                cell(&r["state"]),
+                opt(r.state.as_deref()),
             ];
             if with_at {
-                row.push(if r["alive_at"] == true { "yes" } else { "no" }.into());
+                row.push(
+                    if r.alive_at == Some(true) {
+                        "yes"
+                    } else {
+                        "no"
+                    }
+                    .into(),
+                );
             }
             row
         })
@@ -106,29 +113,27 @@ pub fn search_table(v: &Value) -> String {
 }
 
 /// The rows of `GET /api/v1/agents`.
-pub fn agents_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = v["agents"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+pub fn agents_table(v: &AgentsAnswer) -> String {
+    let rows: Vec<Vec<String>> = v
+        .agents
         .iter()
         .map(|a| {
             vec![
-                cell(&a["node"]),
-                if a["connected"] == true {
+                a.node.clone(),
+                if a.connected {
                     "yes".into()
                 } else {
-                    format!("no (since {})", cell(&a["disconnected_since"]))
+                    format!("no (since {})", opt(a.disconnected_since.as_deref()))
                 },
-                cell(&a["addresses"]),
-                cell(&a["version"]),
-                cell(&a["last_batch_at"]),
-                match a["lag_seconds"].as_f64() {
+                list(&a.addresses),
+                a.version.clone(),
+                opt(a.last_batch_at.as_deref()),
+                match a.lag_seconds {
                     Some(l) => format!("{l:.3}s"),
                     None => "-".into(),
                 },
-                cell(&a["records_stored"]),
-                cell(&a["events_lost"]),
+                a.records_stored.to_string(),
+                a.events_lost.to_string(),
             ]
         })
         .collect();
@@ -148,51 +153,40 @@ pub fn agents_table(v: &Value) -> String {
 }
 
 /// A live lookup answer as `KEY  value` lines.
-pub fn lookup_table(v: &Value) -> String {
+pub fn lookup_table(v: &LookupAnswer) -> String {
+    let dir = |t: &TupleJson| {
+        format!(
+            "{} -> {}",
+            endpoint(t.src, t.src_port),
+            endpoint(t.dst, t.dst_port)
+        )
+    };
     let rows = vec![
-        vec!["node".into(), cell(&v["node"])],
-        vec!["status".into(), cell(&v["status"])],
-        vec!["protocol".into(), cell(&v["protocol"])],
+        vec!["node".into(), v.node.clone()],
+        vec!["status".into(), v.status.clone()],
+        vec!["protocol".into(), v.protocol.to_string()],
+        vec!["origin".into(), dir(&v.origin)],
+        vec!["reply".into(), dir(&v.reply)],
+        vec!["snat".into(), endpoint(v.snat_ip, v.snat_port)],
+        vec!["flags".into(), list(&v.flags)],
+        vec!["id".into(), v.id.to_string()],
+        vec!["zone".into(), v.zone.to_string()],
         vec![
-            "origin".into(),
-            format!(
-                "{} -> {}",
-                endpoint(&v["origin"]["src"], &v["origin"]["src_port"]),
-                endpoint(&v["origin"]["dst"], &v["origin"]["dst_port"])
-            ),
+            "zones tried".into(),
+            v.zones_tried.as_deref().map_or_else(|| "-".into(), list),
         ],
-        vec![
-            "reply".into(),
-            format!(
-                "{} -> {}",
-                endpoint(&v["reply"]["src"], &v["reply"]["src_port"]),
-                endpoint(&v["reply"]["dst"], &v["reply"]["dst_port"])
-            ),
-        ],
-        vec!["snat".into(), endpoint(&v["snat_ip"], &v["snat_port"])],
-        vec!["flags".into(), cell(&v["flags"])],
-        vec!["id".into(), cell(&v["id"])],
-        vec!["zone".into(), cell(&v["zone"])],
-        vec!["zones tried".into(), cell(&v["zones_tried"])],
-        vec!["mark".into(), cell(&v["mark"])],
+        vec!["mark".into(), v.mark.to_string()],
     ];
     table(&["FIELD", "VALUE"], &rows)
 }
 
 /// Gaps as one warning line each.
-pub fn gap_lines(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
-        .iter()
+pub fn gap_lines(gaps: &[GapAnswer]) -> Vec<String> {
+    gaps.iter()
         .map(|g| {
             format!(
                 "{} {} .. {}: {} ({} lost)",
-                cell(&g["node"]),
-                cell(&g["from"]),
-                cell(&g["to"]),
-                cell(&g["reason"]),
-                cell(&g["count"])
+                g.node, g.from, g.to, g.reason, g.count
             )
         })
         .collect()
@@ -201,29 +195,30 @@ pub fn gap_lines(v: &Value) -> Vec<String> {
 /// One resolve result appended to its line: ` pod=IP node=NODE`, plus
 /// ` ambiguous=N` / ` midstream=true` / ` incomplete=true`; or
 /// ` pod=? reason=...` (` node=NODE` with `not_observed`).
-pub fn resolve_suffix(r: &Value) -> String {
-    let status = r["status"].as_str().unwrap_or("error");
+pub fn resolve_suffix(r: &LineAnswer) -> String {
+    let status = r.status.as_str();
+    let incomplete = r.incomplete == Some(true);
     match status {
         "resolved" | "ambiguous" => {
-            let mut s = format!(" pod={} node={}", cell(&r["pod_ip"]), cell(&r["node"]));
+            let mut s = format!(" pod={} node={}", opt(r.pod_ip), opt(r.node.as_deref()));
             if status == "ambiguous" {
                 // Candidates alive at the line's time, else within the skew.
-                let n = match r["alive_candidates"].as_u64() {
-                    Some(0) | None => cell(&r["near_candidates"]),
+                let n = match r.alive_candidates {
+                    Some(0) | None => opt(r.near_candidates),
                     Some(n) => n.to_string(),
                 };
                 s.push_str(&format!(" ambiguous={n}"));
             }
-            if r["midstream"] == true {
+            if r.midstream {
                 s.push_str(" midstream=true");
             }
-            if r["incomplete"] == true {
+            if incomplete {
                 s.push_str(" incomplete=true");
             }
             s
         }
-        "not_found" if r["incomplete"] == true => " pod=? reason=not_found incomplete=true".into(),
-        "not_observed" => format!(" pod=? reason=not_observed node={}", cell(&r["node"])),
+        "not_found" if incomplete => " pod=? reason=not_found incomplete=true".into(),
+        "not_observed" => format!(" pod=? reason=not_observed node={}", opt(r.node.as_deref())),
         other => format!(" pod=? reason={other}"),
     }
 }
@@ -231,7 +226,7 @@ pub fn resolve_suffix(r: &Value) -> String {
 /// "no connection found" and what was searched: the parameters sent
 /// (address, port, protocol, node...) and the time window the collector
 /// used. Gaps that may hide a connection follow as their own warning.
-pub fn not_found_message(params: &[(String, String)], answer: &Value) -> String {
+pub fn not_found_message(params: &[(String, String)], answer: &SearchAnswer) -> String {
     let searched: Vec<String> = params
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "from" | "to" | "at" | "window" | "limit"))
@@ -241,7 +236,7 @@ pub fn not_found_message(params: &[(String, String)], answer: &Value) -> String 
     if !searched.is_empty() {
         m.push_str(&format!(" for {}", searched.join(" ")));
     }
-    match (answer["from"].as_str(), answer["to"].as_str()) {
+    match (answer.from.as_deref(), answer.to.as_deref()) {
         (Some(f), Some(t)) => m.push_str(&format!(" between {f} and {t}")),
         (Some(f), None) => m.push_str(&format!(" since {f}")),
         (None, Some(t)) => m.push_str(&format!(" until {t}")),
@@ -269,21 +264,47 @@ mod tests {
         assert_eq!(table(&["ONLY"], &[]), "ONLY\n");
     }
 
+    fn conn(v: serde_json::Value) -> serde_json::Value {
+        let mut c = json!({
+            "ts": "2024-12-09T07:05:00.000Z", "kind": "new",
+        });
+        for (k, x) in v.as_object().unwrap() {
+            c[k] = x.clone();
+        }
+        c
+    }
+
+    fn agent(v: serde_json::Value) -> serde_json::Value {
+        let mut a = json!({
+            "node": "", "addresses": [], "boot_id": "b", "version": "0.1.0", "connected": false,
+            "peer": null, "connected_since": null, "disconnected_since": null, "last_seen": null,
+            "last_batch_at": null, "last_batch_boot_id": null, "last_batch_seq": null,
+            "lag_seconds": null, "batches_stored": 0, "records_stored": 0, "duplicates": 0,
+            "conversion_errors": 0, "loss_reports": 0, "events_lost": 0, "connections": 0,
+        });
+        for (k, x) in v.as_object().unwrap() {
+            a[k] = x.clone();
+        }
+        a
+    }
+
     #[test]
     fn search_and_agents_tables() {
-        let v = json!({
-            "at": "2024-12-09T07:05:05.000Z",
-            "records": [{
+        let v: SearchAnswer = serde_json::from_value(json!({
+            "at": "2024-12-09T07:05:05.000Z", "from": null, "to": null,
+            "total": 2, "returned": 2, "limit": 100, "complete": true, "gaps": [],
+            "records": [conn(json!({
                 "start": "2024-12-09T07:05:00.000Z", "node": "node-a", "protocol": "tcp",
                 "src_ip": "10.244.1.7", "src_port": 40000, "dst_ip": "fd00::2", "dst_port": 443,
                 "snat_ip": "198.18.0.1", "snat_port": 45000, "alive_at": true,
                 "end": "2024-12-09T07:05:10.000Z", "state": "TIME_WAIT"
-            }, {
+            })), conn(json!({
                 "start": "2024-12-09T07:06:00.000Z", "node": "node-b", "protocol": "udp",
                 "src_ip": "10.244.2.8", "src_port": 5, "dst_ip": "1.1.1.1", "dst_port": 53,
                 "snat_ip": "198.18.0.2", "snat_port": 6, "alive_at": false
-            }]
-        });
+            }))]
+        }))
+        .unwrap();
         let t = search_table(&v);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3);
@@ -302,11 +323,13 @@ mod tests {
         assert_eq!(lines[1].find("10.244.1.7"), Some(col));
         assert_eq!(lines[2].find("10.244.2.8"), Some(col));
 
-        let a = agents_table(&json!({"agents": [
-            {"node": "n1", "connected": true, "addresses": ["198.18.0.1", "fd00::1"], "version": "0.1.0",
-             "last_batch_at": null, "lag_seconds": 0.0123, "records_stored": 5, "events_lost": 0},
-            {"node": "n2", "connected": false, "disconnected_since": "2024-12-09T07:00:00.000Z", "addresses": []}
-        ]}));
+        let a: AgentsAnswer = serde_json::from_value(json!({"agents": [
+            agent(json!({"node": "n1", "connected": true, "addresses": ["198.18.0.1", "fd00::1"],
+             "lag_seconds": 0.0123, "records_stored": 5})),
+            agent(json!({"node": "n2", "disconnected_since": "2024-12-09T07:00:00.000Z"}))
+        ]}))
+        .unwrap();
+        let a = agents_table(&a);
         assert!(a.contains("n1    yes"), "{a}");
         assert!(a.contains("198.18.0.1,fd00::1"), "{a}");
         assert!(a.contains("0.012s"), "{a}");
@@ -315,33 +338,38 @@ mod tests {
 
     #[test]
     fn resolve_suffixes() {
+        let line = |v: serde_json::Value| {
+            let mut l = json!({"line_no": 1, "line": "x"});
+            for (k, x) in v.as_object().unwrap() {
+                l[k] = x.clone();
+            }
+            resolve_suffix(&serde_json::from_value(l).unwrap())
+        };
         let r =
             json!({"status": "resolved", "pod_ip": "10.0.0.5", "node": "a", "incomplete": false});
-        assert_eq!(resolve_suffix(&r), " pod=10.0.0.5 node=a");
+        assert_eq!(line(r), " pod=10.0.0.5 node=a");
         let r = json!({"status": "ambiguous", "pod_ip": "10.0.0.5", "node": "a", "alive_candidates": 2, "incomplete": true});
+        assert_eq!(line(r), " pod=10.0.0.5 node=a ambiguous=2 incomplete=true");
         assert_eq!(
-            resolve_suffix(&r),
-            " pod=10.0.0.5 node=a ambiguous=2 incomplete=true"
-        );
-        assert_eq!(
-            resolve_suffix(&json!({"status": "not_found"})),
+            line(json!({"status": "not_found"})),
             " pod=? reason=not_found"
         );
         assert_eq!(
-            resolve_suffix(&json!({"status": "unparsed"})),
+            line(json!({"status": "unparsed"})),
             " pod=? reason=unparsed"
         );
         assert_eq!(
-            resolve_suffix(&json!({"status": "not_observed", "node": "node-0"})),
+            line(json!({"status": "not_observed", "node": "node-0"})),
             " pod=? reason=not_observed node=node-0"
         );
         let r = json!({"status": "resolved", "pod_ip": "10.0.0.5", "node": "a", "midstream": true});
-        assert_eq!(resolve_suffix(&r), " pod=10.0.0.5 node=a midstream=true");
+        assert_eq!(line(r), " pod=10.0.0.5 node=a midstream=true");
         let r = json!({"status": "ambiguous", "pod_ip": "10.0.0.5", "node": "a", "alive_candidates": 0, "near_candidates": 2});
-        assert_eq!(resolve_suffix(&r), " pod=10.0.0.5 node=a ambiguous=2");
-        let lines = gap_lines(
-            &json!([{"node": "a", "from": "f", "to": "t", "reason": "kernel_drop", "count": 3}]),
-        );
-        assert_eq!(lines, vec!["a f .. t: kernel_drop (3 lost)"]);
+        assert_eq!(line(r), " pod=10.0.0.5 node=a ambiguous=2");
+        let gaps: Vec<GapAnswer> = serde_json::from_value(
+            json!([{"node": "a", "from": "f", "to": "t", "reason": "kernel_drop", "count": 3}]),
+        )
+        .unwrap();
+        assert_eq!(gap_lines(&gaps), vec!["a f .. t: kernel_drop (3 lost)"]);
     }
 }

@@ -4,40 +4,19 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
-use ctw_collector::auth::Token;
-use ctw_collector::config::LookupConfig;
-use ctw_collector::http::{router, AppState};
-use ctw_collector::metrics::Metrics;
-use ctw_collector::registry::Registry;
-use ctw_collector::store::{Gap, MemStore, RecordStore, StoredBatch};
-use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+use ctw_collector::http::router;
+use ctw_common::EventKind;
 use serde_json::Value;
 
-const TOKEN: &str = "cli-test-token";
-/// 2024-12-09T07:05:00Z.
-const T0: u64 = 1_733_727_900;
-const S: u64 = 1_000_000_000;
+#[path = "../../collector/tests/support/mem_api.rs"]
+mod mem_api;
+use mem_api::{conn, S, T0};
 
-fn conn(kind: EventKind, pod: &str, snat_port: u16, id: u32, t_ns: u64) -> ConnRecord {
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    ConnRecord {
-        id,
-        status: 0xe,
-        ..ConnRecord::new(
-            kind,
-            t_ns,
-            Protocol::Tcp,
-            Tuple::new(ip(pod), 40000, ip("198.19.0.2"), 80),
-            Tuple::new(ip("198.19.0.2"), 80, ip("198.18.0.1"), snat_port),
-        )
-    }
-}
+const TOKEN: &str = "cli-test-token";
 
 struct Server {
     addr: SocketAddr,
@@ -45,54 +24,14 @@ struct Server {
 }
 
 fn server() -> Server {
-    let store = Arc::new(MemStore::default());
-    store
-        .append(StoredBatch {
-            node: "node-a".into(),
-            boot_id: "b".into(),
-            seq: 1,
-            records: vec![
-                conn(EventKind::New, "10.244.1.7", 45000, 1, T0 * S),
-                conn(EventKind::Destroy, "10.244.1.7", 45000, 1, (T0 + 10) * S),
-                conn(EventKind::New, "10.244.1.8", 45000, 2, (T0 + 60) * S),
-                // Found by the agent's start-up dump.
-                conn(EventKind::Recovered, "10.244.1.9", 45002, 3, (T0 + 3) * S),
-            ],
-        })
-        .unwrap();
-    store
-        .append(StoredBatch {
-            node: "node-b".into(),
-            boot_id: "b".into(),
-            seq: 1,
-            records: vec![conn(
-                EventKind::New,
-                "10.244.2.5",
-                46000,
-                5,
-                (T0 + 1000) * S,
-            )],
-        })
-        .unwrap();
-    store
-        .record_gap(Gap {
-            node: "node-b".into(),
-            from_ns: (T0 + 990) * S,
-            to_ns: (T0 + 995) * S,
-            reason: "kernel_drop".into(),
-            count: 3,
-        })
-        .unwrap();
-    let metrics = Metrics::new();
-    let app = router(Arc::new(AppState {
-        store: store as Arc<dyn RecordStore>,
-        registry: Arc::new(Registry::new(metrics.clone())),
-        metrics,
-        token: Token::fixed(TOKEN),
-        max_limit: 1000,
-        lookup: LookupConfig::default(),
-        ready: Arc::new(AtomicBool::new(true)),
-    }));
+    let store = mem_api::store(vec![
+        conn(EventKind::New, "10.244.1.7", 45000, 1, T0 * S),
+        conn(EventKind::Destroy, "10.244.1.7", 45000, 1, (T0 + 10) * S),
+        conn(EventKind::New, "10.244.1.8", 45000, 2, (T0 + 60) * S),
+        // Found by the agent's start-up dump.
+        conn(EventKind::Recovered, "10.244.1.9", 45002, 3, (T0 + 3) * S),
+    ]);
+    let app = router(mem_api::state(store, TOKEN));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

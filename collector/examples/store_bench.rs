@@ -15,8 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ctw_collector::config::StorageConfig;
-use ctw_collector::store::tantivy_store::TantivyStore;
+use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
 use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
 use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
 
@@ -25,24 +24,8 @@ const PODS: usize = 5000;
 const SERVICES: usize = 20;
 const SPAN_NS: u64 = 7 * 24 * 3_600_000_000_000;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 struct Gen {
-    rng: Rng,
+    rng: fastrand::Rng,
     t0: u64,
     dt: u64,
     i: u64,
@@ -51,11 +34,11 @@ struct Gen {
 
 impl Gen {
     fn new(n: u64, t0: u64) -> Gen {
-        let mut rng = Rng(42);
+        let mut rng = fastrand::Rng::with_seed(42);
         let ports = [443u16, 80, 5432, 6379, 8080, 9200, 3306, 27017];
         let services = (0..SERVICES)
             .map(|k| {
-                let udp = rng.below(5) == 0;
+                let udp = rng.u64(..5) == 0;
                 let ip = Ipv4Addr::new(203, 0, 113, 1 + k as u8);
                 if udp {
                     (ip, [53u16, 123][k % 2], Protocol::Udp)
@@ -79,30 +62,30 @@ impl Gen {
 
     fn record(&mut self, node: usize) -> ConnRecord {
         let r = &mut self.rng;
-        let event_ns = self.t0 + self.i * self.dt + r.below(self.dt.max(1));
+        let event_ns = self.t0 + self.i * self.dt + r.u64(..self.dt.max(1));
         self.i += 1;
-        let pod = node + NODES * r.below((PODS / NODES) as u64) as usize;
+        let pod = node + NODES * r.u64(..(PODS / NODES) as u64) as usize;
         let pod_ip = Ipv4Addr::new(198, 18, (pod / 256) as u8, (pod % 256) as u8);
         let node_ip = Ipv4Addr::new(10, 0, 0, 10 + node as u8);
         // 80% TCP: pick among services of the drawn protocol.
-        let want_udp = r.below(5) == 0;
+        let want_udp = r.u64(..5) == 0;
         let cands: Vec<_> = self
             .services
             .iter()
             .filter(|s| (s.2 == Protocol::Udp) == want_udp)
             .collect();
-        let (svc_ip, svc_port, protocol) = *cands[r.below(cands.len() as u64) as usize];
-        let src_port = 32768 + r.below(28232) as u16;
-        let snat_port = 1024 + r.below(65536 - 1024) as u16;
-        let destroy = r.below(5) == 0;
+        let (svc_ip, svc_port, protocol) = *cands[r.u64(..cands.len() as u64) as usize];
+        let src_port = 32768 + r.u64(..28232) as u16;
+        let snat_port = 1024 + r.u64(..65536 - 1024) as u16;
+        let destroy = r.u64(..5) == 0;
         let tcp = protocol == Protocol::Tcp;
         let (kind, start_ns, stop_ns, status, tcp_state, counters) = if destroy {
-            let life = 1_000_000 + r.below(600_000_000_000);
-            let c = |r: &mut Rng| {
-                let packets = 2 + r.below(200);
+            let life = 1_000_000 + r.u64(..600_000_000_000);
+            let c = |r: &mut fastrand::Rng| {
+                let packets = 2 + r.u64(..200);
                 Some(Counters {
                     packets,
-                    bytes: packets * (60 + r.below(1400)),
+                    bytes: packets * (60 + r.u64(..1400)),
                 })
             };
             (
@@ -140,14 +123,14 @@ impl Gen {
                 src_port: svc_port,
                 dst_port: snat_port,
             },
-            id: r.next() as u32,
+            id: r.u64(..) as u32,
             zone: 0,
             mark: 0,
             status,
             tcp_state,
-            tcp_flags_orig: if tcp { flags[r.below(3) as usize] } else { 0 },
+            tcp_flags_orig: if tcp { flags[r.u64(..3) as usize] } else { 0 },
             tcp_flags_reply: if tcp && destroy {
-                flags[r.below(3) as usize]
+                flags[r.u64(..3) as usize]
             } else {
                 0
             },
@@ -163,7 +146,7 @@ impl Gen {
 /// this one included.
 fn sample(
     samples: &mut Vec<(String, ConnRecord)>,
-    rng: &mut Rng,
+    rng: &mut fastrand::Rng,
     seen: u64,
     node: String,
     r: ConnRecord,
@@ -171,7 +154,7 @@ fn sample(
     if samples.len() < 1000 {
         samples.push((node, r));
     } else {
-        let j = rng.below(seen) as usize;
+        let j = rng.u64(..seen) as usize;
         if j < 1000 {
             samples[j] = (node, r);
         }
@@ -245,7 +228,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = arg("--dir").map(Into::into).unwrap_or_else(|| {
         std::env::temp_dir().join(format!("ctw-store-bench-{}", std::process::id()))
     });
-    let cfg = StorageConfig {
+    let cfg = StoreOptions {
         path: dir,
         retention_days: 14,
         max_size_gb: 1000.0,
@@ -254,7 +237,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         commit_max_records: 300_000,
         partition_hours: 24,
         lookback_hours: 24,
-        max_collected_records: 200_000,
+        max_collected_docs: 200_000,
+        ..StoreOptions::default()
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -266,11 +250,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         now - SPAN_NS - 3_600_000_000_000
     };
-    let store = Arc::new(TantivyStore::open(&cfg)?);
+    let store = Arc::new(TantivyStore::open(cfg.clone())?);
     std::fs::write(&t0_file, t0.to_string())?;
     let mut gen = Gen::new(n, t0);
     let mut samples: Vec<(String, ConnRecord)> = Vec::new();
-    let mut sample_rng = Rng(7);
+    let mut sample_rng = fastrand::Rng::with_seed(7);
     let mut seqs = [0u64; NODES];
     if query_only {
         let mut seen = 0u64;
@@ -414,7 +398,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::thread::sleep(Duration::from_millis(2));
         }
         // a random phase of the commit cycle (commits stall appends)
-        std::thread::sleep(Duration::from_millis(probe_gen.rng.below(1100)));
+        std::thread::sleep(Duration::from_millis(probe_gen.rng.u64(..1100)));
     }
     stop.store(true, Ordering::Relaxed);
     load.join().map_err(|_| "load thread panicked")??;

@@ -142,6 +142,24 @@ pub struct StorageConfig {
     pub max_collected_records: usize,
 }
 
+impl StorageConfig {
+    /// The store's options from this section (the tuning knobs the file
+    /// does not set keep their defaults).
+    pub fn store_options(&self) -> crate::store::tantivy_store::StoreOptions {
+        crate::store::tantivy_store::StoreOptions {
+            path: self.path.clone(),
+            retention_days: self.retention_days,
+            max_size_gb: self.max_size_gb,
+            commit_interval_ms: self.commit_interval_ms,
+            commit_max_records: self.commit_max_records,
+            partition_hours: self.partition_hours,
+            lookback_hours: self.lookback_hours,
+            max_collected_docs: self.max_collected_records,
+            ..crate::store::tantivy_store::StoreOptions::default()
+        }
+    }
+}
+
 fn default_retention_days() -> u32 {
     14
 }

@@ -2,171 +2,89 @@
 //! `GET /api/v1/connections`, `Lookup` is `GET /api/v1/conntrack/query`.
 //! Served on the mTLS port next to `Ingest`.
 //!
-//! Also the pieces the HTTP layer can share so both APIs answer alike:
-//! [`search_query`] (validation; errors name the field), [`merge_open_gaps`]
-//! and [`route_lookup`] (which agent to ask).
-//!
-//! Lookup routing, in order:
-//! 1. the `node` of the request, if given (only that agent is asked);
-//! 2. the connected agent that owns the SNAT address (the reply tuple's
-//!    destination; for an original tuple, its source, in case it is a node
-//!    address) — its answer is final, found or not;
-//! 3. the node of the newest indexed match of the tuple (last 7 days);
-//! 4. every other connected agent, `lookup.max_concurrency` at a time, each
-//!    with `lookup.timeout_ms`; the first that finds the entry wins.
-//!
-//! Zones: a GET finds an entry only in the zone it names. With a `zone` in
-//! the request only that zone is asked; without one, each agent is asked in
-//! zone 0 and then in every zone its records showed
-//! ([`Registry::zones_of`], plus the zone of the newest indexed match of
-//! the tuple), in order, until one has the entry.
-//! [`RoutedLookup::zones_tried`] says which zones were asked of the node
-//! that answered (or of the last one asked).
+//! A thin adapter over [`crate::query`]: validation rules, routing and the
+//! error codes are there ([`QueryError::to_status`]); this module only
+//! decodes the protobuf requests into the query layer's inputs
+//! ([`search_from_pb`], [`lookup_from_pb`]) and encodes the answers.
 
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use ctw_common::{Counters, Protocol, Tuple};
 use ctw_proto::pb;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tonic::{Request, Response, Status};
 
 use crate::config::LookupConfig;
-use crate::registry::{unix_ns, LiveAnswer, LiveQuery, LookupError, Registry};
-use crate::store::{ConnKind, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
+use crate::query::{self, Api, Lookup, LookupOutcome, QueryError, SearchInput};
+use crate::registry::LiveQuery;
+use crate::registry::Registry;
+use crate::store::{RecordStore, SearchQuery, SearchResult};
 
-/// `limit` when a search does not give one.
-pub const DEFAULT_LIMIT: usize = 100;
-/// `window` around `at` when a search does not give one.
-pub const DEFAULT_WINDOW_NS: u64 = 5 * 60 * 1_000_000_000;
-/// How far back [`route_lookup`] looks in the index for the tuple's node.
-pub const LOOKUP_INDEX_LOOKBACK: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// A bad request: the field and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct InvalidField {
-    pub field: &'static str,
-    pub message: String,
-}
-
-fn invalid(field: &'static str, message: impl Into<String>) -> InvalidField {
-    InvalidField {
-        field,
-        message: message.into(),
-    }
-}
-
-/// gRPC status of a bad request.
-pub fn invalid_status(e: &InvalidField) -> Status {
-    Status::invalid_argument(e.to_string())
-}
-
-/// gRPC status of a store error.
-pub fn store_status(e: &StoreError) -> Status {
+fn convert_error(e: ctw_proto::ConvertError) -> QueryError {
     match e {
-        StoreError::BadQuery(m) => Status::invalid_argument(m.clone()),
-        e => Status::internal(e.to_string()),
+        ctw_proto::ConvertError::Missing(f) => QueryError::invalid(f, format!("{f}: missing")),
+        ctw_proto::ConvertError::Invalid { field, message } => {
+            QueryError::invalid(field, format!("{field}: {message}"))
+        }
     }
 }
 
-/// gRPC status of a failed lookup on one agent.
-pub fn lookup_status(e: &LookupError) -> Status {
-    match e {
-        LookupError::NotConnected(_) => Status::unavailable(e.to_string()),
-        LookupError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
-        LookupError::Agent(_) | LookupError::BadReply(_) => Status::internal(e.to_string()),
-    }
-}
-
-fn port(v: Option<u32>, field: &'static str) -> Result<Option<u16>, InvalidField> {
-    v.map(|p| u16::try_from(p).map_err(|_| invalid(field, format!("{p} is not a port (0-65535)"))))
-        .transpose()
-}
-
-fn ip(v: &Option<Vec<u8>>, field: &'static str) -> Result<Option<std::net::IpAddr>, InvalidField> {
+fn pb_ip(v: &Option<Vec<u8>>, field: &'static str) -> Result<Option<IpAddr>, QueryError> {
     v.as_ref()
-        .map(|b| ctw_proto::ip_from_bytes(b, field).map_err(|e| invalid(field, e.to_string())))
+        .map(|b| ctw_proto::ip_from_bytes(b, field).map_err(convert_error))
         .transpose()
 }
 
-fn protocol(n: u32, field: &'static str) -> Result<Protocol, InvalidField> {
+fn pb_protocol(n: u32, field: &'static str) -> Result<Protocol, QueryError> {
     u8::try_from(n)
         .ok()
         .and_then(Protocol::from_number)
-        .ok_or_else(|| invalid(field, format!("unsupported protocol number {n}")))
+        .ok_or_else(|| {
+            QueryError::invalid(field, format!("{field}: unsupported protocol number {n}"))
+        })
 }
 
-/// Validate a search. `at` without `from`/`to` gives `[at - window, at +
-/// window]` (window default 5 min); `limit` 0 means [`DEFAULT_LIMIT`].
-pub fn search_query(r: &pb::SearchRequest, max_limit: usize) -> Result<SearchQuery, InvalidField> {
-    let node = match &r.node {
-        Some(n) if n.is_empty() => return Err(invalid("node", "empty")),
-        n => n.clone(),
-    };
-    if r.window_ns.is_some() && r.at_ns.is_none() {
-        return Err(invalid("window_ns", "needs at_ns"));
-    }
-    let (mut from_ns, mut to_ns) = (r.from_ns, r.to_ns);
-    if let Some(at) = r.at_ns {
-        let window = r.window_ns.unwrap_or(DEFAULT_WINDOW_NS);
-        from_ns = from_ns.or(Some(at.saturating_sub(window)));
-        to_ns = to_ns.or(Some(at.saturating_add(window)));
-    }
-    if let (Some(f), Some(t)) = (from_ns, to_ns) {
-        if f > t {
-            return Err(invalid("from_ns", format!("{f} is after to_ns {t}")));
-        }
-    }
-    let limit = match r.limit as usize {
-        0 => DEFAULT_LIMIT.min(max_limit),
-        n if n > max_limit => return Err(invalid("limit", format!("{n} is above {max_limit}"))),
-        n => n,
-    };
-    Ok(SearchQuery {
-        src_ip: ip(&r.src_ip, "src_ip")?,
-        src_port: port(r.src_port, "src_port")?,
-        dst_ip: ip(&r.dst_ip, "dst_ip")?,
-        dst_port: port(r.dst_port, "dst_port")?,
-        snat_ip: ip(&r.snat_ip, "snat_ip")?,
-        snat_port: port(r.snat_port, "snat_port")?,
-        node,
-        protocol: r.protocol.map(|p| protocol(p, "protocol")).transpose()?,
-        from_ns,
-        to_ns,
+/// Decode a gRPC `SearchRequest` and validate it with the HTTP API's rules
+/// ([`SearchInput::validate`]); `limit` 0 is unset (proto3).
+pub fn search_from_pb(r: &pb::SearchRequest, max_limit: usize) -> Result<SearchQuery, QueryError> {
+    let input = SearchInput {
+        src_ip: pb_ip(&r.src_ip, "src_ip")?,
+        src_port: r.src_port,
+        dst_ip: pb_ip(&r.dst_ip, "dst_ip")?,
+        dst_port: r.dst_port,
+        snat_ip: pb_ip(&r.snat_ip, "snat_ip")?,
+        snat_port: r.snat_port,
+        node: r.node.clone(),
+        protocol: r.protocol.map(|p| pb_protocol(p, "protocol")).transpose()?,
+        from_ns: r.from_ns,
+        to_ns: r.to_ns,
         at_ns: r.at_ns,
         at_precision_ns: 0,
-        limit,
-        kind: r
-            .kind
-            .as_deref()
-            .map(|k| {
-                ConnKind::parse(k).ok_or_else(|| {
-                    invalid(
-                        "kind",
-                        format!("unknown kind {k:?}; valid: {}", ConnKind::valid_values()),
-                    )
-                })
-            })
-            .transpose()?,
-    })
+        window_ns: r.window_ns,
+        limit: (r.limit != 0).then_some(u64::from(r.limit)),
+        kind: r.kind.clone(),
+    };
+    input.validate(Api::Grpc, max_limit)
 }
 
-/// Add the open `agent_disconnected` gaps (agents disconnected now) that
-/// overlap the query to `result.gaps`.
-pub fn merge_open_gaps(q: &SearchQuery, result: &mut SearchResult, open: Vec<Gap>) {
-    let from = q.from_ns.unwrap_or(0);
-    let to = q.to_ns.unwrap_or(u64::MAX);
-    for g in open {
-        if g.from_ns <= to
-            && g.to_ns >= from
-            && q.node.as_deref().is_none_or(|n| n == g.node)
-            && !result.gaps.contains(&g)
-        {
-            result.gaps.push(g);
-        }
-    }
+/// Decode a gRPC `LookupRequest` into the lookup the HTTP API builds
+/// ([`Lookup::from_params`]); an empty `node` is any.
+pub fn lookup_from_pb(r: &pb::LookupRequest) -> Result<Lookup, QueryError> {
+    let protocol = pb_protocol(r.protocol, "protocol")?;
+    let t = r
+        .tuple
+        .as_ref()
+        .ok_or_else(|| QueryError::invalid("tuple", "tuple: missing"))?;
+    let tuple = Tuple::try_from(t).map_err(convert_error)?;
+    Ok(Lookup {
+        query: LiveQuery {
+            protocol,
+            tuple,
+            reply_tuple: r.reply_tuple,
+            zone: query::zone(r.zone.map(u64::from))?,
+        },
+        node: query::lookup_node(Some(&r.node))?,
+    })
 }
 
 fn pb_counters(c: Option<Counters>) -> Option<pb::Counters> {
@@ -204,211 +122,6 @@ fn search_response(result: SearchResult) -> pb::SearchResponse {
             })
             .collect(),
     }
-}
-
-/// Validate a `LookupRequest`: the query and the optional node.
-pub fn live_query(r: &pb::LookupRequest) -> Result<(LiveQuery, Option<String>), InvalidField> {
-    let protocol = protocol(r.protocol, "protocol")?;
-    let t = r
-        .tuple
-        .as_ref()
-        .ok_or_else(|| invalid("tuple", "missing"))?;
-    let tuple = Tuple::try_from(t).map_err(|e| match e {
-        ctw_proto::ConvertError::Missing(f) => invalid(f, "missing"),
-        ctw_proto::ConvertError::Invalid { field, message } => invalid(field, message),
-    })?;
-    let node = (!r.node.is_empty()).then(|| r.node.clone());
-    let zone = r
-        .zone
-        .map(|z| {
-            u16::try_from(z).map_err(|_| invalid("zone", format!("{z} is not a zone (0-65535)")))
-        })
-        .transpose()?;
-    Ok((
-        LiveQuery {
-            protocol,
-            tuple,
-            reply_tuple: r.reply_tuple,
-            zone,
-        },
-        node,
-    ))
-}
-
-/// How a routed lookup went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoutedLookup {
-    /// The entry, if an agent has it.
-    pub answer: Option<LiveAnswer>,
-    /// Agents that answered "not found".
-    pub not_found: Vec<String>,
-    /// Agents that did not answer, and why.
-    pub failed: Vec<(String, LookupError)>,
-    /// Zones asked, in order, of the node that answered (with the entry's
-    /// zone last), or of the last node asked.
-    pub zones_tried: Vec<u16>,
-}
-
-impl RoutedLookup {
-    /// No agent found the entry and none could say so.
-    pub fn nobody_answered(&self) -> bool {
-        self.answer.is_none() && self.not_found.is_empty()
-    }
-}
-
-/// The node and conntrack zone of the newest indexed connection with this
-/// tuple.
-fn indexed_node(store: &dyn RecordStore, q: &LiveQuery) -> Option<(String, u16)> {
-    let now = unix_ns(SystemTime::now());
-    let t = q.tuple;
-    let mut sq = SearchQuery {
-        protocol: Some(q.protocol),
-        from_ns: Some(now.saturating_sub(LOOKUP_INDEX_LOOKBACK.as_nanos() as u64)),
-        to_ns: Some(now),
-        at_ns: Some(now),
-        limit: 1,
-        ..SearchQuery::default()
-    };
-    if q.reply_tuple {
-        sq.dst_ip = Some(t.src);
-        sq.dst_port = Some(t.src_port);
-        sq.snat_ip = Some(t.dst);
-        sq.snat_port = Some(t.dst_port);
-    } else {
-        sq.src_ip = Some(t.src);
-        sq.src_port = Some(t.src_port);
-        sq.dst_ip = Some(t.dst);
-        sq.dst_port = Some(t.dst_port);
-    }
-    match store.search(&sq) {
-        Ok(r) => r.hits.into_iter().next().map(|h| (h.node, h.record.zone)),
-        Err(e) => {
-            tracing::warn!(error = %e, "index search for lookup routing failed");
-            None
-        }
-    }
-}
-
-/// Ask `node` in the request's zone, or in zone 0 and then every zone seen
-/// on it, until one has the entry. Returns the answer and the zones asked.
-async fn lookup_in_zones(
-    registry: &Registry,
-    node: &str,
-    q: LiveQuery,
-    timeout: Duration,
-) -> (Result<Option<LiveAnswer>, LookupError>, Vec<u16>) {
-    let zones = match q.zone {
-        Some(z) => vec![z],
-        None => registry.zones_of(node),
-    };
-    let mut tried = Vec::new();
-    for z in zones {
-        tried.push(z);
-        let zq = LiveQuery { zone: Some(z), ..q };
-        match registry.lookup_on(node, zq, timeout).await {
-            Ok(None) => continue,
-            other => return (other, tried),
-        }
-    }
-    (Ok(None), tried)
-}
-
-/// Ask the right agent(s) for a live entry (routing in the module docs).
-/// `Err` only when `node` is given and that agent fails.
-pub async fn route_lookup(
-    store: Arc<dyn RecordStore>,
-    registry: Arc<Registry>,
-    q: LiveQuery,
-    node: Option<&str>,
-    cfg: &LookupConfig,
-) -> Result<RoutedLookup, LookupError> {
-    let timeout = Duration::from_millis(cfg.timeout_ms);
-    let mut out = RoutedLookup {
-        answer: None,
-        not_found: Vec::new(),
-        failed: Vec::new(),
-        zones_tried: Vec::new(),
-    };
-    if let Some(node) = node {
-        let (r, tried) = lookup_in_zones(&registry, node, q, timeout).await;
-        out.zones_tried = tried;
-        match r? {
-            Some(a) => out.answer = Some(a),
-            None => out.not_found.push(node.to_string()),
-        }
-        return Ok(out);
-    }
-    // The index knows the tuple's node and zone even when the registry
-    // does not (a collector restart forgets the zones seen until the node
-    // sends records again).
-    let s = store.clone();
-    let indexed = tokio::task::spawn_blocking(move || indexed_node(s.as_ref(), &q))
-        .await
-        .ok()
-        .flatten();
-    if let Some((n, zone)) = &indexed {
-        registry.add_zone(n, *zone);
-    }
-    let indexed = indexed.map(|(n, _)| n);
-    let owner_ip = if q.reply_tuple {
-        q.tuple.dst
-    } else {
-        q.tuple.src
-    };
-    if let Some(owner) = registry.node_owning(owner_ip) {
-        let (r, tried) = lookup_in_zones(&registry, &owner, q, timeout).await;
-        out.zones_tried = tried;
-        match r {
-            Ok(Some(a)) => out.answer = Some(a),
-            Ok(None) => out.not_found.push(owner),
-            Err(e) => out.failed.push((owner, e)),
-        }
-        if out.failed.is_empty() {
-            return Ok(out);
-        }
-    }
-    let mut asked: Vec<String> = out.failed.iter().map(|(n, _)| n.clone()).collect();
-    if let Some(n) = indexed.filter(|n| !asked.contains(n) && registry.is_connected(n)) {
-        asked.push(n.clone());
-        let (r, tried) = lookup_in_zones(&registry, &n, q, timeout).await;
-        out.zones_tried = tried;
-        match r {
-            Ok(Some(a)) => {
-                out.answer = Some(a);
-                return Ok(out);
-            }
-            Ok(None) => out.not_found.push(n),
-            Err(e) => out.failed.push((n, e)),
-        }
-    }
-    let sem = Arc::new(Semaphore::new(cfg.max_concurrency.max(1)));
-    let mut tasks = JoinSet::new();
-    for n in registry.connected_nodes() {
-        if asked.contains(&n) {
-            continue;
-        }
-        let (registry, sem) = (registry.clone(), sem.clone());
-        tasks.spawn(async move {
-            let _permit = sem.acquire_owned().await;
-            let (r, tried) = lookup_in_zones(&registry, &n, q, timeout).await;
-            (n, r, tried)
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        let Ok((n, r, tried)) = joined else { continue };
-        out.zones_tried = tried;
-        match r {
-            Ok(Some(a)) => {
-                out.answer = Some(a);
-                // Dropping the set aborts the lookups still running.
-                tasks.abort_all();
-                break;
-            }
-            Ok(None) => out.not_found.push(n),
-            Err(e) => out.failed.push((n, e)),
-        }
-    }
-    Ok(out)
 }
 
 /// The `Query` service.
@@ -451,14 +164,11 @@ impl pb::query_server::Query for QueryService {
         &self,
         request: Request<pb::SearchRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
-        let q = search_query(request.get_ref(), self.max_limit).map_err(|e| invalid_status(&e))?;
-        let store = self.store.clone();
-        let q2 = q.clone();
-        let mut result = tokio::task::spawn_blocking(move || store.search(&q2))
+        let status = |e: QueryError| e.to_status();
+        let q = search_from_pb(request.get_ref(), self.max_limit).map_err(status)?;
+        let result = query::search(self.store.clone(), &self.registry, &q)
             .await
-            .map_err(|e| Status::internal(format!("search task: {e}")))?
-            .map_err(|e| store_status(&e))?;
-        merge_open_gaps(&q, &mut result, self.registry.open_gaps());
+            .map_err(status)?;
         Ok(Response::new(search_response(result)))
     }
 
@@ -467,39 +177,19 @@ impl pb::query_server::Query for QueryService {
         request: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupReply>, Status> {
         let req = request.into_inner();
-        let (q, node) = live_query(&req).map_err(|e| invalid_status(&e))?;
-        if node.is_none() && self.registry.connected_nodes().is_empty() {
-            return Err(Status::unavailable("no agent is connected"));
-        }
-        let routed = route_lookup(
-            self.store.clone(),
-            self.registry.clone(),
-            q,
-            node.as_deref(),
-            &self.lookup,
-        )
-        .await
-        .map_err(|e| lookup_status(&e))?;
-        if routed.nobody_answered() && !routed.failed.is_empty() {
-            let why: Vec<String> = routed
-                .failed
-                .iter()
-                .map(|(n, e)| format!("{n}: {e}"))
-                .collect();
-            return Err(Status::unavailable(format!(
-                "no agent answered ({})",
-                why.join("; ")
-            )));
-        }
-        let reply = match routed.answer {
-            Some(a) => pb::LookupReply {
+        let l = lookup_from_pb(&req).map_err(|e| e.to_status())?;
+        let outcome = query::lookup(self.store.clone(), self.registry.clone(), &self.lookup, &l)
+            .await
+            .map_err(|e| e.to_status())?;
+        let reply = match outcome {
+            LookupOutcome::Found { answer, .. } => pb::LookupReply {
                 request_id: req.request_id,
                 found: true,
                 error: String::new(),
-                entry: Some((&a.record).into()),
-                node: a.node,
+                entry: Some((&answer.record).into()),
+                node: answer.node,
             },
-            None => pb::LookupReply {
+            LookupOutcome::NotFound { .. } => pb::LookupReply {
                 request_id: req.request_id,
                 found: false,
                 error: String::new(),
@@ -515,92 +205,365 @@ impl pb::query_server::Query for QueryService {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::query::{DEFAULT_LIMIT, DEFAULT_WINDOW_NS, MAX_NODE_LEN};
+    use crate::store::ConnKind;
+    use axum::http::StatusCode;
+    use tonic::Code;
+
+    const MAX: usize = 1000;
+    const S: u64 = 1_000_000_000;
+
+    fn params(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The same search over both APIs: HTTP parameters and a gRPC request.
+    fn both(
+        http: &[(&str, &str)],
+        grpc: pb::SearchRequest,
+    ) -> (
+        Result<SearchQuery, QueryError>,
+        Result<SearchQuery, QueryError>,
+    ) {
+        (
+            query::search_from_params(&params(http), MAX),
+            search_from_pb(&grpc, MAX),
+        )
+    }
+
+    fn field(r: Result<SearchQuery, QueryError>) -> String {
+        let e = r.unwrap_err();
+        assert_eq!(e.http_status(), StatusCode::BAD_REQUEST, "{e}");
+        assert_eq!(e.grpc_code(), Code::InvalidArgument, "{e}");
+        let p = e.parameter().unwrap().to_string();
+        assert!(e.to_string().starts_with(&p), "{e} names {p}");
+        assert!(e.to_status().message().starts_with(&p), "{e}");
+        p
+    }
 
     #[test]
-    fn search_fields_are_validated_by_name() {
-        let ok = pb::SearchRequest {
-            snat_ip: Some(vec![198, 19, 0, 1]),
-            snat_port: Some(1024),
-            at_ns: Some(10 * DEFAULT_WINDOW_NS),
-            ..Default::default()
-        };
-        let q = search_query(&ok, 1000).unwrap();
-        assert_eq!(q.from_ns, Some(9 * DEFAULT_WINDOW_NS));
-        assert_eq!(q.to_ns, Some(11 * DEFAULT_WINDOW_NS));
-        assert_eq!(q.limit, DEFAULT_LIMIT);
-        assert_eq!(q.snat_port, Some(1024));
+    fn both_apis_give_the_same_search() {
+        let (h, g) = both(
+            &[
+                ("snat_ip", "198.19.0.1"),
+                ("snat_port", "1024"),
+                ("at", "600"),
+            ],
+            pb::SearchRequest {
+                snat_ip: Some(vec![198, 19, 0, 1]),
+                snat_port: Some(1024),
+                at_ns: Some(600 * S),
+                ..Default::default()
+            },
+        );
+        let (mut h, g) = (h.unwrap(), g.unwrap());
+        assert_eq!(h.from_ns, Some(600 * S - DEFAULT_WINDOW_NS));
+        assert_eq!(h.to_ns, Some(600 * S + DEFAULT_WINDOW_NS));
+        assert_eq!(h.limit, DEFAULT_LIMIT);
+        // Only the written resolution differs: "600" is whole seconds.
+        assert_eq!(h.at_precision_ns, S);
+        h.at_precision_ns = 0;
+        assert_eq!(h, g);
+    }
 
-        let cases: Vec<(pb::SearchRequest, &str)> = vec![
+    #[test]
+    fn at_excludes_from_and_to_over_both_apis() {
+        let (h, g) = both(
+            &[("at", "600"), ("from", "500")],
+            pb::SearchRequest {
+                at_ns: Some(600 * S),
+                from_ns: Some(500 * S),
+                ..Default::default()
+            },
+        );
+        assert_eq!((field(h), field(g)), ("at".into(), "at_ns".into()));
+        let (h, g) = both(
+            &[("at", "600"), ("to", "700")],
+            pb::SearchRequest {
+                at_ns: Some(600 * S),
+                to_ns: Some(700 * S),
+                ..Default::default()
+            },
+        );
+        assert_eq!((field(h), field(g)), ("at".into(), "at_ns".into()));
+        let (h, g) = both(
+            &[("window", "5s")],
+            pb::SearchRequest {
+                window_ns: Some(5 * S),
+                ..Default::default()
+            },
+        );
+        assert_eq!((field(h), field(g)), ("window".into(), "window_ns".into()));
+        let (h, g) = both(
+            &[("from", "5"), ("to", "4")],
+            pb::SearchRequest {
+                from_ns: Some(5 * S),
+                to_ns: Some(4 * S),
+                ..Default::default()
+            },
+        );
+        assert_eq!((field(h), field(g)), ("to".into(), "to_ns".into()));
+        // A window past the epoch saturates.
+        let (h, g) = both(
+            &[("at", "1"), ("window", "1d")],
+            pb::SearchRequest {
+                at_ns: Some(S),
+                window_ns: Some(86400 * S),
+                ..Default::default()
+            },
+        );
+        assert_eq!(h.unwrap().from_ns, Some(0));
+        assert_eq!(g.unwrap().from_ns, Some(0));
+    }
+
+    #[test]
+    fn limit_rules_are_the_same_over_both_apis() {
+        // Absent: the default.
+        let (h, g) = both(&[], pb::SearchRequest::default());
+        assert_eq!(h.unwrap().limit, DEFAULT_LIMIT);
+        assert_eq!(g.unwrap().limit, DEFAULT_LIMIT);
+        // An explicit 0 is refused; proto3 cannot send one (0 is unset).
+        assert_eq!(
+            field(query::search_from_params(&params(&[("limit", "0")]), MAX)),
+            "limit"
+        );
+        let zero = SearchInput {
+            limit: Some(0),
+            ..SearchInput::default()
+        };
+        assert_eq!(field(zero.validate(Api::Grpc, MAX)), "limit");
+        let (h, g) = both(
+            &[("limit", "7")],
+            pb::SearchRequest {
+                limit: 7,
+                ..Default::default()
+            },
+        );
+        assert_eq!((h.unwrap().limit, g.unwrap().limit), (7, 7));
+        let (h, g) = both(
+            &[("limit", "1001")],
+            pb::SearchRequest {
+                limit: 1001,
+                ..Default::default()
+            },
+        );
+        assert_eq!((field(h), field(g)), ("limit".into(), "limit".into()));
+        assert_eq!(
+            field(query::search_from_params(&params(&[("limit", "x")]), MAX)),
+            "limit"
+        );
+        // The default never exceeds the collector's cap.
+        assert_eq!(query::search_from_params(&[], 10).unwrap().limit, 10);
+    }
+
+    #[test]
+    fn node_rules_are_the_same_over_both_apis() {
+        let long = "n".repeat(MAX_NODE_LEN + 1);
+        let (h, g) = both(
+            &[("node", &long)],
+            pb::SearchRequest {
+                node: Some(long.clone()),
+                ..Default::default()
+            },
+        );
+        assert_eq!((field(h), field(g)), ("node".into(), "node".into()));
+        let (h, g) = both(
+            &[("node", " node-a ")],
+            pb::SearchRequest {
+                node: Some("node-a".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(h.unwrap().node.as_deref(), Some("node-a"));
+        assert_eq!(g.unwrap().node.as_deref(), Some("node-a"));
+        // An empty HTTP parameter is absent; an empty gRPC node is an error.
+        let (h, g) = both(
+            &[("node", "")],
+            pb::SearchRequest {
+                node: Some(String::new()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(h.unwrap().node, None);
+        assert_eq!(field(g), "node");
+    }
+
+    #[test]
+    fn fields_are_validated_by_name_over_both_apis() {
+        let cases: Vec<(&str, &str, pb::SearchRequest)> = vec![
             (
+                "src_ip",
+                "1.2.3",
                 pb::SearchRequest {
                     src_ip: Some(vec![1, 2, 3]),
                     ..Default::default()
                 },
-                "src_ip",
             ),
             (
+                "dst_port",
+                "70000",
                 pb::SearchRequest {
                     dst_port: Some(70000),
                     ..Default::default()
                 },
-                "dst_port",
             ),
             (
+                "snat_port",
+                "0",
+                pb::SearchRequest {
+                    snat_port: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "protocol",
+                "icmp6",
                 pb::SearchRequest {
                     protocol: Some(1),
                     ..Default::default()
                 },
-                "protocol",
             ),
             (
-                pb::SearchRequest {
-                    from_ns: Some(5),
-                    to_ns: Some(4),
-                    ..Default::default()
-                },
-                "from_ns",
-            ),
-            (
-                pb::SearchRequest {
-                    window_ns: Some(5),
-                    ..Default::default()
-                },
-                "window_ns",
-            ),
-            (
-                pb::SearchRequest {
-                    limit: 1001,
-                    ..Default::default()
-                },
-                "limit",
-            ),
-            (
-                pb::SearchRequest {
-                    node: Some(String::new()),
-                    ..Default::default()
-                },
-                "node",
-            ),
-            (
-                pb::SearchRequest {
-                    kind: Some("opened".into()),
-                    ..Default::default()
-                },
                 "kind",
+                "NEW",
+                pb::SearchRequest {
+                    kind: Some("NEW".into()),
+                    ..Default::default()
+                },
             ),
         ];
-        for (req, field) in cases {
-            let e = search_query(&req, 1000).unwrap_err();
-            assert_eq!(e.field, field, "{e}");
-            assert!(invalid_status(&e).message().starts_with(field));
+        for (name, value, req) in cases {
+            let (h, g) = both(&[(name, value)], req);
+            assert_eq!((field(h), field(g)), (name.into(), name.into()));
         }
         for k in ConnKind::ALL {
-            let req = pb::SearchRequest {
-                kind: Some(k.as_str().into()),
-                ..Default::default()
-            };
-            assert_eq!(search_query(&req, 1000).unwrap().kind, Some(k));
+            let (h, g) = both(
+                &[("kind", k.as_str())],
+                pb::SearchRequest {
+                    kind: Some(k.as_str().into()),
+                    ..Default::default()
+                },
+            );
+            assert_eq!((h.unwrap().kind, g.unwrap().kind), (Some(k), Some(k)));
         }
+        let e = query::search_from_params(&params(&[("kind", "NEW")]), MAX).unwrap_err();
+        for k in ["new", "midstream", "recovered", "destroy"] {
+            assert!(e.to_string().contains(k), "{e}");
+        }
+        // HTTP only: unknown and repeated names.
+        assert_eq!(
+            field(query::search_from_params(&params(&[("sport", "1")]), MAX)),
+            "sport"
+        );
+        assert_eq!(
+            field(query::search_from_params(
+                &params(&[("node", "a"), ("node", "b")]),
+                MAX
+            )),
+            "node"
+        );
+    }
+
+    fn pb_lookup() -> pb::LookupRequest {
+        pb::LookupRequest {
+            request_id: 1,
+            protocol: 17,
+            tuple: Some(pb::Tuple {
+                src: vec![198, 19, 0, 2],
+                dst: vec![198, 18, 0, 1],
+                src_port: 80,
+                dst_port: 1024,
+            }),
+            reply_tuple: true,
+            node: "node-a".into(),
+            zone: Some(7),
+        }
+    }
+
+    #[test]
+    fn both_apis_give_the_same_lookup() {
+        let h = Lookup::from_params(&params(&[
+            ("protocol", "udp"),
+            ("src_ip", "198.19.0.2"),
+            ("src_port", "80"),
+            ("dst_ip", "198.18.0.1"),
+            ("dst_port", "1024"),
+            ("tuple", "reply"),
+            ("node", "node-a"),
+            ("zone", "7"),
+        ]))
+        .unwrap();
+        let g = lookup_from_pb(&pb_lookup()).unwrap();
+        assert_eq!(h, g);
+        assert_eq!(h.query.zone, Some(7));
+        assert!(
+            h.not_found_message().contains("reply tuple udp"),
+            "{}",
+            h.not_found_message()
+        );
+        // Without node and zone: any node, zone 0 then the zones seen.
+        let g = lookup_from_pb(&pb::LookupRequest {
+            node: String::new(),
+            zone: None,
+            ..pb_lookup()
+        })
+        .unwrap();
+        assert_eq!((g.node, g.query.zone), (None, None));
+    }
+
+    #[test]
+    fn lookup_fields_are_validated_by_name() {
+        let e = |r: pb::LookupRequest| lookup_from_pb(&r).unwrap_err();
+        let name = |e: QueryError| {
+            assert_eq!(e.grpc_code(), Code::InvalidArgument, "{e}");
+            e.parameter().unwrap().to_string()
+        };
+        assert_eq!(
+            name(e(pb::LookupRequest {
+                zone: Some(1 << 16),
+                ..pb_lookup()
+            })),
+            "zone"
+        );
+        let mut r = pb_lookup();
+        r.tuple.as_mut().unwrap().dst_port = 1 << 20;
+        assert_eq!(name(e(r)), "tuple.dst_port");
+        assert_eq!(
+            name(e(pb::LookupRequest {
+                tuple: None,
+                ..pb_lookup()
+            })),
+            "tuple"
+        );
+        assert_eq!(
+            name(e(pb::LookupRequest {
+                protocol: 1,
+                ..pb_lookup()
+            })),
+            "protocol"
+        );
+        let live = [
+            ("src_ip", "198.19.0.2"),
+            ("src_port", "80"),
+            ("dst_ip", "198.18.0.1"),
+            ("dst_port", "1024"),
+        ];
+        for (k, v, want) in [
+            ("zone", "65536", "zone"),
+            ("zone", "x", "zone"),
+            ("tuple", "both", "tuple"),
+            ("ports", "1", "ports"),
+        ] {
+            let mut p = params(&live);
+            p.push((k.into(), v.into()));
+            assert_eq!(name(Lookup::from_params(&p).unwrap_err()), want);
+        }
+        assert_eq!(
+            name(Lookup::from_params(&params(&live[..3])).unwrap_err()),
+            "dst_port"
+        );
     }
 
     #[test]
@@ -648,57 +611,16 @@ mod tests {
     }
 
     #[test]
-    fn lookup_request_is_validated_by_name() {
-        let mut r = pb::LookupRequest {
-            request_id: 1,
-            protocol: 6,
-            tuple: Some(pb::Tuple {
-                src: vec![10, 0, 0, 1],
-                dst: vec![10, 0, 0, 2],
-                src_port: 1,
-                dst_port: 2,
-            }),
-            reply_tuple: true,
-            node: String::new(),
-            zone: None,
-        };
-        let (q, node) = live_query(&r).unwrap();
-        assert!(q.reply_tuple && node.is_none() && q.zone.is_none());
-        r.zone = Some(7);
-        assert_eq!(live_query(&r).unwrap().0.zone, Some(7));
-        r.zone = Some(1 << 16);
-        assert_eq!(live_query(&r).unwrap_err().field, "zone");
-        r.zone = None;
-        r.tuple.as_mut().unwrap().dst_port = 1 << 20;
-        assert_eq!(live_query(&r).unwrap_err().field, "tuple.dst_port");
-        r.tuple = None;
-        assert_eq!(live_query(&r).unwrap_err().field, "tuple");
-        r.protocol = 1;
-        assert_eq!(live_query(&r).unwrap_err().field, "protocol");
-    }
-
-    #[test]
-    fn open_gaps_in_range_make_results_incomplete() {
-        let q = SearchQuery {
-            from_ns: Some(100),
-            to_ns: Some(200),
-            node: Some("a".into()),
-            ..SearchQuery::default()
-        };
-        let gap = |node: &str, from, to| Gap {
-            node: node.into(),
-            from_ns: from,
-            to_ns: to,
+    fn open_gaps_make_the_answer_incomplete() {
+        let mut r = SearchResult::default();
+        assert!(search_response(r.clone()).complete);
+        r.gaps.push(crate::store::Gap {
+            node: "a".into(),
+            from_ns: 1,
+            to_ns: 2,
             reason: "agent_disconnected".into(),
             count: 0,
-        };
-        let mut r = SearchResult::default();
-        merge_open_gaps(
-            &q,
-            &mut r,
-            vec![gap("a", 150, 900), gap("b", 150, 900), gap("a", 300, 900)],
-        );
-        assert_eq!(r.gaps, vec![gap("a", 150, 900)]);
+        });
         assert!(!search_response(r).complete);
     }
 }

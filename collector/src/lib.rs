@@ -2,6 +2,7 @@
 //! mTLS gRPC stream each, stores them durably in a tantivy index, and serves
 //! the cluster-wide search API and live lookups proxied to agents.
 
+pub mod answer;
 pub mod auth;
 pub mod certs;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod pods;
+pub mod query;
 pub mod registry;
 pub mod resolve;
 pub mod store;

@@ -119,7 +119,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .init();
     let token = Token::load(&cfg.http.token_file).context("http.token_file")?;
     let metrics = Metrics::new();
-    let store = Arc::new(TantivyStore::open(&cfg.storage).context("storage")?);
+    let store = Arc::new(TantivyStore::open(cfg.storage.store_options()).context("storage")?);
     let registry = Arc::new(Registry::new(metrics.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let state = Arc::new(AppState {

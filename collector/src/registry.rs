@@ -26,11 +26,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use ctw_common::{ConnRecord, Protocol, Tuple};
+use ctw_common::{unix_ns, ConnRecord};
 use ctw_proto::pb;
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
@@ -40,17 +39,9 @@ use crate::store::Gap;
 /// What the collector sends down an agent's stream.
 pub type AgentSender = mpsc::Sender<Result<pb::CollectorMessage, Status>>;
 
-/// A live lookup: the same question as the agent's `/api/conntrack/query`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LiveQuery {
-    pub protocol: Protocol,
-    pub tuple: Tuple,
-    /// `tuple` names the reply direction (its dst is the SNAT address).
-    pub reply_tuple: bool,
-    /// Conntrack zone to look in (`CTA_ZONE`); `None` = the agent's default
-    /// (zone 0).
-    pub zone: Option<u16>,
-}
+/// A live lookup: the same question as the agent's `/api/conntrack/query`
+/// (the API's type).
+pub use ctw_common::api::LiveQuery;
 
 /// An agent's answer: the live conntrack entry and the node that has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,39 +73,8 @@ impl LookupError {
     }
 }
 
-/// One agent as `GET /api/v1/agents` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AgentInfo {
-    pub node: String,
-    /// The addresses the agent's Hello listed (the SNAT addresses it owns).
-    pub addresses: Vec<String>,
-    pub boot_id: String,
-    pub version: String,
-    pub connected: bool,
-    /// Remote address of the current (or last) stream.
-    pub peer: Option<String>,
-    pub connected_since: Option<String>,
-    /// Set while disconnected: start of the open `agent_disconnected` gap.
-    pub disconnected_since: Option<String>,
-    /// Last message of any kind.
-    pub last_seen: Option<String>,
-    pub last_batch_at: Option<String>,
-    pub last_batch_boot_id: Option<String>,
-    pub last_batch_seq: Option<u64>,
-    /// When the last batch arrived, minus the newest record time in it.
-    pub lag_seconds: Option<f64>,
-    pub batches_stored: u64,
-    pub records_stored: u64,
-    /// Batches received again after they were stored (replays).
-    pub duplicates: u64,
-    /// Records that could not be converted and were skipped.
-    pub conversion_errors: u64,
-    /// Loss reports received and the events or records they counted.
-    pub loss_reports: u64,
-    pub events_lost: u64,
-    /// Streams this agent opened since the collector started.
-    pub connections: u64,
-}
+/// One agent as `GET /api/v1/agents` shows it (the API's type).
+pub use ctw_common::api::AgentInfo;
 
 #[derive(Debug)]
 struct Conn {
@@ -197,12 +157,6 @@ pub struct BatchInfo {
 pub struct ConnToken {
     pub node: String,
     id: u64,
-}
-
-pub fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn rfc3339(t: Option<SystemTime>) -> Option<String> {
@@ -611,6 +565,7 @@ impl Drop for PendingGuard<'_> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use ctw_common::{Protocol, Tuple};
 
     fn hello(addrs: &[&str]) -> HelloInfo {
         HelloInfo {

@@ -46,18 +46,13 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{post, MethodRouter};
-use axum::Json;
-use ctw_common::api;
-use serde_json::{json, Map, Value};
+use ctw_common::api::{
+    self, CandidateAnswer, IntervalAnswer, LineAnswer, ResolveAnswer, ResolveSummary,
+};
+use serde_json::{Map, Value};
 
-use crate::grpc_query::merge_open_gaps;
-use crate::http::{error, hit_json, search_json, AppState};
+use crate::answer;
+use crate::query::{merge_open_gaps, QueryError};
 use crate::registry::Registry;
 use crate::store::{alive_in, Gap, Hit, RecordStore, SearchQuery, SearchResult, StoreError};
 
@@ -70,8 +65,8 @@ pub use ctw_common::nginx::{
 pub const MAX_LINES: usize = 20_000;
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-/// Default and largest `window` around each line's time.
-const DEFAULT_WINDOW_NS: u64 = 5 * 60 * 1_000_000_000;
+/// Largest `window` around each line's time (default
+/// [`crate::query::DEFAULT_WINDOW_NS`]).
 const MAX_WINDOW_NS: u64 = 24 * 3600 * 1_000_000_000;
 /// Default clock-skew tolerance between the log's host and the nodes.
 pub const DEFAULT_SKEW_NS: u64 = 1_000_000_000;
@@ -82,40 +77,9 @@ const SEARCH_LIMIT: usize = 50;
 /// Candidates listed in `ranked`.
 const RANKED_SHOWN: usize = 10;
 
-// ---------------------------------------------------------------------------
-// The endpoint.
-
-/// `POST /api/v1/resolve` with its own body limit ([`MAX_BODY_BYTES`]); the
-/// caller mounts it behind the bearer token.
-pub fn route() -> MethodRouter<Arc<AppState>> {
-    post(handler).layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-}
-
-/// A refused request (kept small: clippy's `result_large_err`).
+/// A validated `POST /api/v1/resolve` body ([`parse_request`]).
 #[derive(Debug)]
-struct Reject {
-    code: StatusCode,
-    message: String,
-    parameter: Option<String>,
-}
-
-impl Reject {
-    fn new(code: StatusCode, message: impl Into<String>, parameter: Option<&str>) -> Reject {
-        Reject {
-            code,
-            message: message.into(),
-            parameter: parameter.map(str::to_string),
-        }
-    }
-
-    fn into_response(self) -> Response {
-        error(self.code, &self.message, self.parameter.as_deref())
-    }
-}
-
-/// A validated request.
-#[derive(Debug)]
-struct Request {
+pub struct Request {
     lines: Vec<String>,
     format: LogFormat,
     window_ns: u64,
@@ -123,21 +87,14 @@ struct Request {
     at: Option<(u64, u64)>,
 }
 
-fn parse_request(body: &[u8]) -> Result<Request, Reject> {
-    let bad = |p: &str, m: String| Reject::new(StatusCode::BAD_REQUEST, m, Some(p));
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        Reject::new(
-            StatusCode::BAD_REQUEST,
-            format!("body is not JSON: {e}"),
-            None,
-        )
-    })?;
+/// Validate a request body: `{"lines": [...], "log_format", "window",
+/// "skew", "at"}` (see the module docs).
+pub fn parse_request(body: &[u8]) -> Result<Request, QueryError> {
+    let bad = |p: &str, m: String| QueryError::invalid(p, m);
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| QueryError::Malformed(format!("body is not JSON: {e}")))?;
     let Value::Object(mut o) = v else {
-        return Err(Reject::new(
-            StatusCode::BAD_REQUEST,
-            "body must be a JSON object",
-            None,
-        ));
+        return Err(QueryError::Malformed("body must be a JSON object".into()));
     };
     const KNOWN: [&str; 5] = ["lines", "log_format", "window", "skew", "at"];
     if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -152,14 +109,13 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
         None => return Err(bad("lines", "missing field \"lines\"".into())),
     };
     if lines.len() > MAX_LINES {
-        return Err(Reject::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
+        return Err(QueryError::TooLarge {
+            parameter: "lines".into(),
+            message: format!(
                 "{} lines: at most {MAX_LINES} per request, send them in batches",
                 lines.len()
             ),
-            Some("lines"),
-        ));
+        });
     }
     let lines = lines
         .into_iter()
@@ -168,8 +124,8 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
             Value::String(s) => Ok(s),
             _ => Err(bad("lines", format!("lines[{i}] is not a string"))),
         })
-        .collect::<Result<Vec<String>, Reject>>()?;
-    let text = |o: &mut Map<String, Value>, k: &str| -> Result<Option<String>, Reject> {
+        .collect::<Result<Vec<String>, QueryError>>()?;
+    let text = |o: &mut Map<String, Value>, k: &str| -> Result<Option<String>, QueryError> {
         match o.remove(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
@@ -194,7 +150,7 @@ fn parse_request(body: &[u8]) -> Result<Request, Reject> {
             }
             ns
         }
-        None => DEFAULT_WINDOW_NS,
+        None => crate::query::DEFAULT_WINDOW_NS,
     };
     let skew_ns = match text(&mut o, "skew")? {
         Some(w) => {
@@ -445,40 +401,31 @@ fn node_observed(
 }
 
 /// One candidate in `ranked`.
-fn candidate_json(c: &Candidate, line: Interval) -> Value {
+fn candidate(c: &Candidate, line: Interval) -> CandidateAnswer {
     let b = c.best();
     let r = &b.record;
-    let mut v = json!({
-        "pod_ip": r.orig.src,
-        "pod_port": r.orig.src_port,
-        "node": b.node,
-        "dst_ip": r.orig.dst,
-        "dst_port": r.orig.dst_port,
-        "alive": c.distance_ns == 0,
-        "distance_ms": c.distance_ns / 1_000_000,
-        "merged": c.hits.len(),
-        "start": api::format_time(c.hits.iter().map(|h| h.start_ns()).min().unwrap_or(0)),
-    });
-    if let Some(o) = v.as_object_mut() {
-        let end = c
+    CandidateAnswer {
+        pod_ip: r.orig.src,
+        pod_port: r.orig.src_port,
+        node: b.node.clone(),
+        dst_ip: r.orig.dst,
+        dst_port: r.orig.dst_port,
+        alive: c.distance_ns == 0,
+        distance_ms: c.distance_ns / 1_000_000,
+        merged: c.hits.len() as u64,
+        start: api::format_time(c.hits.iter().map(|h| h.start_ns()).min().unwrap_or(0)),
+        end: c
             .hits
             .iter()
             .map(|h| h.closed_ns)
-            .try_fold(0u64, |m, e| e.map(|e| m.max(e)));
-        if let Some(e) = end {
-            o.insert("end".into(), json!(api::format_time(e)));
-        }
-        if c.hits.iter().any(|h| h.record.midstream()) {
-            o.insert("midstream".into(), json!(true));
-        }
-        if c.hits.iter().any(|h| h.start_ns() > line.to_ns) {
-            o.insert("started_after".into(), json!(true));
-        }
+            .try_fold(0u64, |m, e| e.map(|e| m.max(e)))
+            .map(api::format_time),
+        midstream: c.hits.iter().any(|h| h.record.midstream()),
+        started_after: c.hits.iter().any(|h| h.start_ns() > line.to_ns),
     }
-    v
 }
 
-/// One line's answer as JSON (the search runs here, on a blocking thread).
+/// One line's answer (the search runs here, on a blocking thread).
 fn resolve_line(
     store: &dyn RecordStore,
     registry: &Registry,
@@ -486,14 +433,18 @@ fn resolve_line(
     open_gaps: &[Gap],
     caches: &mut Caches,
     line_no: usize,
-) -> Result<Value, StoreError> {
+) -> Result<LineAnswer, StoreError> {
     let line = &req.lines[line_no - 1];
     let parsed = match req.format.parse_line(line) {
         Ok(p) => p,
         Err(e) => {
-            return Ok(json!({
-                "line_no": line_no, "line": line, "status": "unparsed", "error": e.0,
-            }))
+            return Ok(LineAnswer {
+                line_no: line_no as u64,
+                line: line.clone(),
+                status: "unparsed".into(),
+                error: Some(e.0),
+                ..LineAnswer::default()
+            })
         }
     };
     let (at, precision) = match (parsed.time_ns, req.at) {
@@ -565,57 +516,52 @@ fn resolve_line(
             Basis::Alive => None,
         };
     }
-    let gaps = gaps_json(&res.gaps, &q);
-    let mut v = json!({
-        "line_no": line_no,
-        "line": line,
-        "remote_addr": parsed.remote_addr,
-        "remote_port": parsed.remote_port,
-        "time": api::format_time(at),
-        "interval": {"from": api::format_time(iv.from_ns), "to": api::format_time(iv.to_ns)},
-        "skew_ms": req.skew_ns / 1_000_000,
-        "status": status,
-        "match": verdict.basis.as_str(),
-        "candidates": candidates,
-        "alive_candidates": verdict.alive,
-        "near_candidates": verdict.near,
-        "incomplete": !res.gaps.is_empty(),
-        "gaps": gaps,
-    });
-    let Some(o) = v.as_object_mut() else {
-        return Ok(v);
+    let mut v = LineAnswer {
+        line_no: line_no as u64,
+        line: line.clone(),
+        status: status.into(),
+        remote_addr: Some(parsed.remote_addr),
+        remote_port: Some(parsed.remote_port),
+        time: Some(api::format_time(at)),
+        interval: Some(IntervalAnswer {
+            from: api::format_time(iv.from_ns),
+            to: api::format_time(iv.to_ns),
+        }),
+        skew_ms: Some(req.skew_ns / 1_000_000),
+        basis: Some(verdict.basis.as_str().into()),
+        candidates: Some(candidates),
+        alive_candidates: Some(verdict.alive as u64),
+        near_candidates: Some(verdict.near as u64),
+        incomplete: Some(!res.gaps.is_empty()),
+        gaps: Some(answer::gaps(&res.gaps)),
+        note,
+        ..LineAnswer::default()
     };
-    if let Some(n) = note {
-        o.insert("note".into(), json!(n));
-    }
     if status == "not_observed" {
-        o.insert("node".into(), json!(owner));
+        v.node = owner;
     }
     if !verdict.ranked.is_empty() && status != "resolved" {
-        o.insert(
-            "ranked".into(),
-            json!(verdict
+        v.ranked = Some(
+            verdict
                 .ranked
                 .iter()
                 .take(RANKED_SHOWN)
-                .map(|c| candidate_json(c, iv))
-                .collect::<Vec<_>>()),
+                .map(|c| candidate(c, iv))
+                .collect(),
         );
     }
     if let (true, Some(top)) = (verdict.answers, verdict.ranked.first()) {
         let best = top.best();
         let r = &best.record;
-        o.insert("pod_ip".into(), json!(r.orig.src));
-        o.insert("pod_port".into(), json!(r.orig.src_port));
-        o.insert("node".into(), json!(best.node));
-        o.insert("dst_ip".into(), json!(r.orig.dst));
-        o.insert("dst_port".into(), json!(r.orig.dst_port));
-        o.insert("merged".into(), json!(top.hits.len()));
-        if r.midstream() {
-            // The line's own entry was picked up mid-stream.
-            o.insert("midstream".into(), json!(true));
-        }
-        o.insert("record".into(), hit_json(best, &q));
+        v.pod_ip = Some(r.orig.src);
+        v.pod_port = Some(r.orig.src_port);
+        v.node = Some(best.node.clone());
+        v.dst_ip = Some(r.orig.dst);
+        v.dst_port = Some(r.orig.dst_port);
+        v.merged = Some(top.hits.len() as u64);
+        // The line's own entry was picked up mid-stream.
+        v.midstream = r.midstream();
+        v.record = Some(Box::new(answer::connection(best, &q)));
     }
     Ok(v)
 }
@@ -631,48 +577,14 @@ fn fmt_duration(ns: u64) -> String {
     }
 }
 
-/// Gaps in the API's JSON shape (through `search_json`, the one place that
-/// writes them).
-fn gaps_json(gaps: &[Gap], q: &SearchQuery) -> Value {
-    if gaps.is_empty() {
-        return json!([]);
-    }
-    let only_gaps = SearchResult {
-        hits: Vec::new(),
-        total: 0,
-        gaps: gaps.to_vec(),
-    };
-    let mut v = search_json(&only_gaps, q);
-    v.get_mut("gaps")
-        .map(Value::take)
-        .unwrap_or_else(|| json!([]))
-}
-
-/// `POST /api/v1/resolve`: see the module documentation.
-pub async fn handler(
-    State(s): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
-                    "request body larger than {} MiB: send the lines in batches",
-                    MAX_BODY_BYTES >> 20
-                ),
-                Some("lines"),
-            )
-        }
-        Err(e) => return error(e.status(), &format!("cannot read the body: {e}"), None),
-    };
-    let req = match parse_request(&body) {
-        Ok(r) => Arc::new(r),
-        Err(r) => return r.into_response(),
-    };
-    drop(body);
-    let open_gaps = Arc::new(s.registry.open_gaps());
+/// Resolve every line of `req` (in order, over a few blocking threads) and
+/// add the summary: the whole answer of `POST /api/v1/resolve`.
+pub async fn resolve(
+    store: Arc<dyn RecordStore>,
+    registry: Arc<Registry>,
+    req: Arc<Request>,
+) -> Result<ResolveAnswer, QueryError> {
+    let open_gaps = Arc::new(registry.open_gaps());
     let n = req.lines.len();
     // Contiguous slices over a few blocking threads; order is kept.
     let workers = std::thread::available_parallelism()
@@ -682,53 +594,39 @@ pub async fn handler(
     let chunk = n.div_ceil(workers).max(1);
     let mut tasks = Vec::new();
     for start in (0..n).step_by(chunk) {
-        let (store, req, gaps) = (s.store.clone(), req.clone(), open_gaps.clone());
-        let registry = s.registry.clone();
+        let (store, req, gaps) = (store.clone(), req.clone(), open_gaps.clone());
+        let registry = registry.clone();
         tasks.push(tokio::task::spawn_blocking(move || {
             let mut caches = Caches::default();
             (start..(start + chunk).min(n))
                 .map(|i| resolve_line(store.as_ref(), &registry, &req, &gaps, &mut caches, i + 1))
-                .collect::<Result<Vec<Value>, StoreError>>()
+                .collect::<Result<Vec<LineAnswer>, StoreError>>()
         }));
     }
     let mut results = Vec::with_capacity(n);
     for t in tasks {
-        match t.await {
-            Ok(Ok(v)) => results.extend(v),
-            Ok(Err(e)) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("search failed: {e}"),
-                    None,
-                )
-            }
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("search task failed: {e}"),
-                    None,
-                )
-            }
-        }
+        results.extend(t.await.map_err(|e| QueryError::Task(e.to_string()))??);
     }
-    let count = |st: &str| results.iter().filter(|r| r["status"] == st).count();
-    let summary = json!({
-        "lines": n,
-        "resolved": count("resolved"),
-        "not_found": count("not_found"),
-        "ambiguous": count("ambiguous"),
-        "not_observed": count("not_observed"),
-        "unparsed": count("unparsed"),
-        "incomplete": results.iter().filter(|r| r["incomplete"] == true).count(),
-    });
-    Json(json!({
-        "results": results,
-        "summary": summary,
-        "log_format": req.format.source(),
-        "window_ms": req.window_ns / 1_000_000,
-        "skew_ms": req.skew_ns / 1_000_000,
-    }))
-    .into_response()
+    let count = |st: &str| results.iter().filter(|r| r.status == st).count() as u64;
+    let summary = ResolveSummary {
+        lines: n as u64,
+        resolved: count("resolved"),
+        not_found: count("not_found"),
+        ambiguous: count("ambiguous"),
+        not_observed: count("not_observed"),
+        unparsed: count("unparsed"),
+        incomplete: results
+            .iter()
+            .filter(|r| r.incomplete == Some(true))
+            .count() as u64,
+    };
+    Ok(ResolveAnswer {
+        summary,
+        log_format: req.format.source().to_string(),
+        window_ms: req.window_ns / 1_000_000,
+        skew_ms: req.skew_ns / 1_000_000,
+        results,
+    })
 }
 
 #[cfg(test)]
@@ -742,19 +640,17 @@ mod tests {
     fn hit(node: &str, pod: &str, port: u16, start: u64, end: Option<u64>) -> Hit {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         Hit {
-            node: node.into(),
-            record: ConnRecord::new(
-                EventKind::New,
-                start,
-                Protocol::Tcp,
-                Tuple::new(ip(pod), port, ip("198.19.0.2"), 80),
-                Tuple::new(ip("198.19.0.2"), 80, ip("198.19.0.1"), 40000),
-            ),
             closed_ns: end,
-            end: None,
-            last_seen_ns: None,
-            counters_orig: None,
-            counters_reply: None,
+            ..Hit::open(
+                node,
+                ConnRecord::new(
+                    EventKind::New,
+                    start,
+                    Protocol::Tcp,
+                    Tuple::new(ip(pod), port, ip("198.19.0.2"), 80),
+                    Tuple::new(ip("198.19.0.2"), 80, ip("198.19.0.1"), 40000),
+                ),
+            )
         }
     }
 
@@ -817,5 +713,218 @@ mod tests {
             (v.status, v.basis, v.answers),
             ("not_found", Basis::None, false)
         );
+    }
+
+    #[tokio::test]
+    async fn resolve_answer_snapshot() {
+        use crate::store::{MemStore, StoredBatch};
+        use ctw_common::TcpState;
+        const T: u64 = 1_733_727_900_000_000_000; // 2024-12-09T07:05:00Z
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let rec = |kind, at: u64, pod: &str, snat_port: u16| {
+            let mut r = ConnRecord::new(
+                kind,
+                at,
+                Protocol::Tcp,
+                Tuple::new(ip(pod), 1000, ip("198.19.0.2"), 80),
+                Tuple::new(ip("198.19.0.2"), 80, ip("198.18.0.1"), snat_port),
+            );
+            r.tcp_state = Some(TcpState::Established);
+            r
+        };
+        let store = Arc::new(MemStore::default());
+        let batch = |node: &str, records| StoredBatch {
+            node: node.into(),
+            boot_id: "b".into(),
+            seq: 1,
+            records,
+        };
+        store
+            .append(batch(
+                "node-a",
+                vec![
+                    // Resolved: alive at the line, closed after it.
+                    rec(EventKind::New, T, "10.244.1.7", 40001),
+                    rec(EventKind::Destroy, T + 2 * S, "10.244.1.7", 40001),
+                    // Ambiguous: two pods behind one address and port.
+                    rec(EventKind::Recovered, T, "10.244.1.8", 40002),
+                ],
+            ))
+            .unwrap();
+        store
+            .append(batch(
+                "node-b",
+                // Started later: ranked first (newest start first).
+                vec![rec(EventKind::New, T + 100_000_000, "10.244.2.9", 40002)],
+            ))
+            .unwrap();
+        let body = serde_json::json!({
+            "log_format": "$remote_addr $remote_port $msec",
+            "lines": [
+                "198.18.0.1 40001 1733727900.500",
+                "198.18.0.1 40002 1733727900.500",
+                "198.18.0.1 40003 1733727900.500",
+                "not a line",
+            ],
+        });
+        let req = parse_request(body.to_string().as_bytes()).unwrap();
+        let registry = Arc::new(Registry::new(crate::metrics::Metrics::new()));
+        let answer = resolve(store, registry, Arc::new(req)).await.unwrap();
+        expect_test::expect![[r#"
+            {
+              "log_format": "$remote_addr $remote_port $msec",
+              "results": [
+                {
+                  "alive_candidates": 1,
+                  "candidates": 1,
+                  "dst_ip": "198.19.0.2",
+                  "dst_port": 80,
+                  "gaps": [],
+                  "incomplete": false,
+                  "interval": {
+                    "from": "2024-12-09T07:05:00.500Z",
+                    "to": "2024-12-09T07:05:00.500Z"
+                  },
+                  "line": "198.18.0.1 40001 1733727900.500",
+                  "line_no": 1,
+                  "match": "alive",
+                  "merged": 1,
+                  "midstream": true,
+                  "near_candidates": 1,
+                  "node": "node-a",
+                  "pod_ip": "10.244.1.7",
+                  "pod_port": 1000,
+                  "record": {
+                    "alive_at": true,
+                    "dst_ip": "198.19.0.2",
+                    "dst_port": 80,
+                    "duration_ms": 2000,
+                    "end": "2024-12-09T07:05:02.000Z",
+                    "end_kind": "destroy",
+                    "kind": "new",
+                    "midstream": true,
+                    "node": "node-a",
+                    "protocol": "tcp",
+                    "snat_ip": "198.18.0.1",
+                    "snat_port": 40001,
+                    "src_ip": "10.244.1.7",
+                    "src_port": 1000,
+                    "start": "2024-12-09T07:05:00.000Z",
+                    "state": "ESTABLISHED",
+                    "ts": "2024-12-09T07:05:00.000Z"
+                  },
+                  "remote_addr": "198.18.0.1",
+                  "remote_port": 40001,
+                  "skew_ms": 1000,
+                  "status": "resolved",
+                  "time": "2024-12-09T07:05:00.500Z"
+                },
+                {
+                  "alive_candidates": 2,
+                  "candidates": 2,
+                  "dst_ip": "198.19.0.2",
+                  "dst_port": 80,
+                  "gaps": [],
+                  "incomplete": false,
+                  "interval": {
+                    "from": "2024-12-09T07:05:00.500Z",
+                    "to": "2024-12-09T07:05:00.500Z"
+                  },
+                  "line": "198.18.0.1 40002 1733727900.500",
+                  "line_no": 2,
+                  "match": "alive",
+                  "merged": 1,
+                  "midstream": true,
+                  "near_candidates": 2,
+                  "node": "node-b",
+                  "pod_ip": "10.244.2.9",
+                  "pod_port": 1000,
+                  "ranked": [
+                    {
+                      "alive": true,
+                      "distance_ms": 0,
+                      "dst_ip": "198.19.0.2",
+                      "dst_port": 80,
+                      "merged": 1,
+                      "midstream": true,
+                      "node": "node-b",
+                      "pod_ip": "10.244.2.9",
+                      "pod_port": 1000,
+                      "start": "2024-12-09T07:05:00.100Z"
+                    },
+                    {
+                      "alive": true,
+                      "distance_ms": 0,
+                      "dst_ip": "198.19.0.2",
+                      "dst_port": 80,
+                      "merged": 1,
+                      "node": "node-a",
+                      "pod_ip": "10.244.1.8",
+                      "pod_port": 1000,
+                      "start": "2024-12-09T07:05:00.000Z"
+                    }
+                  ],
+                  "record": {
+                    "alive_at": true,
+                    "dst_ip": "198.19.0.2",
+                    "dst_port": 80,
+                    "kind": "new",
+                    "midstream": true,
+                    "node": "node-b",
+                    "protocol": "tcp",
+                    "snat_ip": "198.18.0.1",
+                    "snat_port": 40002,
+                    "src_ip": "10.244.2.9",
+                    "src_port": 1000,
+                    "start": "2024-12-09T07:05:00.100Z",
+                    "state": "ESTABLISHED",
+                    "ts": "2024-12-09T07:05:00.100Z"
+                  },
+                  "remote_addr": "198.18.0.1",
+                  "remote_port": 40002,
+                  "skew_ms": 1000,
+                  "status": "ambiguous",
+                  "time": "2024-12-09T07:05:00.500Z"
+                },
+                {
+                  "alive_candidates": 0,
+                  "candidates": 0,
+                  "gaps": [],
+                  "incomplete": false,
+                  "interval": {
+                    "from": "2024-12-09T07:05:00.500Z",
+                    "to": "2024-12-09T07:05:00.500Z"
+                  },
+                  "line": "198.18.0.1 40003 1733727900.500",
+                  "line_no": 3,
+                  "match": "none",
+                  "near_candidates": 0,
+                  "note": "no agent lists 198.18.0.1 among its node addresses",
+                  "remote_addr": "198.18.0.1",
+                  "remote_port": 40003,
+                  "skew_ms": 1000,
+                  "status": "not_found",
+                  "time": "2024-12-09T07:05:00.500Z"
+                },
+                {
+                  "error": "$remote_addr: \"not\" is not an IP address",
+                  "line": "not a line",
+                  "line_no": 4,
+                  "status": "unparsed"
+                }
+              ],
+              "skew_ms": 1000,
+              "summary": {
+                "ambiguous": 1,
+                "incomplete": 0,
+                "lines": 4,
+                "not_found": 1,
+                "not_observed": 0,
+                "resolved": 1,
+                "unparsed": 1
+              },
+              "window_ms": 300000
+            }"#]]
+        .assert_eq(&crate::answer::fixtures::json(answer));
     }
 }

@@ -20,8 +20,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -226,39 +226,7 @@ pub fn spawn_reloader(
     })
 }
 
-/// Lets one message through per `every`; counts the rest.
-#[derive(Debug)]
-pub struct RateLimiter {
-    every: Duration,
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl RateLimiter {
-    pub fn new(every: Duration) -> RateLimiter {
-        RateLimiter {
-            every,
-            last: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(n)` when the caller may log now (`n` messages were suppressed
-    /// since the last one), `None` when it should stay quiet.
-    pub fn allow(&self) -> Option<u64> {
-        let now = Instant::now();
-        let mut last = match self.last.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if last.is_some_and(|t| now.duration_since(t) < self.every) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
-}
+pub use ctw_common::ratelimit::RateLimiter;
 
 /// The `reason` label of a failed handshake.
 pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
@@ -356,17 +324,6 @@ pub fn incoming(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn rate_limiter_counts_what_it_suppresses() {
-        let r = RateLimiter::new(Duration::from_secs(3600));
-        assert_eq!(r.allow(), Some(0));
-        assert_eq!(r.allow(), None);
-        assert_eq!(r.allow(), None);
-        let r0 = RateLimiter::new(Duration::ZERO);
-        assert_eq!(r0.allow(), Some(0));
-        assert_eq!(r0.allow(), Some(0));
-    }
 
     #[test]
     fn handshake_errors_map_to_fixed_reasons() {

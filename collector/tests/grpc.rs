@@ -18,7 +18,7 @@ use ctw_collector::ingest::{serve_on, ServeOptions};
 use ctw_collector::metrics::Metrics;
 use ctw_collector::registry::{LiveQuery, LookupError, Registry};
 use ctw_collector::store::{MemStore, RecordStore, SearchQuery};
-use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+use ctw_common::{now_ns, ConnRecord, EventKind, Protocol, Tuple};
 use ctw_proto::pb;
 use ctw_proto::pb::agent_message::Msg as AgentMsg;
 use ctw_proto::pb::collector_message::Msg as CollectorMsg;
@@ -271,13 +271,6 @@ fn batch(seq: u64, records: &[ConnRecord]) -> AgentMsg {
         records: Vec::new(),
         packed,
     })
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
 }
 
 /// Run `f` on a fresh collector with a fresh PKI, then stop it.

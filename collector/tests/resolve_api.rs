@@ -4,105 +4,46 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::IpAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use ctw_collector::auth::Token;
-use ctw_collector::config::LookupConfig;
-use ctw_collector::http::{router, AppState};
+use ctw_collector::http::router;
 use ctw_collector::metrics::Metrics;
 use ctw_collector::registry::Registry;
-use ctw_collector::store::{Gap, MemStore, RecordStore, StoredBatch};
-use ctw_common::{ConnRecord, EventKind, Protocol, TcpState, Tuple};
+use ctw_collector::store::{MemStore, RecordStore, StoredBatch};
+use ctw_common::{ConnRecord, EventKind, TcpState};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+mod support {
+    //! The shared router fixture.
+    #[path = "mem_api.rs"]
+    pub mod mem_api;
+}
+use support::mem_api::{self, conn, NODE_IP, S, T0};
+
 const TOKEN: &str = "secret-token";
-/// 2024-12-09T07:05:00Z.
-const T0: u64 = 1_733_727_900;
-const S: u64 = 1_000_000_000;
-const NODE_IP: &str = "198.18.0.1";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn conn(kind: EventKind, pod: &str, snat_port: u16, id: u32, t_ns: u64) -> ConnRecord {
-    ConnRecord {
-        id,
-        status: 0xe,
-        ..ConnRecord::new(
-            kind,
-            t_ns,
-            Protocol::Tcp,
-            Tuple::new(ip(pod), 40000, ip("198.19.0.2"), 80),
-            Tuple::new(ip("198.19.0.2"), 80, ip(NODE_IP), snat_port),
-        )
-    }
-}
-
-fn store() -> Arc<MemStore> {
-    let s = Arc::new(MemStore::default());
-    let a = vec![
-        // Pod .7 used node port 45000 from T0 to T0+10s, then pod .8 from T0+60s.
-        conn(EventKind::New, "10.244.1.7", 45000, 1, T0 * S),
-        conn(EventKind::Destroy, "10.244.1.7", 45000, 1, (T0 + 10) * S),
-        conn(EventKind::New, "10.244.1.8", 45000, 2, (T0 + 60) * S),
-        // Two open connections with the same node port and server, in two
-        // conntrack zones (in one zone the later would supersede the
-        // earlier): ambiguous.
-        ConnRecord {
-            zone: 1,
-            ..conn(EventKind::New, "10.244.1.9", 45001, 3, T0 * S)
-        },
-        conn(EventKind::New, "10.244.1.10", 45001, 4, (T0 + 1) * S),
-    ];
-    s.append(StoredBatch {
-        node: "node-a".into(),
-        boot_id: "b".into(),
-        seq: 1,
-        records: a,
-    })
-    .unwrap();
-    s.append(StoredBatch {
-        node: "node-b".into(),
-        boot_id: "b".into(),
-        seq: 1,
-        records: vec![conn(
-            EventKind::New,
-            "10.244.2.5",
-            46000,
-            5,
-            (T0 + 1000) * S,
-        )],
-    })
-    .unwrap();
-    s.record_gap(Gap {
-        node: "node-b".into(),
-        from_ns: (T0 + 990) * S,
-        to_ns: (T0 + 995) * S,
-        reason: "kernel_drop".into(),
-        count: 3,
-    })
-    .unwrap();
-    s
-}
 
 fn app() -> axum::Router {
-    let metrics = Metrics::new();
-    router(Arc::new(AppState {
-        store: store() as Arc<dyn RecordStore>,
-        registry: Arc::new(Registry::new(metrics.clone())),
-        metrics,
-        token: Token::fixed(TOKEN),
-        max_limit: 1000,
-        lookup: LookupConfig::default(),
-        ready: Arc::new(AtomicBool::new(true)),
-    }))
+    router(mem_api::state(
+        mem_api::store(vec![
+            // Pod .7 used node port 45000 from T0 to T0+10s, then pod .8 from T0+60s.
+            conn(EventKind::New, "10.244.1.7", 45000, 1, T0 * S),
+            conn(EventKind::Destroy, "10.244.1.7", 45000, 1, (T0 + 10) * S),
+            conn(EventKind::New, "10.244.1.8", 45000, 2, (T0 + 60) * S),
+            // Two open connections with the same node port and server, in two
+            // conntrack zones (in one zone the later would supersede the
+            // earlier): ambiguous.
+            ConnRecord {
+                zone: 1,
+                ..conn(EventKind::New, "10.244.1.9", 45001, 3, T0 * S)
+            },
+            conn(EventKind::New, "10.244.1.10", 45001, 4, (T0 + 1) * S),
+        ]),
+        TOKEN,
+    ))
 }
 
 async fn post_raw(body: Vec<u8>, token: Option<&str>) -> (StatusCode, Value) {
@@ -297,16 +238,7 @@ async fn token_and_limits() {
 // Issue 11: candidates, the line's interval, skew, late records, not observed.
 
 fn app_with(store: Arc<MemStore>, registry: Arc<Registry>) -> axum::Router {
-    let metrics = Metrics::new();
-    router(Arc::new(AppState {
-        store: store as Arc<dyn RecordStore>,
-        registry,
-        metrics,
-        token: Token::fixed(TOKEN),
-        max_limit: 1000,
-        lookup: LookupConfig::default(),
-        ready: Arc::new(AtomicBool::new(true)),
-    }))
+    router(mem_api::state_with(store, registry, Metrics::new(), TOKEN))
 }
 
 async fn post_to(app: axum::Router, body: Value) -> (StatusCode, Value) {
@@ -545,14 +477,8 @@ async fn a_late_record_is_not_taken_alone_when_the_window_has_a_gap() {
         0,
         (T0 + 35) * S,
     )]);
-    s.record_gap(Gap {
-        node: "node-a".into(),
-        from_ns: (T0 + 20) * S,
-        to_ns: (T0 + 21) * S,
-        reason: "kernel_drop".into(),
-        count: 1,
-    })
-    .unwrap();
+    s.record_gap(mem_api::kernel_drop("node-a", T0 + 20, T0 + 21, 1))
+        .unwrap();
     let app = app_with(s, Arc::new(Registry::new(Metrics::new())));
     let (_, v) = post_to(
         app,

@@ -24,20 +24,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use ctw_common::now_ns;
 use ctw_testkit::cluster::Cluster;
 use ctw_testkit::{must_in, require_root, run_in, wait_for};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 const FORMAT: &str = r#"$remote_addr $remote_port $msec $request_time "$http_x_pod""#;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
 
 fn start() -> Cluster {
     Cluster::start(2, Some(FORMAT), "", "")

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use ctw_collector::config::StorageConfig;
 use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
 use ctw_collector::store::{
     alive_at, normalize, AppendOutcome, ConnKind, End, Gap, Hit, MemStore, RecordStore,
@@ -36,8 +35,8 @@ impl TempDir {
         let _ = std::fs::remove_dir_all(&p);
         TempDir(p)
     }
-    fn cfg(&self) -> StorageConfig {
-        StorageConfig {
+    fn cfg(&self) -> StoreOptions {
+        StoreOptions {
             path: self.0.clone(),
             retention_days: 36500,
             max_size_gb: 100.0,
@@ -45,7 +44,8 @@ impl TempDir {
             commit_max_records: 300_000,
             partition_hours: 1,
             lookback_hours: 3,
-            max_collected_records: 200_000,
+            max_collected_docs: 200_000,
+            ..StoreOptions::default()
         }
     }
 }
@@ -53,21 +53,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -118,7 +103,7 @@ fn batch(node: &str, seq: u64, records: Vec<ConnRecord>) -> StoredBatch {
 /// another pod takes their reply tuple: the kernel sent no DESTROY), found
 /// gone by the agent (a `CTW_GONE` record), or alive for 4 h. Some UDP
 /// connections also get a NAT-clash shadow DESTROY (another backend).
-fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord)> {
+fn random_records(rng: &mut fastrand::Rng, n: usize, span: u64) -> Vec<(String, ConnRecord)> {
     use std::collections::HashMap;
     type Alive = HashMap<(String, Protocol, bool, ctw_common::Tuple), Vec<(u64, u64)>>;
     let mut out = Vec::new();
@@ -140,9 +125,9 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
     };
     let mut fresh_port = 20000u16;
     for _ in 0..n {
-        let node = format!("n{}", rng.below(3));
-        let v6 = rng.below(4) == 0;
-        let ip = |rng: &mut Rng, net: u8| -> IpAddr {
+        let node = format!("n{}", rng.u64(..3));
+        let v6 = rng.u64(..4) == 0;
+        let ip = |rng: &mut fastrand::Rng, net: u8| -> IpAddr {
             if v6 {
                 IpAddr::V6(Ipv6Addr::new(
                     0x2001,
@@ -152,44 +137,44 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
                     0,
                     0,
                     0,
-                    rng.below(6) as u16,
+                    rng.u64(..6) as u16,
                 ))
             } else {
-                IpAddr::V4(Ipv4Addr::new(10, net, 0, rng.below(6) as u8))
+                IpAddr::V4(Ipv4Addr::new(10, net, 0, rng.u64(..6) as u8))
             }
         };
-        let t = BASE + rng.below(span);
+        let t = BASE + rng.u64(..span);
         let mut r = rec(
             t,
             ip(rng, 1),
-            1000 + rng.below(8) as u16,
+            1000 + rng.u64(..8) as u16,
             ip(rng, 2),
-            5000 + rng.below(8) as u16,
+            5000 + rng.u64(..8) as u16,
         );
         r.orig.dst = ip(rng, 3);
-        r.reply.src = if rng.below(5) == 0 {
+        r.reply.src = if rng.u64(..5) == 0 {
             ip(rng, 4)
         } else {
             r.orig.dst
         };
-        r.orig.dst_port = [53, 80, 443][rng.below(3) as usize];
+        r.orig.dst_port = [53, 80, 443][rng.u64(..3) as usize];
         r.reply.src_port = r.orig.dst_port;
-        r.protocol = if rng.below(4) == 0 {
+        r.protocol = if rng.u64(..4) == 0 {
             Protocol::Udp
         } else {
             Protocol::Tcp
         };
-        r.id = rng.next() as u32;
-        r.mark = rng.below(3) as u32;
-        if rng.below(3) == 0 {
+        r.id = rng.u64(..) as u32;
+        r.mark = rng.u64(..3) as u32;
+        if rng.u64(..3) == 0 {
             r.start_ns = None;
         }
         // 0-5: DESTROY; 6: superseded; 7: gone; 8-9: alive 4 h.
-        let fate = rng.below(10);
+        let fate = rng.u64(..10);
         let life = if fate < 6 || fate == 7 {
-            rng.below(2 * H)
+            rng.u64(..2 * H)
         } else if fate == 6 {
-            1 + rng.below(H)
+            1 + rng.u64(..H)
         } else {
             4 * H
         };
@@ -197,13 +182,13 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
             if free(&alive, &node, &r, false, t, t + life) {
                 break;
             }
-            r.orig.src_port = 1000 + rng.below(8) as u16;
+            r.orig.src_port = 1000 + rng.u64(..8) as u16;
         }
         for _ in 0..8 {
             if free(&alive, &node, &r, true, t, t + life) {
                 break;
             }
-            r.reply.dst_port = 5000 + rng.below(8) as u16;
+            r.reply.dst_port = 5000 + rng.u64(..8) as u16;
         }
         if !free(&alive, &node, &r, false, t, t + life)
             || !free(&alive, &node, &r, true, t, t + life)
@@ -214,29 +199,29 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
         }
         take(&mut alive, &node, &r, t, t + life);
         out.push((node.clone(), r));
-        let destroy = |r: &ConnRecord, at: u64, rng: &mut Rng| {
+        let destroy = |r: &ConnRecord, at: u64, rng: &mut fastrand::Rng| {
             let mut d = *r;
             d.kind = EventKind::Destroy;
             d.event_ns = at;
             d.stop_ns = Some(at);
             d.tcp_state = Some(TcpState::TimeWait);
             d.counters_orig = Some(Counters {
-                packets: rng.below(100),
-                bytes: rng.below(1 << 40),
+                packets: rng.u64(..100),
+                bytes: rng.u64(..1 << 40),
             });
-            d.counters_reply = (rng.below(2) == 0).then(|| Counters {
-                packets: rng.below(100),
-                bytes: rng.below(100_000),
+            d.counters_reply = (rng.u64(..2) == 0).then(|| Counters {
+                packets: rng.u64(..100),
+                bytes: rng.u64(..100_000),
             });
             d
         };
         match fate {
             0..6 => {
                 out.push((node.clone(), destroy(&r, t + life, rng)));
-                if r.protocol == Protocol::Udp && rng.below(5) == 0 {
+                if r.protocol == Protocol::Udp && rng.u64(..5) == 0 {
                     // The shadow of a NAT clash: another id and backend,
                     // its own start, only a DESTROY.
-                    let mut shadow = destroy(&r, t + rng.below(life + 1), rng);
+                    let mut shadow = destroy(&r, t + rng.u64(..life + 1), rng);
                     shadow.status |= status::NAT_CLASH;
                     shadow.reply.src = ip(rng, 5);
                     shadow.start_ns = r.start_ns.map(|s| s + 1000);
@@ -252,19 +237,19 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
                 next.event_ns = at;
                 next.start_ns = r.start_ns.map(|_| at);
                 next.orig.src = ip(rng, 6);
-                let next_life = rng.below(2 * H);
+                let next_life = rng.u64(..2 * H);
                 if free(&alive, &node, &next, false, at, at + next_life)
                     && free(&alive, &node, &next, true, at + 1, at + next_life)
                 {
                     take(&mut alive, &node, &next, at, at + next_life);
                     out.push((node.clone(), next));
-                    if rng.below(2) == 0 {
+                    if rng.u64(..2) == 0 {
                         out.push((node.clone(), destroy(&next, at + next_life, rng)));
                     }
-                    if rng.below(3) == 0 {
-                        let mut gone = destroy(&r, at + rng.below(MIN), rng);
+                    if rng.u64(..3) == 0 {
+                        let mut gone = destroy(&r, at + rng.u64(..MIN), rng);
                         gone.status |= status::CTW_GONE;
-                        gone.stop_ns = Some(t + rng.below(life));
+                        gone.stop_ns = Some(t + rng.u64(..life));
                         gone.counters_orig = None;
                         gone.counters_reply = None;
                         out.push((node.clone(), gone));
@@ -275,17 +260,17 @@ fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRecord
                 // Found gone by the agent: last seen before, gone at t + life.
                 let mut gone = destroy(&r, t + life, rng);
                 gone.status |= status::CTW_GONE;
-                gone.stop_ns = Some(t + rng.below(life + 1));
+                gone.stop_ns = Some(t + rng.u64(..life + 1));
                 gone.counters_orig = None;
                 gone.counters_reply = None;
                 out.push((node.clone(), gone));
             }
             _ => {}
         }
-        if rng.below(10) == 0 {
+        if rng.u64(..10) == 0 {
             let mut again = r;
             again.kind = EventKind::Recovered;
-            again.event_ns = t + rng.below(MIN.min(life).max(1));
+            again.event_ns = t + rng.u64(..MIN.min(life).max(1));
             out.push((node, again));
         }
     }
@@ -328,7 +313,7 @@ fn canonical(mut hits: Vec<Hit>) -> Vec<String> {
 #[test]
 fn append_and_search_by_snat_ip_port_and_time_v4_and_v6() {
     let dir = TempDir::new("snat");
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let store = TantivyStore::open(dir.cfg()).unwrap();
     let pod4 = IpAddr::V4(Ipv4Addr::new(198, 18, 3, 4));
     let node4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     let pod6: IpAddr = "fd00::3:4".parse().unwrap();
@@ -390,22 +375,19 @@ fn same_answers_as_memstore_on_random_data() {
     let dir = TempDir::new("equiv");
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000; // only explicit commits
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     // Reads what the tantivy store reads: connections superseded (or
     // destroyed) more than the lookback after a range show no end in both.
     let mem = MemStore::with_lookback(cfg.lookback_hours as u64 * H);
     // Collects at most 300 records per search: the same answer whenever it
     // did not reach the cap.
     let capped_dir = TempDir::new("equiv-capped");
-    let capped = TantivyStore::open_with(
-        &capped_dir.cfg(),
-        StoreOptions {
-            max_collected_docs: 300,
-            ..StoreOptions::default()
-        },
-    )
+    let capped = TantivyStore::open(StoreOptions {
+        max_collected_docs: 300,
+        ..capped_dir.cfg()
+    })
     .unwrap();
-    let mut rng = Rng(1234);
+    let mut rng = fastrand::Rng::with_seed(1234);
     let span = 30 * H;
     let records = random_records(&mut rng, 3000, span);
     // A third in segments, the rest fresh (uncommitted) in the first round
@@ -430,12 +412,12 @@ fn same_answers_as_memstore_on_random_data() {
             assert!(store.segment_count() > 0);
             store.commit().unwrap();
         }
-        let (_, pick) = &records[rng.below(records.len() as u64) as usize];
+        let (_, pick) = &records[rng.u64(..records.len() as u64) as usize];
         let mut q = SearchQuery {
             limit: 100_000,
             ..Default::default()
         };
-        let m = rng.next();
+        let m = rng.u64(..);
         if m & 1 != 0 {
             q.snat_ip = Some(pick.reply.dst);
         }
@@ -455,21 +437,21 @@ fn same_answers_as_memstore_on_random_data() {
             q.dst_port = Some(pick.orig.dst_port);
         }
         if m & 64 != 0 {
-            q.node = Some(format!("n{}", rng.below(3)));
+            q.node = Some(format!("n{}", rng.u64(..3)));
         }
         if m & 128 != 0 {
             q.protocol = Some(pick.protocol);
         }
         if m & 256 != 0 {
-            let from = BASE + rng.below(span);
+            let from = BASE + rng.u64(..span);
             q.from_ns = Some(from);
-            q.to_ns = Some(from + rng.below(3 * H));
+            q.to_ns = Some(from + rng.u64(..3 * H));
             if m & 512 != 0 {
-                q.at_ns = Some(from + rng.below(H));
+                q.at_ns = Some(from + rng.u64(..H));
             }
         }
         if m & 1024 != 0 && m & 2048 != 0 {
-            q.kind = Some(ConnKind::ALL[rng.below(4) as usize]);
+            q.kind = Some(ConnKind::ALL[rng.u64(..4) as usize]);
         }
         let a = store.search(&q).unwrap();
         let b = mem.search(&q).unwrap();
@@ -489,7 +471,7 @@ fn same_answers_as_memstore_on_random_data() {
         assert_eq!(a.gaps, b.gaps, "query {i}: {q:?}");
         assert_eq!(canonical(a.hits), canonical(b.hits), "query {i}: {q:?}");
         // With a small limit: the same number, and the same rank order.
-        q.limit = 1 + rng.below(5) as usize;
+        q.limit = 1 + rng.u64(..5) as usize;
         let a = store.search(&q).unwrap();
         let b = mem.search(&q).unwrap();
         assert_eq!(
@@ -518,7 +500,7 @@ fn duplicates_are_stored_once_also_after_reopen_and_crash() {
         )
     };
     {
-        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        let store = TantivyStore::open(dir.cfg()).unwrap();
         for seq in [1u64, 2, 3, 5] {
             assert_eq!(
                 store.append(batch("n", seq, vec![r(seq)])).unwrap(),
@@ -536,7 +518,7 @@ fn duplicates_are_stored_once_also_after_reopen_and_crash() {
         store.close();
     }
     {
-        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        let store = TantivyStore::open(dir.cfg()).unwrap();
         assert_eq!(
             store.append(batch("n", 3, vec![r(3)])).unwrap(),
             AppendOutcome::Duplicate
@@ -551,7 +533,7 @@ fn duplicates_are_stored_once_also_after_reopen_and_crash() {
         );
         store.crash();
     }
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let store = TantivyStore::open(dir.cfg()).unwrap();
     for seq in 1..=6 {
         assert_eq!(
             store.append(batch("n", seq, vec![r(seq)])).unwrap(),
@@ -574,26 +556,26 @@ fn crash_loses_nothing_acknowledged_and_never_duplicates() {
     let dir = TempDir::new("crash");
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000; // only explicit commits
-    let mut rng = Rng(99);
+    let mut rng = fastrand::Rng::with_seed(99);
     let records = random_records(&mut rng, 600, 10 * H);
     let mem = MemStore::default();
     let (first, rest) = records.split_at(records.len() / 3);
     let (second, third) = rest.split_at(rest.len() / 2);
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         load(&[&store, &mem], first);
         store.commit().unwrap(); // part is committed, the rest only in the WAL
         load_seq(&[&store, &mem], second, 1000);
         store.crash();
     }
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         assert_eq!(store.stats().records as usize, first.len() + second.len());
         load_seq(&[&store, &mem], third, 2000);
         // Every partition commits, the checkpoint is not written.
         store.crash_after_index_commit().unwrap();
     }
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     assert_eq!(store.stats().records as usize, records.len());
     let q = SearchQuery {
         limit: 1_000_000,
@@ -621,7 +603,7 @@ fn records_are_searchable_once_appended_and_after_their_commit() {
     let dir = TempDir::new("tts");
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000; // only explicit commits
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
     for k in 0..5u16 {
         let r = rec(
@@ -658,7 +640,7 @@ fn searches_during_commits_see_each_record_once() {
     let dir = TempDir::new("tts-race");
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000;
-    let store = std::sync::Arc::new(TantivyStore::open(&cfg).unwrap());
+    let store = std::sync::Arc::new(TantivyStore::open(cfg.clone()).unwrap());
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
     let q = SearchQuery {
         snat_ip: Some(snat),
@@ -697,7 +679,7 @@ fn retention_drops_old_partitions_by_age_and_by_size() {
     let day = 24 * H;
     let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         for h in 0..6u64 {
             store
                 .append(batch(
@@ -738,7 +720,7 @@ fn retention_drops_old_partitions_by_age_and_by_size() {
     // By size: a limit below the current size drops the oldest first and
     // never the newest partition.
     cfg.max_size_gb = 1e-9;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     assert_eq!(store.enforce_retention(BASE).unwrap(), 2);
     assert_eq!(store.partitions(), vec!["p-2026010105"]);
     let all = store
@@ -761,7 +743,7 @@ fn search_touches_only_the_partitions_its_range_needs() {
     let dir = TempDir::new("prune");
     let mut cfg = dir.cfg();
     cfg.lookback_hours = 1;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     for h in 0..10u64 {
         store
@@ -811,11 +793,11 @@ fn search_touches_only_the_partitions_its_range_needs() {
 
 /// A store whose searches collect at most `max` documents per query.
 fn store_collecting_at_most(dir: &TempDir, max: usize) -> TantivyStore {
-    let opts = StoreOptions {
+    TantivyStore::open(StoreOptions {
         max_collected_docs: max,
-        ..StoreOptions::default()
-    };
-    TantivyStore::open_with(&dir.cfg(), opts).unwrap()
+        ..dir.cfg()
+    })
+    .unwrap()
 }
 
 #[test]
@@ -894,7 +876,7 @@ fn gap(from_ns: u64, to_ns: u64, reason: &str, count: u64) -> Gap {
 fn gaps_are_durable_and_filtered_by_range() {
     let dir = TempDir::new("gaps");
     {
-        let store = TantivyStore::open(&dir.cfg()).unwrap();
+        let store = TantivyStore::open(dir.cfg()).unwrap();
         store
             .record_gap(gap(BASE, BASE + MIN, "kernel_drop", 3))
             .unwrap();
@@ -907,7 +889,7 @@ fn gaps_are_durable_and_filtered_by_range() {
             .unwrap();
         store.crash();
     }
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let store = TantivyStore::open(dir.cfg()).unwrap();
     let r = store
         .search(&SearchQuery {
             from_ns: Some(BASE + H),
@@ -944,7 +926,7 @@ fn torn_wal_tail_is_cut_and_corrupt_middle_is_an_error() {
     cfg.commit_interval_ms = 60_000;
     let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         for i in 0..3u64 {
             store
                 .append(batch("n", i, vec![rec(BASE + i, ip, 1, ip, i as u16)]))
@@ -961,7 +943,7 @@ fn torn_wal_tail_is_cut_and_corrupt_middle_is_an_error() {
         f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5, 6]).unwrap();
     }
     {
-        let store = TantivyStore::open(&cfg).unwrap();
+        let store = TantivyStore::open(cfg.clone()).unwrap();
         assert_eq!(store.stats().records, 3);
         assert_eq!(
             std::fs::metadata(&seg).unwrap().len(),
@@ -979,7 +961,7 @@ fn torn_wal_tail_is_cut_and_corrupt_middle_is_an_error() {
     bytes[12] ^= 0xff;
     std::fs::write(&seg, &bytes).unwrap();
     // The segment is still the active one, so open reads all of it.
-    match TantivyStore::open(&cfg) {
+    match TantivyStore::open(cfg.clone()) {
         Err(StoreError::Corrupt { path, message }) => {
             assert!(path.contains("wal"), "{path}");
             assert!(message.contains("checksum"), "{message}");
@@ -997,7 +979,7 @@ fn edge_values_round_trip_and_match_memstore() {
     let dir = TempDir::new("edges");
     let mut cfg = dir.cfg();
     cfg.lookback_hours = 0;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let mem = MemStore::default();
     let src = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
@@ -1108,7 +1090,7 @@ fn edge_values_round_trip_and_match_memstore() {
 #[test]
 fn destroy_joins_the_open_connection_of_its_tuple() {
     let dir = TempDir::new("join");
-    let store = TantivyStore::open(&dir.cfg()).unwrap();
+    let store = TantivyStore::open(dir.cfg()).unwrap();
     let mem = MemStore::default();
     let pod = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9));
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
@@ -1179,7 +1161,7 @@ fn many_uncommitted_records_trigger_a_commit() {
     let mut cfg = dir.cfg();
     cfg.commit_interval_ms = 60_000;
     cfg.commit_max_records = 1000;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let snat = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
     let pod = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9));
     let batch_of = |seq: u64, n: u64| {
@@ -1210,9 +1192,9 @@ fn many_uncommitted_records_trigger_a_commit() {
 }
 
 /// Both stores, loaded with `records` on node `n1`, committed.
-fn both(dir: &TempDir, cfg: StorageConfig, records: &[ConnRecord]) -> (TantivyStore, MemStore) {
+fn both(dir: &TempDir, cfg: StoreOptions, records: &[ConnRecord]) -> (TantivyStore, MemStore) {
     let _ = dir;
-    let store = TantivyStore::open(&cfg).unwrap();
+    let store = TantivyStore::open(cfg.clone()).unwrap();
     let mem = MemStore::with_lookback(cfg.lookback_hours as u64 * H);
     for s in [&store as &dyn RecordStore, &mem] {
         s.append(batch("n1", 1, records.to_vec())).unwrap();
@@ -1485,12 +1467,12 @@ fn total_counts_connections_past_the_cap() {
     let store = store_collecting_at_most(&dir, 500);
     let mem = MemStore::with_lookback(3 * H);
     let node = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
-    let mut rng = Rng(77);
+    let mut rng = fastrand::Rng::with_seed(77);
     let mut flows = Vec::new();
     let mut records = Vec::new();
     for i in 0..3000u64 {
         let t = BASE + i * 1_000_000_000;
-        let life = rng.below(20 * MIN);
+        let life = rng.u64(..20 * MIN);
         let mut r = rec(t, node, 10_000 + i as u16, node, 10_000 + i as u16);
         r.orig.src = IpAddr::V4(Ipv4Addr::new(198, 18, 1, (i % 200) as u8));
         r.protocol = Protocol::Udp;

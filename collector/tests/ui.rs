@@ -4,33 +4,28 @@
 //! API next to them still wants the token; the page references only assets
 //! that exist and has no inline script.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use ctw_collector::auth::Token;
-use ctw_collector::config::LookupConfig;
-use ctw_collector::http::{router, AppState};
-use ctw_collector::metrics::Metrics;
-use ctw_collector::registry::Registry;
+use ctw_collector::http::router;
 use ctw_collector::store::MemStore;
 use ctw_collector::ui::{self, ASSETS, CSP};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
+mod support {
+    //! The shared router fixture.
+    #[path = "mem_api.rs"]
+    pub mod mem_api;
+}
+
 fn app() -> Router {
-    let metrics = Metrics::new();
-    router(Arc::new(AppState {
-        store: Arc::new(MemStore::default()),
-        registry: Arc::new(Registry::new(metrics.clone())),
-        metrics,
-        token: Token::fixed("secret-token"),
-        max_limit: 1000,
-        lookup: LookupConfig::default(),
-        ready: Arc::new(AtomicBool::new(true)),
-    }))
+    router(support::mem_api::state(
+        Arc::new(MemStore::default()),
+        "secret-token",
+    ))
 }
 
 struct Got {

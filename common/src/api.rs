@@ -1,12 +1,29 @@
-//! Shared pieces of the HTTP APIs: live-lookup parameters, the live-lookup
-//! answer (the seed's JSON shape), and parsing of times and durations.
-//! The agent and the collector answer with exactly these, so a client sees one
-//! format.
+//! Shared pieces of the HTTP APIs: live-lookup parameters, parsing of times
+//! and durations, and the typed answer of every endpoint: the agent and the
+//! collector serialize exactly these, and `ctw` deserializes them, so a
+//! client sees one format.
+//!
+//! # Answers
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /api/v1/connections` | [`SearchAnswer`] ([`ConnectionAnswer`], [`GapAnswer`]) |
+//! | `POST /api/v1/resolve` | [`ResolveAnswer`] ([`LineAnswer`], [`CandidateAnswer`]) |
+//! | `GET /api/v1/conntrack/query` (collector), `/api/conntrack/query` (agent) | [`LookupAnswer`] |
+//! | `GET /api/v1/agents` | [`AgentsAnswer`] ([`AgentInfo`]) |
+//! | `/healthz`, `/readyz` | [`StatusAnswer`] |
+//! | any failure | [`ErrorAnswer`] |
+//!
+//! Presence rules: `Option` fields said to be absent when `None` are left
+//! out of the JSON; the others are written as `null`. Boolean marks
+//! (`midstream`, `external`, `started_after`) are written only when true,
+//! a zone only when not 0. Times are RFC 3339 UTC strings with
+//! milliseconds ([`format_time`]).
 
 use std::net::IpAddr;
 
 use chrono::Offset;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{status, ConnRecord, Protocol, Tuple};
 
@@ -26,12 +43,20 @@ impl BadParam {
     }
 }
 
-/// A validated live lookup: `tuple` names the reply direction when `reply_tuple`.
+/// A validated live lookup, the one question of the agent's
+/// `/api/conntrack/query`, the collector's `/api/v1/conntrack/query`, the
+/// collector's `Query.Lookup` and the `LookupRequest` it sends down an
+/// agent's stream: `tuple` names the reply direction when `reply_tuple`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LiveParams {
+pub struct LiveQuery {
     pub protocol: Protocol,
     pub tuple: Tuple,
+    /// `tuple` is the reply direction (its destination is the SNAT address).
     pub reply_tuple: bool,
+    /// Conntrack zone to look in (`CTA_ZONE`, 16 bits); `None`: not given
+    /// (the agent looks in zone 0; the collector tries zone 0 and then
+    /// the zones the node's records showed).
+    pub zone: Option<u16>,
 }
 
 /// Reject unknown and repeated parameters. `known` lists every accepted name.
@@ -92,8 +117,8 @@ pub fn parse_protocol(params: &[(String, String)], k: &str) -> Result<Option<Pro
 }
 
 /// The parameters of a live lookup (`protocol`, `src_ip`, `src_port`,
-/// `dst_ip`, `dst_port`, `tuple`). The caller checks names first.
-pub fn parse_live(params: &[(String, String)]) -> Result<LiveParams, BadParam> {
+/// `dst_ip`, `dst_port`, `tuple`, `zone`). The caller checks names first.
+pub fn parse_live(params: &[(String, String)]) -> Result<LiveQuery, BadParam> {
     let required = |k: &str| BadParam::new(k, format!("missing parameter {k:?}"));
     let protocol = parse_protocol(params, "protocol")?.unwrap_or(Protocol::Tcp);
     let src = parse_ip(params, "src_ip")?.ok_or_else(|| required("src_ip"))?;
@@ -116,7 +141,17 @@ pub fn parse_live(params: &[(String, String)]) -> Result<LiveParams, BadParam> {
             ))
         }
     };
-    Ok(LiveParams {
+    let zone = param(params, "zone")
+        .map(|v| {
+            v.parse::<u16>().map_err(|_| {
+                BadParam::new(
+                    "zone",
+                    format!("zone: {v:?} is not a conntrack zone (0-65535)"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(LiveQuery {
         protocol,
         tuple: Tuple {
             src,
@@ -125,21 +160,27 @@ pub fn parse_live(params: &[(String, String)]) -> Result<LiveParams, BadParam> {
             dst_port,
         },
         reply_tuple,
+        zone,
     })
 }
 
-/// The "no such entry" message, the same from agent and collector.
-pub fn not_found_message(p: &LiveParams) -> String {
+/// The "no such entry" message, the same from agent and collector (the
+/// zone is named when one was given and is not 0).
+pub fn not_found_message(p: &LiveQuery) -> String {
     let dir = if p.reply_tuple { "reply" } else { "original" };
     let t = &p.tuple;
-    format!(
+    let mut m = format!(
         "no conntrack entry with {dir} tuple {} {}:{} -> {}:{}",
         p.protocol,
         fmt_ip(t.src),
         t.src_port,
         fmt_ip(t.dst),
         t.dst_port
-    )
+    );
+    if let Some(z) = p.zone.filter(|&z| z != 0) {
+        m.push_str(&format!(" (conntrack zone {z})"));
+    }
+    m
 }
 
 /// An address as it appears before `:port` (`[v6]`).
@@ -151,7 +192,7 @@ pub fn fmt_ip(ip: IpAddr) -> String {
 }
 
 /// One direction in the seed's JSON.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TupleJson {
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -171,7 +212,7 @@ impl From<&Tuple> for TupleJson {
 }
 
 /// The seed's live-lookup answer (`status`, `origin`, `reply`) plus extras.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LookupAnswer {
     /// TCP: the conntrack state as found (`ESTABLISHED`, `SYN_SENT`, ...).
     /// Other protocols: `ASSURED`, `REPLIED` or `UNREPLIED`.
@@ -181,7 +222,8 @@ pub struct LookupAnswer {
     pub protocol: Protocol,
     pub snat_ip: IpAddr,
     pub snat_port: u16,
-    pub flags: Vec<&'static str>,
+    /// `status` bits by name (`ASSURED`, `SEEN_REPLY`, ...).
+    pub flags: Vec<String>,
     pub id: u32,
     pub zone: u16,
     pub mark: u32,
@@ -193,6 +235,10 @@ pub struct LookupAnswer {
     /// (unless `nf_conntrack_tcp_be_liberal=1` or flow offload set it).
     /// Its connection started earlier under the same tuple.
     pub midstream: bool,
+    /// Collector only: the zones asked, in order, of the node that
+    /// answered (absent when `None`: the agent's own answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones_tried: Option<Vec<u16>>,
 }
 
 /// `IP_CT_TCP_FLAG_BE_LIBERAL` (`include/uapi/linux/netfilter/nf_conntrack_tcp.h`).
@@ -214,7 +260,7 @@ impl LookupAnswer {
             protocol: r.protocol,
             snat_ip,
             snat_port,
-            flags: r.flag_names(),
+            flags: r.flag_names().into_iter().map(str::to_string).collect(),
             id: r.id,
             zone: r.zone,
             mark: r.mark,
@@ -224,6 +270,313 @@ impl LookupAnswer {
                     && !matches!(r.tcp_state, None | Some(crate::TcpState::SynSent))
                     && r.tcp_flags_orig & TCP_FLAG_BE_LIBERAL != 0
                     && r.tcp_flags_reply & TCP_FLAG_BE_LIBERAL != 0),
+            zones_tried: None,
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(z: &u16) -> bool {
+    *z == 0
+}
+
+/// `GET /api/v1/connections`: connections, newest first (alive at `at`
+/// first when given).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SearchAnswer {
+    /// At most `limit` connections.
+    pub records: Vec<ConnectionAnswer>,
+    /// Connections matching, also past `limit` (see the store's `total`).
+    pub total: u64,
+    /// `records.len()`.
+    pub returned: u64,
+    pub limit: u64,
+    /// No gap overlaps the range (`gaps` is empty).
+    pub complete: bool,
+    /// Where records may be missing: capture loss, agent restarts and
+    /// disconnections overlapping the range.
+    pub gaps: Vec<GapAnswer>,
+    /// The range searched (`null`: open).
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// The `at` asked (`null` without one).
+    pub at: Option<String>,
+}
+
+/// One connection of a search (or a resolved line's `record`): its first
+/// stored record, with the end joined from its DESTROY or successor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConnectionAnswer {
+    /// Event time of the record shown.
+    pub ts: String,
+    pub node: String,
+    pub protocol: Protocol,
+    /// Original direction: the pod's address and port.
+    pub src_ip: IpAddr,
+    pub src_port: u16,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+    /// The reply direction's destination: the address after SNAT.
+    pub snat_ip: IpAddr,
+    pub snat_port: u16,
+    /// `new`, `recovered` or `destroy`: the record shown.
+    pub kind: String,
+    /// Kernel start (`CTA_TIMESTAMP_START`) or the record's event time.
+    pub start: String,
+    /// TCP state as recorded (absent when not TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// A TCP NEW picked up mid-stream.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub midstream: bool,
+    /// Conntrack zone (absent when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub zone: u16,
+    /// The source is outside the node's pod CIDRs (`CTW_EXTERNAL`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub external: bool,
+    /// When it ended (absent while open); see `end_kind`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    /// `destroy` (exact), `gone` or `superseded` (upper bounds); absent
+    /// without an end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_kind: Option<String>,
+    /// `gone` only: last time seen alive (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// `end - start`, ms (absent without an end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Alive at the search's `at` (absent without `at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alive_at: Option<bool>,
+    /// Counters from the DESTROY (`CTA_COUNTERS_ORIG`/`_REPLY`; absent
+    /// without them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orig_packets: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orig_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_packets: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_bytes: Option<u64>,
+}
+
+/// A time range where records of `node` may be missing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GapAnswer {
+    pub node: String,
+    pub from: String,
+    pub to: String,
+    /// `kernel_drop`, `spool_overflow`, `agent_restarted`,
+    /// `agent_disconnected`, ...
+    pub reason: String,
+    /// Events or records lost (0 when unknown).
+    pub count: u64,
+}
+
+/// `POST /api/v1/resolve`: one answer per line, in order, and the counts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResolveAnswer {
+    pub results: Vec<LineAnswer>,
+    pub summary: ResolveSummary,
+    /// The log format used (the request's or the default).
+    pub log_format: String,
+    pub window_ms: u64,
+    pub skew_ms: u64,
+}
+
+/// Lines by status, and lines with a gap.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResolveSummary {
+    pub lines: u64,
+    pub resolved: u64,
+    pub not_found: u64,
+    pub ambiguous: u64,
+    pub not_observed: u64,
+    pub unparsed: u64,
+    pub incomplete: u64,
+}
+
+/// One nginx line's answer. An `unparsed` line has only `line_no`,
+/// `line`, `status` and `error`; every other one has the fields up to
+/// `gaps`, and the rest as said.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LineAnswer {
+    /// 1-based, in the request.
+    pub line_no: u64,
+    pub line: String,
+    /// `resolved`, `ambiguous`, `not_found`, `not_observed` or `unparsed`.
+    pub status: String,
+    /// `unparsed` only: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_addr: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_port: Option<u16>,
+    /// The line's time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// Where the connection was alive, inclusive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<IntervalAnswer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skew_ms: Option<u64>,
+    /// `alive`, `skew`, `late` or `none`: how the status was reached.
+    #[serde(rename = "match", default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<String>,
+    /// Distinct candidates (pod address, port, node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alive_candidates: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near_candidates: Option<u64>,
+    /// A gap overlaps the line's window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gaps: Option<Vec<GapAnswer>>,
+    /// Why the status, in words (absent for a plain `resolved`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Candidates, nearest first (absent when `resolved` or none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranked: Option<Vec<CandidateAnswer>>,
+    /// The answer (`resolved`, `ambiguous`: the first ranked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_port: Option<u16>,
+    /// The answer's node, or with `not_observed` the node owning the address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_port: Option<u16>,
+    /// Conntrack entries the answer joins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub midstream: bool,
+    /// The answer's connection as a search shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Box<ConnectionAnswer>>,
+}
+
+/// An inclusive time interval.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IntervalAnswer {
+    pub from: String,
+    pub to: String,
+}
+
+/// One candidate of a line: a pod address and port on a node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CandidateAnswer {
+    pub pod_ip: IpAddr,
+    pub pod_port: u16,
+    pub node: String,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+    /// Alive in the line's interval.
+    pub alive: bool,
+    /// Distance to the interval, ms (0 when alive).
+    pub distance_ms: u64,
+    /// Conntrack entries joined.
+    pub merged: u64,
+    pub start: String,
+    /// Absent while one of its entries is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub midstream: bool,
+    /// Started after the line (possibly recorded late).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub started_after: bool,
+}
+
+/// `GET /api/v1/agents`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentsAnswer {
+    pub agents: Vec<AgentInfo>,
+}
+
+/// One agent as `GET /api/v1/agents` shows it. Times are RFC 3339 UTC
+/// strings with milliseconds (`null` when unknown), durations seconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentInfo {
+    pub node: String,
+    /// The addresses the agent's Hello listed (the SNAT addresses it owns).
+    pub addresses: Vec<String>,
+    pub boot_id: String,
+    pub version: String,
+    pub connected: bool,
+    /// Remote address of the current (or last) stream.
+    pub peer: Option<String>,
+    pub connected_since: Option<String>,
+    /// Set while disconnected: start of the open `agent_disconnected` gap.
+    pub disconnected_since: Option<String>,
+    /// Last message of any kind.
+    pub last_seen: Option<String>,
+    pub last_batch_at: Option<String>,
+    pub last_batch_boot_id: Option<String>,
+    pub last_batch_seq: Option<u64>,
+    /// When the last batch arrived, minus the newest record time in it.
+    pub lag_seconds: Option<f64>,
+    pub batches_stored: u64,
+    pub records_stored: u64,
+    /// Batches received again after they were stored (replays).
+    pub duplicates: u64,
+    /// Records that could not be converted and were skipped.
+    pub conversion_errors: u64,
+    /// Loss reports received and the events or records they counted.
+    pub loss_reports: u64,
+    pub events_lost: u64,
+    /// Streams this agent opened since the collector started.
+    pub connections: u64,
+}
+
+/// `/healthz` (`ok`) and `/readyz` (`ready`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatusAnswer {
+    pub status: String,
+}
+
+/// Every failure: `error` in words, and what else is known.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorAnswer {
+    pub error: String,
+    /// The request field at fault (absent when none is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter: Option<String>,
+    /// Live lookup not found: the agents asked (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked: Option<Vec<String>>,
+    /// Live lookup not found: the zones asked of the last node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones_tried: Option<Vec<u16>>,
+    /// Live lookup unanswered: agents that did not have the entry...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_found: Option<Vec<String>>,
+    /// ...and the others, as `node: why`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<Vec<String>>,
+}
+
+impl ErrorAnswer {
+    /// `{"error": message}` plus `parameter` when given.
+    pub fn new(message: impl Into<String>, parameter: Option<&str>) -> ErrorAnswer {
+        ErrorAnswer {
+            error: message.into(),
+            parameter: parameter.map(str::to_string),
+            ..ErrorAnswer::default()
         }
     }
 }

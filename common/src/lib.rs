@@ -15,6 +15,20 @@ pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod nginx;
+pub mod ratelimit;
+
+/// Nanoseconds since the Unix epoch of `t` (0 before the epoch, `u64::MAX`
+/// past year 2554). The one conversion every crate uses.
+pub fn unix_ns(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The wall clock now, in ns since the Unix epoch ([`unix_ns`]).
+pub fn now_ns() -> u64 {
+    unix_ns(std::time::SystemTime::now())
+}
 
 /// Layer-4 protocols the product tracks: the ones whose conntrack tuple has
 /// source and destination ports.
@@ -176,7 +190,7 @@ impl TcpState {
 ///
 /// The kernel uses bits 0-15 (as of Linux 6.18, `IPS_HW_OFFLOAD` is bit 15).
 /// Bits 24-31 are never sent by the kernel: the agent sets them on records it
-/// derives ([`CTW_MARKS`]), and every layer (log, uplink, store) keeps them
+/// derives ([`CTW_MARKS`](status::CTW_MARKS)), and every layer (log, uplink, store) keeps them
 /// as part of `status`.
 pub mod status {
     pub const EXPECTED: u32 = 1 << 0;

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let known = [
-        "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node",
+        "protocol", "src_ip", "src_port", "dst_ip", "dst_port", "tuple", "node", "zone",
     ];
     match api::check_names(&params, &known).and_then(|_| api::parse_live(&params)) {
         Ok(p) => assert_eq!(p.tuple.src.is_ipv4(), p.tuple.dst.is_ipv4()),

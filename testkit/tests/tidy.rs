@@ -8,7 +8,16 @@
 //!   ingest, gRPC query, registry) and their tests;
 //! - no `#[ignore]`d test;
 //! - no `sleep` in tests without a `tidy:` comment saying why it is not a
-//!   wait for a condition (waits use `wait_for` / `eventually`).
+//!   wait for a condition (waits use `wait_for` / `eventually`);
+//! - the collector's query adapters (`http.rs`, `grpc_query.rs`,
+//!   `resolve.rs`) pick no status for a failed query: only
+//!   `collector/src/query.rs` maps `QueryError` to HTTP statuses and gRPC
+//!   codes;
+//! - `resolve.rs` and `query.rs` know no HTTP framework and no `http`
+//!   module (no import cycle with the endpoints);
+//! - the store knows no app configuration (`crate::config`): it takes its
+//!   own options; the tantivy store's test hooks live only in its
+//!   `hooks.rs`, compiled for tests and the `test-hooks` feature.
 
 use std::path::{Path, PathBuf};
 
@@ -101,6 +110,8 @@ fn prost_types_stay_at_the_edges() {
                     | "collector/src/registry.rs"
                     | "agent/tests/uplink.rs"
                     | "collector/tests/grpc.rs"
+                    // Plays an agent's stream for the router tests.
+                    | "collector/tests/api_router.rs"
             )
     };
     let bad: Vec<String> = sources()
@@ -147,4 +158,102 @@ fn tests_do_not_sleep_to_wait() {
         "sleep in tests (wait with wait_for/eventually, or say why with a `tidy:` comment)",
         &bad,
     );
+}
+
+/// The text of a source before its `#[cfg(test)]` module (tests may name
+/// any status they assert).
+fn non_test(t: &str) -> &str {
+    t.split("#[cfg(test)]").next().unwrap_or(t)
+}
+
+#[test]
+fn only_the_query_layer_maps_errors_to_status_codes() {
+    const ADAPTERS: [&str; 3] = [
+        "collector/src/http.rs",
+        "collector/src/grpc_query.rs",
+        "collector/src/resolve.rs",
+    ];
+    // Statuses of a failed query; 401, 414, 503 `starting` and the 404
+    // "no such entry" answer are the HTTP layer's own.
+    const ERROR_STATUSES: [&str; 14] = [
+        "StatusCode::BAD_REQUEST",
+        "StatusCode::BAD_GATEWAY",
+        "StatusCode::GATEWAY_TIMEOUT",
+        "StatusCode::INTERNAL_SERVER_ERROR",
+        "StatusCode::PAYLOAD_TOO_LARGE,",
+        "Status::invalid_argument",
+        "Status::unavailable",
+        "Status::internal",
+        "Status::not_found",
+        "Status::deadline_exceeded",
+        "Status::resource_exhausted",
+        "Code::InvalidArgument",
+        "Code::Unavailable",
+        "Code::Internal",
+    ];
+    let mut bad = Vec::new();
+    for (p, t) in sources() {
+        if !ADAPTERS.contains(&p.as_str()) {
+            continue;
+        }
+        for s in ERROR_STATUSES {
+            if non_test(&t).contains(s) {
+                bad.push(format!("{p}: {s}"));
+            }
+        }
+    }
+    fail_if_any(
+        "a query adapter picks an error status (map it in collector/src/query.rs)",
+        &bad,
+    );
+}
+
+#[test]
+fn the_query_layer_knows_no_endpoint() {
+    let mut bad = Vec::new();
+    for (p, t) in sources() {
+        if !matches!(
+            p.as_str(),
+            "collector/src/query.rs" | "collector/src/resolve.rs"
+        ) {
+            continue;
+        }
+        for s in [
+            "crate::http",
+            "axum::extract",
+            "axum::routing",
+            "axum::response",
+        ] {
+            if t.contains(s) {
+                bad.push(format!("{p}: {s}"));
+            }
+        }
+    }
+    fail_if_any("the query layer depends on the HTTP endpoints", &bad);
+}
+
+#[test]
+fn the_store_takes_its_own_options_and_hides_its_test_hooks() {
+    let mut bad = Vec::new();
+    for (p, t) in sources() {
+        if p.starts_with("collector/src/store/") && t.contains("crate::config") {
+            bad.push(format!("{p}: imports the app configuration"));
+        }
+        let hooks = "collector/src/store/tantivy_store/hooks.rs";
+        if p.starts_with("collector/src/") && p != hooks {
+            for hook in ["pub fn crash", "pub fn segment_count", "pub fn force_merge"] {
+                if t.contains(hook) {
+                    bad.push(format!("{p}: {hook} outside {hooks}"));
+                }
+            }
+        }
+        if p == "collector/src/store/tantivy_store/mod.rs"
+            && !t.contains("#[cfg(any(test, feature = \"test-hooks\"))]\nmod hooks;")
+        {
+            bad.push(format!(
+                "{p}: mod hooks is not behind the test-hooks feature"
+            ));
+        }
+    }
+    fail_if_any("store layout", &bad);
 }

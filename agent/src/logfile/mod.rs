@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use chrono::{Local, NaiveDateTime};
-use ctw_common::ConnRecord;
+use ctw_common::{now_ns, ConnRecord};
 
 pub use format::{format_log_line, format_record};
 pub use layer::{tracing_layer, LogLayer};
@@ -317,12 +317,6 @@ impl LogHandle {
         entered_rx.recv().expect("writer paused");
         release_tx
     }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 thread_local! {

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ctw_common::ratelimit::RateLimiter;
 use ctw_common::{ConnRecord, Protocol, Tuple};
 use ctw_proto::{packed, pb};
 use tokio::sync::mpsc;
@@ -32,35 +33,6 @@ const RECV_BURST: usize = 64;
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Connection state messages of one kind are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(30);
-
-/// Logs a repeating message at most once per interval, counting the rest.
-#[derive(Debug)]
-struct RateLimited {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimited {
-    fn new() -> Self {
-        RateLimited {
-            last: None,
-            suppressed: 0,
-        }
-    }
-    fn hit(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(t) if now.duration_since(t) < LOG_EVERY => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
 
 /// Records gathered for the next batch.
 #[derive(Debug, Default)]
@@ -100,9 +72,9 @@ pub(super) struct Core {
     /// Number of the next message sent on the current connection.
     send_no: u64,
     replies: VecDeque<pb::LookupReply>,
-    spool_warn: RateLimited,
-    conn_warn: RateLimited,
-    conn_info: RateLimited,
+    spool_warn: RateLimiter,
+    conn_warn: RateLimiter,
+    conn_info: RateLimiter,
 }
 
 impl Core {
@@ -156,9 +128,9 @@ impl Core {
             state: State::Down,
             send_no: 1,
             replies: VecDeque::new(),
-            spool_warn: RateLimited::new(),
-            conn_warn: RateLimited::new(),
-            conn_info: RateLimited::new(),
+            spool_warn: RateLimiter::new(LOG_EVERY),
+            conn_warn: RateLimiter::new(LOG_EVERY),
+            conn_info: RateLimiter::new(LOG_EVERY),
             cfg,
         };
         core.update_gauges();
@@ -255,7 +227,7 @@ impl Core {
     }
 
     fn spool_error(&mut self, e: &dyn std::error::Error) {
-        if let Some(s) = self.spool_warn.hit() {
+        if let Some(s) = self.spool_warn.allow() {
             tracing::warn!(error = %e, suppressed = s, "cannot write the spool");
         }
     }
@@ -281,7 +253,7 @@ impl Core {
     /// Loss news from the sink: queue overflows and the kernel's drops.
     fn collect_shared(&mut self, shared: &Shared) {
         if let Some(d) = shared.take_queue_drops() {
-            if let Some(s) = self.spool_warn.hit() {
+            if let Some(s) = self.spool_warn.allow() {
                 tracing::warn!(
                     records = d.count,
                     suppressed = s,
@@ -334,7 +306,7 @@ impl Core {
             since: Instant::now(),
         };
         self.metrics.connected.set(1);
-        if let Some(s) = self.conn_info.hit() {
+        if let Some(s) = self.conn_info.allow() {
             tracing::info!(
                 address = %self.target.address,
                 collector_version = %ack.collector_version,
@@ -346,7 +318,7 @@ impl Core {
     }
 
     fn on_connect_failed(&mut self, e: &ConnectError) {
-        if let Some(s) = self.conn_warn.hit() {
+        if let Some(s) = self.conn_warn.allow() {
             tracing::warn!(address = %self.target.address, error = %e, suppressed = s,
                 "cannot connect to the collector");
         }
@@ -357,7 +329,7 @@ impl Core {
     fn on_disconnect(&mut self, why: &str) -> bool {
         let healthy = match self.state {
             State::Up { since } => {
-                if let Some(s) = self.conn_warn.hit() {
+                if let Some(s) = self.conn_warn.allow() {
                     tracing::warn!(address = %self.target.address, reason = %why,
                         unacked_batches = self.outbox.len(), suppressed = s,
                         "lost the connection to the collector");
@@ -365,7 +337,7 @@ impl Core {
                 since.elapsed() >= HEALTHY_AFTER
             }
             State::Handshake { .. } => {
-                if let Some(s) = self.conn_warn.hit() {
+                if let Some(s) = self.conn_warn.allow() {
                     tracing::warn!(address = %self.target.address, reason = %why, suppressed = s,
                         "collector did not accept the stream");
                 }

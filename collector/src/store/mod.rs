@@ -177,6 +177,19 @@ pub struct Hit {
 }
 
 impl Hit {
+    /// `record` of `node`, an open connection: no end, nothing joined yet.
+    pub fn open(node: &str, record: ConnRecord) -> Hit {
+        Hit {
+            node: node.to_string(),
+            record,
+            closed_ns: None,
+            end: None,
+            last_seen_ns: None,
+            counters_orig: None,
+            counters_reply: None,
+        }
+    }
+
     /// Start of the connection: kernel start time, else the record's time.
     pub fn start_ns(&self) -> u64 {
         self.record.start_ns.unwrap_or(self.record.event_ns)
@@ -361,13 +374,9 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
                 .min();
             if let Some(bound) = newer {
                 hits.push(Hit {
-                    node: node.to_string(),
-                    record: r,
                     closed_ns: Some(bound),
                     end: Some(End::Superseded),
-                    last_seen_ns: None,
-                    counters_orig: None,
-                    counters_reply: None,
+                    ..Hit::open(node, r)
                 });
                 last.insert((r.orig, r.reply), hits.len() - 1);
                 continue;
@@ -378,15 +387,7 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
                 h.closed_ns = Some(start.max(h.start_ns()));
                 h.end = Some(End::Superseded);
             }
-            hits.push(Hit {
-                node: node.to_string(),
-                record: r,
-                closed_ns: None,
-                end: None,
-                last_seen_ns: None,
-                counters_orig: None,
-                counters_reply: None,
-            });
+            hits.push(Hit::open(node, r));
             let i = hits.len() - 1;
             by_orig.insert(r.orig, i);
             by_reply.insert(r.reply, i);
@@ -443,13 +444,12 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
             unlink(hits, i, &mut by_orig, &mut by_reply);
         }
         hits.push(Hit {
-            node: node.to_string(),
-            record: r,
             closed_ns: Some(closed),
             end: Some(end),
             last_seen_ns: last_seen,
             counters_orig: r.counters_orig,
             counters_reply: r.counters_reply,
+            ..Hit::open(node, r)
         });
         last.insert((r.orig, r.reply), hits.len() - 1);
     }
