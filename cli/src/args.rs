@@ -51,7 +51,8 @@ pub struct Cli {
 pub const DEFAULT_BATCH: usize = 1000;
 pub const MAX_BATCH: usize = 20_000;
 
-const SEARCH_FLAGS: [(&str, &str); 14] = [
+const SEARCH_FLAGS: [(&str, &str); 15] = [
+    ("--tz", "tz"),
     ("--src-ip", "src_ip"),
     ("--src-port", "src_port"),
     ("--dst-ip", "dst_ip"),
@@ -83,13 +84,45 @@ const LOOKUP_FLAGS: [(&str, &str); 7] = [
     ("--zone", "zone"),
 ];
 
-const RESOLVE_FLAGS: [(&str, &str); 5] = [
+const RESOLVE_FLAGS: [(&str, &str); 6] = [
+    ("--tz", "tz"),
     ("--log-format", "log_format"),
     ("--window", "window"),
     ("--skew", "skew"),
     ("--at", "at"),
     ("--batch", "batch"),
 ];
+
+/// Apply `--tz` (taken out of `params`) to the time parameters `keys`: a
+/// time written without a zone (`2026-11-30T10:50:34`,
+/// `30/Nov/2026:10:50:34`) is read in that zone and sent as Unix seconds
+/// with the fraction it was written with (the precision is kept); a time
+/// with a zone, or Unix seconds, is sent as written. Without `--tz` a
+/// zone-less time goes as written and the collector says it needs a zone.
+fn apply_tz(params: &mut Vec<(String, String)>, keys: &[&str]) -> Result<(), CliError> {
+    let Some(i) = params.iter().position(|(k, _)| k == "tz") else {
+        return Ok(());
+    };
+    let (_, zone) = params.remove(i);
+    let tz = ctw_common::api::parse_tz(&zone).map_err(|e| CliError::usage(format!("--tz: {e}")))?;
+    for (k, v) in params.iter_mut() {
+        if !keys.contains(&k.as_str()) || ctw_common::api::parse_time(v).is_ok() {
+            continue;
+        }
+        let ns = ctw_common::api::parse_time_in(v, Some(tz))
+            .map_err(|e| CliError::usage(format!("--{k}: {e}")))?;
+        let precision = ctw_common::api::time_precision_ns(v);
+        let digits = 9 - precision.ilog10() as usize;
+        let (secs, frac) = (ns / 1_000_000_000, ns % 1_000_000_000);
+        *v = if digits == 0 {
+            secs.to_string()
+        } else {
+            let f = format!("{frac:09}");
+            format!("{secs}.{}", &f[..digits])
+        };
+    }
+    Ok(())
+}
 
 /// Split `IP:PORT` (`[v6]:PORT`, or a bare address) into address and port.
 pub fn split_addr(s: &str) -> Result<(String, Option<String>), CliError> {
@@ -303,6 +336,7 @@ fn search(
         }
         params.push(("at".into(), t.clone()));
     }
+    apply_tz(&mut params, &["at", "from", "to"])?;
     Ok(Command::Search { params })
 }
 
@@ -312,7 +346,8 @@ fn resolve(
     positional: Vec<String>,
 ) -> Result<Command, CliError> {
     no_extras("resolve", &[], &switches, &[])?;
-    let params = mapped("resolve", flags, &RESOLVE_FLAGS)?;
+    let mut params = mapped("resolve", flags, &RESOLVE_FLAGS)?;
+    apply_tz(&mut params, &["at"])?;
     if positional.len() > 1 {
         return Err(CliError::usage(format!(
             "resolve: unexpected argument {:?} (one FILE or -)",
@@ -377,6 +412,41 @@ mod tests {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn tz_reads_zone_less_times_in_that_zone_keeping_their_precision() {
+        // 2024-12-09T07:05:00Z = 1733727900.
+        let c = p("search 198.18.0.1:45000 2024-12-09T15:05:00 --tz +08:00").unwrap();
+        let Command::Search { params } = c.command else {
+            panic!("{c:?}")
+        };
+        assert!(
+            params.contains(&("at".into(), "1733727900".into())),
+            "{params:?}"
+        );
+        assert!(!params.iter().any(|(k, _)| k == "tz"));
+        let c = p("search --from 09/Dec/2024:07:05:00 --to 2024-12-09T07:06:00Z --tz UTC").unwrap();
+        let Command::Search { params } = c.command else {
+            panic!("{c:?}")
+        };
+        // A zone-less $time_local is read in the zone; a zoned time goes as written.
+        assert_eq!(
+            params,
+            kv(&[("from", "1733727900"), ("to", "2024-12-09T07:06:00Z")])
+        );
+        let c = p("search --from 2024-12-09T07:05:00.250 --tz UTC").unwrap();
+        let Command::Search { params } = c.command else {
+            panic!("{c:?}")
+        };
+        assert_eq!(params, kv(&[("from", "1733727900.250")]));
+        let c = p("resolve --at 2024-12-09T15:05:00 --tz +0800 x.log").unwrap();
+        let Command::Resolve { at, .. } = c.command else {
+            panic!("{c:?}")
+        };
+        assert_eq!(at.as_deref(), Some("1733727900"));
+        let e = p("search 198.18.0.1:1 2024-12-09T15:05:00 --tz Mars").unwrap_err();
+        assert!(e.message.starts_with("--tz:"), "{e}");
     }
 
     #[test]

@@ -30,14 +30,14 @@ USAGE:
 COMMANDS:
     search [IP:PORT [TIME]] [--src-ip IP] [--src-port N] [--dst-ip IP] [--dst-port N]
            [--snat-ip IP] [--snat-port N] [--node NAME] [--protocol P]
-           [--from TIME] [--to TIME] [--at TIME] [--window DUR] [--limit N] [--kind K]
+           [--from TIME] [--to TIME] [--at TIME] [--tz ZONE] [--window DUR] [--limit N] [--kind K]
         Search recorded connections. IP:PORT is the SNAT address and port a
         server logged (remote_addr:remote_port), TIME sets --at.
         --kind K keeps connections whose first record was: new (seen opening),
         midstream (TCP picked up mid-stream), recovered (found by a table
         dump), destroy (only its end seen). END shows <=TIME (superseded) or
         <=TIME (gone) when only an upper bound of the end is known.
-    resolve [FILE|-] [--log-format FMT] [--window DUR] [--skew DUR] [--at TIME] [--batch N]
+    resolve [FILE|-] [--log-format FMT] [--window DUR] [--skew DUR] [--at TIME] [--tz ZONE] [--batch N]
         Read nginx access-log lines (FILE, or standard input) and write each
         back with ' pod=IP node=NODE' appended, or ' pod=? reason=...'
         (not_found, not_observed node=NODE: that node's capture saw no
@@ -69,8 +69,12 @@ GLOBAL OPTIONS:
     `token_file:`. The server defaults to http://127.0.0.1:9360.
 
 TIMES AND DURATIONS:
-    RFC 3339 (2024-12-09T15:05:00.123+08:00) or Unix seconds (1733727900.123);
-    durations like 500ms, 30s, 5m, 2h, 1d.
+    As nginx writes them or as you type them: $time_local (09/Dec/2024:15:05:00 +0800),
+    $time_iso8601 / RFC 3339 (2024-12-09T15:05:00.123+08:00), $msec or Unix
+    seconds (1733727900.123). A time without a zone (2024-12-09T15:05:00,
+    09/Dec/2024:15:05:00) needs --tz ZONE (UTC, +08:00, +0800, -5), the zone it
+    was written in. The precision you give is kept. Durations like 500ms, 30s,
+    5m, 2h, 1d.
 
 EXIT CODES:
     0  found / done

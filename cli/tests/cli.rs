@@ -458,3 +458,45 @@ fn pointed_at_something_that_is_not_a_collector_it_says_so() {
         "{e}"
     );
 }
+
+#[test]
+fn times_as_nginx_writes_them_and_zone_less_times_with_tz() {
+    let s = server();
+    // 10.244.1.7 held node port 45000 from T0 (2024-12-09T07:05:00Z) for 10 s.
+    for t in [
+        "09/Dec/2024:15:05:03 +0800",   // $time_local
+        "[09/Dec/2024:07:05:03 +0000]", // as in the access log
+        "2024-12-09T07:05:03+00:00",    // $time_iso8601
+        "1733727903.250",               // $msec
+    ] {
+        let o = run(&s, &["search", "198.18.0.1:45000", t], None);
+        assert_eq!(code(&o), 0, "{t}: {}", stderr(&o));
+        assert!(stdout(&o).contains("10.244.1.7"), "{t}: {}", stdout(&o));
+    }
+    // Without a zone: refused, saying how to give one.
+    let o = run(
+        &s,
+        &["search", "198.18.0.1:45000", "2024-12-09T15:05:03"],
+        None,
+    );
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no time zone") && stderr(&o).contains("--tz"),
+        "{}",
+        stderr(&o)
+    );
+    // With --tz, read in that zone.
+    let o = run(
+        &s,
+        &[
+            "search",
+            "198.18.0.1:45000",
+            "2024-12-09T15:05:03",
+            "--tz",
+            "+08:00",
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("10.244.1.7"), "{}", stdout(&o));
+}

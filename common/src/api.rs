@@ -646,7 +646,7 @@ pub fn parse_time_in(s: &str, tz: Option<chrono::FixedOffset>) -> Result<u64, St
             let tz = tz.ok_or_else(|| {
                 format!(
                     "{s:?} has no time zone: add one (Z, +08:00, +0800) or choose the zone it \
-                     was written in (ctw --tz, the UI's zone, the API's tz parameter)"
+                     was written in (ctw --tz, the UI's zone switch)"
                 )
             })?;
             naive
