@@ -9,7 +9,11 @@
 //! `(node, boot_id, seq)` was stored before is not stored again
 //! (`AppendOutcome::Duplicate`), so agent replays never show twice.
 
+mod backend;
+pub mod clickhouse;
 pub mod tantivy_store;
+
+pub use backend::open;
 
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -223,6 +227,15 @@ pub trait RecordStore: Send + Sync {
     fn record_gap(&self, gap: Gap) -> Result<(), StoreError>;
     fn search(&self, q: &SearchQuery) -> Result<SearchResult, StoreError>;
     fn stats(&self) -> StoreStats;
+    /// Stop background work and flush what is pending; later appends
+    /// fail. Idempotent. (Dropping the store does the same.)
+    fn close(&self) {}
+    /// Can the store take appends and searches now? `false` while a
+    /// remote backend is unreachable at start-up (the collector is then
+    /// not ready: `/readyz` answers 503).
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// Does `r` (seen on `node`) match the field filters of `q` (not time)?
