@@ -36,6 +36,8 @@ pub struct ClickHouse {
     pub http_port: u16,
     /// Native protocol port on 127.0.0.1 (`clickhouse-client --port`).
     pub tcp_port: u16,
+    /// Network namespace the server runs in (`None`: the host's).
+    ns: Option<String>,
     child: Option<Child>,
 }
 
@@ -52,6 +54,13 @@ impl ClickHouse {
     /// until it answers. Panics (with the server's error log) if it does
     /// not within [`START_TIMEOUT`].
     pub fn start() -> ClickHouse {
+        ClickHouse::start_in(None)
+    }
+
+    /// [`start`](Self::start) inside network namespace `ns` (its
+    /// loopback: for a collector running there); [`query`](Self::query)
+    /// then connects from inside it too.
+    pub fn start_in(ns: Option<&str>) -> ClickHouse {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ctw-clickhouse-{}-{}",
@@ -64,6 +73,7 @@ impl ClickHouse {
             dir,
             http_port: free_port(),
             tcp_port: free_port(),
+            ns: ns.map(str::to_string),
             child: None,
         };
         ch.write_config();
@@ -138,7 +148,16 @@ impl ClickHouse {
         );
         let out = std::fs::File::create(self.dir.join("stdout.log")).expect("stdout.log");
         let err = out.try_clone().expect("stdout.log");
-        let child = Command::new(SERVER_BIN)
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                // `ip netns exec` execs the server: the pid stays its own.
+                c.args(["netns", "exec", ns, SERVER_BIN]);
+                c
+            }
+            None => Command::new(SERVER_BIN),
+        };
+        let child = cmd
             .arg(format!(
                 "--config-file={}",
                 self.dir.join("config.xml").display()
@@ -198,6 +217,20 @@ impl ClickHouse {
     /// Run one statement over HTTP; `Ok(body)` on status 200, else
     /// `Err` with the status line and the server's message.
     pub fn query(&self, sql: &str) -> Result<String, String> {
+        match &self.ns {
+            None => self.query_here(sql),
+            Some(ns) => std::thread::scope(|s| {
+                s.spawn(|| {
+                    enter_netns(ns)?;
+                    self.query_here(sql)
+                })
+                .join()
+                .unwrap_or_else(|_| Err("query thread panicked".into()))
+            }),
+        }
+    }
+
+    fn query_here(&self, sql: &str) -> Result<String, String> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port));
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .map_err(|e| format!("connect {addr}: {e}"))?;
@@ -225,6 +258,19 @@ impl ClickHouse {
         self.query(sql)
             .unwrap_or_else(|e| panic!("clickhouse {sql:?}: {e}"))
     }
+}
+
+/// Move the calling thread into network namespace `ns` (`/run/netns/NS`,
+/// as made by `ip netns add`); its new sockets live there.
+fn enter_netns(ns: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{ns}"))
+        .map_err(|e| format!("open /run/netns/{ns}: {e}"))?;
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns {ns}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 impl Drop for ClickHouse {
