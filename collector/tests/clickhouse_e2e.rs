@@ -179,3 +179,62 @@ fn clickhouse_down_mid_stream_loses_and_doubles_nothing() {
     let lines_set: HashSet<&str> = lines.iter().map(String::as_str).collect();
     assert_eq!(lines_set.len(), lines.len());
 }
+
+/// ClickHouse down when the collector starts: the collector runs and
+/// answers `/readyz` 503 (not ready), retrying; once the server is up it
+/// becomes ready by itself and stores.
+#[test]
+fn clickhouse_down_at_start_collector_not_ready_until_it_is_up() {
+    if !require_root() {
+        return;
+    }
+    if !clickhouse::available() {
+        ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
+        return;
+    }
+    let mut topo = Topology::new(1);
+    let (ns, addr) = topo.add_host("c");
+    let mut ch = ClickHouse::start_in(Some(&ns));
+    ch.stop();
+    let storage = format!(
+        "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n",
+        ch.url()
+    );
+    let readyz = |ns: &str| {
+        let out = ctw_testkit::run_in(
+            ns,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                "http://127.0.0.1:9360/readyz",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let collector = std::thread::scope(|s| {
+        // Returns once /readyz answers 200.
+        let started =
+            s.spawn(|| Collector::start_with_storage(&mut topo, &ns, addr, Some(&storage), ""));
+        wait_for(WAIT, "the collector answering /readyz with 503", || {
+            (readyz(&ns) == "503").then_some(())
+        });
+        ch.restart();
+        started.join().unwrap()
+    });
+    assert_eq!(collector.get("/readyz").0, 200);
+    assert_eq!(
+        ch.must(
+            "SELECT count() FROM system.tables WHERE database = 'ctw' AND name = 'ctw_records'"
+        )
+        .trim(),
+        "1"
+    );
+    drop(ch);
+    drop(topo);
+}
