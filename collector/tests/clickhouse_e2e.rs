@@ -18,10 +18,11 @@ use ctw_testkit::{require_root, wait_for, Topology};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
-/// Batches the collector could not store are not acked; the agent sends
-/// them again after its ack timeout (60 s, `uplink::ACK_TIMEOUT`) by
-/// reconnecting: wait past that.
-const RESEND_WAIT: Duration = Duration::from_secs(150);
+/// How long the outage's lines may take: the store retries a failed
+/// insert for `timeout_ms` (20 s here), longer than the server's restart;
+/// a batch it gave up on would come again after the agent's ack timeout
+/// (60 s, `uplink::ACK_TIMEOUT`).
+const RESEND_WAIT: Duration = Duration::from_secs(30);
 
 /// The ClickHouse server first: it is stopped before the namespaces go.
 struct ChCluster {
@@ -45,7 +46,7 @@ fn start() -> Option<ChCluster> {
     let nginx = topo.start_nginx(&[80]);
     let ch = ClickHouse::start_in(Some(&col_ns));
     let storage = format!(
-        "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 5000\n",
+        "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 20000\n",
         ch.url()
     );
     let collector = Collector::start_with_storage(&mut topo, &col_ns, col_addr, Some(&storage), "");
@@ -157,8 +158,8 @@ fn lines_resolve_through_clickhouse_also_after_a_collector_kill() {
 }
 
 /// ClickHouse killed mid-stream: appends fail, nothing is acked, the
-/// agents keep their batches; once the server is back every line of the
-/// outage resolves, each to one connection.
+/// agents keep their batches; once the server is back (within the store's
+/// retries) every line of the outage resolves, each to one connection.
 #[test]
 fn clickhouse_down_mid_stream_loses_and_doubles_nothing() {
     let Some(mut x) = start() else { return };

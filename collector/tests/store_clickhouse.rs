@@ -146,13 +146,15 @@ fn down_at_start_is_not_ready_then_connects() {
     assert_eq!(store.search(&everything()).unwrap().total, 3);
 }
 
-/// Server down mid-stream: the append fails (so the batch is not acked
-/// and the agent keeps it), and the same batch appended after the server
-/// is back is stored once.
+/// Server down mid-stream: the append fails once its retries used up
+/// `timeout_ms` (so the batch is not acked and the agent keeps it), and
+/// the same batch appended after the server is back is stored once.
 #[test]
 fn down_mid_stream_fails_the_append_and_the_retry_stores_once() {
     let Some(mut ch) = server() else { return };
-    let store = ClickHouseStore::open(&cfg(&ch, "ctw_mid")).unwrap();
+    let mut c = cfg(&ch, "ctw_mid");
+    c.timeout_ms = 1000;
+    let store = ClickHouseStore::open(&c).unwrap();
     assert_eq!(
         store.append(pod_batch(0, 10)).unwrap(),
         AppendOutcome::Stored

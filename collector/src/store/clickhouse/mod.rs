@@ -617,9 +617,32 @@ async fn stats(inner: Arc<Inner>) -> Result<StoreStats, StoreError> {
 }
 
 impl RecordStore for ClickHouseStore {
+    /// Stores the batch, trying again (backoff 100 ms doubling to 2 s)
+    /// while the server fails, for up to `timeout_ms` in all: a short
+    /// outage (a restart) delays the ack instead of failing the batch,
+    /// which the agent would send again only after its ack timeout. A
+    /// retry after an insert that succeeded unseen stores the records a
+    /// second time; searches answer them once (see the module docs).
     fn append(&self, batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
         self.check_usable()?;
-        self.block(append(self.inner.clone(), batch))
+        let deadline = std::time::Instant::now() + Duration::from_millis(self.inner.cfg.timeout_ms);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.block(append(self.inner.clone(), batch.clone())) {
+                Ok(o) => return Ok(o),
+                Err(e) => {
+                    let retry = std::time::Instant::now() + backoff < deadline
+                        && !self.inner.closed.load(Ordering::SeqCst);
+                    if !retry {
+                        return Err(e);
+                    }
+                    tracing::warn!(node = batch.node, seq = batch.seq, error = %e,
+                        "ClickHouse insert failed; trying again");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     fn record_gap(&self, gap: Gap) -> Result<(), StoreError> {
