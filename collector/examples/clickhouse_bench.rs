@@ -359,7 +359,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!(
-        "| bytes per record on disk (ctw_records only; the by-pod copy doubles it) | {:.1} |",
+        "| bytes per record on disk (every table: records, pod index, ledger, gaps) | {:.1} |",
         stats.bytes_on_disk as f64 / n as f64
     );
     println!("| exact snat ip:port ±5 min query p50 / p99 | {q50:.2} ms / {q99:.2} ms ({found}/{} found) |", samples.len());

@@ -10,9 +10,12 @@
 //! - Reverse-SNAT lookups read `ctw_records`, partitioned by day and sorted
 //!   by (SNAT address, SNAT port, event time): one (address, port, time
 //!   range) question reads one range of granules of each day it spans.
-//! - Pod-address searches (a source address but neither SNAT field) read
-//!   `ctw_records_by_pod`, the same rows sorted by (pod address, event
-//!   time), filled by a materialized view on every insert.
+//! - Pod-address searches (a source address but neither SNAT field) first
+//!   read `ctw_records_by_pod`, a narrow index sorted by (pod address,
+//!   event time) that a materialized view fills on every insert, for the
+//!   (SNAT address, SNAT port) pairs the pod used in the range; then
+//!   `ctw_records` for those pairs (at most [`MAX_PAIRS`]; past that, for
+//!   the SNAT addresses alone).
 //! - Search fetches the matching records of `[from - lookback, to +
 //!   lookback]` and joins them in Rust with the shared
 //!   [`assemble`](super::assemble), so answers equal the other stores'.
@@ -56,6 +59,17 @@ use crate::config::ClickHouseConfig;
 const NS_PER_HOUR: u64 = 3_600_000_000_000;
 /// How often old day partitions are looked for and dropped.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Most (SNAT address, port) pairs a pod-address search looks up by pair;
+/// past it, by SNAT address only (the query text stays short).
+pub const MAX_PAIRS: usize = 2000;
+
+/// A (SNAT address, port) pair from the pod-address index.
+#[derive(Debug, Clone, clickhouse::Row, Serialize, Deserialize)]
+struct SnatKey {
+    snat_ip: [u8; 16],
+    snat_port: u16,
+}
 
 /// A ledger row: one stored batch.
 #[derive(Debug, Clone, clickhouse::Row, Serialize, Deserialize)]
@@ -133,9 +147,7 @@ fn quote(s: &str) -> String {
 
 /// A `FixedString(16)` literal of an address's bytes.
 fn addr_literal(a: IpAddr) -> String {
-    let (b, _) = addr_bytes(a);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("toFixedString(unhex('{hex}'), 16)")
+    hex_literal(&addr_bytes(a).0)
 }
 
 /// `YYYY-MM-DD` of a partition day (days since the epoch).
@@ -416,26 +428,75 @@ fn where_clause(q: &SearchQuery, lo: u64, hi: u64) -> String {
     }
 }
 
-/// Which table answers `q`: by pod address when it has one and no SNAT
-/// field, else the table sorted by SNAT address and port.
-fn table_for(q: &SearchQuery) -> &'static str {
-    if q.src_ip.is_some() && q.snat_ip.is_none() && q.snat_port.is_none() {
-        schema::BY_POD
-    } else {
-        schema::RECORDS
+/// Does `q` go through the pod-address index (a pod address, no SNAT
+/// field)?
+fn by_pod(q: &SearchQuery) -> bool {
+    q.src_ip.is_some() && q.snat_ip.is_none() && q.snat_port.is_none()
+}
+
+fn hex_literal(b: &[u8; 16]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("toFixedString(unhex('{hex}'), 16)")
+}
+
+/// The extra condition of a pod-address search: the SNAT pairs the pod
+/// used in the range, from the index (`None`: it used none, no records).
+async fn pod_pairs(
+    inner: &Inner,
+    q: &SearchQuery,
+    lo: u64,
+    hi: u64,
+) -> Result<Option<String>, StoreError> {
+    let only_pod = SearchQuery {
+        src_ip: q.src_ip,
+        ..SearchQuery::default()
+    };
+    let keys: Vec<SnatKey> = inner
+        .client
+        .query(&format!(
+            "SELECT DISTINCT snat_ip, snat_port FROM {}.{} WHERE {}",
+            inner.cfg.database,
+            schema::BY_POD,
+            where_clause(&only_pod, lo, hi)
+        ))
+        .fetch_all()
+        .await
+        .map_err(|e| ch_err("pod index", e))?;
+    if keys.is_empty() {
+        return Ok(None);
     }
+    if keys.len() <= MAX_PAIRS {
+        let pairs: Vec<String> = keys
+            .iter()
+            .map(|k| format!("({}, {})", hex_literal(&k.snat_ip), k.snat_port))
+            .collect();
+        return Ok(Some(format!(
+            "(snat_ip, snat_port) IN ({})",
+            pairs.join(", ")
+        )));
+    }
+    let ips: HashSet<[u8; 16]> = keys.iter().map(|k| k.snat_ip).collect();
+    let ips: Vec<String> = ips.iter().map(hex_literal).collect();
+    Ok(Some(format!("snat_ip IN ({})", ips.join(", "))))
 }
 
 async fn search(inner: Arc<Inner>, q: SearchQuery) -> Result<SearchResult, StoreError> {
     let lb = u64::from(inner.cfg.lookback_hours) * NS_PER_HOUR;
     let lo = q.from_ns.map_or(0, |f| f.saturating_sub(lb));
     let hi = q.to_ns.map_or(u64::MAX, |t| t.saturating_add(lb));
+    let mut cond = where_clause(&q, lo, hi);
+    if by_pod(&q) {
+        match pod_pairs(&inner, &q, lo, hi).await? {
+            Some(pairs) => cond = format!("{cond} AND {pairs}"),
+            None => cond = "0".into(),
+        }
+    }
     let sql = format!(
         "SELECT {} FROM {}.{} WHERE {}",
         schema::RECORD_COLUMNS.join(", "),
         inner.cfg.database,
-        table_for(&q),
-        where_clause(&q, lo, hi)
+        schema::RECORDS,
+        cond
     );
     let mut cursor = inner
         .client
@@ -601,10 +662,11 @@ async fn stats(inner: Arc<Inner>) -> Result<StoreStats, StoreError> {
     let (records, bytes, partitions): (u64, u64, u64) = inner
         .client
         .query(&format!(
-            "SELECT sum(rows), sum(bytes_on_disk), uniqExact(partition) FROM system.parts \
-             WHERE database = {} AND table = {} AND active",
+            "SELECT sumIf(rows, table = {t}), sum(bytes_on_disk), \
+             uniqExactIf(partition, table = {t}) FROM system.parts \
+             WHERE database = {} AND active",
             quote(&inner.cfg.database),
-            quote(schema::RECORDS)
+            t = quote(schema::RECORDS)
         ))
         .fetch_one()
         .await
@@ -662,9 +724,9 @@ impl RecordStore for ClickHouseStore {
         self.block(search(self.inner.clone(), q.clone()))
     }
 
-    /// Rows, bytes on disk and day partitions of `ctw_records` (the
-    /// pod-address copy, `ctw_records_by_pod`, takes about as much again);
-    /// zeros while the server cannot be asked.
+    /// Rows of `ctw_records`, bytes on disk of every table of the
+    /// database, day partitions of `ctw_records`; zeros while the server
+    /// cannot be asked.
     fn stats(&self) -> StoreStats {
         if self.check_usable().is_err() {
             return StoreStats::default();

@@ -8,7 +8,7 @@
 //! | table | sorting key | holds |
 //! |---|---|---|
 //! | `ctw_records` | (snat_ip, snat_port, event_us) | every record, by day |
-//! | `ctw_records_by_pod` | (src_ip, event_us) | the same rows, for pod-address searches, filled by the view `ctw_records_by_pod_mv` |
+//! | `ctw_records_by_pod` | (src_ip, event_us) | for pod-address searches: each record's pod address, time and SNAT address and port (6 columns), filled by the view `ctw_records_by_pod_mv` |
 //! | `ctw_batches` | (node, boot_id, seq) | the ledger of stored batches (exactly once across collectors) |
 //! | `ctw_gaps` | (node, from_ns) | loss gaps |
 //! | `ctw_schema` | - | the schema version, one row per collector start that created it |
@@ -78,6 +78,16 @@ pub const RECORD_COLUMNS: [&str; 27] = {
     out
 };
 
+/// Columns of the pod-address index `ctw_records_by_pod`, in order.
+pub const POD_INDEX_COLUMN_TYPES: [(&str, &str); 6] = [
+    ("day", "Date"),
+    ("family", "UInt8"),
+    ("src_ip", "FixedString(16)"),
+    ("event_us", "UInt64"),
+    ("snat_ip", "FixedString(16)"),
+    ("snat_port", "UInt16"),
+];
+
 const BATCH_COLUMN_TYPES: [(&str, &str); 6] = [
     ("day", "Date"),
     ("node", "String"),
@@ -130,13 +140,18 @@ pub fn create_statements(db: &str) -> Vec<String> {
              PARTITION BY day ORDER BY (snat_ip, snat_port, event_us)"
         ),
         format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{BY_POD} ({rec}) ENGINE = MergeTree \
-             PARTITION BY day ORDER BY (src_ip, event_us)"
+            "CREATE TABLE IF NOT EXISTS {db}.{BY_POD} ({}) ENGINE = MergeTree \
+             PARTITION BY day ORDER BY (src_ip, event_us)",
+            columns(&POD_INDEX_COLUMN_TYPES)
         ),
         format!(
             "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{BY_POD_VIEW} TO {db}.{BY_POD} \
              AS SELECT {} FROM {db}.{RECORDS}",
-            RECORD_COLUMNS.join(", ")
+            POD_INDEX_COLUMN_TYPES
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.{BATCHES} ({}) ENGINE = MergeTree \
@@ -197,7 +212,7 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
     // before anything is created, so a refused database is left as it was.
     for (table, want) in [
         (RECORDS, &RECORD_COLUMN_TYPES[..]),
-        (BY_POD, &RECORD_COLUMN_TYPES[..]),
+        (BY_POD, &POD_INDEX_COLUMN_TYPES[..]),
         (BATCHES, &BATCH_COLUMN_TYPES[..]),
         (GAPS, &GAP_COLUMN_TYPES[..]),
     ] {
