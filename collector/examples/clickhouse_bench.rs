@@ -1,7 +1,7 @@
 //! Benchmark of the ClickHouse store against a running server, on the
 //! same synthetic records as `store_bench` (the tantivy store): ingest
-//! rate and collector CPU per record, bytes per record on disk (both record
-//! tables), exact SNAT ip:port ± 5 min query latency, time to searchable.
+//! rate and collector CPU per record, bytes per record on disk (every
+//! table), exact SNAT ip:port ± 5 min query latency, time to searchable.
 //!
 //! `cargo run -p ctw-collector --example clickhouse_bench -- --url http://127.0.0.1:8123 --records 1000000`
 //! Options: `--records N`, `--batch N` (records per batch, default 1000),

@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The server binary of Debian's `clickhouse-server` package.
 pub const SERVER_BIN: &str = "/usr/sbin/clickhouse-server";
@@ -169,25 +169,24 @@ impl ClickHouse {
             .spawn()
             .expect("start clickhouse-server");
         self.child = Some(child);
-        let end = Instant::now() + START_TIMEOUT;
-        loop {
-            if self.query("SELECT 1").is_ok_and(|r| r.trim() == "1") {
-                return;
-            }
+        let what = format!(
+            "clickhouse-server to answer (logs in {})",
+            self.dir.display()
+        );
+        let started = crate::wait_for(START_TIMEOUT, &what, || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                panic!(
-                    "clickhouse-server exited ({status}) at start:\n{}",
-                    self.log_tail()
-                );
+                return Some(Err(status));
             }
-            if Instant::now() >= end {
-                panic!(
-                    "clickhouse-server did not answer within {START_TIMEOUT:?}:\n{}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            self.query("SELECT 1")
+                .is_ok_and(|r| r.trim() == "1")
+                .then_some(Ok(()))
+        });
+        if let Err(status) = started {
+            self.child = None;
+            panic!(
+                "clickhouse-server exited ({status}) at start:\n{}",
+                self.log_tail()
+            );
         }
     }
 
