@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # command:package pairs the tests use.
 need=(nft:nftables ip:iproute2 conntrack:conntrack nginx:nginx-light curl:curl python3:python3
       setpriv:util-linux promtool:prometheus systemd-analyze:systemd
-      chromium:chromium node:nodejs npm:npm)
+      chromium:chromium node:nodejs npm:npm clickhouse-server:clickhouse-server)
 missing=()
 for pair in "${need[@]}"; do
   cmd=${pair%%:*}; pkg=${pair#*:}
@@ -25,8 +25,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "missing ${missing[*]}; run as root to install them" >&2
   fi
 fi
-# Debian's nginx and prometheus start themselves on install; tests run their own.
-for svc in nginx prometheus; do systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
+# Debian's nginx, prometheus and clickhouse-server start themselves on install;
+# tests run their own.
+for svc in nginx prometheus clickhouse-server; do systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
 pkill -x prometheus >/dev/null 2>&1 || true
 
 # Browser tests drive Debian's chromium with playwright-core (no browser download).

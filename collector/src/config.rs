@@ -13,7 +13,9 @@ pub use ctw_common::config::{ConfigError, ConfigFile, FileUse};
 pub struct Config {
     pub grpc: GrpcConfig,
     pub http: HttpConfig,
-    pub storage: StorageConfig,
+    /// `storage.backend` picks the store: `tantivy` (default, the keys of
+    /// [`StorageConfig`]) or `clickhouse` ([`ClickHouseConfig`]).
+    pub storage: Storage,
     #[serde(default)]
     pub lookup: LookupConfig,
     #[serde(default)]
@@ -65,6 +67,10 @@ pub struct KubernetesConfig {
     /// A kubeconfig file (its current context); the in-cluster service
     /// account when unset.
     pub kubeconfig: Option<PathBuf>,
+    /// Directory of the pod history's journal: `storage.path/pods` by
+    /// default; required with `storage.backend: clickhouse` (no local
+    /// storage path) when the watch is on.
+    pub history_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -107,6 +113,76 @@ fn default_http_listen() -> String {
 fn default_max_limit() -> usize {
     10_000
 }
+
+/// Where records are stored: the `storage` section, tagged by its
+/// `backend` key (`tantivy` when absent, so configs written before the
+/// key existed keep working).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Storage {
+    /// `backend: tantivy`: the embedded index in a local directory.
+    Tantivy(StorageConfig),
+    /// `backend: clickhouse`: a ClickHouse server (or cluster) over HTTP.
+    ClickHouse(ClickHouseConfig),
+}
+
+impl Storage {
+    /// The store this section names, with the store's own options.
+    pub fn backend(&self) -> crate::store::Backend {
+        match self {
+            Storage::Tantivy(t) => crate::store::Backend::Tantivy(t.store_options()),
+            Storage::ClickHouse(c) => crate::store::Backend::ClickHouse(c.clone()),
+        }
+    }
+
+    /// Days of records kept (`storage.retention_days`, either backend).
+    pub fn retention_days(&self) -> u32 {
+        match self {
+            Storage::Tantivy(t) => t.retention_days,
+            Storage::ClickHouse(c) => c.retention_days,
+        }
+    }
+
+    /// The collector's local directory (`storage.path`), when the backend
+    /// has one (tantivy); ClickHouse keeps nothing locally.
+    pub fn local_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Storage::Tantivy(t) => Some(&t.path),
+            Storage::ClickHouse(_) => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Storage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut v = serde_yaml::Value::deserialize(d)?;
+        let backend = match v.as_mapping_mut().and_then(|m| m.remove("backend")) {
+            None => "tantivy".to_string(),
+            Some(serde_yaml::Value::String(s)) => s,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "storage.backend: expected tantivy or clickhouse, got {other:?}"
+                )))
+            }
+        };
+        let inner = |e: serde_yaml::Error| D::Error::custom(format!("storage ({backend}): {e}"));
+        match backend.as_str() {
+            "tantivy" => StorageConfig::deserialize(v)
+                .map(Storage::Tantivy)
+                .map_err(inner),
+            "clickhouse" => ClickHouseConfig::deserialize(v)
+                .map(Storage::ClickHouse)
+                .map_err(inner),
+            other => Err(D::Error::custom(format!(
+                "storage.backend: unknown backend {other:?} (expected tantivy or clickhouse)"
+            ))),
+        }
+    }
+}
+
+/// The `storage` section with `backend: clickhouse`: the store's own
+/// options type (the store knows no app configuration).
+pub use crate::store::clickhouse::ClickHouseOptions as ClickHouseConfig;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,7 +237,7 @@ impl StorageConfig {
 }
 
 fn default_retention_days() -> u32 {
-    14
+    crate::store::DEFAULT_RETENTION_DAYS
 }
 fn default_max_size_gb() -> f64 {
     50.0
@@ -176,10 +252,10 @@ fn default_partition_hours() -> u32 {
     24
 }
 fn default_lookback_hours() -> u32 {
-    24
+    crate::store::DEFAULT_LOOKBACK_HOURS
 }
 fn default_max_collected_records() -> usize {
-    200_000
+    crate::store::DEFAULT_MAX_COLLECTED_RECORDS
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -202,7 +278,7 @@ impl Default for LookupConfig {
 
 impl ConfigFile for Config {
     fn files(&self) -> Vec<(&'static str, &std::path::Path, FileUse)> {
-        let mut files = vec![
+        vec![
             (
                 "grpc.tls.ca_file",
                 self.grpc.tls.ca_file.as_path(),
@@ -223,16 +299,22 @@ impl ConfigFile for Config {
                 self.http.token_file.as_path(),
                 FileUse::Read,
             ),
-            (
-                "storage.path",
-                self.storage.path.as_path(),
-                FileUse::WriteDir,
-            ),
-        ];
-        if let Some(k) = &self.kubernetes.kubeconfig {
-            files.push(("kubernetes.kubeconfig", k.as_path(), FileUse::Read));
-        }
-        files
+        ]
+        .into_iter()
+        .chain(match &self.storage {
+            Storage::Tantivy(t) => Some(("storage.path", t.path.as_path(), FileUse::WriteDir)),
+            Storage::ClickHouse(c) => c
+                .password_file
+                .as_deref()
+                .map(|p| ("storage.password_file", p, FileUse::Read)),
+        })
+        .chain(
+            self.kubernetes
+                .kubeconfig
+                .as_deref()
+                .map(|k| ("kubernetes.kubeconfig", k, FileUse::Read)),
+        )
+        .collect()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -247,34 +329,9 @@ impl ConfigFile for Config {
                 ));
             }
         }
-        if self.storage.retention_days == 0 {
-            return bad("storage.retention_days: must be at least 1, got 0".into());
-        }
-        if self.storage.max_size_gb.is_nan() || self.storage.max_size_gb <= 0.0 {
-            return bad(format!(
-                "storage.max_size_gb: must be positive, got {}",
-                self.storage.max_size_gb
-            ));
-        }
-        if !(50..=60_000).contains(&self.storage.commit_interval_ms) {
-            return bad(format!(
-                "storage.commit_interval_ms: must be 50-60000, got {}",
-                self.storage.commit_interval_ms
-            ));
-        }
-        if !(1000..=10_000_000).contains(&self.storage.commit_max_records) {
-            return bad(format!(
-                "storage.commit_max_records: must be 1000-10000000, got {}",
-                self.storage.commit_max_records
-            ));
-        }
-        if !(1..=168).contains(&self.storage.partition_hours)
-            || 24 % self.storage.partition_hours != 0 && self.storage.partition_hours % 24 != 0
-        {
-            return bad(format!(
-                "storage.partition_hours: must divide a day or be whole days (1-168), got {}",
-                self.storage.partition_hours
-            ));
+        match &self.storage {
+            Storage::Tantivy(t) => t.validate()?,
+            Storage::ClickHouse(c) => c.validate()?,
         }
         if !(1..=1_000_000).contains(&self.http.max_limit) {
             return bad(format!(
@@ -284,6 +341,81 @@ impl ConfigFile for Config {
         }
         if self.lookup.max_concurrency == 0 {
             return bad("lookup.max_concurrency: must be at least 1, got 0".into());
+        }
+        Ok(())
+    }
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.retention_days == 0 {
+            return bad("storage.retention_days: must be at least 1, got 0".into());
+        }
+        if self.max_size_gb.is_nan() || self.max_size_gb <= 0.0 {
+            return bad(format!(
+                "storage.max_size_gb: must be positive, got {}",
+                self.max_size_gb
+            ));
+        }
+        if !(50..=60_000).contains(&self.commit_interval_ms) {
+            return bad(format!(
+                "storage.commit_interval_ms: must be 50-60000, got {}",
+                self.commit_interval_ms
+            ));
+        }
+        if !(1000..=10_000_000).contains(&self.commit_max_records) {
+            return bad(format!(
+                "storage.commit_max_records: must be 1000-10000000, got {}",
+                self.commit_max_records
+            ));
+        }
+        if !(1..=168).contains(&self.partition_hours)
+            || 24 % self.partition_hours != 0 && self.partition_hours % 24 != 0
+        {
+            return bad(format!(
+                "storage.partition_hours: must divide a day or be whole days (1-168), got {}",
+                self.partition_hours
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ClickHouseConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return bad(format!(
+                "storage.url: expected http://host:port, got {:?}",
+                self.url
+            ));
+        }
+        if self.database.is_empty()
+            || !self
+                .database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return bad(format!(
+                "storage.database: letters, digits and _ only, got {:?}",
+                self.database
+            ));
+        }
+        if self.retention_days == 0 {
+            return bad("storage.retention_days: must be at least 1, got 0".into());
+        }
+        if !(100..=600_000).contains(&self.connect_retry_ms) {
+            return bad(format!(
+                "storage.connect_retry_ms: must be 100-600000, got {}",
+                self.connect_retry_ms
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.timeout_ms) {
+            return bad(format!(
+                "storage.timeout_ms: must be 100-3600000, got {}",
+                self.timeout_ms
+            ));
         }
         Ok(())
     }
@@ -300,7 +432,10 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let c = Config::parse(MIN).unwrap();
         assert_eq!(c.grpc.listen_addr, "[::]:9359");
-        assert_eq!(c.storage.retention_days, 14);
+        let Storage::Tantivy(t) = &c.storage else {
+            panic!("default backend is not tantivy: {:?}", c.storage)
+        };
+        assert_eq!(t.retention_days, 14);
         assert_eq!(c.lookup.timeout_ms, 3000);
     }
 
@@ -345,6 +480,37 @@ mod tests {
                 .to_string();
             assert!(e.contains("enable"), "{e}");
         }
+    }
+
+    #[test]
+    fn storage_backend_is_tagged_and_checked() {
+        let with = |extra: &str| Config::parse(&format!("{MIN}{extra}"));
+        let c = with("  backend: tantivy\n").unwrap();
+        assert!(matches!(c.storage, Storage::Tantivy(_)));
+        let ch = MIN.replace(
+            "  path: /tmp/x\n",
+            "  backend: clickhouse\n  url: http://127.0.0.1:8123\n  database: ctw\n",
+        );
+        let c = Config::parse(&ch).unwrap();
+        let Storage::ClickHouse(h) = &c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        assert_eq!((h.database.as_str(), h.retention_days), ("ctw", 14));
+        assert!(c.files().iter().all(|(k, ..)| *k != "storage.path"));
+        let e = with("  backend: cassandra\n").unwrap_err().to_string();
+        assert!(
+            e.contains("cassandra") && e.contains("storage.backend"),
+            "{e}"
+        );
+        // A tantivy key under clickhouse is unknown there, and named.
+        let e = Config::parse(&format!("{ch}  commit_interval_ms: 5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("commit_interval_ms"), "{e}");
+        let e = Config::parse(&ch.replace("ctw\n", "\"a;b\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.database"), "{e}");
     }
 
     #[test]

@@ -14,8 +14,7 @@ use ctw_collector::http::{self, AppState};
 use ctw_collector::metrics::Metrics;
 use ctw_collector::pods::{self, PodHistory};
 use ctw_collector::registry::Registry;
-use ctw_collector::store::tantivy_store::TantivyStore;
-use ctw_collector::store::RecordStore;
+use ctw_collector::store::{self, RecordStore};
 use ctw_collector::{certs, ingest};
 
 const USAGE: &str = "usage: ctw-collector --config FILE            run the collector
@@ -96,10 +95,18 @@ async fn start_pod_watch(
     metrics: Metrics,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<PodHistory>)> {
-    let retention_ns = u64::from(cfg.storage.retention_days) * 86_400 * 1_000_000_000;
+    let retention_ns = u64::from(cfg.storage.retention_days()) * 86_400 * 1_000_000_000;
+    let dir = match (&cfg.kubernetes.history_dir, cfg.storage.local_dir()) {
+        (Some(d), _) => d.clone(),
+        (None, Some(local)) => local.join("pods"),
+        (None, None) => anyhow::bail!(
+            "kubernetes.history_dir: the pod history needs a local directory; \
+             storage.backend clickhouse has none: set kubernetes.history_dir"
+        ),
+    };
     let history = Arc::new(
-        PodHistory::open(&cfg.storage.path.join("pods"), retention_ns)
-            .context("pod history (storage.path/pods)")?,
+        PodHistory::open(&dir, retention_ns)
+            .with_context(|| format!("pod history ({})", dir.display()))?,
     );
     let client = pods::watch::client(&cfg.kubernetes)
         .await
@@ -119,11 +126,11 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .init();
     let token = Token::load(&cfg.http.token_file).context("http.token_file")?;
     let metrics = Metrics::new();
-    let store = Arc::new(TantivyStore::open(cfg.storage.store_options()).context("storage")?);
+    let store: Arc<dyn RecordStore> = store::open(cfg.storage.backend()).context("storage")?;
     let registry = Arc::new(Registry::new(metrics.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let state = Arc::new(AppState {
-        store: store.clone() as Arc<dyn RecordStore>,
+        store: store.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
         token,
@@ -149,7 +156,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let grpc = tokio::spawn({
             let grpc_cfg = cfg.grpc.clone();
             let lookup = cfg.lookup.clone();
-            let store = store.clone() as Arc<dyn RecordStore>;
+            let store = store.clone();
             let registry = registry.clone();
             let metrics = metrics.clone();
             let stop = stopped(stop_rx.clone());
@@ -173,7 +180,28 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("http.listen_addr: cannot listen on {http_addr}"))?;
         tracing::info!(addr = %http_addr, "HTTP API listening");
-        ready.store(true, Ordering::Relaxed);
+        // Ready while the store is (a remote store may be unreachable at
+        // start-up, and connects in the background).
+        tokio::spawn({
+            let (ready, store, mut stop) = (ready.clone(), store.clone(), stop_rx.clone());
+            async move {
+                let mut was = None;
+                loop {
+                    let now = store.ready();
+                    if !*stop.borrow() {
+                        ready.store(now, Ordering::Relaxed);
+                    }
+                    if was != Some(now) && !now {
+                        tracing::warn!("storage not ready: /readyz answers 503");
+                    }
+                    was = Some(now);
+                    tokio::select! {
+                        _ = stop.wait_for(|v| *v) => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                    }
+                }
+            }
+        });
         let http_stop = stopped(stop_rx.clone());
         let http = tokio::spawn(async move {
             axum::serve(listener, http::router(state))

@@ -4,23 +4,21 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
 use ctw_collector::store::{
-    alive_at, normalize, AppendOutcome, ConnKind, End, Gap, Hit, MemStore, RecordStore,
-    SearchQuery, StoreError, StoredBatch,
+    alive_at, AppendOutcome, ConnKind, End, Gap, MemStore, RecordStore, SearchQuery, StoreError,
 };
-use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState};
 use ctw_testkit::wait_for;
 
-const H: u64 = 3_600_000_000_000;
-const MIN: u64 = 60_000_000_000;
-/// 2026-01-01T00:00:00Z
-const BASE: u64 = 1_767_225_600_000_000_000;
+mod conformance;
+
+use conformance::*;
 
 struct TempDir(PathBuf);
 
@@ -54,260 +52,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn rec(t: u64, src: IpAddr, sport: u16, snat: IpAddr, nport: u16) -> ConnRecord {
-    let dst = match src {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
-        IpAddr::V6(_) => IpAddr::V6("2001:db8::7".parse().unwrap()),
-    };
-    ConnRecord {
-        id: (t % 1_000_000_007) as u32,
-        status: status::CONFIRMED | status::SRC_NAT,
-        tcp_state: Some(TcpState::SynSent),
-        tcp_flags_orig: 0x27,
-        start_ns: Some(t),
-        ..ConnRecord::new(
-            EventKind::New,
-            t,
-            Protocol::Tcp,
-            Tuple::new(src, sport, dst, 443),
-            Tuple::new(dst, 443, snat, nport),
-        )
-    }
-}
-
-/// A record as every store keeps it.
-fn kept(mut r: ConnRecord) -> ConnRecord {
-    normalize(&mut r);
-    r
-}
-
-fn batch(node: &str, seq: u64, records: Vec<ConnRecord>) -> StoredBatch {
-    StoredBatch {
-        node: node.into(),
-        boot_id: "boot-a".into(),
-        seq,
-        records,
-    }
-}
-
-/// Random connections: NEW, often a DESTROY (lifetime < 2 h), sometimes a
-/// recovered duplicate while alive; IPv4 and IPv6; few values so queries
-/// collide. Like the kernel, never two live connections with the same
-/// original or the same reply tuple on one node: a source port (for the
-/// original tuple) or a SNAT port (for the reply tuple) is redrawn (else a
-/// fresh one taken) when the tuple is alive at the drawn time.
-///
-/// Connections without a DESTROY are, in turns: superseded (a later NEW of
-/// another pod takes their reply tuple: the kernel sent no DESTROY), found
-/// gone by the agent (a `CTW_GONE` record), or alive for 4 h. Some UDP
-/// connections also get a NAT-clash shadow DESTROY (another backend).
-fn random_records(rng: &mut fastrand::Rng, n: usize, span: u64) -> Vec<(String, ConnRecord)> {
-    use std::collections::HashMap;
-    type Alive = HashMap<(String, Protocol, bool, ctw_common::Tuple), Vec<(u64, u64)>>;
-    let mut out = Vec::new();
-    // Lifetimes by (node, protocol, is reply tuple, tuple).
-    let mut alive: Alive = HashMap::new();
-    let free = |alive: &Alive, node: &str, r: &ConnRecord, reply: bool, a: u64, b: u64| {
-        let t = if reply { r.reply } else { r.orig };
-        alive
-            .get(&(node.to_string(), r.protocol, reply, t))
-            .is_none_or(|v| v.iter().all(|&(x, y)| b < x || a > y))
-    };
-    let take = |alive: &mut Alive, node: &str, r: &ConnRecord, a: u64, b: u64| {
-        for (reply, t) in [(false, r.orig), (true, r.reply)] {
-            alive
-                .entry((node.to_string(), r.protocol, reply, t))
-                .or_default()
-                .push((a, b));
-        }
-    };
-    let mut fresh_port = 20000u16;
-    for _ in 0..n {
-        let node = format!("n{}", rng.u64(..3));
-        let v6 = rng.u64(..4) == 0;
-        let ip = |rng: &mut fastrand::Rng, net: u8| -> IpAddr {
-            if v6 {
-                IpAddr::V6(Ipv6Addr::new(
-                    0x2001,
-                    0xdb8,
-                    net as u16,
-                    0,
-                    0,
-                    0,
-                    0,
-                    rng.u64(..6) as u16,
-                ))
-            } else {
-                IpAddr::V4(Ipv4Addr::new(10, net, 0, rng.u64(..6) as u8))
-            }
-        };
-        let t = BASE + rng.u64(..span);
-        let mut r = rec(
-            t,
-            ip(rng, 1),
-            1000 + rng.u64(..8) as u16,
-            ip(rng, 2),
-            5000 + rng.u64(..8) as u16,
-        );
-        r.orig.dst = ip(rng, 3);
-        r.reply.src = if rng.u64(..5) == 0 {
-            ip(rng, 4)
-        } else {
-            r.orig.dst
-        };
-        r.orig.dst_port = [53, 80, 443][rng.u64(..3) as usize];
-        r.reply.src_port = r.orig.dst_port;
-        r.protocol = if rng.u64(..4) == 0 {
-            Protocol::Udp
-        } else {
-            Protocol::Tcp
-        };
-        r.id = rng.u64(..) as u32;
-        r.mark = rng.u64(..3) as u32;
-        if rng.u64(..3) == 0 {
-            r.start_ns = None;
-        }
-        // 0-5: DESTROY; 6: superseded; 7: gone; 8-9: alive 4 h.
-        let fate = rng.u64(..10);
-        let life = if fate < 6 || fate == 7 {
-            rng.u64(..2 * H)
-        } else if fate == 6 {
-            1 + rng.u64(..H)
-        } else {
-            4 * H
-        };
-        for _ in 0..8 {
-            if free(&alive, &node, &r, false, t, t + life) {
-                break;
-            }
-            r.orig.src_port = 1000 + rng.u64(..8) as u16;
-        }
-        for _ in 0..8 {
-            if free(&alive, &node, &r, true, t, t + life) {
-                break;
-            }
-            r.reply.dst_port = 5000 + rng.u64(..8) as u16;
-        }
-        if !free(&alive, &node, &r, false, t, t + life)
-            || !free(&alive, &node, &r, true, t, t + life)
-        {
-            fresh_port += 1;
-            r.orig.src_port = fresh_port;
-            r.reply.dst_port = fresh_port;
-        }
-        take(&mut alive, &node, &r, t, t + life);
-        out.push((node.clone(), r));
-        let destroy = |r: &ConnRecord, at: u64, rng: &mut fastrand::Rng| {
-            let mut d = *r;
-            d.kind = EventKind::Destroy;
-            d.event_ns = at;
-            d.stop_ns = Some(at);
-            d.tcp_state = Some(TcpState::TimeWait);
-            d.counters_orig = Some(Counters {
-                packets: rng.u64(..100),
-                bytes: rng.u64(..1 << 40),
-            });
-            d.counters_reply = (rng.u64(..2) == 0).then(|| Counters {
-                packets: rng.u64(..100),
-                bytes: rng.u64(..100_000),
-            });
-            d
-        };
-        match fate {
-            0..6 => {
-                out.push((node.clone(), destroy(&r, t + life, rng)));
-                if r.protocol == Protocol::Udp && rng.u64(..5) == 0 {
-                    // The shadow of a NAT clash: another id and backend,
-                    // its own start, only a DESTROY.
-                    let mut shadow = destroy(&r, t + rng.u64(..life + 1), rng);
-                    shadow.status |= status::NAT_CLASH;
-                    shadow.reply.src = ip(rng, 5);
-                    shadow.start_ns = r.start_ns.map(|s| s + 1000);
-                    out.push((node.clone(), shadow));
-                }
-            }
-            6 => {
-                // Another pod takes the reply tuple at t + life; this
-                // connection's end was never reported (or, sometimes, the
-                // agent found it gone only after the successor started).
-                let at = t + life;
-                let mut next = r;
-                next.event_ns = at;
-                next.start_ns = r.start_ns.map(|_| at);
-                next.orig.src = ip(rng, 6);
-                let next_life = rng.u64(..2 * H);
-                if free(&alive, &node, &next, false, at, at + next_life)
-                    && free(&alive, &node, &next, true, at + 1, at + next_life)
-                {
-                    take(&mut alive, &node, &next, at, at + next_life);
-                    out.push((node.clone(), next));
-                    if rng.u64(..2) == 0 {
-                        out.push((node.clone(), destroy(&next, at + next_life, rng)));
-                    }
-                    if rng.u64(..3) == 0 {
-                        let mut gone = destroy(&r, at + rng.u64(..MIN), rng);
-                        gone.status |= status::CTW_GONE;
-                        gone.stop_ns = Some(t + rng.u64(..life));
-                        gone.counters_orig = None;
-                        gone.counters_reply = None;
-                        out.push((node.clone(), gone));
-                    }
-                }
-            }
-            7 => {
-                // Found gone by the agent: last seen before, gone at t + life.
-                let mut gone = destroy(&r, t + life, rng);
-                gone.status |= status::CTW_GONE;
-                gone.stop_ns = Some(t + rng.u64(..life + 1));
-                gone.counters_orig = None;
-                gone.counters_reply = None;
-                out.push((node.clone(), gone));
-            }
-            _ => {}
-        }
-        if rng.u64(..10) == 0 {
-            let mut again = r;
-            again.kind = EventKind::Recovered;
-            again.event_ns = t + rng.u64(..MIN.min(life).max(1));
-            out.push((node, again));
-        }
-    }
-    out
-}
-
-fn load(stores: &[&dyn RecordStore], records: &[(String, ConnRecord)]) {
-    load_from(stores, records, 0)
-}
-
-/// [`load`] with batch sequence numbers from `seq0`.
-fn load_from(stores: &[&dyn RecordStore], records: &[(String, ConnRecord)], seq0: u64) {
-    for (i, chunk) in records.chunks(37).enumerate() {
-        // group by node per batch
-        for node in ["n0", "n1", "n2"] {
-            let rs: Vec<ConnRecord> = chunk
-                .iter()
-                .filter(|(n, _)| n == node)
-                .map(|(_, r)| *r)
-                .collect();
-            if rs.is_empty() {
-                continue;
-            }
-            for s in stores {
-                assert_eq!(
-                    s.append(batch(node, seq0 + i as u64, rs.clone())).unwrap(),
-                    AppendOutcome::Stored
-                );
-            }
-        }
-    }
-}
-
-fn canonical(mut hits: Vec<Hit>) -> Vec<String> {
-    let mut v: Vec<String> = hits.drain(..).map(|h| format!("{h:?}")).collect();
-    v.sort();
-    v
 }
 
 #[test]
@@ -412,47 +156,7 @@ fn same_answers_as_memstore_on_random_data() {
             assert!(store.segment_count() > 0);
             store.commit().unwrap();
         }
-        let (_, pick) = &records[rng.u64(..records.len() as u64) as usize];
-        let mut q = SearchQuery {
-            limit: 100_000,
-            ..Default::default()
-        };
-        let m = rng.u64(..);
-        if m & 1 != 0 {
-            q.snat_ip = Some(pick.reply.dst);
-        }
-        if m & 2 != 0 {
-            q.snat_port = Some(pick.reply.dst_port);
-        }
-        if m & 4 != 0 {
-            q.src_ip = Some(pick.orig.src);
-        }
-        if m & 8 != 0 {
-            q.src_port = Some(pick.orig.src_port);
-        }
-        if m & 16 != 0 {
-            q.dst_ip = Some(pick.orig.dst);
-        }
-        if m & 32 != 0 {
-            q.dst_port = Some(pick.orig.dst_port);
-        }
-        if m & 64 != 0 {
-            q.node = Some(format!("n{}", rng.u64(..3)));
-        }
-        if m & 128 != 0 {
-            q.protocol = Some(pick.protocol);
-        }
-        if m & 256 != 0 {
-            let from = BASE + rng.u64(..span);
-            q.from_ns = Some(from);
-            q.to_ns = Some(from + rng.u64(..3 * H));
-            if m & 512 != 0 {
-                q.at_ns = Some(from + rng.u64(..H));
-            }
-        }
-        if m & 1024 != 0 && m & 2048 != 0 {
-            q.kind = Some(ConnKind::ALL[rng.u64(..4) as usize]);
-        }
+        let mut q = random_query(&mut rng, &records, span);
         let a = store.search(&q).unwrap();
         let b = mem.search(&q).unwrap();
         assert_eq!(a.total, b.total, "query {i}: {q:?}");
@@ -468,21 +172,7 @@ fn same_answers_as_memstore_on_random_data() {
                 "query {i}: {q:?}"
             );
         }
-        assert_eq!(a.gaps, b.gaps, "query {i}: {q:?}");
-        assert_eq!(canonical(a.hits), canonical(b.hits), "query {i}: {q:?}");
-        // With a small limit: the same number, and the same rank order.
-        q.limit = 1 + rng.u64(..5) as usize;
-        let a = store.search(&q).unwrap();
-        let b = mem.search(&q).unwrap();
-        assert_eq!(
-            (a.total, a.hits.len()),
-            (b.total, b.hits.len()),
-            "query {i}: {q:?}"
-        );
-        let starts = |h: &[Hit]| h.iter().map(|h| h.start_ns()).collect::<Vec<_>>();
-        if q.at_ns.is_none() {
-            assert_eq!(starts(&a.hits), starts(&b.hits), "query {i}: {q:?}");
-        }
+        assert_same(i, &mut q, a, b, &store, &mem, &mut rng);
     }
     assert!(truncated > 20, "{truncated}");
 }

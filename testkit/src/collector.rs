@@ -52,6 +52,19 @@ impl Collector {
         addr: Ipv4Addr,
         extra_storage_yaml: &str,
     ) -> Collector {
+        Collector::start_with_storage(topo, ns, addr, None, extra_storage_yaml)
+    }
+
+    /// [`start`](Self::start) with the whole `storage:` section given
+    /// (`Some`, each line indented two spaces, e.g. `backend: clickhouse`
+    /// and its keys) instead of the tantivy store in the collector's dir.
+    pub fn start_with_storage(
+        topo: &mut Topology,
+        ns: &str,
+        addr: Ipv4Addr,
+        storage_yaml: Option<&str>,
+        extra_storage_yaml: &str,
+    ) -> Collector {
         let dir = topo.tmp_dir().join("collector");
         std::fs::create_dir_all(&dir).expect("collector dir");
         certs(&dir, &["init-ca"]);
@@ -72,8 +85,12 @@ impl Collector {
         let token = "test-token-0123456789abcdef".to_string();
         std::fs::write(dir.join("token"), &token).expect("token");
         let d = dir.display();
+        let storage = match storage_yaml {
+            Some(s) => s.to_string(),
+            None => format!("  path: {d}/index\n  commit_interval_ms: 200\n"),
+        };
         let yaml = format!(
-            "grpc:\n  listen_addr: \"{addr}:{GRPC_PORT}\"\n  tls:\n    ca_file: {d}/tls/ca.pem\n    cert_file: {d}/tls/collector.pem\n    key_file: {d}/tls/collector-key.pem\nhttp:\n  listen_addr: \"127.0.0.1:{HTTP_PORT}\"\n  token_file: {d}/token\nstorage:\n  path: {d}/index\n  commit_interval_ms: 200\n{extra_storage_yaml}\n"
+            "grpc:\n  listen_addr: \"{addr}:{GRPC_PORT}\"\n  tls:\n    ca_file: {d}/tls/ca.pem\n    cert_file: {d}/tls/collector.pem\n    key_file: {d}/tls/collector-key.pem\nhttp:\n  listen_addr: \"127.0.0.1:{HTTP_PORT}\"\n  token_file: {d}/token\nstorage:\n{storage}{extra_storage_yaml}\n"
         );
         let cfg = dir.join("collector.yaml");
         std::fs::write(&cfg, yaml).expect("collector config");

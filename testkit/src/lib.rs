@@ -28,6 +28,7 @@
 //! `if !support::require_root() { return; }`.
 
 pub mod agent;
+pub mod clickhouse;
 pub mod cluster;
 pub mod collector;
 pub mod kubeapi;

@@ -9,7 +9,20 @@
 //! `(node, boot_id, seq)` was stored before is not stored again
 //! (`AppendOutcome::Duplicate`), so agent replays never show twice.
 
+mod backend;
+pub mod clickhouse;
 pub mod tantivy_store;
+
+/// Default days of records kept (`storage.retention_days`, every backend).
+pub const DEFAULT_RETENTION_DAYS: u32 = 14;
+/// Default hours before a query's range searched for connections still
+/// alive in it (`storage.lookback_hours`).
+pub const DEFAULT_LOOKBACK_HOURS: u32 = 24;
+/// Default most records one search collects and joins
+/// (`storage.max_collected_records`); past it they are only counted.
+pub const DEFAULT_MAX_COLLECTED_RECORDS: usize = 200_000;
+
+pub use backend::{open, Backend};
 
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -236,6 +249,15 @@ pub trait RecordStore: Send + Sync {
     fn record_gap(&self, gap: Gap) -> Result<(), StoreError>;
     fn search(&self, q: &SearchQuery) -> Result<SearchResult, StoreError>;
     fn stats(&self) -> StoreStats;
+    /// Stop background work and flush what is pending; later appends
+    /// fail. Idempotent. (Dropping the store does the same.)
+    fn close(&self) {}
+    /// Can the store take appends and searches now? `false` while a
+    /// remote backend is unreachable at start-up (the collector is then
+    /// not ready: `/readyz` answers 503).
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// Does `r` (seen on `node`) match the field filters of `q` (not time)?

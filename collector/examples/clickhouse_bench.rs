@@ -1,0 +1,371 @@
+//! Benchmark of the ClickHouse store against a running server, on the
+//! same synthetic records as `store_bench` (the tantivy store): ingest
+//! rate and collector CPU per record, bytes per record on disk (every
+//! table), exact SNAT ip:port ± 5 min query latency, time to searchable.
+//!
+//! `cargo run -p ctw-collector --example clickhouse_bench -- --url http://127.0.0.1:8123 --records 1000000`
+//! Options: `--records N`, `--batch N` (records per batch, default 1000),
+//! `--database NAME` (default `ctw_bench_PID`: a new one each run),
+//! `--server-pid PID` (also measure the server's CPU).
+//! The generator is `store_bench`'s (same seed, same spread).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use ctw_collector::config::ClickHouseConfig;
+use ctw_collector::store::clickhouse::ClickHouseStore;
+use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
+use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+
+const NODES: usize = 20;
+const PODS: usize = 5000;
+const SERVICES: usize = 20;
+const SPAN_NS: u64 = 7 * 24 * 3_600_000_000_000;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Gen {
+    rng: Rng,
+    t0: u64,
+    dt: u64,
+    i: u64,
+    services: Vec<(Ipv4Addr, u16, Protocol)>,
+}
+
+impl Gen {
+    fn new(n: u64, t0: u64) -> Gen {
+        let mut rng = Rng(42);
+        let ports = [443u16, 80, 5432, 6379, 8080, 9200, 3306, 27017];
+        let services = (0..SERVICES)
+            .map(|k| {
+                let udp = rng.below(5) == 0;
+                let ip = Ipv4Addr::new(203, 0, 113, 1 + k as u8);
+                if udp {
+                    (ip, [53u16, 123][k % 2], Protocol::Udp)
+                } else {
+                    (ip, ports[k % ports.len()], Protocol::Tcp)
+                }
+            })
+            .collect();
+        Gen {
+            rng,
+            t0,
+            dt: (SPAN_NS / n.max(1)).max(1),
+            i: 0,
+            services,
+        }
+    }
+
+    fn node_name(n: usize) -> String {
+        format!("node-{n:02}")
+    }
+
+    fn record(&mut self, node: usize) -> ConnRecord {
+        let r = &mut self.rng;
+        let event_ns = self.t0 + self.i * self.dt + r.below(self.dt.max(1));
+        self.i += 1;
+        let pod = node + NODES * r.below((PODS / NODES) as u64) as usize;
+        let pod_ip = Ipv4Addr::new(198, 18, (pod / 256) as u8, (pod % 256) as u8);
+        let node_ip = Ipv4Addr::new(10, 0, 0, 10 + node as u8);
+        // 80% TCP: pick among services of the drawn protocol.
+        let want_udp = r.below(5) == 0;
+        let cands: Vec<_> = self
+            .services
+            .iter()
+            .filter(|s| (s.2 == Protocol::Udp) == want_udp)
+            .collect();
+        let (svc_ip, svc_port, protocol) = *cands[r.below(cands.len() as u64) as usize];
+        let src_port = 32768 + r.below(28232) as u16;
+        let snat_port = 1024 + r.below(65536 - 1024) as u16;
+        let destroy = r.below(5) == 0;
+        let tcp = protocol == Protocol::Tcp;
+        let (kind, start_ns, stop_ns, status, tcp_state, counters) = if destroy {
+            let life = 1_000_000 + r.below(600_000_000_000);
+            let c = |r: &mut Rng| {
+                let packets = 2 + r.below(200);
+                Some(Counters {
+                    packets,
+                    bytes: packets * (60 + r.below(1400)),
+                })
+            };
+            (
+                EventKind::Destroy,
+                Some(event_ns - life),
+                Some(event_ns),
+                status::CONFIRMED | status::SRC_NAT | status::SEEN_REPLY | status::ASSURED,
+                tcp.then_some(TcpState::TimeWait),
+                (c(r), c(r)),
+            )
+        } else {
+            (
+                EventKind::New,
+                Some(event_ns),
+                None,
+                status::CONFIRMED | status::SRC_NAT,
+                tcp.then_some(TcpState::SynSent),
+                (None, None),
+            )
+        };
+        let flags = [0x23u8, 0x27, 0x03];
+        ConnRecord {
+            kind,
+            event_ns,
+            protocol,
+            orig: Tuple {
+                src: IpAddr::V4(pod_ip),
+                dst: IpAddr::V4(svc_ip),
+                src_port,
+                dst_port: svc_port,
+            },
+            reply: Tuple {
+                src: IpAddr::V4(svc_ip),
+                dst: IpAddr::V4(node_ip),
+                src_port: svc_port,
+                dst_port: snat_port,
+            },
+            id: r.next() as u32,
+            zone: 0,
+            mark: 0,
+            status,
+            tcp_state,
+            tcp_flags_orig: if tcp { flags[r.below(3) as usize] } else { 0 },
+            tcp_flags_reply: if tcp && destroy {
+                flags[r.below(3) as usize]
+            } else {
+                0
+            },
+            start_ns,
+            stop_ns,
+            counters_orig: counters.0,
+            counters_reply: counters.1,
+        }
+    }
+}
+
+/// Reservoir sampling of 1000 records: `seen` counts records so far,
+/// this one included.
+fn sample(
+    samples: &mut Vec<(String, ConnRecord)>,
+    rng: &mut Rng,
+    seen: u64,
+    node: String,
+    r: ConnRecord,
+) {
+    if samples.len() < 1000 {
+        samples.push((node, r));
+    } else {
+        let j = rng.below(seen) as usize;
+        if j < 1000 {
+            samples[j] = (node, r);
+        }
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    cpu_seconds_of("self")
+}
+
+/// utime + stime of process `pid` (`self`: this one), in seconds.
+fn cpu_seconds_of(pid: &str) -> f64 {
+    // In clock ticks (USER_HZ = 100 on Linux).
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let n: u64 = arg("--records").map_or(Ok(1_000_000), |v| v.parse())?;
+    let batch: usize = arg("--batch").map_or(Ok(1000), |v| v.parse())?;
+    let url = arg("--url").unwrap_or_else(|| "http://127.0.0.1:8123".into());
+    let database = arg("--database").unwrap_or_else(|| format!("ctw_bench_{}", std::process::id()));
+    let cfg = ClickHouseConfig {
+        url,
+        database: database.clone(),
+        user: "default".into(),
+        password_file: None,
+        retention_days: 36500,
+        lookback_hours: 24,
+        max_collected_records: 200_000,
+        connect_retry_ms: 1000,
+        timeout_ms: 600_000,
+    };
+    let store = ClickHouseStore::open(&cfg)?;
+    let version = store.server_version()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    let t0 = now - SPAN_NS - 3_600_000_000_000;
+    let mut gen = Gen::new(n, t0);
+    let mut samples: Vec<(String, ConnRecord)> = Vec::new();
+    let mut sample_rng = Rng(7);
+    let mut seqs = [0u64; NODES];
+    let server_pid = arg("--server-pid");
+    let server_cpu = || server_pid.as_deref().map(cpu_seconds_of);
+    let server0 = server_cpu();
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut b = 0usize;
+    let mut last_report = Instant::now();
+    while done < n {
+        let node = b % NODES;
+        b += 1;
+        let k = batch.min((n - done) as usize);
+        let records: Vec<ConnRecord> = (0..k).map(|_| gen.record(node)).collect();
+        for r in &records {
+            sample(
+                &mut samples,
+                &mut sample_rng,
+                done + 1,
+                Gen::node_name(node),
+                *r,
+            );
+            done += 1;
+        }
+        seqs[node] += 1;
+        store.append(StoredBatch {
+            node: Gen::node_name(node),
+            boot_id: format!("boot-{now}"),
+            seq: seqs[node],
+            records,
+        })?;
+        if last_report.elapsed() > Duration::from_secs(10) {
+            last_report = Instant::now();
+            eprintln!(
+                "  {done} records, {:.0} records/s",
+                done as f64 / start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let ingest_s = start.elapsed().as_secs_f64();
+    let ingest_cpu = cpu_seconds() - cpu0;
+    let server_ingest_cpu = server_cpu().zip(server0).map(|(a, b)| a - b);
+    let stats = store.stats();
+    // Exact SNAT ip:port ± 5 min queries of sampled records.
+    let mut lat = Vec::new();
+    let mut found = 0;
+    for (node, r) in &samples {
+        let (ip, port) = r.snat();
+        let q = SearchQuery {
+            snat_ip: Some(ip),
+            snat_port: Some(port),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            at_ns: Some(r.event_ns),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let res = store.search(&q)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        if res
+            .hits
+            .iter()
+            .any(|h| &h.node == node && h.record.orig == r.orig)
+        {
+            found += 1;
+        }
+    }
+    let (q50, q99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    // Pod-address queries (the second table).
+    let mut plat = Vec::new();
+    for (_, r) in samples.iter().take(200) {
+        let q = SearchQuery {
+            src_ip: Some(r.orig.src),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        store.search(&q)?;
+        plat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (p50, p99) = (pct(&mut plat, 0.5), pct(&mut plat, 0.99));
+    // Time to searchable: append one record, search until found.
+    let mut tts = Vec::new();
+    let mut probe_gen = Gen::new(n, t0);
+    probe_gen.i = n;
+    for k in 0..50u16 {
+        let mut r = probe_gen.record(1);
+        r.reply.dst = IpAddr::V4(Ipv4Addr::new(10, 255, 0, 1));
+        r.reply.dst_port = 2000 + k;
+        let q = SearchQuery {
+            snat_ip: Some(r.reply.dst),
+            snat_port: Some(r.reply.dst_port),
+            node: Some("probe".into()),
+            limit: 1,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        store.append(StoredBatch {
+            node: "probe".into(),
+            boot_id: format!("b-{now}"),
+            seq: k as u64,
+            records: vec![r],
+        })?;
+        // Acked means searchable: one search, no polling.
+        let ok = store.search(&q)?.total > 0;
+        tts.push(if ok {
+            t.elapsed().as_secs_f64() * 1e3
+        } else {
+            f64::INFINITY
+        });
+    }
+    let (t50, t99) = (pct(&mut tts, 0.5), pct(&mut tts, 0.99));
+    println!("\n### clickhouse_bench: {n} records, batch {batch}, {NODES} nodes, {PODS} pods, {SERVICES} services, 7 days, ClickHouse {version}\n");
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!(
+        "| ingest (one writer, waits for each insert) | {:.0} records/s wall, {:.0} records per collector CPU-second |",
+        n as f64 / ingest_s,
+        n as f64 / ingest_cpu.max(1e-9)
+    );
+    if let Some(c) = server_ingest_cpu {
+        println!(
+            "| ClickHouse server CPU during ingest (inserts, view, merges so far) | {c:.1} CPU-s: {:.0} records per server CPU-second |",
+            n as f64 / c.max(1e-9)
+        );
+    }
+    println!(
+        "| bytes per record on disk (every table: records, pod index, ledger, gaps) | {:.1} |",
+        stats.bytes_on_disk as f64 / n as f64
+    );
+    println!("| exact snat ip:port ±5 min query p50 / p99 | {q50:.2} ms / {q99:.2} ms ({found}/{} found) |", samples.len());
+    println!("| pod address ±5 min query p50 / p99 | {p50:.2} ms / {p99:.2} ms |");
+    println!(
+        "| time to searchable p50 / p99 (append acked to found) | {t50:.1} ms / {t99:.1} ms |"
+    );
+    Ok(())
+}

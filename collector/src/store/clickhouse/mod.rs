@@ -1,0 +1,835 @@
+//! The ClickHouse store (`storage.backend: clickhouse`): records, loss gaps
+//! and the ledger of stored batches live in one ClickHouse database, so
+//! several collectors can write and answer from the same data.
+//!
+//! Talks HTTP with the official `clickhouse` crate (`RowBinary`). One schema
+//! for ClickHouse 18.16 (Debian 12) and later: addresses as
+//! `FixedString(16)`, no `IPv6`/`LowCardinality` types, codecs, TTL or skip
+//! indexes (see [`schema`]).
+//!
+//! - Reverse-SNAT lookups read `ctw_records`, partitioned by day and sorted
+//!   by (SNAT address, SNAT port, event time): one (address, port, time
+//!   range) question reads one range of granules of each day it spans.
+//! - Pod-address searches (a source address but neither SNAT field) first
+//!   read `ctw_records_by_pod`, a narrow index sorted by (pod address,
+//!   event time) that a materialized view fills on every insert, for the
+//!   (SNAT address, SNAT port) pairs the pod used in the range; then
+//!   `ctw_records` for those pairs (at most [`MAX_PAIRS`]; past that, for
+//!   the SNAT addresses alone).
+//! - Search fetches the matching records of `[from - lookback, to +
+//!   lookback]` and joins them in Rust with the shared
+//!   [`assemble`](super::assemble), so answers equal the other stores'.
+//!
+//! Delivery: `append` returns `Ok` only after ClickHouse answered the
+//! records' `INSERT` (and then the ledger's) with success; the collector
+//! acks only then. A batch whose (node, boot id, seq) is in the ledger
+//! (`ctw_batches`, shared by every collector on the database) is not stored
+//! again. A collector that dies between the records' insert and the
+//! ledger's leaves a batch that the agent replays and that is stored a
+//! second time: searches drop rows identical in every column, so each
+//! record is answered once (a record identical in every field, time to the
+//! microsecond included, to one already stored is taken as the same
+//! record).
+//!
+//! Start-up: an unreachable server is not fatal: the store is returned not
+//! [`ready`](super::RecordStore::ready) (appends and searches fail with a
+//! clear error, so nothing is acked) and retries every
+//! `connect_retry_ms`. A database holding another schema version is
+//! refused with a message naming both versions.
+
+mod row;
+pub mod schema;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use self::row::{addr_bytes, day_of, RecordRow};
+use super::{
+    assemble_with, counts_uncollected, normalize, AppendOutcome, Gap, RecordStore, SearchQuery,
+    SearchResult, StoreError, StoreStats, StoredBatch,
+};
+use std::path::PathBuf;
+
+const NS_PER_HOUR: u64 = 3_600_000_000_000;
+/// How often old day partitions are looked for and dropped.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Most (SNAT address, port) pairs a pod-address search looks up by pair;
+/// past it, by SNAT address only (the query text stays short).
+pub const MAX_PAIRS: usize = 2000;
+
+/// A (SNAT address, port) pair from the pod-address index.
+#[derive(Debug, Clone, clickhouse::Row, Serialize, Deserialize)]
+struct SnatKey {
+    snat_ip: [u8; 16],
+    snat_port: u16,
+}
+
+/// A ledger row: one stored batch.
+#[derive(Debug, Clone, clickhouse::Row, Serialize, Deserialize)]
+struct BatchRow {
+    day: u16,
+    node: String,
+    boot_id: String,
+    seq: u64,
+    records: u32,
+    stored_us: u64,
+}
+
+/// A gap row (`seen_ns`: when a collector first stored it, for the order).
+#[derive(Debug, Clone, clickhouse::Row, Serialize, Deserialize)]
+struct GapRow {
+    day: u16,
+    node: String,
+    from_ns: u64,
+    to_ns: u64,
+    reason: String,
+    count: u64,
+    seen_ns: u64,
+}
+
+/// Records, gaps and batches in a ClickHouse database; see the module docs.
+pub struct ClickHouseStore {
+    inner: Arc<Inner>,
+    /// Runs the client's futures (the trait is synchronous: callers block
+    /// on a channel, never on this runtime, so any thread may call).
+    rt: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+}
+
+struct Inner {
+    cfg: ClickHouseOptions,
+    client: clickhouse::Client,
+    /// The schema is checked (or created): appends and searches may run.
+    ready: AtomicBool,
+    closed: AtomicBool,
+    /// Why the store is not ready (the last start-up error).
+    not_ready_why: Mutex<String>,
+    /// Last `seen_ns` given to a gap (strictly increasing per collector).
+    last_gap_ns: AtomicU64,
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn ch_err(what: &str, e: clickhouse::error::Error) -> StoreError {
+    StoreError::Index(format!("clickhouse {what}: {e}"))
+}
+
+/// A ClickHouse string literal (no `?` in it: the client binds those).
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            // The client reads `?` as a bind placeholder.
+            '?' => out.push_str("\\x3F"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// A `FixedString(16)` literal of an address's bytes.
+fn addr_literal(a: IpAddr) -> String {
+    hex_literal(&addr_bytes(a).0)
+}
+
+/// `YYYY-MM-DD` of a partition day (days since the epoch).
+fn date_literal(day: u16) -> String {
+    let d = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+        .and_then(|e| e.checked_add_days(chrono::Days::new(u64::from(day))));
+    match d {
+        Some(d) => format!("'{}'", d.format("%Y-%m-%d")),
+        None => "'2149-06-06'".into(),
+    }
+}
+
+impl std::fmt::Debug for ClickHouseStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseStore")
+            .field("url", &self.inner.cfg.url)
+            .field("database", &self.inner.cfg.database)
+            .field("ready", &self.inner.ready.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+impl ClickHouseStore {
+    /// Connect to the server of `cfg` and check (or create) the schema.
+    ///
+    /// Errors: [`StoreError::Index`] when the database holds a schema this
+    /// version does not write (message names both versions), or the client
+    /// cannot be set up. An unreachable server is no error: the store is
+    /// returned not ready and retries in the background.
+    pub fn open(cfg: &ClickHouseOptions) -> Result<ClickHouseStore, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ctw-clickhouse")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Index(format!("clickhouse runtime: {e}")))?;
+        let password = match &cfg.password_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| StoreError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            None => String::new(),
+        };
+        let client = clickhouse::Client::default()
+            .with_url(&cfg.url)
+            .with_user(&cfg.user)
+            .with_password(password)
+            .with_compression(clickhouse::Compression::None);
+        let inner = Arc::new(Inner {
+            cfg: cfg.clone(),
+            client,
+            ready: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            not_ready_why: Mutex::new("not connected yet".into()),
+            last_gap_ns: AtomicU64::new(0),
+        });
+        let store = ClickHouseStore {
+            handle: rt.handle().clone(),
+            rt: Mutex::new(Some(rt)),
+            inner: inner.clone(),
+        };
+        match store.block(schema::ensure(inner.clone())) {
+            Ok(()) => inner.ready.store(true, Ordering::SeqCst),
+            Err(schema::Error::Refused(m)) => return Err(StoreError::Index(m)),
+            Err(schema::Error::Unreachable(m)) => {
+                tracing::error!(url = %cfg.url, error = %m, retry_ms = cfg.connect_retry_ms,
+                    "ClickHouse not reachable; not ready, retrying");
+                if let Ok(mut w) = inner.not_ready_why.lock() {
+                    *w = m;
+                }
+                store.handle.spawn(retry_connect(inner.clone()));
+            }
+        }
+        store.handle.spawn(retention_loop(inner.clone()));
+        Ok(store)
+    }
+
+    /// Run `f` on the store's runtime and wait for it (with the configured
+    /// request timeout).
+    fn block<T, E>(&self, f: impl Future<Output = Result<T, E>> + Send + 'static) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<String> + Send + 'static,
+    {
+        let timeout = Duration::from_millis(self.inner.cfg.timeout_ms);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let r = match tokio::time::timeout(timeout, f).await {
+                Ok(r) => r,
+                Err(_) => Err(E::from(format!(
+                    "clickhouse: no answer within {} ms",
+                    timeout.as_millis()
+                ))),
+            };
+            let _ = tx.send(r);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(E::from("clickhouse: store is closed".to_string())))
+    }
+
+    fn check_usable(&self) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Index("store is closed".into()));
+        }
+        if !self.inner.ready.load(Ordering::SeqCst) {
+            let why = self
+                .inner
+                .not_ready_why
+                .lock()
+                .map(|w| w.clone())
+                .unwrap_or_default();
+            return Err(StoreError::Index(format!(
+                "clickhouse at {} not ready: {why}",
+                self.inner.cfg.url
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drop day partitions (records, ledger, gaps) older than
+    /// `retention_days` before `now_ns`; returns how many were dropped.
+    pub fn enforce_retention(&self, now_ns: u64) -> Result<usize, StoreError> {
+        self.check_usable()?;
+        self.block(drop_old_partitions(self.inner.clone(), now_ns))
+    }
+
+    /// The server's `version()`.
+    pub fn server_version(&self) -> Result<String, StoreError> {
+        let client = self.inner.client.clone();
+        self.block(async move {
+            client
+                .query("SELECT version()")
+                .fetch_one::<String>()
+                .await
+                .map_err(|e| ch_err("version", e))
+        })
+    }
+}
+
+impl From<String> for StoreError {
+    fn from(m: String) -> StoreError {
+        StoreError::Index(m)
+    }
+}
+
+/// Retry the schema check until it passes (ready) or the store closes.
+async fn retry_connect(inner: Arc<Inner>) {
+    let every = Duration::from_millis(inner.cfg.connect_retry_ms);
+    while !inner.closed.load(Ordering::SeqCst) {
+        tokio::time::sleep(every).await;
+        match schema::ensure(inner.clone()).await {
+            Ok(()) => {
+                inner.ready.store(true, Ordering::SeqCst);
+                tracing::info!(url = %inner.cfg.url, "ClickHouse reachable; ready");
+                return;
+            }
+            Err(e) => {
+                let m = match e {
+                    schema::Error::Unreachable(m) => m,
+                    schema::Error::Refused(m) => m,
+                };
+                tracing::warn!(url = %inner.cfg.url, error = %m, "ClickHouse still not usable");
+                if let Ok(mut w) = inner.not_ready_why.lock() {
+                    *w = m;
+                }
+            }
+        }
+    }
+}
+
+async fn retention_loop(inner: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if inner.ready.load(Ordering::SeqCst) {
+            if let Err(e) = drop_old_partitions(inner.clone(), now_ns()).await {
+                tracing::warn!(error = %e, "ClickHouse retention failed");
+            }
+        }
+        tokio::time::sleep(RETENTION_EVERY).await;
+    }
+}
+
+async fn drop_old_partitions(inner: Arc<Inner>, now_ns: u64) -> Result<usize, StoreError> {
+    let db = &inner.cfg.database;
+    let keep_from = day_of(now_ns).saturating_sub(inner.cfg.retention_days.min(65_535) as u16);
+    let parts: Vec<(String, String)> = inner
+        .client
+        .query(&format!(
+            "SELECT DISTINCT table, partition FROM system.parts \
+             WHERE database = {} AND active AND table IN ({})",
+            quote(db),
+            schema::DAY_PARTITIONED
+                .iter()
+                .map(|t| quote(t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .fetch_all()
+        .await
+        .map_err(|e| ch_err("listing partitions", e))?;
+    let cutoff = date_literal(keep_from);
+    let mut dropped = 0;
+    for (table, partition) in parts {
+        // Partition values of a Date key are 'YYYY-MM-DD': they sort as dates.
+        if format!("'{partition}'") < cutoff {
+            inner
+                .client
+                .query(&format!(
+                    "ALTER TABLE {db}.{table} DROP PARTITION {}",
+                    quote(&partition)
+                ))
+                .execute()
+                .await
+                .map_err(|e| ch_err("dropping a partition", e))?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
+
+/// The `WHERE` of a search: field filters, and event times in `[lo, hi]` ns.
+fn where_clause(q: &SearchQuery, lo: u64, hi: u64) -> String {
+    let mut c: Vec<String> = Vec::new();
+    let mut family = None;
+    for (col, ip) in [
+        ("snat_ip", q.snat_ip),
+        ("src_ip", q.src_ip),
+        ("dst_ip", q.dst_ip),
+    ] {
+        if let Some(ip) = ip {
+            let (_, f) = addr_bytes(ip);
+            if family.is_some_and(|x| x != f) {
+                return "0".into();
+            }
+            family = Some(f);
+            c.push(format!("{col} = {}", addr_literal(ip)));
+        }
+    }
+    if let Some(f) = family {
+        c.push(format!("family = {f}"));
+    }
+    for (col, port) in [
+        ("snat_port", q.snat_port),
+        ("src_port", q.src_port),
+        ("dst_port", q.dst_port),
+    ] {
+        if let Some(p) = port {
+            c.push(format!("{col} = {p}"));
+        }
+    }
+    if let Some(n) = &q.node {
+        c.push(format!("node = {}", quote(n)));
+    }
+    if let Some(p) = q.protocol {
+        c.push(format!("protocol = {}", p.number()));
+    }
+    // Event times are whole microseconds.
+    let lo_us = lo.div_ceil(1000);
+    let hi_us = hi / 1000;
+    if lo_us > 0 {
+        c.push(format!("event_us >= {lo_us}"));
+        c.push(format!("day >= {}", date_literal(day_of(lo))));
+    }
+    if hi < u64::MAX {
+        c.push(format!("event_us <= {hi_us}"));
+        c.push(format!("day <= {}", date_literal(day_of(hi))));
+    }
+    if c.is_empty() {
+        "1".into()
+    } else {
+        c.join(" AND ")
+    }
+}
+
+/// Does `q` go through the pod-address index (a pod address, no SNAT
+/// field)?
+fn by_pod(q: &SearchQuery) -> bool {
+    q.src_ip.is_some() && q.snat_ip.is_none() && q.snat_port.is_none()
+}
+
+fn hex_literal(b: &[u8; 16]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("toFixedString(unhex('{hex}'), 16)")
+}
+
+/// The extra condition of a pod-address search: the SNAT pairs the pod
+/// used in the range, from the index (`None`: it used none, no records).
+async fn pod_pairs(
+    inner: &Inner,
+    q: &SearchQuery,
+    lo: u64,
+    hi: u64,
+) -> Result<Option<String>, StoreError> {
+    let only_pod = SearchQuery {
+        src_ip: q.src_ip,
+        ..SearchQuery::default()
+    };
+    let keys: Vec<SnatKey> = inner
+        .client
+        .query(&format!(
+            "SELECT DISTINCT snat_ip, snat_port FROM {}.{} WHERE {}",
+            inner.cfg.database,
+            schema::BY_POD,
+            where_clause(&only_pod, lo, hi)
+        ))
+        .fetch_all()
+        .await
+        .map_err(|e| ch_err("pod index", e))?;
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    if keys.len() <= MAX_PAIRS {
+        let pairs: Vec<String> = keys
+            .iter()
+            .map(|k| format!("({}, {})", hex_literal(&k.snat_ip), k.snat_port))
+            .collect();
+        return Ok(Some(format!(
+            "(snat_ip, snat_port) IN ({})",
+            pairs.join(", ")
+        )));
+    }
+    let ips: HashSet<[u8; 16]> = keys.iter().map(|k| k.snat_ip).collect();
+    let ips: Vec<String> = ips.iter().map(hex_literal).collect();
+    Ok(Some(format!("snat_ip IN ({})", ips.join(", "))))
+}
+
+async fn search(inner: Arc<Inner>, q: SearchQuery) -> Result<SearchResult, StoreError> {
+    let lb = u64::from(inner.cfg.lookback_hours) * NS_PER_HOUR;
+    let lo = q.from_ns.map_or(0, |f| f.saturating_sub(lb));
+    let hi = q.to_ns.map_or(u64::MAX, |t| t.saturating_add(lb));
+    let mut cond = where_clause(&q, lo, hi);
+    if by_pod(&q) {
+        match pod_pairs(&inner, &q, lo, hi).await? {
+            Some(pairs) => cond = format!("{cond} AND {pairs}"),
+            None => cond = "0".into(),
+        }
+    }
+    let sql = format!(
+        "SELECT {} FROM {}.{} WHERE {}",
+        schema::RECORD_COLUMNS.join(", "),
+        inner.cfg.database,
+        schema::RECORDS,
+        cond
+    );
+    let mut cursor = inner
+        .client
+        .query(&sql)
+        .fetch::<RecordRow>()
+        .map_err(|e| ch_err("search", e))?;
+    let cap = inner.cfg.max_collected_records;
+    let mut seen: HashSet<RecordRow> = HashSet::new();
+    let mut records = Vec::new();
+    let (mut uncollected, mut uncollected_connections) = (0u64, 0u64);
+    let mut bad = 0u64;
+    while let Some(row) = cursor.next().await.map_err(|e| ch_err("search", e))? {
+        if records.len() >= cap {
+            if let Ok((_, r)) = row.into_record() {
+                uncollected += 1;
+                uncollected_connections += u64::from(counts_uncollected(&q, &r));
+            }
+            continue;
+        }
+        if seen.contains(&row) {
+            continue; // a replayed batch stored twice (see the module docs)
+        }
+        seen.insert(row.clone());
+        match row.into_record() {
+            Ok(nr) => records.push(nr),
+            Err(_) => bad += 1,
+        }
+    }
+    if bad > 0 {
+        tracing::warn!(rows = bad, "ClickHouse rows that are no records skipped");
+    }
+    let gaps = read_gaps(&inner).await?;
+    let truncated = uncollected > 0;
+    let mut result = assemble_with(&q, records, &gaps, truncated);
+    result.total += uncollected_connections;
+    result.total = result.total.max(result.hits.len() as u64);
+    Ok(result)
+}
+
+async fn read_gaps(inner: &Inner) -> Result<Vec<Gap>, StoreError> {
+    let rows: Vec<(String, u64, u64, String, u64, u64)> = inner
+        .client
+        .query(&format!(
+            "SELECT node, from_ns, to_ns, reason, count, min(seen_ns) AS first \
+             FROM {}.{} GROUP BY node, from_ns, to_ns, reason, count \
+             ORDER BY first, node, from_ns, to_ns, reason, count",
+            inner.cfg.database,
+            schema::GAPS
+        ))
+        .fetch_all()
+        .await
+        .map_err(|e| ch_err("reading gaps", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|(node, from_ns, to_ns, reason, count, _)| Gap {
+            node,
+            from_ns,
+            to_ns,
+            reason,
+            count,
+        })
+        .collect())
+}
+
+async fn append(inner: Arc<Inner>, mut batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
+    let db = &inner.cfg.database;
+    let stored: u64 = inner
+        .client
+        .query(&format!(
+            "SELECT count() FROM {db}.{} WHERE node = {} AND boot_id = {} AND seq = {}",
+            schema::BATCHES,
+            quote(&batch.node),
+            quote(&batch.boot_id),
+            batch.seq
+        ))
+        .fetch_one()
+        .await
+        .map_err(|e| ch_err("ledger lookup", e))?;
+    if stored > 0 {
+        return Ok(AppendOutcome::Duplicate);
+    }
+    batch.records.iter_mut().for_each(normalize);
+    if !batch.records.is_empty() {
+        let mut ins = inner
+            .client
+            .insert::<RecordRow>(&format!("{db}.{}", schema::RECORDS))
+            .map_err(|e| ch_err("insert", e))?;
+        for r in &batch.records {
+            ins.write(&RecordRow::from_record(&batch.node, r))
+                .await
+                .map_err(|e| ch_err("insert", e))?;
+        }
+        ins.end().await.map_err(|e| ch_err("insert", e))?;
+    }
+    let now = now_ns();
+    let mut ledger = inner
+        .client
+        .insert::<BatchRow>(&format!("{db}.{}", schema::BATCHES))
+        .map_err(|e| ch_err("ledger insert", e))?;
+    ledger
+        .write(&BatchRow {
+            day: day_of(now),
+            node: batch.node.clone(),
+            boot_id: batch.boot_id.clone(),
+            seq: batch.seq,
+            records: batch.records.len().min(u32::MAX as usize) as u32,
+            stored_us: now / 1000,
+        })
+        .await
+        .map_err(|e| ch_err("ledger insert", e))?;
+    ledger.end().await.map_err(|e| ch_err("ledger insert", e))?;
+    Ok(AppendOutcome::Stored)
+}
+
+async fn record_gap(inner: Arc<Inner>, gap: Gap) -> Result<(), StoreError> {
+    let db = &inner.cfg.database;
+    let n: u64 = inner
+        .client
+        .query(&format!(
+            "SELECT count() FROM {db}.{} WHERE node = {} AND from_ns = {} AND to_ns = {} \
+             AND reason = {} AND count = {}",
+            schema::GAPS,
+            quote(&gap.node),
+            gap.from_ns,
+            gap.to_ns,
+            quote(&gap.reason),
+            gap.count
+        ))
+        .fetch_one()
+        .await
+        .map_err(|e| ch_err("gap lookup", e))?;
+    if n > 0 {
+        return Ok(());
+    }
+    let seen = {
+        let now = now_ns();
+        let prev = inner.last_gap_ns.fetch_max(now, Ordering::SeqCst);
+        if prev >= now {
+            inner.last_gap_ns.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            now
+        }
+    };
+    let mut ins = inner
+        .client
+        .insert::<GapRow>(&format!("{db}.{}", schema::GAPS))
+        .map_err(|e| ch_err("gap insert", e))?;
+    ins.write(&GapRow {
+        day: day_of(gap.to_ns),
+        node: gap.node,
+        from_ns: gap.from_ns,
+        to_ns: gap.to_ns,
+        reason: gap.reason,
+        count: gap.count,
+        seen_ns: seen,
+    })
+    .await
+    .map_err(|e| ch_err("gap insert", e))?;
+    ins.end().await.map_err(|e| ch_err("gap insert", e))
+}
+
+async fn stats(inner: Arc<Inner>) -> Result<StoreStats, StoreError> {
+    let (records, bytes, partitions): (u64, u64, u64) = inner
+        .client
+        .query(&format!(
+            "SELECT sumIf(rows, table = {t}), sum(bytes_on_disk), \
+             uniqExactIf(partition, table = {t}) FROM system.parts \
+             WHERE database = {} AND active",
+            quote(&inner.cfg.database),
+            t = quote(schema::RECORDS)
+        ))
+        .fetch_one()
+        .await
+        .map_err(|e| ch_err("stats", e))?;
+    Ok(StoreStats {
+        records,
+        bytes_on_disk: bytes,
+        partitions,
+    })
+}
+
+impl RecordStore for ClickHouseStore {
+    /// Stores the batch, trying again (backoff 100 ms doubling to 2 s)
+    /// while the server fails, for up to `timeout_ms` in all: a short
+    /// outage (a restart) delays the ack instead of failing the batch,
+    /// which the agent would send again only after its ack timeout. A
+    /// retry after an insert that succeeded unseen stores the records a
+    /// second time; searches answer them once (see the module docs).
+    fn append(&self, batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
+        self.check_usable()?;
+        let deadline = std::time::Instant::now() + Duration::from_millis(self.inner.cfg.timeout_ms);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.block(append(self.inner.clone(), batch.clone())) {
+                Ok(o) => return Ok(o),
+                Err(e) => {
+                    let retry = std::time::Instant::now() + backoff < deadline
+                        && !self.inner.closed.load(Ordering::SeqCst);
+                    if !retry {
+                        return Err(e);
+                    }
+                    tracing::warn!(node = batch.node, seq = batch.seq, error = %e,
+                        "ClickHouse insert failed; trying again");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn record_gap(&self, gap: Gap) -> Result<(), StoreError> {
+        self.check_usable()?;
+        self.block(record_gap(self.inner.clone(), gap))
+    }
+
+    fn search(&self, q: &SearchQuery) -> Result<SearchResult, StoreError> {
+        if let (Some(f), Some(t)) = (q.from_ns, q.to_ns) {
+            if f > t {
+                return Err(StoreError::BadQuery(format!(
+                    "from ({f}) is after to ({t})"
+                )));
+            }
+        }
+        self.check_usable()?;
+        self.block(search(self.inner.clone(), q.clone()))
+    }
+
+    /// Rows of `ctw_records`, bytes on disk of every table of the
+    /// database, day partitions of `ctw_records`; zeros while the server
+    /// cannot be asked.
+    fn stats(&self) -> StoreStats {
+        if self.check_usable().is_err() {
+            return StoreStats::default();
+        }
+        self.block(stats(self.inner.clone())).unwrap_or_default()
+    }
+
+    fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        if let Ok(mut rt) = self.rt.lock() {
+            if let Some(rt) = rt.take() {
+                rt.shutdown_background();
+            }
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.inner.ready.load(Ordering::SeqCst) && !self.inner.closed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ClickHouseStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_escape_and_dates_format() {
+        assert_eq!(quote("a'b\\c?"), "'a\\'b\\\\c\\x3F'");
+        assert_eq!(date_literal(0), "'1970-01-01'");
+        assert_eq!(date_literal(u16::MAX), "'2149-06-06'");
+        let q = SearchQuery {
+            snat_ip: Some("198.18.0.1".parse().unwrap_or(IpAddr::from([0u8; 4]))),
+            dst_ip: Some("fd00::1".parse().unwrap_or(IpAddr::from([0u8; 4]))),
+            ..Default::default()
+        };
+        assert_eq!(where_clause(&q, 0, u64::MAX), "0");
+    }
+}
+
+/// `storage` with `backend: clickhouse`: records, gaps and the batch
+/// ledger live in one ClickHouse database (18.16 or later), reached over
+/// HTTP (`RowBinary`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseOptions {
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`.
+    #[serde(default = "default_ch_url")]
+    pub url: String,
+    /// Database holding the tables (created if missing).
+    #[serde(default = "default_ch_database")]
+    pub database: String,
+    #[serde(default = "default_ch_user")]
+    pub user: String,
+    /// File holding the user's password (none: empty password).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Day partitions older than this are dropped.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// How far before a query's range to look for connections still alive
+    /// in it (as for the tantivy store).
+    #[serde(default = "default_lookback_hours")]
+    pub lookback_hours: u32,
+    /// Most records one search collects and joins; past it they are only
+    /// counted (as for the tantivy store).
+    #[serde(default = "default_max_collected_records")]
+    pub max_collected_records: usize,
+    /// While the server cannot be reached at start-up, try again this often
+    /// (the collector is not ready meanwhile).
+    #[serde(default = "default_ch_retry_ms")]
+    pub connect_retry_ms: u64,
+    /// Timeout of one request (insert or query), ms.
+    #[serde(default = "default_ch_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_ch_url() -> String {
+    "http://127.0.0.1:8123".into()
+}
+fn default_ch_database() -> String {
+    "conntrack_watch".into()
+}
+fn default_ch_user() -> String {
+    "default".into()
+}
+fn default_ch_retry_ms() -> u64 {
+    2000
+}
+fn default_ch_timeout_ms() -> u64 {
+    30_000
+}
+fn default_retention_days() -> u32 {
+    super::DEFAULT_RETENTION_DAYS
+}
+fn default_lookback_hours() -> u32 {
+    super::DEFAULT_LOOKBACK_HOURS
+}
+fn default_max_collected_records() -> usize {
+    super::DEFAULT_MAX_COLLECTED_RECORDS
+}

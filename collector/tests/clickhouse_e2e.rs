@@ -1,0 +1,241 @@
+//! End to end with `storage.backend: clickhouse`, in network namespaces:
+//! two nodes with pods behind masquerade, nginx in the server namespace,
+//! the collector and a private ClickHouse server (Debian's 18.16) in their
+//! own namespace, the real agents. The right answers come from nginx's
+//! access log (the line's address and port) and the pod each request was
+//! sent from. Needs root and `clickhouse-server`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ctw_testkit::clickhouse::{self, ClickHouse};
+use ctw_testkit::cluster::Cluster;
+use ctw_testkit::collector::Collector;
+use ctw_testkit::{require_root, wait_for, Topology};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+/// How long the outage's lines may take: the store retries a failed
+/// insert for `timeout_ms` (20 s here), longer than the server's restart;
+/// a batch it gave up on would come again after the agent's ack timeout
+/// (60 s, `uplink::ACK_TIMEOUT`).
+const RESEND_WAIT: Duration = Duration::from_secs(30);
+
+/// The ClickHouse server first: it is stopped before the namespaces go.
+struct ChCluster {
+    ch: ClickHouse,
+    c: Cluster,
+}
+
+/// Like `Cluster::start`, with the collector storing in ClickHouse.
+fn start() -> Option<ChCluster> {
+    if !require_root() {
+        return None;
+    }
+    if !clickhouse::available() {
+        ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
+        return None;
+    }
+    let pods = 2;
+    let mut topo = Topology::new(pods);
+    topo.add_node(pods);
+    let (col_ns, col_addr) = topo.add_host("c");
+    let nginx = topo.start_nginx(&[80]);
+    let ch = ClickHouse::start_in(Some(&col_ns));
+    let storage = format!(
+        "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 20000\n",
+        ch.url()
+    );
+    let collector = Collector::start_with_storage(&mut topo, &col_ns, col_addr, Some(&storage), "");
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        let name = format!("node-{i}");
+        let spool = topo.tmp_dir().join(format!("spool-{i}"));
+        let yaml = collector.agent_yaml(&name, &spool, "");
+        agents.push(ctw_testkit::agent::Agent::start_on(
+            &mut topo,
+            i,
+            &name,
+            &[80],
+            &yaml,
+        ));
+    }
+    collector.wait_connected(&["node-0", "node-1"]);
+    Some(ChCluster {
+        ch,
+        c: Cluster {
+            topo,
+            collector,
+            nginx,
+            agents,
+        },
+    })
+}
+
+/// Requests from every pod of both nodes; (line, pod address, node).
+fn requests(c: &Cluster, per_pod: usize) -> Vec<(String, Ipv4Addr, String)> {
+    let mut sent = Vec::new();
+    for node in 0..2 {
+        for pod in 0..2 {
+            for _ in 0..per_pod {
+                let line = c.request(node, pod, None, &[]);
+                sent.push((line, c.topo.pod_ip4_of(node, pod), format!("node-{node}")));
+            }
+        }
+    }
+    sent
+}
+
+fn resolve(c: &Cluster, lines: &[String]) -> (u16, Value) {
+    c.collector.post_json(
+        "/api/v1/resolve",
+        &json!({ "lines": lines, "log_format": "$remote_addr $remote_port $msec $server_port" }),
+        c.topo.tmp_dir(),
+    )
+}
+
+/// Wait until every line resolves, then check each against its pod.
+fn assert_resolved(c: &Cluster, sent: &[(String, Ipv4Addr, String)], wait: Duration) {
+    let lines: Vec<String> = sent.iter().map(|s| s.0.clone()).collect();
+    let mut tries = 0;
+    let v = wait_for(wait, "every line resolved", || {
+        let (code, v) = resolve(c, &lines);
+        tries += 1;
+        if tries % 500 == 0 {
+            let bad: Vec<&Value> = v["results"]
+                .as_array()
+                .map(|a| a.iter().filter(|r| r["status"] != "resolved").collect())
+                .unwrap_or_default();
+            eprintln!("not yet resolved ({code}): {} {bad:?}", v["summary"]);
+        }
+        (code == 200 && v["summary"]["resolved"] == lines.len()).then_some(v)
+    });
+    for (i, (line, pod, node)) in sent.iter().enumerate() {
+        let r = &v["results"][i];
+        assert_eq!(r["status"], "resolved", "{line}: {r:#}");
+        assert_eq!(r["pod_ip"], pod.to_string(), "{line}: {r:#}");
+        assert_eq!(r["node"], node.as_str(), "{line}: {r:#}");
+        assert_eq!(r["candidates"], 1, "stored once: {line}: {r:#}");
+    }
+}
+
+/// Every nginx line resolves through the ClickHouse store; the collector
+/// killed with SIGKILL and started again (no local state) answers the same
+/// at once, and the agents' replays after the reconnect are not stored
+/// twice.
+#[test]
+fn lines_resolve_through_clickhouse_also_after_a_collector_kill() {
+    let Some(mut x) = start() else { return };
+    let sent = requests(&x.c, 2);
+    assert_resolved(&x.c, &sent, WAIT);
+    x.c.collector.kill9(&mut x.c.topo);
+    x.c.collector.restart(&mut x.c.topo);
+    let lines: Vec<String> = sent.iter().map(|s| s.0.clone()).collect();
+    let (code, v) = resolve(&x.c, &lines);
+    assert_eq!(code, 200, "{v:#}");
+    assert_eq!(v["summary"]["resolved"], lines.len(), "{v:#}");
+    x.c.collector.wait_connected(&["node-0", "node-1"]);
+    let more = requests(&x.c, 1);
+    assert_resolved(
+        &x.c,
+        &sent.iter().chain(&more).cloned().collect::<Vec<_>>(),
+        WAIT,
+    );
+    let n: u64 =
+        x.ch.must("SELECT count() FROM ctw.ctw_batches")
+            .trim()
+            .parse()
+            .unwrap();
+    let distinct: u64 =
+        x.ch.must("SELECT uniqExact(node, boot_id, seq) FROM ctw.ctw_batches")
+            .trim()
+            .parse()
+            .unwrap();
+    assert_eq!(n, distinct, "a batch in the ledger twice");
+}
+
+/// ClickHouse killed mid-stream: appends fail, nothing is acked, the
+/// agents keep their batches; once the server is back (within the store's
+/// retries) every line of the outage resolves, each to one connection.
+#[test]
+fn clickhouse_down_mid_stream_loses_and_doubles_nothing() {
+    let Some(mut x) = start() else { return };
+    let before = requests(&x.c, 1);
+    assert_resolved(&x.c, &before, WAIT);
+    x.ch.stop();
+    let during = requests(&x.c, 2);
+    // Nothing of the outage is answered while the server is down.
+    let lines: Vec<String> = during.iter().map(|s| s.0.clone()).collect();
+    let (code, _) = resolve(&x.c, &lines);
+    assert_ne!(code, 200, "searches must fail while ClickHouse is down");
+    x.ch.restart();
+    assert_resolved(
+        &x.c,
+        &before.iter().chain(&during).cloned().collect::<Vec<_>>(),
+        RESEND_WAIT,
+    );
+    let lines_set: HashSet<&str> = lines.iter().map(String::as_str).collect();
+    assert_eq!(lines_set.len(), lines.len());
+}
+
+/// ClickHouse down when the collector starts: the collector runs and
+/// answers `/readyz` 503 (not ready), retrying; once the server is up it
+/// becomes ready by itself and stores.
+#[test]
+fn clickhouse_down_at_start_collector_not_ready_until_it_is_up() {
+    if !require_root() {
+        return;
+    }
+    if !clickhouse::available() {
+        ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
+        return;
+    }
+    let mut topo = Topology::new(1);
+    let (ns, addr) = topo.add_host("c");
+    let mut ch = ClickHouse::start_in(Some(&ns));
+    ch.stop();
+    let storage = format!(
+        "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n",
+        ch.url()
+    );
+    let readyz = |ns: &str| {
+        let out = ctw_testkit::run_in(
+            ns,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                "http://127.0.0.1:9360/readyz",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let collector = std::thread::scope(|s| {
+        // Returns once /readyz answers 200.
+        let started =
+            s.spawn(|| Collector::start_with_storage(&mut topo, &ns, addr, Some(&storage), ""));
+        wait_for(WAIT, "the collector answering /readyz with 503", || {
+            (readyz(&ns) == "503").then_some(())
+        });
+        ch.restart();
+        started.join().unwrap()
+    });
+    assert_eq!(collector.get("/readyz").0, 200);
+    assert_eq!(
+        ch.must(
+            "SELECT count() FROM system.tables WHERE database = 'ctw' AND name = 'ctw_records'"
+        )
+        .trim(),
+        "1"
+    );
+    drop(ch);
+    drop(topo);
+}

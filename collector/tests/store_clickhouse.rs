@@ -1,0 +1,252 @@
+//! Integration tests of the ClickHouse store against a real server (Debian's
+//! `clickhouse-server`, started per test on loopback ports by the testkit):
+//! the conformance suite (same answers as `MemStore`), exactly once across
+//! two collectors, a server down at start and mid-stream, a database of
+//! another schema version, retention by day partitions.
+
+#![allow(clippy::unwrap_used)]
+
+mod conformance;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use conformance::*;
+use ctw_collector::config::{ClickHouseConfig, Storage};
+use ctw_collector::store::clickhouse::ClickHouseStore;
+use ctw_collector::store::{self, AppendOutcome, MemStore, RecordStore, SearchQuery};
+use ctw_testkit::clickhouse::{self, ClickHouse};
+use ctw_testkit::wait_for;
+
+/// Starts a server, or says why the test is skipped.
+fn server() -> Option<ClickHouse> {
+    if !clickhouse::available() {
+        ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
+        return None;
+    }
+    Some(ClickHouse::start())
+}
+
+fn cfg(ch: &ClickHouse, db: &str) -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: ch.url(),
+        database: db.into(),
+        user: "default".into(),
+        password_file: None,
+        retention_days: 36500,
+        lookback_hours: 3,
+        max_collected_records: 200_000,
+        connect_retry_ms: 100,
+        timeout_ms: 10_000,
+    }
+}
+
+#[test]
+fn same_answers_as_memstore_on_random_data() {
+    let Some(ch) = server() else { return };
+    let store = store::open(Storage::ClickHouse(cfg(&ch, "ctw_equiv")).backend()).unwrap();
+    assert!(store.ready());
+    random_equivalence(store.as_ref(), 3, 400, &mut |_| {});
+    let stats = store.stats();
+    assert!(stats.records > 3000, "{stats:?}");
+    assert!(stats.bytes_on_disk > 0, "{stats:?}");
+    store.close();
+}
+
+fn pod_batch(seq: u64, n: u64) -> ctw_collector::store::StoredBatch {
+    let node_ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    let records = (0..n)
+        .map(|i| {
+            rec(
+                BASE + seq * MIN + i * 1000,
+                IpAddr::V4(Ipv4Addr::new(198, 18, 1, (i % 200) as u8)),
+                10_000 + i as u16,
+                node_ip,
+                30_000 + (seq * n + i) as u16,
+            )
+        })
+        .collect();
+    batch("n1", seq, records)
+}
+
+fn everything() -> SearchQuery {
+    SearchQuery {
+        limit: 1_000_000,
+        ..Default::default()
+    }
+}
+
+/// A batch stored through one collector is a duplicate through another
+/// (agent failover replays it), and rows stored twice (a collector that
+/// died between the records' insert and the ledger's) are answered once.
+#[test]
+fn exactly_once_across_two_collectors() {
+    let Some(ch) = server() else { return };
+    let a = ClickHouseStore::open(&cfg(&ch, "ctw_once")).unwrap();
+    let b = ClickHouseStore::open(&cfg(&ch, "ctw_once")).unwrap();
+    let mem = MemStore::default();
+    for seq in 0..5 {
+        assert_eq!(a.append(pod_batch(seq, 50)).unwrap(), AppendOutcome::Stored);
+        mem.append(pod_batch(seq, 50)).unwrap();
+    }
+    for seq in 0..5 {
+        assert_eq!(
+            b.append(pod_batch(seq, 50)).unwrap(),
+            AppendOutcome::Duplicate
+        );
+    }
+    assert_eq!(b.append(pod_batch(5, 50)).unwrap(), AppendOutcome::Stored);
+    mem.append(pod_batch(5, 50)).unwrap();
+    let want = mem.search(&everything()).unwrap();
+    assert_eq!(want.total, 300);
+    for s in [&a, &b] {
+        let got = s.search(&everything()).unwrap();
+        assert_eq!(canonical(got.hits), canonical(want.hits.clone()));
+    }
+    // Every row stored a second time (both tables, through the view).
+    ch.must("INSERT INTO ctw_once.ctw_records SELECT * FROM ctw_once.ctw_records");
+    assert_eq!(
+        ch.must("SELECT count() FROM ctw_once.ctw_records").trim(),
+        "600"
+    );
+    for q in [
+        everything(),
+        SearchQuery {
+            src_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 7))),
+            ..everything()
+        },
+    ] {
+        let got = b.search(&q).unwrap();
+        let want = mem.search(&q).unwrap();
+        assert_eq!(got.total, want.total, "{q:?}");
+        assert_eq!(canonical(got.hits), canonical(want.hits), "{q:?}");
+    }
+}
+
+/// Server down at start: the store opens not ready, appends fail (nothing
+/// would be acked) with an error naming the server; once the server is up
+/// the store becomes ready by itself.
+#[test]
+fn down_at_start_is_not_ready_then_connects() {
+    let Some(mut ch) = server() else { return };
+    ch.stop();
+    let store = ClickHouseStore::open(&cfg(&ch, "ctw_late")).unwrap();
+    assert!(!store.ready());
+    let e = store.append(pod_batch(0, 3)).unwrap_err().to_string();
+    assert!(e.contains("not ready") && e.contains(&ch.url()), "{e}");
+    assert!(store.search(&everything()).is_err());
+    ch.restart();
+    wait_for(Duration::from_secs(30), "the store to connect", || {
+        store.ready().then_some(())
+    });
+    assert_eq!(
+        store.append(pod_batch(0, 3)).unwrap(),
+        AppendOutcome::Stored
+    );
+    assert_eq!(store.search(&everything()).unwrap().total, 3);
+}
+
+/// Server down mid-stream: the append fails once its retries used up
+/// `timeout_ms` (so the batch is not acked and the agent keeps it), and
+/// the same batch appended after the server is back is stored once.
+#[test]
+fn down_mid_stream_fails_the_append_and_the_retry_stores_once() {
+    let Some(mut ch) = server() else { return };
+    let mut c = cfg(&ch, "ctw_mid");
+    c.timeout_ms = 1000;
+    let store = ClickHouseStore::open(&c).unwrap();
+    assert_eq!(
+        store.append(pod_batch(0, 10)).unwrap(),
+        AppendOutcome::Stored
+    );
+    ch.stop();
+    let e = store.append(pod_batch(1, 10)).unwrap_err().to_string();
+    assert!(e.contains("clickhouse"), "{e}");
+    ch.restart();
+    assert_eq!(
+        store.append(pod_batch(1, 10)).unwrap(),
+        AppendOutcome::Stored
+    );
+    assert_eq!(
+        store.append(pod_batch(1, 10)).unwrap(),
+        AppendOutcome::Duplicate
+    );
+    assert_eq!(store.search(&everything()).unwrap().total, 20);
+}
+
+/// A database written by an older version (no version table, other
+/// columns) or with another version number is refused, with a message
+/// naming the versions; nothing in it is changed.
+#[test]
+fn another_schema_version_is_refused() {
+    let Some(ch) = server() else { return };
+    ch.must("CREATE DATABASE old");
+    ch.must(
+        "CREATE TABLE old.ctw_records (day Date, snat_ip String, snat_port UInt16) \
+         ENGINE = MergeTree PARTITION BY day ORDER BY (snat_ip, snat_port)",
+    );
+    let e = ClickHouseStore::open(&cfg(&ch, "old"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("old.") || e.contains("database old"),
+        "names the database: {e}"
+    );
+    assert!(e.contains("schema version 1"), "{e}");
+    // Same columns as this version, but a version table saying 7.
+    {
+        let s = ClickHouseStore::open(&cfg(&ch, "newer")).unwrap();
+        s.close();
+    }
+    ch.must("INSERT INTO newer.ctw_schema (version) VALUES (7)");
+    let e = ClickHouseStore::open(&cfg(&ch, "newer"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[1, 7]") || e.contains("[7, 1]"), "{e}");
+    // An older table's columns, with the version table of this version.
+    ch.must("CREATE DATABASE older");
+    ch.must("CREATE TABLE older.ctw_schema (version UInt32) ENGINE = TinyLog");
+    ch.must("INSERT INTO older.ctw_schema (version) VALUES (1)");
+    ch.must(
+        "CREATE TABLE older.ctw_records (day Date, family UInt8, snat_ip String) \
+         ENGINE = MergeTree PARTITION BY day ORDER BY snat_ip",
+    );
+    let e = ClickHouseStore::open(&cfg(&ch, "older"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected column snat_ip FixedString(16)"), "{e}");
+    assert_eq!(
+        ch.must("SELECT count() FROM system.tables WHERE database = 'older'")
+            .trim(),
+        "2"
+    );
+}
+
+/// Retention drops whole days older than `retention_days` from every
+/// table; later days stay searchable.
+#[test]
+fn retention_drops_old_days() {
+    let Some(ch) = server() else { return };
+    let mut c = cfg(&ch, "ctw_ret");
+    c.retention_days = 2;
+    let store = ClickHouseStore::open(&c).unwrap();
+    let day = 24 * H;
+    for d in 0..5u64 {
+        let mut b = pod_batch(d, 4);
+        for r in &mut b.records {
+            r.event_ns += d * day;
+            r.start_ns = Some(r.event_ns);
+        }
+        store.append(b).unwrap();
+    }
+    assert_eq!(store.search(&everything()).unwrap().total, 20);
+    // "Now" is day 5: days 0, 1 and 2 are older than 2 days.
+    let dropped = store.enforce_retention(BASE + 5 * day).unwrap();
+    assert!(dropped >= 3, "{dropped}");
+    let left = store.search(&everything()).unwrap();
+    assert_eq!(left.total, 8);
+    assert!(left
+        .hits
+        .iter()
+        .all(|h| h.record.event_ns >= BASE + 3 * day));
+}

@@ -1,0 +1,280 @@
+//! A private ClickHouse server for a test: Debian's `clickhouse-server`
+//! (18.16 on Debian 12) with its own config, data and logs in a temp
+//! directory, listening on free loopback ports only. [`ClickHouse::start`]
+//! waits until it answers `SELECT 1`; dropping it kills the server by pid
+//! and removes the directory. [`ClickHouse::stop`] and
+//! [`ClickHouse::restart`] keep the directory and ports (a server down
+//! mid-stream, then back with its data).
+//!
+//! Needs the `clickhouse-server` package (`scripts/test.sh` installs it and
+//! disables the system service the package starts); [`available`] says
+//! whether it is there.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// The server binary of Debian's `clickhouse-server` package.
+pub const SERVER_BIN: &str = "/usr/sbin/clickhouse-server";
+/// How long a server may take to answer after its start.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Is `clickhouse-server` installed? Tests that need it call
+/// [`crate::skip`] and return when not.
+pub fn available() -> bool {
+    Path::new(SERVER_BIN).exists()
+}
+
+/// A running (or stopped) private server; see the module docs.
+#[derive(Debug)]
+pub struct ClickHouse {
+    dir: PathBuf,
+    /// HTTP interface port on 127.0.0.1 (the collector's `storage.url`).
+    pub http_port: u16,
+    /// Native protocol port on 127.0.0.1 (`clickhouse-client --port`).
+    pub tcp_port: u16,
+    /// Network namespace the server runs in (`None`: the host's).
+    ns: Option<String>,
+    child: Option<Child>,
+}
+
+/// A port free on 127.0.0.1 right now (the kernel's choice).
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a free loopback port")
+}
+
+impl ClickHouse {
+    /// Start a server in a fresh temp directory on free ports and wait
+    /// until it answers. Panics (with the server's error log) if it does
+    /// not within [`START_TIMEOUT`].
+    pub fn start() -> ClickHouse {
+        ClickHouse::start_in(None)
+    }
+
+    /// [`start`](Self::start) inside network namespace `ns` (its
+    /// loopback: for a collector running there); [`query`](Self::query)
+    /// then connects from inside it too.
+    pub fn start_in(ns: Option<&str>) -> ClickHouse {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ctw-clickhouse-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the server's directory");
+        let mut ch = ClickHouse {
+            dir,
+            http_port: free_port(),
+            tcp_port: free_port(),
+            ns: ns.map(str::to_string),
+            child: None,
+        };
+        ch.write_config();
+        ch.restart();
+        ch
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// The server's directory (config, data, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.display();
+        let config = format!(
+            r#"<?xml version="1.0"?>
+<yandex>
+  <logger>
+    <level>information</level>
+    <log>{d}/server.log</log>
+    <errorlog>{d}/server.err.log</errorlog>
+    <size>100M</size>
+    <count>1</count>
+  </logger>
+  <listen_host>127.0.0.1</listen_host>
+  <http_port>{http}</http_port>
+  <tcp_port>{tcp}</tcp_port>
+  <path>{d}/data/</path>
+  <tmp_path>{d}/tmp/</tmp_path>
+  <user_files_path>{d}/user_files/</user_files_path>
+  <format_schema_path>{d}/format_schemas/</format_schema_path>
+  <mark_cache_size>268435456</mark_cache_size>
+  <uncompressed_cache_size>268435456</uncompressed_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+  <users>
+    <default>
+      <password></password>
+      <networks><ip>127.0.0.1</ip></networks>
+      <profile>default</profile>
+      <quota>default</quota>
+    </default>
+  </users>
+  <profiles><default></default></profiles>
+  <quotas><default></default></quotas>
+</yandex>
+"#,
+            http = self.http_port,
+            tcp = self.tcp_port,
+        );
+        std::fs::write(self.dir.join("config.xml"), config).expect("write config.xml");
+    }
+
+    /// Start the server (again, with the same directory and ports) and
+    /// wait until it answers. No-op while it runs.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        assert!(
+            available(),
+            "{SERVER_BIN} missing: apt-get install clickhouse-server (scripts/test.sh does)"
+        );
+        let out = std::fs::File::create(self.dir.join("stdout.log")).expect("stdout.log");
+        let err = out.try_clone().expect("stdout.log");
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                // `ip netns exec` execs the server: the pid stays its own.
+                c.args(["netns", "exec", ns, SERVER_BIN]);
+                c
+            }
+            None => Command::new(SERVER_BIN),
+        };
+        let child = cmd
+            .arg(format!(
+                "--config-file={}",
+                self.dir.join("config.xml").display()
+            ))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start clickhouse-server");
+        self.child = Some(child);
+        let what = format!(
+            "clickhouse-server to answer (logs in {})",
+            self.dir.display()
+        );
+        let started = crate::wait_for(START_TIMEOUT, &what, || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Some(Err(status));
+            }
+            self.query("SELECT 1")
+                .is_ok_and(|r| r.trim() == "1")
+                .then_some(Ok(()))
+        });
+        if let Err(status) = started {
+            self.child = None;
+            panic!(
+                "clickhouse-server exited ({status}) at start:\n{}",
+                self.log_tail()
+            );
+        }
+    }
+
+    /// SIGKILL the server by pid and reap it (data stay; see [`restart`](Self::restart)).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The last lines of the server's logs, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for f in ["stdout.log", "server.err.log"] {
+            let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {f}\n"));
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Run one statement over HTTP; `Ok(body)` on status 200, else
+    /// `Err` with the status line and the server's message.
+    pub fn query(&self, sql: &str) -> Result<String, String> {
+        match &self.ns {
+            None => self.query_here(sql),
+            Some(ns) => std::thread::scope(|s| {
+                s.spawn(|| {
+                    enter_netns(ns)?;
+                    self.query_here(sql)
+                })
+                .join()
+                .unwrap_or_else(|_| Err("query thread panicked".into()))
+            }),
+        }
+    }
+
+    fn query_here(&self, sql: &str) -> Result<String, String> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        let req = format!(
+            "POST / HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{sql}",
+            sql.len()
+        );
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+        let resp = String::from_utf8_lossy(&resp);
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        let status = head.lines().next().unwrap_or("");
+        if status.contains(" 200 ") {
+            Ok(body.to_string())
+        } else {
+            Err(format!("{status}: {body}"))
+        }
+    }
+
+    /// [`query`](Self::query), panicking on an error.
+    pub fn must(&self, sql: &str) -> String {
+        self.query(sql)
+            .unwrap_or_else(|e| panic!("clickhouse {sql:?}: {e}"))
+    }
+}
+
+/// Move the calling thread into network namespace `ns` (`/run/netns/NS`,
+/// as made by `ip netns add`); its new sockets live there.
+fn enter_netns(ns: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{ns}"))
+        .map_err(|e| format!("open /run/netns/{ns}: {e}"))?;
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns {ns}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl Drop for ClickHouse {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
