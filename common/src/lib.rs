@@ -166,6 +166,24 @@ impl TcpState {
         }
     }
 
+    /// The kernel's `enum tcp_conntrack` value: the inverse of
+    /// [`TcpState::from_kernel`].
+    pub fn to_kernel(self) -> u8 {
+        match self {
+            TcpState::None => 0,
+            TcpState::SynSent => 1,
+            TcpState::SynRecv => 2,
+            TcpState::Established => 3,
+            TcpState::FinWait => 4,
+            TcpState::CloseWait => 5,
+            TcpState::LastAck => 6,
+            TcpState::TimeWait => 7,
+            TcpState::Close => 8,
+            TcpState::SynSent2 => 9,
+            TcpState::Other(v) => v,
+        }
+    }
+
     /// The name `conntrack -L` prints (`ESTABLISHED`, `TIME_WAIT`, ...).
     pub fn name(self) -> &'static str {
         match self {
@@ -341,5 +359,8 @@ mod tests {
         assert_eq!(TcpState::from_kernel(3).name(), "ESTABLISHED");
         assert_eq!(TcpState::from_kernel(7).name(), "TIME_WAIT");
         assert_eq!(TcpState::from_kernel(200), TcpState::Other(200));
+        for v in 0..=255u8 {
+            assert_eq!(TcpState::from_kernel(v).to_kernel(), v);
+        }
     }
 }

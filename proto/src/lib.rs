@@ -91,24 +91,7 @@ impl TryFrom<&pb::Tuple> for Tuple {
 fn tcp_state_to_wire(s: Option<TcpState>) -> u32 {
     match s {
         None => 0,
-        Some(s) => u32::from(tcp_state_kernel(s)) + 1,
-    }
-}
-
-/// The kernel's `tcp_conntrack` value of a state.
-pub fn tcp_state_kernel(s: TcpState) -> u8 {
-    match s {
-        TcpState::None => 0,
-        TcpState::SynSent => 1,
-        TcpState::SynRecv => 2,
-        TcpState::Established => 3,
-        TcpState::FinWait => 4,
-        TcpState::CloseWait => 5,
-        TcpState::LastAck => 6,
-        TcpState::TimeWait => 7,
-        TcpState::Close => 8,
-        TcpState::SynSent2 => 9,
-        TcpState::Other(v) => v,
+        Some(s) => u32::from(s.to_kernel()) + 1,
     }
 }
 

@@ -171,7 +171,7 @@ fn encode_fields(r: &ConnRecord, out: &mut Vec<u8>) {
 
 /// 0 for `None`, else 1 + the kernel's value.
 pub fn tcp_state_code(s: Option<TcpState>) -> u16 {
-    s.map_or(0, |s| 1 + u16::from(crate::tcp_state_kernel(s)))
+    s.map_or(0, |s| 1 + u16::from(s.to_kernel()))
 }
 
 pub fn tcp_state_from_code(c: u16) -> Option<TcpState> {

@@ -85,22 +85,6 @@ fn addr_of(b: [u8; 16], family: u8) -> IpAddr {
     }
 }
 
-fn tcp_state_number(s: TcpState) -> u8 {
-    match s {
-        TcpState::None => 0,
-        TcpState::SynSent => 1,
-        TcpState::SynRecv => 2,
-        TcpState::Established => 3,
-        TcpState::FinWait => 4,
-        TcpState::CloseWait => 5,
-        TcpState::LastAck => 6,
-        TcpState::TimeWait => 7,
-        TcpState::Close => 8,
-        TcpState::SynSent2 => 9,
-        TcpState::Other(v) => v,
-    }
-}
-
 impl RecordRow {
     /// The row of a normalized record seen on `node`.
     pub fn from_record(node: &str, r: &ConnRecord) -> RecordRow {
@@ -140,7 +124,7 @@ impl RecordRow {
             reply_src_port: r.reply.src_port,
             mark: r.mark,
             status: r.status,
-            tcp_state: r.tcp_state.map_or(0, tcp_state_number),
+            tcp_state: r.tcp_state.map_or(0, TcpState::to_kernel),
             tcp_flags_orig: r.tcp_flags_orig,
             tcp_flags_reply: r.tcp_flags_reply,
             present,
