@@ -24,6 +24,7 @@ use crate::answer;
 use crate::auth::Token;
 use crate::config::LookupConfig;
 use crate::metrics::Metrics;
+use crate::pods::PodHistory;
 use crate::query::{self, Lookup, LookupOutcome, QueryError};
 use crate::registry::Registry;
 use crate::resolve;
@@ -41,6 +42,9 @@ pub struct AppState {
     pub lookup: LookupConfig,
     /// Set once storage is open and the gRPC listener is up.
     pub ready: Arc<AtomicBool>,
+    /// The pod history (kubernetes on): answers carry `pod` and its
+    /// fields; `None` leaves them out.
+    pub pods: Option<Arc<PodHistory>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -208,7 +212,7 @@ async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Pa
         Err(e) => return query_error(&e),
     };
     match query::search(s.store.clone(), &s.registry, &q).await {
-        Ok(res) => Json(answer::search(&res, &q)).into_response(),
+        Ok(res) => Json(answer::search(&res, &q, s.pods.as_deref())).into_response(),
         Err(e) => query_error(&e),
     }
 }
@@ -228,6 +232,10 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
             zones_tried,
         }) => Json(LookupAnswer {
             zones_tried: Some(zones_tried),
+            pod_fields: s
+                .pods
+                .as_ref()
+                .map(|p| answer::pod_fields(&p.for_record(&answer.record, ctw_common::now_ns()))),
             ..LookupAnswer::new(&answer.record, &answer.node)
         })
         .into_response(),
@@ -266,7 +274,7 @@ async fn resolve_lines(
         Err(e) => return query_error(&e),
     };
     drop(body);
-    match resolve::resolve(s.store.clone(), s.registry.clone(), req).await {
+    match resolve::resolve(s.store.clone(), s.registry.clone(), s.pods.clone(), req).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => query_error(&e),
     }

@@ -126,6 +126,7 @@ async fn api() -> Api {
                     error: String::new(),
                     entry: found.then(|| (&entry).into()),
                     node: "node-a".into(),
+                    pod: None,
                 },
             );
         }
