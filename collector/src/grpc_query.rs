@@ -660,6 +660,49 @@ mod tests {
     }
 
     #[test]
+    fn connections_carry_their_pod_when_kubernetes_is_on() {
+        use crate::answer::fixtures;
+        let res = SearchResult {
+            hits: vec![fixtures::closed(), fixtures::midstream(), fixtures::gone()],
+            total: 3,
+            gaps: vec![],
+        };
+        let off = search_response(res.clone(), None);
+        assert!(off.connections.iter().all(|c| c.pod.is_none()));
+        let pods = fixtures::pods();
+        let c = search_response(res, Some(&pods)).connections;
+        let named = c[0].pod.as_ref().unwrap();
+        let p = named.pod.as_ref().unwrap();
+        assert_eq!(
+            (
+                p.namespace.as_str(),
+                p.name.as_str(),
+                p.workload_kind.as_str(),
+                p.workload_name.as_str(),
+                p.node.as_str()
+            ),
+            (
+                "payments",
+                "checkout-7d9f-x2k4",
+                "Deployment",
+                "checkout",
+                "node-a"
+            )
+        );
+        assert_eq!(p.uid, "00000000-0000-0000-0000-0000000000a1");
+        assert!(named.verified && !named.ip_reused && named.reason.is_empty());
+        let none = c[1].pod.as_ref().unwrap();
+        assert!(none.pod.is_none());
+        assert_eq!(none.reason, "no_pod_at_time");
+        let reused = c[2].pod.as_ref().unwrap();
+        assert!(reused.ip_reused);
+        let names: Vec<&str> = reused.holders.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["batch-1", "batch-2"]);
+        assert_eq!(reused.pod.as_ref().unwrap().name, "batch-1");
+        assert!(reused.holders[1].to_ns.is_none() && reused.holders[0].to_ns.is_some());
+    }
+
+    #[test]
     fn open_gaps_make_the_answer_incomplete() {
         let mut r = SearchResult::default();
         assert!(search_response(r.clone(), None).complete);
