@@ -4,6 +4,11 @@
 //! first, and `zones_tried` says which were asked), the agents list, and
 //! `/metrics`, `/healthz`, `/readyz`.
 //!
+//! With a pod history (`kubernetes` on, [`AppState::pods`]) every
+//! connection, resolved line, candidate and live lookup carries the pod
+//! fields ([`ctw_common::api::PodFields`]), and searches take `namespace`,
+//! `pod`, `workload` ([`query::search_by_pod`]).
+//!
 //! Everything under `/api/` needs `Authorization: Bearer TOKEN`; metrics and
 //! probes do not (Prometheus and kubelet have no token).
 
@@ -211,7 +216,17 @@ async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Pa
         Ok(q) => q,
         Err(e) => return query_error(&e),
     };
-    match query::search(s.store.clone(), &s.registry, &q).await {
+    let by_pod = match query::pod_filter_from_params(&params) {
+        Ok(f) => f,
+        Err(e) => return query_error(&e),
+    };
+    let res = match &by_pod {
+        Some(f) => {
+            query::search_by_pod(s.store.clone(), &s.registry, s.pods.as_deref(), &q, f).await
+        }
+        None => query::search(s.store.clone(), &s.registry, &q).await,
+    };
+    match res {
         Ok(res) => Json(answer::search(&res, &q, s.pods.as_deref())).into_response(),
         Err(e) => query_error(&e),
     }

@@ -795,3 +795,68 @@ async fn answers_name_pods_when_kubernetes_is_on() {
     assert_eq!(v["pod_verified"], true, "{v:#}");
     assert_eq!(v["pod_ip_reused"], true, "{v:#}");
 }
+
+#[tokio::test]
+async fn search_by_namespace_pod_and_workload_goes_through_the_pod_history() {
+    let uri = |q: &str| {
+        format!(
+            "/api/v1/connections?{q}&from={}&to={}",
+            T_S - 600,
+            T_S + 600
+        )
+    };
+    // Off: refused, naming the parameter (no history to answer from).
+    let off = api().await;
+    assert_refused(
+        "namespace without a history",
+        off.get(&uri("namespace=payments")).await,
+        "namespace",
+    );
+    let api = api_with(Some(pods())).await;
+    // The connection started at T, while checkout-a held 10.244.1.7.
+    for q in [
+        "namespace=payments",
+        "pod=checkout-a",
+        "namespace=payments&pod=checkout-a",
+        "workload=checkout",
+        "workload=Deployment/checkout",
+        "namespace=payments&workload=Deployment/checkout&dst_port=80",
+    ] {
+        let (code, v) = api.get(&uri(q)).await;
+        assert_eq!(code, StatusCode::OK, "{q}: {v:#}");
+        assert_eq!(v["total"], 1, "{q}: {v:#}");
+        assert_eq!(v["records"][0]["src_ip"], "10.244.1.7", "{q}: {v:#}");
+        assert_eq!(v["records"][0]["pod"]["name"], "checkout-a", "{q}: {v:#}");
+    }
+    // checkout-b got the address after the connection started: not its.
+    for q in [
+        "pod=checkout-b",
+        "namespace=other",
+        "workload=StatefulSet/checkout",
+        "pod=checkout-a&dst_port=443",
+    ] {
+        let (code, v) = api.get(&uri(q)).await;
+        assert_eq!(code, StatusCode::OK, "{q}: {v:#}");
+        assert_eq!(v["total"], 0, "{q}: {v:#}");
+    }
+    // A range outside A's tenure finds nothing.
+    let (_, v) = api
+        .get(&format!(
+            "/api/v1/connections?pod=checkout-a&from={}&to={}",
+            T_S + 100,
+            T_S + 200
+        ))
+        .await;
+    assert_eq!(v["total"], 0, "{v:#}");
+    assert_refused(
+        "a workload of three parts",
+        api.get(&uri("workload=a/b/c")).await,
+        "workload",
+    );
+    assert_refused(
+        "a long namespace",
+        api.get(&uri(&format!("namespace={}", "n".repeat(400))))
+            .await,
+        "namespace",
+    );
+}

@@ -363,6 +363,31 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
             ),
         }
     }
+    // Searches by pod go through the history: A's one connection, the
+    // Deployment's six (A, B, the outage one, C, D twice), the StatefulSet's one.
+    let count = |q: &str| {
+        let (code, v) = c.api(&format!("/api/v1/connections?{q}&limit=100"));
+        assert_eq!(code, 200, "{q}: {v}");
+        let srcs: Vec<String> = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r["src_ip"], r["pod"]["name"]))
+            .collect();
+        (v["total"].as_u64().unwrap(), srcs)
+    };
+    let (n, srcs) = count("namespace=payments&pod=checkout-7d9f-a");
+    assert_eq!(
+        (n, srcs),
+        (1, vec![format!("\"{ip0}\" \"checkout-7d9f-a\"")])
+    );
+    let (n, srcs) = count("workload=Deployment/checkout");
+    assert_eq!(n, 6, "{srcs:?}");
+    let (n, _) = count("workload=StatefulSet/worker");
+    assert_eq!(n, 1);
+    // The hostNetwork pod is never matched: its address is not its own.
+    let (n, _) = count("pod=node-exporter-x");
+    assert_eq!(n, 0);
     assert_eq!(results[2]["pod_verified"], false, "{}", results[2]);
     assert_eq!(results[6]["pod_reason"], "host_network", "{}", results[6]);
     assert!(results[6]["pod"].is_null(), "{}", results[6]);
