@@ -51,7 +51,7 @@ pub struct Cli {
 pub const DEFAULT_BATCH: usize = 1000;
 pub const MAX_BATCH: usize = 20_000;
 
-const SEARCH_FLAGS: [(&str, &str); 15] = [
+const SEARCH_FLAGS: [(&str, &str); 18] = [
     ("--tz", "tz"),
     ("--src-ip", "src_ip"),
     ("--src-port", "src_port"),
@@ -67,6 +67,9 @@ const SEARCH_FLAGS: [(&str, &str); 15] = [
     ("--window", "window"),
     ("--limit", "limit"),
     ("--kind", "kind"),
+    ("--namespace", "namespace"),
+    ("--pod", "pod"),
+    ("--workload", "workload"),
 ];
 
 /// The values of `search --kind` (the collector's `kind` parameter):
@@ -451,6 +454,17 @@ mod tests {
 
     #[test]
     fn search_flags_and_shorthand() {
+        let c = p("search --namespace payments --workload Deployment/checkout --pod x").unwrap();
+        assert_eq!(
+            c.command,
+            Command::Search {
+                params: kv(&[
+                    ("namespace", "payments"),
+                    ("workload", "Deployment/checkout"),
+                    ("pod", "x")
+                ])
+            }
+        );
         let c = p("search --src-ip 10.0.0.5 --dst-port=443 --limit 5 --json").unwrap();
         assert!(c.global.json);
         assert_eq!(

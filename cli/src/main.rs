@@ -31,12 +31,17 @@ COMMANDS:
     search [IP:PORT [TIME]] [--src-ip IP] [--src-port N] [--dst-ip IP] [--dst-port N]
            [--snat-ip IP] [--snat-port N] [--node NAME] [--protocol P]
            [--from TIME] [--to TIME] [--at TIME] [--tz ZONE] [--window DUR] [--limit N] [--kind K]
+           [--namespace NS] [--pod NAME] [--workload [KIND/]NAME]
         Search recorded connections. IP:PORT is the SNAT address and port a
         server logged (remote_addr:remote_port), TIME sets --at.
         --kind K keeps connections whose first record was: new (seen opening),
         midstream (TCP picked up mid-stream), recovered (found by a table
         dump), destroy (only its end seen). END shows <=TIME (superseded) or
         <=TIME (gone) when only an upper bound of the end is known.
+        --namespace, --pod, --workload (Deployment/checkout, or a name of any
+        kind) keep connections from those pods, as of each connection's start
+        (the collector's pod history; kubernetes on). With pod names, a
+        NAMESPACE/POD (WORKLOAD) column shows each connection's pod.
     resolve [FILE|-] [--log-format FMT] [--window DUR] [--skew DUR] [--at TIME] [--tz ZONE] [--batch N]
         Read nginx access-log lines (FILE, or standard input) and write each
         back with ' pod=IP node=NODE' appended, or ' pod=? reason=...'
@@ -49,6 +54,11 @@ COMMANDS:
         The default format is nginx's combined plus ' $remote_port'; FMT is an
         nginx log_format string with $remote_addr and $remote_port (and
         $msec, $time_iso8601 or $time_local, else give --at).
+        When the collector names pods (kubernetes on): ' pod=NAMESPACE/NAME
+        (Kind/name) pod_ip=IP node=NODE' as of the connection's start, or
+        ' pod=IP node=NODE pod_reason=R' (no_pod_at_time, history_gap,
+        host_network); ' pod_verified=false' (in a gap of the pod watch) and
+        ' pod_ip_reused=true' (the address changed hands) flag doubt.
     lookup --src-ip IP --src-port N --dst-ip IP --dst-port N [--protocol P] [--reply] [--node NAME] [--zone N]
         Live conntrack lookup on the agent that owns the connection. --reply:
         the addresses are the reply direction (server -> SNAT address).

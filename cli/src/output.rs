@@ -1,7 +1,9 @@
 //! Human output: aligned tables built from the API's typed answers
 //! ([`ctw_common::api`]).
 
-use ctw_common::api::{AgentsAnswer, GapAnswer, LineAnswer, LookupAnswer, SearchAnswer, TupleJson};
+use ctw_common::api::{
+    AgentsAnswer, GapAnswer, LineAnswer, LookupAnswer, PodFields, SearchAnswer, TupleJson,
+};
 
 /// Render rows under a header, columns separated by two spaces and padded
 /// to the widest cell (in characters); the last column is not padded.
@@ -61,9 +63,30 @@ pub fn endpoint(ip: impl std::fmt::Display, port: u16) -> String {
     }
 }
 
-/// The rows of `GET /api/v1/connections`.
+/// An answer's pod for a table cell: `NAMESPACE/NAME (Kind/name)`, or
+/// `-` and the reason when none is named (`-` alone without a reason),
+/// then ` unverified` (in a gap of the pod watch) and ` ip-reused` (the
+/// address changed hands within the connection).
+pub fn pod_cell(f: &PodFields) -> String {
+    let mut s = match (&f.pod, f.pod_reason.as_deref()) {
+        (Some(p), _) => p.label(),
+        (None, Some(r)) => format!("- ({r})"),
+        (None, None) => "-".into(),
+    };
+    if !f.pod_verified {
+        s.push_str(" unverified");
+    }
+    if f.pod_ip_reused {
+        s.push_str(" ip-reused");
+    }
+    s
+}
+
+/// The rows of `GET /api/v1/connections`; a `NAMESPACE/POD (WORKLOAD)`
+/// column when the collector names pods (kubernetes on).
 pub fn search_table(v: &SearchAnswer) -> String {
     let with_at = v.at.is_some();
+    let with_pods = v.records.iter().any(|r| r.pod_fields.is_some());
     let mut header = vec![
         "START",
         "NODE",
@@ -74,6 +97,9 @@ pub fn search_table(v: &SearchAnswer) -> String {
         "END",
         "STATE",
     ];
+    if with_pods {
+        header.insert(3, "NAMESPACE/POD (WORKLOAD)");
+    }
     if with_at {
         header.push("ALIVE@AT");
     }
@@ -96,6 +122,9 @@ pub fn search_table(v: &SearchAnswer) -> String {
                 },
                 opt(r.state.as_deref()),
             ];
+            if with_pods {
+                row.insert(3, r.pod_fields.as_ref().map_or("-".into(), pod_cell));
+            }
             if with_at {
                 row.push(
                     if r.alive_at == Some(true) {
@@ -161,7 +190,7 @@ pub fn lookup_table(v: &LookupAnswer) -> String {
             endpoint(t.dst, t.dst_port)
         )
     };
-    let rows = vec![
+    let mut rows = vec![
         vec!["node".into(), v.node.clone()],
         vec!["status".into(), v.status.clone()],
         vec!["protocol".into(), v.protocol.to_string()],
@@ -177,6 +206,9 @@ pub fn lookup_table(v: &LookupAnswer) -> String {
         ],
         vec!["mark".into(), v.mark.to_string()],
     ];
+    if let Some(f) = &v.pod_fields {
+        rows.push(vec!["pod".into(), pod_cell(f)]);
+    }
     table(&["FIELD", "VALUE"], &rows)
 }
 
@@ -194,13 +226,39 @@ pub fn gap_lines(gaps: &[GapAnswer]) -> Vec<String> {
 
 /// One resolve result appended to its line: ` pod=IP node=NODE`, plus
 /// ` ambiguous=N` / ` midstream=true` / ` incomplete=true`; or
-/// ` pod=? reason=...` (` node=NODE` with `not_observed`).
+/// ` pod=? reason=...` (` node=NODE` with `not_observed`). When the
+/// collector names pods: ` pod=NAMESPACE/NAME (Kind/name) pod_ip=IP
+/// node=NODE` (or ` pod=IP node=NODE pod_reason=REASON` when none is named),
+/// then ` pod_verified=false` / ` pod_ip_reused=true` when so.
 pub fn resolve_suffix(r: &LineAnswer) -> String {
     let status = r.status.as_str();
     let incomplete = r.incomplete == Some(true);
     match status {
         "resolved" | "ambiguous" => {
-            let mut s = format!(" pod={} node={}", opt(r.pod_ip), opt(r.node.as_deref()));
+            let node = opt(r.node.as_deref());
+            let mut s = match &r.pod_fields {
+                Some(PodFields { pod: Some(p), .. }) => {
+                    format!(" pod={} pod_ip={} node={node}", p.label(), opt(r.pod_ip))
+                }
+                Some(PodFields {
+                    pod: None,
+                    pod_reason,
+                    ..
+                }) => format!(
+                    " pod={} node={node} pod_reason={}",
+                    opt(r.pod_ip),
+                    opt(pod_reason.as_deref())
+                ),
+                None => format!(" pod={} node={node}", opt(r.pod_ip)),
+            };
+            if let Some(f) = &r.pod_fields {
+                if !f.pod_verified {
+                    s.push_str(" pod_verified=false");
+                }
+                if f.pod_ip_reused {
+                    s.push_str(" pod_ip_reused=true");
+                }
+            }
             if status == "ambiguous" {
                 // Candidates alive at the line's time, else within the skew.
                 let n = match r.alive_candidates {
@@ -323,6 +381,35 @@ mod tests {
         assert_eq!(lines[1].find("10.244.1.7"), Some(col));
         assert_eq!(lines[2].find("10.244.2.8"), Some(col));
 
+        // Kubernetes on: a pod column, named or why not.
+        let mut on = v.clone();
+        on.records[0].pod_fields = Some(
+            serde_json::from_value(
+                json!({"pod": {"namespace": "payments", "name": "checkout-x",
+                "uid": "u", "workload": {"kind": "Deployment", "name": "checkout"},
+                "node": "node-a", "from": "2024-12-09T07:00:00.000Z"},
+                "pod_verified": true, "pod_ip_reused": false}),
+            )
+            .unwrap(),
+        );
+        on.records[1].pod_fields = Some(
+            serde_json::from_value(json!({"pod": null, "pod_reason": "history_gap",
+                "pod_verified": false, "pod_ip_reused": false}))
+            .unwrap(),
+        );
+        let t = search_table(&on);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0]
+                .starts_with("START                     NODE    PROTO  NAMESPACE/POD (WORKLOAD)"),
+            "{t}"
+        );
+        assert!(
+            lines[1].contains(" payments/checkout-x (Deployment/checkout) "),
+            "{t}"
+        );
+        assert!(lines[2].contains(" - (history_gap) unverified "), "{t}");
+
         let a: AgentsAnswer = serde_json::from_value(json!({"agents": [
             agent(json!({"node": "n1", "connected": true, "addresses": ["198.18.0.1", "fd00::1"],
              "lag_seconds": 0.0123, "records_stored": 5})),
@@ -366,6 +453,25 @@ mod tests {
         assert_eq!(line(r), " pod=10.0.0.5 node=a midstream=true");
         let r = json!({"status": "ambiguous", "pod_ip": "10.0.0.5", "node": "a", "alive_candidates": 0, "near_candidates": 2});
         assert_eq!(line(r), " pod=10.0.0.5 node=a ambiguous=2");
+        // Kubernetes on: the pod's name, as of the connection's start.
+        let pod = json!({"namespace": "payments", "name": "checkout-7d9f-x2k4", "uid": "u",
+            "workload": {"kind": "Deployment", "name": "checkout"}, "node": "a",
+            "from": "2024-12-09T07:00:00.000Z"});
+        let r = json!({"status": "resolved", "pod_ip": "10.0.0.5", "node": "a",
+            "pod": pod, "pod_verified": true, "pod_ip_reused": false});
+        assert_eq!(
+            line(r),
+            " pod=payments/checkout-7d9f-x2k4 (Deployment/checkout) pod_ip=10.0.0.5 node=a"
+        );
+        let r = json!({"status": "resolved", "pod_ip": "10.0.0.5", "node": "a", "pod": pod,
+            "pod_verified": false, "pod_ip_reused": true, "pod_holders": [pod]});
+        assert_eq!(
+            line(r),
+            " pod=payments/checkout-7d9f-x2k4 (Deployment/checkout) pod_ip=10.0.0.5 node=a pod_verified=false pod_ip_reused=true"
+        );
+        let r = json!({"status": "resolved", "pod_ip": "10.0.0.5", "node": "a", "pod": null,
+            "pod_reason": "host_network", "pod_verified": true, "pod_ip_reused": false});
+        assert_eq!(line(r), " pod=10.0.0.5 node=a pod_reason=host_network");
         let gaps: Vec<GapAnswer> = serde_json::from_value(
             json!([{"node": "a", "from": "f", "to": "t", "reason": "kernel_drop", "count": 3}]),
         )

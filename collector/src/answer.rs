@@ -2,14 +2,59 @@
 //! answers): a connection, a gap, a search. Shared by the search endpoint
 //! and the resolve service, so both show a connection alike.
 
-use ctw_common::api::{self, ConnectionAnswer, GapAnswer, SearchAnswer};
+use ctw_common::api::{
+    self, ConnectionAnswer, GapAnswer, PodFields, PodRefAnswer, SearchAnswer, WorkloadAnswer,
+};
 use ctw_common::{status, EventKind};
 
+use crate::pods::{NoPodReason, PodAnswer, PodHistory, PodRef};
 use crate::store::{alive_at, Gap, Hit, SearchQuery, SearchResult};
 
+/// A pod of the history as the API shows it.
+pub fn pod_ref(p: &PodRef) -> PodRefAnswer {
+    PodRefAnswer {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        uid: p.uid.clone(),
+        workload: p.workload.as_ref().map(|w| WorkloadAnswer {
+            kind: w.kind.clone(),
+            name: w.name.clone(),
+        }),
+        node: p.node.clone(),
+        host_network: p.host_network,
+        from: api::format_time(p.from_ns),
+        to: p.to_ns.map(api::format_time),
+    }
+}
+
+/// A pod answer of the history as the API's pod fields.
+pub fn pod_fields(a: &PodAnswer) -> PodFields {
+    PodFields {
+        pod: a.pod.as_ref().map(pod_ref),
+        pod_reason: a.reason.map(|r| {
+            match r {
+                NoPodReason::NoPodAtTime => "no_pod_at_time",
+                NoPodReason::HistoryGap => "history_gap",
+                NoPodReason::HostNetwork => "host_network",
+            }
+            .to_string()
+        }),
+        pod_verified: a.verified,
+        pod_ip_reused: a.pod_ip_reused,
+        pod_holders: (!a.holders.is_empty()).then(|| a.holders.iter().map(pod_ref).collect()),
+    }
+}
+
+/// The pod fields of a connection (its source as of its start, reuse
+/// checked over its lifetime widened by `skew_ns`); `None` without a
+/// history (kubernetes off).
+pub fn hit_pod(pods: Option<&PodHistory>, h: &Hit, skew_ns: u64) -> Option<PodFields> {
+    pods.map(|p| pod_fields(&p.for_hit_with_skew(h, skew_ns)))
+}
+
 /// One connection (a store hit) as a search shows it; `alive_at` only with
-/// the query's `at`.
-pub fn connection(h: &Hit, q: &SearchQuery) -> ConnectionAnswer {
+/// the query's `at`; the pod fields only with a pod history.
+pub fn connection(h: &Hit, q: &SearchQuery, pods: Option<&PodHistory>) -> ConnectionAnswer {
     let r = &h.record;
     let (snat_ip, snat_port) = r.snat();
     let start = h.start_ns();
@@ -46,6 +91,7 @@ pub fn connection(h: &Hit, q: &SearchQuery) -> ConnectionAnswer {
         orig_bytes: c(|c| c.bytes, h.counters_orig),
         reply_packets: c(|c| c.packets, h.counters_reply),
         reply_bytes: c(|c| c.bytes, h.counters_reply),
+        pod_fields: hit_pod(pods, h, 0),
     }
 }
 
@@ -65,10 +111,11 @@ pub fn gaps(gaps: &[Gap]) -> Vec<GapAnswer> {
     gaps.iter().map(gap).collect()
 }
 
-/// The answer of `GET /api/v1/connections` for query `q`.
-pub fn search(res: &SearchResult, q: &SearchQuery) -> SearchAnswer {
+/// The answer of `GET /api/v1/connections` for query `q` (each connection
+/// with its pod when `pods` is given).
+pub fn search(res: &SearchResult, q: &SearchQuery, pods: Option<&PodHistory>) -> SearchAnswer {
     SearchAnswer {
-        records: res.hits.iter().map(|h| connection(h, q)).collect(),
+        records: res.hits.iter().map(|h| connection(h, q, pods)).collect(),
         total: res.total,
         returned: res.hits.len() as u64,
         limit: q.limit as u64,
@@ -164,6 +211,62 @@ pub(crate) mod fixtures {
             last_seen_ns: Some(T + 20_000 * MS),
             ..hit("node-c", r)
         }
+    }
+
+    /// A pod history over the addresses of [`closed`], [`midstream`] and
+    /// [`gone`] (in a collector with kubernetes on):
+    /// - `10.244.1.7` (closed): `payments/checkout-7d9f-x2k4` of Deployment
+    ///   `payments/checkout` (through ReplicaSet `checkout-7d9f`), node-a,
+    ///   since a minute before;
+    /// - `10.244.1.8` (midstream): no pod ever (`no_pod_at_time`);
+    /// - `fd00::9` (gone, alive until +20 s, gone by +30 s): `jobs/batch-1`
+    ///   deleted at +10 s, then `jobs/batch-2` from +15 s (`pod_ip_reused`).
+    pub fn pods() -> crate::pods::PodHistory {
+        use crate::pods::{Input, PodHistory, PodState, Workload};
+        let h = PodHistory::in_memory(u64::MAX);
+        h.apply(Input::ListBegin, T - 120_000 * MS);
+        h.apply(Input::ListDone, T - 120_000 * MS);
+        h.apply(
+            Input::Owner {
+                kind: "ReplicaSet".into(),
+                namespace: "payments".into(),
+                name: "checkout-7d9f".into(),
+                owner: Some(Workload {
+                    kind: "Deployment".into(),
+                    name: "checkout".into(),
+                }),
+            },
+            T - 100_000 * MS,
+        );
+        let pod =
+            |uid: u128, ns: &str, name: &str, ip: &str, owner: Option<(&str, &str)>| PodState {
+                uid,
+                namespace: ns.into(),
+                name: name.into(),
+                owner: owner.map(|(kind, name)| Workload {
+                    kind: kind.into(),
+                    name: name.into(),
+                }),
+                node: "node-a".into(),
+                host_network: false,
+                ips: vec![ip.parse().unwrap()],
+                terminal: false,
+                start_ns: None,
+            };
+        let checkout = pod(
+            0xa1,
+            "payments",
+            "checkout-7d9f-x2k4",
+            "10.244.1.7",
+            Some(("ReplicaSet", "checkout-7d9f")),
+        );
+        h.apply(Input::Applied(checkout), T - 60_000 * MS);
+        let b1 = pod(0xb1, "jobs", "batch-1", "fd00::9", None);
+        h.apply(Input::Applied(b1.clone()), T - 60_000 * MS);
+        h.apply(Input::Deleted(b1), T + 10_000 * MS);
+        let b2 = pod(0xb2, "jobs", "batch-2", "fd00::9", None);
+        h.apply(Input::Applied(b2), T + 15_000 * MS);
+        h
     }
 }
 
@@ -275,7 +378,7 @@ mod tests {
               "to": "2024-12-09T07:10:00.000Z",
               "total": 7
             }"#]]
-        .assert_eq(&json(search(&res, &q)));
+        .assert_eq(&json(search(&res, &q, None)));
     }
 
     #[test]
@@ -296,7 +399,7 @@ mod tests {
               "to": null,
               "total": 0
             }"#]]
-        .assert_eq(&json(search(&SearchResult::default(), &q)));
+        .assert_eq(&json(search(&SearchResult::default(), &q, None)));
     }
 
     #[test]
@@ -312,19 +415,114 @@ mod tests {
         );
         let mut h = Hit::open("n", r);
         let q = SearchQuery::default();
-        let v = serde_json::to_value(connection(&h, &q)).unwrap();
+        let v = serde_json::to_value(connection(&h, &q, None)).unwrap();
         assert!(v.get("end").is_none() && v.get("end_kind").is_none(), "{v}");
         h.closed_ns = Some(3_000_000_000);
         h.end = Some(crate::store::End::Gone);
         h.last_seen_ns = Some(2_000_000_000);
-        let v = serde_json::to_value(connection(&h, &q)).unwrap();
+        let v = serde_json::to_value(connection(&h, &q, None)).unwrap();
         assert_eq!(v["end_kind"], "gone", "{v}");
         assert_eq!(v["end"], "1970-01-01T00:00:03.000Z", "{v}");
         assert_eq!(v["last_seen"], "1970-01-01T00:00:02.000Z", "{v}");
         h.end = Some(crate::store::End::Superseded);
         h.last_seen_ns = None;
-        let v = serde_json::to_value(connection(&h, &q)).unwrap();
+        let v = serde_json::to_value(connection(&h, &q, None)).unwrap();
         assert_eq!(v["end_kind"], "superseded", "{v}");
         assert!(v.get("last_seen").is_none(), "{v}");
+    }
+
+    #[test]
+    fn search_answer_with_pods_snapshot() {
+        // Kubernetes on: every connection names its source's pod as of its
+        // start, or says why not, and whether the address changed hands.
+        let q = SearchQuery {
+            limit: 3,
+            ..SearchQuery::default()
+        };
+        let res = SearchResult {
+            hits: vec![fixtures::closed(), fixtures::midstream(), fixtures::gone()],
+            total: 3,
+            gaps: vec![],
+        };
+        let pods = fixtures::pods();
+        let v = serde_json::to_value(search(&res, &q, Some(&pods))).unwrap();
+        let only_pods: Vec<serde_json::Value> = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let o = r.as_object().unwrap();
+                let keep = |k: &&String| k.starts_with("pod") || *k == "src_ip";
+                serde_json::Value::Object(
+                    o.iter()
+                        .filter(|(k, _)| keep(k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                )
+            })
+            .collect();
+        expect![[r#"
+            [
+              {
+                "pod": {
+                  "from": "2024-12-09T07:04:00.000Z",
+                  "name": "checkout-7d9f-x2k4",
+                  "namespace": "payments",
+                  "node": "node-a",
+                  "uid": "00000000-0000-0000-0000-0000000000a1",
+                  "workload": {
+                    "kind": "Deployment",
+                    "name": "checkout"
+                  }
+                },
+                "pod_ip_reused": false,
+                "pod_verified": true,
+                "src_ip": "10.244.1.7"
+              },
+              {
+                "pod": null,
+                "pod_ip_reused": false,
+                "pod_reason": "no_pod_at_time",
+                "pod_verified": true,
+                "src_ip": "10.244.1.8"
+              },
+              {
+                "pod": {
+                  "from": "2024-12-09T07:04:00.000Z",
+                  "name": "batch-1",
+                  "namespace": "jobs",
+                  "node": "node-a",
+                  "to": "2024-12-09T07:05:10.000Z",
+                  "uid": "00000000-0000-0000-0000-0000000000b1"
+                },
+                "pod_holders": [
+                  {
+                    "from": "2024-12-09T07:04:00.000Z",
+                    "name": "batch-1",
+                    "namespace": "jobs",
+                    "node": "node-a",
+                    "to": "2024-12-09T07:05:10.000Z",
+                    "uid": "00000000-0000-0000-0000-0000000000b1"
+                  },
+                  {
+                    "from": "2024-12-09T07:05:15.000Z",
+                    "name": "batch-2",
+                    "namespace": "jobs",
+                    "node": "node-a",
+                    "uid": "00000000-0000-0000-0000-0000000000b2"
+                  }
+                ],
+                "pod_ip_reused": true,
+                "pod_verified": true,
+                "src_ip": "fd00::9"
+              }
+            ]"#]]
+        .assert_eq(&json(only_pods));
+        // The same answer round-trips through the client's type.
+        let back: SearchAnswer = serde_json::from_value(v).unwrap();
+        assert!(back.records.iter().all(|c| c.pod_fields.is_some()));
+        let off: SearchAnswer =
+            serde_json::from_value(serde_json::to_value(search(&res, &q, None)).unwrap()).unwrap();
+        assert!(off.records.iter().all(|c| c.pod_fields.is_none()));
     }
 }

@@ -15,6 +15,7 @@ use ctw_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::config::LookupConfig;
+use crate::pods::{PodAnswer, PodHistory, PodRef};
 use crate::query::{self, Api, Lookup, LookupOutcome, QueryError, SearchInput};
 use crate::registry::LiveQuery;
 use crate::registry::Registry;
@@ -94,7 +95,41 @@ fn pb_counters(c: Option<Counters>) -> Option<pb::Counters> {
     })
 }
 
-fn search_response(result: SearchResult) -> pb::SearchResponse {
+/// A pod of the history as its protobuf message.
+fn pb_pod_ref(p: &PodRef) -> pb::PodRef {
+    pb::PodRef {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        uid: p.uid.clone(),
+        workload_kind: p
+            .workload
+            .as_ref()
+            .map_or(String::new(), |w| w.kind.clone()),
+        workload_name: p
+            .workload
+            .as_ref()
+            .map_or(String::new(), |w| w.name.clone()),
+        node: p.node.clone(),
+        host_network: p.host_network,
+        from_ns: p.from_ns,
+        to_ns: p.to_ns,
+    }
+}
+
+/// A pod answer of the history as the `Pod` message (the same fields as the
+/// HTTP API's, see [`crate::answer::pod_fields`]).
+pub fn pb_pod(a: &PodAnswer) -> pb::Pod {
+    let fields = crate::answer::pod_fields(a);
+    pb::Pod {
+        pod: a.pod.as_ref().map(pb_pod_ref),
+        reason: fields.pod_reason.unwrap_or_default(),
+        verified: a.verified,
+        ip_reused: a.pod_ip_reused,
+        holders: a.holders.iter().map(pb_pod_ref).collect(),
+    }
+}
+
+fn search_response(result: SearchResult, pods: Option<&PodHistory>) -> pb::SearchResponse {
     pb::SearchResponse {
         complete: result.gaps.is_empty(),
         total: result.total,
@@ -109,6 +144,7 @@ fn search_response(result: SearchResult) -> pb::SearchResponse {
                 last_seen_ns: h.last_seen_ns,
                 counters_orig: pb_counters(h.counters_orig),
                 counters_reply: pb_counters(h.counters_reply),
+                pod: pods.map(|p| pb_pod(&p.for_hit(h))),
             })
             .collect(),
         gaps: result
@@ -131,6 +167,8 @@ pub struct QueryService {
     registry: Arc<Registry>,
     lookup: LookupConfig,
     max_limit: usize,
+    /// The pod history (kubernetes on); `None` leaves the pod fields out.
+    pods: Option<Arc<PodHistory>>,
 }
 
 impl std::fmt::Debug for QueryService {
@@ -154,7 +192,13 @@ impl QueryService {
             registry,
             lookup,
             max_limit,
+            pods: None,
         }
+    }
+
+    /// Name pods in the answers from `pods` (kubernetes on).
+    pub fn with_pods(self, pods: Option<Arc<PodHistory>>) -> QueryService {
+        QueryService { pods, ..self }
     }
 }
 
@@ -169,7 +213,7 @@ impl pb::query_server::Query for QueryService {
         let result = query::search(self.store.clone(), &self.registry, &q)
             .await
             .map_err(status)?;
-        Ok(Response::new(search_response(result)))
+        Ok(Response::new(search_response(result, self.pods.as_deref())))
     }
 
     async fn lookup(
@@ -187,6 +231,10 @@ impl pb::query_server::Query for QueryService {
                 found: true,
                 error: String::new(),
                 entry: Some((&answer.record).into()),
+                pod: self
+                    .pods
+                    .as_ref()
+                    .map(|p| pb_pod(&p.for_record(&answer.record, ctw_common::now_ns()))),
                 node: answer.node,
             },
             LookupOutcome::NotFound { .. } => pb::LookupReply {
@@ -195,6 +243,7 @@ impl pb::query_server::Query for QueryService {
                 error: String::new(),
                 entry: None,
                 node: String::new(),
+                pod: None,
             },
         };
         Ok(Response::new(reply))
@@ -595,7 +644,7 @@ mod tests {
             total: 3,
             gaps: Vec::new(),
         };
-        let c = search_response(res).connections;
+        let c = search_response(res, None).connections;
         let got: Vec<_> = c
             .iter()
             .map(|c| (c.end.as_deref(), c.closed_ns, c.last_seen_ns))
@@ -611,9 +660,52 @@ mod tests {
     }
 
     #[test]
+    fn connections_carry_their_pod_when_kubernetes_is_on() {
+        use crate::answer::fixtures;
+        let res = SearchResult {
+            hits: vec![fixtures::closed(), fixtures::midstream(), fixtures::gone()],
+            total: 3,
+            gaps: vec![],
+        };
+        let off = search_response(res.clone(), None);
+        assert!(off.connections.iter().all(|c| c.pod.is_none()));
+        let pods = fixtures::pods();
+        let c = search_response(res, Some(&pods)).connections;
+        let named = c[0].pod.as_ref().unwrap();
+        let p = named.pod.as_ref().unwrap();
+        assert_eq!(
+            (
+                p.namespace.as_str(),
+                p.name.as_str(),
+                p.workload_kind.as_str(),
+                p.workload_name.as_str(),
+                p.node.as_str()
+            ),
+            (
+                "payments",
+                "checkout-7d9f-x2k4",
+                "Deployment",
+                "checkout",
+                "node-a"
+            )
+        );
+        assert_eq!(p.uid, "00000000-0000-0000-0000-0000000000a1");
+        assert!(named.verified && !named.ip_reused && named.reason.is_empty());
+        let none = c[1].pod.as_ref().unwrap();
+        assert!(none.pod.is_none());
+        assert_eq!(none.reason, "no_pod_at_time");
+        let reused = c[2].pod.as_ref().unwrap();
+        assert!(reused.ip_reused);
+        let names: Vec<&str> = reused.holders.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["batch-1", "batch-2"]);
+        assert_eq!(reused.pod.as_ref().unwrap().name, "batch-1");
+        assert!(reused.holders[1].to_ns.is_none() && reused.holders[0].to_ns.is_some());
+    }
+
+    #[test]
     fn open_gaps_make_the_answer_incomplete() {
         let mut r = SearchResult::default();
-        assert!(search_response(r.clone()).complete);
+        assert!(search_response(r.clone(), None).complete);
         r.gaps.push(crate::store::Gap {
             node: "a".into(),
             from_ns: 1,
@@ -621,6 +713,6 @@ mod tests {
             reason: "agent_disconnected".into(),
             count: 0,
         });
-        assert!(!search_response(r).complete);
+        assert!(!search_response(r, None).complete);
     }
 }

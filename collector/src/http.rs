@@ -4,6 +4,11 @@
 //! first, and `zones_tried` says which were asked), the agents list, and
 //! `/metrics`, `/healthz`, `/readyz`.
 //!
+//! With a pod history (`kubernetes` on, [`AppState::pods`]) every
+//! connection, resolved line, candidate and live lookup carries the pod
+//! fields ([`ctw_common::api::PodFields`]), and searches take `namespace`,
+//! `pod`, `workload` ([`query::search_by_pod`]).
+//!
 //! Everything under `/api/` needs `Authorization: Bearer TOKEN`; metrics and
 //! probes do not (Prometheus and kubelet have no token).
 
@@ -24,6 +29,7 @@ use crate::answer;
 use crate::auth::Token;
 use crate::config::LookupConfig;
 use crate::metrics::Metrics;
+use crate::pods::PodHistory;
 use crate::query::{self, Lookup, LookupOutcome, QueryError};
 use crate::registry::Registry;
 use crate::resolve;
@@ -41,6 +47,9 @@ pub struct AppState {
     pub lookup: LookupConfig,
     /// Set once storage is open and the gRPC listener is up.
     pub ready: Arc<AtomicBool>,
+    /// The pod history (kubernetes on): answers carry `pod` and its
+    /// fields; `None` leaves them out.
+    pub pods: Option<Arc<PodHistory>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -207,8 +216,18 @@ async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Pa
         Ok(q) => q,
         Err(e) => return query_error(&e),
     };
-    match query::search(s.store.clone(), &s.registry, &q).await {
-        Ok(res) => Json(answer::search(&res, &q)).into_response(),
+    let by_pod = match query::pod_filter_from_params(&params) {
+        Ok(f) => f,
+        Err(e) => return query_error(&e),
+    };
+    let res = match &by_pod {
+        Some(f) => {
+            query::search_by_pod(s.store.clone(), &s.registry, s.pods.as_deref(), &q, f).await
+        }
+        None => query::search(s.store.clone(), &s.registry, &q).await,
+    };
+    match res {
+        Ok(res) => Json(answer::search(&res, &q, s.pods.as_deref())).into_response(),
         Err(e) => query_error(&e),
     }
 }
@@ -228,6 +247,10 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
             zones_tried,
         }) => Json(LookupAnswer {
             zones_tried: Some(zones_tried),
+            pod_fields: s
+                .pods
+                .as_ref()
+                .map(|p| answer::pod_fields(&p.for_record(&answer.record, ctw_common::now_ns()))),
             ..LookupAnswer::new(&answer.record, &answer.node)
         })
         .into_response(),
@@ -266,7 +289,7 @@ async fn resolve_lines(
         Err(e) => return query_error(&e),
     };
     drop(body);
-    match resolve::resolve(s.store.clone(), s.registry.clone(), req).await {
+    match resolve::resolve(s.store.clone(), s.registry.clone(), s.pods.clone(), req).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => query_error(&e),
     }

@@ -52,6 +52,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::{GrpcConfig, LookupConfig, TlsFiles};
 use crate::grpc_query::QueryService;
 use crate::metrics::Metrics;
+use crate::pods::PodHistory;
 use crate::registry::{AgentSender, BatchInfo, ConnToken, HelloInfo, Registry};
 use crate::store::{AppendOutcome, Gap, RecordStore, StoredBatch};
 use crate::tls::{self, RateLimiter, LOG_EVERY};
@@ -82,6 +83,8 @@ pub struct ServeOptions {
     pub hello_timeout: Duration,
     /// How long in-flight streams get to end after shutdown.
     pub shutdown_grace: Duration,
+    /// The pod history (kubernetes on): Query answers name pods.
+    pub pods: Option<Arc<PodHistory>>,
 }
 
 impl Default for ServeOptions {
@@ -93,6 +96,7 @@ impl Default for ServeOptions {
             handshake_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            pods: None,
         }
     }
 }
@@ -102,6 +106,7 @@ impl Default for ServeOptions {
 pub async fn serve(
     cfg: &GrpcConfig,
     lookup: &LookupConfig,
+    pods: Option<Arc<PodHistory>>,
     store: Arc<dyn RecordStore>,
     registry: Arc<Registry>,
     metrics: Metrics,
@@ -117,6 +122,7 @@ pub async fn serve(
     tracing::info!(%addr, "gRPC (mTLS) listening");
     let opts = ServeOptions {
         lookup: lookup.clone(),
+        pods,
         ..ServeOptions::default()
     };
     serve_on(listener, &cfg.tls, opts, store, registry, metrics, shutdown).await
@@ -156,7 +162,8 @@ pub async fn serve_on(
         stop_rx.clone(),
         opts.hello_timeout,
     );
-    let query = QueryService::new(store, registry, opts.lookup.clone(), opts.max_limit);
+    let query = QueryService::new(store, registry, opts.lookup.clone(), opts.max_limit)
+        .with_pods(opts.pods.clone());
     let signal = async move {
         shutdown.await;
         let _ = stop_tx.send(true);

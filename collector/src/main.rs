@@ -129,15 +129,6 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let store: Arc<dyn RecordStore> = store::open(cfg.storage.backend()).context("storage")?;
     let registry = Arc::new(Registry::new(metrics.clone()));
     let ready = Arc::new(AtomicBool::new(false));
-    let state = Arc::new(AppState {
-        store: store.clone(),
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-        token,
-        max_limit: cfg.http.max_limit,
-        lookup: cfg.lookup.clone(),
-        ready: ready.clone(),
-    });
     let http_addr: std::net::SocketAddr = cfg
         .http
         .listen_addr
@@ -153,17 +144,8 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
         };
-        let grpc = tokio::spawn({
-            let grpc_cfg = cfg.grpc.clone();
-            let lookup = cfg.lookup.clone();
-            let store = store.clone();
-            let registry = registry.clone();
-            let metrics = metrics.clone();
-            let stop = stopped(stop_rx.clone());
-            async move { ingest::serve(&grpc_cfg, &lookup, store, registry, metrics, stop).await }
-        });
-        // The pod watch (issue 13): one per collector. Answers do not use the
-        // history yet (see pods::PodHistory::for_hit).
+        // The pod watch (issue 13): one per collector, started first so both
+        // APIs name pods from their first answer.
         let pod_watch = if pods::watch::enabled(&cfg.kubernetes) {
             match start_pod_watch(&cfg, metrics.clone(), stopped(stop_rx.clone())).await {
                 Ok(t) => Some(t),
@@ -176,6 +158,28 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         } else {
             None
         };
+        let grpc = tokio::spawn({
+            let grpc_cfg = cfg.grpc.clone();
+            let lookup = cfg.lookup.clone();
+            let store = store.clone() as Arc<dyn RecordStore>;
+            let registry = registry.clone();
+            let metrics = metrics.clone();
+            let pods = pod_watch.as_ref().map(|(_, h)| h.clone());
+            let stop = stopped(stop_rx.clone());
+            async move {
+                ingest::serve(&grpc_cfg, &lookup, pods, store, registry, metrics, stop).await
+            }
+        });
+        let state = Arc::new(AppState {
+            store: store.clone() as Arc<dyn RecordStore>,
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            token,
+            max_limit: cfg.http.max_limit,
+            lookup: cfg.lookup.clone(),
+            ready: ready.clone(),
+            pods: pod_watch.as_ref().map(|(_, h)| h.clone()),
+        });
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
             .with_context(|| format!("http.listen_addr: cannot listen on {http_addr}"))?;

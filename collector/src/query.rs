@@ -35,6 +35,13 @@
 //!   send empty fields); gRPC refuses `Some("")`.
 //! - ports 1-65535 (0 is no port to search for), `kind` one of
 //!   [`ConnKind::valid_values`].
+//! - `namespace`, `pod`, `workload` (`NAME` or `KIND/NAME`; HTTP only):
+//!   connections from the matching pods, searched through the collector's
+//!   pod history ([`search_by_pod`]): each pod's tenure of its address
+//!   becomes a search by `src_ip` over that tenure, so the store is asked
+//!   by address, not scanned over the time range. Refused (naming the
+//!   first given) when the collector keeps no pod history, and when more
+//!   than [`MAX_POD_TENURES`] tenures match (narrow the filter or range).
 //!
 //! # Lookup routing, in order
 //! 1. the `node` of the request, if given (only that agent is asked);
@@ -77,6 +84,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::LookupConfig;
+use crate::pods::{PodFilter, PodHistory};
 use crate::registry::{LiveAnswer, LiveQuery, LookupError, Registry};
 use crate::store::{ConnKind, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
 
@@ -343,7 +351,7 @@ impl SearchInput {
 }
 
 /// The parameters `GET /api/v1/connections` accepts.
-pub const SEARCH_PARAMS: [&str; 14] = [
+pub const SEARCH_PARAMS: [&str; 17] = [
     "src_ip",
     "src_port",
     "dst_ip",
@@ -358,7 +366,136 @@ pub const SEARCH_PARAMS: [&str; 14] = [
     "window",
     "limit",
     "kind",
+    "namespace",
+    "pod",
+    "workload",
 ];
+
+/// Most pod tenures (pod, address, time) one search by pod may cover.
+pub const MAX_POD_TENURES: usize = 256;
+
+/// Longest `namespace`, `pod` or `workload` accepted (a Kubernetes name is
+/// at most 253 characters; `KIND/` adds a few).
+const MAX_POD_PARAM_LEN: usize = 320;
+
+/// The `namespace`, `pod` and `workload` parameters of a search (`None`
+/// when none is given). `workload` is `NAME` (any kind) or `KIND/NAME`
+/// (`Deployment/checkout`). An empty parameter is absent.
+pub fn pod_filter_from_params(
+    params: &[(String, String)],
+) -> Result<Option<PodFilter>, QueryError> {
+    let get = |k: &str| -> Result<Option<String>, QueryError> {
+        match api::param(params, k).map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(v) if v.len() > MAX_POD_PARAM_LEN => Err(QueryError::invalid(
+                k,
+                format!("longer than {MAX_POD_PARAM_LEN} characters"),
+            )),
+            Some(v) => Ok(Some(v.to_string())),
+        }
+    };
+    let namespace = get("namespace")?;
+    let pod = get("pod")?;
+    let (workload_kind, workload_name) = match get("workload")? {
+        None => (None, None),
+        Some(w) => match w.split_once('/') {
+            Some((k, n)) if !k.is_empty() && !n.is_empty() && !n.contains('/') => {
+                (Some(k.to_string()), Some(n.to_string()))
+            }
+            Some(_) => {
+                return Err(QueryError::invalid(
+                    "workload",
+                    format!("{w:?} is not NAME or KIND/NAME"),
+                ))
+            }
+            None => (None, Some(w)),
+        },
+    };
+    if namespace.is_none() && pod.is_none() && workload_name.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(PodFilter {
+        namespace,
+        pod,
+        workload_kind,
+        workload_name,
+    }))
+}
+
+/// Run a validated search restricted to the pods matching `f`: the tenures
+/// the pod history holds for them in the query's range, each searched by
+/// `src_ip` over the tenure (hits kept only when they started in it), then
+/// merged and ranked as one search ([`crate::store::rank`]), at most
+/// `q.limit`. `total` is an upper bound when a tenure had more matches than
+/// the limit. Errors: no pod history (`kubernetes` off), too many tenures.
+pub async fn search_by_pod(
+    store: Arc<dyn RecordStore>,
+    registry: &Registry,
+    pods: Option<&PodHistory>,
+    q: &SearchQuery,
+    f: &PodFilter,
+) -> Result<SearchResult, QueryError> {
+    let first = if f.namespace.is_some() {
+        "namespace"
+    } else if f.pod.is_some() {
+        "pod"
+    } else {
+        "workload"
+    };
+    let Some(pods) = pods else {
+        return Err(QueryError::invalid(
+            first,
+            "needs the collector's pod history (kubernetes is off)",
+        ));
+    };
+    let from = q.from_ns.unwrap_or(0);
+    let to = q.to_ns.unwrap_or(u64::MAX);
+    let tenures = pods.tenures(f, from, to);
+    if tenures.len() > MAX_POD_TENURES {
+        return Err(QueryError::TooLarge {
+            parameter: first.into(),
+            message: format!(
+                "{first}: {} pod address tenures match (at most {MAX_POD_TENURES}): narrow the pods or the time range",
+                tenures.len()
+            ),
+        });
+    }
+    let q2 = q.clone();
+    let mut res = tokio::task::spawn_blocking(move || -> Result<SearchResult, QueryError> {
+        let mut out = SearchResult::default();
+        for t in tenures {
+            if q2.src_ip.is_some_and(|ip| ip != t.ip) {
+                continue;
+            }
+            let sub = SearchQuery {
+                src_ip: Some(t.ip),
+                from_ns: Some(from.max(t.from_ns)),
+                to_ns: Some(to.min(t.to_ns)),
+                ..q2.clone()
+            };
+            let r = store.search(&sub)?;
+            let unseen = r.total.saturating_sub(r.hits.len() as u64);
+            let before = out.hits.len();
+            out.hits.extend(r.hits.into_iter().filter(|h| {
+                let s = h.start_ns();
+                s >= t.from_ns && s < t.to_ns
+            }));
+            out.total += (out.hits.len() - before) as u64 + unseen;
+            for g in r.gaps {
+                if !out.gaps.contains(&g) {
+                    out.gaps.push(g);
+                }
+            }
+        }
+        crate::store::rank(&mut out.hits, q2.at_ns, q2.at_precision_ns);
+        out.hits.truncate(q2.limit);
+        Ok(out)
+    })
+    .await
+    .map_err(|e| QueryError::Task(e.to_string()))??;
+    merge_open_gaps(q, &mut res, registry.open_gaps());
+    Ok(res)
+}
 
 /// Decode `GET /api/v1/connections` parameters (unknown or repeated names
 /// refused; an empty value is absent) and validate them.

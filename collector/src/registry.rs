@@ -710,6 +710,7 @@ mod tests {
                 error: String::new(),
                 entry: None,
                 node: "a".into(),
+                pod: None,
             };
             assert!(!r2.complete_lookup(&other, reply.clone()));
             assert!(r2.complete_lookup(&t2, reply));

@@ -52,6 +52,7 @@ use ctw_common::api::{
 use serde_json::{Map, Value};
 
 use crate::answer;
+use crate::pods::PodHistory;
 use crate::query::{merge_open_gaps, QueryError};
 use crate::registry::Registry;
 use crate::store::{alive_in, Gap, Hit, RecordStore, SearchQuery, SearchResult, StoreError};
@@ -401,7 +402,12 @@ fn node_observed(
 }
 
 /// One candidate in `ranked`.
-fn candidate(c: &Candidate, line: Interval) -> CandidateAnswer {
+fn candidate(
+    c: &Candidate,
+    line: Interval,
+    pods: Option<&PodHistory>,
+    skew_ns: u64,
+) -> CandidateAnswer {
     let b = c.best();
     let r = &b.record;
     CandidateAnswer {
@@ -422,6 +428,7 @@ fn candidate(c: &Candidate, line: Interval) -> CandidateAnswer {
             .map(api::format_time),
         midstream: c.hits.iter().any(|h| h.record.midstream()),
         started_after: c.hits.iter().any(|h| h.start_ns() > line.to_ns),
+        pod_fields: answer::hit_pod(pods, b, skew_ns),
     }
 }
 
@@ -429,6 +436,7 @@ fn candidate(c: &Candidate, line: Interval) -> CandidateAnswer {
 fn resolve_line(
     store: &dyn RecordStore,
     registry: &Registry,
+    pods: Option<&PodHistory>,
     req: &Request,
     open_gaps: &[Gap],
     caches: &mut Caches,
@@ -546,7 +554,7 @@ fn resolve_line(
                 .ranked
                 .iter()
                 .take(RANKED_SHOWN)
-                .map(|c| candidate(c, iv))
+                .map(|c| candidate(c, iv, pods, req.skew_ns))
                 .collect(),
         );
     }
@@ -561,7 +569,8 @@ fn resolve_line(
         v.merged = Some(top.hits.len() as u64);
         // The line's own entry was picked up mid-stream.
         v.midstream = r.midstream();
-        v.record = Some(Box::new(answer::connection(best, &q)));
+        v.record = Some(Box::new(answer::connection(best, &q, pods)));
+        v.pod_fields = answer::hit_pod(pods, best, req.skew_ns);
     }
     Ok(v)
 }
@@ -582,6 +591,7 @@ fn fmt_duration(ns: u64) -> String {
 pub async fn resolve(
     store: Arc<dyn RecordStore>,
     registry: Arc<Registry>,
+    pods: Option<Arc<PodHistory>>,
     req: Arc<Request>,
 ) -> Result<ResolveAnswer, QueryError> {
     let open_gaps = Arc::new(registry.open_gaps());
@@ -595,11 +605,21 @@ pub async fn resolve(
     let mut tasks = Vec::new();
     for start in (0..n).step_by(chunk) {
         let (store, req, gaps) = (store.clone(), req.clone(), open_gaps.clone());
-        let registry = registry.clone();
+        let (registry, pods) = (registry.clone(), pods.clone());
         tasks.push(tokio::task::spawn_blocking(move || {
             let mut caches = Caches::default();
             (start..(start + chunk).min(n))
-                .map(|i| resolve_line(store.as_ref(), &registry, &req, &gaps, &mut caches, i + 1))
+                .map(|i| {
+                    resolve_line(
+                        store.as_ref(),
+                        &registry,
+                        pods.as_deref(),
+                        &req,
+                        &gaps,
+                        &mut caches,
+                        i + 1,
+                    )
+                })
                 .collect::<Result<Vec<LineAnswer>, StoreError>>()
         }));
     }
@@ -769,7 +789,7 @@ mod tests {
         });
         let req = parse_request(body.to_string().as_bytes()).unwrap();
         let registry = Arc::new(Registry::new(crate::metrics::Metrics::new()));
-        let answer = resolve(store, registry, Arc::new(req)).await.unwrap();
+        let answer = resolve(store, registry, None, Arc::new(req)).await.unwrap();
         expect_test::expect![[r#"
             {
               "log_format": "$remote_addr $remote_port $msec",

@@ -17,6 +17,7 @@ use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use ctw_collector::http::router;
 use ctw_collector::metrics::Metrics;
+use ctw_collector::pods::{Input, PodHistory, PodState, Workload};
 use ctw_collector::registry::{HelloInfo, Registry};
 use ctw_collector::store::{Gap, MemStore, RecordStore, StoredBatch};
 use ctw_common::{ConnRecord, EventKind, Protocol, TcpState, Tuple};
@@ -69,6 +70,11 @@ struct Api {
 /// The router over a store with one connection (`T` to `T + 2 s`) and a
 /// `kernel_drop` gap on node-b, and node-a's agent answering lookups.
 async fn api() -> Api {
+    api_with(None).await
+}
+
+/// [`api`] with a pod history (kubernetes on).
+async fn api_with(pods: Option<Arc<PodHistory>>) -> Api {
     let store = Arc::new(MemStore::default());
     store
         .append(StoredBatch {
@@ -126,14 +132,15 @@ async fn api() -> Api {
                     error: String::new(),
                     entry: found.then(|| (&entry).into()),
                     node: "node-a".into(),
+                    pod: None,
                 },
             );
         }
     });
+    let mut state = support::mem_api::state_with(store, registry, metrics, TOKEN);
+    Arc::get_mut(&mut state).expect("only owner").pods = pods;
     Api {
-        app: router(support::mem_api::state_with(
-            store, registry, metrics, TOKEN,
-        )),
+        app: router(state),
         _agent: agent,
     }
 }
@@ -647,5 +654,209 @@ async fn agents_health_and_error_snapshots() {
             {
               "error": "starting"
             }"#]],
+    );
+}
+
+/// The pod history of [`answers_name_pods_when_kubernetes_is_on`]: the
+/// connection's source 10.244.1.7 held by `payments/checkout-a` (Deployment
+/// `checkout` through ReplicaSet `checkout-7d9f`) from `T - 60 s`, deleted at
+/// `T + 1 s`; `payments/checkout-b` has it from `T + 1.5 s`, while the
+/// connection (`T` to `T + 2 s`) is still alive.
+fn pods() -> Arc<PodHistory> {
+    let h = PodHistory::in_memory(u64::MAX);
+    h.apply(Input::ListBegin, T - 120 * S);
+    h.apply(Input::ListDone, T - 120 * S);
+    h.apply(
+        Input::Owner {
+            kind: "ReplicaSet".into(),
+            namespace: "payments".into(),
+            name: "checkout-7d9f".into(),
+            owner: Some(Workload {
+                kind: "Deployment".into(),
+                name: "checkout".into(),
+            }),
+        },
+        T - 100 * S,
+    );
+    let pod = |uid: u128, name: &str| PodState {
+        uid,
+        namespace: "payments".into(),
+        name: name.into(),
+        owner: Some(Workload {
+            kind: "ReplicaSet".into(),
+            name: "checkout-7d9f".into(),
+        }),
+        node: "node-a".into(),
+        host_network: false,
+        ips: vec![ip("10.244.1.7")],
+        terminal: false,
+        start_ns: None,
+    };
+    h.apply(Input::Applied(pod(0xa, "checkout-a")), T - 60 * S);
+    h.apply(Input::Deleted(pod(0xa, "checkout-a")), T + S);
+    h.apply(Input::Applied(pod(0xb, "checkout-b")), T + 3 * S / 2);
+    Arc::new(h)
+}
+
+/// Only the pod fields of an answer.
+fn pod_fields(v: &Value) -> Value {
+    Value::Object(
+        v.as_object()
+            .expect("an object")
+            .iter()
+            .filter(|(k, _)| k.starts_with("pod") && *k != "pod_ip" && *k != "pod_port")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn answers_name_pods_when_kubernetes_is_on() {
+    // Off: no pod field anywhere (today's answers).
+    let off = api().await;
+    let search = format!(
+        "/api/v1/connections?snat_ip=198.18.0.1&snat_port=40001&at={}.500&window=2m",
+        T_S + 1
+    );
+    let (_, v) = off.get(&search).await;
+    assert_eq!(pod_fields(&v["records"][0]), json!({}), "{v:#}");
+    let (_, v) = off.get(&lookup_uri("")).await;
+    assert_eq!(pod_fields(&v), json!({}), "{v:#}");
+
+    let api = api_with(Some(pods())).await;
+    // A search hit: the pod as of the connection's start; the address
+    // changed hands before its end, so both holders are listed.
+    let (code, v) = api.get(&search).await;
+    assert_eq!(code, StatusCode::OK, "{v:#}");
+    snapshot(
+        &pod_fields(&v["records"][0]),
+        expect![[r#"
+        {
+          "pod": {
+            "from": "2024-12-09T07:04:00.000Z",
+            "name": "checkout-a",
+            "namespace": "payments",
+            "node": "node-a",
+            "to": "2024-12-09T07:05:01.000Z",
+            "uid": "00000000-0000-0000-0000-00000000000a",
+            "workload": {
+              "kind": "Deployment",
+              "name": "checkout"
+            }
+          },
+          "pod_holders": [
+            {
+              "from": "2024-12-09T07:04:00.000Z",
+              "name": "checkout-a",
+              "namespace": "payments",
+              "node": "node-a",
+              "to": "2024-12-09T07:05:01.000Z",
+              "uid": "00000000-0000-0000-0000-00000000000a",
+              "workload": {
+                "kind": "Deployment",
+                "name": "checkout"
+              }
+            },
+            {
+              "from": "2024-12-09T07:05:01.500Z",
+              "name": "checkout-b",
+              "namespace": "payments",
+              "node": "node-a",
+              "uid": "00000000-0000-0000-0000-00000000000b",
+              "workload": {
+                "kind": "Deployment",
+                "name": "checkout"
+              }
+            }
+          ],
+          "pod_ip_reused": true,
+          "pod_verified": true
+        }"#]],
+    );
+    // A resolved line: the same pod, on the line and on its record.
+    let line = format!("198.18.0.1 40001 {}.500", T_S + 1);
+    let (code, v) = api
+        .resolve(json!({"lines": [line], "log_format": "$remote_addr $remote_port $msec"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{v:#}");
+    let r = &v["results"][0];
+    assert_eq!(r["status"], "resolved", "{r:#}");
+    assert_eq!(r["pod"]["name"], "checkout-a", "{r:#}");
+    assert_eq!(r["record"]["pod"]["name"], "checkout-a", "{r:#}");
+    assert_eq!(r["pod_ip_reused"], true, "{r:#}");
+    // A live lookup: the entry's pod as of its start, up to now.
+    let (code, v) = api.get(&lookup_uri("")).await;
+    assert_eq!(code, StatusCode::OK, "{v:#}");
+    assert_eq!(v["pod"]["name"], "checkout-a", "{v:#}");
+    assert_eq!(
+        v["pod"]["workload"],
+        json!({"kind": "Deployment", "name": "checkout"})
+    );
+    assert_eq!(v["pod_verified"], true, "{v:#}");
+    assert_eq!(v["pod_ip_reused"], true, "{v:#}");
+}
+
+#[tokio::test]
+async fn search_by_namespace_pod_and_workload_goes_through_the_pod_history() {
+    let uri = |q: &str| {
+        format!(
+            "/api/v1/connections?{q}&from={}&to={}",
+            T_S - 600,
+            T_S + 600
+        )
+    };
+    // Off: refused, naming the parameter (no history to answer from).
+    let off = api().await;
+    assert_refused(
+        "namespace without a history",
+        off.get(&uri("namespace=payments")).await,
+        "namespace",
+    );
+    let api = api_with(Some(pods())).await;
+    // The connection started at T, while checkout-a held 10.244.1.7.
+    for q in [
+        "namespace=payments",
+        "pod=checkout-a",
+        "namespace=payments&pod=checkout-a",
+        "workload=checkout",
+        "workload=Deployment/checkout",
+        "namespace=payments&workload=Deployment/checkout&dst_port=80",
+    ] {
+        let (code, v) = api.get(&uri(q)).await;
+        assert_eq!(code, StatusCode::OK, "{q}: {v:#}");
+        assert_eq!(v["total"], 1, "{q}: {v:#}");
+        assert_eq!(v["records"][0]["src_ip"], "10.244.1.7", "{q}: {v:#}");
+        assert_eq!(v["records"][0]["pod"]["name"], "checkout-a", "{q}: {v:#}");
+    }
+    // checkout-b got the address after the connection started: not its.
+    for q in [
+        "pod=checkout-b",
+        "namespace=other",
+        "workload=StatefulSet/checkout",
+        "pod=checkout-a&dst_port=443",
+    ] {
+        let (code, v) = api.get(&uri(q)).await;
+        assert_eq!(code, StatusCode::OK, "{q}: {v:#}");
+        assert_eq!(v["total"], 0, "{q}: {v:#}");
+    }
+    // A range outside A's tenure finds nothing.
+    let (_, v) = api
+        .get(&format!(
+            "/api/v1/connections?pod=checkout-a&from={}&to={}",
+            T_S + 100,
+            T_S + 200
+        ))
+        .await;
+    assert_eq!(v["total"], 0, "{v:#}");
+    assert_refused(
+        "a workload of three parts",
+        api.get(&uri("workload=a/b/c")).await,
+        "workload",
+    );
+    assert_refused(
+        "a long namespace",
+        api.get(&uri(&format!("namespace={}", "n".repeat(400))))
+            .await,
+        "namespace",
     );
 }

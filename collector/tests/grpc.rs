@@ -500,6 +500,7 @@ fn serve_lookups(mut a: Agent, node: &'static str, answer: bool) -> tokio::task:
                 error: String::new(),
                 entry: Some((&r).into()),
                 node: node.into(),
+                pod: None,
             };
             if a.tx
                 .send(pb::AgentMessage {

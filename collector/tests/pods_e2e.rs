@@ -2,25 +2,24 @@
 //! testbed pods exist as Pod objects (their real addresses) on a local API
 //! server (`ctw_testkit::kubeapi`) in the collector's namespace; the real
 //! `ctw-collector` watches it through `kubernetes.kubeconfig`; the real agent
-//! captures curl → nginx through the node's masquerade. The pod history the
-//! collector kept on disk names the source of each stored connection as of
-//! its start: pod A, then (A deleted, B created with A's address) pod B; a
-//! connection made while the collector was down (kill -9) is unverified.
-//! The answers are asked through `PodHistory` on the collector's journal
-//! (the answers of the HTTP API do not carry `pod` yet). Needs root.
+//! captures curl → nginx through the node's masquerade. The collector's
+//! answers (search and resolve of nginx's own lines) name the source of each
+//! connection as of its start: pod A, then (A deleted, B created with A's
+//! address) pod B; a connection made while the collector was down (kill -9)
+//! is `pod_verified: false`; then D created while C still holds the address
+//! and C deleted late: D throughout; a hostNetwork pod is never named
+//! (`pod_reason: host_network`). Needs root.
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::IpAddr;
 use std::time::Duration;
 
-use ctw_collector::pods::{NoPodReason, PodHistory};
 use ctw_common::api::parse_time;
 use ctw_testkit::agent::Agent;
 use ctw_testkit::collector::Collector;
 use ctw_testkit::kubeapi::{owner_json, pod_json, KubeApi};
 use ctw_testkit::{require_root, run_in, wait_for, Topology};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -36,11 +35,21 @@ fn metric(c: &Collector, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// curl from pod 0 to nginx; returns the connection's start (ns) from the
-/// collector's search once stored, matched by nginx's line (SNAT port).
-fn connect(topo: &Topology, c: &Collector, nginx_log: &std::path::Path, n: usize) -> u64 {
+/// The testkit nginx's access-log format (`Topology::start_nginx`).
+const LOG_FORMAT: &str = "$remote_addr $remote_port $msec $server_port";
+
+/// curl from pod `pod` to nginx (its `n`th line, 0-based); returns the
+/// line and the connection as the collector's search shows it once stored,
+/// matched by nginx's line (SNAT port).
+fn connect(
+    topo: &Topology,
+    c: &Collector,
+    nginx_log: &std::path::Path,
+    pod: usize,
+    n: usize,
+) -> (String, Value) {
     let out = run_in(
-        topo.pod_ns(0),
+        topo.pod_ns(pod),
         &[
             "curl",
             "-sS",
@@ -56,6 +65,17 @@ fn connect(topo: &Topology, c: &Collector, nginx_log: &std::path::Path, n: usize
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stored(topo, c, nginx_log, pod, n)
+}
+
+/// nginx's `n`th line and its connection from pod `pod` as searched.
+fn stored(
+    topo: &Topology,
+    c: &Collector,
+    nginx_log: &std::path::Path,
+    pod: usize,
+    n: usize,
+) -> (String, Value) {
     let line = wait_for(WAIT, "nginx logs the request", || {
         std::fs::read_to_string(nginx_log)
             .ok()?
@@ -64,7 +84,7 @@ fn connect(topo: &Topology, c: &Collector, nginx_log: &std::path::Path, n: usize
             .map(str::to_string)
     });
     let port: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    wait_for(WAIT, "the connection stored", || {
+    let hit = wait_for(WAIT, "the connection stored", || {
         let (code, v): (u16, Value) = c.api(&format!(
             "/api/v1/connections?snat_ip={}&snat_port={port}",
             topo.node_ip4()
@@ -72,12 +92,46 @@ fn connect(topo: &Topology, c: &Collector, nginx_log: &std::path::Path, n: usize
         if code != 200 {
             return None;
         }
-        let hits = v["records"].as_array()?;
-        let h = hits
+        v["records"]
+            .as_array()?
             .iter()
-            .find(|h| h["src_ip"] == topo.pod_ip4(0).to_string())?;
-        parse_time(h["start"].as_str()?).ok()
-    })
+            .find(|h| h["src_ip"] == topo.pod_ip4(pod).to_string())
+            .cloned()
+    });
+    (line, hit)
+}
+
+fn start_of(hit: &Value) -> u64 {
+    parse_time(hit["start"].as_str().unwrap()).unwrap()
+}
+
+/// `(namespace, name, workload kind, workload name)` of an answer's `pod`.
+fn named(v: &Value) -> (String, String, String, String) {
+    let p = &v["pod"];
+    assert!(p.is_object(), "no pod named: {v}");
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (
+        s(&p["namespace"]),
+        s(&p["name"]),
+        s(&p["workload"]["kind"]),
+        s(&p["workload"]["name"]),
+    )
+}
+
+fn checkout(name: &str) -> (String, String, String, String) {
+    (
+        "payments".into(),
+        name.into(),
+        "Deployment".into(),
+        "checkout".into(),
+    )
+}
+
+/// Wait until `ctw_collector_pod_watch_events_total` passes `after`.
+fn events_past(c: &Collector, after: f64) {
+    wait_for(WAIT, "the collector applied the watch event", || {
+        (metric(c, "ctw_collector_pod_watch_events_total")? > after).then_some(())
+    });
 }
 
 /// Wait until the collector's pod journal holds `text` (durable).
@@ -96,14 +150,28 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     if !require_root() {
         return;
     }
-    let mut topo = Topology::new(2);
+    let mut topo = Topology::new(3);
     let (ns, addr) = topo.add_host("c");
     let api = KubeApi::start_in_netns(&ns);
     let kubeconfig = topo.tmp_dir().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
     let ip0 = topo.pod_ip4(0).to_string();
+    // A and B also hold pod 0's IPv6 address (dual stack).
     let ip0_6 = topo.pod_ip6(0).to_string();
     let ip1 = topo.pod_ip4(1).to_string();
+    let ip2 = topo.pod_ip4(2).to_string();
+    let checkout_pod = |name: &str, n: u32, ips: &[&str]| {
+        pod_json(
+            "payments",
+            name,
+            &uid(n),
+            ips,
+            "node-0",
+            Some(("ReplicaSet", "checkout-7d9f")),
+            false,
+            "Running",
+        )
+    };
     api.apply(owner_json(
         "ReplicaSet",
         "payments",
@@ -111,16 +179,7 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
         &uid(100),
         Some("checkout"),
     ));
-    api.apply(pod_json(
-        "payments",
-        "checkout-7d9f-a",
-        &uid(1),
-        &[&ip0, &ip0_6],
-        "node-0",
-        Some(("ReplicaSet", "checkout-7d9f")),
-        false,
-        "Running",
-    ));
+    api.apply(checkout_pod("checkout-7d9f-a", 1, &[&ip0, &ip0_6]));
     api.apply(pod_json(
         "batch",
         "worker-0",
@@ -131,39 +190,63 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
         false,
         "Running",
     ));
+    // A hostNetwork pod: its address is shared (the node's in a cluster).
+    api.apply(pod_json(
+        "monitoring",
+        "node-exporter-x",
+        &uid(5),
+        &[&ip2],
+        "node-0",
+        Some(("DaemonSet", "node-exporter")),
+        true,
+        "Running",
+    ));
 
     let extra = format!("kubernetes:\n  kubeconfig: {}\n", kubeconfig.display());
     let mut c = Collector::start(&mut topo, &ns, addr, &extra);
     let nginx = topo.start_nginx(&[80]);
+    let log = nginx.access_log.clone();
     let spool = topo.tmp_dir().join("spool-0");
     let yaml = c.agent_yaml("node-0", &spool, "");
     let _agent = Agent::start_on(&mut topo, 0, "node-0", &[80], &yaml);
     c.wait_connected(&["node-0"]);
     wait_for(
         WAIT,
-        "the collector holds the pods (3 intervals: A v4+v6, worker)",
-        || (metric(&c, "ctw_collector_pod_intervals_live") == Some(3.0)).then_some(()),
+        "the collector holds the pods (4 intervals: A v4+v6, worker, hostNetwork)",
+        || (metric(&c, "ctw_collector_pod_intervals_live") == Some(4.0)).then_some(()),
     );
+    // For the resolve at the end: (nginx line, expected pod name and
+    // whether it must be verified).
+    let mut lines: Vec<(String, Option<(&str, bool)>)> = Vec::new();
 
     // A's connection.
-    let t_a = connect(&topo, &c, &nginx.access_log, 0);
-    // A deleted, then B created with A's address (the namespace pod 0 is now B).
+    let (line, hit) = connect(&topo, &c, &log, 0, 0);
+    assert_eq!(named(&hit), checkout("checkout-7d9f-a"), "{hit}");
+    assert_eq!(hit["pod"]["node"], "node-0", "{hit}");
+    assert_eq!(hit["pod"]["uid"], uid(1), "{hit}");
+    assert_eq!(
+        (&hit["pod_verified"], &hit["pod_ip_reused"]),
+        (&json!(true), &json!(false)),
+        "{hit}"
+    );
+    lines.push((line, Some(("checkout-7d9f-a", true))));
+    // Delete first, then create: A deleted, then B created with A's address
+    // (the namespace pod 0 is now B).
     api.delete("Pod", "payments", "checkout-7d9f-a");
-    api.apply(pod_json(
-        "payments",
-        "checkout-7d9f-b",
-        &uid(3),
-        &[&ip0, &ip0_6],
-        "node-0",
-        Some(("ReplicaSet", "checkout-7d9f")),
-        false,
-        "Running",
-    ));
+    api.apply(checkout_pod("checkout-7d9f-b", 3, &[&ip0, &ip0_6]));
     wait_for(WAIT, "the collector saw the delete and B", || {
-        let fenced_or_closed = metric(&c, "ctw_collector_pod_intervals")? >= 5.0;
+        let fenced_or_closed = metric(&c, "ctw_collector_pod_intervals")? >= 6.0;
         fenced_or_closed.then_some(())
     });
-    let t_b = connect(&topo, &c, &nginx.access_log, 1);
+    let (line, hit) = connect(&topo, &c, &log, 0, 1);
+    let t_b = start_of(&hit);
+    assert_eq!(named(&hit), checkout("checkout-7d9f-b"), "{hit}");
+    // B's connection was made just before the collector died: whether it
+    // falls after the last heartbeat (then unverified) depends on timing.
+    lines.push((line, Some(("checkout-7d9f-b", false))));
+    // A's connection is still A's, asked after A is gone.
+    let (_, again) = stored(&topo, &c, &log, 0, 0);
+    assert_eq!(named(&again), checkout("checkout-7d9f-a"), "{again}");
 
     // The collector's journal has B (written at its 1 s heartbeat).
     journal_has(&c, &uid(3));
@@ -176,16 +259,7 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
         (ctw_collector::pods::watch::now_ns() / 1_000_000_000 > t_b / 1_000_000_000).then_some(())
     });
     api.delete("Pod", "payments", "checkout-7d9f-b");
-    api.apply(pod_json(
-        "payments",
-        "checkout-7d9f-c",
-        &uid(4),
-        &[&ip0],
-        "node-0",
-        Some(("ReplicaSet", "checkout-7d9f")),
-        false,
-        "Running",
-    ));
+    api.apply(checkout_pod("checkout-7d9f-c", 4, &[&ip0]));
     let out = run_in(
         topo.pod_ns(0),
         &[
@@ -201,83 +275,120 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     assert!(out.status.success());
     c.restart(&mut topo);
     c.wait_connected(&["node-0"]);
-    let line = wait_for(WAIT, "nginx logs the outage request", || {
-        std::fs::read_to_string(&nginx.access_log)
-            .ok()?
-            .lines()
-            .nth(2)
-            .map(str::to_string)
-    });
-    let port: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let t_down = wait_for(WAIT, "the outage connection stored", || {
-        let (_, v) = c.api(&format!(
-            "/api/v1/connections?snat_ip={}&snat_port={port}",
-            topo.node_ip4()
-        ));
-        let h = v["records"]
-            .as_array()?
-            .iter()
-            .find(|h| h["src_ip"] == ip0.as_str())?
-            .clone();
-        parse_time(h["start"].as_str()?).ok()
-    });
     wait_for(
         WAIT,
-        "the re-list after the restart (C live, A and B closed)",
+        "the re-list after the restart (C, worker, hostNetwork live; A and B closed)",
         || {
-            (metric(&c, "ctw_collector_pod_intervals_live") == Some(2.0)
+            (metric(&c, "ctw_collector_pod_intervals_live") == Some(3.0)
                 && metric(&c, "ctw_collector_pod_history_gaps") == Some(2.0))
             .then_some(())
         },
     );
-    let t_c = connect(&topo, &c, &nginx.access_log, 3);
-    journal_has(&c, &uid(4));
-    c.kill9(&mut topo);
+    let (line, down) = stored(&topo, &c, &log, 0, 2);
+    assert_eq!(
+        down["pod_verified"], false,
+        "made while the collector was down: {down}"
+    );
+    if down["pod"].is_null() {
+        assert_eq!(down["pod_reason"], "history_gap", "{down}");
+    }
+    lines.push((line, None));
+    let (line, hit) = connect(&topo, &c, &log, 0, 3);
+    assert_eq!(named(&hit), checkout("checkout-7d9f-c"), "{hit}");
+    assert_eq!(hit["pod_verified"], true, "{hit}");
+    lines.push((line, Some(("checkout-7d9f-c", true))));
+    // Create first, then delete late: D takes the address while C still
+    // holds it; C's delete arrives after D's connection and changes nothing.
+    let before = metric(&c, "ctw_collector_pod_ip_fenced_total").unwrap_or(0.0);
+    api.apply(checkout_pod("checkout-7d9f-d", 6, &[&ip0]));
+    wait_for(WAIT, "the collector fenced C by D", || {
+        (metric(&c, "ctw_collector_pod_ip_fenced_total")? > before).then_some(())
+    });
+    let (line, hit) = connect(&topo, &c, &log, 0, 4);
+    assert_eq!(named(&hit), checkout("checkout-7d9f-d"), "{hit}");
+    lines.push((line, Some(("checkout-7d9f-d", true))));
+    let events = metric(&c, "ctw_collector_pod_watch_events_total").unwrap();
+    api.delete("Pod", "payments", "checkout-7d9f-c");
+    events_past(&c, events);
+    let (line, hit) = connect(&topo, &c, &log, 0, 5);
+    assert_eq!(named(&hit), checkout("checkout-7d9f-d"), "{hit}");
+    lines.push((line, Some(("checkout-7d9f-d", true))));
 
-    let h = PodHistory::open(&c.dir.join("index/pods"), u64::MAX).unwrap();
-    let src: IpAddr = ip0.parse().unwrap();
-    let a = h.at(src, t_a);
-    let p = a.pod.clone().unwrap_or_else(|| panic!("A at {t_a}: {a:?}"));
-    assert_eq!(
-        (p.namespace.as_str(), p.name.as_str(), p.node.as_str()),
-        ("payments", "checkout-7d9f-a", "node-0")
-    );
-    let w = p.workload.unwrap();
-    assert_eq!(
-        (w.kind.as_str(), w.name.as_str()),
-        ("Deployment", "checkout")
-    );
-    assert!(a.verified && !a.pod_ip_reused);
-    assert_eq!(
-        h.at(src, t_b).pod.map(|p| p.name).as_deref(),
-        Some("checkout-7d9f-b")
-    );
-    // B's connection was made before the collector died; whether it falls
-    // after the last heartbeat (then unverified) depends on timing.
-    let down = h.at(src, t_down);
-    assert!(
-        !down.verified,
-        "made while the collector was down: {down:?}"
-    );
-    let cp = h.at(src, t_c);
-    assert_eq!(cp.pod.map(|p| p.name).as_deref(), Some("checkout-7d9f-c"));
-    assert!(cp.verified);
-    // The IPv6 address was A's and B's; C has none.
-    let src6: IpAddr = ip0_6.parse().unwrap();
-    assert_eq!(
-        h.at(src6, t_b).pod.map(|p| p.name).as_deref(),
-        Some("checkout-7d9f-b")
-    );
-    assert_eq!(h.at(src6, t_c).reason, Some(NoPodReason::NoPodAtTime));
+    // The hostNetwork pod is never named; it is listed as a holder.
+    let (line, hit) = connect(&topo, &c, &log, 2, 6);
+    assert!(hit["pod"].is_null(), "{hit}");
+    assert_eq!(hit["pod_reason"], "host_network", "{hit}");
+    assert_eq!(hit["pod_holders"][0]["name"], "node-exporter-x", "{hit}");
+    assert_eq!(hit["pod_holders"][0]["host_network"], true, "{hit}");
+    lines.push((line, None));
     // The other pod, untouched, is named throughout (StatefulSet itself).
-    let wk = h
-        .at(ip1.parse().unwrap(), t_c)
-        .pod
-        .unwrap()
-        .workload
-        .unwrap();
+    let (line, hit) = connect(&topo, &c, &log, 1, 7);
     assert_eq!(
-        (wk.kind.as_str(), wk.name.as_str()),
-        ("StatefulSet", "worker")
+        named(&hit),
+        (
+            "batch".into(),
+            "worker-0".into(),
+            "StatefulSet".into(),
+            "worker".into()
+        ),
+        "{hit}"
     );
+    lines.push((line, Some(("worker-0", true))));
+
+    // nginx's own lines resolve to the pods as of their time, including
+    // those of pods long gone.
+    let (code, v) = c.post_json(
+        "/api/v1/resolve",
+        &json!({
+            "lines": lines.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>(),
+            "log_format": LOG_FORMAT,
+        }),
+        topo.tmp_dir(),
+    );
+    assert_eq!(code, 200, "{v}");
+    let results = v["results"].as_array().unwrap();
+    for ((line, want), r) in lines.iter().zip(results) {
+        assert_eq!(r["status"], "resolved", "{line}: {r}");
+        match want {
+            Some((name, verified)) => {
+                assert_eq!(r["pod"]["name"], *name, "{line}: {r}");
+                if *verified {
+                    assert_eq!(r["pod_verified"], true, "{line}: {r}");
+                }
+                assert_eq!(r["record"]["pod"]["name"], *name, "{line}: {r}");
+            }
+            None => assert!(
+                r["pod_verified"] == false || r["pod_reason"] == "host_network",
+                "{line}: {r}"
+            ),
+        }
+    }
+    // Searches by pod go through the history: A's one connection, the
+    // Deployment's six (A, B, the outage one, C, D twice), the StatefulSet's one.
+    let count = |q: &str| {
+        let (code, v) = c.api(&format!("/api/v1/connections?{q}&limit=100"));
+        assert_eq!(code, 200, "{q}: {v}");
+        let srcs: Vec<String> = v["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r["src_ip"], r["pod"]["name"]))
+            .collect();
+        (v["total"].as_u64().unwrap(), srcs)
+    };
+    let (n, srcs) = count("namespace=payments&pod=checkout-7d9f-a");
+    assert_eq!(
+        (n, srcs),
+        (1, vec![format!("\"{ip0}\" \"checkout-7d9f-a\"")])
+    );
+    let (n, srcs) = count("workload=Deployment/checkout");
+    assert_eq!(n, 6, "{srcs:?}");
+    let (n, _) = count("workload=StatefulSet/worker");
+    assert_eq!(n, 1);
+    // The hostNetwork pod is never matched: its address is not its own.
+    let (n, _) = count("pod=node-exporter-x");
+    assert_eq!(n, 0);
+    assert_eq!(results[2]["pod_verified"], false, "{}", results[2]);
+    assert_eq!(results[6]["pod_reason"], "host_network", "{}", results[6]);
+    assert!(results[6]["pod"].is_null(), "{}", results[6]);
 }

@@ -239,6 +239,10 @@ pub struct LookupAnswer {
     /// answered (absent when `None`: the agent's own answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zones_tried: Option<Vec<u16>>,
+    /// The source's pod (`pod`, `pod_reason`, `pod_verified`,
+    /// `pod_ip_reused`, `pod_holders`); absent when kubernetes is off.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub pod_fields: Option<PodFields>,
 }
 
 /// `IP_CT_TCP_FLAG_BE_LIBERAL` (`include/uapi/linux/netfilter/nf_conntrack_tcp.h`).
@@ -271,6 +275,7 @@ impl LookupAnswer {
                     && r.tcp_flags_orig & TCP_FLAG_BE_LIBERAL != 0
                     && r.tcp_flags_reply & TCP_FLAG_BE_LIBERAL != 0),
             zones_tried: None,
+            pod_fields: None,
         }
     }
 }
@@ -364,6 +369,77 @@ pub struct ConnectionAnswer {
     pub reply_packets: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_bytes: Option<u64>,
+    /// The source's pod (`pod`, `pod_reason`, `pod_verified`,
+    /// `pod_ip_reused`, `pod_holders`); absent when kubernetes is off.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub pod_fields: Option<PodFields>,
+}
+
+/// A workload as answered: the pod's controller owner resolved upward
+/// (ReplicaSet to Deployment, Job to CronJob); `kind` is the Kubernetes kind.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkloadAnswer {
+    pub kind: String,
+    pub name: String,
+}
+
+/// A pod as answered (issue 13): who held an address, from the collector's
+/// pod history (the Kubernetes watch).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodRefAnswer {
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.uid` (UUID text).
+    pub uid: String,
+    /// Absent when the pod has no controller owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadAnswer>,
+    /// `spec.nodeName`.
+    pub node: String,
+    /// `spec.hostNetwork`: the pod shares its node's address.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub host_network: bool,
+    /// When the pod got the address.
+    pub from: String,
+    /// When it gave the address up (absent while it holds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+impl PodRefAnswer {
+    /// `NAMESPACE/NAME (Kind/name)`, or `NAMESPACE/NAME` without a workload:
+    /// how `ctw` and the UI show a pod.
+    pub fn label(&self) -> String {
+        match &self.workload {
+            Some(w) => format!("{}/{} ({}/{})", self.namespace, self.name, w.kind, w.name),
+            None => format!("{}/{}", self.namespace, self.name),
+        }
+    }
+}
+
+/// The pod fields of an answer (flattened into connections, resolved
+/// lines, candidates and live lookups): present only when the collector
+/// keeps a pod history (`kubernetes` on); absent otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodFields {
+    /// The pod that held the connection's source address at its start, or
+    /// `null` (see `pod_reason`).
+    pub pod: Option<PodRefAnswer>,
+    /// Set exactly when `pod` is `null`: `no_pod_at_time`, `history_gap`
+    /// or `host_network` (a hostNetwork pod shares the node's address and
+    /// is never named as if proven).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_reason: Option<String>,
+    /// `false` when the time falls in a gap of the pod watch: the name is
+    /// the best guess, not proven.
+    pub pod_verified: bool,
+    /// The address changed hands within the connection's lifetime (widened
+    /// by the query's skew): `pod_holders` lists every holder.
+    pub pod_ip_reused: bool,
+    /// Every holder in that window, oldest first, when `pod_ip_reused`; the
+    /// hostNetwork pods when `pod_reason` is `host_network`; else absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_holders: Option<Vec<PodRefAnswer>>,
 }
 
 /// A time range where records of `node` may be missing.
@@ -468,6 +544,10 @@ pub struct LineAnswer {
     /// The answer's connection as a search shows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<Box<ConnectionAnswer>>,
+    /// The answer's pod (its connection's source) (`pod`, `pod_reason`, `pod_verified`,
+    /// `pod_ip_reused`, `pod_holders`); absent when kubernetes is off.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub pod_fields: Option<PodFields>,
 }
 
 /// An inclusive time interval.
@@ -500,6 +580,10 @@ pub struct CandidateAnswer {
     /// Started after the line (possibly recorded late).
     #[serde(default, skip_serializing_if = "is_false")]
     pub started_after: bool,
+    /// The candidate's pod (`pod`, `pod_reason`, `pod_verified`,
+    /// `pod_ip_reused`, `pod_holders`); absent when kubernetes is off.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub pod_fields: Option<PodFields>,
 }
 
 /// `GET /api/v1/agents`.

@@ -169,6 +169,29 @@ pub struct PodAnswer {
     pub holders: Vec<PodRef>,
 }
 
+/// Which pods a search by pod asks for (`namespace`, `pod`, `workload`
+/// search parameters): every given field must match; `workload_kind` only
+/// with `workload_name`. Names are Kubernetes names, compared exactly.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodFilter {
+    pub namespace: Option<String>,
+    /// The pod's `metadata.name`.
+    pub pod: Option<String>,
+    /// The workload's kind (`Deployment`, `StatefulSet`, ...); `None`: any.
+    pub workload_kind: Option<String>,
+    pub workload_name: Option<String>,
+}
+
+/// One pod's tenure of one address: connections from `ip` that started in
+/// `[from_ns, to_ns)` (ns since the epoch; `to_ns` [`OPEN`] while held) are
+/// the pod's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tenure {
+    pub ip: IpAddr,
+    pub from_ns: u64,
+    pub to_ns: u64,
+}
+
 /// Counters of what the history did with its input (exported as metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -283,6 +306,35 @@ impl History {
     /// The recorded watch gaps, oldest first.
     pub fn gaps(&self) -> &[Gap] {
         &self.gaps
+    }
+
+    /// The tenures of the pods matching `f` that overlap `[from_ns, to_ns]`,
+    /// oldest first. hostNetwork pods are never matched (their address is
+    /// the node's, shared). A scan of the intervals in memory (about one
+    /// per live pod plus the retained closed ones), never of records.
+    pub fn tenures(&self, f: &PodFilter, from_ns: u64, to_ns: u64) -> Vec<Tenure> {
+        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        let mut out: Vec<Tenure> = self
+            .by_ip
+            .iter()
+            .flat_map(|(ip, ivs)| ivs.iter().map(move |i| (*ip, i)))
+            .filter(|(_, i)| {
+                !i.host_network
+                    && i.from_ns <= to_ns
+                    && i.to_ns >= from_ns
+                    && eq(&f.namespace, self.strings.get(i.namespace))
+                    && eq(&f.pod, &i.name)
+                    && eq(&f.workload_kind, self.strings.get(i.workload_kind))
+                    && eq(&f.workload_name, self.strings.get(i.workload_name))
+            })
+            .map(|(ip, i)| Tenure {
+                ip,
+                from_ns: i.from_ns,
+                to_ns: i.to_ns,
+            })
+            .collect();
+        out.sort_by_key(|t| (t.from_ns, t.ip));
+        out
     }
 
     /// Apply one observation of a pod at `now_ns` (when the watch delivered

@@ -23,7 +23,9 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use history::{Change, History};
-pub use history::{Gap, NoPodReason, PodAnswer, PodRef, PodState, Stats, Workload};
+pub use history::{
+    Gap, NoPodReason, PodAnswer, PodFilter, PodRef, PodState, Stats, Tenure, Workload,
+};
 use journal::{Journal, JournalError};
 
 use crate::store::Hit;
@@ -367,6 +369,12 @@ impl PodHistory {
             journal_errors: g.journal_errors,
             bad_lines: g.bad_lines,
         }
+    }
+
+    /// The tenures of the pods matching `f` overlapping `[from_ns, to_ns]`
+    /// (see [`history::History::tenures`]): what a search by pod searches.
+    pub fn tenures(&self, f: &PodFilter, from_ns: u64, to_ns: u64) -> Vec<Tenure> {
+        self.lock().history.tenures(f, from_ns, to_ns)
     }
 
     /// The recorded gaps (oldest first).

@@ -103,6 +103,7 @@ pub fn state_with(
         max_limit: 1000,
         lookup: LookupConfig::default(),
         ready: Arc::new(AtomicBool::new(true)),
+        pods: None,
     })
 }
 

@@ -112,3 +112,40 @@ export function endCell(r, clock) {
       return [f(r.end), el('span', { class: 'reason end-kind' }, 'ended (destroy: the kernel\'s DESTROY event)')];
   }
 }
+
+// The pod fields of an answer (issue 13: `pod`, `pod_reason`,
+// `pod_verified`, `pod_ip_reused`, `pod_holders`) are present only when the
+// collector names pods (kubernetes on).
+export function hasPod(r) {
+  return !!r && r.pod_verified !== undefined;
+}
+
+// namespace/name (Kind/name) of a pod of an answer.
+export function podLabel(p) {
+  const w = p.workload ? ` (${p.workload.kind}/${p.workload.name})` : '';
+  return `${p.namespace}/${p.name}${w}`;
+}
+
+// The pod of an answer as nodes for a table cell: namespace/name, the
+// workload, and badges when the name is not proven (a gap of the pod watch)
+// or the address changed hands; or why no pod is named.
+export function podCell(r) {
+  if (!hasPod(r)) return [];
+  const holders = (r.pod_holders || []).map((h) => `${podLabel(h)} from ${h.from}${h.to ? ` to ${h.to}` : ''}`).join('; ');
+  const out = [];
+  if (r.pod) {
+    const p = r.pod;
+    out.push(el('span', { class: 'pod-name', title: `uid ${p.uid}, node ${p.node}, held the address from ${p.from}${p.to ? ` to ${p.to}` : ''}` }, `${p.namespace}/${p.name}`));
+    if (p.workload) out.push(el('span', { class: 'reason workload' }, `${p.workload.kind}/${p.workload.name}`));
+  } else {
+    const why = {
+      no_pod_at_time: 'no pod held the address then',
+      history_gap: 'the pod watch has a gap then',
+      host_network: 'a hostNetwork pod (shares the node address): not named',
+    }[r.pod_reason] || r.pod_reason || '';
+    out.push(el('span', { class: 'muted no-pod', title: holders || null }, `no pod (${why})`));
+  }
+  if (r.pod_verified === false) out.push(' ', badge('warn', 'unverified', 'the time falls in a gap of the pod watch: the name is the best guess, not proven'));
+  if (r.pod_ip_reused) out.push(' ', badge('warn', 'IP reused', `the address changed hands within the connection: ${holders}`));
+  return out;
+}

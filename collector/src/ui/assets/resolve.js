@@ -2,7 +2,7 @@
 // to /api/v1/resolve) or one ip:port + time become rows with the pod that
 // opened the connection, and a live lookup for rows that may still be open.
 
-import { $, el, fill, show, hide, addr, fmtTime, fmtClock, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endCell } from './dom.js';
+import { $, el, fill, show, hide, addr, fmtTime, fmtClock, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endCell, hasPod, podCell, podLabel } from './dom.js';
 import { typedTime, digitsOf, digitsTyped, onZoneChange, zoneLabel } from './time.js';
 import { api, qs, ApiError } from './api.js';
 
@@ -17,6 +17,8 @@ const SHOWN_ROWS = 2000;
 
 let results = [];
 let running = null;
+// The namespace/pod column is shown once an answer carries pod fields.
+let podsShown = false;
 
 export function init() {
   $('#log-format').placeholder = `default: ${DEFAULT_FORMAT}`;
@@ -59,6 +61,8 @@ function clearResults() {
   if (running) running.abort();
   results = [];
   $('#resolve-table tbody').replaceChildren();
+  podsShown = false;
+  for (const c of document.querySelectorAll('#resolve-table .pod-col')) c.hidden = true;
   for (const id of ['#resolve-table', '#resolve-summary', '#resolve-error', '#resolve-legend']) hide($(id));
   $('#resolve-progress').textContent = '';
 }
@@ -198,6 +202,9 @@ async function lookupOne(p, opts, signal) {
     dst_ip: rec.dst_ip,
     dst_port: rec.dst_port,
     record: rec,
+    ...(hasPod(rec)
+      ? { pod: rec.pod, pod_reason: rec.pod_reason, pod_verified: rec.pod_verified, pod_ip_reused: rec.pod_ip_reused, pod_holders: rec.pod_holders }
+      : {}),
   };
 }
 
@@ -272,7 +279,7 @@ function statusCell(r) {
   if (r.note) reasons.push(r.note);
   if (r.zone_note) reasons.push(r.zone_note);
   if (r.status !== 'resolved' && Array.isArray(r.ranked) && r.ranked.length) {
-    reasons.push(`ranked: ${r.ranked.map((c) => `${addr(c.pod_ip, c.pod_port)} on ${c.node}${c.alive ? '' : ` (${c.distance_ms} ms away)`}`).join('; ')}`);
+    reasons.push(`ranked: ${r.ranked.map((c) => `${addr(c.pod_ip, c.pod_port)}${c.pod ? ` (${podLabel(c.pod)})` : ''} on ${c.node}${c.alive ? '' : ` (${c.distance_ms} ms away)`}`).join('; ')}`);
   }
   if (r.incomplete) {
     const gaps = r.gaps || [];
@@ -306,6 +313,7 @@ function row(r) {
       el('td', { class: 'mono' }, r.line_no),
       el('td', { class: 'raw', colspan: 2 }, String(r.line ?? '').slice(0, 300)),
       el('td', { class: 'pod-ip' }),
+      el('td', { class: 'pod', hidden: !podsShown }),
       el('td', { class: 'node' }),
       el('td', { colspan: 4 }),
       statusCell(r),
@@ -319,6 +327,7 @@ function row(r) {
     el('td', { class: 'mono', title: r.line }, addr(r.remote_addr, r.remote_port)),
     el('td', { class: 'mono time' }, timeText(r)),
     el('td', { class: 'pod-ip' }, podIp ?? ''),
+    el('td', { class: 'pod', hidden: !podsShown }, podCell(r)),
     el('td', { class: 'node' }, r.node ?? rec.node ?? ''),
     el('td', { class: 'mono' }, podIp ? `${addr(podIp, podPort)} → ${addr(dstIp, dstPort)}` : ''),
     el('td', { class: 'mono' }, snat),
@@ -373,6 +382,11 @@ async function lookupLive(rec, button, out) {
 
 function render(rows) {
   const tbody = $('#resolve-table tbody');
+  if (!podsShown && rows.some(hasPod)) {
+    // The collector names pods: show the column (from now on).
+    podsShown = true;
+    for (const c of document.querySelectorAll('#resolve-table .pod-col, #resolve-table td.pod')) c.hidden = false;
+  }
   const room = SHOWN_ROWS - tbody.childElementCount;
   if (room > 0) tbody.append(...rows.slice(0, room).map(row));
   show($('#resolve-table'));
@@ -416,10 +430,19 @@ function download() {
     return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
   };
   const head = ['line_no', 'remote_addr', 'remote_port', 'time', 'status', 'pod_ip', 'pod_port', 'node', 'dst_ip', 'dst_port', 'start', 'end', 'incomplete', 'midstream', 'note', 'error', 'line'];
+  // With pod names (kubernetes on): the pod's columns at the end.
+  const pods = results.some(hasPod);
+  if (pods) head.push('pod_namespace', 'pod_name', 'pod_workload', 'pod_reason', 'pod_verified', 'pod_ip_reused');
   const lines = [head.join(',')];
   for (const r of results) {
     const rec = r.record || {};
-    lines.push([r.line_no, r.remote_addr, r.remote_port, r.time, r.status, r.pod_ip ?? rec.src_ip, r.pod_port ?? rec.src_port, r.node ?? rec.node, r.dst_ip ?? rec.dst_ip, r.dst_port ?? rec.dst_port, rec.start, rec.end, r.incomplete ? 'yes' : '', r.midstream ? 'yes' : '', r.note, r.error, r.line].map(esc).join(','));
+    const row = [r.line_no, r.remote_addr, r.remote_port, r.time, r.status, r.pod_ip ?? rec.src_ip, r.pod_port ?? rec.src_port, r.node ?? rec.node, r.dst_ip ?? rec.dst_ip, r.dst_port ?? rec.dst_port, rec.start, rec.end, r.incomplete ? 'yes' : '', r.midstream ? 'yes' : '', r.note, r.error, r.line];
+    if (pods) {
+      const p = r.pod;
+      const w = p && p.workload ? `${p.workload.kind}/${p.workload.name}` : '';
+      row.push(p?.namespace, p?.name, w, r.pod_reason, hasPod(r) ? String(r.pod_verified) : '', r.pod_ip_reused ? 'true' : '');
+    }
+    lines.push(row.map(esc).join(','));
   }
   const url = URL.createObjectURL(new Blob([`${lines.join('\n')}\n`], { type: 'text/csv' }));
   const a = el('a', { href: url, download: 'resolved.csv' });

@@ -2,7 +2,7 @@
 // sortable by any column, and a histogram of the returned records' start
 // times (inline SVG).
 
-import { $, el, fill, show, hide, addr, fmtTime, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endCell } from './dom.js';
+import { $, el, fill, show, hide, addr, fmtTime, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endCell, hasPod, podCell, podLabel } from './dom.js';
 import { typedTime, onZoneChange, zoneLabel } from './time.js';
 import { api, qs } from './api.js';
 
@@ -212,6 +212,8 @@ function sortValue(r, key) {
       return `${ipKey(r.dst_ip)}#${String(r.dst_port).padStart(5, '0')}`;
     case 'snat':
       return `${ipKey(r.snat_ip)}#${String(r.snat_port).padStart(5, '0')}`;
+    case 'pod':
+      return r.pod ? podLabel(r.pod) : `~${r.pod_reason ?? ''}`;
     default:
       return String(r[key] ?? '');
   }
@@ -232,6 +234,7 @@ function renderTable() {
         el('td', { class: 'node' }, r.node),
         el('td', {}, r.protocol),
         el('td', { class: 'mono src' }, addr(r.src_ip, r.src_port)),
+        el('td', { class: 'pod' }, podCell(r)),
         el('td', { class: 'mono' }, addr(r.dst_ip, r.dst_port)),
         el('td', { class: 'mono' }, addr(r.snat_ip, r.snat_port)),
         el(
@@ -253,6 +256,8 @@ function renderTable() {
   show($('#search-table'));
   const withAt = records.some((r) => r.alive_at !== undefined);
   for (const c of document.querySelectorAll('#search-table .alive-col, #search-table td.alive')) c.hidden = !withAt;
+  const withPods = records.some(hasPod);
+  for (const c of document.querySelectorAll('#search-table .pod-col, #search-table td.pod')) c.hidden = !withPods;
   fill(
     $('#search-legend'),
     el('b', {}, 'Times'), ` in ${zoneLabel()}. `,
