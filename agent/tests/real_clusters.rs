@@ -650,11 +650,19 @@ fn udp_nat_clash_shadows_are_counted_and_never_records() {
             .count()
     };
     assert_eq!(flow_count(), FLOWS as usize);
-    // Everything listed (the agent's own HTTP on loopback is tracked too).
-    let listed = topo.node_conntrack(&["-L"]).lines().count();
-    let in_table: usize = sysctl(&node, "net.netfilter.nf_conntrack_count")
-        .parse()
-        .expect("nf_conntrack_count");
+    // Everything listed (the agent's own HTTP on loopback is tracked too,
+    // and its entries come and go): read the count before and after the
+    // listing and take a reading where the table did not change in between.
+    let count = || -> usize {
+        sysctl(&node, "net.netfilter.nf_conntrack_count")
+            .parse()
+            .expect("nf_conntrack_count")
+    };
+    let (listed, in_table) = wait_for(WAIT, "a still table to count", || {
+        let before = count();
+        let listed = topo.node_conntrack(&["-L"]).lines().count();
+        (count() == before).then_some((listed, before))
+    });
     let reaped_early = shadow_destroys();
     let enobufs = lines_of(&events)
         .iter()
