@@ -1,7 +1,7 @@
 //! Live lookup of one conntrack entry by five-tuple, with a netlink GET (not a
 //! table scan), and the seed's JSON answer shape.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ctw_common::{ConnRecord, Protocol, Tuple};
 
@@ -38,10 +38,7 @@ pub fn lookup(q: &LookupQuery) -> Result<Option<ConnRecord>, LookupError> {
         .map_err(LookupError::Netlink)?;
     let mut found = None;
     loop {
-        let recv_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let recv_ns = ctw_common::now_ns();
         let dgram = sock.recv().map_err(LookupError::Netlink)?;
         for msg in decode::messages(dgram) {
             let msg = msg.map_err(|e| LookupError::Malformed(e.to_string()))?;

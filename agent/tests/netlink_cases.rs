@@ -5,7 +5,7 @@
 //! wall clock around the connect). Needs root.
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ctw_testkit::agent::Agent;
 use ctw_testkit::{must_in, require_root, run_in, wait_for, Topology};
@@ -192,12 +192,7 @@ fn lookup_in_zone_7_finds_the_pod_the_kernel_holds() {
     }
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+use ctw_common::now_ns;
 
 fn ts_ns(v: &Value) -> u64 {
     let ts = v["ts"].as_str().unwrap_or_default();

@@ -17,149 +17,11 @@ use std::time::{Duration, Instant};
 
 use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
 use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
-use ctw_common::{status, ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+use ctw_common::ConnRecord;
 
-const NODES: usize = 20;
-const PODS: usize = 5000;
-const SERVICES: usize = 20;
-const SPAN_NS: u64 = 7 * 24 * 3_600_000_000_000;
-
-struct Gen {
-    rng: fastrand::Rng,
-    t0: u64,
-    dt: u64,
-    i: u64,
-    services: Vec<(Ipv4Addr, u16, Protocol)>,
-}
-
-impl Gen {
-    fn new(n: u64, t0: u64) -> Gen {
-        let mut rng = fastrand::Rng::with_seed(42);
-        let ports = [443u16, 80, 5432, 6379, 8080, 9200, 3306, 27017];
-        let services = (0..SERVICES)
-            .map(|k| {
-                let udp = rng.u64(..5) == 0;
-                let ip = Ipv4Addr::new(203, 0, 113, 1 + k as u8);
-                if udp {
-                    (ip, [53u16, 123][k % 2], Protocol::Udp)
-                } else {
-                    (ip, ports[k % ports.len()], Protocol::Tcp)
-                }
-            })
-            .collect();
-        Gen {
-            rng,
-            t0,
-            dt: (SPAN_NS / n.max(1)).max(1),
-            i: 0,
-            services,
-        }
-    }
-
-    fn node_name(n: usize) -> String {
-        format!("node-{n:02}")
-    }
-
-    fn record(&mut self, node: usize) -> ConnRecord {
-        let r = &mut self.rng;
-        let event_ns = self.t0 + self.i * self.dt + r.u64(..self.dt.max(1));
-        self.i += 1;
-        let pod = node + NODES * r.u64(..(PODS / NODES) as u64) as usize;
-        let pod_ip = Ipv4Addr::new(198, 18, (pod / 256) as u8, (pod % 256) as u8);
-        let node_ip = Ipv4Addr::new(10, 0, 0, 10 + node as u8);
-        // 80% TCP: pick among services of the drawn protocol.
-        let want_udp = r.u64(..5) == 0;
-        let cands: Vec<_> = self
-            .services
-            .iter()
-            .filter(|s| (s.2 == Protocol::Udp) == want_udp)
-            .collect();
-        let (svc_ip, svc_port, protocol) = *cands[r.u64(..cands.len() as u64) as usize];
-        let src_port = 32768 + r.u64(..28232) as u16;
-        let snat_port = 1024 + r.u64(..65536 - 1024) as u16;
-        let destroy = r.u64(..5) == 0;
-        let tcp = protocol == Protocol::Tcp;
-        let (kind, start_ns, stop_ns, status, tcp_state, counters) = if destroy {
-            let life = 1_000_000 + r.u64(..600_000_000_000);
-            let c = |r: &mut fastrand::Rng| {
-                let packets = 2 + r.u64(..200);
-                Some(Counters {
-                    packets,
-                    bytes: packets * (60 + r.u64(..1400)),
-                })
-            };
-            (
-                EventKind::Destroy,
-                Some(event_ns - life),
-                Some(event_ns),
-                status::CONFIRMED | status::SRC_NAT | status::SEEN_REPLY | status::ASSURED,
-                tcp.then_some(TcpState::TimeWait),
-                (c(r), c(r)),
-            )
-        } else {
-            (
-                EventKind::New,
-                Some(event_ns),
-                None,
-                status::CONFIRMED | status::SRC_NAT,
-                tcp.then_some(TcpState::SynSent),
-                (None, None),
-            )
-        };
-        let flags = [0x23u8, 0x27, 0x03];
-        ConnRecord {
-            kind,
-            event_ns,
-            protocol,
-            orig: Tuple {
-                src: IpAddr::V4(pod_ip),
-                dst: IpAddr::V4(svc_ip),
-                src_port,
-                dst_port: svc_port,
-            },
-            reply: Tuple {
-                src: IpAddr::V4(svc_ip),
-                dst: IpAddr::V4(node_ip),
-                src_port: svc_port,
-                dst_port: snat_port,
-            },
-            id: r.u64(..) as u32,
-            zone: 0,
-            mark: 0,
-            status,
-            tcp_state,
-            tcp_flags_orig: if tcp { flags[r.u64(..3) as usize] } else { 0 },
-            tcp_flags_reply: if tcp && destroy {
-                flags[r.u64(..3) as usize]
-            } else {
-                0
-            },
-            start_ns,
-            stop_ns,
-            counters_orig: counters.0,
-            counters_reply: counters.1,
-        }
-    }
-}
-
-/// Reservoir sampling of 1000 records: `seen` counts records so far,
-/// this one included.
-fn sample(
-    samples: &mut Vec<(String, ConnRecord)>,
-    rng: &mut fastrand::Rng,
-    seen: u64,
-    node: String,
-    r: ConnRecord,
-) {
-    if samples.len() < 1000 {
-        samples.push((node, r));
-    } else {
-        let j = rng.u64(..seen) as usize;
-        if j < 1000 {
-            samples[j] = (node, r);
-        }
-    }
-}
+#[path = "support/bench.rs"]
+mod bench;
+use bench::{cpu_seconds, pct, sample, Gen, NODES, PODS, SERVICES, SPAN_NS};
 
 /// Exact snat ip:port ± 5 min queries of `samples`: p50 and p99 latency in
 /// ms, how many found their record, partitions read per query.
@@ -195,23 +57,6 @@ fn query_latency(
     }
     let parts = parts_touched as f64 / samples.len().max(1) as f64;
     Ok((pct(&mut lat, 0.5), pct(&mut lat, 0.99), found, parts))
-}
-
-fn cpu_seconds() -> f64 {
-    // utime + stime of this process, in clock ticks (USER_HZ = 100 on Linux).
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = s.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

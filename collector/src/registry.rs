@@ -364,7 +364,7 @@ impl Registry {
     /// Open `agent_disconnected` gaps: from each disconnected agent's
     /// disconnection to now. Merge them into search results.
     pub fn open_gaps(&self) -> Vec<Gap> {
-        let now = unix_ns(SystemTime::now());
+        let now = ctw_common::now_ns();
         let g = self.lock();
         g.agents
             .iter()

@@ -9,7 +9,6 @@
 //! a task plays its stream: it has the live entry of that connection and
 //! nothing else. No root, no network.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -33,16 +32,13 @@ mod support {
     #[path = "mem_api.rs"]
     pub mod mem_api;
 }
+use support::mem_api::ip;
 
 const TOKEN: &str = "secret-token";
 /// 2024-12-09T07:05:00Z, in Unix seconds and ns.
 const T_S: u64 = 1_733_727_900;
 const T: u64 = T_S * 1_000_000_000;
 const S: u64 = 1_000_000_000;
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("address")
-}
 
 /// pod 10.244.1.7:1000 -> 198.19.0.2:80, SNAT to 198.18.0.1:40001 on node-a.
 fn record(kind: EventKind, at: u64) -> ConnRecord {

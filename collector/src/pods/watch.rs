@@ -57,12 +57,7 @@ pub async fn client(cfg: &KubernetesConfig) -> Result<Client, PodsError> {
     Client::try_from(config).map_err(|e| PodsError::Kube(format!("client: {e}")))
 }
 
-/// ns since the epoch, now.
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
+pub use ctw_common::now_ns;
 
 /// The controller owner reference of an object.
 fn controller(meta: &ObjectMeta) -> Option<Workload> {

@@ -115,12 +115,7 @@ struct Inner {
     last_gap_ns: AtomicU64,
 }
 
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+use ctw_common::now_ns;
 
 fn ch_err(what: &str, e: clickhouse::error::Error) -> StoreError {
     StoreError::Index(format!("clickhouse {what}: {e}"))
