@@ -163,7 +163,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let listener = startup::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "http listening");
         axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(startup::shutdown_signal())
+            .with_graceful_shutdown(ctw_common::signal::shutdown_signal())
             .await
             .context("http server failed")
     });

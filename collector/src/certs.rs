@@ -18,6 +18,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -187,12 +189,10 @@ pub fn issue(ca: &CertPair, spec: &IssueSpec) -> Result<CertPair, CertError> {
 }
 
 fn first_cert_der(pem: &str) -> Option<Vec<u8>> {
-    let mut rd = pem.as_bytes();
-    let first = rustls_pemfile::certs(&mut rd)
+    CertificateDer::pem_slice_iter(pem.as_bytes())
         .flatten()
         .next()
-        .map(|c| c.as_ref().to_vec());
-    first
+        .map(|c| c.as_ref().to_vec())
 }
 
 /// The CA's subject as rcgen wants it, keeping each value's string type so

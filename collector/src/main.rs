@@ -73,22 +73,6 @@ fn main() -> ExitCode {
     ))
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown signal received");
-}
-
 /// Open the pod history under `storage.path/pods` and start the watch task.
 async fn start_pod_watch(
     cfg: &Config,
@@ -215,7 +199,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let mut grpc = grpc;
         // Run until a signal, or until the gRPC side stops by itself (an error).
         let early = tokio::select! {
-            _ = shutdown_signal() => None,
+            _ = ctw_common::signal::shutdown_signal() => None,
             r = &mut grpc => Some(r),
         };
         ready.store(false, Ordering::Relaxed);

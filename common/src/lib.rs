@@ -16,6 +16,8 @@ pub mod config;
 pub mod metrics;
 pub mod nginx;
 pub mod ratelimit;
+#[cfg(feature = "signal")]
+pub mod signal;
 
 /// Nanoseconds since the Unix epoch of `t` (0 before the epoch, `u64::MAX`
 /// past year 2554). The one conversion every crate uses.
