@@ -1,7 +1,8 @@
 //! The mTLS gRPC port end to end, on 127.0.0.1: ingest with acks and
 //! dedup, refused handshakes (no certificate, another CA), a Hello naming
 //! another node, live lookups over an agent's stream, certificate reload,
-//! and the Query service. Certificates are generated at test start with
+//! and the Query service (also a search by pod over a pod history, and the
+//! workload counter its ingest feeds). Certificates are generated at test start with
 //! `ctw_collector::certs`, except `checked_in_certificates`, which uses the
 //! ones in `tests/data/` (regenerate with `tests/data/regen.sh`).
 #![allow(clippy::unwrap_used)]

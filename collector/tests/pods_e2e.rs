@@ -8,7 +8,9 @@
 //! address) pod B; a connection made while the collector was down (kill -9)
 //! is `pod_verified: false`; then D created while C still holds the address
 //! and C deleted late: D throughout; a hostNetwork pod is never named
-//! (`pod_reason: host_network`). Needs root.
+//! (`pod_reason: host_network`). A second test checks the workload counter
+//! behind the dashboard's top-workloads panel after real connections from
+//! known pods. Needs root.
 
 #![allow(clippy::unwrap_used)]
 
