@@ -952,6 +952,13 @@ mod tests {
                 h.apply(Input::Deleted(pod(uid, name, &[IP])), t + 5 * S);
             }
             assert_eq!(h.stats().history.evicted, 1, "A (the oldest) evicted");
+            let m = crate::metrics::Metrics::new();
+            m.sync_pods(&h);
+            let text = m.render();
+            assert!(
+                text.contains("ctw_collector_pod_intervals_evicted_total 1"),
+                "{text}"
+            );
             h.tick(40 * S);
         }
         let check = |h: &PodHistory| {
