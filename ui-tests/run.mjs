@@ -11,7 +11,10 @@
 // shown without their zone would be caught. --checks names a JSON file:
 //   { "single": [{ "addr": "ip:port", "time": "as typed", "zone": "utc|local" }],
 //     "search_at": { "snat_ip": ..., "snat_port": ..., "at": "as typed",
-//                    "at_zoneless": "in the browser's zone", "empty_port": N } }
+//                    "at_zoneless": "in the browser's zone", "empty_port": N },
+//     "search_workload": "KIND/NAME" }
+// Every Resolve and Search row reports its pod cell (namespace/pod and
+// workload as shown; empty when the collector names no pods).
 //
 // Exit code 0 with the JSON on stdout; any failure exits 1 with the reason
 // on stderr (and a screenshot `failure.png` when a page was open).
@@ -83,8 +86,27 @@ const resolveRows = () =>
       state: tr.querySelector('td.state')?.textContent.trim() ?? '',
       status_text: tr.querySelector('td.status').innerText.replace(/\s+/g, ' ').trim(),
       live_button: !!tr.querySelector('.live-button'),
+      // The pod cell as shown (inlined: this runs in the page).
+      pod_shown: !!tr.querySelector('td.pod') && !tr.querySelector('td.pod').hidden,
+      pod_name: tr.querySelector('td.pod .pod-name')?.textContent.trim() ?? '',
+      pod_workload: tr.querySelector('td.pod .workload')?.textContent.trim() ?? '',
+      pod_text: tr.querySelector('td.pod')?.innerText.replace(/\s+/g, ' ').trim() ?? '',
       text: tr.innerText.replace(/\s+/g, ' ').trim(),
     })),
+  );
+// Every Search row: source and pod cell.
+const searchPodRows = () =>
+  page.$$eval('#search-table tbody tr', (rows) =>
+    rows.map((tr) => {
+      const td = tr.querySelector('td.pod');
+      return {
+        src: tr.querySelector('td.src').textContent.trim(),
+        pod_shown: !!td && !td.hidden,
+        pod_name: td?.querySelector('.pod-name')?.textContent.trim() ?? '',
+        pod_workload: td?.querySelector('.workload')?.textContent.trim() ?? '',
+        pod_text: td?.innerText.replace(/\s+/g, ' ').trim() ?? '',
+      };
+    }),
   );
 const setZone = async (z) => {
   await page.selectOption('#zone', z);
@@ -233,8 +255,24 @@ try {
     histogram_total: await page.$$eval('#histogram rect.bar', (rs) => rs.reduce((n, r) => n + Number(r.dataset.count), 0)),
     sorted_class: await page.getAttribute('#search-table th[data-key=node]', 'class'),
     rows: await page.$$eval('#search-table tbody tr', (rows) => rows.map((tr) => tr.innerText.replace(/\s+/g, ' ').trim())),
+    pod_rows: await searchPodRows(),
   };
   await shot(page, 'search');
+  // The same search narrowed to one workload (the pod filter).
+  if (checks.search_workload) {
+    await page.fill('#search-form input[name=workload]', checks.search_workload);
+    await page.click('#search-button');
+    await page.waitForFunction(
+      (n) => document.querySelectorAll('#search-table tbody tr').length < n,
+      out.search.rows.length,
+    );
+    out.search_workload = {
+      summary: text(await page.innerText('#search-summary')),
+      pod_rows: await searchPodRows(),
+    };
+    await shot(page, 'search-workload');
+    await page.fill('#search-form input[name=workload]', '');
+  }
 
   // Agents.
   await page.click('nav a[data-page=agents]');

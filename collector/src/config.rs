@@ -59,8 +59,14 @@ impl TryFrom<EnabledValue> for KubernetesEnabled {
     }
 }
 
+/// Default `kubernetes.max_closed_intervals`: about 103 MB of closed
+/// pod IP intervals (103 bytes each, BENCHMARKS.md §4).
+pub const DEFAULT_MAX_CLOSED_INTERVALS: usize = crate::pods::history::DEFAULT_MAX_CLOSED;
+/// Default `kubernetes.workload_series_max`.
+pub const DEFAULT_WORKLOAD_SERIES_MAX: usize = 500;
+
 /// The `kubernetes` section: the pod watch (pod names in answers).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     pub enabled: KubernetesEnabled,
@@ -71,6 +77,27 @@ pub struct KubernetesConfig {
     /// default; required with `storage.backend: clickhouse` (no local
     /// storage path) when the watch is on.
     pub history_dir: Option<PathBuf>,
+    /// Most closed pod IP intervals kept in memory (and in the journal):
+    /// about 103 bytes each. Past it the oldest are evicted, and times that
+    /// only they covered are answered `pod: null`, reason `history_gap`.
+    /// At least 1.
+    pub max_closed_intervals: usize,
+    /// Most label sets of `ctw_collector_workload_new_connections_total`
+    /// (namespace, workload kind, workload, port); connections past it count
+    /// in its one `_other` series. At least 1.
+    pub workload_series_max: usize,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: KubernetesEnabled::default(),
+            kubeconfig: None,
+            history_dir: None,
+            max_closed_intervals: DEFAULT_MAX_CLOSED_INTERVALS,
+            workload_series_max: DEFAULT_WORKLOAD_SERIES_MAX,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -342,6 +369,20 @@ impl ConfigFile for Config {
         if self.lookup.max_concurrency == 0 {
             return bad("lookup.max_concurrency: must be at least 1, got 0".into());
         }
+        for (key, v) in [
+            (
+                "kubernetes.max_closed_intervals",
+                self.kubernetes.max_closed_intervals,
+            ),
+            (
+                "kubernetes.workload_series_max",
+                self.kubernetes.workload_series_max,
+            ),
+        ] {
+            if v == 0 {
+                return bad(format!("{key}: must be at least 1, got 0"));
+            }
+        }
         Ok(())
     }
 }
@@ -471,6 +512,25 @@ mod tests {
         assert_eq!(c.kubernetes.kubeconfig, Some(PathBuf::from("/k")));
         let c = Config::parse(&format!("{MIN}kubernetes:\n  enabled: \"false\"\n")).unwrap();
         assert_eq!(c.kubernetes.enabled, KubernetesEnabled::False);
+        assert_eq!(c.kubernetes.max_closed_intervals, 1_000_000);
+        assert_eq!(c.kubernetes.workload_series_max, 500);
+        let c = Config::parse(&format!(
+            "{MIN}kubernetes:\n  max_closed_intervals: 5000\n  workload_series_max: 20\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                c.kubernetes.max_closed_intervals,
+                c.kubernetes.workload_series_max
+            ),
+            (5000, 20)
+        );
+        for key in ["max_closed_intervals", "workload_series_max"] {
+            let e = Config::parse(&format!("{MIN}kubernetes:\n  {key}: 0\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("kubernetes.{key}")), "{e}");
+        }
         for bad in [
             "kubernetes:\n  enable: true\n",
             "kubernetes:\n  enabled: maybe\n",

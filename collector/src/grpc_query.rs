@@ -16,10 +16,10 @@ use tonic::{Request, Response, Status};
 
 use crate::config::LookupConfig;
 use crate::pods::{PodAnswer, PodHistory, PodRef};
-use crate::query::{self, Api, Lookup, LookupOutcome, QueryError, SearchInput};
+use crate::query::{self, Api, Lookup, LookupOutcome, QueryError, SearchInput, ValidSearch};
 use crate::registry::LiveQuery;
 use crate::registry::Registry;
-use crate::store::{RecordStore, SearchQuery, SearchResult};
+use crate::store::{RecordStore, SearchResult};
 
 fn convert_error(e: ctw_proto::ConvertError) -> QueryError {
     match e {
@@ -47,7 +47,7 @@ fn pb_protocol(n: u32, field: &'static str) -> Result<Protocol, QueryError> {
 
 /// Decode a gRPC `SearchRequest` and validate it with the HTTP API's rules
 /// ([`SearchInput::validate`]); `limit` 0 is unset (proto3).
-pub fn search_from_pb(r: &pb::SearchRequest, max_limit: usize) -> Result<SearchQuery, QueryError> {
+pub fn search_from_pb(r: &pb::SearchRequest, max_limit: usize) -> Result<ValidSearch, QueryError> {
     let input = SearchInput {
         src_ip: pb_ip(&r.src_ip, "src_ip")?,
         src_port: r.src_port,
@@ -64,6 +64,9 @@ pub fn search_from_pb(r: &pb::SearchRequest, max_limit: usize) -> Result<SearchQ
         window_ns: r.window_ns,
         limit: (r.limit != 0).then_some(u64::from(r.limit)),
         kind: r.kind.clone(),
+        namespace: r.namespace.clone(),
+        pod: r.pod.clone(),
+        workload: r.workload.clone(),
     };
     input.validate(Api::Grpc, max_limit)
 }
@@ -210,9 +213,10 @@ impl pb::query_server::Query for QueryService {
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let status = |e: QueryError| e.to_status();
         let q = search_from_pb(request.get_ref(), self.max_limit).map_err(status)?;
-        let result = query::search(self.store.clone(), &self.registry, &q)
-            .await
-            .map_err(status)?;
+        let result =
+            query::run_search(self.store.clone(), &self.registry, self.pods.as_deref(), &q)
+                .await
+                .map_err(status)?;
         Ok(Response::new(search_response(result, self.pods.as_deref())))
     }
 
@@ -255,7 +259,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::query::{DEFAULT_LIMIT, DEFAULT_WINDOW_NS, MAX_NODE_LEN};
-    use crate::store::ConnKind;
+    use crate::store::{ConnKind, SearchQuery};
     use axum::http::StatusCode;
     use tonic::Code;
 
@@ -276,13 +280,25 @@ mod tests {
         Result<SearchQuery, QueryError>,
         Result<SearchQuery, QueryError>,
     ) {
+        let (h, g) = both_searches(http, grpc);
+        (h.map(|s| s.query), g.map(|s| s.query))
+    }
+
+    /// [`both`] with the pod filter.
+    fn both_searches(
+        http: &[(&str, &str)],
+        grpc: pb::SearchRequest,
+    ) -> (
+        Result<ValidSearch, QueryError>,
+        Result<ValidSearch, QueryError>,
+    ) {
         (
             query::search_from_params(&params(http), MAX),
             search_from_pb(&grpc, MAX),
         )
     }
 
-    fn field(r: Result<SearchQuery, QueryError>) -> String {
+    fn field<T: std::fmt::Debug>(r: Result<T, QueryError>) -> String {
         let e = r.unwrap_err();
         assert_eq!(e.http_status(), StatusCode::BAD_REQUEST, "{e}");
         assert_eq!(e.grpc_code(), Code::InvalidArgument, "{e}");
@@ -404,7 +420,7 @@ mod tests {
             "limit"
         );
         // The default never exceeds the collector's cap.
-        assert_eq!(query::search_from_params(&[], 10).unwrap().limit, 10);
+        assert_eq!(query::search_from_params(&[], 10).unwrap().query.limit, 10);
     }
 
     #[test]
@@ -513,6 +529,77 @@ mod tests {
             )),
             "node"
         );
+    }
+
+    #[test]
+    fn pod_fields_are_the_same_over_both_apis() {
+        use crate::pods::PodFilter;
+        let (h, g) = both_searches(
+            &[
+                ("namespace", "payments"),
+                ("pod", " checkout-7d9f-a "),
+                ("workload", "Deployment/checkout"),
+            ],
+            pb::SearchRequest {
+                namespace: Some("payments".into()),
+                pod: Some("checkout-7d9f-a".into()),
+                workload: Some("Deployment/checkout".into()),
+                ..Default::default()
+            },
+        );
+        let want = PodFilter {
+            namespace: Some("payments".into()),
+            pod: Some("checkout-7d9f-a".into()),
+            workload_kind: Some("Deployment".into()),
+            workload_name: Some("checkout".into()),
+        };
+        assert_eq!(h.unwrap().pods, Some(want.clone()));
+        assert_eq!(g.unwrap().pods, Some(want));
+        // NAME alone: any kind.
+        let (h, g) = both_searches(
+            &[("workload", "checkout")],
+            pb::SearchRequest {
+                workload: Some("checkout".into()),
+                ..Default::default()
+            },
+        );
+        let any = PodFilter {
+            workload_name: Some("checkout".into()),
+            ..PodFilter::default()
+        };
+        assert_eq!(h.unwrap().pods, Some(any.clone()));
+        assert_eq!(g.unwrap().pods, Some(any));
+        // None given: no pod filter.
+        let (h, g) = both_searches(&[], pb::SearchRequest::default());
+        assert_eq!((h.unwrap().pods, g.unwrap().pods), (None, None));
+        // Bad values are refused naming the field, over both.
+        let long = "n".repeat(321);
+        for (name, value) in [
+            ("workload", "Deployment/"),
+            ("workload", "/checkout"),
+            ("workload", "a/b/c"),
+            ("namespace", long.as_str()),
+            ("pod", long.as_str()),
+        ] {
+            let mut req = pb::SearchRequest::default();
+            match name {
+                "namespace" => req.namespace = Some(value.into()),
+                "pod" => req.pod = Some(value.into()),
+                _ => req.workload = Some(value.into()),
+            }
+            let (h, g) = both(&[(name, value)], req);
+            assert_eq!((field(h), field(g)), (name.into(), name.into()), "{value}");
+        }
+        // An empty HTTP parameter is absent; an empty gRPC field an error.
+        let (h, g) = both_searches(
+            &[("pod", "")],
+            pb::SearchRequest {
+                pod: Some(" ".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(h.unwrap().pods, None);
+        assert_eq!(field(g), "pod");
     }
 
     fn pb_lookup() -> pb::LookupRequest {

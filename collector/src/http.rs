@@ -212,22 +212,13 @@ async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Pa
         Ok(p) => p,
         Err(r) => return *r,
     };
-    let q = match query::search_from_params(&params, s.max_limit) {
+    let search = match query::search_from_params(&params, s.max_limit) {
         Ok(q) => q,
         Err(e) => return query_error(&e),
     };
-    let by_pod = match query::pod_filter_from_params(&params) {
-        Ok(f) => f,
-        Err(e) => return query_error(&e),
-    };
-    let res = match &by_pod {
-        Some(f) => {
-            query::search_by_pod(s.store.clone(), &s.registry, s.pods.as_deref(), &q, f).await
-        }
-        None => query::search(s.store.clone(), &s.registry, &q).await,
-    };
+    let res = query::run_search(s.store.clone(), &s.registry, s.pods.as_deref(), &search).await;
     match res {
-        Ok(res) => Json(answer::search(&res, &q, s.pods.as_deref())).into_response(),
+        Ok(res) => Json(answer::search(&res, &search.query, s.pods.as_deref())).into_response(),
         Err(e) => query_error(&e),
     }
 }

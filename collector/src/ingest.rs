@@ -161,7 +161,8 @@ pub async fn serve_on(
         metrics,
         stop_rx.clone(),
         opts.hello_timeout,
-    );
+    )
+    .with_pods(opts.pods.clone());
     let query = QueryService::new(store, registry, opts.lookup.clone(), opts.max_limit)
         .with_pods(opts.pods.clone());
     let signal = async move {
@@ -242,6 +243,9 @@ pub struct IngestService {
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
     hello_timeout: Duration,
+    /// The pod history (kubernetes on): stored NEW records are counted per
+    /// workload (`ctw_collector_workload_new_connections_total`).
+    pods: Option<Arc<PodHistory>>,
 }
 
 impl std::fmt::Debug for IngestService {
@@ -267,7 +271,13 @@ impl IngestService {
             metrics,
             shutdown,
             hello_timeout,
+            pods: None,
         }
+    }
+
+    /// Count stored connections per workload from `pods` (kubernetes on).
+    pub fn with_pods(self, pods: Option<Arc<PodHistory>>) -> IngestService {
+        IngestService { pods, ..self }
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
@@ -356,6 +366,7 @@ impl pb::ingest_server::Ingest for IngestService {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             token,
+            pods: self.pods.clone(),
         };
         if let Some(gap) = gap {
             ctx.record_gap(gap).await;
@@ -371,6 +382,7 @@ struct StreamCtx {
     registry: Arc<Registry>,
     metrics: Metrics,
     token: ConnToken,
+    pods: Option<Arc<PodHistory>>,
 }
 
 enum Work {
@@ -485,6 +497,13 @@ async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSe
                         z
                     }),
                 };
+                // Per workload, as of each connection's start; added once
+                // the batch is stored (not for a replay).
+                let workloads = ctx
+                    .pods
+                    .as_ref()
+                    .map(|p| p.workload_counts(&records))
+                    .unwrap_or_default();
                 let batch = StoredBatch {
                     node: node.to_string(),
                     boot_id: b.boot_id.clone(),
@@ -525,6 +544,7 @@ async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSe
                         .records_stored
                         .with_label_values(&[node])
                         .inc_by(info.records);
+                    ctx.metrics.workloads.add(&workloads);
                 }
                 ctx.registry
                     .batch_stored(&ctx.token, &BatchInfo { duplicate, ..info });

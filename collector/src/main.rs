@@ -89,7 +89,7 @@ async fn start_pod_watch(
         ),
     };
     let history = Arc::new(
-        PodHistory::open(&dir, retention_ns)
+        PodHistory::open_bounded(&dir, retention_ns, cfg.kubernetes.max_closed_intervals)
             .with_context(|| format!("pod history ({})", dir.display()))?,
     );
     let client = pods::watch::client(&cfg.kubernetes)
@@ -110,6 +110,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .init();
     let token = Token::load(&cfg.http.token_file).context("http.token_file")?;
     let metrics = Metrics::new();
+    metrics
+        .workloads
+        .set_max(cfg.kubernetes.workload_series_max);
     let store: Arc<dyn RecordStore> = store::open(cfg.storage.backend()).context("storage")?;
     let registry = Arc::new(Registry::new(metrics.clone()));
     let ready = Arc::new(AtomicBool::new(false));

@@ -4,6 +4,15 @@
 //! classes) and from node names (a cluster has few nodes; a node name is the
 //! verified name of an agent's certificate, never a free string from the
 //! wire). Never from addresses. Ingest updates counters once per batch.
+//!
+//! One exception, bounded by a hard cap: the workload counter
+//! ([`WorkloadSeries`]) is labelled with Kubernetes namespaces, workload
+//! kinds and names, and ports, at most `kubernetes.workload_series_max`
+//! label sets; never pod names or addresses.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ctw_common::metrics::{counter, counter_vec, gauge, register};
 use prometheus::{
@@ -103,9 +112,75 @@ pub struct Metrics {
     pub pod_history_gaps: IntGauge,
     /// Intervals closed because a newer pod (another UID) took the IP.
     pub pod_ip_fenced: IntCounter,
+    /// Closed intervals evicted by `kubernetes.max_closed_intervals` (their
+    /// times are answered `history_gap`).
+    pub pod_intervals_evicted: IntCounter,
     /// Pod history journal writes that failed, and journal lines that did
     /// not parse at start-up (skipped).
     pub pod_journal_errors: IntCounterVec,
+    /// New connections per workload and port (bounded label sets).
+    pub workloads: WorkloadSeries,
+}
+
+/// The `_other` label value: the one series of
+/// `ctw_collector_workload_new_connections_total` (every label `_other`)
+/// that counts connections once the cap of label sets is reached.
+pub const OTHER: &str = "_other";
+
+/// `ctw_collector_workload_new_connections_total{namespace, workload_kind,
+/// workload, port}`: NEW connections (not mid-stream) from pods, by the
+/// pod's workload as of the connection's start (from the pod history), fed
+/// at ingest once per batch ([`crate::pods::PodHistory::workload_counts`]).
+/// At most `max` label sets are ever created (`kubernetes.workload_series_max`,
+/// for the process's life: a series is never dropped, so a rate stays
+/// right); connections of any further label set count in the one series
+/// whose labels are all [`OTHER`], and in
+/// `ctw_collector_workload_series_overflow_total`.
+#[derive(Debug, Clone)]
+pub struct WorkloadSeries {
+    pub counter: IntCounterVec,
+    /// Connections counted in the `_other` series.
+    pub overflow: IntCounter,
+    max: Arc<AtomicUsize>,
+    seen: Arc<Mutex<HashSet<crate::pods::WorkloadKey>>>,
+}
+
+impl WorkloadSeries {
+    /// Set the cap of label sets (`kubernetes.workload_series_max`); label
+    /// sets already created stay.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// Add one batch's counts.
+    pub fn add(&self, counts: &[(crate::pods::WorkloadKey, u64)]) {
+        if counts.is_empty() {
+            return;
+        }
+        let max = self.max.load(Ordering::Relaxed);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, n) in counts {
+            if seen.contains(k) || seen.len() < max {
+                if !seen.contains(k) {
+                    seen.insert(k.clone());
+                }
+                let port = k.port.to_string();
+                self.counter
+                    .with_label_values(&[&k.namespace, &k.kind, &k.name, &port])
+                    .inc_by(*n);
+            } else {
+                self.counter
+                    .with_label_values(&[OTHER, OTHER, OTHER, OTHER])
+                    .inc_by(*n);
+                self.overflow.inc_by(*n);
+            }
+        }
+    }
+
+    /// Label sets created (the `_other` series not included).
+    pub fn series(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 /// The watches of the pod history (label `watch`).
@@ -284,12 +359,35 @@ impl Metrics {
                 "ctw_collector_pod_ip_fenced_total",
                 "Pod IP intervals closed because a newer pod took the IP",
             ),
+            pod_intervals_evicted: counter(
+                &r,
+                "ctw_collector_pod_intervals_evicted_total",
+                "Closed pod IP intervals evicted by kubernetes.max_closed_intervals (answered history_gap)",
+            ),
             pod_journal_errors: counter_vec(
                 &r,
                 "ctw_collector_pod_journal_errors_total",
                 "Pod history journal errors, per kind (write, bad_line)",
                 &["kind"],
             ),
+            workloads: WorkloadSeries {
+                counter: counter_vec(
+                    &r,
+                    "ctw_collector_workload_new_connections_total",
+                    "New connections from pods (NEW records, not mid-stream), per namespace, workload \
+                     (as of the connection's start) and destination port; label sets capped by \
+                     kubernetes.workload_series_max, the rest in the _other series",
+                    &["namespace", "workload_kind", "workload", "port"],
+                ),
+                overflow: counter(
+                    &r,
+                    "ctw_collector_workload_series_overflow_total",
+                    "New connections counted in the _other series of \
+                     ctw_collector_workload_new_connections_total (label-set cap reached)",
+                ),
+                max: Arc::new(AtomicUsize::new(crate::config::DEFAULT_WORKLOAD_SERIES_MAX)),
+                seen: Arc::new(Mutex::new(HashSet::new())),
+            },
             registry: r,
         };
         for reason in HANDSHAKE_REASONS {
@@ -357,6 +455,7 @@ impl Metrics {
         self.pod_history_gaps.set(st.gaps as i64);
         let up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
         up(&self.pod_ip_fenced, st.history.fenced);
+        up(&self.pod_intervals_evicted, st.history.evicted);
         up(
             &self.pod_journal_errors.with_label_values(&["write"]),
             st.journal_errors,
@@ -396,6 +495,69 @@ mod tests {
         );
         assert!(text.contains("ctw_collector_streams_refused_total{reason=\"node_mismatch\"} 0"));
         assert!(text.contains("ctw_collector_lookups_total{result=\"timeout\"} 0"));
+    }
+
+    fn key(ns: &str, name: &str, port: u16) -> crate::pods::WorkloadKey {
+        crate::pods::WorkloadKey {
+            namespace: ns.into(),
+            kind: "Deployment".into(),
+            name: name.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn workload_series_are_capped_and_the_rest_goes_to_other() {
+        let m = Metrics::new();
+        m.workloads.set_max(2);
+        m.workloads.add(&[
+            (key("payments", "checkout", 443), 3),
+            (key("payments", "cart", 443), 1),
+        ]);
+        // A third label set (another port counts as one too): _other.
+        m.workloads.add(&[
+            (key("payments", "checkout", 80), 5),
+            (key("payments", "checkout", 443), 2),
+            (key("shop", "web", 443), 7),
+        ]);
+        let text = m.render();
+        let value = |labels: &str| {
+            let line = format!("ctw_collector_workload_new_connections_total{{{labels}}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let series = |ns: &str, name: &str, port: u16| {
+            value(&format!(
+                "namespace=\"{ns}\",port=\"{port}\",workload=\"{name}\",workload_kind=\"Deployment\""
+            ))
+        };
+        assert_eq!(series("payments", "checkout", 443), Some(5), "{text}");
+        assert_eq!(series("payments", "cart", 443), Some(1), "{text}");
+        assert_eq!(series("payments", "checkout", 80), None, "{text}");
+        assert_eq!(series("shop", "web", 443), None, "{text}");
+        assert_eq!(
+            value(
+                "namespace=\"_other\",port=\"_other\",workload=\"_other\",workload_kind=\"_other\""
+            ),
+            Some(12),
+            "{text}"
+        );
+        assert!(
+            text.contains("ctw_collector_workload_series_overflow_total 12"),
+            "{text}"
+        );
+        assert_eq!(m.workloads.series(), 2);
+        // Label sets never exceed the cap, however many workloads come.
+        for i in 0..100 {
+            m.workloads.add(&[(key("ns", &format!("w{i}"), 443), 1)]);
+        }
+        let n = m
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("ctw_collector_workload_new_connections_total{"))
+            .count();
+        assert_eq!(n, 3, "two label sets and _other");
     }
 
     #[test]

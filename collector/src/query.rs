@@ -35,8 +35,10 @@
 //!   send empty fields); gRPC refuses `Some("")`.
 //! - ports 1-65535 (0 is no port to search for), `kind` one of
 //!   [`ConnKind::valid_values`].
-//! - `namespace`, `pod`, `workload` (`NAME` or `KIND/NAME`; HTTP only):
-//!   connections from the matching pods, searched through the collector's
+//! - `namespace`, `pod`, `workload` (`NAME` or `KIND/NAME`; the same
+//!   fields over gRPC; empty refused over gRPC, absent over HTTP, as `node`;
+//!   at most 320 characters): connections from the matching pods
+//!   ([`run_search`]), searched through the collector's
 //!   pod history ([`search_by_pod`]): each pod's tenure of its address
 //!   becomes a search by `src_ip` over that tenure, so the store is asked
 //!   by address, not scanned over the time range. Refused (naming the
@@ -264,12 +266,28 @@ pub struct SearchInput {
     /// `None`: the default; `Some(0)` is refused.
     pub limit: Option<u64>,
     pub kind: Option<String>,
+    /// Connections from pods of this namespace (a search by pod).
+    pub namespace: Option<String>,
+    /// Connections from the pod of this name (`metadata.name`).
+    pub pod: Option<String>,
+    /// Connections from pods of this workload: `NAME` (any kind) or
+    /// `KIND/NAME` (`Deployment/checkout`).
+    pub workload: Option<String>,
+}
+
+/// A validated search: the store query and, for a search by pod, which
+/// pods ([`search_by_pod`]). [`run_search`] runs either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidSearch {
+    pub query: SearchQuery,
+    /// `Some` when `namespace`, `pod` or `workload` was given.
+    pub pods: Option<PodFilter>,
 }
 
 impl SearchInput {
-    /// The checked store query (rules in the module docs); errors name the
-    /// field as `api` spells it.
-    pub fn validate(self, api: Api, max_limit: usize) -> Result<SearchQuery, QueryError> {
+    /// The checked search (rules in the module docs); errors name the field
+    /// as `api` spells it.
+    pub fn validate(self, api: Api, max_limit: usize) -> Result<ValidSearch, QueryError> {
         let bad = |f: &'static str, m: String| {
             let name = api.name(f);
             QueryError::invalid(name, format!("{name}: {m}"))
@@ -331,7 +349,8 @@ impl SearchInput {
                 )
             })?),
         };
-        Ok(SearchQuery {
+        let pods = pod_filter(self.namespace, self.pod, self.workload)?;
+        let query = SearchQuery {
             src_ip: self.src_ip,
             src_port: port(self.src_port, "src_port")?,
             dst_ip: self.dst_ip,
@@ -346,7 +365,70 @@ impl SearchInput {
             at_precision_ns: self.at_precision_ns,
             limit,
             kind,
-        })
+        };
+        Ok(ValidSearch { query, pods })
+    }
+}
+
+/// The pod filter of a search (`None` when none of `namespace`, `pod`,
+/// `workload` is given): each trimmed, 1-[`MAX_POD_PARAM_LEN`] characters
+/// (an empty one is refused: HTTP reads an empty parameter as absent before
+/// this); `workload` is `NAME` or `KIND/NAME`.
+fn pod_filter(
+    namespace: Option<String>,
+    pod: Option<String>,
+    workload: Option<String>,
+) -> Result<Option<PodFilter>, QueryError> {
+    let check = |k: &str, v: Option<String>| -> Result<Option<String>, QueryError> {
+        match v.as_deref().map(str::trim) {
+            None => Ok(None),
+            Some("") => Err(QueryError::invalid(k, format!("{k}: empty"))),
+            Some(v) if v.len() > MAX_POD_PARAM_LEN => Err(QueryError::invalid(
+                k,
+                format!("{k}: longer than {MAX_POD_PARAM_LEN} characters"),
+            )),
+            Some(v) => Ok(Some(v.to_string())),
+        }
+    };
+    let namespace = check("namespace", namespace)?;
+    let pod = check("pod", pod)?;
+    let (workload_kind, workload_name) = match check("workload", workload)? {
+        None => (None, None),
+        Some(w) => match w.split_once('/') {
+            Some((k, n)) if !k.is_empty() && !n.is_empty() && !n.contains('/') => {
+                (Some(k.to_string()), Some(n.to_string()))
+            }
+            Some(_) => {
+                return Err(QueryError::invalid(
+                    "workload",
+                    format!("workload: {w:?} is not NAME or KIND/NAME"),
+                ))
+            }
+            None => (None, Some(w)),
+        },
+    };
+    if namespace.is_none() && pod.is_none() && workload_name.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(PodFilter {
+        namespace,
+        pod,
+        workload_kind,
+        workload_name,
+    }))
+}
+
+/// Run a validated search: by pod ([`search_by_pod`]) when it names pods,
+/// else the store's search ([`search`]). What both APIs run.
+pub async fn run_search(
+    store: Arc<dyn RecordStore>,
+    registry: &Registry,
+    pods: Option<&PodHistory>,
+    s: &ValidSearch,
+) -> Result<SearchResult, QueryError> {
+    match &s.pods {
+        Some(f) => search_by_pod(store, registry, pods, &s.query, f).await,
+        None => search(store, registry, &s.query).await,
     }
 }
 
@@ -377,50 +459,6 @@ pub const MAX_POD_TENURES: usize = 256;
 /// Longest `namespace`, `pod` or `workload` accepted (a Kubernetes name is
 /// at most 253 characters; `KIND/` adds a few).
 const MAX_POD_PARAM_LEN: usize = 320;
-
-/// The `namespace`, `pod` and `workload` parameters of a search (`None`
-/// when none is given). `workload` is `NAME` (any kind) or `KIND/NAME`
-/// (`Deployment/checkout`). An empty parameter is absent.
-pub fn pod_filter_from_params(
-    params: &[(String, String)],
-) -> Result<Option<PodFilter>, QueryError> {
-    let get = |k: &str| -> Result<Option<String>, QueryError> {
-        match api::param(params, k).map(str::trim) {
-            None | Some("") => Ok(None),
-            Some(v) if v.len() > MAX_POD_PARAM_LEN => Err(QueryError::invalid(
-                k,
-                format!("longer than {MAX_POD_PARAM_LEN} characters"),
-            )),
-            Some(v) => Ok(Some(v.to_string())),
-        }
-    };
-    let namespace = get("namespace")?;
-    let pod = get("pod")?;
-    let (workload_kind, workload_name) = match get("workload")? {
-        None => (None, None),
-        Some(w) => match w.split_once('/') {
-            Some((k, n)) if !k.is_empty() && !n.is_empty() && !n.contains('/') => {
-                (Some(k.to_string()), Some(n.to_string()))
-            }
-            Some(_) => {
-                return Err(QueryError::invalid(
-                    "workload",
-                    format!("{w:?} is not NAME or KIND/NAME"),
-                ))
-            }
-            None => (None, Some(w)),
-        },
-    };
-    if namespace.is_none() && pod.is_none() && workload_name.is_none() {
-        return Ok(None);
-    }
-    Ok(Some(PodFilter {
-        namespace,
-        pod,
-        workload_kind,
-        workload_name,
-    }))
-}
 
 /// Run a validated search restricted to the pods matching `f`: the tenures
 /// the pod history holds for them in the query's range, each searched by
@@ -502,7 +540,7 @@ pub async fn search_by_pod(
 pub fn search_from_params(
     params: &[(String, String)],
     max_limit: usize,
-) -> Result<SearchQuery, QueryError> {
+) -> Result<ValidSearch, QueryError> {
     api::check_names(params, &SEARCH_PARAMS)?;
     let time = |k: &str| {
         api::param(params, k)
@@ -545,6 +583,9 @@ pub fn search_from_params(
             .transpose()?,
         limit: number("limit", "a number")?,
         kind: api::param(params, "kind").map(str::to_string),
+        namespace: api::param(params, "namespace").map(str::to_string),
+        pod: api::param(params, "pod").map(str::to_string),
+        workload: api::param(params, "workload").map(str::to_string),
     };
     input.validate(Api::Http, max_limit)
 }

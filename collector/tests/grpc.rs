@@ -1,7 +1,8 @@
 //! The mTLS gRPC port end to end, on 127.0.0.1: ingest with acks and
 //! dedup, refused handshakes (no certificate, another CA), a Hello naming
 //! another node, live lookups over an agent's stream, certificate reload,
-//! and the Query service. Certificates are generated at test start with
+//! and the Query service (also a search by pod over a pod history, and the
+//! workload counter its ingest feeds). Certificates are generated at test start with
 //! `ctw_collector::certs`, except `checked_in_certificates`, which uses the
 //! ones in `tests/data/` (regenerate with `tests/data/regen.sh`).
 #![allow(clippy::unwrap_used)]
@@ -16,6 +17,7 @@ use ctw_collector::certs::{self, CertPair, IssueSpec};
 use ctw_collector::config::{LookupConfig, TlsFiles};
 use ctw_collector::ingest::{serve_on, ServeOptions};
 use ctw_collector::metrics::Metrics;
+use ctw_collector::pods::{Input, PodHistory, PodState, Workload};
 use ctw_collector::registry::{LiveQuery, LookupError, Registry};
 use ctw_collector::store::{MemStore, RecordStore, SearchQuery};
 use ctw_common::{now_ns, ConnRecord, EventKind, Protocol, Tuple};
@@ -89,6 +91,11 @@ struct Collector {
 
 impl Collector {
     async fn start(files: &TlsFiles) -> Collector {
+        Collector::start_with_pods(files, None).await
+    }
+
+    /// [`Collector::start`] naming pods from `pods` (kubernetes on).
+    async fn start_with_pods(files: &TlsFiles, pods: Option<Arc<PodHistory>>) -> Collector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let store = Arc::new(MemStore::default());
@@ -104,6 +111,7 @@ impl Collector {
             handshake_timeout: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
+            pods,
             ..ServeOptions::default()
         };
         let (files, s, r, m) = (
@@ -661,9 +669,217 @@ async fn query_search_returns_stored_records() {
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().starts_with("src_ip"), "{}", err.message());
+        // Without a pod history a search by pod is refused, naming the field.
+        let err = query
+            .search(pb::SearchRequest {
+                namespace: Some("payments".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("namespace"), "{}", err.message());
         c
     })
     .await;
+}
+
+/// A NEW record from pod address `src` to 198.19.0.2:80, SNATed to
+/// 198.18.0.1:`snat_port`.
+fn pod_record(src: &str, snat_port: u16, event_ns: u64) -> ConnRecord {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    ConnRecord {
+        status: 0xe,
+        ..ConnRecord::new(
+            EventKind::New,
+            event_ns,
+            Protocol::Tcp,
+            Tuple::new(ip(src), 40000, ip("198.19.0.2"), 80),
+            Tuple::new(ip("198.19.0.2"), 80, ip("198.18.0.1"), snat_port),
+        )
+    }
+}
+
+fn pod_state(uid: u128, namespace: &str, name: &str, ip: &str, owner: (&str, &str)) -> PodState {
+    PodState {
+        uid,
+        namespace: namespace.into(),
+        name: name.into(),
+        owner: Some(Workload {
+            kind: owner.0.into(),
+            name: owner.1.into(),
+        }),
+        node: "node-a".into(),
+        host_network: false,
+        ips: vec![ip.parse().unwrap()],
+        terminal: false,
+        start_ns: None,
+    }
+}
+
+#[tokio::test]
+async fn query_search_by_pod_over_grpc_names_the_pods_as_of_each_connection() {
+    const S: u64 = 1_000_000_000;
+    let dir = temp_dir("search-by-pod");
+    let pki = Pki::new("test CA");
+    let files = pki.write_server_files(&dir);
+    // The pod history as the watch would feed it: checkout-a (Deployment
+    // checkout through its ReplicaSet) on .11, then deleted and checkout-c
+    // on the same address; checkout-b on .12; worker-0 (StatefulSet) on .13.
+    let t = now_ns();
+    let pods = Arc::new(PodHistory::in_memory(u64::MAX));
+    pods.apply(Input::ListBegin, t - 60 * S);
+    pods.apply(Input::ListDone, t - 60 * S);
+    pods.apply(
+        Input::Owner {
+            kind: "ReplicaSet".into(),
+            namespace: "payments".into(),
+            name: "checkout-7d9f".into(),
+            owner: Some(Workload {
+                kind: "Deployment".into(),
+                name: "checkout".into(),
+            }),
+        },
+        t - 59 * S,
+    );
+    let rs = ("ReplicaSet", "checkout-7d9f");
+    let a = pod_state(1, "payments", "checkout-7d9f-a", "198.18.1.11", rs);
+    pods.apply(Input::Applied(a.clone()), t - 50 * S);
+    let b = pod_state(2, "payments", "checkout-7d9f-b", "198.18.1.12", rs);
+    pods.apply(Input::Applied(b), t - 50 * S);
+    let w = pod_state(
+        3,
+        "batch",
+        "worker-0",
+        "198.18.1.13",
+        ("StatefulSet", "worker"),
+    );
+    pods.apply(Input::Applied(w), t - 50 * S);
+    pods.apply(Input::Deleted(a), t + S);
+    let c_pod = pod_state(4, "payments", "checkout-7d9f-c", "198.18.1.11", rs);
+    pods.apply(Input::Applied(c_pod), t + 2 * S);
+
+    let c = Collector::start_with_pods(&files, Some(pods.clone())).await;
+    let mut agent = Agent::connect(&c, &pki, "node-a", &["198.18.0.1"]).await;
+    // A's connection, B's, the worker's, then C's from A's old address; and
+    // one from an address no pod held.
+    let records = [
+        pod_record("198.18.1.11", 1024, t),
+        pod_record("198.18.1.12", 1025, t),
+        pod_record("198.18.1.13", 1026, t),
+        pod_record("198.18.1.11", 1027, t + 3 * S),
+        pod_record("198.18.1.99", 1028, t),
+    ];
+    agent.send(batch(1, &records)).await;
+    assert!(matches!(agent.next().await, CollectorMsg::Ack(_)));
+
+    let ch = c
+        .channel(&pki.ca, Some(&pki.client("operator")))
+        .await
+        .unwrap();
+    let mut query = pb::query_client::QueryClient::new(ch);
+    let search = |f: &dyn Fn(&mut pb::SearchRequest)| {
+        let mut r = pb::SearchRequest {
+            from_ns: Some(t - 100 * S),
+            to_ns: Some(t + 100 * S),
+            ..Default::default()
+        };
+        f(&mut r);
+        r
+    };
+    // (SNAT port, pod name) of every connection found, by SNAT port.
+    let found = |r: pb::SearchResponse| {
+        let mut v: Vec<(u32, String)> = r
+            .connections
+            .iter()
+            .map(|c| {
+                let rec = c.record.as_ref().unwrap();
+                let port = rec.reply.as_ref().unwrap().dst_port;
+                let name = c
+                    .pod
+                    .as_ref()
+                    .and_then(|p| p.pod.as_ref())
+                    .map_or(String::new(), |p| p.name.clone());
+                (port, name)
+            })
+            .collect();
+        v.sort();
+        (r.total, v)
+    };
+    let r = query
+        .search(search(&|r| r.pod = Some("checkout-7d9f-a".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found(r), (1, vec![(1024, "checkout-7d9f-a".into())]));
+    let r = query
+        .search(search(&|r| {
+            r.namespace = Some("payments".into());
+            r.workload = Some("Deployment/checkout".into());
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        found(r),
+        (
+            3,
+            vec![
+                (1024, "checkout-7d9f-a".into()),
+                (1025, "checkout-7d9f-b".into()),
+                (1027, "checkout-7d9f-c".into())
+            ]
+        )
+    );
+    let r = query
+        .search(search(&|r| r.workload = Some("worker".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found(r), (1, vec![(1026, "worker-0".into())]));
+    // The pod filter and the other fields together: C's address, A's pod.
+    let r = query
+        .search(search(&|r| {
+            r.pod = Some("checkout-7d9f-c".into());
+            r.snat_port = Some(1024);
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found(r), (0, vec![]));
+    // The same validation as HTTP, naming the field.
+    for (field, req) in [
+        (
+            "workload",
+            search(&|r| r.workload = Some("Deployment/a/b".into())),
+        ),
+        ("pod", search(&|r| r.pod = Some(String::new()))),
+        (
+            "namespace",
+            search(&|r| r.namespace = Some("n".repeat(400))),
+        ),
+    ] {
+        let err = query.search(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+    // The workload counter at ingest: the Deployment's three connections
+    // (A, B, C as of their start) and the StatefulSet's one, to port 80;
+    // the address no pod held is not counted.
+    assert_eq!(
+        c.metric(
+            "ctw_collector_workload_new_connections_total{namespace=\"payments\",port=\"80\",workload=\"checkout\",workload_kind=\"Deployment\"}"
+        ),
+        3
+    );
+    assert_eq!(
+        c.metric(
+            "ctw_collector_workload_new_connections_total{namespace=\"batch\",port=\"80\",workload=\"worker\",workload_kind=\"StatefulSet\"}"
+        ),
+        1
+    );
+    c.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]

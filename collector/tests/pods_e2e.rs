@@ -8,7 +8,9 @@
 //! address) pod B; a connection made while the collector was down (kill -9)
 //! is `pod_verified: false`; then D created while C still holds the address
 //! and C deleted late: D throughout; a hostNetwork pod is never named
-//! (`pod_reason: host_network`). Needs root.
+//! (`pod_reason: host_network`). A second test checks the workload counter
+//! behind the dashboard's top-workloads panel after real connections from
+//! known pods. Needs root.
 
 #![allow(clippy::unwrap_used)]
 
@@ -391,4 +393,153 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     assert_eq!(results[2]["pod_verified"], false, "{}", results[2]);
     assert_eq!(results[6]["pod_reason"], "host_network", "{}", results[6]);
     assert!(results[6]["pod"].is_null(), "{}", results[6]);
+}
+
+/// Every `ctw_collector_workload_new_connections_total` series of the
+/// collector: (labels as exposed, value).
+fn workload_series(c: &Collector) -> Vec<(String, f64)> {
+    let (_, body) = c.get("/metrics");
+    body.lines()
+        .filter_map(|l| l.strip_prefix("ctw_collector_workload_new_connections_total{"))
+        .filter_map(|l| {
+            let (labels, v) = l.split_once("} ")?;
+            Some((labels.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The workload counter behind the dashboard's top-workloads panel, after
+/// real connections (curl → nginx through the node's masquerade) from pods
+/// whose Pod objects the test created: a Deployment's pod to two watched
+/// ports, a StatefulSet's pod, and a pod the API server does not know (not
+/// counted). The values are the connections each pod made (each one logged
+/// by nginx), by workload and destination port; no pod name or address is a
+/// label. Needs root.
+#[test]
+fn workload_counter_counts_new_connections_of_known_pods_by_workload_and_port() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new(3);
+    let (ns, addr) = topo.add_host("c");
+    let api = KubeApi::start_in_netns(&ns);
+    let kubeconfig = topo.tmp_dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let (ip0, ip1) = (topo.pod_ip4(0).to_string(), topo.pod_ip4(1).to_string());
+    api.apply(owner_json(
+        "ReplicaSet",
+        "payments",
+        "checkout-7d9f",
+        &uid(100),
+        Some("checkout"),
+    ));
+    api.apply(pod_json(
+        "payments",
+        "checkout-7d9f-a",
+        &uid(1),
+        &[&ip0],
+        "node-0",
+        Some(("ReplicaSet", "checkout-7d9f")),
+        false,
+        "Running",
+    ));
+    api.apply(pod_json(
+        "batch",
+        "worker-0",
+        &uid(2),
+        &[&ip1],
+        "node-0",
+        Some(("StatefulSet", "worker")),
+        false,
+        "Running",
+    ));
+    // Pod 2 has no Pod object.
+    let extra = format!("kubernetes:\n  kubeconfig: {}\n", kubeconfig.display());
+    let c = Collector::start(&mut topo, &ns, addr, &extra);
+    let nginx = topo.start_nginx(&[80, 8080]);
+    let spool = topo.tmp_dir().join("spool-0");
+    let yaml = c.agent_yaml("node-0", &spool, "");
+    let _agent = Agent::start_on(&mut topo, 0, "node-0", &[80, 8080], &yaml);
+    c.wait_connected(&["node-0"]);
+    wait_for(WAIT, "the collector holds the two pods", || {
+        (metric(&c, "ctw_collector_pod_intervals_live") == Some(2.0)).then_some(())
+    });
+    assert!(workload_series(&c).is_empty(), "nothing counted yet");
+
+    // (pod, port, connections).
+    let plan = [(0, 80, 3), (0, 8080, 1), (1, 80, 2), (2, 80, 2)];
+    for (pod, port, n) in plan {
+        for _ in 0..n {
+            let out = run_in(
+                topo.pod_ns(pod),
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "-o",
+                    "/dev/null",
+                    &format!("http://{}:{port}/", topo.srv_ip4()),
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // nginx logged every one (`$server_port` last), and the collector
+    // stored every NEW record before the counter is read.
+    let total: usize = plan.iter().map(|p| p.2).sum();
+    let lines = wait_for(WAIT, "nginx logs every request", || {
+        let l: Vec<String> = std::fs::read_to_string(&nginx.access_log)
+            .ok()?
+            .lines()
+            .map(str::to_string)
+            .collect();
+        (l.len() == total).then_some(l)
+    });
+    for port in [80, 8080] {
+        let logged = lines
+            .iter()
+            .filter(|l| l.ends_with(&format!(" {port}")))
+            .count();
+        let sent: usize = plan.iter().filter(|p| p.1 == port).map(|p| p.2).sum();
+        assert_eq!(logged, sent, "port {port}: {lines:?}");
+    }
+    wait_for(WAIT, "every connection stored", || {
+        let (code, v) = c.api(&format!(
+            "/api/v1/connections?snat_ip={}&kind=new&limit=100",
+            topo.node_ip4()
+        ));
+        (code == 200 && v["total"].as_u64() == Some(total as u64)).then_some(())
+    });
+    let mut got = workload_series(&c);
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            (
+                "namespace=\"batch\",port=\"80\",workload=\"worker\",workload_kind=\"StatefulSet\""
+                    .to_string(),
+                2.0
+            ),
+            (
+                "namespace=\"payments\",port=\"80\",workload=\"checkout\",workload_kind=\"Deployment\""
+                    .to_string(),
+                3.0
+            ),
+            (
+                "namespace=\"payments\",port=\"8080\",workload=\"checkout\",workload_kind=\"Deployment\""
+                    .to_string(),
+                1.0
+            ),
+        ],
+        "pod 2 (no Pod object) is not counted"
+    );
+    assert_eq!(
+        metric(&c, "ctw_collector_workload_series_overflow_total"),
+        Some(0.0)
+    );
 }

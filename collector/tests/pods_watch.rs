@@ -87,6 +87,7 @@ async fn kube_rs_list_watch_bookmark_drop_and_410_relist() {
         enabled: KubernetesEnabled::Auto,
         kubeconfig: Some(kubeconfig),
         history_dir: None,
+        ..KubernetesConfig::default()
     };
     assert!(watch::enabled(&cfg));
     let client = watch::client(&cfg).await.expect("client");

@@ -17,6 +17,14 @@
 //! network namespace, where its HTTP API listens on 127.0.0.1) and saves a
 //! screenshot of each page under `target/ui-screenshots/`.
 //!
+//! Kubernetes is on: every testbed pod exists as a Pod object with its real
+//! address on a local API server the collector watches
+//! (`Cluster::start_with_pod_objects`): node-0's pods belong to Deployment
+//! `shop/web`, node-1's to StatefulSet `data/db`. Every row of a connection
+//! from a testbed pod (Resolve, one address, Search) must show that pod's
+//! namespace/name and workload, verified and not reused; a search narrowed
+//! to `StatefulSet/db` shows exactly node-1's connections.
+//!
 //! Needs root, chromium, node and `npm ci` in `ui-tests/`; without them it
 //! prints why it is skipping and passes.
 
@@ -24,7 +32,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ctw_testkit::cluster::Cluster;
+use ctw_testkit::cluster::{Cluster, PodCluster};
 use ctw_testkit::collector::HTTP_PORT;
 use ctw_testkit::{require_root, run_in, run_in_timeout, wait_for};
 use serde_json::{json, Value};
@@ -164,6 +172,36 @@ fn text(v: &Value) -> &str {
     v.as_str().unwrap_or_default()
 }
 
+/// The pod address of a search row's `src` cell (`ip:port`).
+fn src_ip(r: &Value) -> Ipv4Addr {
+    text(&r["src"])
+        .rsplit_once(':')
+        .and_then(|(ip, _)| ip.parse().ok())
+        .unwrap_or_else(|| panic!("no pod address in {r}"))
+}
+
+/// A row (of run.mjs: `pod_shown`, `pod_name`, `pod_workload`, `pod_text`)
+/// shows the Pod object the test created for the address `pod`:
+/// `namespace/name` and `Kind/name`, not flagged unverified or reused.
+fn shows_pod(c: &PodCluster, r: &Value, pod: Ipv4Addr) {
+    let obj = c
+        .pod_object(pod)
+        .unwrap_or_else(|| panic!("{pod} is no testbed pod"));
+    assert_eq!(r["pod_shown"], true, "{r}");
+    assert_eq!(
+        r["pod_name"],
+        format!("{}/{}", obj.namespace, obj.name),
+        "{pod}: {r}"
+    );
+    assert_eq!(
+        r["pod_workload"],
+        format!("{}/{}", obj.workload_kind, obj.workload_name),
+        "{pod}: {r}"
+    );
+    let t = text(&r["pod_text"]);
+    assert!(!t.contains("unverified") && !t.contains("IP reused"), "{r}");
+}
+
 #[test]
 fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     if !require_root() {
@@ -177,8 +215,9 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         }
     };
 
-    // The cluster of e2e.rs: two nodes with two pods each, nginx on port 80.
-    let c = Cluster::start(2, Some(LOG_FORMAT), "", "");
+    // The cluster of e2e.rs: two nodes with two pods each, nginx on port 80,
+    // and the pods as Pod objects the collector watches.
+    let c = Cluster::start_with_pod_objects(2, Some(LOG_FORMAT), "", "");
     let (topo, collector) = (&c.topo, &c.collector);
 
     // Requests from known pods; each one's raw access line and its sender.
@@ -357,6 +396,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
             "at_zoneless": first.time.with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("offset")).format("%Y-%m-%d %H:%M:%S").to_string(),
             "empty_port": 40002,
         },
+        "search_workload": "StatefulSet/db",
     });
     let checks_file = topo.tmp_dir().join("ui-checks.json");
     std::fs::write(&checks_file, checks.to_string()).expect("checks file");
@@ -426,6 +466,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         assert_eq!(r["pod_ip"], s.pod.to_string(), "line {raw:?}: {r}");
         assert_eq!(r["node"], format!("node-{}", s.node), "line {raw:?}: {r}");
         assert_eq!(r["status"], "resolved", "line {raw:?}: {r}");
+        shows_pod(&c, r, s.pod);
         assert_eq!(r["time"], shown(s.time, None), "line {raw:?}: {r}");
         assert_eq!(l["time"], shown(s.time, Some(8)), "line {raw:?}: {l}");
         // A client's connection seen from its SYN.
@@ -464,6 +505,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     let r = &rows[sent.len()];
     assert_eq!(r["status"], "resolved", "{r}");
     assert_eq!(r["pod_ip"], ka_second.pod.to_string(), "{r}");
+    shows_pod(&c, r, ka_second.pod);
     assert_eq!(r["time"], shown(ka_second.time, None), "{r}");
     assert_eq!(
         r["state"], "state at first packet seen: ESTABLISHED (mid-stream)",
@@ -507,6 +549,10 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     let last = &rows[sent.len() + 3];
     assert_eq!(last["status"], "unparsed", "{last}");
     assert_eq!(last["pod_ip"], "", "{last}");
+    // No connection, no pod named.
+    for r in &rows[sent.len() + 1..] {
+        assert_eq!(r["pod_name"], "", "{r}");
+    }
     // The file upload shows the same pods.
     let uploaded: Vec<&str> = v["upload"]
         .as_array()
@@ -537,6 +583,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         assert_eq!(r["status"], "resolved", "{r}");
         assert_eq!(r["pod_ip"], s.pod.to_string(), "{r}");
         assert_eq!(r["node"], format!("node-{}", s.node), "{r}");
+        shows_pod(&c, r, s.pod);
     }
     assert_eq!(single[0]["time"], shown(first.time, None), "{v:#}");
     assert_eq!(single[1]["time"], shown(second.time, Some(8)), "{v:#}");
@@ -558,6 +605,7 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         assert_eq!(r["error"], Value::Null, "{r}");
         assert_eq!(r["status"], "resolved", "{r}");
         assert_eq!(r["pod_ip"], second.pod.to_string(), "{r}");
+        shows_pod(&c, r, second.pod);
         assert_eq!(r["time"], shown_as, "{r}");
         assert!(!text(&r["summary"]).contains("has no zone"), "{r}");
     }
@@ -671,6 +719,25 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
                 .any(|x| x.as_str().is_some_and(|t| t.starts_with(&format!("{p}:")))),
             "{p} not in {pods:?}"
         );
+    }
+    // Every search row names the pod that holds its source address, and
+    // the search narrowed to StatefulSet data/db shows node-1's
+    // connections only: its requests and the keepalive's two entries.
+    let pod_rows = v["search"]["pod_rows"].as_array().expect("search pod rows");
+    assert_eq!(pod_rows.len(), sent.len() + 2, "{v:#}");
+    for r in pod_rows {
+        shows_pod(&c, r, src_ip(r));
+    }
+    let narrowed = v["search_workload"]["pod_rows"]
+        .as_array()
+        .expect("search by workload rows");
+    let node1 = sent.iter().filter(|s| s.node == 1).count() + 2;
+    assert_eq!(narrowed.len(), node1, "{v:#}");
+    for r in narrowed {
+        let obj = c.pod_object(src_ip(r)).expect("a testbed pod");
+        assert_eq!(obj.node, 1, "{r}");
+        assert_eq!(r["pod_workload"], "StatefulSet/db", "{r}");
+        shows_pod(&c, r, src_ip(r));
     }
     let search_rows = v["search"]["rows"].as_array().expect("search rows");
     assert_eq!(

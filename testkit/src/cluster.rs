@@ -214,12 +214,56 @@ impl Topology {
 /// The end-to-end cluster: two nodes with pods behind masquerade, an ingress
 /// (the server namespace) running nginx on port 80, the collector in its own
 /// namespace, and one agent per node (`node-0`, `node-1`) streaming to it.
+/// [`Cluster::start_with_pod_objects`] makes a [`PodCluster`]: the same,
+/// with the testbed pods as Pod objects the collector watches.
 #[derive(Debug)]
 pub struct Cluster {
     pub topo: Topology,
     pub collector: crate::collector::Collector,
     pub nginx: crate::NginxHandle,
     pub agents: Vec<crate::agent::Agent>,
+}
+
+/// A [`Cluster`] with kubernetes on (it derefs to the cluster): a local
+/// API server in the collector's namespace serving a Pod object for every
+/// testbed pod, watched by the collector.
+#[derive(Debug)]
+pub struct PodCluster {
+    pub cluster: Cluster,
+    pub kube: crate::kubeapi::KubeApi,
+    /// The Pod objects served for the testbed pods.
+    pub pod_objects: Vec<PodObject>,
+}
+
+impl std::ops::Deref for PodCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl PodCluster {
+    /// The Pod object of the testbed pod whose address is `ip`.
+    pub fn pod_object(&self, ip: Ipv4Addr) -> Option<&PodObject> {
+        self.pod_objects.iter().find(|p| p.ip == ip)
+    }
+}
+
+/// A testbed pod as a Pod object: node `node`'s pod `index`, with the
+/// address it really has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodObject {
+    pub node: usize,
+    pub index: usize,
+    pub ip: Ipv4Addr,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The workload it belongs to (kind, name), as the collector resolves
+    /// it: node 0's pods are Deployment `shop/web` (through ReplicaSet
+    /// `web-7d9f`), node 1's are StatefulSet `data/db`.
+    pub workload_kind: String,
+    pub workload_name: String,
 }
 
 impl Cluster {
@@ -233,6 +277,61 @@ impl Cluster {
         uplink_extra: &str,
         agent_extra: &str,
     ) -> Cluster {
+        Self::start_inner(pods, log_format, uplink_extra, agent_extra, false).0
+    }
+
+    /// [`Cluster::start`] with kubernetes on: a local API server
+    /// ([`crate::kubeapi::KubeApi`]) in the collector's namespace serves a
+    /// Pod object for every testbed pod with its real address (and the
+    /// ReplicaSet of node 0's pods), the collector watches it through
+    /// `kubernetes.kubeconfig`, and the start waits until the collector
+    /// holds every pod. The objects are in [`PodCluster::pod_objects`].
+    pub fn start_with_pod_objects(
+        pods: usize,
+        log_format: Option<&str>,
+        uplink_extra: &str,
+        agent_extra: &str,
+    ) -> PodCluster {
+        let (cluster, kube) = Self::start_inner(pods, log_format, uplink_extra, agent_extra, true);
+        let (kube, pod_objects) = kube.expect("kubernetes on");
+        PodCluster {
+            cluster,
+            kube,
+            pod_objects,
+        }
+    }
+
+    fn pod_objects_of(topo: &Topology) -> Vec<PodObject> {
+        let mut out = Vec::new();
+        for node in 0..topo.node_count() {
+            for index in 0..topo.pod_count_of(node) {
+                let (namespace, name, kind, workload) = if node == 0 {
+                    ("shop", format!("web-7d9f-{index}x"), "Deployment", "web")
+                } else {
+                    ("data", format!("db-{index}"), "StatefulSet", "db")
+                };
+                out.push(PodObject {
+                    node,
+                    index,
+                    ip: topo.pod_ip4_of(node, index),
+                    namespace: namespace.into(),
+                    name,
+                    uid: format!("00000000-0000-4000-8000-{:08x}{index:04x}", node + 1),
+                    workload_kind: kind.into(),
+                    workload_name: workload.into(),
+                });
+            }
+        }
+        out
+    }
+
+    fn start_inner(
+        pods: usize,
+        log_format: Option<&str>,
+        uplink_extra: &str,
+        agent_extra: &str,
+        kubernetes: bool,
+    ) -> (Cluster, Option<(crate::kubeapi::KubeApi, Vec<PodObject>)>) {
         let mut topo = Topology::new(pods);
         topo.add_node(pods);
         let (col_ns, col_addr) = topo.add_host("c");
@@ -240,7 +339,53 @@ impl Cluster {
             Some(f) => topo.start_nginx_with_format(&[80], f),
             None => topo.start_nginx(&[80]),
         };
-        let collector = crate::collector::Collector::start(&mut topo, &col_ns, col_addr, "");
+        let (kube, extra) = if kubernetes {
+            let api = crate::kubeapi::KubeApi::start_in_netns(&col_ns);
+            let kubeconfig = topo.tmp_dir().join("kubeconfig");
+            api.write_kubeconfig(&kubeconfig);
+            api.apply(crate::kubeapi::owner_json(
+                "ReplicaSet",
+                "shop",
+                "web-7d9f",
+                "00000000-0000-4000-8000-0000000000aa",
+                Some("web"),
+            ));
+            let objects = Self::pod_objects_of(&topo);
+            for p in &objects {
+                let ip = p.ip.to_string();
+                let owner = if p.workload_kind == "Deployment" {
+                    ("ReplicaSet", "web-7d9f")
+                } else {
+                    ("StatefulSet", p.workload_name.as_str())
+                };
+                api.apply(crate::kubeapi::pod_json(
+                    &p.namespace,
+                    &p.name,
+                    &p.uid,
+                    &[&ip],
+                    &format!("node-{}", p.node),
+                    Some(owner),
+                    false,
+                    "Running",
+                ));
+            }
+            let extra = format!("kubernetes:\n  kubeconfig: {}\n", kubeconfig.display());
+            (Some((api, objects)), extra)
+        } else {
+            (None, String::new())
+        };
+        let collector = crate::collector::Collector::start(&mut topo, &col_ns, col_addr, &extra);
+        if let Some((_, objects)) = &kube {
+            let want = format!("ctw_collector_pod_intervals_live {}", objects.len());
+            crate::wait_for(
+                std::time::Duration::from_secs(30),
+                "the collector holds every Pod object",
+                || {
+                    let (_, m) = collector.get("/metrics");
+                    m.lines().any(|l| l == want).then_some(())
+                },
+            );
+        }
         let mut agents = Vec::new();
         for i in 0..2 {
             let name = format!("node-{i}");
@@ -258,12 +403,15 @@ impl Cluster {
             ));
         }
         collector.wait_connected(&["node-0", "node-1"]);
-        Cluster {
-            topo,
-            collector,
-            nginx,
-            agents,
-        }
+        (
+            Cluster {
+                topo,
+                collector,
+                nginx,
+                agents,
+            },
+            kube,
+        )
     }
 
     /// One HTTP request from pod `pod` of node `node` to nginx (optionally

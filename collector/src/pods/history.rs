@@ -13,6 +13,11 @@
 //!
 //! Memory: a live pod costs one interval (about 90 bytes plus its name) and
 //! one map slot; strings that repeat (namespace, node, workload) are interned.
+//! Closed intervals (about 103 bytes each) are kept until the retention and
+//! at most [`History::max_closed`] of them: past that bound the oldest
+//! closed ones (smallest end) are evicted, and every time before the
+//! newest evicted end ([`History::evicted_through_ns`]) that no kept
+//! interval covers is answered `history_gap`, never `no_pod_at_time`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -144,7 +149,10 @@ pub enum NoPodReason {
     /// The history holds no pod with this IP at that time (a node, a
     /// service, an address outside the cluster, or before the history).
     NoPodAtTime,
-    /// The time falls in a watch gap and no interval covers it.
+    /// No interval covers the time and it falls in a watch gap, or before
+    /// the end of the newest interval evicted by the
+    /// `kubernetes.max_closed_intervals` bound (the pod that held the IP
+    /// then may have been forgotten).
     HistoryGap,
     /// Only hostNetwork pods held the IP (the node's address): shared, so
     /// never named as if proven; see `candidates`.
@@ -159,7 +167,7 @@ pub struct PodAnswer {
     /// Set exactly when `pod` is `None`.
     pub reason: Option<NoPodReason>,
     /// `false` when the time falls in a watch gap (the name is the best
-    /// guess from before/after the gap, not proven).
+    /// guess from before/after the gap, not proven), and for `history_gap`.
     pub verified: bool,
     /// The IP changed hands within `[start, end]`: `holders` lists every
     /// pod that held it in that window, oldest first.
@@ -201,6 +209,8 @@ pub struct Stats {
     pub closed: u64,
     /// Deletes of pods whose intervals were already all closed (late).
     pub late_deletes: u64,
+    /// Closed intervals evicted by the [`History::max_closed`] bound.
+    pub evicted: u64,
 }
 
 /// Format a UID as the 36-character UUID text.
@@ -261,8 +271,12 @@ impl LiveIps {
     }
 }
 
-/// The in-memory history (no I/O: [`super::store`] persists its changes).
-#[derive(Debug, Default)]
+/// Default of [`History::max_closed`] (`kubernetes.max_closed_intervals`):
+/// about 103 MB of closed intervals (103 bytes each, BENCHMARKS.md §4).
+pub const DEFAULT_MAX_CLOSED: usize = 1_000_000;
+
+/// The in-memory history (no I/O: [`super::journal`] persists its changes).
+#[derive(Debug)]
 pub struct History {
     pub(crate) strings: Interner,
     /// Intervals per IP, ordered by `from_ns`.
@@ -270,7 +284,29 @@ pub struct History {
     /// The IPs each live pod holds (to close them on delete).
     pub(crate) live: HashMap<u128, LiveIps>,
     pub(crate) gaps: Vec<Gap>,
+    /// Closed intervals kept (open ones are `intervals() - closed`).
+    closed: usize,
+    /// Most closed intervals kept; see [`History::enforce_bound`].
+    pub max_closed: usize,
+    /// Every closed interval that ended at or before this (ns since the
+    /// epoch) may have been evicted; 0: none was.
+    evicted_through_ns: u64,
     pub stats: Stats,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            strings: Interner::default(),
+            by_ip: HashMap::new(),
+            live: HashMap::new(),
+            gaps: Vec::new(),
+            closed: 0,
+            max_closed: DEFAULT_MAX_CLOSED,
+            evicted_through_ns: 0,
+            stats: Stats::default(),
+        }
+    }
 }
 
 /// A change to persist: what [`History`] did.
@@ -290,9 +326,22 @@ pub enum Change {
         uid: u128,
         workload: Workload,
     },
+    /// Closed intervals that ended at or before `through_ns` were evicted
+    /// by the [`History::max_closed`] bound.
+    Evicted {
+        through_ns: u64,
+    },
 }
 
 impl History {
+    /// An empty history keeping at most `max_closed` closed intervals.
+    pub fn new(max_closed: usize) -> History {
+        History {
+            max_closed,
+            ..History::default()
+        }
+    }
+
     /// Number of open intervals (live pods with an IP, per IP).
     pub fn live_intervals(&self) -> usize {
         self.live.values().map(LiveIps::len).sum()
@@ -303,9 +352,68 @@ impl History {
         self.by_ip.values().map(Vec::len).sum()
     }
 
+    /// Number of closed intervals kept.
+    pub fn closed_intervals(&self) -> usize {
+        self.closed
+    }
+
+    /// Closed intervals that ended at or before this time (ns since the
+    /// epoch) may have been evicted; 0 when none was.
+    pub fn evicted_through_ns(&self) -> u64 {
+        self.evicted_through_ns
+    }
+
     /// The recorded watch gaps, oldest first.
     pub fn gaps(&self) -> &[Gap] {
         &self.gaps
+    }
+
+    /// Keep at most [`History::max_closed`] closed intervals: past it, evict
+    /// the oldest (smallest end) down to 90% of the bound (so the scan runs
+    /// once per tenth of the bound's closes, not per close). Every closed
+    /// interval ending at or before the cut-off goes (ties included), the
+    /// cut-off becomes [`History::evicted_through_ns`] and a
+    /// [`Change::Evicted`] is appended to `out`. Cost: one pass over the
+    /// intervals and a temporary `u64` per closed one.
+    pub fn enforce_bound(&mut self, out: &mut Vec<Change>) {
+        if self.closed <= self.max_closed {
+            return;
+        }
+        let target = self.max_closed - self.max_closed / 10;
+        let excess = self.closed - target;
+        let mut ends: Vec<u64> = self
+            .by_ip
+            .values()
+            .flatten()
+            .filter(|i| i.to_ns != OPEN)
+            .map(|i| i.to_ns)
+            .collect();
+        if ends.is_empty() || excess == 0 {
+            return;
+        }
+        let k = excess.min(ends.len()) - 1;
+        let (_, cut, _) = ends.select_nth_unstable(k);
+        let through_ns = *cut;
+        drop(ends);
+        self.evict_through(through_ns);
+        out.push(Change::Evicted { through_ns });
+    }
+
+    /// Drop every closed interval that ended at or before `through_ns`.
+    fn evict_through(&mut self, through_ns: u64) {
+        let mut n = 0usize;
+        self.by_ip.retain(|_, v| {
+            let before = v.len();
+            v.retain(|i| i.to_ns == OPEN || i.to_ns > through_ns);
+            n += before - v.len();
+            if v.capacity() > 2 * v.len() + 2 {
+                v.shrink_to_fit();
+            }
+            !v.is_empty()
+        });
+        self.closed -= n.min(self.closed);
+        self.stats.evicted += n as u64;
+        self.evicted_through_ns = self.evicted_through_ns.max(through_ns);
     }
 
     /// The tenures of the pods matching `f` that overlap `[from_ns, to_ns]`,
@@ -480,13 +588,18 @@ impl History {
 
     /// Drop closed intervals and gaps that ended before `cutoff_ns`.
     pub fn prune(&mut self, cutoff_ns: u64) {
+        let mut n = 0usize;
         self.by_ip.retain(|_, v| {
+            let before = v.len();
             v.retain(|i| i.to_ns >= cutoff_ns);
+            n += before - v.len();
             if v.capacity() > 2 * v.len() + 2 {
                 v.shrink_to_fit();
             }
             !v.is_empty()
         });
+        // Only closed intervals end before a cut-off (OPEN is u64::MAX).
+        self.closed -= n.min(self.closed);
         self.gaps.retain(|g| g.to_ns >= cutoff_ns);
     }
 
@@ -510,6 +623,7 @@ impl History {
             Change::Workload { ip, uid, workload } => {
                 self.set_workload_at(ip, uid, &workload);
             }
+            Change::Evicted { through_ns } => self.evict_through(through_ns),
         }
     }
 
@@ -517,6 +631,24 @@ impl History {
     /// (`end_ns == start_ns` for an instant).
     pub fn answer(&self, ip: IpAddr, start_ns: u64, end_ns: u64) -> PodAnswer {
         self.answer_in(ip, start_ns, start_ns, end_ns)
+    }
+
+    /// The workload of the non-hostNetwork pod that held `ip` at `at_ns`
+    /// (the pod [`History::answer`] names): (namespace, workload kind,
+    /// workload name), kind and name empty for a pod without a controller;
+    /// `None` when no pod is named. No allocation.
+    pub fn workload_at(&self, ip: IpAddr, at_ns: u64) -> Option<(&str, &str, &str)> {
+        let iv = self
+            .by_ip
+            .get(&ip)?
+            .iter()
+            .rev()
+            .find(|i| !i.host_network && i.from_ns <= at_ns && at_ns < i.to_ns)?;
+        Some((
+            self.strings.get(iv.namespace),
+            self.strings.get(iv.workload_kind),
+            self.strings.get(iv.workload_name),
+        ))
     }
 
     /// The pod that held `ip` at `at_ns`; `pod_ip_reused` when another pod
@@ -530,6 +662,9 @@ impl History {
             .gaps
             .iter()
             .any(|g| g.from_ns <= start_ns && start_ns <= g.to_ns);
+        // Before the newest evicted end, an uncovered time may have been an
+        // evicted pod's: a gap, never "no pod".
+        let evicted = start_ns < self.evicted_through_ns;
         let empty = Vec::new();
         let ivs = self.by_ip.get(&ip).unwrap_or(&empty);
         let covers = |i: &&Interval| i.from_ns <= start_ns && start_ns < i.to_ns;
@@ -562,7 +697,7 @@ impl History {
             .collect();
         let (reason, holders) = if !host.is_empty() {
             (NoPodReason::HostNetwork, host)
-        } else if in_gap {
+        } else if in_gap || evicted {
             (NoPodReason::HistoryGap, holders)
         } else {
             (NoPodReason::NoPodAtTime, holders)
@@ -570,7 +705,7 @@ impl History {
         PodAnswer {
             pod: None,
             reason: Some(reason),
-            verified: !in_gap,
+            verified: !(in_gap || evicted),
             pod_ip_reused: reused,
             holders,
         }
@@ -624,6 +759,7 @@ impl History {
         {
             iv.to_ns = to_ns.max(iv.from_ns);
             self.stats.closed += 1;
+            self.closed += 1;
             out.push(Change::Closed {
                 ip,
                 uid,
@@ -647,5 +783,140 @@ impl History {
             }
         }
         self.gaps.push(g);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([198, 18, 1, n])
+    }
+
+    fn pod(uid: u128, ip_n: u8) -> PodState {
+        PodState {
+            uid,
+            namespace: "payments".into(),
+            name: format!("p{uid}"),
+            owner: None,
+            node: "node-3".into(),
+            host_network: false,
+            ips: vec![ip(ip_n)],
+            terminal: false,
+            start_ns: None,
+        }
+    }
+
+    /// Pod `uid` holds address `ip_n` from `from` s to `to` s.
+    fn tenure(h: &mut History, uid: u128, ip_n: u8, from: u64, to: u64, out: &mut Vec<Change>) {
+        h.observe(&pod(uid, ip_n), None, from * S, out);
+        h.delete(uid, to * S, out);
+        h.enforce_bound(out);
+    }
+
+    fn name(h: &History, ip_n: u8, t: u64) -> Option<String> {
+        h.answer(ip(ip_n), t * S, t * S).pod.map(|p| p.name)
+    }
+
+    #[test]
+    fn the_bound_evicts_the_oldest_closed_intervals_and_their_times_become_gaps() {
+        let mut h = History {
+            max_closed: 3,
+            ..History::default()
+        };
+        let mut out = Vec::new();
+        // Address 1: pods 1, 2, 3, 4 one after another (10 s each, 5 s
+        // without a pod between them); address 2: pod 9, live throughout.
+        h.observe(&pod(9, 2), None, 5 * S, &mut out);
+        for (k, uid) in (1..=4u128).enumerate() {
+            let from = 10 + 15 * k as u64;
+            tenure(&mut h, uid, 1, from, from + 10, &mut out);
+        }
+        // The fourth close passed the bound (3): the oldest one went (down
+        // to 90% of 3 = 3: one).
+        assert_eq!((h.closed_intervals(), h.stats.evicted), (3, 1));
+        assert_eq!(h.evicted_through_ns(), 20 * S);
+        assert_eq!(
+            out.iter()
+                .filter(|c| matches!(c, Change::Evicted { .. }))
+                .collect::<Vec<_>>(),
+            [&Change::Evicted { through_ns: 20 * S }]
+        );
+        // Pod 1's time: no pod, because of the eviction: a gap, unverified,
+        // never "no pod at time" and never another pod.
+        let a = h.answer(ip(1), 15 * S, 15 * S);
+        assert_eq!((a.pod, a.reason), (None, Some(NoPodReason::HistoryGap)));
+        assert!(!a.verified);
+        // Before any pod, but before the evicted end too: a gap as well.
+        assert_eq!(
+            h.answer(ip(1), 2 * S, 2 * S).reason,
+            Some(NoPodReason::HistoryGap)
+        );
+        // The kept ones are still named; the pause between 2 and 3 (after
+        // the evicted end) is "no pod".
+        assert_eq!(name(&h, 1, 30).as_deref(), Some("p2"));
+        assert_eq!(name(&h, 1, 45).as_deref(), Some("p3"));
+        assert_eq!(name(&h, 1, 60).as_deref(), Some("p4"));
+        assert_eq!(
+            h.answer(ip(1), 37 * S, 37 * S).reason,
+            Some(NoPodReason::NoPodAtTime)
+        );
+        // A live pod is never evicted, also for times before the evicted end.
+        assert_eq!(name(&h, 2, 6).as_deref(), Some("p9"));
+        assert!(h.answer(ip(2), 6 * S, 6 * S).verified);
+
+        // A bound of 10 evicts down to 9 (a tenth of the bound at once).
+        h.max_closed = 10;
+        for uid in 10..=17u128 {
+            let from = 100 + 15 * (uid as u64 - 10);
+            tenure(&mut h, uid, 1, from, from + 10, &mut out);
+        }
+        assert_eq!(h.closed_intervals(), 9, "8 more kept: 11 > 10, cut to 9");
+        assert_eq!(h.stats.evicted, 3);
+        assert_eq!(h.evicted_through_ns(), 50 * S);
+        assert_eq!(name(&h, 1, 45).as_deref(), None);
+        assert_eq!(
+            h.answer(ip(1), 45 * S, 45 * S).reason,
+            Some(NoPodReason::HistoryGap)
+        );
+        assert_eq!(name(&h, 1, 60).as_deref(), Some("p4"));
+        assert_eq!(name(&h, 1, 105).as_deref(), Some("p10"));
+        assert_eq!(h.intervals(), 10, "9 closed + the live pod");
+    }
+
+    #[test]
+    fn retention_and_eviction_count_closed_intervals_right() {
+        let mut h = History {
+            max_closed: 100,
+            ..History::default()
+        };
+        let mut out = Vec::new();
+        for uid in 1..=5u128 {
+            tenure(
+                &mut h,
+                uid,
+                uid as u8,
+                10 * uid as u64,
+                10 * uid as u64 + 5,
+                &mut out,
+            );
+        }
+        h.observe(&pod(6, 6), None, 70 * S, &mut out);
+        assert_eq!(h.closed_intervals(), 5);
+        h.prune(31 * S);
+        assert_eq!(h.closed_intervals(), 3, "ended at 15, 25 s: pruned");
+        // A replayed eviction line drops what the live eviction dropped.
+        h.replay(Change::Evicted { through_ns: 45 * S });
+        assert_eq!(h.closed_intervals(), 1);
+        assert_eq!(h.live_intervals(), 1);
+        assert_eq!(name(&h, 5, 52).as_deref(), Some("p5"));
+        assert_eq!(
+            h.answer(ip(4), 42 * S, 42 * S).reason,
+            Some(NoPodReason::HistoryGap)
+        );
     }
 }

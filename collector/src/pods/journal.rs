@@ -2,7 +2,9 @@
 //!
 //! Each line is one [`Line`]: an interval opened (`open`, with `to_ns` once
 //! compacted and closed), closed (`close`), its workload resolved late
-//! (`workload`), a watch gap (`gap`), or the
+//! (`workload`), a watch gap (`gap`), closed intervals evicted by the
+//! `kubernetes.max_closed_intervals` bound (`evicted`: every closed interval
+//! that ended at or before `through_ns`), or the
 //! watch's heartbeat (`alive`: the history was complete up to `at_ns`).
 //! Appends are buffered and written + fsynced at every heartbeat
 //! ([`Journal::sync`]); after a crash the lines since the last heartbeat are
@@ -58,6 +60,9 @@ pub enum Line {
     },
     Alive {
         at_ns: u64,
+    },
+    Evicted {
+        through_ns: u64,
     },
 }
 
@@ -174,6 +179,15 @@ impl Journal {
                 .map_err(io(&tmp))?;
             w.write_all(b"\n").map_err(io(&tmp))
         };
+        // First: replayed before the intervals kept, it drops none of them.
+        if history.evicted_through_ns() > 0 {
+            put(
+                &mut w,
+                &Line::Evicted {
+                    through_ns: history.evicted_through_ns(),
+                },
+            )?;
+        }
         for g in history.gaps() {
             put(
                 &mut w,
@@ -248,6 +262,9 @@ fn change_line(h: &History, c: &Change) -> Line {
             kind: workload.kind.clone(),
             name: workload.name.clone(),
         },
+        Change::Evicted { through_ns } => Line::Evicted {
+            through_ns: *through_ns,
+        },
     }
 }
 
@@ -310,5 +327,9 @@ fn apply_line(h: &mut History, l: Line) -> Option<u64> {
             None
         }
         Line::Alive { at_ns } => Some(at_ns),
+        Line::Evicted { through_ns } => {
+            h.replay(Change::Evicted { through_ns });
+            None
+        }
     }
 }

@@ -44,6 +44,21 @@ pub const SYNC_INTERVAL_MS: u64 = 1_000;
 /// is uncertain.
 pub const QUIET_AFTER_FAILURE_MS: u64 = 90_000;
 
+/// Workload kind and name of a pod without a controller owner in
+/// [`PodHistory::workload_counts`] (a pod's own name is never a label).
+pub const NO_WORKLOAD: &str = "_none";
+
+/// A label set of `ctw_collector_workload_new_connections_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkloadKey {
+    pub namespace: String,
+    /// `Deployment`, `StatefulSet`, ... or [`NO_WORKLOAD`].
+    pub kind: String,
+    pub name: String,
+    /// The original tuple's destination port (the port the pod connected to).
+    pub port: u16,
+}
+
 /// What the watch task reports, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -149,11 +164,30 @@ impl PodHistory {
     }
 
     /// Open the durable history in `dir` (`<storage.path>/pods`), replaying
-    /// it. The time since its last heartbeat (or, for a new history, since
-    /// the epoch) becomes a gap once the first list completes.
+    /// it, with the default bound on closed intervals
+    /// ([`history::DEFAULT_MAX_CLOSED`]). The time since its last heartbeat
+    /// (or, for a new history, since the epoch) becomes a gap once the
+    /// first list completes.
     pub fn open(dir: &Path, retention_ns: u64) -> Result<PodHistory, PodsError> {
-        let mut history = History::default();
-        let (journal, loaded) = Journal::open(dir, &mut history)?;
+        Self::open_bounded(dir, retention_ns, history::DEFAULT_MAX_CLOSED)
+    }
+
+    /// [`PodHistory::open`] keeping at most `max_closed` closed intervals
+    /// (`kubernetes.max_closed_intervals`): a journal holding more (written
+    /// with a larger bound, or closes since the last compaction) is cut to
+    /// the bound and rewritten at once.
+    pub fn open_bounded(
+        dir: &Path,
+        retention_ns: u64,
+        max_closed: usize,
+    ) -> Result<PodHistory, PodsError> {
+        let mut history = History::new(max_closed);
+        let (mut journal, loaded) = Journal::open(dir, &mut history)?;
+        let mut evicted = Vec::new();
+        history.enforce_bound(&mut evicted);
+        if !evicted.is_empty() {
+            journal.compact(&history, loaded.alive_ns)?;
+        }
         Ok(PodHistory {
             inner: Mutex::new(Inner {
                 history,
@@ -248,6 +282,7 @@ impl PodHistory {
                 g.owners.remove(&(kind, namespace, name));
             }
         }
+        g.history.enforce_bound(&mut out);
         if !out.is_empty() {
             if let Some(j) = g.journal.as_mut() {
                 if let Err(e) = j.append(&g.history, &out) {
@@ -356,6 +391,50 @@ impl PodHistory {
     pub fn for_record(&self, record: &ctw_common::ConnRecord, now_ns: u64) -> PodAnswer {
         let start = record.start_ns.unwrap_or(record.event_ns);
         self.answer(record.orig.src, start, now_ns.max(start))
+    }
+
+    /// New connections per workload in `records` (what
+    /// `ctw_collector_workload_new_connections_total` counts): NEW records
+    /// not picked up mid-stream whose source (original tuple) a pod held at
+    /// the connection's start (kernel start, else the record's time), keyed
+    /// by (namespace, workload kind, workload name, original destination
+    /// port); a pod without a controller has kind and name
+    /// [`NO_WORKLOAD`]. hostNetwork pods and unnamed sources are not
+    /// counted. One lock for the whole batch.
+    pub fn workload_counts(&self, records: &[ctw_common::ConnRecord]) -> Vec<(WorkloadKey, u64)> {
+        let g = self.lock();
+        let mut out: Vec<(WorkloadKey, u64)> = Vec::new();
+        for r in records {
+            if r.kind != ctw_common::EventKind::New || r.midstream() {
+                continue;
+            }
+            let start = r.start_ns.unwrap_or(r.event_ns);
+            let Some((ns, kind, name)) = g.history.workload_at(r.orig.src, start) else {
+                continue;
+            };
+            let (kind, name) = if name.is_empty() {
+                (NO_WORKLOAD, NO_WORKLOAD)
+            } else {
+                (kind, name)
+            };
+            let port = r.orig.dst_port;
+            // A batch names few workloads: a linear scan beats hashing.
+            match out.iter_mut().find(|(k, _)| {
+                k.port == port && k.namespace == ns && k.kind == kind && k.name == name
+            }) {
+                Some((_, n)) => *n += 1,
+                None => out.push((
+                    WorkloadKey {
+                        namespace: ns.to_string(),
+                        kind: kind.to_string(),
+                        name: name.to_string(),
+                        port,
+                    },
+                    1,
+                )),
+            }
+        }
+        out
     }
 
     /// Sizes and counters, for metrics.
@@ -854,6 +933,71 @@ mod tests {
                 to_ns: 2
             }]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_closed_interval_bound_holds_across_a_restart_and_compaction() {
+        let dir = temp_dir("bound");
+        let ip2: IpAddr = "198.18.1.12".parse().unwrap();
+        {
+            let h = PodHistory::open_bounded(&dir, u64::MAX, 2).unwrap();
+            h.apply(Input::ListBegin, S);
+            h.apply(Input::ListDone, S);
+            // A, B, C one after another on the address; D live on another.
+            h.apply(Input::Applied(pod(4, "d", &["198.18.1.12"])), 2 * S);
+            for (k, (uid, name)) in [(1, "a"), (2, "b"), (3, "c")].into_iter().enumerate() {
+                let t = 10 * S + 10 * S * k as u64;
+                h.apply(Input::Applied(pod(uid, name, &[IP])), t);
+                h.apply(Input::Deleted(pod(uid, name, &[IP])), t + 5 * S);
+            }
+            assert_eq!(h.stats().history.evicted, 1, "A (the oldest) evicted");
+            let m = crate::metrics::Metrics::new();
+            m.sync_pods(&h);
+            let text = m.render();
+            assert!(
+                text.contains("ctw_collector_pod_intervals_evicted_total 1"),
+                "{text}"
+            );
+            h.tick(40 * S);
+        }
+        let check = |h: &PodHistory| {
+            let a = h.at(ip(), 12 * S);
+            assert_eq!((a.pod, a.reason), (None, Some(NoPodReason::HistoryGap)));
+            assert!(!a.verified);
+            assert_eq!(name_at(h, 22 * S).as_deref(), Some("b"));
+            assert_eq!(name_at(h, 32 * S).as_deref(), Some("c"));
+            assert_eq!(h.at(ip(), 27 * S).reason, Some(NoPodReason::NoPodAtTime));
+            assert_eq!(h.at(ip2, 3 * S).pod.unwrap().name, "d");
+        };
+        // Replayed from the journal's lines (no compaction yet): the same.
+        let h = PodHistory::open_bounded(&dir, u64::MAX, 2).unwrap();
+        check(&h);
+        // Compacted: A is gone from the file and the answers stay.
+        h.compact(41 * S).unwrap();
+        drop(h);
+        let text = std::fs::read_to_string(dir.join("history.jsonl")).unwrap();
+        assert!(
+            !text.contains("00000000-0000-0000-0000-000000000001"),
+            "{text}"
+        );
+        assert!(text.contains("\"t\":\"evicted\""), "{text}");
+        let h = PodHistory::open_bounded(&dir, u64::MAX, 2).unwrap();
+        check(&h);
+        drop(h);
+        // A smaller bound at restart cuts the file to it at once: B goes.
+        let h = PodHistory::open_bounded(&dir, u64::MAX, 1).unwrap();
+        assert_eq!(h.at(ip(), 22 * S).reason, Some(NoPodReason::HistoryGap));
+        assert_eq!(name_at(&h, 32 * S).as_deref(), Some("c"));
+        drop(h);
+        let text = std::fs::read_to_string(dir.join("history.jsonl")).unwrap();
+        assert!(
+            !text.contains("00000000-0000-0000-0000-000000000002"),
+            "{text}"
+        );
+        let h = PodHistory::open_bounded(&dir, u64::MAX, 1).unwrap();
+        assert_eq!(h.at(ip(), 22 * S).reason, Some(NoPodReason::HistoryGap));
+        assert_eq!(h.at(ip2, 50 * S).pod.unwrap().name, "d");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

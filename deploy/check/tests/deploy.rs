@@ -896,9 +896,17 @@ fn dashboard_has_the_seed_queries_and_agent_health() {
         "ctw_collector_records_stored_total",
         "ctw_collector_tls_handshake_failures_total",
         "ctw_collector_agents_connected",
+        "ctw_collector_workload_new_connections_total",
     ] {
         assert!(all.contains(metric), "dashboard has no panel on {metric}");
     }
+    // Top workloads: a topk over a rate, by the bounded labels only.
+    assert!(
+        exprs.iter().any(|e| e.starts_with("topk(")
+            && e.contains("rate(ctw_collector_workload_new_connections_total")
+            && e.contains("by (namespace, workload_kind, workload, port)")),
+        "no top-workloads panel"
+    );
     assert_metrics_exist(&exprs, "dashboard");
     // Panel ids are unique; every panel but rows has a data source.
     let mut ids = BTreeSet::new();
