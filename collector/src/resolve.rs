@@ -591,10 +591,11 @@ fn fmt_duration(ns: u64) -> String {
 pub async fn resolve(
     store: Arc<dyn RecordStore>,
     registry: Arc<Registry>,
+    peers: Option<Arc<crate::peers::Peers>>,
     pods: Option<Arc<PodHistory>>,
     req: Arc<Request>,
 ) -> Result<ResolveAnswer, QueryError> {
-    let open_gaps = Arc::new(registry.open_gaps());
+    let open_gaps = Arc::new(crate::peers::open_gaps(&registry, peers.as_deref()));
     let n = req.lines.len();
     // Contiguous slices over a few blocking threads; order is kept.
     let workers = std::thread::available_parallelism()
@@ -789,7 +790,9 @@ mod tests {
         });
         let req = parse_request(body.to_string().as_bytes()).unwrap();
         let registry = Arc::new(Registry::new(crate::metrics::Metrics::new()));
-        let answer = resolve(store, registry, None, Arc::new(req)).await.unwrap();
+        let answer = resolve(store, registry, None, None, Arc::new(req))
+            .await
+            .unwrap();
         expect_test::expect![[r#"
             {
               "log_format": "$remote_addr $remote_port $msec",
