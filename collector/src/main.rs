@@ -118,7 +118,11 @@ async fn start_pod_watch(
 }
 
 /// The replicas' lease table and forwarding client (`replicas` set).
-fn start_peers(cfg: &Config, registry: Arc<Registry>) -> anyhow::Result<Option<Arc<Peers>>> {
+fn start_peers(
+    cfg: &Config,
+    registry: Arc<Registry>,
+    store: Arc<dyn RecordStore>,
+) -> anyhow::Result<Option<Arc<Peers>>> {
     let (Some(r), ctw_collector::config::Storage::ClickHouse(ch)) = (&cfg.replicas, &cfg.storage)
     else {
         return Ok(None);
@@ -140,7 +144,7 @@ fn start_peers(cfg: &Config, registry: Arc<Registry>) -> anyhow::Result<Option<A
         forward_timeout: std::time::Duration::from_millis(cfg.lookup.timeout_ms * 2 + 1000),
     };
     Ok(Some(Arc::new(
-        Peers::new(opts, registry).map_err(anyhow::Error::msg)?,
+        Peers::new(opts, registry, store).map_err(anyhow::Error::msg)?,
     )))
 }
 
@@ -156,7 +160,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let store: Arc<dyn RecordStore> = store::open(cfg.storage.backend()).context("storage")?;
     let registry = Arc::new(Registry::new(metrics.clone()));
-    let peers = start_peers(&cfg, registry.clone())?;
+    let peers = start_peers(&cfg, registry.clone(), store.clone())?;
     let ready = Arc::new(AtomicBool::new(false));
     let http_addr: std::net::SocketAddr = cfg
         .http

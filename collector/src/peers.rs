@@ -65,7 +65,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::config::{ReplicasConfig, TlsFiles};
 use crate::registry::{AgentInfo, LiveAnswer, LiveQuery, LookupError, Registry};
 use crate::store::clickhouse::ClickHouseOptions;
-use crate::store::Gap;
+use crate::store::{Gap, RecordStore};
 
 /// The lease table (in the store's database).
 pub const LEASES: &str = "ctw_leases";
@@ -111,6 +111,31 @@ pub fn holder<'a>(leases: &'a [Lease], node: &str, now: u64) -> Option<&'a Lease
         .iter()
         .filter(|l| l.node == node && l.expires_ns > now)
         .max_by_key(|l| (l.connected_ns, l.updated_ns))
+}
+
+/// The `agent_restarted` gap of `a`'s stream that started on this
+/// collector at `connected_ns`, from the lease table as it was before: the
+/// node's newest lease written before the stream started names another
+/// boot id, so the agent restarted since (capture was down): a gap from
+/// that lease's last write to the stream's start. `None` when this
+/// collector had seen the agent before (`connections > 1`: the registry
+/// compares boot ids itself and records the gap, `Registry::connect`), or
+/// the boot id is the same (a reconnect: the agent replays its spool).
+pub fn restart_gap(leases: &[Lease], a: &AgentInfo, connected_ns: u64) -> Option<Gap> {
+    if a.connections > 1 {
+        return None;
+    }
+    let last = leases
+        .iter()
+        .filter(|l| l.node == a.node && l.updated_ns < connected_ns)
+        .max_by_key(|l| l.updated_ns)?;
+    (last.boot_id != a.boot_id).then(|| Gap {
+        node: a.node.clone(),
+        from_ns: last.updated_ns,
+        to_ns: connected_ns,
+        reason: "agent_restarted".into(),
+        count: 0,
+    })
 }
 
 /// The newest lease row of `node`, held or not (`None`: never seen).
@@ -235,6 +260,8 @@ pub struct Peers {
     opts: PeersOptions,
     client: Option<clickhouse::Client>,
     registry: Arc<Registry>,
+    /// Where `agent_restarted` gaps seen through the leases are recorded.
+    store: Option<Arc<dyn RecordStore>>,
     state: Mutex<State>,
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -259,8 +286,13 @@ fn parse_rfc3339_ns(s: &str) -> Option<u64> {
 
 impl Peers {
     /// Peers over the database of `opts.clickhouse` (the password file is
-    /// read now). Start [`Peers::run`] to write and read leases.
-    pub fn new(opts: PeersOptions, registry: Arc<Registry>) -> Result<Peers, String> {
+    /// read now); `agent_restarted` gaps found through the leases go to
+    /// `store`. Start [`Peers::run`] to write and read leases.
+    pub fn new(
+        opts: PeersOptions,
+        registry: Arc<Registry>,
+        store: Arc<dyn RecordStore>,
+    ) -> Result<Peers, String> {
         let ch = &opts.clickhouse;
         let password = match &ch.password_file {
             Some(p) => std::fs::read_to_string(p)
@@ -278,6 +310,7 @@ impl Peers {
             opts,
             client: Some(client),
             registry,
+            store: Some(store),
             state: Mutex::new(State::default()),
             channels: Mutex::new(HashMap::new()),
         })
@@ -290,6 +323,7 @@ impl Peers {
             opts,
             client: None,
             registry,
+            store: None,
             state: Mutex::new(State {
                 leases,
                 read_ns: u64::MAX,
@@ -595,14 +629,51 @@ impl Peers {
             .filter(|a| a.connected || released.contains(&a.node))
             .map(|a| self.lease_row(a, now, !a.connected))
             .collect();
-        if !rows.is_empty() {
-            insert(client, db, &rows).await?;
-        }
-        let leases: Vec<Lease> = client
+        // Read before writing: a new stream's restart gap compares with
+        // the leases written before it (ours included: a restarted
+        // collector process overwrites its own row).
+        let mut leases: Vec<Lease> = client
             .query(&read_sql(db))
             .fetch_all()
             .await
             .map_err(|e| format!("reading {LEASES}: {e}"))?;
+        let started: Vec<&AgentInfo> = {
+            let g = self.lock();
+            agents
+                .iter()
+                .filter(|a| a.connected && g.held.get(&a.node) != a.connected_since.as_ref())
+                .collect()
+        };
+        let gaps: Vec<Gap> = started
+            .iter()
+            .filter_map(|a| {
+                let since = a.connected_since.as_deref().and_then(parse_rfc3339_ns)?;
+                restart_gap(&leases, a, since)
+            })
+            .collect();
+        if let (Some(store), false) = (&self.store, gaps.is_empty()) {
+            let store = store.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                gaps.into_iter()
+                    .map(|g| {
+                        let node = g.node.clone();
+                        store.record_gap(g).map_err(|e| format!("{node}: {e}"))
+                    })
+                    .collect::<Result<Vec<()>, String>>()
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            // Not recorded: the stream counts as new again next round.
+            stored.map_err(|e| format!("recording an agent_restarted gap: {e}"))?;
+        }
+        if !rows.is_empty() {
+            insert(client, db, &rows).await?;
+        }
+        for r in rows {
+            leases.retain(|l| !(l.node == r.node && l.collector_id == r.collector_id));
+            leases.push(r);
+        }
         let mut g = self.lock();
         g.leases = leases;
         g.read_ns = now;
@@ -742,6 +813,50 @@ mod tests {
         assert!(holder(&ls, "b", 150).is_none());
         assert_eq!(newest(&ls, "b").unwrap().updated_ns, 140);
         assert!(holder(&ls, "zz", 0).is_none());
+    }
+
+    #[test]
+    fn a_new_boot_id_after_the_last_lease_is_a_restart_gap() {
+        let info = |boot: &str, connections: u64| AgentInfo {
+            node: "a".into(),
+            addresses: vec![],
+            boot_id: boot.into(),
+            version: String::new(),
+            connected: true,
+            peer: None,
+            connected_since: None,
+            disconnected_since: None,
+            last_seen: None,
+            last_batch_at: None,
+            last_batch_boot_id: None,
+            last_batch_seq: None,
+            lag_seconds: None,
+            batches_stored: 0,
+            records_stored: 0,
+            duplicates: 0,
+            conversion_errors: 0,
+            loss_reports: 0,
+            events_lost: 0,
+            connections,
+            collector: None,
+        };
+        // Held by c1 (boot "b") until 400; c2's own row (written after the
+        // stream started at 500) does not count.
+        let ls = vec![
+            lease("a", "c1", 100, 450, 400),
+            lease("a", "c2", 500, 900, 600),
+        ];
+        let g = restart_gap(&ls, &info("b2", 1), 500).unwrap();
+        assert_eq!(
+            (g.from_ns, g.to_ns, g.reason.as_str()),
+            (400, 500, "agent_restarted")
+        );
+        // Same process: it replays its spool, no gap.
+        assert!(restart_gap(&ls, &info("b", 1), 500).is_none());
+        // Seen here before: the registry compared boot ids itself.
+        assert!(restart_gap(&ls, &info("b2", 2), 500).is_none());
+        // Never seen anywhere.
+        assert!(restart_gap(&[], &info("b2", 1), 500).is_none());
     }
 
     #[test]

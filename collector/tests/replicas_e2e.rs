@@ -47,6 +47,8 @@ struct Replicas {
     ch: ClickHouse,
     c2: Collector,
     c: Cluster,
+    /// Each agent's config text (to start it again).
+    agent_yamls: Vec<String>,
     _etc: NetnsEtc,
 }
 
@@ -113,6 +115,7 @@ fn start() -> Option<Replicas> {
         std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{hosts}")).unwrap();
     }
     let mut agents = Vec::new();
+    let mut agent_yamls = Vec::new();
     for i in 0..2 {
         let name = format!("node-{i}");
         let spool = topo.tmp_dir().join(format!("spool-{i}"));
@@ -127,6 +130,7 @@ fn start() -> Option<Replicas> {
             &[80],
             &yaml,
         ));
+        agent_yamls.push(yaml);
     }
     let x = Replicas {
         ch,
@@ -137,6 +141,7 @@ fn start() -> Option<Replicas> {
             nginx,
             agents,
         },
+        agent_yamls,
         _etc: etc,
     };
     for c in [x.c1(), &x.c2] {
@@ -389,5 +394,55 @@ fn a_killed_collector_loses_and_doubles_nothing() {
     let s1 = search(x.c1());
     assert_eq!(s1["total"], s["total"]);
     assert_eq!(s1["complete"], true, "{}", s1["gaps"]);
+    drop(x.ch);
+}
+
+/// node-0's agent and its collector c1 die together; the agent, started
+/// again (a new boot id), connects to c2, which never saw it: c2 finds
+/// the restart in the lease table (c1's last lease names the old boot id)
+/// and records the `agent_restarted` gap, so searches over the outage are
+/// incomplete, for node-0 only.
+#[test]
+fn an_agent_restarted_across_collectors_leaves_a_gap() {
+    let Some(mut x) = start() else { return };
+    let v = wait_holders(&x.c2, &[("node-0", "c1"), ("node-1", "c2")]);
+    let boot0 = v["agents"][0]["boot_id"].as_str().unwrap().to_string();
+    let before_ns = ctw_common::now_ns();
+    let pid = x.c.agents[0].pid;
+    x.c.topo.kill(pid);
+    x.c.collector.kill9(&mut x.c.topo);
+    let killed_ns = ctw_common::now_ns();
+    x.c.agents[0] =
+        ctw_testkit::agent::Agent::start_on(&mut x.c.topo, 0, "node-0", &[80], &x.agent_yamls[0]);
+    let v = wait_holders(&x.c2, &[("node-0", "c2"), ("node-1", "c2")]);
+    assert_eq!(v["agents"][0]["node"], "node-0");
+    assert_ne!(
+        v["agents"][0]["boot_id"],
+        boot0.as_str(),
+        "a new agent process"
+    );
+    let from = before_ns / 1_000_000_000 - 60;
+    let to = ctw_common::now_ns() / 1_000_000_000 + 60;
+    let s = wait_for(WAIT, "the restart gap recorded", || {
+        let (code, v) =
+            x.c2.api(&format!("/api/v1/connections?from={from}&to={to}"));
+        (code == 200 && v["complete"] == false).then_some(v)
+    });
+    let gaps = s["gaps"].as_array().unwrap();
+    assert_eq!(gaps.len(), 1, "{gaps:#?}");
+    let g = &gaps[0];
+    assert_eq!(g["node"], "node-0", "{g:#}");
+    assert_eq!(g["reason"], "agent_restarted", "{g:#}");
+    // From c1's last lease (before the kill) to the new stream (after it).
+    let ns = |k: &str| {
+        let t = chrono::DateTime::parse_from_rfc3339(g[k].as_str().unwrap()).unwrap();
+        t.timestamp_nanos_opt().unwrap() as u64
+    };
+    assert!(ns("from") <= killed_ns, "{g:#}");
+    assert!(
+        ns("from") + 5_000_000_000 >= before_ns,
+        "within a renewal: {g:#}"
+    );
+    assert!(ns("to") >= killed_ns, "{g:#}");
     drop(x.ch);
 }
