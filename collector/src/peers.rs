@@ -156,13 +156,16 @@ pub fn create_table_sql(db: &str) -> String {
     )
 }
 
-/// The newest row of every (node, collector) pair.
-fn read_sql(db: &str) -> String {
+/// The newest row of every (node, collector) pair written since
+/// `since_ns` (older ones are of agents gone longer than the records are
+/// kept).
+fn read_sql(db: &str, since_ns: u64) -> String {
     format!(
         "SELECT node, collector_id, argMax(grpc_addr, updated_ns) AS a, \
          argMax(boot_id, updated_ns) AS b, argMax(connected_ns, updated_ns) AS c, \
          argMax(expires_ns, updated_ns) AS e, max(updated_ns) AS u, \
-         argMax(info, updated_ns) AS i FROM {db}.{LEASES} GROUP BY node, collector_id"
+         argMax(info, updated_ns) AS i FROM {db}.{LEASES} GROUP BY node, collector_id \
+         HAVING u >= {since_ns}"
     )
 }
 
@@ -557,12 +560,15 @@ impl Peers {
                 _ = tokio::time::sleep(WATCH_EVERY) => {}
             }
         }
-        // Leaving cleanly: release what we hold so others need not wait
-        // for the leases to expire.
-        let agents = self.registry.agents();
-        let rows: Vec<Lease> = agents
+        // Leaving cleanly: release what we last wrote as held (streams may
+        // be ending already) so others need not wait for the leases to
+        // expire.
+        let held = self.lock().held.clone();
+        let rows: Vec<Lease> = self
+            .registry
+            .agents()
             .iter()
-            .filter(|a| a.connected)
+            .filter(|a| held.contains_key(&a.node))
             .map(|a| self.lease_row(a, now_ns(), true))
             .collect();
         if table && !rows.is_empty() {
@@ -633,7 +639,12 @@ impl Peers {
         // the leases written before it (ours included: a restarted
         // collector process overwrites its own row).
         let mut leases: Vec<Lease> = client
-            .query(&read_sql(db))
+            .query(&read_sql(
+                db,
+                now.saturating_sub(
+                    u64::from(self.opts.clickhouse.retention_days) * 86_400 * 1_000_000_000,
+                ),
+            ))
             .fetch_all()
             .await
             .map_err(|e| format!("reading {LEASES}: {e}"))?;
@@ -863,8 +874,8 @@ mod tests {
     fn sql_reads_the_newest_row_per_node_and_collector() {
         let c = create_table_sql("ctw");
         assert!(c.contains("ReplacingMergeTree(updated_ns) ORDER BY (node, collector_id)"));
-        let r = read_sql("ctw");
-        assert!(r.ends_with("FROM ctw.ctw_leases GROUP BY node, collector_id"));
+        let r = read_sql("ctw", 7);
+        assert!(r.ends_with("FROM ctw.ctw_leases GROUP BY node, collector_id HAVING u >= 7"));
         // Columns in the order of `Lease`'s fields.
         assert!(r.find("argMax(grpc_addr").unwrap() < r.find("argMax(boot_id").unwrap());
         assert!(r.find("max(updated_ns)").unwrap() < r.find("argMax(info").unwrap());
