@@ -122,6 +122,7 @@ fn start_peers(
     cfg: &Config,
     registry: Arc<Registry>,
     store: Arc<dyn RecordStore>,
+    metrics: Metrics,
 ) -> anyhow::Result<Option<Arc<Peers>>> {
     let (Some(r), ctw_collector::config::Storage::ClickHouse(ch)) = (&cfg.replicas, &cfg.storage)
     else {
@@ -144,7 +145,7 @@ fn start_peers(
         forward_timeout: std::time::Duration::from_millis(cfg.lookup.timeout_ms * 2 + 1000),
     };
     Ok(Some(Arc::new(
-        Peers::new(opts, registry, store).map_err(anyhow::Error::msg)?,
+        Peers::new(opts, registry, store, metrics).map_err(anyhow::Error::msg)?,
     )))
 }
 
@@ -160,7 +161,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let store: Arc<dyn RecordStore> = store::open(cfg.storage.backend()).context("storage")?;
     let registry = Arc::new(Registry::new(metrics.clone()));
-    let peers = start_peers(&cfg, registry.clone(), store.clone())?;
+    let peers = start_peers(&cfg, registry.clone(), store.clone(), metrics.clone())?;
     let ready = Arc::new(AtomicBool::new(false));
     let http_addr: std::net::SocketAddr = cfg
         .http

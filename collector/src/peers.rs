@@ -63,6 +63,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::{ReplicasConfig, TlsFiles};
+use crate::metrics::Metrics;
 use crate::registry::{AgentInfo, LiveAnswer, LiveQuery, LookupError, Registry};
 use crate::store::clickhouse::ClickHouseOptions;
 use crate::store::{Gap, RecordStore};
@@ -263,6 +264,7 @@ pub struct Peers {
     opts: PeersOptions,
     client: Option<clickhouse::Client>,
     registry: Arc<Registry>,
+    metrics: Metrics,
     /// Where `agent_restarted` gaps seen through the leases are recorded.
     store: Option<Arc<dyn RecordStore>>,
     state: Mutex<State>,
@@ -295,6 +297,7 @@ impl Peers {
         opts: PeersOptions,
         registry: Arc<Registry>,
         store: Arc<dyn RecordStore>,
+        metrics: Metrics,
     ) -> Result<Peers, String> {
         let ch = &opts.clickhouse;
         let password = match &ch.password_file {
@@ -313,6 +316,7 @@ impl Peers {
             opts,
             client: Some(client),
             registry,
+            metrics,
             store: Some(store),
             state: Mutex::new(State::default()),
             channels: Mutex::new(HashMap::new()),
@@ -322,10 +326,12 @@ impl Peers {
     /// Peers without a database: the lease table is `leases` (unit tests
     /// of routing and of the loop guard).
     pub fn with_leases(opts: PeersOptions, registry: Arc<Registry>, leases: Vec<Lease>) -> Peers {
+        let metrics = Metrics::new();
         Peers {
             opts,
             client: None,
             registry,
+            metrics,
             store: None,
             state: Mutex::new(State {
                 leases,
@@ -446,6 +452,24 @@ impl Peers {
         lease: &Lease,
         q: LiveQuery,
     ) -> (Result<Option<LiveAnswer>, LookupError>, Vec<u16>) {
+        let r = self.forward_inner(lease, q).await;
+        let label = match &r.0 {
+            Ok(Some(_)) => "found",
+            Ok(None) => "not_found",
+            Err(e) => e.label(),
+        };
+        self.metrics
+            .lookups_forwarded
+            .with_label_values(&[label])
+            .inc();
+        r
+    }
+
+    async fn forward_inner(
+        &self,
+        lease: &Lease,
+        q: LiveQuery,
+    ) -> (Result<Option<LiveAnswer>, LookupError>, Vec<u16>) {
         let node = lease.node.clone();
         let via = |m: String| {
             LookupError::Agent(format!(
@@ -537,6 +561,7 @@ impl Peers {
                 match client.query(&create_table_sql(&db)).execute().await {
                     Ok(()) => table = true,
                     Err(e) => {
+                        self.metrics.lease_errors.inc();
                         if let Some(suppressed) = log.allow() {
                             tracing::warn!(error = %e, suppressed, "lease table not created yet (ClickHouse)");
                         }
@@ -549,6 +574,7 @@ impl Peers {
                 match self.write_and_read(&client, &db).await {
                     Ok(()) => next_renew = now + self.opts.renew_interval,
                     Err(e) => {
+                        self.metrics.lease_errors.inc();
                         if let Some(suppressed) = log.allow() {
                             tracing::warn!(error = %e, suppressed, "lease table not written or read (ClickHouse)");
                         }

@@ -296,6 +296,22 @@ fn lines_and_live_lookups_resolve_through_either_collector() {
         .collect();
     asked.sort();
     assert_eq!(asked, ["node-1"], "the address's owner answers: {v:#}");
+    // Each lookup above went once to the holder: 2 lines x 2 questions per
+    // node, and the unknown tuple.
+    let forwarded = |c: &Collector, result: &str| -> f64 {
+        let text = c.get("/metrics").1;
+        let series = format!("ctw_collector_lookups_forwarded_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(forwarded(&x.c2, "found"), 4.0);
+    assert_eq!(forwarded(x.c1(), "found"), 4.0);
+    assert_eq!(forwarded(x.c1(), "not_found"), 1.0);
+    assert_eq!(forwarded(&x.c2, "not_found"), 0.0);
     for c in [x.c1(), &x.c2] {
         let v = wait_holders(c, &[("node-0", "c1"), ("node-1", "c2")]);
         assert_eq!(v["agents"].as_array().unwrap().len(), 2, "{v:#}");
