@@ -401,12 +401,7 @@ impl Peers {
         self.remote_nodes().into_iter().find(|n| {
             holder(&leases, n, now)
                 .and_then(Lease::agent_info)
-                .is_some_and(|a| {
-                    a.addresses
-                        .iter()
-                        .filter_map(|s| s.split('/').next()?.trim().parse::<IpAddr>().ok())
-                        .any(|a| a == ip)
-                })
+                .is_some_and(|a| a.addresses.iter().any(|s| parse_address(s) == Some(ip)))
         })
     }
 
@@ -789,6 +784,20 @@ pub fn agents(registry: &Registry, peers: Option<&Peers>) -> Vec<AgentInfo> {
         }
     }
     out.into_values().collect()
+}
+
+/// The node, connected or not, whose agent's Hello listed `ip` among its
+/// addresses (`10.0.0.1` or `10.0.0.1/24`), in `agents` ([`agents`]).
+pub fn node_owning_any(agents: &[AgentInfo], ip: IpAddr) -> Option<String> {
+    agents
+        .iter()
+        .find(|a| a.addresses.iter().any(|s| parse_address(s) == Some(ip)))
+        .map(|a| a.node.clone())
+}
+
+/// An address as a Hello lists it, with or without a prefix length.
+fn parse_address(s: &str) -> Option<IpAddr> {
+    s.split('/').next()?.trim().parse().ok()
 }
 
 /// The open `agent_disconnected` gaps (merged into searches): without

@@ -296,6 +296,18 @@ fn lines_and_live_lookups_resolve_through_either_collector() {
         .collect();
     asked.sort();
     assert_eq!(asked, ["node-1"], "the address's owner answers: {v:#}");
+    // A line of node-1's address that no connection matches: both
+    // collectors know node-1 owns the address (c1 from the lease table).
+    let secs = ctw_common::now_ns() as f64 / 1e9;
+    let line = format!("{} 9 {secs:.3} 80", x.c.topo.node_ip4_of(1));
+    for c in [x.c1(), &x.c2] {
+        let (code, v) = resolve(c, &tmp, std::slice::from_ref(&line));
+        assert_eq!(code, 200, "{v:#}");
+        let r = &v["results"][0];
+        assert_eq!(r["candidates"], 0, "{r:#}");
+        let note = r["note"].as_str().unwrap_or_default();
+        assert!(!note.starts_with("no agent lists"), "owner known: {r:#}");
+    }
     // Each lookup above went once to the holder: 2 lines x 2 questions per
     // node, and the unknown tuple.
     let forwarded = |c: &Collector, result: &str| -> f64 {
