@@ -150,7 +150,11 @@ pub fn agents_table(v: &AgentsAnswer) -> String {
             vec![
                 a.node.clone(),
                 if a.connected {
-                    "yes".into()
+                    // Collector replicas: the collector holding the stream.
+                    match &a.collector {
+                        Some(c) => format!("yes (collector {c})"),
+                        None => "yes".into(),
+                    }
                 } else {
                     format!("no (since {})", opt(a.disconnected_since.as_deref()))
                 },
@@ -413,7 +417,8 @@ mod tests {
         let a: AgentsAnswer = serde_json::from_value(json!({"agents": [
             agent(json!({"node": "n1", "connected": true, "addresses": ["198.18.0.1", "fd00::1"],
              "lag_seconds": 0.0123, "records_stored": 5})),
-            agent(json!({"node": "n2", "disconnected_since": "2024-12-09T07:00:00.000Z"}))
+            agent(json!({"node": "n2", "disconnected_since": "2024-12-09T07:00:00.000Z"})),
+            agent(json!({"node": "n3", "connected": true, "collector": "ctw-collector-7d9f-x2"}))
         ]}))
         .unwrap();
         let a = agents_table(&a);
@@ -421,6 +426,7 @@ mod tests {
         assert!(a.contains("198.18.0.1,fd00::1"), "{a}");
         assert!(a.contains("0.012s"), "{a}");
         assert!(a.contains("no (since 2024-12-09T07:00:00.000Z)"), "{a}");
+        assert!(a.contains("yes (collector ctw-collector-7d9f-x2)"), "{a}");
     }
 
     #[test]

@@ -174,10 +174,15 @@ pub fn issue(ca: &CertPair, spec: &IssueSpec) -> Result<CertPair, CertError> {
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![match spec.kind {
-        CertKind::Server => ExtendedKeyUsagePurpose::ServerAuth,
-        CertKind::Client => ExtendedKeyUsagePurpose::ClientAuth,
-    }];
+    // A collector's (server) certificate is also its client certificate
+    // towards the other collectors (forwarded live lookups, `peers.rs`).
+    params.extended_key_usages = match spec.kind {
+        CertKind::Server => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        CertKind::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
     params.use_authority_key_identifier_extension = true;
     validity(&mut params, spec.days);
     let key = KeyPair::generate()?;
@@ -188,7 +193,8 @@ pub fn issue(ca: &CertPair, spec: &IssueSpec) -> Result<CertPair, CertError> {
     })
 }
 
-fn first_cert_der(pem: &str) -> Option<Vec<u8>> {
+/// The DER bytes of the first certificate in a PEM text, if any.
+pub(crate) fn first_cert_der(pem: &str) -> Option<Vec<u8>> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .flatten()
         .next()

@@ -20,6 +20,45 @@ pub struct Config {
     pub lookup: LookupConfig,
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// Several collectors on one ClickHouse database (`peers.rs`): present
+    /// turns replicas on; needs `storage.backend: clickhouse`.
+    #[serde(default)]
+    pub replicas: Option<ReplicasConfig>,
+}
+
+/// The `replicas` section: this collector's name and address among its
+/// peers, and the lease timing (see `crate::peers`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicasConfig {
+    /// This collector's id in the lease table: `$HOSTNAME` (in Kubernetes
+    /// the pod name), else the kernel's host name, when unset.
+    pub collector_id: Option<String>,
+    /// `host:port` the other collectors dial for forwarded lookups (this
+    /// collector's gRPC port): `$POD_IP` (the downward API's
+    /// `status.podIP`) or else the collector id, with the port of
+    /// `grpc.listen_addr`, when unset.
+    pub advertise_addr: Option<String>,
+    /// TLS name the peers' certificates carry (they share this
+    /// collector's): the first DNS name of `grpc.tls.cert_file` when unset.
+    pub peer_server_name: Option<String>,
+    /// A lease not renewed for this long is over (the collector holding
+    /// it is gone), ms.
+    pub lease_ttl_ms: u64,
+    /// How often held leases are renewed and the lease table read, ms.
+    pub renew_interval_ms: u64,
+}
+
+impl Default for ReplicasConfig {
+    fn default() -> Self {
+        ReplicasConfig {
+            collector_id: None,
+            advertise_addr: None,
+            peer_server_name: None,
+            lease_ttl_ms: 15_000,
+            renew_interval_ms: 3_000,
+        }
+    }
 }
 
 /// `kubernetes.enabled`: whether the collector watches Pods to name pod IPs.
@@ -383,6 +422,51 @@ impl ConfigFile for Config {
                 return bad(format!("{key}: must be at least 1, got 0"));
             }
         }
+        if let Some(r) = &self.replicas {
+            if !matches!(self.storage, Storage::ClickHouse(_)) {
+                return bad(
+                    "replicas: needs storage.backend clickhouse (the lease table lives there)"
+                        .into(),
+                );
+            }
+            r.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl ReplicasConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(id) = &self.collector_id {
+            if id.is_empty() || id.len() > 253 {
+                return bad(format!(
+                    "replicas.collector_id: 1-253 characters, got {id:?}"
+                ));
+            }
+        }
+        if let Some(a) = &self.advertise_addr {
+            match a.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                _ => {
+                    return bad(format!(
+                        "replicas.advertise_addr: expected host:port, got {a:?}"
+                    ))
+                }
+            }
+        }
+        if !(1000..=600_000).contains(&self.lease_ttl_ms) {
+            return bad(format!(
+                "replicas.lease_ttl_ms: must be 1000-600000, got {}",
+                self.lease_ttl_ms
+            ));
+        }
+        if self.renew_interval_ms < 100 || self.renew_interval_ms * 2 > self.lease_ttl_ms {
+            return bad(format!(
+                "replicas.renew_interval_ms: must be 100 to half of lease_ttl_ms ({}), got {}",
+                self.lease_ttl_ms, self.renew_interval_ms
+            ));
+        }
         Ok(())
     }
 }
@@ -571,6 +655,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("storage.database"), "{e}");
+    }
+
+    #[test]
+    fn replicas_need_clickhouse_and_sane_lease_timing() {
+        let ch = MIN.replace(
+            "  path: /tmp/x\n",
+            "  backend: clickhouse\n  url: http://127.0.0.1:8123\n",
+        );
+        let c = Config::parse(&format!("{ch}replicas: {{}}\n")).unwrap();
+        assert_eq!(c.replicas, Some(ReplicasConfig::default()));
+        assert_eq!(c.replicas.unwrap().lease_ttl_ms, 15_000);
+        let c = Config::parse(&format!(
+            "{ch}replicas:\n  collector_id: c1\n  advertise_addr: \"198.18.0.1:9359\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.replicas.unwrap().collector_id.as_deref(), Some("c1"));
+        for (bad, key) in [
+            ("replicas:\n  collector: c1\n", "collector"),
+            (
+                "replicas:\n  advertise_addr: nope\n",
+                "replicas.advertise_addr",
+            ),
+            ("replicas:\n  lease_ttl_ms: 10\n", "replicas.lease_ttl_ms"),
+            (
+                "replicas:\n  renew_interval_ms: 9000\n",
+                "replicas.renew_interval_ms",
+            ),
+        ] {
+            let e = Config::parse(&format!("{ch}{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let e = Config::parse(&format!("{MIN}replicas: {{}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replicas") && e.contains("clickhouse"), "{e}");
     }
 
     #[test]

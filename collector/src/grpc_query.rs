@@ -15,6 +15,7 @@ use ctw_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::config::LookupConfig;
+use crate::peers::{self, Peers};
 use crate::pods::{PodAnswer, PodHistory, PodRef};
 use crate::query::{self, Api, Lookup, LookupOutcome, QueryError, SearchInput, ValidSearch};
 use crate::registry::LiveQuery;
@@ -88,6 +89,7 @@ pub fn lookup_from_pb(r: &pb::LookupRequest) -> Result<Lookup, QueryError> {
             zone: query::zone(r.zone.map(u64::from))?,
         },
         node: query::lookup_node(Some(&r.node))?,
+        forwarded_by: None,
     })
 }
 
@@ -172,6 +174,9 @@ pub struct QueryService {
     max_limit: usize,
     /// The pod history (kubernetes on); `None` leaves the pod fields out.
     pods: Option<Arc<PodHistory>>,
+    /// The other collectors (`replicas` on): lookups are forwarded to
+    /// the one holding the agent's stream (not when forwarded here).
+    peers: Option<Arc<Peers>>,
 }
 
 impl std::fmt::Debug for QueryService {
@@ -196,12 +201,18 @@ impl QueryService {
             lookup,
             max_limit,
             pods: None,
+            peers: None,
         }
     }
 
     /// Name pods in the answers from `pods` (kubernetes on).
     pub fn with_pods(self, pods: Option<Arc<PodHistory>>) -> QueryService {
         QueryService { pods, ..self }
+    }
+
+    /// Reach the agents of the other collectors through `peers`.
+    pub fn with_peers(self, peers: Option<Arc<Peers>>) -> QueryService {
+        QueryService { peers, ..self }
     }
 }
 
@@ -213,10 +224,15 @@ impl pb::query_server::Query for QueryService {
     ) -> Result<Response<pb::SearchResponse>, Status> {
         let status = |e: QueryError| e.to_status();
         let q = search_from_pb(request.get_ref(), self.max_limit).map_err(status)?;
-        let result =
-            query::run_search(self.store.clone(), &self.registry, self.pods.as_deref(), &q)
-                .await
-                .map_err(status)?;
+        let result = query::run_search(
+            self.store.clone(),
+            &self.registry,
+            self.peers.as_deref(),
+            self.pods.as_deref(),
+            &q,
+        )
+        .await
+        .map_err(status)?;
         Ok(Response::new(search_response(result, self.pods.as_deref())))
     }
 
@@ -224,11 +240,31 @@ impl pb::query_server::Query for QueryService {
         &self,
         request: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupReply>, Status> {
+        // Forwarded by another collector: answered from our agents only.
+        let forwarded_by = request
+            .metadata()
+            .get(peers::FORWARDED_BY)
+            .map(|v| v.to_str().unwrap_or("?").to_string());
         let req = request.into_inner();
-        let l = lookup_from_pb(&req).map_err(|e| e.to_status())?;
-        let outcome = query::lookup(self.store.clone(), self.registry.clone(), &self.lookup, &l)
-            .await
-            .map_err(|e| e.to_status())?;
+        let mut l = lookup_from_pb(&req).map_err(|e| e.to_status())?;
+        l.forwarded_by = forwarded_by;
+        let outcome = query::lookup(
+            self.store.clone(),
+            self.registry.clone(),
+            self.peers.clone(),
+            &self.lookup,
+            &l,
+        )
+        .await
+        .map_err(|e| e.to_status())?;
+        let zones = match &outcome {
+            LookupOutcome::Found { zones_tried, .. }
+            | LookupOutcome::NotFound { zones_tried, .. } => zones_tried
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        };
         let reply = match outcome {
             LookupOutcome::Found { answer, .. } => pb::LookupReply {
                 request_id: req.request_id,
@@ -250,7 +286,11 @@ impl pb::query_server::Query for QueryService {
                 pod: None,
             },
         };
-        Ok(Response::new(reply))
+        let mut resp = Response::new(reply);
+        if let Ok(v) = zones.parse() {
+            resp.metadata_mut().insert(peers::ZONES_TRIED, v);
+        }
+        Ok(resp)
     }
 }
 

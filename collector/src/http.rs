@@ -29,6 +29,7 @@ use crate::answer;
 use crate::auth::Token;
 use crate::config::LookupConfig;
 use crate::metrics::Metrics;
+use crate::peers::{self, Peers};
 use crate::pods::PodHistory;
 use crate::query::{self, Lookup, LookupOutcome, QueryError};
 use crate::registry::Registry;
@@ -50,6 +51,10 @@ pub struct AppState {
     /// The pod history (kubernetes on): answers carry `pod` and its
     /// fields; `None` leaves them out.
     pub pods: Option<Arc<PodHistory>>,
+    /// The other collectors on the same database (`replicas` on): live
+    /// lookups reach agents streaming to them, `/api/v1/agents` lists
+    /// every agent of the cluster. `None`: this collector alone.
+    pub peers: Option<Arc<Peers>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -216,7 +221,14 @@ async fn connections(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Pa
         Ok(q) => q,
         Err(e) => return query_error(&e),
     };
-    let res = query::run_search(s.store.clone(), &s.registry, s.pods.as_deref(), &search).await;
+    let res = query::run_search(
+        s.store.clone(),
+        &s.registry,
+        s.peers.as_deref(),
+        s.pods.as_deref(),
+        &search,
+    )
+    .await;
     match res {
         Ok(res) => Json(answer::search(&res, &search.query, s.pods.as_deref())).into_response(),
         Err(e) => query_error(&e),
@@ -232,7 +244,15 @@ async fn live_query(State(s): State<Arc<AppState>>, uri: axum::http::Uri, p: Par
         Ok(l) => l,
         Err(e) => return query_error(&e),
     };
-    match query::lookup(s.store.clone(), s.registry.clone(), &s.lookup, &l).await {
+    match query::lookup(
+        s.store.clone(),
+        s.registry.clone(),
+        s.peers.clone(),
+        &s.lookup,
+        &l,
+    )
+    .await
+    {
         Ok(LookupOutcome::Found {
             answer,
             zones_tried,
@@ -280,7 +300,15 @@ async fn resolve_lines(
         Err(e) => return query_error(&e),
     };
     drop(body);
-    match resolve::resolve(s.store.clone(), s.registry.clone(), s.pods.clone(), req).await {
+    match resolve::resolve(
+        s.store.clone(),
+        s.registry.clone(),
+        s.peers.clone(),
+        s.pods.clone(),
+        req,
+    )
+    .await
+    {
         Ok(v) => Json(v).into_response(),
         Err(e) => query_error(&e),
     }
@@ -288,7 +316,7 @@ async fn resolve_lines(
 
 async fn agents(State(s): State<Arc<AppState>>) -> Response {
     Json(AgentsAnswer {
-        agents: s.registry.agents(),
+        agents: peers::agents(&s.registry, s.peers.as_deref()),
     })
     .into_response()
 }

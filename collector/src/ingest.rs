@@ -85,6 +85,9 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// The pod history (kubernetes on): Query answers name pods.
     pub pods: Option<Arc<PodHistory>>,
+    /// The other collectors (`replicas` on): Query lookups reach their
+    /// agents.
+    pub peers: Option<Arc<crate::peers::Peers>>,
 }
 
 impl Default for ServeOptions {
@@ -97,16 +100,17 @@ impl Default for ServeOptions {
             hello_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             pods: None,
+            peers: None,
         }
     }
 }
 
 /// Bind `cfg.listen_addr` and serve Ingest and Query with mTLS until
-/// `shutdown` completes.
+/// `shutdown` completes (`opts`: lookups, pod history, peers; the rest
+/// of its fields are overridden with the production defaults).
 pub async fn serve(
     cfg: &GrpcConfig,
-    lookup: &LookupConfig,
-    pods: Option<Arc<PodHistory>>,
+    opts: ServeOptions,
     store: Arc<dyn RecordStore>,
     registry: Arc<Registry>,
     metrics: Metrics,
@@ -121,8 +125,9 @@ pub async fn serve(
         .with_context(|| format!("grpc.listen_addr: cannot listen on {addr}"))?;
     tracing::info!(%addr, "gRPC (mTLS) listening");
     let opts = ServeOptions {
-        lookup: lookup.clone(),
-        pods,
+        lookup: opts.lookup,
+        pods: opts.pods,
+        peers: opts.peers,
         ..ServeOptions::default()
     };
     serve_on(listener, &cfg.tls, opts, store, registry, metrics, shutdown).await
@@ -164,7 +169,8 @@ pub async fn serve_on(
     )
     .with_pods(opts.pods.clone());
     let query = QueryService::new(store, registry, opts.lookup.clone(), opts.max_limit)
-        .with_pods(opts.pods.clone());
+        .with_pods(opts.pods.clone())
+        .with_peers(opts.peers.clone());
     let signal = async move {
         shutdown.await;
         let _ = stop_tx.send(true);

@@ -10,6 +10,7 @@ pub mod grpc_query;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod peers;
 pub mod pods;
 pub mod query;
 pub mod registry;

@@ -12,6 +12,7 @@ use ctw_collector::config::Config;
 use ctw_collector::config::KubernetesEnabled;
 use ctw_collector::http::{self, AppState};
 use ctw_collector::metrics::Metrics;
+use ctw_collector::peers::{self, Peers, PeersOptions};
 use ctw_collector::pods::{self, PodHistory};
 use ctw_collector::registry::Registry;
 use ctw_collector::store::{self, RecordStore};
@@ -100,6 +101,38 @@ async fn start_pod_watch(
     Ok((task, history))
 }
 
+/// The replicas' lease table and forwarding client (`replicas` set).
+fn start_peers(
+    cfg: &Config,
+    registry: Arc<Registry>,
+    store: Arc<dyn RecordStore>,
+    metrics: Metrics,
+) -> anyhow::Result<Option<Arc<Peers>>> {
+    let (Some(r), ctw_collector::config::Storage::ClickHouse(ch)) = (&cfg.replicas, &cfg.storage)
+    else {
+        return Ok(None);
+    };
+    let me =
+        peers::identity(r, &cfg.grpc.listen_addr, &cfg.grpc.tls).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        collector_id = me.collector_id,
+        advertise_addr = me.advertise_addr,
+        peer_server_name = me.peer_server_name,
+        "collector replicas: leases in ClickHouse"
+    );
+    let opts = PeersOptions {
+        me,
+        lease_ttl: std::time::Duration::from_millis(r.lease_ttl_ms),
+        renew_interval: std::time::Duration::from_millis(r.renew_interval_ms),
+        tls: cfg.grpc.tls.clone(),
+        clickhouse: ch.clone(),
+        forward_timeout: std::time::Duration::from_millis(cfg.lookup.timeout_ms * 2 + 1000),
+    };
+    Ok(Some(Arc::new(
+        Peers::new(opts, registry, store, metrics).map_err(anyhow::Error::msg)?,
+    )))
+}
+
 fn run(cfg: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -115,6 +148,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .set_max(cfg.kubernetes.workload_series_max);
     let store: Arc<dyn RecordStore> = store::open(cfg.storage.backend()).context("storage")?;
     let registry = Arc::new(Registry::new(metrics.clone()));
+    let peers = start_peers(&cfg, registry.clone(), store.clone(), metrics.clone())?;
     let ready = Arc::new(AtomicBool::new(false));
     let http_addr: std::net::SocketAddr = cfg
         .http
@@ -145,7 +179,11 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         } else {
             None
         };
+        let peers_task = peers
+            .clone()
+            .map(|p| tokio::spawn(p.run(stop_rx.clone())));
         let grpc = tokio::spawn({
+            let peers = peers.clone();
             let grpc_cfg = cfg.grpc.clone();
             let lookup = cfg.lookup.clone();
             let store = store.clone() as Arc<dyn RecordStore>;
@@ -154,7 +192,13 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             let pods = pod_watch.as_ref().map(|(_, h)| h.clone());
             let stop = stopped(stop_rx.clone());
             async move {
-                ingest::serve(&grpc_cfg, &lookup, pods, store, registry, metrics, stop).await
+                let opts = ingest::ServeOptions {
+                    lookup,
+                    pods,
+                    peers,
+                    ..ingest::ServeOptions::default()
+                };
+                ingest::serve(&grpc_cfg, opts, store, registry, metrics, stop).await
             }
         });
         let state = Arc::new(AppState {
@@ -166,6 +210,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             lookup: cfg.lookup.clone(),
             ready: ready.clone(),
             pods: pod_watch.as_ref().map(|(_, h)| h.clone()),
+            peers: peers.clone(),
         });
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
@@ -214,6 +259,9 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         .context("gRPC task")?;
         let _ = http.await;
         if let Some((t, _history)) = pod_watch {
+            let _ = t.await;
+        }
+        if let Some(t) = peers_task {
             let _ = t.await;
         }
         grpc_res

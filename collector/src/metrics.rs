@@ -80,6 +80,11 @@ pub struct Metrics {
     pub acks_sent: IntCounter,
     /// Live lookups sent to one agent, by `result` ([`LOOKUP_RESULTS`]).
     pub lookups: IntCounterVec,
+    /// Live lookups forwarded to the collector holding the agent's stream
+    /// (replicas), by `result` ([`LOOKUP_RESULTS`]).
+    pub lookups_forwarded: IntCounterVec,
+    /// Rounds of writing or reading the lease table that failed (replicas).
+    pub lease_errors: IntCounter,
     /// Loss reports received, by `node`.
     pub loss_reports: IntCounterVec,
     /// Events or records agents reported lost, by `node`.
@@ -296,6 +301,17 @@ impl Metrics {
                 "Live lookups sent to one agent, per result",
                 &["result"],
             ),
+            lookups_forwarded: counter_vec(
+                &r,
+                "ctw_collector_lookups_forwarded_total",
+                "Live lookups forwarded to the collector holding the agent's stream, per result",
+                &["result"],
+            ),
+            lease_errors: counter(
+                &r,
+                "ctw_collector_lease_errors_total",
+                "Rounds of writing or reading the replicas' lease table that failed",
+            ),
             loss_reports: counter_vec(
                 &r,
                 "ctw_collector_loss_reports_total",
@@ -401,6 +417,7 @@ impl Metrics {
         }
         for result in LOOKUP_RESULTS {
             m.lookups.with_label_values(&[result]);
+            m.lookups_forwarded.with_label_values(&[result]);
         }
         for w in POD_WATCHES {
             m.pod_watch_failures.with_label_values(&[w]);

@@ -86,6 +86,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::LookupConfig;
+use crate::peers::{self, Peers};
 use crate::pods::{PodFilter, PodHistory};
 use crate::registry::{LiveAnswer, LiveQuery, LookupError, Registry};
 use crate::store::{ConnKind, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
@@ -423,12 +424,13 @@ fn pod_filter(
 pub async fn run_search(
     store: Arc<dyn RecordStore>,
     registry: &Registry,
+    peers: Option<&Peers>,
     pods: Option<&PodHistory>,
     s: &ValidSearch,
 ) -> Result<SearchResult, QueryError> {
     match &s.pods {
-        Some(f) => search_by_pod(store, registry, pods, &s.query, f).await,
-        None => search(store, registry, &s.query).await,
+        Some(f) => search_by_pod(store, registry, peers, pods, &s.query, f).await,
+        None => search(store, registry, peers, &s.query).await,
     }
 }
 
@@ -469,6 +471,7 @@ const MAX_POD_PARAM_LEN: usize = 320;
 pub async fn search_by_pod(
     store: Arc<dyn RecordStore>,
     registry: &Registry,
+    peers: Option<&Peers>,
     pods: Option<&PodHistory>,
     q: &SearchQuery,
     f: &PodFilter,
@@ -531,7 +534,7 @@ pub async fn search_by_pod(
     })
     .await
     .map_err(|e| QueryError::Task(e.to_string()))??;
-    merge_open_gaps(q, &mut res, registry.open_gaps());
+    merge_open_gaps(q, &mut res, peers::open_gaps(registry, peers));
     Ok(res)
 }
 
@@ -606,18 +609,20 @@ pub fn merge_open_gaps(q: &SearchQuery, result: &mut SearchResult, open: Vec<Gap
     }
 }
 
-/// Run a validated search on a blocking thread and add the registry's open
-/// gaps: what both APIs answer.
+/// Run a validated search on a blocking thread and add the open gaps
+/// ([`peers::open_gaps`]: the registry's, or with replicas those of the
+/// agents no collector holds): what both APIs answer.
 pub async fn search(
     store: Arc<dyn RecordStore>,
     registry: &Registry,
+    peers: Option<&Peers>,
     q: &SearchQuery,
 ) -> Result<SearchResult, QueryError> {
     let q2 = q.clone();
     let mut res = tokio::task::spawn_blocking(move || store.search(&q2))
         .await
         .map_err(|e| QueryError::Task(e.to_string()))??;
-    merge_open_gaps(q, &mut res, registry.open_gaps());
+    merge_open_gaps(q, &mut res, peers::open_gaps(registry, peers));
     Ok(res)
 }
 
@@ -634,6 +639,10 @@ pub struct Lookup {
     pub query: LiveQuery,
     /// Ask only this node's agent.
     pub node: Option<String>,
+    /// The collector that forwarded this lookup (gRPC metadata
+    /// [`peers::FORWARDED_BY`]): it is answered from this collector's own
+    /// agents and never forwarded again (the loop guard).
+    pub forwarded_by: Option<String>,
 }
 
 /// The parameters `GET /api/v1/conntrack/query` accepts.
@@ -674,6 +683,7 @@ impl Lookup {
         Ok(Lookup {
             query: api::parse_live(params)?,
             node: lookup_node(api::param(params, "node"))?,
+            forwarded_by: None,
         })
     }
 
@@ -719,13 +729,19 @@ pub enum LookupOutcome {
 pub async fn lookup(
     store: Arc<dyn RecordStore>,
     registry: Arc<Registry>,
+    peers: Option<Arc<Peers>>,
     cfg: &LookupConfig,
     l: &Lookup,
 ) -> Result<LookupOutcome, QueryError> {
-    if l.node.is_none() && registry.connected_nodes().is_empty() {
+    let agents = Agents {
+        registry,
+        // The loop guard: a forwarded lookup is answered here or not at all.
+        peers: peers.filter(|_| l.forwarded_by.is_none()),
+    };
+    if l.node.is_none() && agents.connected_nodes().is_empty() {
         return Err(QueryError::NoAgent);
     }
-    let routed = route_lookup(store, registry, l.query, l.node.as_deref(), cfg)
+    let routed = route_lookup(store, agents, l.query, l.node.as_deref(), cfg)
         .await
         .map_err(QueryError::Lookup)?;
     if let Some(answer) = routed.answer {
@@ -815,11 +831,64 @@ async fn lookup_in_zones(
     (Ok(None), tried)
 }
 
+/// The agents a lookup may ask: those streaming to this collector and,
+/// with replicas (and unless the lookup was forwarded here), those whose
+/// streams other collectors hold, asked through them ([`Peers::forward`]).
+#[derive(Debug, Clone)]
+pub struct Agents {
+    pub registry: Arc<Registry>,
+    pub peers: Option<Arc<Peers>>,
+}
+
+impl Agents {
+    /// Connected nodes: local ones first, then those held elsewhere.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let mut n = self.registry.connected_nodes();
+        if let Some(p) = &self.peers {
+            n.extend(p.remote_nodes());
+        }
+        n
+    }
+
+    fn is_connected(&self, node: &str) -> bool {
+        self.registry.is_connected(node)
+            || self
+                .peers
+                .as_ref()
+                .is_some_and(|p| p.remote_holder(node).is_some())
+    }
+
+    fn node_owning(&self, ip: IpAddr) -> Option<String> {
+        self.registry
+            .node_owning(ip)
+            .or_else(|| self.peers.as_ref()?.remote_node_owning(ip))
+    }
+
+    /// Ask `node`: its agent here, or the collector holding its stream.
+    async fn ask(
+        &self,
+        node: &str,
+        q: LiveQuery,
+        timeout: Duration,
+    ) -> (Result<Option<LiveAnswer>, LookupError>, Vec<u16>) {
+        if !self.registry.is_connected(node) {
+            if let Some((p, lease)) = self
+                .peers
+                .as_ref()
+                .and_then(|p| Some((p, p.remote_holder(node)?)))
+            {
+                return p.forward(&lease, q).await;
+            }
+        }
+        lookup_in_zones(&self.registry, node, q, timeout).await
+    }
+}
+
 /// Ask the right agent(s) for a live entry (routing in the module docs).
 /// `Err` only when `node` is given and that agent fails.
 pub async fn route_lookup(
     store: Arc<dyn RecordStore>,
-    registry: Arc<Registry>,
+    agents: Agents,
     q: LiveQuery,
     node: Option<&str>,
     cfg: &LookupConfig,
@@ -831,8 +900,9 @@ pub async fn route_lookup(
         failed: Vec::new(),
         zones_tried: Vec::new(),
     };
+    let registry = agents.registry.clone();
     if let Some(node) = node {
-        let (r, tried) = lookup_in_zones(&registry, node, q, timeout).await;
+        let (r, tried) = agents.ask(node, q, timeout).await;
         out.zones_tried = tried;
         match r? {
             Some(a) => out.answer = Some(a),
@@ -857,8 +927,8 @@ pub async fn route_lookup(
     } else {
         q.tuple.src
     };
-    if let Some(owner) = registry.node_owning(owner_ip) {
-        let (r, tried) = lookup_in_zones(&registry, &owner, q, timeout).await;
+    if let Some(owner) = agents.node_owning(owner_ip) {
+        let (r, tried) = agents.ask(&owner, q, timeout).await;
         out.zones_tried = tried;
         match r {
             Ok(Some(a)) => out.answer = Some(a),
@@ -870,9 +940,9 @@ pub async fn route_lookup(
         }
     }
     let mut asked: Vec<String> = out.failed.iter().map(|(n, _)| n.clone()).collect();
-    if let Some(n) = indexed.filter(|n| !asked.contains(n) && registry.is_connected(n)) {
+    if let Some(n) = indexed.filter(|n| !asked.contains(n) && agents.is_connected(n)) {
         asked.push(n.clone());
-        let (r, tried) = lookup_in_zones(&registry, &n, q, timeout).await;
+        let (r, tried) = agents.ask(&n, q, timeout).await;
         out.zones_tried = tried;
         match r {
             Ok(Some(a)) => {
@@ -885,14 +955,14 @@ pub async fn route_lookup(
     }
     let sem = Arc::new(Semaphore::new(cfg.max_concurrency.max(1)));
     let mut tasks = JoinSet::new();
-    for n in registry.connected_nodes() {
+    for n in agents.connected_nodes() {
         if asked.contains(&n) {
             continue;
         }
-        let (registry, sem) = (registry.clone(), sem.clone());
+        let (agents, sem) = (agents.clone(), sem.clone());
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let (r, tried) = lookup_in_zones(&registry, &n, q, timeout).await;
+            let (r, tried) = agents.ask(&n, q, timeout).await;
             (n, r, tried)
         });
     }
@@ -998,6 +1068,93 @@ mod tests {
         }
         let e = QueryError::Lookup(LookupError::NotConnected("a".into()));
         assert_eq!(e.parameter(), Some("node"));
+    }
+
+    /// A lookup forwarded here is never forwarded again: for a node that
+    /// another collector holds it answers "not connected" instead.
+    #[tokio::test]
+    async fn a_forwarded_lookup_is_not_forwarded_again() {
+        use crate::metrics::Metrics;
+        use crate::peers::{Lease, PeerIdentity, Peers, PeersOptions};
+        use ctw_common::{Protocol, Tuple};
+        let registry = Arc::new(Registry::new(Metrics::new()));
+        let now = ctw_common::now_ns();
+        let opts = PeersOptions {
+            me: PeerIdentity {
+                collector_id: "c1".into(),
+                advertise_addr: "127.0.0.1:9359".into(),
+                peer_server_name: "collector".into(),
+            },
+            lease_ttl: Duration::from_secs(15),
+            renew_interval: Duration::from_secs(3),
+            tls: crate::config::TlsFiles {
+                ca_file: "/nonexistent/ca.pem".into(),
+                cert_file: "/nonexistent/c.pem".into(),
+                key_file: "/nonexistent/k.pem".into(),
+            },
+            clickhouse: serde_yaml::from_str("{}").unwrap(),
+            forward_timeout: Duration::from_secs(1),
+        };
+        // Node a streams to collector c2 (by its lease).
+        let lease = Lease {
+            node: "a".into(),
+            collector_id: "c2".into(),
+            grpc_addr: "127.0.0.1:1".into(),
+            boot_id: "b".into(),
+            connected_ns: now - 1_000_000_000,
+            expires_ns: now + 60_000_000_000,
+            updated_ns: now,
+            info: String::new(),
+        };
+        let peers = Arc::new(Peers::with_leases(opts, registry.clone(), vec![lease]));
+        let store: Arc<dyn RecordStore> = Arc::new(crate::store::MemStore::default());
+        let mut l = Lookup {
+            query: LiveQuery {
+                protocol: Protocol::Tcp,
+                tuple: Tuple {
+                    src: "198.19.0.2".parse().unwrap(),
+                    dst: "198.19.0.1".parse().unwrap(),
+                    src_port: 80,
+                    dst_port: 1024,
+                },
+                reply_tuple: true,
+                zone: None,
+            },
+            node: Some("a".into()),
+            forwarded_by: Some("c2".into()),
+        };
+        let cfg = LookupConfig::default();
+        let lookup = |l: Lookup| {
+            let (store, registry, peers, cfg) =
+                (store.clone(), registry.clone(), peers.clone(), cfg.clone());
+            async move { lookup(store, registry, Some(peers), &cfg, &l).await }
+        };
+        // Forwarded here: only our own agents count (none).
+        match lookup(l.clone()).await {
+            Err(QueryError::Lookup(LookupError::NotConnected(n))) => assert_eq!(n, "a"),
+            other => panic!("{other:?}"),
+        }
+        l.node = None;
+        assert!(matches!(lookup(l.clone()).await, Err(QueryError::NoAgent)));
+        // Asked here first: it goes to c2 (unreachable here: its TLS files
+        // do not exist), and the error names c2.
+        l.forwarded_by = None;
+        l.node = Some("a".into());
+        match lookup(l.clone()).await {
+            Err(QueryError::Lookup(LookupError::Agent(m))) => assert!(m.contains("c2"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Without a node, c2's agent is among those asked.
+        l.node = None;
+        match lookup(l).await {
+            Err(QueryError::Unanswered { failures, .. }) => {
+                assert!(
+                    failures[0].starts_with("a: ") && failures[0].contains("c2"),
+                    "{failures:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -357,6 +357,7 @@ impl Registry {
                 loss_reports: a.loss_reports,
                 events_lost: a.events_lost,
                 connections: a.connections,
+                collector: None,
             })
             .collect()
     }

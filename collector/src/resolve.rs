@@ -54,7 +54,7 @@ use serde_json::{Map, Value};
 use crate::answer;
 use crate::pods::PodHistory;
 use crate::query::{merge_open_gaps, QueryError};
-use crate::registry::Registry;
+use crate::registry::{AgentInfo, Registry};
 use crate::store::{alive_in, Gap, Hit, RecordStore, SearchQuery, SearchResult, StoreError};
 
 pub use ctw_common::nginx::{
@@ -435,7 +435,7 @@ fn candidate(
 /// One line's answer (the search runs here, on a blocking thread).
 fn resolve_line(
     store: &dyn RecordStore,
-    registry: &Registry,
+    agents: &[AgentInfo],
     pods: Option<&PodHistory>,
     req: &Request,
     open_gaps: &[Gap],
@@ -489,7 +489,7 @@ fn resolve_line(
     let mut note: Option<String> = None;
     let mut owner: Option<String> = None;
     if candidates == 0 {
-        if let Some(node) = registry.node_owning_any(parsed.remote_addr) {
+        if let Some(node) = crate::peers::node_owning_any(agents, parsed.remote_addr) {
             if !node_observed(store, caches, &node, parsed.remote_addr, at, req.window_ns)? {
                 status = "not_observed";
                 note = Some(format!(
@@ -591,10 +591,14 @@ fn fmt_duration(ns: u64) -> String {
 pub async fn resolve(
     store: Arc<dyn RecordStore>,
     registry: Arc<Registry>,
+    peers: Option<Arc<crate::peers::Peers>>,
     pods: Option<Arc<PodHistory>>,
     req: Arc<Request>,
 ) -> Result<ResolveAnswer, QueryError> {
-    let open_gaps = Arc::new(registry.open_gaps());
+    let open_gaps = Arc::new(crate::peers::open_gaps(&registry, peers.as_deref()));
+    // The agents of the cluster (with replicas, also those streaming to
+    // other collectors): who owns a line's address.
+    let agents = Arc::new(crate::peers::agents(&registry, peers.as_deref()));
     let n = req.lines.len();
     // Contiguous slices over a few blocking threads; order is kept.
     let workers = std::thread::available_parallelism()
@@ -605,14 +609,14 @@ pub async fn resolve(
     let mut tasks = Vec::new();
     for start in (0..n).step_by(chunk) {
         let (store, req, gaps) = (store.clone(), req.clone(), open_gaps.clone());
-        let (registry, pods) = (registry.clone(), pods.clone());
+        let (agents, pods) = (agents.clone(), pods.clone());
         tasks.push(tokio::task::spawn_blocking(move || {
             let mut caches = Caches::default();
             (start..(start + chunk).min(n))
                 .map(|i| {
                     resolve_line(
                         store.as_ref(),
-                        &registry,
+                        &agents,
                         pods.as_deref(),
                         &req,
                         &gaps,
@@ -789,7 +793,9 @@ mod tests {
         });
         let req = parse_request(body.to_string().as_bytes()).unwrap();
         let registry = Arc::new(Registry::new(crate::metrics::Metrics::new()));
-        let answer = resolve(store, registry, None, Arc::new(req)).await.unwrap();
+        let answer = resolve(store, registry, None, None, Arc::new(req))
+            .await
+            .unwrap();
         expect_test::expect![[r#"
             {
               "log_format": "$remote_addr $remote_port $msec",

@@ -625,6 +625,10 @@ pub struct AgentInfo {
     pub events_lost: u64,
     /// Streams this agent opened since the collector started.
     pub connections: u64,
+    /// With collector replicas: the id of the collector holding the
+    /// agent's stream (absent when none does, and without replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<String>,
 }
 
 /// `/healthz` (`ok`) and `/readyz` (`ready`).

@@ -24,6 +24,9 @@ pub struct Collector {
     pub addr: Ipv4Addr,
     pub dir: PathBuf,
     pub token: String,
+    /// HTTP port on the loopback of `ns` ([`HTTP_PORT`] unless a replica
+    /// shares the namespace).
+    pub http_port: u16,
     cfg: PathBuf,
 }
 
@@ -68,6 +71,49 @@ impl Collector {
         let dir = topo.tmp_dir().join("collector");
         std::fs::create_dir_all(&dir).expect("collector dir");
         certs(&dir, &["init-ca"]);
+        Collector::configure(
+            topo,
+            ns,
+            addr,
+            dir,
+            HTTP_PORT,
+            storage_yaml,
+            extra_storage_yaml,
+        )
+    }
+
+    /// Another collector (a replica) in namespace `ns` at `addr` (an
+    /// address of that namespace), HTTP on `http_port`, with a server
+    /// certificate from this collector's CA and the same token; agents'
+    /// certificates issued by either are accepted by both. `storage_yaml`
+    /// and `extra_yaml` as for [`start_with_storage`](Self::start_with_storage).
+    pub fn start_replica(
+        &self,
+        topo: &mut Topology,
+        ns: &str,
+        addr: Ipv4Addr,
+        http_port: u16,
+        storage_yaml: Option<&str>,
+        extra_yaml: &str,
+    ) -> Collector {
+        let dir = topo.tmp_dir().join(format!("collector-{addr}"));
+        std::fs::create_dir_all(dir.join("tls")).expect("replica dir");
+        for f in ["ca.pem", "ca-key.pem"] {
+            std::fs::copy(self.dir.join("tls").join(f), dir.join("tls").join(f))
+                .expect("copy the CA");
+        }
+        Collector::configure(topo, ns, addr, dir, http_port, storage_yaml, extra_yaml)
+    }
+
+    fn configure(
+        topo: &mut Topology,
+        ns: &str,
+        addr: Ipv4Addr,
+        dir: PathBuf,
+        http_port: u16,
+        storage_yaml: Option<&str>,
+        extra_storage_yaml: &str,
+    ) -> Collector {
         certs(
             &dir,
             &[
@@ -90,7 +136,7 @@ impl Collector {
             None => format!("  path: {d}/index\n  commit_interval_ms: 200\n"),
         };
         let yaml = format!(
-            "grpc:\n  listen_addr: \"{addr}:{GRPC_PORT}\"\n  tls:\n    ca_file: {d}/tls/ca.pem\n    cert_file: {d}/tls/collector.pem\n    key_file: {d}/tls/collector-key.pem\nhttp:\n  listen_addr: \"127.0.0.1:{HTTP_PORT}\"\n  token_file: {d}/token\nstorage:\n{storage}{extra_storage_yaml}\n"
+            "grpc:\n  listen_addr: \"{addr}:{GRPC_PORT}\"\n  tls:\n    ca_file: {d}/tls/ca.pem\n    cert_file: {d}/tls/collector.pem\n    key_file: {d}/tls/collector-key.pem\nhttp:\n  listen_addr: \"127.0.0.1:{http_port}\"\n  token_file: {d}/token\nstorage:\n{storage}{extra_storage_yaml}\n"
         );
         let cfg = dir.join("collector.yaml");
         std::fs::write(&cfg, yaml).expect("collector config");
@@ -100,6 +146,7 @@ impl Collector {
             addr,
             dir,
             token,
+            http_port,
             cfg,
         };
         c.launch(topo);
@@ -174,7 +221,7 @@ impl Collector {
         let file = tmp.join(format!("post-{}.json", std::process::id()));
         std::fs::write(&file, serde_json::to_vec(body).expect("serialize body"))
             .expect("write body");
-        let url = format!("http://127.0.0.1:{HTTP_PORT}{path}");
+        let url = format!("http://127.0.0.1:{}{path}", self.http_port);
         let auth = format!("Authorization: Bearer {}", self.token);
         let data = format!("@{}", file.display());
         let out = run_in(
@@ -203,7 +250,7 @@ impl Collector {
     }
 
     fn request(&self, path: &str, token: Option<&str>) -> (u16, String) {
-        let url = format!("http://127.0.0.1:{HTTP_PORT}{path}");
+        let url = format!("http://127.0.0.1:{}{path}", self.http_port);
         let auth = token.map(|t| format!("Authorization: Bearer {t}"));
         let mut argv = vec![
             "curl",

@@ -104,6 +104,7 @@ pub fn state_with(
         lookup: LookupConfig::default(),
         ready: Arc::new(AtomicBool::new(true)),
         pods: None,
+        peers: None,
     })
 }
 

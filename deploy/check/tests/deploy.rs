@@ -389,6 +389,10 @@ fn configmap_sources_equal_the_example_configs() {
             "kubernetes/base/config/collector.yaml",
             "config/collector-kubernetes.yaml",
         ),
+        (
+            "kubernetes/clickhouse/config/collector.yaml",
+            "config/collector-kubernetes-clickhouse.yaml",
+        ),
     ] {
         assert_eq!(
             read(&deploy().join(copy)),
@@ -568,7 +572,7 @@ fn config_paths_match_the_mounts() {
 #[test]
 fn kustomizations_name_existing_files() {
     let k8s = deploy().join("kubernetes");
-    for dir in ["base", "cert-manager", "static-certs"] {
+    for dir in ["base", "cert-manager", "static-certs", "clickhouse"] {
         let kust = &yaml_docs(&k8s.join(dir).join("kustomization.yaml"))[0];
         assert_eq!(s(kust, "namespace"), "conntrack-watch", "{dir}");
         let mut files: Vec<String> = Vec::new();
@@ -755,8 +759,92 @@ fn cert_manager_overlay_builds() {
     }
     let coll = kind(&docs, "Certificate", "ctw-collector");
     assert_eq!(s(coll, "spec.secretName"), "ctw-collector-tls");
+    // Replicas use it as client certificate towards each other too.
+    for u in ["server auth", "client auth"] {
+        assert!(seq(coll, "spec.usages").contains(&Value::from(u)), "{u}");
+    }
     assert!(seq(coll, "spec.dnsNames").contains(&Value::from("ctw-collector.conntrack-watch.svc")));
     kind(&docs, "Issuer", "ctw-ca-issuer");
+}
+
+/// The replicas overlay: the collector as a Deployment of 2+ pods without
+/// a volume claim, its pod IP (downward API) as `POD_IP` for
+/// `replicas.advertise_addr`, the ClickHouse config and password Secret
+/// mounted where the config names them; the rest as the cert-manager
+/// overlay renders it.
+#[test]
+fn clickhouse_overlay_builds() {
+    if !have("kubectl") {
+        return skip("clickhouse_overlay_builds", "kubectl is not installed");
+    }
+    let docs = build_overlay("cert-manager", "clickhouse", None);
+    check_rendered(&docs);
+    assert!(
+        !docs.iter().any(|d| s(d, "kind") == "StatefulSet"
+            || s(d, "kind") == "PersistentVolumeClaim"
+            || d["metadata"]["name"].as_str() == Some("ctw-collector-headless")),
+        "no StatefulSet, claim or headless Service"
+    );
+    let dep = kind(&docs, "Deployment", "ctw-collector");
+    assert!(at(dep, "spec.replicas").as_u64().unwrap() >= 2);
+    let pod = at(dep, "spec.template.spec");
+    let c = find(seq(pod, "containers"), "name", "collector");
+    let env = find(seq(c, "env"), "name", "POD_IP");
+    assert_eq!(s(env, "valueFrom.fieldRef.fieldPath"), "status.podIP");
+    assert_eq!(s(c, "readinessProbe.httpGet.path"), "/readyz");
+    let volumes = seq(pod, "volumes");
+    for v in volumes {
+        assert!(
+            v["persistentVolumeClaim"].is_null() && v["hostPath"].is_null(),
+            "no persistent volume: {v:?}"
+        );
+    }
+    assert_eq!(
+        s(find(volumes, "name", "clickhouse"), "secret.secretName"),
+        "ctw-clickhouse"
+    );
+    // The replaced ConfigMap is the one mounted, with the example's text.
+    let cm = docs
+        .iter()
+        .find(|d| {
+            s(d, "kind") == "ConfigMap"
+                && s(d, "metadata.name").starts_with("ctw-collector-config-")
+        })
+        .expect("collector ConfigMap");
+    assert_eq!(
+        s(find(volumes, "name", "config"), "configMap.name"),
+        s(cm, "metadata.name")
+    );
+    let text = read(&root().join("config/collector-kubernetes-clickhouse.yaml"));
+    assert_eq!(
+        at(cm, "data")["collector.yaml"].as_str(),
+        Some(text.as_str())
+    );
+    let cfg = &yaml_docs_str(&text, "collector-kubernetes-clickhouse.yaml")[0];
+    assert_eq!(s(cfg, "storage.backend"), "clickhouse");
+    assert!(cfg["replicas"].is_mapping(), "replicas on");
+    // No fixed id or address: each pod's own ($HOSTNAME, $POD_IP).
+    assert!(cfg["replicas"]["collector_id"].is_null());
+    assert!(cfg["replicas"]["advertise_addr"].is_null());
+    for (key, mount) in [
+        ("storage.password_file", "clickhouse"),
+        ("http.token_file", "token"),
+        ("grpc.tls.cert_file", "tls"),
+        ("grpc.tls.key_file", "tls"),
+        ("grpc.tls.ca_file", "tls"),
+        ("kubernetes.history_dir", "pods"),
+    ] {
+        assert!(under(s(cfg, key), mount_of(c, mount)), "{key}");
+    }
+    assert!(s(cfg, "storage.password_file").ends_with("/password"));
+    let coll = kind(&docs, "Certificate", "ctw-collector");
+    assert!(seq(coll, "spec.usages").contains(&Value::from("client auth")));
+    // Agents dial the Service, which picks any replica.
+    let svc = kind(&docs, "Service", "ctw-collector");
+    assert_eq!(
+        at(svc, "spec.selector")["app.kubernetes.io/name"].as_str(),
+        at(dep, "spec.template.metadata.labels")["app.kubernetes.io/name"].as_str()
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 // "Agents" page: every agent the collector knows, connected or not, with
-// addresses, lag, last batch and loss counters. Disconnected agents and
+// addresses, lag, last batch and loss counters (with collector replicas,
+// every agent of the cluster and the collector holding its stream). Disconnected agents and
 // agents that lost events are highlighted. Refreshes every 5 s while shown.
 // A connected agent with no batch for IDLE_MS is "idle": its stream is up
 // (the collector's HTTP/2 keepalive pings it every 30 s and drops it after
@@ -82,7 +83,9 @@ function render(agents) {
     const idleBadge = quiet ? badge('ok', 'idle', `stream connected, no batch for over ${IDLE_MS / 1000} s: nothing to send`) : null;
     const lastBatch = a.last_batch_at ? `last batch ${fmtTime(a.last_batch_at)}` : 'no batch yet';
     const stream = a.connected
-      ? [`connected since ${fmtTime(a.connected_since)}`, el('span', { class: 'reason' }, quiet ? `idle: ${lastBatch}` : lastBatch)]
+      ? [`connected since ${fmtTime(a.connected_since)}`, el('span', { class: 'reason' }, quiet ? `idle: ${lastBatch}` : lastBatch),
+         // Collector replicas: the collector holding the agent's stream.
+         a.collector ? el('span', { class: 'reason', 'data-collector': a.collector }, `via collector ${a.collector}`) : null]
       : [`disconnected since ${fmtTime(a.disconnected_since)}`, el('span', { class: 'reason' }, `last seen ${fmtTime(a.last_seen)}`)];
     return el(
       'tr',

@@ -1,0 +1,924 @@
+//! Collector replicas on one ClickHouse database (`replicas` in the
+//! config): who holds which agent's stream, and live lookups forwarded to
+//! that collector.
+//!
+//! # Leases
+//!
+//! Each collector writes, for every agent streaming to it, a lease row to
+//! `ctw_leases` in the store's ClickHouse database: (node, collector id,
+//! the collector's advertised gRPC address, the agent's boot id, when the
+//! stream started, when the lease expires, when it was written, and the
+//! collector's view of the agent as the JSON of
+//! [`AgentInfo`]). It writes them at once when a stream starts or ends
+//! (an ended stream's lease expires at once) and renews them every
+//! `replicas.renew_interval_ms` with an expiry of `lease_ttl_ms` ahead;
+//! it reads the whole table back at the same pace (one row per node and
+//! collector: `ReplacingMergeTree` keeps the newest, reads take `argMax`).
+//!
+//! The holder of a node's stream ([`holder`]) is, among its unexpired
+//! leases, the one whose stream started last: an agent that reconnects to
+//! another collector is taken over by that collector at once, even while
+//! the one it left (half-open stream, dead process) has not yet noticed or
+//! its lease has not yet expired. A collector killed with SIGKILL stops
+//! renewing; its leases end after `lease_ttl_ms`. Times are the
+//! collectors' wall clocks (keep them in sync, as for the records).
+//!
+//! Why a table in ClickHouse and not a headless Service: the collectors
+//! already share the database (nothing more to run or to grant), the
+//! table works outside Kubernetes (systemd, several hosts), and it says
+//! which collector holds which node — DNS would list the collectors but
+//! not who holds a stream (every collector would have to be asked).
+//!
+//! # Forwarded lookups
+//!
+//! A live lookup for a node whose stream another collector holds goes to
+//! that collector's `Query.Lookup` over mTLS gRPC (the collector's own
+//! certificate as client certificate, its CA, and `peer_server_name` as
+//! the name the peer's certificate must carry), naming the node. The
+//! request carries the metadata [`FORWARDED_BY`] (the sender's id): a
+//! collector answers such a request from its own agents only and never
+//! forwards it again (the loop guard; two collectors whose lease views
+//! disagree answer "not connected" instead of bouncing the lookup). The
+//! reply's [`ZONES_TRIED`] metadata says which zones the holder asked.
+//!
+//! # The cluster's agents and open gaps
+//!
+//! [`agents`] lists every node of the lease table and of the local
+//! registry, with `collector` naming the holder (absent when none holds
+//! it; the agent is then disconnected since its last lease was written).
+//! [`open_gaps`] gives an `agent_disconnected` gap for exactly those nodes
+//! no collector holds, so every collector answers `complete` alike. While
+//! the lease table cannot be read for longer than `lease_ttl_ms`, both
+//! fall back to the local registry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ctw_common::{now_ns, ConnRecord};
+use ctw_proto::pb;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::{ReplicasConfig, TlsFiles};
+use crate::metrics::Metrics;
+use crate::registry::{AgentInfo, LiveAnswer, LiveQuery, LookupError, Registry};
+use crate::store::clickhouse::ClickHouseOptions;
+use crate::store::{Gap, RecordStore};
+
+/// The lease table (in the store's database).
+pub const LEASES: &str = "ctw_leases";
+/// gRPC metadata on a forwarded lookup: the forwarding collector's id.
+pub const FORWARDED_BY: &str = "ctw-forwarded-by";
+/// gRPC metadata on a `Query.Lookup` answer: the zones asked, `0,3`.
+pub const ZONES_TRIED: &str = "ctw-zones-tried";
+/// How often the local registry is checked for streams that started or
+/// ended (their leases are written at once).
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
+/// One lease: a collector's claim on a node's stream (see the module docs).
+/// Times in ns since the epoch.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct Lease {
+    pub node: String,
+    pub collector_id: String,
+    /// `host:port` of the collector's gRPC (mTLS) listener.
+    pub grpc_addr: String,
+    pub boot_id: String,
+    /// When the stream started (the collector's clock).
+    pub connected_ns: u64,
+    /// The lease holds until then; a released lease has `expires_ns ==
+    /// updated_ns`.
+    pub expires_ns: u64,
+    /// When this row was written.
+    pub updated_ns: u64,
+    /// The collector's [`AgentInfo`] of the agent, as JSON.
+    pub info: String,
+}
+
+impl Lease {
+    fn agent_info(&self) -> Option<AgentInfo> {
+        serde_json::from_str(&self.info).ok()
+    }
+}
+
+/// The lease that holds `node`'s stream at `now`: among the node's
+/// unexpired leases, the one whose stream started last (then the newest
+/// written). `None`: no collector holds it.
+pub fn holder<'a>(leases: &'a [Lease], node: &str, now: u64) -> Option<&'a Lease> {
+    leases
+        .iter()
+        .filter(|l| l.node == node && l.expires_ns > now)
+        .max_by_key(|l| (l.connected_ns, l.updated_ns))
+}
+
+/// The `agent_restarted` gap of `a`'s stream that started on this
+/// collector at `connected_ns`, from the lease table as it was before: the
+/// node's newest lease written before the stream started names another
+/// boot id, so the agent restarted since (capture was down): a gap from
+/// that lease's last write to the stream's start. `None` when this
+/// collector had seen the agent before (`connections > 1`: the registry
+/// compares boot ids itself and records the gap, `Registry::connect`), or
+/// the boot id is the same (a reconnect: the agent replays its spool).
+pub fn restart_gap(leases: &[Lease], a: &AgentInfo, connected_ns: u64) -> Option<Gap> {
+    if a.connections > 1 {
+        return None;
+    }
+    let last = leases
+        .iter()
+        .filter(|l| l.node == a.node && l.updated_ns < connected_ns)
+        .max_by_key(|l| l.updated_ns)?;
+    (last.boot_id != a.boot_id).then(|| Gap {
+        node: a.node.clone(),
+        from_ns: last.updated_ns,
+        to_ns: connected_ns,
+        reason: "agent_restarted".into(),
+        count: 0,
+    })
+}
+
+/// The newest lease row of `node`, held or not (`None`: never seen).
+fn newest<'a>(leases: &'a [Lease], node: &str) -> Option<&'a Lease> {
+    leases
+        .iter()
+        .filter(|l| l.node == node)
+        .max_by_key(|l| l.updated_ns)
+}
+
+/// `CREATE TABLE` of the lease table in `db` (18.16 and later).
+pub fn create_table_sql(db: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {db}.{LEASES} (node String, collector_id String, \
+         grpc_addr String, boot_id String, connected_ns UInt64, expires_ns UInt64, \
+         updated_ns UInt64, info String) \
+         ENGINE = ReplacingMergeTree(updated_ns) ORDER BY (node, collector_id)"
+    )
+}
+
+/// The newest row of every (node, collector) pair written since
+/// `since_ns` (older ones are of agents gone longer than the records are
+/// kept).
+fn read_sql(db: &str, since_ns: u64) -> String {
+    format!(
+        "SELECT node, collector_id, argMax(grpc_addr, updated_ns) AS a, \
+         argMax(boot_id, updated_ns) AS b, argMax(connected_ns, updated_ns) AS c, \
+         argMax(expires_ns, updated_ns) AS e, max(updated_ns) AS u, \
+         argMax(info, updated_ns) AS i FROM {db}.{LEASES} GROUP BY node, collector_id \
+         HAVING u >= {since_ns}"
+    )
+}
+
+/// Who this collector is among its peers, resolved from
+/// [`ReplicasConfig`] and the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub collector_id: String,
+    pub advertise_addr: String,
+    pub peer_server_name: String,
+}
+
+/// This collector's id, address and peer TLS name: the configured values,
+/// else `$HOSTNAME` (or the kernel's host name), `$POD_IP` (or the id)
+/// with the port of `grpc_listen`, and the first DNS name of the
+/// certificate. Errors name the key that needs a value.
+pub fn identity(
+    cfg: &ReplicasConfig,
+    grpc_listen: &str,
+    tls: &TlsFiles,
+) -> Result<PeerIdentity, String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let collector_id = match &cfg.collector_id {
+        Some(id) => id.clone(),
+        None => env("HOSTNAME")
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+            })
+            .ok_or("replicas.collector_id: no host name to default to; set it")?,
+    };
+    let advertise_addr = match &cfg.advertise_addr {
+        Some(a) => a.clone(),
+        None => {
+            let port = grpc_listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("grpc.listen_addr: cannot parse {grpc_listen:?}"))?
+                .port();
+            match env("POD_IP").and_then(|ip| ip.trim().parse::<IpAddr>().ok()) {
+                Some(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+                None => format!("{collector_id}:{port}"),
+            }
+        }
+    };
+    let peer_server_name = match &cfg.peer_server_name {
+        Some(n) => n.clone(),
+        None => first_dns_name(&tls.cert_file).ok_or_else(|| {
+            format!(
+                "replicas.peer_server_name: {} has no DNS name; set it",
+                tls.cert_file.display()
+            )
+        })?,
+    };
+    Ok(PeerIdentity {
+        collector_id,
+        advertise_addr,
+        peer_server_name,
+    })
+}
+
+fn first_dns_name(cert: &std::path::Path) -> Option<String> {
+    let pem = std::fs::read_to_string(cert).ok()?;
+    let der = crate::certs::first_cert_der(&pem)?;
+    crate::certs::node_name(&der)
+}
+
+/// What [`Peers`] needs: who we are, the lease timing, the TLS files for
+/// forwarding, and the ClickHouse database.
+#[derive(Debug, Clone)]
+pub struct PeersOptions {
+    pub me: PeerIdentity,
+    pub lease_ttl: Duration,
+    pub renew_interval: Duration,
+    pub tls: TlsFiles,
+    pub clickhouse: ClickHouseOptions,
+    /// Deadline of one forwarded lookup.
+    pub forward_timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The lease table as last read.
+    leases: Vec<Lease>,
+    /// When it was last read successfully (0: never).
+    read_ns: u64,
+    /// Streams this collector holds, by node: their `connected_since`.
+    held: BTreeMap<String, String>,
+}
+
+/// The lease table's view and the forwarding client; see the module docs.
+/// Share with `Arc`.
+pub struct Peers {
+    opts: PeersOptions,
+    client: Option<clickhouse::Client>,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    /// Where `agent_restarted` gaps seen through the leases are recorded.
+    store: Option<Arc<dyn RecordStore>>,
+    state: Mutex<State>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("me", &self.opts.me)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rfc3339_ns(ns: u64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_nanos(ns.min(i64::MAX as u64) as i64)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn parse_rfc3339_ns(s: &str) -> Option<u64> {
+    let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
+    u64::try_from(t.timestamp_nanos_opt()?).ok()
+}
+
+impl Peers {
+    /// Peers over the database of `opts.clickhouse` (the password file is
+    /// read now); `agent_restarted` gaps found through the leases go to
+    /// `store`. Start [`Peers::run`] to write and read leases.
+    pub fn new(
+        opts: PeersOptions,
+        registry: Arc<Registry>,
+        store: Arc<dyn RecordStore>,
+        metrics: Metrics,
+    ) -> Result<Peers, String> {
+        let ch = &opts.clickhouse;
+        let password = match &ch.password_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("storage.password_file {}: {e}", p.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            None => String::new(),
+        };
+        let client = clickhouse::Client::default()
+            .with_url(&ch.url)
+            .with_user(&ch.user)
+            .with_password(password)
+            .with_compression(clickhouse::Compression::None);
+        Ok(Peers {
+            opts,
+            client: Some(client),
+            registry,
+            metrics,
+            store: Some(store),
+            state: Mutex::new(State::default()),
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Peers without a database: the lease table is `leases` (unit tests
+    /// of routing and of the loop guard).
+    pub fn with_leases(opts: PeersOptions, registry: Arc<Registry>, leases: Vec<Lease>) -> Peers {
+        let metrics = Metrics::new();
+        Peers {
+            opts,
+            client: None,
+            registry,
+            metrics,
+            store: None,
+            state: Mutex::new(State {
+                leases,
+                read_ns: u64::MAX,
+                held: BTreeMap::new(),
+            }),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This collector's id.
+    pub fn collector_id(&self) -> &str {
+        &self.opts.me.collector_id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The lease table as last read, if read within `lease_ttl` (else the
+    /// view is too old to trust: callers use the local registry).
+    fn leases(&self) -> Option<Vec<Lease>> {
+        let g = self.lock();
+        let ttl = self.opts.lease_ttl.as_nanos() as u64;
+        (g.read_ns == u64::MAX || now_ns().saturating_sub(g.read_ns) < ttl)
+            .then(|| g.leases.clone())
+    }
+
+    /// The lease of the other collector that holds `node`'s stream now
+    /// (`None`: nobody else does, or the view is too old).
+    pub fn remote_holder(&self, node: &str) -> Option<Lease> {
+        if self.registry.is_connected(node) {
+            return None;
+        }
+        let leases = self.leases()?;
+        holder(&leases, node, now_ns())
+            .filter(|l| l.collector_id != self.opts.me.collector_id)
+            .cloned()
+    }
+
+    /// Nodes whose streams other collectors hold now (not this one).
+    pub fn remote_nodes(&self) -> Vec<String> {
+        let Some(leases) = self.leases() else {
+            return Vec::new();
+        };
+        let now = now_ns();
+        let mut nodes: Vec<String> = leases.iter().map(|l| l.node.clone()).collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+            .into_iter()
+            .filter(|n| {
+                !self.registry.is_connected(n)
+                    && holder(&leases, n, now)
+                        .is_some_and(|l| l.collector_id != self.collector_id())
+            })
+            .collect()
+    }
+
+    /// The node held by another collector whose agent's Hello listed `ip`.
+    pub fn remote_node_owning(&self, ip: IpAddr) -> Option<String> {
+        let leases = self.leases()?;
+        let now = now_ns();
+        self.remote_nodes().into_iter().find(|n| {
+            holder(&leases, n, now)
+                .and_then(Lease::agent_info)
+                .is_some_and(|a| a.addresses.iter().any(|s| parse_address(s) == Some(ip)))
+        })
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut g = match self.channels.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = g.get(addr) {
+            return Ok(c.clone());
+        }
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.opts.tls.ca_file)?))
+            .identity(Identity::from_pem(
+                read(&self.opts.tls.cert_file)?,
+                read(&self.opts.tls.key_file)?,
+            ))
+            .domain_name(self.opts.me.peer_server_name.clone());
+        let ch = Endpoint::from_shared(format!("https://{addr}"))
+            .and_then(|e| e.tls_config(tls))
+            .map_err(|e| format!("peer address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        g.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    fn drop_channel(&self, addr: &str) {
+        if let Ok(mut g) = self.channels.lock() {
+            g.remove(addr);
+        }
+    }
+
+    /// Ask the collector of `lease` for a live entry on its node (named in
+    /// the request, marked [`FORWARDED_BY`] us). Returns the answer and the
+    /// zones the holder asked. A holder that no longer has the stream
+    /// answers `NotConnected`; an unreachable one is an `Agent` error
+    /// naming it.
+    pub async fn forward(
+        &self,
+        lease: &Lease,
+        q: LiveQuery,
+    ) -> (Result<Option<LiveAnswer>, LookupError>, Vec<u16>) {
+        let r = self.forward_inner(lease, q).await;
+        let label = match &r.0 {
+            Ok(Some(_)) => "found",
+            Ok(None) => "not_found",
+            Err(e) => e.label(),
+        };
+        self.metrics
+            .lookups_forwarded
+            .with_label_values(&[label])
+            .inc();
+        r
+    }
+
+    async fn forward_inner(
+        &self,
+        lease: &Lease,
+        q: LiveQuery,
+    ) -> (Result<Option<LiveAnswer>, LookupError>, Vec<u16>) {
+        let node = lease.node.clone();
+        let via = |m: String| {
+            LookupError::Agent(format!(
+                "via collector {} ({}): {m}",
+                lease.collector_id, lease.grpc_addr
+            ))
+        };
+        let channel = match self.channel(&lease.grpc_addr) {
+            Ok(c) => c,
+            Err(e) => return (Err(via(e)), Vec::new()),
+        };
+        let mut req = tonic::Request::new(pb::LookupRequest {
+            request_id: 0,
+            protocol: u32::from(q.protocol.number()),
+            tuple: Some((&q.tuple).into()),
+            reply_tuple: q.reply_tuple,
+            node: node.clone(),
+            zone: q.zone.map(u32::from),
+        });
+        req.set_timeout(self.opts.forward_timeout);
+        if let Ok(v) = self.opts.me.collector_id.parse() {
+            req.metadata_mut().insert(FORWARDED_BY, v);
+        }
+        let mut client = pb::query_client::QueryClient::new(channel);
+        let resp = match tokio::time::timeout(self.opts.forward_timeout, client.lookup(req)).await {
+            Err(_) => return (Err(LookupError::Timeout(node)), Vec::new()),
+            Ok(r) => r,
+        };
+        let resp = match resp {
+            Ok(r) => r,
+            Err(s) => {
+                let e = match s.code() {
+                    tonic::Code::NotFound => LookupError::NotConnected(node),
+                    tonic::Code::DeadlineExceeded => LookupError::Timeout(node),
+                    tonic::Code::Unavailable | tonic::Code::Unknown => {
+                        self.drop_channel(&lease.grpc_addr);
+                        via(s.message().to_string())
+                    }
+                    _ => via(s.message().to_string()),
+                };
+                return (Err(e), Vec::new());
+            }
+        };
+        let zones: Vec<u16> = resp
+            .metadata()
+            .get(ZONES_TRIED)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(',').filter_map(|z| z.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        let reply = resp.into_inner();
+        if !reply.found {
+            return (Ok(None), zones);
+        }
+        let record = match reply.entry.as_ref().map(ConnRecord::try_from) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return (Err(LookupError::BadReply(e.to_string())), zones),
+            None => {
+                return (
+                    Err(LookupError::BadReply("found without an entry".into())),
+                    zones,
+                )
+            }
+        };
+        let node = if reply.node.is_empty() {
+            node
+        } else {
+            reply.node
+        };
+        (Ok(Some(LiveAnswer { node, record })), zones)
+    }
+
+    /// Write and read leases until `stop` (see the module docs): streams
+    /// that start or end are written within [`WATCH_EVERY`], held leases
+    /// renewed every `renew_interval`. ClickHouse errors are logged and
+    /// retried.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let db = self.opts.clickhouse.database.clone();
+        let mut table = false;
+        let mut next_renew = tokio::time::Instant::now();
+        let log = ctw_common::ratelimit::RateLimiter::new(Duration::from_secs(60));
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if !table {
+                match client.query(&create_table_sql(&db)).execute().await {
+                    Ok(()) => table = true,
+                    Err(e) => {
+                        self.metrics.lease_errors.inc();
+                        if let Some(suppressed) = log.allow() {
+                            tracing::warn!(error = %e, suppressed, "lease table not created yet (ClickHouse)");
+                        }
+                    }
+                }
+            }
+            let changed = self.local_changes();
+            let now = tokio::time::Instant::now();
+            if table && (changed || now >= next_renew) {
+                match self.write_and_read(&client, &db).await {
+                    Ok(()) => next_renew = now + self.opts.renew_interval,
+                    Err(e) => {
+                        self.metrics.lease_errors.inc();
+                        if let Some(suppressed) = log.allow() {
+                            tracing::warn!(error = %e, suppressed, "lease table not written or read (ClickHouse)");
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.wait_for(|v| *v) => break,
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+            }
+        }
+        // Leaving cleanly: release what we last wrote as held (streams may
+        // be ending already) so others need not wait for the leases to
+        // expire.
+        let held = self.lock().held.clone();
+        let rows: Vec<Lease> = self
+            .registry
+            .agents()
+            .iter()
+            .filter(|a| held.contains_key(&a.node))
+            .map(|a| self.lease_row(a, now_ns(), true))
+            .collect();
+        if table && !rows.is_empty() {
+            let _ = insert(&client, &db, &rows).await;
+        }
+    }
+
+    /// Did a stream start or end since the last write?
+    fn local_changes(&self) -> bool {
+        let now: BTreeMap<String, String> = self
+            .registry
+            .agents()
+            .into_iter()
+            .filter(|a| a.connected)
+            .map(|a| (a.node, a.connected_since.unwrap_or_default()))
+            .collect();
+        self.lock().held != now
+    }
+
+    fn lease_row(&self, a: &AgentInfo, now: u64, release: bool) -> Lease {
+        Lease {
+            node: a.node.clone(),
+            collector_id: self.opts.me.collector_id.clone(),
+            grpc_addr: self.opts.me.advertise_addr.clone(),
+            boot_id: a.boot_id.clone(),
+            connected_ns: a
+                .connected_since
+                .as_deref()
+                .and_then(parse_rfc3339_ns)
+                .unwrap_or(now),
+            expires_ns: if release {
+                now
+            } else {
+                now + self.opts.lease_ttl.as_nanos() as u64
+            },
+            updated_ns: now,
+            info: serde_json::to_string(a).unwrap_or_default(),
+        }
+    }
+
+    async fn write_and_read(&self, client: &clickhouse::Client, db: &str) -> Result<(), String> {
+        let agents = self.registry.agents();
+        let now = now_ns();
+        let held: BTreeMap<String, String> = agents
+            .iter()
+            .filter(|a| a.connected)
+            .map(|a| {
+                (
+                    a.node.clone(),
+                    a.connected_since.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let released: Vec<String> = {
+            let g = self.lock();
+            g.held
+                .keys()
+                .filter(|n| !held.contains_key(*n))
+                .cloned()
+                .collect()
+        };
+        let rows: Vec<Lease> = agents
+            .iter()
+            .filter(|a| a.connected || released.contains(&a.node))
+            .map(|a| self.lease_row(a, now, !a.connected))
+            .collect();
+        // Read before writing: a new stream's restart gap compares with
+        // the leases written before it (ours included: a restarted
+        // collector process overwrites its own row).
+        let mut leases: Vec<Lease> = client
+            .query(&read_sql(
+                db,
+                now.saturating_sub(
+                    u64::from(self.opts.clickhouse.retention_days) * 86_400 * 1_000_000_000,
+                ),
+            ))
+            .fetch_all()
+            .await
+            .map_err(|e| format!("reading {LEASES}: {e}"))?;
+        let started: Vec<&AgentInfo> = {
+            let g = self.lock();
+            agents
+                .iter()
+                .filter(|a| a.connected && g.held.get(&a.node) != a.connected_since.as_ref())
+                .collect()
+        };
+        let gaps: Vec<Gap> = started
+            .iter()
+            .filter_map(|a| {
+                let since = a.connected_since.as_deref().and_then(parse_rfc3339_ns)?;
+                restart_gap(&leases, a, since)
+            })
+            .collect();
+        if let (Some(store), false) = (&self.store, gaps.is_empty()) {
+            let store = store.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                gaps.into_iter()
+                    .map(|g| {
+                        let node = g.node.clone();
+                        store.record_gap(g).map_err(|e| format!("{node}: {e}"))
+                    })
+                    .collect::<Result<Vec<()>, String>>()
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            // Not recorded: the stream counts as new again next round.
+            stored.map_err(|e| format!("recording an agent_restarted gap: {e}"))?;
+        }
+        if !rows.is_empty() {
+            insert(client, db, &rows).await?;
+        }
+        for r in rows {
+            leases.retain(|l| !(l.node == r.node && l.collector_id == r.collector_id));
+            leases.push(r);
+        }
+        let mut g = self.lock();
+        g.leases = leases;
+        g.read_ns = now;
+        g.held = held;
+        Ok(())
+    }
+}
+
+async fn insert(client: &clickhouse::Client, db: &str, rows: &[Lease]) -> Result<(), String> {
+    let err = |e: clickhouse::error::Error| format!("writing {LEASES}: {e}");
+    let mut ins = client
+        .insert::<Lease>(&format!("{db}.{LEASES}"))
+        .map_err(err)?;
+    for r in rows {
+        ins.write(r).await.map_err(err)?;
+    }
+    ins.end().await.map_err(err)
+}
+
+/// Every agent of the cluster (`GET /api/v1/agents`): without replicas the
+/// local registry's; with them every node of the lease table and of the
+/// registry, each with `collector` = the collector holding its stream
+/// (this one's view when it is this one, the holder's last lease
+/// otherwise; absent and `connected: false` when nobody holds it).
+pub fn agents(registry: &Registry, peers: Option<&Peers>) -> Vec<AgentInfo> {
+    let local = registry.agents();
+    let Some(p) = peers else { return local };
+    let Some(leases) = p.leases() else {
+        return local;
+    };
+    let now = now_ns();
+    let me = p.collector_id();
+    let mut out: BTreeMap<String, AgentInfo> = BTreeMap::new();
+    for a in local {
+        out.insert(a.node.clone(), a);
+    }
+    let nodes: Vec<String> = leases.iter().map(|l| l.node.clone()).collect();
+    for n in nodes {
+        if out.get(&n).is_some_and(|a| a.connected) {
+            continue;
+        }
+        let held = holder(&leases, &n, now);
+        let info = match held {
+            Some(l) => l.agent_info().map(|mut a| {
+                a.connected = true;
+                a.collector = Some(l.collector_id.clone());
+                a
+            }),
+            None => match (out.get(&n), newest(&leases, &n)) {
+                // This collector saw the stream end after the last lease.
+                (Some(local), Some(l))
+                    if local
+                        .disconnected_since
+                        .as_deref()
+                        .and_then(parse_rfc3339_ns)
+                        .is_some_and(|d| d >= l.updated_ns) =>
+                {
+                    None
+                }
+                (_, Some(l)) => l.agent_info().map(|mut a| {
+                    a.connected = false;
+                    a.collector = None;
+                    a.disconnected_since = Some(rfc3339_ns(l.updated_ns));
+                    a
+                }),
+                (_, None) => None,
+            },
+        };
+        if let Some(a) = info {
+            out.insert(n, a);
+        }
+    }
+    for a in out.values_mut() {
+        if a.connected && a.collector.is_none() {
+            a.collector = Some(me.to_string());
+        }
+    }
+    out.into_values().collect()
+}
+
+/// The node, connected or not, whose agent's Hello listed `ip` among its
+/// addresses (`10.0.0.1` or `10.0.0.1/24`), in `agents` ([`agents`]).
+pub fn node_owning_any(agents: &[AgentInfo], ip: IpAddr) -> Option<String> {
+    agents
+        .iter()
+        .find(|a| a.addresses.iter().any(|s| parse_address(s) == Some(ip)))
+        .map(|a| a.node.clone())
+}
+
+/// An address as a Hello lists it, with or without a prefix length.
+fn parse_address(s: &str) -> Option<IpAddr> {
+    s.split('/').next()?.trim().parse().ok()
+}
+
+/// The open `agent_disconnected` gaps (merged into searches): without
+/// replicas the local registry's; with them, one for each node no
+/// collector holds, from its disconnection (as [`agents`] shows it) to
+/// now.
+pub fn open_gaps(registry: &Registry, peers: Option<&Peers>) -> Vec<Gap> {
+    if peers.is_none_or(|p| p.leases().is_none()) {
+        return registry.open_gaps();
+    }
+    let now = now_ns();
+    agents(registry, peers)
+        .into_iter()
+        .filter(|a| !a.connected)
+        .filter_map(|a| {
+            let from = a.disconnected_since.as_deref().and_then(parse_rfc3339_ns)?;
+            Some(Gap {
+                node: a.node,
+                from_ns: from,
+                to_ns: now,
+                reason: "agent_disconnected".into(),
+                count: 0,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn lease(node: &str, c: &str, connected: u64, expires: u64, updated: u64) -> Lease {
+        Lease {
+            node: node.into(),
+            collector_id: c.into(),
+            grpc_addr: format!("{c}:9359"),
+            boot_id: "b".into(),
+            connected_ns: connected,
+            expires_ns: expires,
+            updated_ns: updated,
+            info: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_stream_started_last_holds_among_unexpired_leases() {
+        let ls = vec![
+            lease("a", "c1", 100, 500, 400),
+            // Taken over at 200 by c2, while c1 still renews.
+            lease("a", "c2", 200, 450, 300),
+            lease("b", "c1", 100, 150, 140),
+        ];
+        assert_eq!(holder(&ls, "a", 300).unwrap().collector_id, "c2");
+        // c2's lease ran out (c2 died): c1's, still renewed, holds.
+        assert_eq!(holder(&ls, "a", 460).unwrap().collector_id, "c1");
+        assert!(holder(&ls, "a", 500).is_none());
+        // Expired: nobody holds b; its newest row says when it was last held.
+        assert!(holder(&ls, "b", 150).is_none());
+        assert_eq!(newest(&ls, "b").unwrap().updated_ns, 140);
+        assert!(holder(&ls, "zz", 0).is_none());
+    }
+
+    #[test]
+    fn a_new_boot_id_after_the_last_lease_is_a_restart_gap() {
+        let info = |boot: &str, connections: u64| AgentInfo {
+            node: "a".into(),
+            addresses: vec![],
+            boot_id: boot.into(),
+            version: String::new(),
+            connected: true,
+            peer: None,
+            connected_since: None,
+            disconnected_since: None,
+            last_seen: None,
+            last_batch_at: None,
+            last_batch_boot_id: None,
+            last_batch_seq: None,
+            lag_seconds: None,
+            batches_stored: 0,
+            records_stored: 0,
+            duplicates: 0,
+            conversion_errors: 0,
+            loss_reports: 0,
+            events_lost: 0,
+            connections,
+            collector: None,
+        };
+        // Held by c1 (boot "b") until 400; c2's own row (written after the
+        // stream started at 500) does not count.
+        let ls = vec![
+            lease("a", "c1", 100, 450, 400),
+            lease("a", "c2", 500, 900, 600),
+        ];
+        let g = restart_gap(&ls, &info("b2", 1), 500).unwrap();
+        assert_eq!(
+            (g.from_ns, g.to_ns, g.reason.as_str()),
+            (400, 500, "agent_restarted")
+        );
+        // Same process: it replays its spool, no gap.
+        assert!(restart_gap(&ls, &info("b", 1), 500).is_none());
+        // Seen here before: the registry compared boot ids itself.
+        assert!(restart_gap(&ls, &info("b2", 2), 500).is_none());
+        // Never seen anywhere.
+        assert!(restart_gap(&[], &info("b2", 1), 500).is_none());
+    }
+
+    #[test]
+    fn sql_reads_the_newest_row_per_node_and_collector() {
+        let c = create_table_sql("ctw");
+        assert!(c.contains("ReplacingMergeTree(updated_ns) ORDER BY (node, collector_id)"));
+        let r = read_sql("ctw", 7);
+        assert!(r.ends_with("FROM ctw.ctw_leases GROUP BY node, collector_id HAVING u >= 7"));
+        // Columns in the order of `Lease`'s fields.
+        assert!(r.find("argMax(grpc_addr").unwrap() < r.find("argMax(boot_id").unwrap());
+        assert!(r.find("max(updated_ns)").unwrap() < r.find("argMax(info").unwrap());
+    }
+
+    #[test]
+    fn times_round_trip_through_rfc3339() {
+        let ns = 1_733_727_900_123_000_000;
+        assert_eq!(parse_rfc3339_ns(&rfc3339_ns(ns)), Some(ns));
+    }
+}
