@@ -106,8 +106,9 @@ impl Default for ServeOptions {
 }
 
 /// Bind `cfg.listen_addr` and serve Ingest and Query with mTLS until
-/// `shutdown` completes (`opts`: lookups, pod history, peers; the rest
-/// of its fields are overridden with the production defaults).
+/// `shutdown` completes, with `opts` as given (the binary passes the
+/// config's lookups, `http.max_limit`, pod history and peers over
+/// [`ServeOptions::default`]).
 pub async fn serve(
     cfg: &GrpcConfig,
     opts: ServeOptions,
@@ -124,12 +125,6 @@ pub async fn serve(
         .await
         .with_context(|| format!("grpc.listen_addr: cannot listen on {addr}"))?;
     tracing::info!(%addr, "gRPC (mTLS) listening");
-    let opts = ServeOptions {
-        lookup: opts.lookup,
-        pods: opts.pods,
-        peers: opts.peers,
-        ..ServeOptions::default()
-    };
     serve_on(listener, &cfg.tls, opts, store, registry, metrics, shutdown).await
 }
 

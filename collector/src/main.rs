@@ -186,6 +186,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             let peers = peers.clone();
             let grpc_cfg = cfg.grpc.clone();
             let lookup = cfg.lookup.clone();
+            let max_limit = cfg.http.max_limit;
             let store = store.clone() as Arc<dyn RecordStore>;
             let registry = registry.clone();
             let metrics = metrics.clone();
@@ -194,6 +195,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             async move {
                 let opts = ingest::ServeOptions {
                     lookup,
+                    max_limit,
                     pods,
                     peers,
                     ..ingest::ServeOptions::default()
