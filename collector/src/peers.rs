@@ -65,7 +65,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::config::{ReplicasConfig, TlsFiles};
 use crate::metrics::Metrics;
 use crate::registry::{AgentInfo, LiveAnswer, LiveQuery, LookupError, Registry};
-use crate::store::clickhouse::ClickHouseOptions;
+use crate::store::clickhouse::{quote, ClickHouseOptions};
 use crate::store::{Gap, RecordStore};
 
 /// The lease table (in the store's database).
@@ -77,6 +77,8 @@ pub const ZONES_TRIED: &str = "ctw-zones-tried";
 /// How often the local registry is checked for streams that started or
 /// ended (their leases are written at once).
 const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// How often lease rows past the retention are deleted ([`prune`]).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// One lease: a collector's claim on a node's stream (see the module docs).
 /// Times in ns since the epoch.
@@ -157,17 +159,93 @@ pub fn create_table_sql(db: &str) -> String {
     )
 }
 
-/// The newest row of every (node, collector) pair written since
-/// `since_ns` (older ones are of agents gone longer than the records are
-/// kept).
-fn read_sql(db: &str, since_ns: u64) -> String {
+/// The lease rows the rules need, each the newest row of its (node,
+/// collector) pair (`argMax` over the pair's versions) among the pairs
+/// written since `since_ns` (older ones are of agents gone longer than the
+/// records are kept):
+///
+/// - every pair whose lease is unexpired at `now_ns` ([`holder`]);
+/// - per node, the pair written last ([`newest`]: the agents page and the
+///   open gaps of nodes nobody holds);
+/// - per `(node, connected_ns)` of `started` (streams that started on this
+///   collector since the last read), the pair written last before
+///   `connected_ns` ([`restart_gap`]).
+///
+/// So a read returns about one row per node (two while a stream is being
+/// taken over), however many collector ids ever held a node, and the
+/// rules answer as over the whole table. Columns in the order of
+/// [`Lease`]'s fields.
+fn read_sql(db: &str, since_ns: u64, now_ns: u64, started: &[(String, u64)]) -> String {
+    let pairs = format!(
+        "SELECT node, collector_id, max(updated_ns) AS u, argMax(expires_ns, updated_ns) AS e \
+         FROM {db}.{LEASES} GROUP BY node, collector_id HAVING u >= {since_ns}"
+    );
+    let mut wanted = format!(
+        "SELECT node, collector_id AS c FROM ({pairs}) WHERE e > {now_ns} \
+         UNION ALL SELECT node, argMax(collector_id, u) AS c FROM ({pairs}) GROUP BY node"
+    );
+    if !started.is_empty() {
+        let nodes: Vec<String> = started.iter().map(|(n, _)| quote(n)).collect();
+        let cuts: Vec<String> = started
+            .iter()
+            .map(|(_, c)| format!("toUInt64({c})"))
+            .collect();
+        wanted.push_str(&format!(
+            " UNION ALL SELECT node, argMax(collector_id, u) AS c FROM ({pairs}) \
+             WHERE u < transform(node, [{}], [{}], toUInt64(0)) GROUP BY node",
+            nodes.join(", "),
+            cuts.join(", ")
+        ));
+    }
     format!(
         "SELECT node, collector_id, argMax(grpc_addr, updated_ns) AS a, \
          argMax(boot_id, updated_ns) AS b, argMax(connected_ns, updated_ns) AS c, \
          argMax(expires_ns, updated_ns) AS e, max(updated_ns) AS u, \
-         argMax(info, updated_ns) AS i FROM {db}.{LEASES} GROUP BY node, collector_id \
+         argMax(info, updated_ns) AS i FROM {db}.{LEASES} \
+         WHERE (node, collector_id) IN ({wanted}) GROUP BY node, collector_id \
          HAVING u >= {since_ns}"
     )
+}
+
+/// Read the lease rows of [`read_sql`] (ClickHouse errors as text).
+async fn read_leases(
+    client: &clickhouse::Client,
+    db: &str,
+    since_ns: u64,
+    now_ns: u64,
+    started: &[(String, u64)],
+) -> Result<Vec<Lease>, String> {
+    client
+        .query(&read_sql(db, since_ns, now_ns, started))
+        .fetch_all()
+        .await
+        .map_err(|e| format!("reading {LEASES}: {e}"))
+}
+
+/// Delete the lease rows written before `cutoff_ns` (the retention): the
+/// rows of agents gone that long and of every collector id that has not
+/// written a node since (ids superseded by later ones: old pods of a
+/// rollout). Runs `ALTER TABLE ... DELETE` (a mutation, applied in the
+/// background; 18.16 has them) only when such rows exist. Returns how
+/// many rows it asked to delete.
+async fn prune(client: &clickhouse::Client, db: &str, cutoff_ns: u64) -> Result<u64, String> {
+    let old: u64 = client
+        .query(&format!(
+            "SELECT count() FROM {db}.{LEASES} WHERE updated_ns < {cutoff_ns}"
+        ))
+        .fetch_one()
+        .await
+        .map_err(|e| format!("counting old rows of {LEASES}: {e}"))?;
+    if old > 0 {
+        client
+            .query(&format!(
+                "ALTER TABLE {db}.{LEASES} DELETE WHERE updated_ns < {cutoff_ns}"
+            ))
+            .execute()
+            .await
+            .map_err(|e| format!("deleting old rows of {LEASES}: {e}"))?;
+    }
+    Ok(old)
 }
 
 /// Who this collector is among its peers, resolved from
@@ -547,6 +625,7 @@ impl Peers {
         let db = self.opts.clickhouse.database.clone();
         let mut table = false;
         let mut next_renew = tokio::time::Instant::now();
+        let mut next_prune = tokio::time::Instant::now();
         let log = ctw_common::ratelimit::RateLimiter::new(Duration::from_secs(60));
         loop {
             if *stop.borrow() {
@@ -572,6 +651,22 @@ impl Peers {
                         self.metrics.lease_errors.inc();
                         if let Some(suppressed) = log.allow() {
                             tracing::warn!(error = %e, suppressed, "lease table not written or read (ClickHouse)");
+                        }
+                    }
+                }
+            }
+            if table && now >= next_prune {
+                match prune(&client, &db, self.retention_cutoff(now_ns())).await {
+                    Ok(n) => {
+                        next_prune = now + PRUNE_EVERY;
+                        if n > 0 {
+                            tracing::info!(rows = n, "deleting lease rows past the retention");
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.lease_errors.inc();
+                        if let Some(suppressed) = log.allow() {
+                            tracing::warn!(error = %e, suppressed, "old lease rows not deleted (ClickHouse)");
                         }
                     }
                 }
@@ -630,6 +725,12 @@ impl Peers {
         }
     }
 
+    /// Lease rows written before this are past the retention (the
+    /// records' `retention_days`): not read, and deleted by [`prune`].
+    fn retention_cutoff(&self, now: u64) -> u64 {
+        now.saturating_sub(u64::from(self.opts.clickhouse.retention_days) * 86_400 * 1_000_000_000)
+    }
+
     async fn write_and_read(&self, client: &clickhouse::Client, db: &str) -> Result<(), String> {
         let agents = self.registry.agents();
         let now = now_ns();
@@ -656,32 +757,28 @@ impl Peers {
             .filter(|a| a.connected || released.contains(&a.node))
             .map(|a| self.lease_row(a, now, !a.connected))
             .collect();
-        // Read before writing: a new stream's restart gap compares with
-        // the leases written before it (ours included: a restarted
-        // collector process overwrites its own row).
-        let mut leases: Vec<Lease> = client
-            .query(&read_sql(
-                db,
-                now.saturating_sub(
-                    u64::from(self.opts.clickhouse.retention_days) * 86_400 * 1_000_000_000,
-                ),
-            ))
-            .fetch_all()
-            .await
-            .map_err(|e| format!("reading {LEASES}: {e}"))?;
-        let started: Vec<&AgentInfo> = {
+        // Streams started since the last write, with their start.
+        let started: Vec<(&AgentInfo, u64)> = {
             let g = self.lock();
             agents
                 .iter()
                 .filter(|a| a.connected && g.held.get(&a.node) != a.connected_since.as_ref())
+                .filter_map(|a| Some((a, a.connected_since.as_deref().and_then(parse_rfc3339_ns)?)))
                 .collect()
         };
+        // Read before writing: a new stream's restart gap compares with
+        // the leases written before it (ours included: a restarted
+        // collector process overwrites its own row).
+        let restarts: Vec<(String, u64)> = started
+            .iter()
+            .filter(|(a, _)| a.connections <= 1)
+            .map(|(a, since)| (a.node.clone(), *since))
+            .collect();
+        let mut leases =
+            read_leases(client, db, self.retention_cutoff(now), now, &restarts).await?;
         let gaps: Vec<Gap> = started
             .iter()
-            .filter_map(|a| {
-                let since = a.connected_since.as_deref().and_then(parse_rfc3339_ns)?;
-                restart_gap(&leases, a, since)
-            })
+            .filter_map(|(a, since)| restart_gap(&leases, a, *since))
             .collect();
         if let (Some(store), false) = (&self.store, gaps.is_empty()) {
             let store = store.clone();
@@ -861,10 +958,9 @@ mod tests {
         assert!(holder(&ls, "zz", 0).is_none());
     }
 
-    #[test]
-    fn a_new_boot_id_after_the_last_lease_is_a_restart_gap() {
-        let info = |boot: &str, connections: u64| AgentInfo {
-            node: "a".into(),
+    fn agent(node: &str, boot: &str, connections: u64) -> AgentInfo {
+        AgentInfo {
+            node: node.into(),
             addresses: vec![],
             boot_id: boot.into(),
             version: String::new(),
@@ -885,7 +981,12 @@ mod tests {
             events_lost: 0,
             connections,
             collector: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_new_boot_id_after_the_last_lease_is_a_restart_gap() {
+        let info = |boot: &str, connections: u64| agent("a", boot, connections);
         // Held by c1 (boot "b") until 400; c2's own row (written after the
         // stream started at 500) does not count.
         let ls = vec![
@@ -906,14 +1007,264 @@ mod tests {
     }
 
     #[test]
-    fn sql_reads_the_newest_row_per_node_and_collector() {
+    fn sql_reads_the_newest_row_of_the_pairs_the_rules_need() {
         let c = create_table_sql("ctw");
         assert!(c.contains("ReplacingMergeTree(updated_ns) ORDER BY (node, collector_id)"));
-        let r = read_sql("ctw", 7);
-        assert!(r.ends_with("FROM ctw.ctw_leases GROUP BY node, collector_id HAVING u >= 7"));
+        let r = read_sql("ctw", 7, 9, &[]);
+        assert!(r.ends_with("GROUP BY node, collector_id HAVING u >= 7"));
+        assert!(r.contains("WHERE e > 9 UNION ALL"));
+        assert!(!r.contains("transform"));
         // Columns in the order of `Lease`'s fields.
         assert!(r.find("argMax(grpc_addr").unwrap() < r.find("argMax(boot_id").unwrap());
-        assert!(r.find("max(updated_ns)").unwrap() < r.find("argMax(info").unwrap());
+        assert!(r.find("max(updated_ns) AS u,").unwrap() < r.find("argMax(info").unwrap());
+        // Node names are quoted literals.
+        let r = read_sql("ctw", 7, 9, &[("it's".into(), 5)]);
+        assert!(r.contains(r"transform(node, ['it\'s'], [toUInt64(5)], toUInt64(0))"));
+    }
+
+    /// A private ClickHouse server with the lease table in `ctw`, and a
+    /// client on it (`None`: skipped, no server installed).
+    fn lease_server() -> Option<(ctw_testkit::clickhouse::ClickHouse, clickhouse::Client)> {
+        if !ctw_testkit::clickhouse::available() {
+            ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
+            return None;
+        }
+        let ch = ctw_testkit::clickhouse::ClickHouse::start();
+        ch.must("CREATE DATABASE ctw");
+        ch.must(&create_table_sql("ctw"));
+        let client = clickhouse::Client::default()
+            .with_url(ch.url())
+            .with_compression(clickhouse::Compression::None);
+        Some((ch, client))
+    }
+
+    const S: u64 = 1_000_000_000;
+    const DAY: u64 = 86_400 * S;
+
+    /// A lease row with the JSON of a real [`AgentInfo`] (addresses padded
+    /// to about 600 bytes, as a node with many pods lists).
+    fn row(node: &str, c: &str, boot: &str, connected: u64, expires: u64, updated: u64) -> Lease {
+        let mut a = agent(node, boot, 1);
+        a.addresses = (0..30)
+            .map(|i| format!("198.18.{}.{i}/24", i % 7))
+            .collect();
+        Lease {
+            boot_id: boot.into(),
+            info: serde_json::to_string(&a).unwrap(),
+            ..lease(node, c, connected, expires, updated)
+        }
+    }
+
+    /// Many collector ids of past rollouts per node: the read returns at
+    /// most two rows per node (the newest and the unexpired ones, plus the
+    /// restart candidate of a stream that just started), and holder,
+    /// agents page and restart gap are what the rows written say.
+    #[tokio::test]
+    async fn a_read_returns_a_row_or_two_per_node_however_many_collectors_held_it() {
+        let Some((_ch, client)) = lease_server() else {
+            return;
+        };
+        let t = now_ns();
+        let since = t - 14 * DAY;
+        let mut rows = Vec::new();
+        // 60 rollouts' worth of collector ids per node, each released an
+        // hour after the one before (the newest 1 h ago), and one of a
+        // collector id last written 20 days ago (past the retention).
+        for node in ["n1", "n2", "n3", "n4"] {
+            for i in 0..60u64 {
+                let u = t - (61 - i) * 3600 * S;
+                rows.push(row(node, &format!("old-{i}"), "b0", u - 3000 * S, u, u));
+            }
+            rows.push(row(
+                node,
+                "ancient",
+                "b0",
+                t - 21 * DAY,
+                t + DAY,
+                t - 20 * DAY,
+            ));
+        }
+        // n1: held by c-now (an older version of its row, expired, below).
+        rows.push(row("n1", "c-now", "b1", t - 10 * S, t + 60 * S, t - S));
+        // n2: taken over by c2 (started last) while c1 still renews.
+        rows.push(row("n2", "c1", "b2", t - 100 * S, t + 30 * S, t - 2 * S));
+        rows.push(row("n2", "c2", "b2", t - 5 * S, t + 40 * S, t - 3 * S));
+        // n3: nobody holds it since c-last released it 10 minutes ago.
+        rows.push(row(
+            "n3",
+            "c-last",
+            "b3",
+            t - 900 * S,
+            t - 600 * S,
+            t - 600 * S,
+        ));
+        // n4: c-prev released boot b-old 30 s ago; the agent restarted
+        // (boot b-new) onto this collector 2 s ago, and briefly onto c-late
+        // too (released 1 s ago).
+        rows.push(row(
+            "n4",
+            "c-prev",
+            "b-old",
+            t - 900 * S,
+            t - 30 * S,
+            t - 30 * S,
+        ));
+        rows.push(row("n4", "c-late", "b-new", t - 2 * S, t - S, t - S));
+        insert(&client, "ctw", &rows).await.unwrap();
+        // Newer versions win: an older, unexpired version of c-now's row
+        // and a newer, released one of a past id, in separate parts.
+        insert(
+            &client,
+            "ctw",
+            &[
+                row("n1", "c-now", "b-x", t - 3 * DAY, t + 600 * S, t - 2 * DAY),
+                row("n1", "old-59", "b0", t - 3000 * S, t - 30 * S, t - 30 * S),
+            ],
+        )
+        .await
+        .unwrap();
+        let total: u64 = client
+            .query("SELECT count() FROM ctw.ctw_leases")
+            .fetch_one()
+            .await
+            .unwrap();
+        assert_eq!(total, 4 * 61 + 8);
+
+        let started = 2 * S;
+        let leases = read_leases(&client, "ctw", since, t, &[("n4".into(), t - started)])
+            .await
+            .unwrap();
+        let mut per_node: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for l in &leases {
+            per_node.entry(&l.node).or_default().push(&l.collector_id);
+        }
+        for v in per_node.values_mut() {
+            v.sort();
+        }
+        let want: BTreeMap<&str, Vec<&str>> = [
+            ("n1", vec!["c-now"]),
+            ("n2", vec!["c1", "c2"]),
+            ("n3", vec!["c-last"]),
+            ("n4", vec!["c-late", "c-prev"]),
+        ]
+        .into();
+        assert_eq!(per_node, want);
+        let bytes: usize = leases.iter().map(|l| l.info.len()).sum();
+        assert!(bytes <= 2 * 4 * 700, "{bytes} bytes of AgentInfo");
+
+        // Holders, by the rows written.
+        let h = holder(&leases, "n1", t).unwrap();
+        assert_eq!(
+            (h.collector_id.as_str(), h.boot_id.as_str()),
+            ("c-now", "b1")
+        );
+        assert_eq!(holder(&leases, "n2", t).unwrap().collector_id, "c2");
+        assert!(holder(&leases, "n3", t).is_none());
+        assert!(holder(&leases, "n4", t).is_none());
+        // The restart gap: from c-prev's last write to the stream's start.
+        let g = restart_gap(&leases, &agent("n4", "b-new", 1), t - started).unwrap();
+        assert_eq!((g.from_ns, g.to_ns), (t - 30 * S, t - started));
+        // Without the started stream, the read has no row before it.
+        let plain = read_leases(&client, "ctw", since, t, &[]).await.unwrap();
+        assert_eq!(plain.iter().filter(|l| l.node == "n4").count(), 1);
+        assert_eq!(plain.len(), 5);
+
+        // The agents page: every node, its holder or when it was last held.
+        let registry = Arc::new(Registry::new(Metrics::new()));
+        let opts = PeersOptions {
+            me: PeerIdentity {
+                collector_id: "me".into(),
+                advertise_addr: "127.0.0.1:9359".into(),
+                peer_server_name: "collector".into(),
+            },
+            lease_ttl: Duration::from_secs(15),
+            renew_interval: Duration::from_secs(3),
+            tls: TlsFiles {
+                ca_file: "/nonexistent/ca.pem".into(),
+                cert_file: "/nonexistent/c.pem".into(),
+                key_file: "/nonexistent/k.pem".into(),
+            },
+            clickhouse: serde_yaml::from_str("{}").unwrap(),
+            forward_timeout: Duration::from_secs(1),
+        };
+        let peers = Peers::with_leases(opts, registry.clone(), leases);
+        let page: Vec<(String, bool, Option<String>, Option<String>)> =
+            agents(&registry, Some(&peers))
+                .into_iter()
+                .map(|a| (a.node, a.connected, a.collector, a.disconnected_since))
+                .collect();
+        assert_eq!(
+            page,
+            vec![
+                ("n1".into(), true, Some("c-now".into()), None),
+                ("n2".into(), true, Some("c2".into()), None),
+                ("n3".into(), false, None, Some(rfc3339_ns(t - 600 * S))),
+                ("n4".into(), false, None, Some(rfc3339_ns(t - S))),
+            ]
+        );
+    }
+
+    /// Rows past the retention go: the nodes gone that long and the
+    /// collector ids that have not written a node since; the rest stay.
+    #[tokio::test]
+    async fn rows_past_the_retention_are_deleted() {
+        let Some((ch, client)) = lease_server() else {
+            return;
+        };
+        let t = now_ns();
+        let cutoff = t - 14 * DAY;
+        let mut rows = Vec::new();
+        // n1: 20 collector ids superseded 15-34 days ago, and its holder.
+        for i in 0..20u64 {
+            let u = t - (15 + i) * DAY;
+            rows.push(row("n1", &format!("old-{i}"), "b0", u - S, u, u));
+        }
+        rows.push(row("n1", "c-now", "b1", t - 10 * S, t + 60 * S, t - S));
+        // n2: gone 30 days ago; n3: gone 13 days ago (kept).
+        rows.push(row(
+            "n2",
+            "c1",
+            "b2",
+            t - 31 * DAY,
+            t - 30 * DAY,
+            t - 30 * DAY,
+        ));
+        rows.push(row(
+            "n3",
+            "c1",
+            "b3",
+            t - 14 * DAY,
+            t - 13 * DAY,
+            t - 13 * DAY,
+        ));
+        // An old version of c-now's row (replaced, and past the retention).
+        rows.push(row(
+            "n1",
+            "c-now",
+            "b1",
+            t - 20 * DAY,
+            t - 20 * DAY,
+            t - 20 * DAY,
+        ));
+        insert(&client, "ctw", &rows).await.unwrap();
+
+        assert_eq!(prune(&client, "ctw", cutoff).await.unwrap(), 22);
+        // The mutation runs in the background.
+        let left = || {
+            ch.must("SELECT node, collector_id, updated_ns FROM ctw.ctw_leases ORDER BY node FORMAT TSV")
+        };
+        ctw_testkit::eventually(Duration::from_secs(60), "old lease rows deleted", || {
+            left().lines().count() == 2
+        })
+        .await;
+        assert_eq!(
+            left(),
+            format!("n1\tc-now\t{}\nn3\tc1\t{}\n", t - S, t - 13 * DAY)
+        );
+        // Nothing left to delete: no mutation asked for.
+        assert_eq!(prune(&client, "ctw", cutoff).await.unwrap(), 0);
+        let mutations = ch.must("SELECT count() FROM system.mutations WHERE table = 'ctw_leases'");
+        assert_eq!(mutations.trim(), "1");
     }
 
     #[test]

@@ -122,7 +122,7 @@ fn ch_err(what: &str, e: clickhouse::error::Error) -> StoreError {
 }
 
 /// A ClickHouse string literal (no `?` in it: the client binds those).
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('\'');
     for c in s.chars() {
