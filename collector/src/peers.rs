@@ -11,9 +11,21 @@
 //! collector's view of the agent as the JSON of
 //! [`AgentInfo`]). It writes them at once when a stream starts or ends
 //! (an ended stream's lease expires at once) and renews them every
-//! `replicas.renew_interval_ms` with an expiry of `lease_ttl_ms` ahead;
-//! it reads the whole table back at the same pace (one row per node and
-//! collector: `ReplacingMergeTree` keeps the newest, reads take `argMax`).
+//! `replicas.renew_interval_ms` with an expiry of `lease_ttl_ms` ahead.
+//! The table holds a row per node and collector id that held it
+//! (`ReplacingMergeTree` keeps the newest, reads take `argMax`), and rows
+//! past the records' `retention_days` are deleted hourly ([`prune`]), so
+//! it holds nodes × collector ids that held each within the retention
+//! (each rollout adds ids: pod names).
+//!
+//! At the same pace each collector reads back only the rows the rules
+//! need ([`read_sql`]): per node its newest row and its unexpired ones
+//! (one row, two while a stream is taken over), plus, for a stream that
+//! just started here, the node's newest row written before it. A read is
+//! so about one row per node (~800 bytes: ~600 of [`AgentInfo`] JSON, the
+//! ids, address and times; 5,000 nodes ≈ 4 MB), however many collector
+//! ids ever held the nodes; the server scans the table's small columns
+//! (node, collector id, times) to choose them.
 //!
 //! The holder of a node's stream ([`holder`]) is, among its unexpired
 //! leases, the one whose stream started last: an agent that reconnects to
