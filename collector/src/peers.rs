@@ -183,27 +183,35 @@ pub fn create_table_sql(db: &str) -> String {
 ///   collector since the last read), the pair written last before
 ///   `connected_ns` ([`restart_gap`]).
 ///
+/// With `now_ns` `None`, only the last kind (the further chunks of
+/// [`read_leases`]).
+///
 /// So a read returns about one row per node (two while a stream is being
 /// taken over), however many collector ids ever held a node, and the
 /// rules answer as over the whole table. Columns in the order of
 /// [`Lease`]'s fields.
-fn read_sql(db: &str, since_ns: u64, now_ns: u64, started: &[(String, u64)]) -> String {
+fn read_sql(db: &str, since_ns: u64, now_ns: Option<u64>, started: &[(String, u64)]) -> String {
     let pairs = format!(
         "SELECT node, collector_id, max(updated_ns) AS u, argMax(expires_ns, updated_ns) AS e \
          FROM {db}.{LEASES} GROUP BY node, collector_id HAVING u >= {since_ns}"
     );
-    let mut wanted = format!(
-        "SELECT node, collector_id AS c FROM ({pairs}) WHERE e > {now_ns} \
-         UNION ALL SELECT node, argMax(collector_id, u) AS c FROM ({pairs}) GROUP BY node"
-    );
+    let mut wanted = Vec::new();
+    if let Some(now_ns) = now_ns {
+        wanted.push(format!(
+            "SELECT node, collector_id AS c FROM ({pairs}) WHERE e > {now_ns}"
+        ));
+        wanted.push(format!(
+            "SELECT node, argMax(collector_id, u) AS c FROM ({pairs}) GROUP BY node"
+        ));
+    }
     if !started.is_empty() {
         let nodes: Vec<String> = started.iter().map(|(n, _)| quote(n)).collect();
         let cuts: Vec<String> = started
             .iter()
             .map(|(_, c)| format!("toUInt64({c})"))
             .collect();
-        wanted.push_str(&format!(
-            " UNION ALL SELECT node, argMax(collector_id, u) AS c FROM ({pairs}) \
+        wanted.push(format!(
+            "SELECT node, argMax(collector_id, u) AS c FROM ({pairs}) \
              WHERE u < transform(node, [{}], [{}], toUInt64(0)) GROUP BY node",
             nodes.join(", "),
             cuts.join(", ")
@@ -214,12 +222,21 @@ fn read_sql(db: &str, since_ns: u64, now_ns: u64, started: &[(String, u64)]) -> 
          argMax(boot_id, updated_ns) AS b, argMax(connected_ns, updated_ns) AS c, \
          argMax(expires_ns, updated_ns) AS e, max(updated_ns) AS u, \
          argMax(info, updated_ns) AS i FROM {db}.{LEASES} \
-         WHERE (node, collector_id) IN ({wanted}) GROUP BY node, collector_id \
-         HAVING u >= {since_ns}"
+         WHERE (node, collector_id) IN ({}) GROUP BY node, collector_id \
+         HAVING u >= {since_ns}",
+        wanted.join(" UNION ALL ")
     )
 }
 
-/// Read the lease rows of [`read_sql`] (ClickHouse errors as text).
+/// Started streams asked about per query: the node names keep the SQL
+/// well under ClickHouse's `max_query_size` (256 KiB) even when every
+/// agent reconnects to one collector at once (200 names of up to 253
+/// bytes).
+const RESTARTS_PER_READ: usize = 200;
+
+/// Read the lease rows of [`read_sql`] at `now_ns` (the restart candidates
+/// of `started` [`RESTARTS_PER_READ`] at a time); each (node, collector)
+/// pair once. ClickHouse errors as text.
 async fn read_leases(
     client: &clickhouse::Client,
     db: &str,
@@ -227,11 +244,28 @@ async fn read_leases(
     now_ns: u64,
     started: &[(String, u64)],
 ) -> Result<Vec<Lease>, String> {
-    client
-        .query(&read_sql(db, since_ns, now_ns, started))
-        .fetch_all()
-        .await
-        .map_err(|e| format!("reading {LEASES}: {e}"))
+    let fetch = |sql: String| async move {
+        client
+            .query(&sql)
+            .fetch_all::<Lease>()
+            .await
+            .map_err(|e| format!("reading {LEASES}: {e}"))
+    };
+    let mut chunks = started.chunks(RESTARTS_PER_READ);
+    let first = chunks.next().unwrap_or_default();
+    let mut leases = fetch(read_sql(db, since_ns, Some(now_ns), first)).await?;
+    let mut seen: std::collections::HashSet<(String, String)> = leases
+        .iter()
+        .map(|l| (l.node.clone(), l.collector_id.clone()))
+        .collect();
+    for chunk in chunks {
+        for l in fetch(read_sql(db, since_ns, None, chunk)).await? {
+            if seen.insert((l.node.clone(), l.collector_id.clone())) {
+                leases.push(l);
+            }
+        }
+    }
+    Ok(leases)
 }
 
 /// Delete the lease rows written before `cutoff_ns` (the retention): the
@@ -1022,7 +1056,7 @@ mod tests {
     fn sql_reads_the_newest_row_of_the_pairs_the_rules_need() {
         let c = create_table_sql("ctw");
         assert!(c.contains("ReplacingMergeTree(updated_ns) ORDER BY (node, collector_id)"));
-        let r = read_sql("ctw", 7, 9, &[]);
+        let r = read_sql("ctw", 7, Some(9), &[]);
         assert!(r.ends_with("GROUP BY node, collector_id HAVING u >= 7"));
         assert!(r.contains("WHERE e > 9 UNION ALL"));
         assert!(!r.contains("transform"));
@@ -1030,8 +1064,12 @@ mod tests {
         assert!(r.find("argMax(grpc_addr").unwrap() < r.find("argMax(boot_id").unwrap());
         assert!(r.find("max(updated_ns) AS u,").unwrap() < r.find("argMax(info").unwrap());
         // Node names are quoted literals.
-        let r = read_sql("ctw", 7, 9, &[("it's".into(), 5)]);
+        let r = read_sql("ctw", 7, Some(9), &[("it's".into(), 5)]);
         assert!(r.contains(r"transform(node, ['it\'s'], [toUInt64(5)], toUInt64(0))"));
+        // A further chunk: the restart candidates only.
+        let r = read_sql("ctw", 7, None, &[("a".into(), 5)]);
+        assert!(!r.contains("WHERE e >") && !r.contains("UNION ALL"));
+        assert!(r.contains("transform(node, ['a'], [toUInt64(5)], toUInt64(0))"));
     }
 
     /// A private ClickHouse server with the lease table in `ctw`, and a
@@ -1143,7 +1181,14 @@ mod tests {
         assert_eq!(total, 4 * 61 + 8);
 
         let started = 2 * S;
-        let leases = read_leases(&client, "ctw", since, t, &[("n4".into(), t - started)])
+        // Streams that started here: hundreds of nodes never seen (a
+        // collector that every agent reconnects to at once: more than one
+        // query's worth, names with quotes and `?`), n4 last.
+        let mut streams: Vec<(String, u64)> = (0..450)
+            .map(|i| (format!("it's-node?{i:0>200}"), t - started))
+            .collect();
+        streams.push(("n4".into(), t - started));
+        let leases = read_leases(&client, "ctw", since, t, &streams)
             .await
             .unwrap();
         let mut per_node: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
