@@ -70,7 +70,25 @@ pub fn from_status(status: u16, body: &serde_json::Value) -> CliError {
         .and_then(|a| a.parameter)
         .map(|p| format!(" (parameter {p})"))
         .unwrap_or_default();
-    let text = format!("HTTP {status}: {msg}{param}");
+    // A live lookup that no agent answered (502/504) lists each failure
+    // (with replicas, the collector that could not be reached) and the
+    // agents that did not have the entry.
+    let list = |key: &str| -> Vec<&str> {
+        body.get(key)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+            .unwrap_or_default()
+    };
+    let mut detail = String::new();
+    let failures = list("failures");
+    if !failures.is_empty() {
+        detail.push_str(&format!(": {}", failures.join("; ")));
+    }
+    let not_found = list("not_found");
+    if !not_found.is_empty() {
+        detail.push_str(&format!("; not found on {}", not_found.join(", ")));
+    }
+    let text = format!("HTTP {status}: {msg}{param}{detail}");
     match status {
         400 => CliError::usage(format!("the collector refused the request: {text}")),
         401 => CliError::server(format!(
@@ -85,6 +103,31 @@ pub fn from_status(status: u16, body: &serde_json::Value) -> CliError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_lookup_that_no_agent_answered_names_each_failure() {
+        // The collector's 502 lists why each agent could not answer (with
+        // replicas: which collector could not be reached); ctw printed only
+        // "no agent found the entry and some could not answer".
+        let e = from_status(
+            502,
+            &json!({
+                "error": "no agent found the entry and some could not answer",
+                "not_found": ["n3"],
+                "failures": [
+                    "n1: agent error: via collector c2 (198.18.0.10:9359): tcp connect error",
+                    "n2: timeout"
+                ]
+            }),
+        );
+        assert_eq!(e.exit, Exit::Server);
+        assert!(
+            e.message.contains("via collector c2 (198.18.0.10:9359)")
+                && e.message.contains("n2: timeout")
+                && e.message.contains("not found on n3"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn statuses_map_to_exit_codes() {

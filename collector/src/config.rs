@@ -405,6 +405,12 @@ impl ConfigFile for Config {
                 self.http.max_limit
             ));
         }
+        if !(100..=600_000).contains(&self.lookup.timeout_ms) {
+            return bad(format!(
+                "lookup.timeout_ms: must be 100-600000, got {}",
+                self.lookup.timeout_ms
+            ));
+        }
         if self.lookup.max_concurrency == 0 {
             return bad("lookup.max_concurrency: must be at least 1, got 0".into());
         }
@@ -421,6 +427,16 @@ impl ConfigFile for Config {
             if v == 0 {
                 return bad(format!("{key}: must be at least 1, got 0"));
             }
+        }
+        if self.kubernetes.enabled == KubernetesEnabled::True
+            && self.kubernetes.history_dir.is_none()
+            && self.storage.local_dir().is_none()
+        {
+            return bad(
+                "kubernetes.history_dir: required with kubernetes.enabled true and \
+                 storage.backend clickhouse (the pod history's journal needs a local directory)"
+                    .into(),
+            );
         }
         if let Some(r) = &self.replicas {
             if !matches!(self.storage, Storage::ClickHouse(_)) {
@@ -446,11 +462,20 @@ impl ReplicasConfig {
             }
         }
         if let Some(a) = &self.advertise_addr {
+            // A host name, an IPv4 address or a bracketed IPv6 address: an
+            // IPv6 address without brackets is no URI authority to dial.
+            let host_ok = |h: &str| {
+                !h.is_empty()
+                    && (!h.contains(':')
+                        || h.strip_prefix('[')
+                            .and_then(|h| h.strip_suffix(']'))
+                            .is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok()))
+            };
             match a.rsplit_once(':') {
-                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                Some((h, p)) if host_ok(h) && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
                 _ => {
                     return bad(format!(
-                        "replicas.advertise_addr: expected host:port, got {a:?}"
+                        "replicas.advertise_addr: expected host:port or [IPv6]:port, got {a:?}"
                     ))
                 }
             }
@@ -692,6 +717,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("replicas") && e.contains("clickhouse"), "{e}");
+    }
+
+    #[test]
+    fn lookup_timeout_and_peer_address_are_checked() {
+        // A timeout of 0 never waits; u64::MAX overflowed the forwarded
+        // lookups' timeout (twice it plus 1 s) at start.
+        for v in ["0", "99", "600001", "18446744073709551615"] {
+            let e = Config::parse(&format!("{MIN}lookup:\n  timeout_ms: {v}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("lookup.timeout_ms") && e.contains(v), "{v}: {e}");
+        }
+        for v in ["100", "600000"] {
+            Config::parse(&format!("{MIN}lookup:\n  timeout_ms: {v}\n")).unwrap();
+        }
+        let ch = MIN.replace(
+            "  path: /tmp/x\n",
+            "  backend: clickhouse\n  url: http://127.0.0.1:8123\n",
+        );
+        // An IPv6 address without brackets is no address a peer can dial.
+        let e = Config::parse(&format!(
+            "{ch}replicas:\n  advertise_addr: \"fd00::1:9359\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("replicas.advertise_addr"), "{e}");
+        for ok in [
+            "\"[fd00::1]:9359\"",
+            "ctw-collector-0.ctw:9359",
+            "198.18.0.1:9359",
+        ] {
+            Config::parse(&format!("{ch}replicas:\n  advertise_addr: {ok}\n"))
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_pod_watch_on_clickhouse_needs_a_history_dir() {
+        let ch = MIN.replace(
+            "  path: /tmp/x\n",
+            "  backend: clickhouse\n  url: http://127.0.0.1:8123\n",
+        );
+        // --check said valid, the start then failed on it.
+        let e = Config::parse(&format!("{ch}kubernetes:\n  enabled: true\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kubernetes.history_dir"), "{e}");
+        Config::parse(&format!(
+            "{ch}kubernetes:\n  enabled: true\n  history_dir: /var/lib/ctw/pods\n"
+        ))
+        .unwrap();
+        // auto (in a cluster or not, known only at start) and false pass.
+        Config::parse(&format!("{ch}kubernetes:\n  enabled: auto\n")).unwrap();
+        Config::parse(&format!("{ch}kubernetes:\n  enabled: false\n")).unwrap();
+        Config::parse(&format!("{MIN}kubernetes:\n  enabled: true\n")).unwrap();
     }
 
     #[test]

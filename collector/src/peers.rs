@@ -130,16 +130,15 @@ pub fn holder<'a>(leases: &'a [Lease], node: &str, now: u64) -> Option<&'a Lease
 
 /// The `agent_restarted` gap of `a`'s stream that started on this
 /// collector at `connected_ns`, from the lease table as it was before: the
-/// node's newest lease written before the stream started names another
-/// boot id, so the agent restarted since (capture was down): a gap from
-/// that lease's last write to the stream's start. `None` when this
-/// collector had seen the agent before (`connections > 1`: the registry
-/// compares boot ids itself and records the gap, `Registry::connect`), or
-/// the boot id is the same (a reconnect: the agent replays its spool).
+/// node's newest lease written before the stream started (by any
+/// collector) names another boot id, so the agent restarted since (capture
+/// was down): a gap from that lease's last write to the stream's start.
+/// `None` when the boot id is the same (a reconnect: the agent replays its
+/// spool) or the node has no earlier lease. Also for an agent this
+/// collector saw before: with replicas the registry leaves restart gaps to
+/// the leases ([`Registry::leave_restart_gaps_to_leases`]), since the agent
+/// may have restarted, and been recorded, while it streamed elsewhere.
 pub fn restart_gap(leases: &[Lease], a: &AgentInfo, connected_ns: u64) -> Option<Gap> {
-    if a.connections > 1 {
-        return None;
-    }
     let last = leases
         .iter()
         .filter(|l| l.node == a.node && l.updated_ns < connected_ns)
@@ -431,6 +430,7 @@ impl Peers {
                 .to_string(),
             None => String::new(),
         };
+        registry.leave_restart_gaps_to_leases();
         let client = clickhouse::Client::default()
             .with_url(&ch.url)
             .with_user(&ch.user)
@@ -1046,8 +1046,16 @@ mod tests {
         );
         // Same process: it replays its spool, no gap.
         assert!(restart_gap(&ls, &info("b", 1), 500).is_none());
-        // Seen here before: the registry compared boot ids itself.
-        assert!(restart_gap(&ls, &info("b2", 2), 500).is_none());
+        // Seen here before: the leases decide too (the registry leaves
+        // restart gaps to them with replicas). Its last lease names "b":
+        // it restarted since.
+        let g = restart_gap(&ls[..1], &info("b2", 2), 500).unwrap();
+        assert_eq!((g.from_ns, g.to_ns), (400, 500));
+        // It restarted while streaming to c2 (c2 recorded that gap), then
+        // came back here as "b2": no gap, whatever this collector saw last.
+        let mut flapped = ls.clone();
+        flapped[1].boot_id = "b2".into();
+        assert!(restart_gap(&flapped, &info("b2", 2), 700).is_none());
         // Never seen anywhere.
         assert!(restart_gap(&[], &info("b2", 1), 500).is_none());
     }

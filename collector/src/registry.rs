@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -127,6 +127,9 @@ pub struct Registry {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     metrics: Metrics,
+    /// With collector replicas: [`Registry::connect`] returns no
+    /// `agent_restarted` gap (the lease table decides, `peers::restart_gap`).
+    restart_gaps_from_leases: AtomicBool,
 }
 
 /// What Hello told about an agent (see `pb::Hello`).
@@ -178,7 +181,18 @@ impl Registry {
             inner: Mutex::new(Inner::default()),
             next_id: AtomicU64::new(1),
             metrics,
+            restart_gaps_from_leases: AtomicBool::new(false),
         }
+    }
+
+    /// With collector replicas: leave `agent_restarted` gaps to the lease
+    /// table (`peers::restart_gap`). This registry only knows the agent's
+    /// streams to this collector: an agent that left with one boot id and
+    /// comes back with another may have restarted while it streamed to
+    /// another collector, which recorded that gap; the time since it left
+    /// here was not lost.
+    pub fn leave_restart_gaps_to_leases(&self) {
+        self.restart_gaps_from_leases.store(true, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -239,7 +253,9 @@ impl Registry {
         // boot id means the agent restarted: capture was down from its last
         // contact until now.
         let away_since = agent.disconnected_since.take();
-        let restarted = !agent.boot_id.is_empty() && agent.boot_id != hello.boot_id;
+        let restarted = !agent.boot_id.is_empty()
+            && agent.boot_id != hello.boot_id
+            && !self.restart_gaps_from_leases.load(Ordering::Relaxed);
         let gap = match (restarted, away_since.or(agent.last_seen)) {
             (true, Some(from)) => Some(Gap {
                 node: node.to_string(),
@@ -589,6 +605,26 @@ mod tests {
             reply_tuple: true,
             zone: None,
         }
+    }
+
+    #[test]
+    fn with_replicas_restart_gaps_are_left_to_the_leases() {
+        // The agent left this collector with boot "b", restarted while it
+        // streamed to another collector (which recorded the restart), and
+        // came back here days later: this registry's last sight of it says
+        // nothing of the time in between.
+        let r = Registry::new(Metrics::new());
+        r.leave_restart_gaps_to_leases();
+        let (tx, _rx) = mpsc::channel(4);
+        let (t, gap) = r.connect("a", hello(&[]), tx);
+        assert!(gap.is_none());
+        r.disconnect(&t);
+        let mut h = hello(&[]);
+        h.boot_id = "b2".into();
+        let (tx, _rx) = mpsc::channel(4);
+        let (_t, gap) = r.connect("a", h, tx);
+        assert_eq!(gap, None);
+        assert!(r.open_gaps().is_empty());
     }
 
     #[test]
