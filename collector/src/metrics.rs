@@ -85,6 +85,10 @@ pub struct Metrics {
     pub lookups_forwarded: IntCounterVec,
     /// Rounds of writing or reading the lease table that failed (replicas).
     pub lease_errors: IntCounter,
+    /// This collector's clock minus the ClickHouse server's, in whole
+    /// seconds (replicas; measured every minute, ±1 s): leases compare
+    /// wall clocks, so collectors must agree within a few seconds.
+    pub clock_offset: IntGauge,
     /// Loss reports received, by `node`.
     pub loss_reports: IntCounterVec,
     /// Events or records agents reported lost, by `node`.
@@ -311,6 +315,11 @@ impl Metrics {
                 &r,
                 "ctw_collector_lease_errors_total",
                 "Rounds of writing or reading the replicas' lease table that failed",
+            ),
+            clock_offset: gauge(
+                &r,
+                "ctw_collector_clock_offset_seconds",
+                "This collector's clock minus the ClickHouse server's, in seconds (replicas)",
             ),
             loss_reports: counter_vec(
                 &r,

@@ -160,6 +160,37 @@ fn newest<'a>(leases: &'a [Lease], node: &str) -> Option<&'a Lease> {
         .max_by_key(|l| l.updated_ns)
 }
 
+/// How often the clock is compared with the ClickHouse server's.
+const CLOCK_EVERY: Duration = Duration::from_secs(60);
+/// A clock offset above this is logged: a lease written by a collector
+/// that far behind looks that much closer to expiring to the others (the
+/// margin is `lease_ttl_ms - renew_interval_ms`, 12 s by default).
+const MAX_CLOCK_OFFSET_S: u64 = 2;
+
+/// This host's clock minus the ClickHouse server's `now()`, in whole
+/// seconds (±1: `now()` has one-second resolution on 18.16), taken at the
+/// middle of the query's round trip.
+async fn clock_offset_s(client: &clickhouse::Client) -> Result<i64, String> {
+    let before = now_ns();
+    let server_s: u64 = client
+        .query("SELECT toUInt64(now())")
+        .fetch_one()
+        .await
+        .map_err(|e| format!("reading ClickHouse's clock: {e}"))?;
+    let mid_ns = before / 2 + now_ns() / 2;
+    Ok(offset_s(mid_ns, server_s))
+}
+
+/// `local_ns` minus a server time truncated to the second, rounded to
+/// whole seconds.
+fn offset_s(local_ns: u64, server_s: u64) -> i64 {
+    // The server's second covers [server_s, server_s + 1): compare with
+    // its middle.
+    let server_mid_ns = i128::from(server_s) * 1_000_000_000 + 500_000_000;
+    let d = i128::from(local_ns) - server_mid_ns;
+    ((d + d.signum() * 500_000_000) / 1_000_000_000) as i64
+}
+
 /// `CREATE TABLE` of the lease table in `db` (18.16 and later).
 pub fn create_table_sql(db: &str) -> String {
     format!(
@@ -672,7 +703,9 @@ impl Peers {
         let mut table = false;
         let mut next_renew = tokio::time::Instant::now();
         let mut next_prune = tokio::time::Instant::now();
+        let mut next_clock = tokio::time::Instant::now();
         let log = ctw_common::ratelimit::RateLimiter::new(Duration::from_secs(60));
+        let clock_log = ctw_common::ratelimit::RateLimiter::new(Duration::from_secs(600));
         loop {
             if *stop.borrow() {
                 break;
@@ -697,6 +730,31 @@ impl Peers {
                         self.metrics.lease_errors.inc();
                         if let Some(suppressed) = log.allow() {
                             tracing::warn!(error = %e, suppressed, "lease table not written or read (ClickHouse)");
+                        }
+                    }
+                }
+            }
+            if now >= next_clock {
+                next_clock = now + CLOCK_EVERY;
+                match clock_offset_s(&client).await {
+                    Ok(offset) => {
+                        self.metrics.clock_offset.set(offset);
+                        if offset.unsigned_abs() > MAX_CLOCK_OFFSET_S {
+                            if let Some(suppressed) = clock_log.allow() {
+                                tracing::warn!(
+                                    offset_seconds = offset,
+                                    suppressed,
+                                    "this collector's clock differs from ClickHouse's by more than {MAX_CLOCK_OFFSET_S} s: \
+                                     leases compare wall clocks, so other collectors may see this one's agents \
+                                     as disconnected (or it theirs); synchronise the clocks (NTP)"
+                                );
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.lease_errors.inc();
+                        if let Some(suppressed) = log.allow() {
+                            tracing::warn!(error = %e, suppressed, "clock not compared with ClickHouse's");
                         }
                     }
                 }
@@ -1330,6 +1388,17 @@ mod tests {
         assert_eq!(prune(&client, "ctw", cutoff).await.unwrap(), 0);
         let mutations = ch.must("SELECT count() FROM system.mutations WHERE table = 'ctw_leases'");
         assert_eq!(mutations.trim(), "1");
+    }
+
+    #[test]
+    fn clock_offset_is_rounded_to_whole_seconds_around_the_servers_second() {
+        let s = 1_700_000_000u64;
+        // Local clock inside the server's second: no offset.
+        assert_eq!(offset_s(s * 1_000_000_000 + 100_000_000, s), 0);
+        assert_eq!(offset_s(s * 1_000_000_000 + 900_000_000, s), 0);
+        // 20 s ahead, 20 s behind.
+        assert_eq!(offset_s((s + 20) * 1_000_000_000 + 500_000_000, s), 20);
+        assert_eq!(offset_s((s - 20) * 1_000_000_000 + 500_000_000, s), -20);
     }
 
     #[test]
