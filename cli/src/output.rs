@@ -161,6 +161,8 @@ pub fn agents_table(v: &AgentsAnswer) -> String {
                     Some(l) => format!("{l:.3}s"),
                     None => "-".into(),
                 },
+                opt(a.last_heartbeat.as_deref()),
+                a.live_entries.map_or_else(|| "-".into(), |n| n.to_string()),
                 a.records_stored.to_string(),
                 a.events_lost.to_string(),
             ]
@@ -174,6 +176,8 @@ pub fn agents_table(v: &AgentsAnswer) -> String {
             "VERSION",
             "LAST BATCH",
             "LAG",
+            "LAST HEARTBEAT",
+            "LIVE",
             "RECORDS",
             "LOST",
         ],
@@ -412,7 +416,8 @@ mod tests {
 
         let a: AgentsAnswer = serde_json::from_value(json!({"agents": [
             agent(json!({"node": "n1", "connected": true, "addresses": ["198.18.0.1", "fd00::1"],
-             "lag_seconds": 0.0123, "records_stored": 5})),
+             "lag_seconds": 0.0123, "records_stored": 5,
+             "last_heartbeat": "2024-12-09T07:06:00.000Z", "live_entries": 12})),
             agent(json!({"node": "n2", "disconnected_since": "2024-12-09T07:00:00.000Z"}))
         ]}))
         .unwrap();
@@ -420,6 +425,15 @@ mod tests {
         assert!(a.contains("n1    yes"), "{a}");
         assert!(a.contains("198.18.0.1,fd00::1"), "{a}");
         assert!(a.contains("0.012s"), "{a}");
+        // Heartbeat and live entries; an agent without heartbeats (older
+        // version, fields absent) shows "-".
+        assert!(a.contains("LAST HEARTBEAT            LIVE"), "{a}");
+        assert!(a.contains("2024-12-09T07:06:00.000Z  12 "), "{a}");
+        let n2 = a.lines().find(|l| l.starts_with("n2")).unwrap();
+        assert!(
+            n2.contains(" -  ") && n2.contains(" -                         - "),
+            "{a}"
+        );
         assert!(a.contains("no (since 2024-12-09T07:00:00.000Z)"), "{a}");
     }
 

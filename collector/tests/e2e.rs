@@ -239,3 +239,79 @@ fn killed_and_stopped_collector_loses_and_duplicates_nothing() {
     );
     drop(again);
 }
+
+/// A heartbeat's time from `/api/v1/agents` (RFC 3339), as ns since the epoch.
+fn heartbeat_ns(a: &Value) -> Option<u64> {
+    let t = chrono::DateTime::parse_from_rfc3339(a["last_heartbeat"].as_str()?).ok()?;
+    u64::try_from(t.timestamp_nanos_opt()?).ok()
+}
+
+#[test]
+fn an_idle_agent_heartbeats_with_its_live_entries() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::start(1, None, "  heartbeat_interval_ms: 500\n", "");
+    // One connection held open: node-0's table holds exactly one watched
+    // entry, and the agent has captured it.
+    let srv = IpAddr::V4(c.topo.srv_ip4());
+    let (pid, lport) = c.topo.hold_tcp(0, srv, 80);
+    let newest = wait_for(WAIT, "the held connection in node-0's log", || {
+        c.agents[0]
+            .records("new_connection")
+            .into_iter()
+            .find(|v| v["src_port"] == lport)
+    });
+    let kernel: Vec<String> = c
+        .topo
+        .conntrack_on(0, &["-L", "-p", "tcp", "--dport", "80"])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(kernel.len(), 1, "{kernel:?}");
+    assert!(kernel[0].contains(&format!("sport={lport} ")), "{kernel:?}");
+    // From now on no traffic: only heartbeats can move last_heartbeat.
+    let since = ctw_common::now_ns();
+    let agent = |c: &Cluster| {
+        let (_, v) = c.collector.api("/api/v1/agents");
+        v["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["node"] == "node-0").cloned())
+            .unwrap_or_default()
+    };
+    let first = wait_for(WAIT, "a heartbeat newer than the wait", || {
+        let a = agent(&c);
+        (heartbeat_ns(&a)? > since).then_some(a)
+    });
+    let at_first = heartbeat_ns(&first).unwrap_or(0);
+    let second = wait_for(WAIT, "the next heartbeat", || {
+        let a = agent(&c);
+        (heartbeat_ns(&a)? > at_first).then_some(a)
+    });
+    for a in [&first, &second] {
+        assert_eq!(a["connected"], true, "{a:#}");
+        assert_eq!(a["heartbeat_interval_seconds"], 0.5, "{a:#}");
+        assert_eq!(a["live_entries"], kernel.len(), "{a:#}");
+        // The newest record is the held connection's NEW (the log's ts is
+        // the record's event time, to the millisecond).
+        let logged = chrono::DateTime::parse_from_str(
+            newest["ts"].as_str().unwrap_or_default(),
+            "%Y-%m-%dT%H:%M:%S%.3f%z",
+        )
+        .map(|t| t.timestamp_millis())
+        .unwrap_or_else(|e| panic!("ts: {e}: {newest}"));
+        let said =
+            chrono::DateTime::parse_from_rfc3339(a["last_event_at"].as_str().unwrap_or_default())
+                .map(|t| t.timestamp_millis())
+                .unwrap_or_else(|e| panic!("last_event_at: {e}: {a:#}"));
+        assert_eq!(said, logged, "{a:#} {newest}");
+        let agent_time = chrono::DateTime::parse_from_rfc3339(
+            a["heartbeat_agent_time"].as_str().unwrap_or_default(),
+        )
+        .map(|t| t.timestamp_nanos_opt().unwrap_or(0) as u64)
+        .unwrap_or(0);
+        assert!(agent_time > since, "{a:#}");
+    }
+    c.topo.kill(pid);
+}

@@ -699,8 +699,12 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     );
 
     // Agents: both nodes, connected, idle (no traffic since), their stream
-    // shown as connected rather than a stale "last seen", no empty lag.
+    // shown as connected rather than a stale "last seen", no empty lag; the
+    // last heartbeat arrived after the page started waiting (no traffic:
+    // only heartbeats can advance it) and says what the agent holds.
     let agents_seen = v["agents"].as_array().expect("agents rows");
+    let wait_started = chrono::DateTime::parse_from_rfc3339(text(&v["agents_wait_started"]))
+        .unwrap_or_else(|e| panic!("agents_wait_started: {e}: {v:#}"));
     for n in ["node-0", "node-1"] {
         let a = agents_seen
             .iter()
@@ -710,7 +714,13 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         assert_eq!(a["idle"], true, "{a}");
         assert_eq!(a["lag"], "idle", "{a}");
         assert!(text(&a["stream"]).starts_with("connected since "), "{a}");
-        assert!(text(&a["stream"]).contains("idle: last batch "), "{a}");
+        assert!(text(&a["stream"]).contains("idle: last heartbeat "), "{a}");
+        assert!(text(&a["stream"]).contains(", last batch "), "{a}");
+        let beat = chrono::DateTime::parse_from_rfc3339(text(&a["heartbeat_at"]))
+            .unwrap_or_else(|e| panic!("heartbeat_at: {e}: {a}"));
+        assert!(beat > wait_started, "{beat} not after {wait_started}: {a}");
+        assert!(text(&a["heartbeat"]).contains("every 10 s, "), "{a}");
+        assert!(text(&a["heartbeat"]).contains("newest record "), "{a}");
         assert!(!text(&a["text"]).contains("last seen"), "{a}");
     }
     assert!(text(&v["agents_summary"]).contains("2 idle"), "{v:#}");

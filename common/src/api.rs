@@ -625,6 +625,26 @@ pub struct AgentInfo {
     pub events_lost: u64,
     /// Streams this agent opened since the collector started.
     pub connections: u64,
+    /// When the collector received the agent's last heartbeat (its stream's
+    /// proof of life, sent also when there is nothing else to send). This
+    /// and the `heartbeat_*`, `live_entries` and `last_event_at` fields are
+    /// absent for agents that send no heartbeats (older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    /// The agent's interval between heartbeats, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_seconds: Option<f64>,
+    /// The agent's own clock in its last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_agent_time: Option<String>,
+    /// Conntrack entries of watched ports the agent believed alive at its
+    /// last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_entries: Option<u64>,
+    /// Event time of the newest record the agent had captured at its last
+    /// heartbeat (absent also when it had captured none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_at: Option<String>,
 }
 
 /// `/healthz` (`ok`) and `/readyz` (`ready`).
