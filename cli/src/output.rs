@@ -83,7 +83,9 @@ pub fn pod_cell(f: &PodFields) -> String {
 }
 
 /// The rows of `GET /api/v1/connections`; a `NAMESPACE/POD (WORKLOAD)`
-/// column when the collector names pods (kubernetes on).
+/// column when the collector names pods (kubernetes on). `STATE` is the
+/// record's (a NEW's: at the first packet), `LAST STATE` the state the
+/// connection was last known in (its DESTROY's; `-` when not known).
 pub fn search_table(v: &SearchAnswer) -> String {
     let with_at = v.at.is_some();
     let with_pods = v.records.iter().any(|r| r.pod_fields.is_some());
@@ -96,6 +98,7 @@ pub fn search_table(v: &SearchAnswer) -> String {
         "SNAT",
         "END",
         "STATE",
+        "LAST STATE",
     ];
     if with_pods {
         header.insert(3, "NAMESPACE/POD (WORKLOAD)");
@@ -121,6 +124,7 @@ pub fn search_table(v: &SearchAnswer) -> String {
                     (Some(e), _) => e.clone(),
                 },
                 opt(r.state.as_deref()),
+                opt(r.end_state.as_deref()),
             ];
             if with_pods {
                 row.insert(3, r.pod_fields.as_ref().map_or("-".into(), pod_cell));
@@ -359,7 +363,7 @@ mod tests {
                 "start": "2024-12-09T07:05:00.000Z", "node": "node-a", "protocol": "tcp",
                 "src_ip": "10.244.1.7", "src_port": 40000, "dst_ip": "fd00::2", "dst_port": 443,
                 "snat_ip": "198.18.0.1", "snat_port": 45000, "alive_at": true,
-                "end": "2024-12-09T07:05:10.000Z", "state": "TIME_WAIT"
+                "end": "2024-12-09T07:05:10.000Z", "state": "SYN_SENT", "end_state": "TIME_WAIT"
             })), conn(json!({
                 "start": "2024-12-09T07:06:00.000Z", "node": "node-b", "protocol": "udp",
                 "src_ip": "10.244.2.8", "src_port": 5, "dst_ip": "1.1.1.1", "dst_port": 53,
@@ -375,7 +379,8 @@ mod tests {
             "{t}"
         );
         assert!(lines[1].contains("10.244.1.7:40000  [fd00::2]:443"), "{t}");
-        assert!(lines[1].ends_with("TIME_WAIT  yes"), "{t}");
+        assert!(lines[1].ends_with("SYN_SENT  TIME_WAIT   yes"), "{t}");
+        assert!(lines[0].contains(" STATE     LAST STATE  ALIVE@AT"), "{t}");
         assert!(
             lines[2].contains(" open ") && lines[2].ends_with("no"),
             "{t}"

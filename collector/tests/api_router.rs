@@ -309,44 +309,45 @@ async fn search_answer_snapshot() {
     snapshot(
         &v,
         expect![[r#"
-        {
-          "at": "2024-12-09T07:05:01.500Z",
-          "complete": false,
-          "from": "2024-12-09T07:03:01.500Z",
-          "gaps": [
             {
-              "count": 3,
-              "from": "2024-12-09T07:06:00.000Z",
-              "node": "node-b",
-              "reason": "kernel_drop",
-              "to": "2024-12-09T07:07:00.000Z"
-            }
-          ],
-          "limit": 100,
-          "records": [
-            {
-              "alive_at": true,
-              "dst_ip": "198.19.0.2",
-              "dst_port": 80,
-              "duration_ms": 2000,
-              "end": "2024-12-09T07:05:02.000Z",
-              "end_kind": "destroy",
-              "kind": "new",
-              "node": "node-a",
-              "protocol": "tcp",
-              "snat_ip": "198.18.0.1",
-              "snat_port": 40001,
-              "src_ip": "10.244.1.7",
-              "src_port": 1000,
-              "start": "2024-12-09T07:05:00.000Z",
-              "state": "SYN_SENT",
-              "ts": "2024-12-09T07:05:00.000Z"
-            }
-          ],
-          "returned": 1,
-          "to": "2024-12-09T07:07:01.500Z",
-          "total": 1
-        }"#]],
+              "at": "2024-12-09T07:05:01.500Z",
+              "complete": false,
+              "from": "2024-12-09T07:03:01.500Z",
+              "gaps": [
+                {
+                  "count": 3,
+                  "from": "2024-12-09T07:06:00.000Z",
+                  "node": "node-b",
+                  "reason": "kernel_drop",
+                  "to": "2024-12-09T07:07:00.000Z"
+                }
+              ],
+              "limit": 100,
+              "records": [
+                {
+                  "alive_at": true,
+                  "dst_ip": "198.19.0.2",
+                  "dst_port": 80,
+                  "duration_ms": 2000,
+                  "end": "2024-12-09T07:05:02.000Z",
+                  "end_kind": "destroy",
+                  "end_state": "CLOSE",
+                  "kind": "new",
+                  "node": "node-a",
+                  "protocol": "tcp",
+                  "snat_ip": "198.18.0.1",
+                  "snat_port": 40001,
+                  "src_ip": "10.244.1.7",
+                  "src_port": 1000,
+                  "start": "2024-12-09T07:05:00.000Z",
+                  "state": "SYN_SENT",
+                  "ts": "2024-12-09T07:05:00.000Z"
+                }
+              ],
+              "returned": 1,
+              "to": "2024-12-09T07:07:01.500Z",
+              "total": 1
+            }"#]],
     );
     // A range with a gap: incomplete.
     let (_, v) = api

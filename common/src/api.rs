@@ -331,9 +331,20 @@ pub struct ConnectionAnswer {
     pub kind: String,
     /// Kernel start (`CTA_TIMESTAMP_START`) or the record's event time.
     pub start: String,
-    /// TCP state as recorded (absent when not TCP).
+    /// TCP state of the record shown (absent when not TCP): a NEW's is
+    /// the state at the first packet (`SYN_SENT`), a mid-stream NEW's at
+    /// the first packet seen, a recovered record's when the table was
+    /// read, a DESTROY's at the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// The TCP state the connection was last known in: the kernel's state
+    /// in the DESTROY that gave its end (`end_kind` `destroy`), e.g.
+    /// `TIME_WAIT` (closed normally; conntrack dropped the entry after its
+    /// TIME_WAIT timeout, so `end` is that long after the close) or
+    /// `CLOSE` (reset). Absent while open, for other end kinds, and when
+    /// not TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_state: Option<String>,
     /// A TCP NEW picked up mid-stream.
     #[serde(default, skip_serializing_if = "is_false")]
     pub midstream: bool,
