@@ -80,7 +80,13 @@ const resolveRows = () =>
       node: tr.querySelector('td.node').textContent.trim(),
       time: tr.querySelector('td.time')?.textContent.trim() ?? '',
       lifetime: tr.querySelector('td.lifetime')?.innerText.replace(/\s+/g, ' ').trim() ?? '',
-      state: tr.querySelector('td.state')?.textContent.trim() ?? '',
+      // The record's own state, without the connection's last known state.
+      state: (() => {
+        const td = tr.querySelector('td.state')?.cloneNode(true);
+        td?.querySelectorAll('.end-state').forEach((e) => e.remove());
+        return td?.textContent.trim() ?? '';
+      })(),
+      end_state: tr.querySelector('td.state .end-state')?.textContent.trim() ?? '',
       status_text: tr.querySelector('td.status').innerText.replace(/\s+/g, ' ').trim(),
       live_button: !!tr.querySelector('.live-button'),
       text: tr.innerText.replace(/\s+/g, ' ').trim(),

@@ -228,6 +228,16 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         "conntrack -D: {}",
         String::from_utf8_lossy(&del.stderr)
     );
+    // The state the kernel held the entry in when it was deleted (what its
+    // DESTROY carries): conntrack -D prints the entry, the state before
+    // the first `src=`.
+    let deleted = String::from_utf8_lossy(&del.stdout).to_string();
+    let deleted_state = deleted
+        .split_whitespace()
+        .take_while(|w| !w.starts_with("src="))
+        .last()
+        .unwrap_or_else(|| panic!("conntrack -D printed {deleted:?}"))
+        .to_string();
     wait_for(WAIT, "the deleted connection's end", || {
         let (_, v) = collector.api(&query(first));
         v["records"][0]["end"].as_str().map(|_| ())
@@ -441,12 +451,19 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
             );
         }
         if i == 0 {
-            // Deleted above: the kernel's DESTROY is its end.
+            // Deleted above: the kernel's DESTROY is its end, and its
+            // state the last known one.
             assert!(text(&r["lifetime"]).contains("ended (destroy"), "{r}");
+            assert_eq!(
+                r["end_state"],
+                format!("last known state: {deleted_state}"),
+                "{r}"
+            );
             assert_eq!(r["live_button"], false, "{r}");
         } else {
             // In TIME_WAIT (120 s): no DESTROY yet, and not called "open".
             assert!(text(&r["lifetime"]).contains("no end yet"), "{r}");
+            assert_eq!(r["end_state"], "", "{r}");
             assert!(!text(&r["text"]).contains("open"), "{r}");
             assert_eq!(r["live_button"], true, "{r}");
         }
