@@ -83,7 +83,13 @@ const resolveRows = () =>
       node: tr.querySelector('td.node').textContent.trim(),
       time: tr.querySelector('td.time')?.textContent.trim() ?? '',
       lifetime: tr.querySelector('td.lifetime')?.innerText.replace(/\s+/g, ' ').trim() ?? '',
-      state: tr.querySelector('td.state')?.textContent.trim() ?? '',
+      // The record's own state, without the connection's last known state.
+      state: (() => {
+        const td = tr.querySelector('td.state')?.cloneNode(true);
+        td?.querySelectorAll('.end-state').forEach((e) => e.remove());
+        return td?.textContent.trim() ?? '';
+      })(),
+      end_state: tr.querySelector('td.state .end-state')?.textContent.trim() ?? '',
       status_text: tr.querySelector('td.status').innerText.replace(/\s+/g, ' ').trim(),
       live_button: !!tr.querySelector('.live-button'),
       // The pod cell as shown (inlined: this runs in the page).
@@ -279,10 +285,15 @@ try {
   await visible('#page-agents');
   await page.waitForFunction(() => document.querySelectorAll('#agents-table tbody tr').length > 0);
   // No traffic now: the agents are connected and idle (the page refreshes
-  // every 5 s; idle after 10 s without a batch).
+  // every 5 s; idle after 10 s without a batch), with a heartbeat that
+  // arrived after this wait started (they come every 10 s).
+  out.agents_wait_started = new Date().toISOString();
   await page.waitForFunction(
-    () => [...document.querySelectorAll('#agents-table tbody tr')].every((tr) => tr.dataset.idle === 'true'),
-    null,
+    (since) =>
+      [...document.querySelectorAll('#agents-table tbody tr')].every(
+        (tr) => tr.dataset.idle === 'true' && Date.parse(tr.dataset.heartbeat || '') > Date.parse(since),
+      ),
+    out.agents_wait_started,
     { timeout: Number(args.idle_timeout_ms || 60000) },
   );
   out.agents = await page.$$eval('#agents-table tbody tr', (rows) =>
@@ -291,6 +302,8 @@ try {
       connected: tr.dataset.connected === 'true',
       idle: tr.dataset.idle === 'true',
       lag: tr.querySelector('td.lag').textContent.trim(),
+      heartbeat_at: tr.dataset.heartbeat || null,
+      heartbeat: tr.querySelector('td.heartbeat').innerText.replace(/\s+/g, ' ').trim(),
       stream: tr.querySelector('td.stream').innerText.replace(/\s+/g, ' ').trim(),
       text: tr.innerText.replace(/\s+/g, ' ').trim(),
     })),

@@ -96,6 +96,8 @@ pub struct UplinkMetrics {
     pub loss_reports_sent: IntCounter,
     /// Lookup requests from the collector answered.
     pub lookups_answered: IntCounter,
+    /// Heartbeats sent to the collector.
+    pub heartbeats_sent: IntCounter,
 }
 
 impl UplinkMetrics {
@@ -164,6 +166,11 @@ impl UplinkMetrics {
                 r,
                 "ctw_uplink_lookups_answered_total",
                 "Live lookups answered for the collector",
+            ),
+            heartbeats_sent: counter(
+                r,
+                "ctw_uplink_heartbeats_sent_total",
+                "Heartbeats sent to the collector",
             ),
         };
         for reason in Self::DROP_REASONS {

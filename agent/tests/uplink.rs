@@ -158,6 +158,7 @@ struct Seen {
     batches: Vec<(String, u64, Vec<u64>)>,
     losses: Vec<pb::LossReport>,
     replies: Vec<pb::LookupReply>,
+    heartbeats: Vec<pb::Heartbeat>,
 }
 
 impl Seen {
@@ -186,11 +187,20 @@ struct Behaviour {
     /// On the first stream only: after this many batches, fail the stream
     /// without acking anything.
     drop_first_stream_after: Option<usize>,
+    /// Say in HelloAck that heartbeats are taken (a collector older than
+    /// heartbeats says nothing).
+    heartbeats: bool,
 }
 
 const ACKING: Behaviour = Behaviour {
     ack: true,
     drop_first_stream_after: None,
+    heartbeats: false,
+};
+
+const HEARTBEATS: Behaviour = Behaviour {
+    heartbeats: true,
+    ..ACKING
 };
 
 type Outbound = mpsc::Sender<Result<pb::CollectorMessage, Status>>;
@@ -229,6 +239,7 @@ impl pb::ingest_server::Ingest for Fake {
                         seen.send_modify(|s| s.hellos.push(h));
                         Some(pb::collector_message::Msg::HelloAck(pb::HelloAck {
                             collector_version: "fake".into(),
+                            heartbeats: behaviour.heartbeats,
                         }))
                     }
                     Msg::Batch(b) => {
@@ -266,6 +277,10 @@ impl pb::ingest_server::Ingest for Fake {
                     }
                     Msg::LookupReply(r) => {
                         seen.send_modify(|s| s.replies.push(r));
+                        None
+                    }
+                    Msg::Heartbeat(h) => {
+                        seen.send_modify(|s| s.heartbeats.push(h));
                         None
                     }
                 };
@@ -378,14 +393,15 @@ impl Drop for Collector {
 
 fn summary(s: &Seen) -> String {
     format!(
-        "streams {}, hellos {}, batches {} ({} records, {} distinct), losses {:?}, replies {}",
+        "streams {}, hellos {}, batches {} ({} records, {} distinct), losses {:?}, replies {}, heartbeats {}",
         s.streams,
         s.hellos.len(),
         s.batches.len(),
         s.record_count_with_duplicates(),
         s.records().len(),
         s.losses,
-        s.replies.len()
+        s.replies.len(),
+        s.heartbeats.len()
     )
 }
 
@@ -565,6 +581,7 @@ async fn unacked_batches_are_resent_after_the_stream_drops() {
     let behaviour = Behaviour {
         ack: true,
         drop_first_stream_after: Some(3),
+        heartbeats: false,
     };
     let mut col = fx.collector(behaviour).await;
     let m = Metrics::new(&[]);
@@ -762,6 +779,64 @@ async fn queue_overflow_and_kernel_loss_are_reported() {
     })
     .await;
     assert_eq!(m.uplink.loss_reports_sent.get(), 2);
+}
+
+#[tokio::test]
+async fn heartbeats_go_only_to_collectors_that_take_them_and_say_time_entries_and_newest_record() {
+    // A collector older than heartbeats: none is sent, records flow.
+    let fx = Fixture::new("heartbeat-old");
+    let mut col = fx.collector(ACKING).await;
+    let m = Metrics::new(&[]);
+    let mut cfg = fx.config(col.addr);
+    cfg.heartbeat_interval_ms = 100;
+    let (up, sink) = start(cfg, &m, no_lookup());
+    send(&sink, 1..11, 5);
+    col.wait("10 records", |s| s.records().len() == 10).await;
+    // tidy: proving that nothing is sent takes time: ten heartbeat intervals.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    send(&sink, 11..21, 5);
+    let seen = col.wait("20 records", |s| s.records().len() == 20).await;
+    assert!(seen.heartbeats.is_empty(), "{:?}", seen.heartbeats);
+    assert_eq!(m.uplink.heartbeats_sent.get(), 0);
+    up.shutdown();
+    drop(sink);
+
+    // A collector that takes them: one at once, then one per interval,
+    // with the agent's clock, the capture's live-entry count and the
+    // newest record's event time.
+    let fx = Fixture::new("heartbeat-new");
+    let mut col = fx.collector(HEARTBEATS).await;
+    let m = Metrics::new(&[]);
+    m.tracked_entries.set(7);
+    let mut cfg = fx.config(col.addr);
+    cfg.heartbeat_interval_ms = 100;
+    let before = ctw_common::now_ns();
+    let (_up, sink) = start(cfg, &m, no_lookup());
+    let seen = col.wait("a heartbeat", |s| !s.heartbeats.is_empty()).await;
+    let first = &seen.heartbeats[0];
+    assert!(first.time_ns >= before, "{first:?} before {before}");
+    assert_eq!(first.interval_ms, 100);
+    assert_eq!(first.live_entries, 7);
+    assert_eq!(first.last_record_ns, 0, "no record yet");
+    send(&sink, 500..503, 3);
+    m.tracked_entries.set(3);
+    let seen = col
+        .wait("a heartbeat after the records", |s| {
+            s.heartbeats.iter().any(|h| h.last_record_ns == 502)
+        })
+        .await;
+    let h = seen
+        .heartbeats
+        .iter()
+        .find(|h| h.last_record_ns == 502)
+        .unwrap();
+    assert_eq!(h.live_entries, 3);
+    let seen = col
+        .wait("five heartbeats", |s| s.heartbeats.len() >= 5)
+        .await;
+    let times: Vec<u64> = seen.heartbeats.iter().map(|h| h.time_ns).collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+    assert!(m.uplink.heartbeats_sent.get() >= 5);
 }
 
 #[tokio::test]

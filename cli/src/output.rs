@@ -83,7 +83,9 @@ pub fn pod_cell(f: &PodFields) -> String {
 }
 
 /// The rows of `GET /api/v1/connections`; a `NAMESPACE/POD (WORKLOAD)`
-/// column when the collector names pods (kubernetes on).
+/// column when the collector names pods (kubernetes on). `STATE` is the
+/// record's (a NEW's: at the first packet), `LAST STATE` the state the
+/// connection was last known in (its DESTROY's; `-` when not known).
 pub fn search_table(v: &SearchAnswer) -> String {
     let with_at = v.at.is_some();
     let with_pods = v.records.iter().any(|r| r.pod_fields.is_some());
@@ -96,6 +98,7 @@ pub fn search_table(v: &SearchAnswer) -> String {
         "SNAT",
         "END",
         "STATE",
+        "LAST STATE",
     ];
     if with_pods {
         header.insert(3, "NAMESPACE/POD (WORKLOAD)");
@@ -121,6 +124,7 @@ pub fn search_table(v: &SearchAnswer) -> String {
                     (Some(e), _) => e.clone(),
                 },
                 opt(r.state.as_deref()),
+                opt(r.end_state.as_deref()),
             ];
             if with_pods {
                 row.insert(3, r.pod_fields.as_ref().map_or("-".into(), pod_cell));
@@ -165,6 +169,8 @@ pub fn agents_table(v: &AgentsAnswer) -> String {
                     Some(l) => format!("{l:.3}s"),
                     None => "-".into(),
                 },
+                opt(a.last_heartbeat.as_deref()),
+                a.live_entries.map_or_else(|| "-".into(), |n| n.to_string()),
                 a.records_stored.to_string(),
                 a.events_lost.to_string(),
             ]
@@ -178,6 +184,8 @@ pub fn agents_table(v: &AgentsAnswer) -> String {
             "VERSION",
             "LAST BATCH",
             "LAG",
+            "LAST HEARTBEAT",
+            "LIVE",
             "RECORDS",
             "LOST",
         ],
@@ -359,7 +367,7 @@ mod tests {
                 "start": "2024-12-09T07:05:00.000Z", "node": "node-a", "protocol": "tcp",
                 "src_ip": "10.244.1.7", "src_port": 40000, "dst_ip": "fd00::2", "dst_port": 443,
                 "snat_ip": "198.18.0.1", "snat_port": 45000, "alive_at": true,
-                "end": "2024-12-09T07:05:10.000Z", "state": "TIME_WAIT"
+                "end": "2024-12-09T07:05:10.000Z", "state": "SYN_SENT", "end_state": "TIME_WAIT"
             })), conn(json!({
                 "start": "2024-12-09T07:06:00.000Z", "node": "node-b", "protocol": "udp",
                 "src_ip": "10.244.2.8", "src_port": 5, "dst_ip": "1.1.1.1", "dst_port": 53,
@@ -375,7 +383,8 @@ mod tests {
             "{t}"
         );
         assert!(lines[1].contains("10.244.1.7:40000  [fd00::2]:443"), "{t}");
-        assert!(lines[1].ends_with("TIME_WAIT  yes"), "{t}");
+        assert!(lines[1].ends_with("SYN_SENT  TIME_WAIT   yes"), "{t}");
+        assert!(lines[0].contains(" STATE     LAST STATE  ALIVE@AT"), "{t}");
         assert!(
             lines[2].contains(" open ") && lines[2].ends_with("no"),
             "{t}"
@@ -416,7 +425,8 @@ mod tests {
 
         let a: AgentsAnswer = serde_json::from_value(json!({"agents": [
             agent(json!({"node": "n1", "connected": true, "addresses": ["198.18.0.1", "fd00::1"],
-             "lag_seconds": 0.0123, "records_stored": 5})),
+             "lag_seconds": 0.0123, "records_stored": 5,
+             "last_heartbeat": "2024-12-09T07:06:00.000Z", "live_entries": 12})),
             agent(json!({"node": "n2", "disconnected_since": "2024-12-09T07:00:00.000Z"})),
             agent(json!({"node": "n3", "connected": true, "collector": "ctw-collector-7d9f-x2"}))
         ]}))
@@ -425,6 +435,15 @@ mod tests {
         assert!(a.contains("n1    yes"), "{a}");
         assert!(a.contains("198.18.0.1,fd00::1"), "{a}");
         assert!(a.contains("0.012s"), "{a}");
+        // Heartbeat and live entries; an agent without heartbeats (older
+        // version, fields absent) shows "-".
+        assert!(a.contains("LAST HEARTBEAT            LIVE"), "{a}");
+        assert!(a.contains("2024-12-09T07:06:00.000Z  12 "), "{a}");
+        let n2 = a.lines().find(|l| l.starts_with("n2")).unwrap();
+        assert!(
+            n2.contains(" -  ") && n2.contains(" -                         - "),
+            "{a}"
+        );
         assert!(a.contains("no (since 2024-12-09T07:00:00.000Z)"), "{a}");
         assert!(a.contains("yes (collector ctw-collector-7d9f-x2)"), "{a}");
     }

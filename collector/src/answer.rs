@@ -84,6 +84,7 @@ pub fn connection(h: &Hit, q: &SearchQuery, pods: Option<&PodHistory>) -> Connec
         external: r.status & status::CTW_EXTERNAL != 0,
         end: h.closed_ns.map(api::format_time),
         end_kind: h.closed_ns.and(h.end).map(|e| e.as_str().to_string()),
+        end_state: h.end_state.map(|s| s.name().to_string()),
         last_seen: h.closed_ns.and(h.last_seen_ns).map(api::format_time),
         duration_ms: h.closed_ns.map(|c| c.saturating_sub(start) / 1_000_000),
         alive_at: q.at_ns.map(|at| alive_at(h, at, q.at_precision_ns)),
@@ -171,6 +172,7 @@ pub(crate) mod fixtures {
         Hit {
             closed_ns: Some(T + 1500 * MS),
             end: Some(End::Destroy),
+            end_state: Some(TcpState::TimeWait),
             counters_orig: Some(Counters {
                 packets: 5,
                 bytes: 400,
@@ -322,6 +324,7 @@ mod tests {
                   "duration_ms": 1505,
                   "end": "2024-12-09T07:05:01.500Z",
                   "end_kind": "destroy",
+                  "end_state": "TIME_WAIT",
                   "external": true,
                   "kind": "new",
                   "node": "node-a",

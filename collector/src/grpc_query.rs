@@ -150,6 +150,7 @@ fn search_response(result: SearchResult, pods: Option<&PodHistory>) -> pb::Searc
                 counters_orig: pb_counters(h.counters_orig),
                 counters_reply: pb_counters(h.counters_reply),
                 pod: pods.map(|p| pb_pod(&p.for_hit(h))),
+                end_tcp_state: ctw_proto::tcp_state_to_wire(h.end_state),
             })
             .collect(),
         gaps: result
@@ -761,6 +762,7 @@ mod tests {
             last_seen_ns,
             counters_orig: None,
             counters_reply: None,
+            end_state: None,
         };
         let res = SearchResult {
             hits: vec![
@@ -796,6 +798,10 @@ mod tests {
         };
         let off = search_response(res.clone(), None);
         assert!(off.connections.iter().all(|c| c.pod.is_none()));
+        // The DESTROY's state (TIME_WAIT, kernel 7, + 1) only for the
+        // connection the kernel's DESTROY ended.
+        let ends: Vec<u32> = off.connections.iter().map(|c| c.end_tcp_state).collect();
+        assert_eq!(ends, vec![8, 0, 0]);
         let pods = fixtures::pods();
         let c = search_response(res, Some(&pods)).connections;
         let named = c[0].pod.as_ref().unwrap();

@@ -53,7 +53,7 @@ use crate::config::{GrpcConfig, LookupConfig, TlsFiles};
 use crate::grpc_query::QueryService;
 use crate::metrics::Metrics;
 use crate::pods::PodHistory;
-use crate::registry::{AgentSender, BatchInfo, ConnToken, HelloInfo, Registry};
+use crate::registry::{AgentSender, BatchInfo, ConnToken, HeartbeatInfo, HelloInfo, Registry};
 use crate::store::{AppendOutcome, Gap, RecordStore, StoredBatch};
 use crate::tls::{self, RateLimiter, LOG_EVERY};
 
@@ -341,6 +341,7 @@ impl pb::ingest_server::Ingest for IngestService {
         let ack = pb::CollectorMessage {
             msg: Some(CollectorMsg::HelloAck(pb::HelloAck {
                 collector_version: env!("CARGO_PKG_VERSION").to_string(),
+                heartbeats: true,
             })),
         };
         // A fresh channel has room.
@@ -432,6 +433,9 @@ async fn run_stream(
                 if work_tx.send(Work::Loss(l)).await.is_err() {
                     break;
                 }
+            }
+            Some(AgentMsg::Heartbeat(h)) => {
+                ctx.registry.heartbeat(&ctx.token, &HeartbeatInfo::from(&h));
             }
             Some(AgentMsg::LookupReply(r)) => {
                 let id = r.request_id;

@@ -1085,6 +1085,11 @@ mod tests {
             events_lost: 0,
             connections,
             collector: None,
+            last_heartbeat: None,
+            heartbeat_interval_seconds: None,
+            heartbeat_agent_time: None,
+            live_entries: None,
+            last_event_at: None,
         }
     }
 

@@ -17,6 +17,11 @@
 //! registry is in memory: a collector restart forgets the agents until they
 //! reconnect (their spools cover the collector's downtime).
 //!
+//! Heartbeats: agents that send them (every `collector.heartbeat_interval_ms`
+//! of the agent, 10 s by default) get `last_heartbeat` (the collector's
+//! receipt time), the agent's clock, its live-entry count and newest record
+//! time in [`AgentInfo`]; older agents send none and those fields are absent.
+//!
 //! Conntrack zones: every stored batch adds the zones (`CTA_ZONE`) of its
 //! records to the node's set ([`Registry::zones_of`]); a live lookup without
 //! an explicit zone tries zone 0 and then these (a GET looks in one zone
@@ -28,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use ctw_common::api::format_time;
 use ctw_common::{unix_ns, ConnRecord};
 use ctw_proto::pb;
 use tokio::sync::{mpsc, oneshot};
@@ -106,6 +112,9 @@ struct Agent {
     connections: u64,
     /// Conntrack zones seen in this node's stored records.
     zones: BTreeSet<u16>,
+    /// The last heartbeat (kept after a disconnection); `None` for agents
+    /// that send none (older versions).
+    heartbeat: Option<HeartbeatSeen>,
 }
 
 #[derive(Debug)]
@@ -153,6 +162,38 @@ pub struct BatchInfo {
     pub newest_event_ns: Option<u64>,
     /// Distinct conntrack zones of the batch's records.
     pub zones: Vec<u16>,
+}
+
+/// What a heartbeat said (see `pb::Heartbeat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatInfo {
+    /// The agent's clock when it sent the heartbeat (ns since the epoch).
+    pub agent_time_ns: u64,
+    /// The agent's interval between heartbeats.
+    pub interval: Duration,
+    /// Entries of watched ports the agent believes alive.
+    pub live_entries: u64,
+    /// Event time of the newest record the agent captured (ns since the
+    /// epoch); `None` when it has captured none since it started.
+    pub last_record_ns: Option<u64>,
+}
+
+impl From<&pb::Heartbeat> for HeartbeatInfo {
+    fn from(h: &pb::Heartbeat) -> HeartbeatInfo {
+        HeartbeatInfo {
+            agent_time_ns: h.time_ns,
+            interval: Duration::from_millis(h.interval_ms),
+            live_entries: h.live_entries,
+            last_record_ns: (h.last_record_ns != 0).then_some(h.last_record_ns),
+        }
+    }
+}
+
+/// A heartbeat and when the collector received it.
+#[derive(Debug, Clone, Copy)]
+struct HeartbeatSeen {
+    received: SystemTime,
+    info: HeartbeatInfo,
 }
 
 /// The handle of one stream in the registry; pass it back on every call.
@@ -242,6 +283,7 @@ impl Registry {
             events_lost: 0,
             connections: 0,
             zones: BTreeSet::new(),
+            heartbeat: None,
         });
         if let Some(old) = agent.conn.take() {
             let _ = old.tx.try_send(Err(Status::aborted(
@@ -339,6 +381,23 @@ impl Registry {
         });
     }
 
+    /// A heartbeat arrived on the stream (received now).
+    pub fn heartbeat(&self, token: &ConnToken, info: &HeartbeatInfo) {
+        let now = SystemTime::now();
+        self.with_agent(token, |a| {
+            a.heartbeat = Some(HeartbeatSeen {
+                received: now,
+                info: *info,
+            })
+        });
+    }
+
+    /// When the collector received `node`'s last heartbeat, if it sent one.
+    pub fn last_heartbeat(&self, node: &str) -> Option<SystemTime> {
+        let g = self.lock();
+        g.agents.get(node)?.heartbeat.map(|h| h.received)
+    }
+
     /// The agent reported `count` events or records lost.
     pub fn loss_reported(&self, token: &ConnToken, count: u64) {
         self.with_agent(token, |a| {
@@ -374,6 +433,14 @@ impl Registry {
                 events_lost: a.events_lost,
                 connections: a.connections,
                 collector: None,
+                last_heartbeat: a.heartbeat.map(|h| format_time(unix_ns(h.received))),
+                heartbeat_interval_seconds: a.heartbeat.map(|h| h.info.interval.as_secs_f64()),
+                heartbeat_agent_time: a.heartbeat.map(|h| format_time(h.info.agent_time_ns)),
+                live_entries: a.heartbeat.map(|h| h.info.live_entries),
+                last_event_at: a
+                    .heartbeat
+                    .and_then(|h| h.info.last_record_ns)
+                    .map(format_time),
             })
             .collect()
     }
@@ -699,6 +766,48 @@ mod tests {
             r.node_owning_any("198.19.0.1".parse().unwrap()).as_deref(),
             Some("a")
         );
+    }
+
+    #[test]
+    fn heartbeats_are_shown_and_absent_for_agents_that_send_none() {
+        let r = Registry::new(Metrics::new());
+        let (tx, _rx) = mpsc::channel(4);
+        let (old, _) = r.connect("old", hello(&[]), tx);
+        let (tx, _rx2) = mpsc::channel(4);
+        let (new, _) = r.connect("new", hello(&[]), tx);
+        r.touch(&old);
+        let before = SystemTime::now();
+        let info = HeartbeatInfo::from(&pb::Heartbeat {
+            time_ns: 1_733_727_900_123_000_000,
+            interval_ms: 10_000,
+            live_entries: 4,
+            last_record_ns: 0,
+        });
+        assert_eq!(info.last_record_ns, None, "0: no record yet");
+        r.heartbeat(&new, &info);
+        let got = r.last_heartbeat("new").unwrap();
+        assert!(got >= before);
+        assert_eq!(r.last_heartbeat("old"), None);
+        let agents = r.agents();
+        let (o, n) = (&agents[1], &agents[0]);
+        assert_eq!((o.node.as_str(), n.node.as_str()), ("old", "new"));
+        assert_eq!(o.last_heartbeat, None);
+        assert_eq!(o.live_entries, None);
+        let json = serde_json::to_value(o).unwrap();
+        for k in ["last_heartbeat", "heartbeat_agent_time", "live_entries"] {
+            assert!(json.get(k).is_none(), "{k} absent: {json}");
+        }
+        assert_eq!(n.last_heartbeat, rfc3339(Some(got)));
+        assert_eq!(
+            n.heartbeat_agent_time.as_deref(),
+            Some("2024-12-09T07:05:00.123Z")
+        );
+        assert_eq!(n.heartbeat_interval_seconds, Some(10.0));
+        assert_eq!(n.live_entries, Some(4));
+        assert_eq!(n.last_event_at, None);
+        // Kept after the stream ends.
+        r.disconnect(&new);
+        assert!(r.agents()[0].last_heartbeat.is_some());
     }
 
     #[test]

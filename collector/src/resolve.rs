@@ -827,6 +827,7 @@ mod tests {
                     "duration_ms": 2000,
                     "end": "2024-12-09T07:05:02.000Z",
                     "end_kind": "destroy",
+                    "end_state": "ESTABLISHED",
                     "kind": "new",
                     "midstream": true,
                     "node": "node-a",

@@ -17,7 +17,7 @@ use axum::Router;
 use ctw_collector::http::router;
 use ctw_collector::metrics::Metrics;
 use ctw_collector::pods::{Input, PodHistory, PodState, Workload};
-use ctw_collector::registry::{HelloInfo, Registry};
+use ctw_collector::registry::{HeartbeatInfo, HelloInfo, Registry};
 use ctw_collector::store::{Gap, MemStore, RecordStore, StoredBatch};
 use ctw_common::{ConnRecord, EventKind, Protocol, TcpState, Tuple};
 use ctw_proto::pb;
@@ -102,6 +102,16 @@ async fn api_with(pods: Option<Arc<PodHistory>>) -> Api {
         peer: None,
     };
     let (token, _) = registry.connect("node-a", hello, tx);
+    // node-a sends heartbeats (the agent's clock 5 s after T).
+    registry.heartbeat(
+        &token,
+        &HeartbeatInfo {
+            agent_time_ns: T + 5 * S,
+            interval: std::time::Duration::from_secs(10),
+            live_entries: 1,
+            last_record_ns: Some(T + 2 * S),
+        },
+    );
     let r = registry.clone();
     // node-a's stream: the entry exists in zone 0 only, by either tuple.
     let agent = tokio::spawn(async move {
@@ -299,44 +309,45 @@ async fn search_answer_snapshot() {
     snapshot(
         &v,
         expect![[r#"
-        {
-          "at": "2024-12-09T07:05:01.500Z",
-          "complete": false,
-          "from": "2024-12-09T07:03:01.500Z",
-          "gaps": [
             {
-              "count": 3,
-              "from": "2024-12-09T07:06:00.000Z",
-              "node": "node-b",
-              "reason": "kernel_drop",
-              "to": "2024-12-09T07:07:00.000Z"
-            }
-          ],
-          "limit": 100,
-          "records": [
-            {
-              "alive_at": true,
-              "dst_ip": "198.19.0.2",
-              "dst_port": 80,
-              "duration_ms": 2000,
-              "end": "2024-12-09T07:05:02.000Z",
-              "end_kind": "destroy",
-              "kind": "new",
-              "node": "node-a",
-              "protocol": "tcp",
-              "snat_ip": "198.18.0.1",
-              "snat_port": 40001,
-              "src_ip": "10.244.1.7",
-              "src_port": 1000,
-              "start": "2024-12-09T07:05:00.000Z",
-              "state": "SYN_SENT",
-              "ts": "2024-12-09T07:05:00.000Z"
-            }
-          ],
-          "returned": 1,
-          "to": "2024-12-09T07:07:01.500Z",
-          "total": 1
-        }"#]],
+              "at": "2024-12-09T07:05:01.500Z",
+              "complete": false,
+              "from": "2024-12-09T07:03:01.500Z",
+              "gaps": [
+                {
+                  "count": 3,
+                  "from": "2024-12-09T07:06:00.000Z",
+                  "node": "node-b",
+                  "reason": "kernel_drop",
+                  "to": "2024-12-09T07:07:00.000Z"
+                }
+              ],
+              "limit": 100,
+              "records": [
+                {
+                  "alive_at": true,
+                  "dst_ip": "198.19.0.2",
+                  "dst_port": 80,
+                  "duration_ms": 2000,
+                  "end": "2024-12-09T07:05:02.000Z",
+                  "end_kind": "destroy",
+                  "end_state": "CLOSE",
+                  "kind": "new",
+                  "node": "node-a",
+                  "protocol": "tcp",
+                  "snat_ip": "198.18.0.1",
+                  "snat_port": 40001,
+                  "src_ip": "10.244.1.7",
+                  "src_port": 1000,
+                  "start": "2024-12-09T07:05:00.000Z",
+                  "state": "SYN_SENT",
+                  "ts": "2024-12-09T07:05:00.000Z"
+                }
+              ],
+              "returned": 1,
+              "to": "2024-12-09T07:07:01.500Z",
+              "total": 1
+            }"#]],
     );
     // A range with a gap: incomplete.
     let (_, v) = api
@@ -555,41 +566,46 @@ async fn agents_health_and_error_snapshots() {
     let (code, mut v) = api.get("/api/v1/agents").await;
     assert_eq!(code, StatusCode::OK);
     // Times of this run.
-    for k in ["connected_since", "last_seen"] {
+    for k in ["connected_since", "last_seen", "last_heartbeat"] {
         assert!(v["agents"][0][k].is_string(), "{k}: {v:#}");
         v["agents"][0][k] = json!("<now>");
     }
     snapshot(
         &v,
         expect![[r#"
-        {
-          "agents": [
             {
-              "addresses": [
-                "198.18.0.1"
-              ],
-              "batches_stored": 0,
-              "boot_id": "b1",
-              "connected": true,
-              "connected_since": "<now>",
-              "connections": 1,
-              "conversion_errors": 0,
-              "disconnected_since": null,
-              "duplicates": 0,
-              "events_lost": 0,
-              "lag_seconds": null,
-              "last_batch_at": null,
-              "last_batch_boot_id": null,
-              "last_batch_seq": null,
-              "last_seen": "<now>",
-              "loss_reports": 0,
-              "node": "node-a",
-              "peer": null,
-              "records_stored": 0,
-              "version": "0.1.0"
-            }
-          ]
-        }"#]],
+              "agents": [
+                {
+                  "addresses": [
+                    "198.18.0.1"
+                  ],
+                  "batches_stored": 0,
+                  "boot_id": "b1",
+                  "connected": true,
+                  "connected_since": "<now>",
+                  "connections": 1,
+                  "conversion_errors": 0,
+                  "disconnected_since": null,
+                  "duplicates": 0,
+                  "events_lost": 0,
+                  "heartbeat_agent_time": "2024-12-09T07:05:05.000Z",
+                  "heartbeat_interval_seconds": 10.0,
+                  "lag_seconds": null,
+                  "last_batch_at": null,
+                  "last_batch_boot_id": null,
+                  "last_batch_seq": null,
+                  "last_event_at": "2024-12-09T07:05:02.000Z",
+                  "last_heartbeat": "<now>",
+                  "last_seen": "<now>",
+                  "live_entries": 1,
+                  "loss_reports": 0,
+                  "node": "node-a",
+                  "peer": null,
+                  "records_stored": 0,
+                  "version": "0.1.0"
+                }
+              ]
+            }"#]],
     );
     let (_, v) = api.get("/healthz").await;
     snapshot(

@@ -239,3 +239,198 @@ fn killed_and_stopped_collector_loses_and_duplicates_nothing() {
     );
     drop(again);
 }
+
+/// A heartbeat's time from `/api/v1/agents` (RFC 3339), as ns since the epoch.
+fn heartbeat_ns(a: &Value) -> Option<u64> {
+    let t = chrono::DateTime::parse_from_rfc3339(a["last_heartbeat"].as_str()?).ok()?;
+    u64::try_from(t.timestamp_nanos_opt()?).ok()
+}
+
+#[test]
+fn an_idle_agent_heartbeats_with_its_live_entries() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::start(1, None, "  heartbeat_interval_ms: 500\n", "");
+    // One connection held open: node-0's table holds exactly one watched
+    // entry, and the agent has captured it.
+    let srv = IpAddr::V4(c.topo.srv_ip4());
+    let (pid, lport) = c.topo.hold_tcp(0, srv, 80);
+    let newest = wait_for(WAIT, "the held connection in node-0's log", || {
+        c.agents[0]
+            .records("new_connection")
+            .into_iter()
+            .find(|v| v["src_port"] == lport)
+    });
+    let kernel: Vec<String> = c
+        .topo
+        .conntrack_on(0, &["-L", "-p", "tcp", "--dport", "80"])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(kernel.len(), 1, "{kernel:?}");
+    assert!(kernel[0].contains(&format!("sport={lport} ")), "{kernel:?}");
+    // From now on no traffic: only heartbeats can move last_heartbeat.
+    let since = ctw_common::now_ns();
+    let agent = |c: &Cluster| {
+        let (_, v) = c.collector.api("/api/v1/agents");
+        v["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["node"] == "node-0").cloned())
+            .unwrap_or_default()
+    };
+    let first = wait_for(WAIT, "a heartbeat newer than the wait", || {
+        let a = agent(&c);
+        (heartbeat_ns(&a)? > since).then_some(a)
+    });
+    let at_first = heartbeat_ns(&first).unwrap_or(0);
+    let second = wait_for(WAIT, "the next heartbeat", || {
+        let a = agent(&c);
+        (heartbeat_ns(&a)? > at_first).then_some(a)
+    });
+    for a in [&first, &second] {
+        assert_eq!(a["connected"], true, "{a:#}");
+        assert_eq!(a["heartbeat_interval_seconds"], 0.5, "{a:#}");
+        assert_eq!(a["live_entries"], kernel.len(), "{a:#}");
+        // The newest record is the held connection's NEW (the log's ts is
+        // the record's event time, to the millisecond).
+        let logged = chrono::DateTime::parse_from_str(
+            newest["ts"].as_str().unwrap_or_default(),
+            "%Y-%m-%dT%H:%M:%S%.3f%z",
+        )
+        .map(|t| t.timestamp_millis())
+        .unwrap_or_else(|e| panic!("ts: {e}: {newest}"));
+        let said =
+            chrono::DateTime::parse_from_rfc3339(a["last_event_at"].as_str().unwrap_or_default())
+                .map(|t| t.timestamp_millis())
+                .unwrap_or_else(|e| panic!("last_event_at: {e}: {a:#}"));
+        assert_eq!(said, logged, "{a:#} {newest}");
+        let agent_time = chrono::DateTime::parse_from_rfc3339(
+            a["heartbeat_agent_time"].as_str().unwrap_or_default(),
+        )
+        .map(|t| t.timestamp_nanos_opt().unwrap_or(0) as u64)
+        .unwrap_or(0);
+        assert!(agent_time > since, "{a:#}");
+    }
+    c.topo.kill(pid);
+}
+
+/// Closes a TCP connection to `dst:80` from `local_port` with a reset
+/// (SO_LINGER 0) after nginx answered a keep-alive request.
+const RESET_AFTER_RESPONSE: &str = r#"
+import socket, struct, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+s.settimeout(5)
+s.connect((sys.argv[1], 80))
+s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+got = b""
+while b"ok" not in got:
+    b = s.recv(4096)
+    if not b:
+        break
+    got += b
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+print(got.split(b"\r\n")[0].decode())
+"#;
+
+/// The TCP state of a `conntrack -E` DESTROY line: the word before the
+/// first `src=`.
+fn event_state(line: &str) -> Option<&str> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words.iter().position(|w| w.starts_with("src="))?;
+    words.get(i.checked_sub(1)?).copied()
+}
+
+#[test]
+fn closed_connections_carry_the_state_of_their_destroy() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::start(2, None, "", "");
+    let node_ns = c.topo.node_ns_of(0).to_string();
+    // Short TIME_WAIT and CLOSE timeouts on node-0: the kernel drops the
+    // closed entries (and sends their DESTROY) within seconds.
+    for (k, v) in [
+        ("net.netfilter.nf_conntrack_tcp_timeout_time_wait", "1"),
+        ("net.netfilter.nf_conntrack_tcp_timeout_close", "1"),
+    ] {
+        ctw_testkit::must_in(&node_ns, &["sysctl", "-qw", &format!("{k}={v}")]);
+    }
+    // What the kernel reports, independently of the agent.
+    let events = c.topo.tmp_dir().join("conntrack-destroy.log");
+    let watch = format!(
+        "exec stdbuf -oL conntrack -E -e DESTROY -p tcp --dport 80 > {}",
+        events.display()
+    );
+    let ev_pid = c.topo.spawn_in(&node_ns, &["sh", "-c", &watch]);
+    // (DESTROY events go to whoever listens when the entry is dropped,
+    // seconds after the requests; the agent set nf_conntrack_events=1.)
+    let srv = c.topo.srv_ip_for_node(0).to_string();
+    let (normal_pod, reset_pod) = (c.topo.pod_ip4_of(0, 0), c.topo.pod_ip4_of(0, 1));
+    let (normal_port, reset_port) = (46100u16, 46101u16);
+    // A request closed normally (curl closes after the answer).
+    c.request(0, 0, Some(normal_port), &[]);
+    // A request closed with a reset.
+    let out = ctw_testkit::run_in(
+        c.topo.pod_ns_of(0, 1),
+        &[
+            "python3",
+            "-c",
+            RESET_AFTER_RESPONSE,
+            &srv,
+            &reset_port.to_string(),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("200"),
+        "{out:?}"
+    );
+    // Listing the table makes the kernel drop expired entries at once
+    // (garbage collection is lazy otherwise).
+    let destroyed = |port: u16| {
+        let log = std::fs::read_to_string(&events).unwrap_or_default();
+        log.lines()
+            .find(|l| l.contains("[DESTROY]") && l.contains(&format!(" sport={port} ")))
+            .and_then(event_state)
+            .map(str::to_string)
+    };
+    let (normal_state, reset_state) = wait_for(WAIT, "both DESTROY events", || {
+        c.topo
+            .conntrack_on(0, &["-L", "-p", "tcp", "--dport", "80"]);
+        Some((destroyed(normal_port)?, destroyed(reset_port)?))
+    });
+    c.topo.kill(ev_pid);
+    assert_eq!(
+        (normal_state.as_str(), reset_state.as_str()),
+        ("TIME_WAIT", "CLOSE"),
+        "what conntrack -E reported"
+    );
+    for (pod, port, want) in [
+        (normal_pod, normal_port, &normal_state),
+        (reset_pod, reset_port, &reset_state),
+    ] {
+        let q = format!("src_ip={pod}&src_port={port}&protocol=tcp");
+        let v = wait_for(WAIT, "the connection's end to be searchable", || {
+            let v = search(&c.collector, &q);
+            v["records"][0]["end"].is_string().then_some(v)
+        });
+        let r = &v["records"][0];
+        assert_eq!(v["total"], 1, "{q}: {v:#}");
+        assert_eq!(r["kind"], "new", "{r:#}");
+        assert_eq!(r["state"], "SYN_SENT", "state at the first packet: {r:#}");
+        assert_eq!(r["end_kind"], "destroy", "{r:#}");
+        assert_eq!(r["end_state"], want.as_str(), "{r:#}");
+        // The agent's log line of the DESTROY (what the kernel sent it)
+        // says the same.
+        let logged = c.agents[0]
+            .records("connection_closed")
+            .into_iter()
+            .find(|l| l["src_port"] == port)
+            .unwrap_or_else(|| panic!("no DESTROY line for port {port}"));
+        assert_eq!(logged["state"], want.as_str(), "{logged}");
+    }
+}

@@ -789,12 +789,16 @@ fn destroy_joins_the_open_connection_of_its_tuple() {
     let mut again1 = new1;
     again1.kind = EventKind::Recovered;
     again1.event_ns = t + MIN;
+    // Each DESTROY with the kernel's state at the end (its connection's
+    // end_state).
     let destroy = |of: &ConnRecord, at: u64, packets: u64| {
         let mut d = *of;
         d.kind = EventKind::Destroy;
         d.event_ns = at;
         d.stop_ns = Some(at);
         d.counters_orig = Some(Counters { packets, bytes: 1 });
+        d.tcp_state =
+            Some([TcpState::TimeWait, TcpState::Close, TcpState::LastAck][packets as usize - 1]);
         d
     };
     let d1 = destroy(&new1, t + 2 * MIN, 1);
@@ -827,6 +831,7 @@ fn destroy_joins_the_open_connection_of_its_tuple() {
                     h.start_ns(),
                     h.closed_ns,
                     h.counters_orig.map(|c| c.packets),
+                    h.end_state.map(TcpState::name),
                 )
             })
             .collect();
@@ -834,10 +839,31 @@ fn destroy_joins_the_open_connection_of_its_tuple() {
         assert_eq!(
             got,
             vec![
-                (31000, false, t, Some(t + 2 * MIN), Some(1)),
-                (31001, false, t + 5 * MIN, Some(t + 6 * MIN), Some(2)),
-                (31002, false, t + 8 * MIN, None, None),
-                (31003, true, t + 9 * MIN, Some(t + 10 * MIN), Some(3)),
+                (
+                    31000,
+                    false,
+                    t,
+                    Some(t + 2 * MIN),
+                    Some(1),
+                    Some("TIME_WAIT")
+                ),
+                (
+                    31001,
+                    false,
+                    t + 5 * MIN,
+                    Some(t + 6 * MIN),
+                    Some(2),
+                    Some("CLOSE")
+                ),
+                (31002, false, t + 8 * MIN, None, None, None),
+                (
+                    31003,
+                    true,
+                    t + 9 * MIN,
+                    Some(t + 10 * MIN),
+                    Some(3),
+                    Some("LAST_ACK")
+                ),
             ]
         );
     }
@@ -961,9 +987,14 @@ fn a_later_entry_with_the_reply_tuple_ends_the_open_one() {
             assert_eq!(r.total, 2, "{r:?}");
             assert_eq!(r.hits[0].record.orig.src, b_pod, "{r:?}");
             assert!(alive_at(&r.hits[0], at, 1_000_000));
+            // B's end is its DESTROY's, and so is its last known state; A's
+            // end is only bounded (superseded, or the agent's gone record,
+            // whose state is the dump's): no last known state.
+            assert_eq!(r.hits[0].end_state, Some(TcpState::TimeWait));
             let ha = &r.hits[1];
             assert_eq!(ha.record.orig.src, a_pod);
             assert!(!alive_at(ha, at, 1_000_000));
+            assert_eq!(ha.end_state, None);
             match gone_at {
                 Some(g) if g < t + 10 * s => {
                     assert_eq!((ha.end, ha.closed_ns), (Some(End::Gone), Some(g)));

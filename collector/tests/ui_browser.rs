@@ -267,6 +267,16 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         "conntrack -D: {}",
         String::from_utf8_lossy(&del.stderr)
     );
+    // The state the kernel held the entry in when it was deleted (what its
+    // DESTROY carries): conntrack -D prints the entry, the state before
+    // the first `src=`.
+    let deleted = String::from_utf8_lossy(&del.stdout).to_string();
+    let deleted_state = deleted
+        .split_whitespace()
+        .take_while(|w| !w.starts_with("src="))
+        .last()
+        .unwrap_or_else(|| panic!("conntrack -D printed {deleted:?}"))
+        .to_string();
     wait_for(WAIT, "the deleted connection's end", || {
         let (_, v) = collector.api(&query(first));
         v["records"][0]["end"].as_str().map(|_| ())
@@ -482,12 +492,19 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
             );
         }
         if i == 0 {
-            // Deleted above: the kernel's DESTROY is its end.
+            // Deleted above: the kernel's DESTROY is its end, and its
+            // state the last known one.
             assert!(text(&r["lifetime"]).contains("ended (destroy"), "{r}");
+            assert_eq!(
+                r["end_state"],
+                format!("last known state: {deleted_state}"),
+                "{r}"
+            );
             assert_eq!(r["live_button"], false, "{r}");
         } else {
             // In TIME_WAIT (120 s): no DESTROY yet, and not called "open".
             assert!(text(&r["lifetime"]).contains("no end yet"), "{r}");
+            assert_eq!(r["end_state"], "", "{r}");
             assert!(!text(&r["text"]).contains("open"), "{r}");
             assert_eq!(r["live_button"], true, "{r}");
         }
@@ -766,8 +783,12 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
     );
 
     // Agents: both nodes, connected, idle (no traffic since), their stream
-    // shown as connected rather than a stale "last seen", no empty lag.
+    // shown as connected rather than a stale "last seen", no empty lag; the
+    // last heartbeat arrived after the page started waiting (no traffic:
+    // only heartbeats can advance it) and says what the agent holds.
     let agents_seen = v["agents"].as_array().expect("agents rows");
+    let wait_started = chrono::DateTime::parse_from_rfc3339(text(&v["agents_wait_started"]))
+        .unwrap_or_else(|e| panic!("agents_wait_started: {e}: {v:#}"));
     for n in ["node-0", "node-1"] {
         let a = agents_seen
             .iter()
@@ -777,7 +798,13 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         assert_eq!(a["idle"], true, "{a}");
         assert_eq!(a["lag"], "idle", "{a}");
         assert!(text(&a["stream"]).starts_with("connected since "), "{a}");
-        assert!(text(&a["stream"]).contains("idle: last batch "), "{a}");
+        assert!(text(&a["stream"]).contains("idle: last heartbeat "), "{a}");
+        assert!(text(&a["stream"]).contains(", last batch "), "{a}");
+        let beat = chrono::DateTime::parse_from_rfc3339(text(&a["heartbeat_at"]))
+            .unwrap_or_else(|e| panic!("heartbeat_at: {e}: {a}"));
+        assert!(beat > wait_started, "{beat} not after {wait_started}: {a}");
+        assert!(text(&a["heartbeat"]).contains("every 10 s, "), "{a}");
+        assert!(text(&a["heartbeat"]).contains("newest record "), "{a}");
         assert!(!text(&a["text"]).contains("last seen"), "{a}");
     }
     assert!(text(&v["agents_summary"]).contains("2 idle"), "{v:#}");

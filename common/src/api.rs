@@ -331,9 +331,20 @@ pub struct ConnectionAnswer {
     pub kind: String,
     /// Kernel start (`CTA_TIMESTAMP_START`) or the record's event time.
     pub start: String,
-    /// TCP state as recorded (absent when not TCP).
+    /// TCP state of the record shown (absent when not TCP): a NEW's is
+    /// the state at the first packet (`SYN_SENT`), a mid-stream NEW's at
+    /// the first packet seen, a recovered record's when the table was
+    /// read, a DESTROY's at the end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// The TCP state the connection was last known in: the kernel's state
+    /// in the DESTROY that gave its end (`end_kind` `destroy`), e.g.
+    /// `TIME_WAIT` (closed normally; conntrack dropped the entry after its
+    /// TIME_WAIT timeout, so `end` is that long after the close) or
+    /// `CLOSE` (reset). Absent while open, for other end kinds, and when
+    /// not TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_state: Option<String>,
     /// A TCP NEW picked up mid-stream.
     #[serde(default, skip_serializing_if = "is_false")]
     pub midstream: bool,
@@ -629,6 +640,26 @@ pub struct AgentInfo {
     /// agent's stream (absent when none does, and without replicas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collector: Option<String>,
+    /// When the collector received the agent's last heartbeat (its stream's
+    /// proof of life, sent also when there is nothing else to send). This
+    /// and the `heartbeat_*`, `live_entries` and `last_event_at` fields are
+    /// absent for agents that send no heartbeats (older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    /// The agent's interval between heartbeats, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_seconds: Option<f64>,
+    /// The agent's own clock in its last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_agent_time: Option<String>,
+    /// Conntrack entries of watched ports the agent believed alive at its
+    /// last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_entries: Option<u64>,
+    /// Event time of the newest record the agent had captured at its last
+    /// heartbeat (absent also when it had captured none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_at: Option<String>,
 }
 
 /// `/healthz` (`ok`) and `/readyz` (`ready`).

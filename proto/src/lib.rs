@@ -88,7 +88,9 @@ impl TryFrom<&pb::Tuple> for Tuple {
     }
 }
 
-fn tcp_state_to_wire(s: Option<TcpState>) -> u32 {
+/// A TCP state as `Record.tcp_state` (and `Connection.end_tcp_state`)
+/// carry it: the kernel's `tcp_conntrack` value + 1; 0 = no state.
+pub fn tcp_state_to_wire(s: Option<TcpState>) -> u32 {
     match s {
         None => 0,
         Some(s) => u32::from(s.to_kernel()) + 1,

@@ -18,7 +18,9 @@
 //!
 //! One bidirectional gRPC stream per connection, over mTLS: Hello, wait for
 //! HelloAck, then everything unacknowledged oldest first, then new batches;
-//! acks remove batches; lookup requests are answered with the lookup
+//! acks remove batches; a heartbeat every `heartbeat_interval_ms` (when the
+//! collector's HelloAck says it takes them) tells the collector the agent's
+//! time, live-entry count and newest record time; lookup requests are answered with the lookup
 //! function (netlink GET) on a blocking thread. Reconnects use exponential
 //! backoff with jitter and never give up.
 //!
@@ -96,6 +98,11 @@ pub struct UplinkConfig {
     /// Limit for connecting: TCP, TLS, opening the stream, and the HelloAck.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Interval of the stream's heartbeat (agent time, live entries, newest
+    /// record time), sent also when there is nothing else to send; only to
+    /// collectors that announce heartbeats in their HelloAck.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -136,6 +143,9 @@ fn default_reconnect_max_ms() -> u64 {
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
+fn default_heartbeat_interval_ms() -> u64 {
+    10_000
+}
 
 impl UplinkConfig {
     /// A config with every default, for `address` and the TLS files.
@@ -155,6 +165,7 @@ impl UplinkConfig {
             reconnect_min_ms: default_reconnect_min_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            heartbeat_interval_ms: default_heartbeat_interval_ms(),
         }
     }
 
@@ -216,6 +227,12 @@ impl UplinkConfig {
             3_600_000,
         )?;
         range("connect_timeout_ms", self.connect_timeout_ms, 100, 600_000)?;
+        range(
+            "heartbeat_interval_ms",
+            self.heartbeat_interval_ms,
+            100,
+            600_000,
+        )?;
         Ok(())
     }
 }
@@ -444,6 +461,13 @@ mod tests {
         let parsed: UplinkConfig = serde_yaml::from_str(yaml).unwrap();
         assert_eq!(parsed.batch_max_records, 2000);
         assert_eq!(parsed.queue_max_records, 262_144);
+        assert_eq!(parsed.heartbeat_interval_ms, 10_000);
+        let mut c = cfg();
+        c.heartbeat_interval_ms = 50;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("collector.heartbeat_interval_ms: 50"));
         let mut c = cfg();
         c.address = "http://c:1".into();
         assert!(c.validate().unwrap_err().contains("collector.address"));

@@ -72,6 +72,14 @@ pub(super) struct Core {
     /// Number of the next message sent on the current connection.
     send_no: u64,
     replies: VecDeque<pb::LookupReply>,
+    /// The collector's HelloAck said it takes heartbeats.
+    heartbeats: bool,
+    /// A heartbeat waits to be sent.
+    heartbeat_due: bool,
+    /// The capture's live-entry count (`ctw_tracked_entries`).
+    live_entries: prometheus::IntGauge,
+    /// Event time of the newest record received from the capture (ns).
+    last_record_ns: u64,
     spool_warn: RateLimiter,
     conn_warn: RateLimiter,
     conn_info: RateLimiter,
@@ -128,6 +136,10 @@ impl Core {
             state: State::Down,
             send_no: 1,
             replies: VecDeque::new(),
+            heartbeats: false,
+            heartbeat_due: false,
+            live_entries: metrics.tracked_entries.clone(),
+            last_record_ns: 0,
             spool_warn: RateLimiter::new(LOG_EVERY),
             conn_warn: RateLimiter::new(LOG_EVERY),
             conn_info: RateLimiter::new(LOG_EVERY),
@@ -172,6 +184,7 @@ impl Core {
 
     fn add_records(&mut self, records: Vec<ConnRecord>) {
         for r in &records {
+            self.last_record_ns = self.last_record_ns.max(r.event_ns);
             let b = &mut self.batcher;
             if b.records.is_empty() {
                 b.opened = Some(Instant::now());
@@ -305,6 +318,9 @@ impl Core {
         self.state = State::Up {
             since: Instant::now(),
         };
+        self.heartbeats = ack.heartbeats;
+        // The first heartbeat right away: the collector shows it at once.
+        self.heartbeat_due = ack.heartbeats;
         self.metrics.connected.set(1);
         if let Some(s) = self.conn_info.allow() {
             tracing::info!(
@@ -346,6 +362,8 @@ impl Core {
             State::Down => false,
         };
         self.state = State::Down;
+        self.heartbeats = false;
+        self.heartbeat_due = false;
         self.metrics.connected.set(0);
         self.spool_memory();
         self.losses.reset();
@@ -381,18 +399,42 @@ impl Core {
 
     fn has_sendable(&self) -> bool {
         self.is_up()
-            && (!self.replies.is_empty() || self.losses.has_unsent() || self.outbox.can_send())
+            && (self.heartbeat_due
+                || !self.replies.is_empty()
+                || self.losses.has_unsent()
+                || self.outbox.can_send())
     }
 
-    /// The next message for the stream: lookup replies first (someone waits
-    /// for them), then loss reports, then batches oldest first.
+    /// The heartbeat interval ticked: one is due when the collector takes them.
+    fn heartbeat_tick(&mut self) {
+        if self.is_up() && self.heartbeats {
+            self.heartbeat_due = true;
+        }
+    }
+
+    fn heartbeat(&self) -> pb::Heartbeat {
+        pb::Heartbeat {
+            time_ns: ctw_common::now_ns(),
+            interval_ms: self.cfg.heartbeat_interval_ms,
+            live_entries: self.live_entries.get().max(0) as u64,
+            last_record_ns: self.last_record_ns,
+        }
+    }
+
+    /// The next message for the stream: a due heartbeat (tiny; it proves
+    /// the stream alive), lookup replies (someone waits for them), then
+    /// loss reports, then batches oldest first.
     fn next_message(&mut self) -> Option<pb::AgentMessage> {
         use pb::agent_message::Msg;
         if !self.is_up() {
             return None;
         }
         let no = self.send_no;
-        let msg = if let Some(r) = self.replies.pop_front() {
+        let msg = if self.heartbeat_due {
+            self.heartbeat_due = false;
+            self.metrics.heartbeats_sent.inc();
+            Msg::Heartbeat(self.heartbeat())
+        } else if let Some(r) = self.replies.pop_front() {
             Msg::LookupReply(r)
         } else if let Some(l) = self.losses.next_unsent(no) {
             self.metrics.loss_reports_sent.inc();
@@ -595,6 +637,9 @@ async fn run(
     let mut lookups: JoinSet<pb::LookupReply> = JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_millis(core.cfg.heartbeat_interval_ms));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rx_open = true;
     let take = |core: &mut Core, batch: Vec<ConnRecord>| {
         shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
@@ -678,6 +723,7 @@ async fn run(
                 Ok(reply) => core.queue_reply(reply),
                 Err(e) => tracing::warn!(error = %e, "lookup task failed"),
             },
+            _ = heartbeat.tick() => core.heartbeat_tick(),
             _ = tick.tick() => {
                 core.collect_shared(&shared);
                 if let Some(why) = core.check_timeouts() {

@@ -27,7 +27,7 @@ pub use backend::{open, Backend};
 use std::net::IpAddr;
 use std::sync::Mutex;
 
-use ctw_common::{ConnRecord, Counters, EventKind, Protocol};
+use ctw_common::{ConnRecord, Counters, EventKind, Protocol, TcpState};
 
 /// One batch from one agent boot.
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +187,12 @@ pub struct Hit {
     /// Counters of the DESTROY (or gone) record, when it carried them.
     pub counters_orig: Option<Counters>,
     pub counters_reply: Option<Counters>,
+    /// The TCP state the connection was last known in: the kernel's state
+    /// in the DESTROY event that gave its end ([`End::Destroy`], also when
+    /// the DESTROY stands alone). `None` for other ends (a `CTW_GONE`
+    /// record carries the state of the dump that recovered the entry, not
+    /// a later one), while open, and for DESTROYs without a TCP state.
+    pub end_state: Option<TcpState>,
 }
 
 impl Hit {
@@ -200,6 +206,7 @@ impl Hit {
             last_seen_ns: None,
             counters_orig: None,
             counters_reply: None,
+            end_state: None,
         }
     }
 
@@ -319,6 +326,13 @@ fn destroy_end(r: &ConnRecord) -> (u64, End) {
     }
 }
 
+/// The state a DESTROY record gives its connection's end: the kernel's (in
+/// the DESTROY event), not a `CTW_GONE` record's (that is the state when a
+/// dump recovered the entry).
+fn end_state(r: &ConnRecord, end: End) -> Option<TcpState> {
+    (end == End::Destroy).then_some(r.tcp_state).flatten()
+}
+
 /// The connections of one (node, protocol, zone), from its records in any
 /// order, appended to `hits`. See [`assemble`] for the rules.
 fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
@@ -430,6 +444,7 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
             h.last_seen_ns = last_seen;
             h.counters_orig = r.counters_orig;
             h.counters_reply = r.counters_reply;
+            h.end_state = end_state(&r, end);
             continue;
         }
         // The end of a connection already superseded: the kernel's DESTROY
@@ -442,6 +457,7 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
                 if end == End::Destroy && closed <= bound && closed >= h.start_ns() {
                     h.closed_ns = Some(closed);
                     h.end = Some(End::Destroy);
+                    h.end_state = end_state(&r, end);
                 }
                 if last_seen.is_some_and(|s| s <= bound) {
                     h.last_seen_ns = last_seen;
@@ -471,6 +487,7 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
             last_seen_ns: last_seen,
             counters_orig: r.counters_orig,
             counters_reply: r.counters_reply,
+            end_state: end_state(&r, end),
             ..Hit::open(node, r)
         });
         last.insert((r.orig, r.reply), hits.len() - 1);
@@ -496,6 +513,8 @@ fn assemble_zone(node: &str, mut rs: Vec<ConnRecord>, hits: &mut Vec<Hit>) {
 ///   with the same original tuple, reply tuple and kernel start (if known);
 ///   else it refines the end of the superseded connection with those
 ///   tuples; else it stands alone (a connection whose opening was not read);
+///   a kernel DESTROY that gives the end also gives `Hit::end_state` (its
+///   TCP state);
 /// - a NAT-clash shadow DESTROY (`IPS_NAT_CLASH`) is skipped.
 ///
 /// Only the records the store read take part: a superseding record, like a

@@ -170,7 +170,10 @@ pub fn random_records(rng: &mut Rng, n: usize, span: u64) -> Vec<(String, ConnRe
             d.kind = EventKind::Destroy;
             d.event_ns = at;
             d.stop_ns = Some(at);
-            d.tcp_state = Some(TcpState::TimeWait);
+            // The kernel's state at the end (the connection's end_state).
+            d.tcp_state = (r.protocol == Protocol::Tcp).then(|| {
+                [TcpState::TimeWait, TcpState::Close, TcpState::LastAck][rng.u64(..3) as usize]
+            });
             d.counters_orig = Some(Counters {
                 packets: rng.u64(..100),
                 bytes: rng.u64(..1 << 40),

@@ -1,11 +1,16 @@
 // "Agents" page: every agent the collector knows, connected or not, with
-// addresses, lag, last batch and loss counters (with collector replicas,
-// every agent of the cluster and the collector holding its stream). Disconnected agents and
-// agents that lost events are highlighted. Refreshes every 5 s while shown.
-// A connected agent with no batch for IDLE_MS is "idle": its stream is up
-// (the collector's HTTP/2 keepalive pings it every 30 s and drops it after
-// 20 s without an answer), there is just nothing to send, so its lag and
-// "last seen" (the last message) are not stale news.
+// addresses, lag, last heartbeat, last batch and loss counters (with
+// collector replicas, every agent of the cluster and the collector holding
+// its stream). Disconnected agents and agents that lost events are
+// highlighted. Refreshes every 5 s while shown.
+// Agents that send heartbeats (`last_heartbeat` in the answer, every
+// `heartbeat_interval_seconds`): "idle" = connected, a heartbeat within
+// HEARTBEAT_MISSED intervals, and no batch for an interval (at least
+// IDLE_MS); a connected agent whose heartbeats stopped is "no heartbeat".
+// Older agents (no `last_heartbeat`): a connected agent with no batch for
+// IDLE_MS is "idle": its stream is up (the collector's HTTP/2 keepalive
+// pings it every 30 s and drops it after 20 s without an answer), there is
+// just nothing to send, so its lag and "last seen" are not stale news.
 
 import { $, el, fill, show, hide, fmtTime, badge } from './dom.js';
 import { api } from './api.js';
@@ -13,6 +18,8 @@ import { onZoneChange } from './time.js';
 
 const REFRESH_MS = 5000;
 const IDLE_MS = 10000;
+// Heartbeats missed before a connected agent is flagged.
+const HEARTBEAT_MISSED = 3;
 let lastAgents = null;
 let timer = null;
 
@@ -60,11 +67,43 @@ async function load() {
   }
 }
 
-// Connected, and no batch in IDLE_MS (or none yet).
+// The agent's heartbeat interval in ms; null for agents without heartbeats.
+function heartbeatMs(a) {
+  if (!a.last_heartbeat || !a.heartbeat_interval_seconds) return null;
+  return a.heartbeat_interval_seconds * 1000;
+}
+
+// A connected agent with heartbeats whose last one is older than
+// HEARTBEAT_MISSED intervals (plus the page's refresh period).
+function heartbeatLate(a, now) {
+  const every = heartbeatMs(a);
+  if (!a.connected || every === null) return false;
+  return now - Date.parse(a.last_heartbeat) > HEARTBEAT_MISSED * every + REFRESH_MS;
+}
+
+// Connected, alive (a recent heartbeat, when it sends them), and no batch
+// for IDLE_MS or an interval, whichever is longer (or none yet).
 function isIdle(a, now) {
-  if (!a.connected) return false;
+  if (!a.connected || heartbeatLate(a, now)) return false;
+  const quietMs = Math.max(IDLE_MS, heartbeatMs(a) ?? 0);
   const t = Date.parse(a.last_batch_at ?? '');
-  return Number.isNaN(t) || now - t > IDLE_MS;
+  return Number.isNaN(t) || now - t > quietMs;
+}
+
+// The heartbeat cell: when it arrived, what it said; or that this agent
+// sends none (older version).
+function heartbeatCell(a, late) {
+  if (!a.last_heartbeat) return el('span', { class: 'muted', title: 'this agent sends no heartbeats (older version): idle is inferred from the last batch' }, 'none');
+  const said = [
+    `every ${a.heartbeat_interval_seconds} s`,
+    a.live_entries !== undefined && a.live_entries !== null ? `${a.live_entries} live entries` : null,
+    a.last_event_at ? `newest record ${fmtTime(a.last_event_at)}` : 'no record captured yet',
+    a.heartbeat_agent_time ? `agent clock ${fmtTime(a.heartbeat_agent_time)}` : null,
+  ].filter(Boolean).join(', ');
+  return [
+    late ? el('b', {}, fmtTime(a.last_heartbeat)) : fmtTime(a.last_heartbeat),
+    el('span', { class: 'reason' }, said),
+  ];
 }
 
 function render(agents) {
@@ -78,23 +117,30 @@ function render(agents) {
     if (!a.connected) down += 1;
     if (lost) lossy += 1;
     const quiet = isIdle(a, now);
+    const late = heartbeatLate(a, now);
     if (quiet) idle += 1;
     const status = a.connected ? badge('ok', 'connected') : badge('bad', 'disconnected');
-    const idleBadge = quiet ? badge('ok', 'idle', `stream connected, no batch for over ${IDLE_MS / 1000} s: nothing to send`) : null;
+    const quietS = Math.max(IDLE_MS, heartbeatMs(a) ?? 0) / 1000;
+    const idleBadge = quiet
+      ? badge('ok', 'idle', a.last_heartbeat ? `heartbeats arrive, no batch for over ${quietS} s: nothing to send` : `stream connected, no batch for over ${quietS} s: nothing to send`)
+      : null;
+    const lateBadge = late ? badge('warn', 'no heartbeat', `connected, but no heartbeat for over ${HEARTBEAT_MISSED} intervals`) : null;
     const lastBatch = a.last_batch_at ? `last batch ${fmtTime(a.last_batch_at)}` : 'no batch yet';
+    const alive = a.last_heartbeat ? `last heartbeat ${fmtTime(a.last_heartbeat)}` : null;
     const stream = a.connected
-      ? [`connected since ${fmtTime(a.connected_since)}`, el('span', { class: 'reason' }, quiet ? `idle: ${lastBatch}` : lastBatch),
+      ? [`connected since ${fmtTime(a.connected_since)}`, el('span', { class: 'reason' }, quiet ? `idle: ${alive ? `${alive}, ` : ''}${lastBatch}` : lastBatch),
          // Collector replicas: the collector holding the agent's stream.
          a.collector ? el('span', { class: 'reason', 'data-collector': a.collector }, `via collector ${a.collector}`) : null]
       : [`disconnected since ${fmtTime(a.disconnected_since)}`, el('span', { class: 'reason' }, `last seen ${fmtTime(a.last_seen)}`)];
     return el(
       'tr',
-      { class: !a.connected ? 'bad' : lost ? 'warn' : null, 'data-node': a.node, 'data-connected': String(!!a.connected), 'data-idle': String(quiet) },
+      { class: !a.connected ? 'bad' : lost || late ? 'warn' : null, 'data-node': a.node, 'data-connected': String(!!a.connected), 'data-idle': String(quiet), 'data-heartbeat': a.last_heartbeat || null },
       el('td', { class: 'node' }, el('b', {}, a.node)),
-      el('td', { class: 'status' }, status, idleBadge, lost ? badge('warn', 'lossy', 'the agent reported lost conntrack events') : null),
+      el('td', { class: 'status' }, status, idleBadge, lateBadge, lost ? badge('warn', 'lossy', 'the agent reported lost conntrack events') : null),
       el('td', { class: 'mono' }, (a.addresses || []).map((x, i) => [i ? el('br') : null, x])),
       el('td', {}, a.version ?? ''),
-      el('td', { class: 'lag', title: 'when the last batch arrived minus the newest record time in it' }, quiet ? el('span', { title: `no batch for over ${IDLE_MS / 1000} s: lag is measured on batches${a.lag_seconds !== undefined && a.lag_seconds !== null ? `; the last one's was ${lag(a.lag_seconds)}` : ''}` }, 'idle') : lag(a.lag_seconds)),
+      el('td', { class: 'lag', title: 'when the last batch arrived minus the newest record time in it' }, quiet ? el('span', { title: `no batch for over ${quietS} s: lag is measured on batches${a.lag_seconds !== undefined && a.lag_seconds !== null ? `; the last one's was ${lag(a.lag_seconds)}` : ''}` }, 'idle') : lag(a.lag_seconds)),
+      el('td', { class: 'mono heartbeat' }, heartbeatCell(a, late)),
       el('td', { class: 'mono' }, fmtTime(a.last_batch_at), a.last_batch_seq !== undefined && a.last_batch_seq !== null ? el('span', { class: 'reason' }, `seq ${a.last_batch_seq}`) : null),
       el('td', {}, a.records_stored ?? 0, el('span', { class: 'reason' }, `${a.batches_stored ?? 0} batches`)),
       el('td', {}, a.duplicates ?? 0),

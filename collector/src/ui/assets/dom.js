@@ -88,6 +88,22 @@ export function stateText(r) {
   return `state at first packet: ${r.state}`;
 }
 
+// What each last known state (`end_state`: the kernel's state in the
+// DESTROY that ended the connection) says about the end shown.
+const END_STATE_HELP = {
+  TIME_WAIT: 'closed normally; conntrack kept the entry in TIME_WAIT until its timeout (nf_conntrack_tcp_timeout_time_wait, 120 s by default) ran out, so the end shown is about that long after the close',
+  CLOSE: 'reset (or closed after a reset); conntrack dropped the entry when its CLOSE timeout (10 s by default) ran out',
+  ESTABLISHED: 'the entry was removed while the connection was still established (deleted by hand, a flush, or its idle timeout)',
+};
+
+// The connection's last known state as nodes (empty without `end_state`):
+// the DESTROY's state, next to the record's own (stateText).
+export function endStateCell(r) {
+  if (!r || !r.end_state) return [];
+  const help = END_STATE_HELP[r.end_state] || 'the TCP state conntrack reported when it dropped the entry';
+  return [el('span', { class: 'reason end-state', title: help }, `last known state: ${r.end_state}`)];
+}
+
 // The end of a record as nodes for a table cell: the end and how it is known
 // (end_kind), or that none is known yet.
 export function endCell(r, clock) {

@@ -2,7 +2,7 @@
 // to /api/v1/resolve) or one ip:port + time become rows with the pod that
 // opened the connection, and a live lookup for rows that may still be open.
 
-import { $, el, fill, show, hide, addr, fmtTime, fmtClock, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endCell, hasPod, podCell, podLabel } from './dom.js';
+import { $, el, fill, show, hide, addr, fmtTime, fmtClock, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endStateCell, endCell, hasPod, podCell, podLabel } from './dom.js';
 import { typedTime, digitsOf, digitsTyped, onZoneChange, zoneLabel } from './time.js';
 import { api, qs, ApiError } from './api.js';
 
@@ -332,7 +332,7 @@ function row(r) {
     el('td', { class: 'mono' }, podIp ? `${addr(podIp, podPort)} → ${addr(dstIp, dstPort)}` : ''),
     el('td', { class: 'mono' }, snat),
     el('td', { class: 'mono lifetime', title: r.record ? `${rec.start} – ${rec.end || 'no end yet'}` : null }, lifetime),
-    el('td', { class: 'state' }, stateText(rec), r.record && !rec.end && isClosing(rec.state) ? [' ', badge('warn', 'closing', 'TIME_WAIT or CLOSE: closed; conntrack drops the entry about 120 s after the close')] : null),
+    el('td', { class: 'state' }, stateText(rec), r.record && !rec.end && isClosing(rec.state) ? [' ', badge('warn', 'closing', 'TIME_WAIT or CLOSE: closed; conntrack drops the entry about 120 s after the close')] : null, endStateCell(rec)),
     statusCell(r),
   );
   const action = el('td', {});

@@ -2,7 +2,7 @@
 // sortable by any column, and a histogram of the returned records' start
 // times (inline SVG).
 
-import { $, el, fill, show, hide, addr, fmtTime, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endCell, hasPod, podCell, podLabel } from './dom.js';
+import { $, el, fill, show, hide, addr, fmtTime, fmtDuration, badge, ALIVE_AT_HELP, isClosing, stateText, endStateCell, endCell, hasPod, podCell, podLabel } from './dom.js';
 import { typedTime, onZoneChange, zoneLabel } from './time.js';
 import { api, qs } from './api.js';
 
@@ -242,6 +242,7 @@ function renderTable() {
           { class: 'state', title: r.midstream ? 'picked up mid-stream: the connection started before this entry' : null },
           stateText(r),
           !r.end && isClosing(r.state) ? badge('warn', 'closing') : null,
+          endStateCell(r),
           r.zone ? ` zone ${r.zone}` : '',
         ),
         el('td', {}, r.kind ?? ''),
