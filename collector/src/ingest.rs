@@ -15,7 +15,8 @@
 //!    logged rate-limited and skipped; the rest is stored), appended in
 //!    `spawn_blocking`, and acked (`Ack{boot_id, seq}`) only when `append`
 //!    returned `Ok` — `Stored` or `Duplicate`, both durable. A store error
-//!    is logged and not acked: the agent resends. Batches are appended in
+//!    is logged, not acked, and ends the stream (UNAVAILABLE): the agent
+//!    reconnects and resends at once. Batches are appended in
 //!    the order received, by a task of their own, so lookup replies are not
 //!    held up behind the store.
 //! 4. LossReport → a [`Gap`] in the store (reason as reported) and the
@@ -462,6 +463,19 @@ async fn run_stream(
     tracing::info!(node, "agent disconnected");
 }
 
+/// A batch could not be stored: end the stream with UNAVAILABLE so the
+/// agent reconnects (here or to another collector) and resends every
+/// unacked batch at once, instead of after its ack timeout (60 s,
+/// `uplink::ACK_TIMEOUT`). Batches after it are not appended on this
+/// stream (the agent resends them too; replays are stored once).
+async fn end_stream_unstored(tx: &AgentSender, b: &pb::RecordBatch, error: &str) {
+    let status = Status::unavailable(format!(
+        "batch {} of boot {} not stored ({error}); reconnect and resend",
+        b.seq, b.boot_id
+    ));
+    let _ = tx.send(Err(status)).await;
+}
+
 async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSender) {
     let node = ctx.token.node.as_str();
     let convert_log = RateLimiter::new(LOG_EVERY);
@@ -527,14 +541,16 @@ async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSe
                         ctx.metrics.batches_failed.with_label_values(&[node]).inc();
                         if let Some(suppressed) = store_log.allow() {
                             tracing::error!(node, boot_id = b.boot_id, seq = b.seq, error = %e, suppressed,
-                                "cannot store a batch; not acked, the agent will resend");
+                                "cannot store a batch; not acked, ending the stream so the agent resends");
                         }
-                        continue;
+                        end_stream_unstored(&tx, &b, &e.to_string()).await;
+                        break;
                     }
                     Err(e) => {
                         ctx.metrics.batches_failed.with_label_values(&[node]).inc();
                         tracing::error!(node, error = %e, "store append task failed");
-                        continue;
+                        end_stream_unstored(&tx, &b, &e.to_string()).await;
+                        break;
                     }
                 };
                 let duplicate = outcome == AppendOutcome::Duplicate;
