@@ -43,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_collected_records: 200_000,
         connect_retry_ms: 1000,
         timeout_ms: 600_000,
+        cluster: None,
     };
     let store = ClickHouseStore::open(&cfg)?;
     let version = store.server_version()?;

@@ -38,6 +38,7 @@ fn cfg(ch: &ClickHouse, db: &str) -> ClickHouseConfig {
         max_collected_records: 200_000,
         connect_retry_ms: 100,
         timeout_ms: 10_000,
+        cluster: None,
     }
 }
 
