@@ -182,6 +182,20 @@ fn exactly_once_across_collectors_on_different_shards() {
         };
         assert!(on(s0) == 0 || on(s1) == 0, "{node}");
     }
+    // Retention drops the old days on every shard (ON CLUSTER).
+    let mut short = cfg(s1, "ctw_once", None);
+    short.retention_days = 2;
+    let r = ClickHouseStore::open(&short).unwrap();
+    r.append(pod_batch("n9", 0, 4)).unwrap();
+    let mut late = pod_batch("n9", 1, 4);
+    for x in &mut late.records {
+        x.event_ns += 5 * 24 * H;
+        x.start_ns = Some(x.event_ns);
+    }
+    r.append(late).unwrap();
+    assert!(r.enforce_retention(BASE + 5 * 24 * H).unwrap() >= 1);
+    assert_eq!(r.search(&everything()).unwrap().total, 4);
+    assert_eq!(rows("SELECT count() FROM ctw_once.ctw_records_local"), 4);
     // Refused: a cluster the server does not know; a database written by a
     // single-server collector.
     let mut bad = cfg(s0, "ctw_x", None);
