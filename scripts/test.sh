@@ -29,6 +29,7 @@ fi
 # those tests skip themselves when it cannot be installed.
 if [ ! -e /usr/share/java/zookeeper.jar ] && [ "$(id -u)" = 0 ]; then
   echo "== installing zookeeperd"
+  apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends zookeeperd >/dev/null \
     || echo "zookeeperd not installable: the ClickHouse cluster tests will skip" >&2
 fi

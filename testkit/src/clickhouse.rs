@@ -87,6 +87,14 @@ impl ClickHouse {
         ch
     }
 
+    /// [`start`](Self::start) with `extra` top-level config elements
+    /// (e.g. a `<compression>` section), written into its `config.xml`.
+    pub fn start_with_config(extra: &str) -> ClickHouse {
+        let mut ch = ClickHouse::new(None, free_port(), free_port(), extra.to_string());
+        ch.restart();
+        ch
+    }
+
     /// A server not yet started, its directory and config written.
     fn new(ns: Option<&str>, http_port: u16, tcp_port: u16, extra: String) -> ClickHouse {
         let dir = temp_dir("clickhouse");

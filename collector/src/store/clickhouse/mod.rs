@@ -31,6 +31,13 @@
 //! microsecond included, to one already stored is taken as the same
 //! record).
 //!
+//! Cluster mode (`storage.cluster`, [`ClusterOptions`]): the same table
+//! names are `Distributed` tables over `ReplicatedMergeTree` tables (see
+//! [`schema`] for the sharding keys); every insert goes through them with
+//! `insert_distributed_sync=1`, so `append` returns once every shard wrote
+//! its rows and, with `insert_quorum`, that many replicas of each. With a
+//! quorum every read sets `select_sequential_consistency=1`.
+//!
 //! Start-up: an unreachable server is not fatal: the store is returned not
 //! [`ready`](super::RecordStore::ready) (appends and searches fail with a
 //! clear error, so nothing is acked) and retries every
@@ -194,8 +201,10 @@ impl ClickHouseStore {
     /// Connect to the server of `cfg` and check (or create) the schema.
     ///
     /// Errors: [`StoreError::Index`] when the database holds a schema this
-    /// version does not write (message names both versions), or the client
-    /// cannot be set up. An unreachable server is no error: the store is
+    /// version does not write (message names both versions) or another
+    /// layout (one server vs cluster), when the server has no cluster
+    /// `storage.cluster.name` or fewer replicas per shard than
+    /// `insert_quorum`, or the client cannot be set up. An unreachable server is no error: the store is
     /// returned not ready and retries in the background.
     pub fn open(cfg: &ClickHouseOptions) -> Result<ClickHouseStore, StoreError> {
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -14,7 +14,7 @@
 //! | `ctw_schema` | - | the schema version, one row per collector start that created it |
 //!
 //! Cluster mode (`storage.cluster` set): every table above keeps its name
-//! but is a `Distributed` table over the cluster's `<name>_local` tables,
+//! but is a `Distributed` table over the `<table>_local` tables of the cluster,
 //! which are `ReplicatedMergeTree` (ZooKeeper path
 //! `<zookeeper_path>/<database>/<table>`, replica `{replica}`: the
 //! `{shard}`/`{replica}` macros of each server), all created `ON CLUSTER`:
@@ -30,15 +30,18 @@
 //! At start the collector creates what is missing, then compares the
 //! columns of every table with this version's and the version in
 //! `ctw_schema`: a database written by another version is refused with a
-//! message that names both (no migration exists yet: version 1 is the
-//! first).
+//! message that names both (no migration exists yet). Version 2 stores
+//! the kernel's start and stop times relative to the event time
+//! (`start_before_us`, `stop_after_us`: about 6 bytes per record less on 18.16,
+//! BENCHMARKS.md §5); version 1 (absolute `start_us`, `stop_us`) was never
+//! released and is refused.
 
 use std::sync::Arc;
 
 use super::Inner;
 
 /// The schema version this collector writes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 pub const RECORDS: &str = "ctw_records";
 pub const BY_POD: &str = "ctw_records_by_pod";
@@ -118,8 +121,8 @@ pub const RECORD_COLUMN_TYPES: [(&str, &str); 27] = [
     ("tcp_flags_orig", "UInt8"),
     ("tcp_flags_reply", "UInt8"),
     ("present", "UInt8"),
-    ("start_us", "UInt64"),
-    ("stop_us", "UInt64"),
+    ("start_before_us", "Int64"),
+    ("stop_after_us", "Int64"),
     ("orig_packets", "UInt64"),
     ("orig_bytes", "UInt64"),
     ("reply_packets", "UInt64"),
