@@ -450,3 +450,64 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_server_gets_merge_trees_and_a_cluster_distributed_over_replicated() {
+        let single = create_statements("d", &Layout::Single);
+        assert!(single.iter().all(|s| !s.contains("ON CLUSTER")));
+        assert!(single.iter().all(|s| !s.contains("Distributed")));
+        assert!(single.iter().any(|s| s.starts_with(
+            "CREATE TABLE IF NOT EXISTS d.ctw_records (day Date, family UInt8, snat_ip FixedString(16)"
+        ) && s.ends_with(
+            "ENGINE = MergeTree PARTITION BY day ORDER BY (snat_ip, snat_port, event_us)"
+        )));
+        let layout = Layout::Cluster {
+            name: "c".into(),
+            zookeeper_path: "/ch/{shard}/".into(),
+        };
+        let cl = create_statements("d", &layout);
+        assert!(cl.iter().all(|s| s.contains(" ON CLUSTER c")));
+        let find = |prefix: &str| {
+            cl.iter()
+                .find(|s| s.starts_with(prefix))
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert!(
+            find("CREATE TABLE IF NOT EXISTS d.ctw_records_local ").ends_with(
+                "ENGINE = ReplicatedMergeTree('/ch/{shard}/d/ctw_records', '{replica}') \
+             PARTITION BY day ORDER BY (snat_ip, snat_port, event_us)"
+            )
+        );
+        for (table, key) in [
+            ("ctw_records", "cityHash64(snat_ip)"),
+            ("ctw_records_by_pod", "cityHash64(snat_ip)"),
+            ("ctw_batches", "cityHash64(node)"),
+            ("ctw_gaps", "cityHash64(node)"),
+        ] {
+            let d = find(&format!("CREATE TABLE IF NOT EXISTS d.{table} ON CLUSTER"));
+            assert!(
+                d.ends_with(&format!("ENGINE = Distributed(c, d, {table}_local, {key})")),
+                "{d}"
+            );
+        }
+        // The view fills the local pod index from the local records, and
+        // comes after both.
+        let view = cl
+            .iter()
+            .position(|s| s.contains("MATERIALIZED VIEW"))
+            .unwrap_or(0);
+        assert!(cl[view].contains("TO d.ctw_records_by_pod_local AS SELECT"));
+        assert!(cl[view].ends_with("FROM d.ctw_records_local"));
+        assert!(cl[..view]
+            .iter()
+            .any(|s| s.contains("d.ctw_records_by_pod_local ON CLUSTER")));
+        let mut tables = all_tables(&layout);
+        tables.sort();
+        assert_eq!(tables.len(), 10);
+    }
+}
