@@ -3,7 +3,9 @@
 //! the collector and a private ClickHouse server (Debian's 18.16) in their
 //! own namespace, the real agents. The right answers come from nginx's
 //! access log (the line's address and port) and the pod each request was
-//! sent from. Needs root and `clickhouse-server`.
+//! sent from. One test uses a cluster (a private ZooKeeper and 2 shards ×
+//! 2 replicas) instead. Needs root and `clickhouse-server` (and
+//! `zookeeperd` for the cluster).
 
 #![allow(clippy::unwrap_used)]
 
