@@ -25,9 +25,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "missing ${missing[*]}; run as root to install them" >&2
   fi
 fi
-# Debian's nginx, prometheus and clickhouse-server start themselves on install;
-# tests run their own.
-for svc in nginx prometheus clickhouse-server; do systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
+# ZooKeeper for the ClickHouse cluster tests (replication, ON CLUSTER DDL);
+# those tests skip themselves when it cannot be installed.
+if [ ! -e /usr/share/java/zookeeper.jar ] && [ "$(id -u)" = 0 ]; then
+  echo "== installing zookeeperd"
+  apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends zookeeperd >/dev/null \
+    || echo "zookeeperd not installable: the ClickHouse cluster tests will skip" >&2
+fi
+# Debian's nginx, prometheus, clickhouse-server and zookeeperd start themselves
+# on install; tests run their own.
+for svc in nginx prometheus clickhouse-server zookeeper; do systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
 pkill -x prometheus >/dev/null 2>&1 || true
 
 # Browser tests drive Debian's chromium with playwright-core (no browser download).

@@ -3,19 +3,25 @@
 //! rate and collector CPU per record, bytes per record on disk (every
 //! table), exact SNAT ip:port ± 5 min query latency, time to searchable.
 //!
-//! `cargo run -p ctw-collector --example clickhouse_bench -- --url http://127.0.0.1:8123 --records 1000000`
+//! `cargo run --release -p ctw-collector --example clickhouse_bench -- --start 1 --records 1000000`
 //! Options: `--records N`, `--batch N` (records per batch, default 1000),
 //! `--database NAME` (default `ctw_bench_PID`: a new one each run),
-//! `--server-pid PID` (also measure the server's CPU).
-//! The generator is `store_bench`'s (same seed, same spread).
+//! either `--url URL` with `--server-pid PID` (a running server; its CPU
+//! is measured) or `--start 1` (a private server started by the testkit,
+//! like the tests do), `--start SxR` (a private ZooKeeper and S shards × R
+//! replicas, the store in cluster mode: inserts through `Distributed`, the
+//! quorum every replica), `--zstd` (with `--start 1`: the server compresses
+//! parts with ZSTD level 1 instead of LZ4, a server setting that 18.16
+//! has). The generator is `store_bench`'s (same seed, same spread).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use ctw_collector::config::ClickHouseConfig;
-use ctw_collector::store::clickhouse::ClickHouseStore;
+use ctw_collector::store::clickhouse::{ClickHouseStore, ClusterOptions};
 use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
 use ctw_common::ConnRecord;
+use ctw_testkit::clickhouse::{ClickHouse, Cluster, CLUSTER};
 
 #[path = "support/bench.rs"]
 mod bench;
@@ -31,8 +37,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let n: u64 = arg("--records").map_or(Ok(1_000_000), |v| v.parse())?;
     let batch: usize = arg("--batch").map_or(Ok(1000), |v| v.parse())?;
-    let url = arg("--url").unwrap_or_else(|| "http://127.0.0.1:8123".into());
     let database = arg("--database").unwrap_or_else(|| format!("ctw_bench_{}", std::process::id()));
+    // Servers started here (dropped, so stopped, at the end).
+    let mut single: Option<ClickHouse> = None;
+    let mut cluster: Option<Cluster> = None;
+    let mut pids: Vec<String> = arg("--server-pid").into_iter().collect();
+    let mut url = arg("--url").unwrap_or_else(|| "http://127.0.0.1:8123".into());
+    let mut layout = "one server".to_string();
+    match arg("--start").as_deref() {
+        None => {}
+        Some("1") => {
+            let ch = if args.iter().any(|a| a == "--zstd") {
+                layout.push_str(", ZSTD(1) part compression");
+                ClickHouse::start_with_config(
+                    "  <compression><case><method>zstd</method><level>1</level></case></compression>\n",
+                )
+            } else {
+                ClickHouse::start()
+            };
+            url = ch.url();
+            pids = ch.pid().into_iter().map(|p| p.to_string()).collect();
+            single = Some(ch);
+        }
+        Some(sxr) => {
+            let (s, r) = sxr
+                .split_once('x')
+                .and_then(|(s, r)| Some((s.parse().ok()?, r.parse().ok()?)))
+                .ok_or("--start: 1 or SHARDSxREPLICAS, e.g. 2x1")?;
+            let c = Cluster::start(s, r);
+            url = c.servers[0].url();
+            pids = c
+                .servers
+                .iter()
+                .filter_map(|ch| ch.pid().map(|p| p.to_string()))
+                .collect();
+            layout = format!(
+                "cluster of {s} shard(s) x {r} replica(s), quorum {r}, inserts through Distributed"
+            );
+            cluster = Some(c);
+        }
+    }
     let cfg = ClickHouseConfig {
         url,
         database: database.clone(),
@@ -43,6 +87,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_collected_records: 200_000,
         connect_retry_ms: 1000,
         timeout_ms: 600_000,
+        cluster: cluster.as_ref().map(|_| ClusterOptions {
+            name: CLUSTER.into(),
+            zookeeper_path: "/clickhouse/tables/{shard}".into(),
+            insert_quorum: None,
+        }),
     };
     let store = ClickHouseStore::open(&cfg)?;
     let version = store.server_version()?;
@@ -54,8 +103,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut samples: Vec<(String, ConnRecord)> = Vec::new();
     let mut sample_rng = fastrand::Rng::with_seed(7);
     let mut seqs = [0u64; NODES];
-    let server_pid = arg("--server-pid");
-    let server_cpu = || server_pid.as_deref().map(cpu_seconds_of);
+    let server_cpu =
+        || (!pids.is_empty()).then(|| pids.iter().map(|p| cpu_seconds_of(p)).sum::<f64>());
     let server0 = server_cpu();
     let cpu0 = cpu_seconds();
     let start = Instant::now();
@@ -168,7 +217,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     let (t50, t99) = (pct(&mut tts, 0.5), pct(&mut tts, 0.99));
-    println!("\n### clickhouse_bench: {n} records, batch {batch}, {NODES} nodes, {PODS} pods, {SERVICES} services, 7 days, ClickHouse {version}\n");
+    // Where the bytes are: compressed bytes per record of each column of
+    // the records table (one copy: the first replica of each shard).
+    let col_sizes = match &cluster {
+        Some(c) => (0..c.shards)
+            .map(|s| column_sizes(&c.servers[s * c.replicas], &database))
+            .collect::<Vec<_>>(),
+        None => single
+            .as_ref()
+            .map(|ch| vec![column_sizes(ch, &database)])
+            .unwrap_or_default(),
+    };
+    let mut merged: std::collections::BTreeMap<String, u64> = Default::default();
+    for (name, b) in col_sizes.into_iter().flatten() {
+        *merged.entry(name).or_default() += b;
+    }
+    let mut cols: Vec<(String, u64)> = merged.into_iter().collect();
+    cols.sort_by_key(|c| std::cmp::Reverse(c.1));
+    let cols: Vec<String> = cols
+        .iter()
+        .take(10)
+        .map(|(c, b)| format!("{c} {:.1}", *b as f64 / n as f64))
+        .collect();
+    println!("\n### clickhouse_bench: {n} records, batch {batch}, {NODES} nodes, {PODS} pods, {SERVICES} services, 7 days, ClickHouse {version}, {layout}\n");
     println!("| metric | value |");
     println!("|---|---|");
     println!(
@@ -191,5 +262,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "| time to searchable p50 / p99 (append acked to found) | {t50:.1} ms / {t99:.1} ms |"
     );
+    if !cols.is_empty() {
+        println!(
+            "| records table, compressed bytes per record of its largest columns | {} |",
+            cols.join(", ")
+        );
+    }
+    store.close();
+    drop(cluster);
+    drop(single);
     Ok(())
+}
+
+/// (column, compressed bytes) of the records table on server `ch`.
+fn column_sizes(ch: &ClickHouse, db: &str) -> Vec<(String, u64)> {
+    let sql = format!(
+        "SELECT name, data_compressed_bytes FROM system.columns WHERE database = '{db}' \
+         AND table IN ('ctw_records', 'ctw_records_local') AND data_compressed_bytes > 0 FORMAT TSV"
+    );
+    ch.query(&sql)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (n, b) = l.split_once('\t')?;
+            Some((n.to_string(), b.parse().ok()?))
+        })
+        .collect()
 }

@@ -567,6 +567,30 @@ impl ClickHouseConfig {
                 self.timeout_ms
             ));
         }
+        if let Some(c) = &self.cluster {
+            let ident = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            };
+            if !ident(&c.name) {
+                return bad(format!(
+                    "storage.cluster.name: the remote_servers name (letters, digits, _ and -), got {:?}",
+                    c.name
+                ));
+            }
+            if !c.zookeeper_path.starts_with('/')
+                || !c.zookeeper_path.contains("{shard}")
+                || c.zookeeper_path.contains('\'')
+                || c.zookeeper_path.contains('\\')
+            {
+                return bad(format!(
+                    "storage.cluster.zookeeper_path: an absolute ZooKeeper path holding the \
+                     {{shard}} macro (each shard's replicas share one path), got {:?}",
+                    c.zookeeper_path
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -680,6 +704,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("storage.database"), "{e}");
+        // Cluster mode: unset by default; name required, path defaulted
+        // and checked.
+        assert_eq!(h.cluster, None);
+        let c = Config::parse(&format!(
+            "{ch}  cluster:\n    name: ctw\n    insert_quorum: 2\n"
+        ))
+        .unwrap();
+        let Storage::ClickHouse(h) = &c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        let cl = h.cluster.as_ref().unwrap();
+        assert_eq!(
+            (
+                cl.name.as_str(),
+                cl.zookeeper_path.as_str(),
+                cl.insert_quorum
+            ),
+            ("ctw", "/clickhouse/tables/{shard}", Some(2))
+        );
+        for (bad, key) in [
+            ("    name: \"a b\"\n", "storage.cluster.name"),
+            (
+                "    name: ctw\n    zookeeper_path: /ch/tables\n",
+                "storage.cluster.zookeeper_path",
+            ),
+            ("    zookeeper_path: /x/{shard}\n", "name"),
+        ] {
+            let e = Config::parse(&format!("{ch}  cluster:\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

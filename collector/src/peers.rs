@@ -77,7 +77,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::config::{ReplicasConfig, TlsFiles};
 use crate::metrics::Metrics;
 use crate::registry::{AgentInfo, LiveAnswer, LiveQuery, LookupError, Registry};
-use crate::store::clickhouse::{quote, ClickHouseOptions};
+use crate::store::clickhouse::{quote, ClickHouseOptions, ClusterOptions};
 use crate::store::{Gap, RecordStore};
 
 /// The lease table (in the store's database).
@@ -191,14 +191,44 @@ fn offset_s(local_ns: u64, server_s: u64) -> i64 {
     ((d + d.signum() * 500_000_000) / 1_000_000_000) as i64
 }
 
-/// `CREATE TABLE` of the lease table in `db` (18.16 and later).
+/// Columns of the lease table.
+const LEASE_COLUMNS: &str = "node String, collector_id String, grpc_addr String, \
+     boot_id String, connected_ns UInt64, expires_ns UInt64, updated_ns UInt64, info String";
+
+/// `CREATE TABLE` of the lease table in `db` on one server (18.16 and
+/// later).
 pub fn create_table_sql(db: &str) -> String {
     format!(
-        "CREATE TABLE IF NOT EXISTS {db}.{LEASES} (node String, collector_id String, \
-         grpc_addr String, boot_id String, connected_ns UInt64, expires_ns UInt64, \
-         updated_ns UInt64, info String) \
+        "CREATE TABLE IF NOT EXISTS {db}.{LEASES} ({LEASE_COLUMNS}) \
          ENGINE = ReplacingMergeTree(updated_ns) ORDER BY (node, collector_id)"
     )
+}
+
+/// The statement creating the lease table where `cluster` says: on one
+/// server ([`create_table_sql`]), or in a ClickHouse cluster on every
+/// server (`ON CLUSTER`) as one `ReplicatedReplacingMergeTree` whose
+/// replicas are all the cluster's servers, whatever their shard: its
+/// ZooKeeper path is `zookeeper_path` with `{shard}` replaced by `all`,
+/// each server's replica name `{shard}-{replica}`. Every collector reads
+/// and writes the full table on the server it talks to (a few hundred
+/// bytes per node; replicated in well under the lease time), and a
+/// `DELETE` mutation reaches every server through replication.
+pub fn create_table_statement(db: &str, cluster: Option<&ClusterOptions>) -> String {
+    match cluster {
+        None => create_table_sql(db),
+        Some(c) => {
+            let path = c
+                .zookeeper_path
+                .trim_end_matches('/')
+                .replace("{shard}", "all");
+            format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{LEASES} ON CLUSTER {name} ({LEASE_COLUMNS}) \
+                 ENGINE = ReplicatedReplacingMergeTree('{path}/{db}/{LEASES}', \
+                 '{{shard}}-{{replica}}', updated_ns) ORDER BY (node, collector_id)",
+                name = c.name,
+            )
+        }
+    }
 }
 
 /// The lease rows the rules need, each the newest row of its (node,
@@ -462,11 +492,20 @@ impl Peers {
             None => String::new(),
         };
         registry.leave_restart_gaps_to_leases();
-        let client = clickhouse::Client::default()
+        let mut client = clickhouse::Client::default()
             .with_url(&ch.url)
             .with_user(&ch.user)
             .with_password(password)
             .with_compression(clickhouse::Compression::None);
+        if ch.cluster.is_some() {
+            // The ON CLUSTER create waits for every server, as the store's.
+            client = client.with_option(
+                "distributed_ddl_task_timeout",
+                crate::store::clickhouse::schema::ensure_timeout(ch)
+                    .as_secs()
+                    .to_string(),
+            );
+        }
         Ok(Peers {
             opts,
             client: Some(client),
@@ -711,7 +750,8 @@ impl Peers {
                 break;
             }
             if !table {
-                match client.query(&create_table_sql(&db)).execute().await {
+                let sql = create_table_statement(&db, self.opts.clickhouse.cluster.as_ref());
+                match client.query(&sql).execute().await {
                     Ok(()) => table = true,
                     Err(e) => {
                         self.metrics.lease_errors.inc();
@@ -1334,6 +1374,61 @@ mod tests {
 
     /// Rows past the retention go: the nodes gone that long and the
     /// collector ids that have not written a node since; the rest stay.
+    /// In a ClickHouse cluster (2 shards, one replica each, ZooKeeper) the
+    /// lease table is one replicated table on every server: a lease written
+    /// through shard 1's server is read through shard 2's (collectors
+    /// talking to different servers see each other's leases), and the
+    /// retention's delete through one server reaches the other.
+    #[tokio::test]
+    async fn in_a_cluster_every_server_holds_every_lease() {
+        use ctw_testkit::clickhouse::{cluster_available, Cluster, CLUSTER};
+        if !cluster_available() {
+            ctw_testkit::skip("needs clickhouse-server and zookeeperd");
+            return;
+        }
+        let cl = Cluster::start(2, 1);
+        let opts = ClusterOptions {
+            name: CLUSTER.into(),
+            zookeeper_path: "/clickhouse/tables/{shard}".into(),
+            insert_quorum: None,
+        };
+        cl.servers[0].must(&format!(
+            "CREATE DATABASE IF NOT EXISTS ctw ON CLUSTER {CLUSTER}"
+        ));
+        cl.servers[0].must(&create_table_statement("ctw", Some(&opts)));
+        let client = |i: usize| {
+            clickhouse::Client::default()
+                .with_url(cl.servers[i].url())
+                .with_compression(clickhouse::Compression::None)
+        };
+        let t = now_ns();
+        let fresh = row("n1", "c1", "b1", t - 10 * S, t + 60 * S, t - S);
+        let old = row("n2", "c1", "b2", t - 31 * DAY, t - 30 * DAY, t - 30 * DAY);
+        insert(&client(0), "ctw", &[fresh.clone(), old])
+            .await
+            .unwrap();
+        let count = |i: usize| cl.servers[i].must("SELECT count() FROM ctw.ctw_leases");
+        ctw_testkit::eventually(
+            Duration::from_secs(30),
+            "the leases on shard 2's server",
+            || count(1).trim() == "2",
+        )
+        .await;
+        let read: Vec<Lease> = client(1)
+            .query(&read_sql("ctw", t - 14 * DAY, Some(t), &[]))
+            .fetch_all()
+            .await
+            .unwrap();
+        assert_eq!(read, vec![fresh], "read through the other server");
+        assert_eq!(prune(&client(1), "ctw", t - 14 * DAY).await.unwrap(), 1);
+        ctw_testkit::eventually(
+            Duration::from_secs(30),
+            "the delete on shard 1's server",
+            || count(0).trim() == "1",
+        )
+        .await;
+    }
+
     #[tokio::test]
     async fn rows_past_the_retention_are_deleted() {
         let Some((ch, client)) = lease_server() else {

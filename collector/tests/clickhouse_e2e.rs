@@ -3,7 +3,9 @@
 //! the collector and a private ClickHouse server (Debian's 18.16) in their
 //! own namespace, the real agents. The right answers come from nginx's
 //! access log (the line's address and port) and the pod each request was
-//! sent from. Needs root and `clickhouse-server`.
+//! sent from. One test uses a cluster (a private ZooKeeper and 2 shards ×
+//! 2 replicas) instead. Needs root and `clickhouse-server` (and
+//! `zookeeperd` for the cluster).
 
 #![allow(clippy::unwrap_used)]
 
@@ -24,19 +26,32 @@ const WAIT: Duration = Duration::from_secs(60);
 /// (60 s, `uplink::ACK_TIMEOUT`).
 const RESEND_WAIT: Duration = Duration::from_secs(30);
 
-/// The ClickHouse server first: it is stopped before the namespaces go.
-struct ChCluster {
-    ch: ClickHouse,
+/// The ClickHouse server(s) first: stopped before the namespaces go.
+struct ChCluster<S = ClickHouse> {
+    ch: S,
     c: Cluster,
 }
 
 /// Like `Cluster::start`, with the collector storing in ClickHouse.
 fn start() -> Option<ChCluster> {
-    if !require_root() {
-        return None;
-    }
     if !clickhouse::available() {
         ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
+        return None;
+    }
+    start_with(|ns| {
+        let ch = ClickHouse::start_in(Some(ns));
+        let storage = format!(
+            "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 20000\n",
+            ch.url()
+        );
+        (ch, storage)
+    })
+}
+
+/// [`start`] with the servers and `storage` section that `servers` starts
+/// in the collector's namespace.
+fn start_with<S>(servers: impl FnOnce(&str) -> (S, String)) -> Option<ChCluster<S>> {
+    if !require_root() {
         return None;
     }
     let pods = 2;
@@ -44,11 +59,7 @@ fn start() -> Option<ChCluster> {
     topo.add_node(pods);
     let (col_ns, col_addr) = topo.add_host("c");
     let nginx = topo.start_nginx(&[80]);
-    let ch = ClickHouse::start_in(Some(&col_ns));
-    let storage = format!(
-        "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 20000\n",
-        ch.url()
-    );
+    let (ch, storage) = servers(&col_ns);
     let collector = Collector::start_with_storage(&mut topo, &col_ns, col_addr, Some(&storage), "");
     let mut agents = Vec::new();
     for i in 0..2 {
@@ -155,6 +166,85 @@ fn lines_resolve_through_clickhouse_also_after_a_collector_kill() {
             .parse()
             .unwrap();
     assert_eq!(n, distinct, "a batch in the ledger twice");
+}
+
+/// A ClickHouse cluster of 2 shards × 2 replicas (and a ZooKeeper) behind
+/// the collector (`storage.cluster`, quorum 2 by default). One replica
+/// killed (SIGKILL) while requests arrive: the shard's inserts fail
+/// (nothing is acked, the agents keep their batches); once it is back
+/// every line resolves to one connection, and every replica of a shard
+/// holds the same rows, none twice.
+#[test]
+fn lines_resolve_through_a_replicated_sharded_cluster_with_a_replica_killed() {
+    if !clickhouse::cluster_available() {
+        ctw_testkit::skip(
+            "needs clickhouse-server and zookeeperd (apt-get install clickhouse-server zookeeperd)",
+        );
+        return;
+    }
+    let Some(mut x) = start_with(|ns| {
+        let chc = clickhouse::Cluster::start_in(Some(ns), 2, 2);
+        let storage = format!(
+            "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  \
+             timeout_ms: 20000\n  cluster:\n    name: {}\n",
+            chc.servers[0].url(),
+            clickhouse::CLUSTER
+        );
+        (chc, storage)
+    }) else {
+        return;
+    };
+    let before = requests(&x.c, 1);
+    assert_resolved(&x.c, &before, WAIT);
+    x.ch.server(0, 1).stop();
+    let mut during = requests(&x.c, 2);
+    // Down until an insert failed (quorum not reached: nothing acked).
+    let failed = || {
+        let (_, text) = x.c.collector.get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with("ctw_collector_batches_failed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    wait_for(
+        Duration::from_secs(120),
+        "an insert refused for want of quorum",
+        || (failed() > 0.0).then_some(()),
+    );
+    during.extend(requests(&x.c, 1));
+    x.ch.server(0, 1).restart();
+    let all: Vec<_> = before.iter().chain(&during).cloned().collect();
+    // The agents resend what was not acked after their ack timeout (60 s).
+    assert_resolved(&x.c, &all, Duration::from_secs(150));
+    let rows = |ch: &ClickHouse, sql: &str| -> u64 { ch.must(sql).trim().parse().unwrap() };
+    let mut total = 0;
+    for shard in 0..2 {
+        let counts: Vec<(u64, u64)> = (0..2)
+            .map(|r| {
+                let ch = x.ch.server(shard, r);
+                wait_for(WAIT, "the replica caught up", || {
+                    ch.query("SYSTEM SYNC REPLICA ctw.ctw_records_local").ok()
+                });
+                (
+                    rows(ch, "SELECT count() FROM ctw.ctw_records_local"),
+                    rows(
+                        ch,
+                        "SELECT count() FROM (SELECT DISTINCT * FROM ctw.ctw_records_local)",
+                    ),
+                )
+            })
+            .collect();
+        assert_eq!(counts[0], counts[1], "shard {shard}: replicas differ");
+        assert_eq!(counts[0].0, counts[0].1, "shard {shard}: a row twice");
+        total += counts[0].0;
+    }
+    let through = rows(&x.ch.servers[0], "SELECT count() FROM ctw.ctw_records");
+    assert_eq!(total, through);
+    assert!(
+        total >= all.len() as u64,
+        "{total} rows for {} lines",
+        all.len()
+    );
 }
 
 /// ClickHouse killed mid-stream: appends fail, nothing is acked, the

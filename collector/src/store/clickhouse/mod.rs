@@ -31,6 +31,13 @@
 //! microsecond included, to one already stored is taken as the same
 //! record).
 //!
+//! Cluster mode (`storage.cluster`, [`ClusterOptions`]): the same table
+//! names are `Distributed` tables over `ReplicatedMergeTree` tables (see
+//! [`schema`] for the sharding keys); every insert goes through them with
+//! `insert_distributed_sync=1`, so `append` returns once every shard wrote
+//! its rows and, with `insert_quorum`, that many replicas of each. With a
+//! quorum every read sets `select_sequential_consistency=1`.
+//!
 //! Start-up: an unreachable server is not fatal: the store is returned not
 //! [`ready`](super::RecordStore::ready) (appends and searches fail with a
 //! clear error, so nothing is acked) and retries every
@@ -43,7 +50,7 @@ pub mod schema;
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,6 +120,31 @@ struct Inner {
     not_ready_why: Mutex<String>,
     /// Last `seen_ns` given to a gap (strictly increasing per collector).
     last_gap_ns: AtomicU64,
+    /// `insert_quorum` in force (0: none), set by the schema check.
+    quorum: AtomicU32,
+}
+
+impl Inner {
+    /// The client with this store's per-request settings: in a cluster,
+    /// inserts through `Distributed` wait for every shard
+    /// (`insert_distributed_sync`), and with a quorum they wait for it and
+    /// reads see every quorum-written batch (`select_sequential_consistency`:
+    /// a replica still catching up refuses instead of answering short).
+    fn client(&self) -> clickhouse::Client {
+        let quorum = self.quorum.load(Ordering::SeqCst);
+        if quorum == 0 {
+            return self.client.clone();
+        }
+        self.client
+            .clone()
+            .with_option("insert_quorum", quorum.to_string())
+            // Shorter than the request timeout: the server says why.
+            .with_option(
+                "insert_quorum_timeout",
+                (self.cfg.timeout_ms * 3 / 4).to_string(),
+            )
+            .with_option("select_sequential_consistency", "1")
+    }
 }
 
 use ctw_common::now_ns;
@@ -169,8 +201,10 @@ impl ClickHouseStore {
     /// Connect to the server of `cfg` and check (or create) the schema.
     ///
     /// Errors: [`StoreError::Index`] when the database holds a schema this
-    /// version does not write (message names both versions), or the client
-    /// cannot be set up. An unreachable server is no error: the store is
+    /// version does not write (message names both versions) or another
+    /// layout (one server vs cluster), when the server has no cluster
+    /// `storage.cluster.name` or fewer replicas per shard than
+    /// `insert_quorum`, or the client cannot be set up. An unreachable server is no error: the store is
     /// returned not ready and retries in the background.
     pub fn open(cfg: &ClickHouseOptions) -> Result<ClickHouseStore, StoreError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -189,11 +223,19 @@ impl ClickHouseStore {
                 .to_string(),
             None => String::new(),
         };
-        let client = clickhouse::Client::default()
+        let mut client = clickhouse::Client::default()
             .with_url(&cfg.url)
             .with_user(&cfg.user)
             .with_password(password)
             .with_compression(clickhouse::Compression::None);
+        if cfg.cluster.is_some() {
+            client = client
+                .with_option("insert_distributed_sync", "1")
+                .with_option(
+                    "distributed_ddl_task_timeout",
+                    schema::ensure_timeout(cfg).as_secs().to_string(),
+                );
+        }
         let inner = Arc::new(Inner {
             cfg: cfg.clone(),
             client,
@@ -201,13 +243,14 @@ impl ClickHouseStore {
             closed: AtomicBool::new(false),
             not_ready_why: Mutex::new("not connected yet".into()),
             last_gap_ns: AtomicU64::new(0),
+            quorum: AtomicU32::new(0),
         });
         let store = ClickHouseStore {
             handle: rt.handle().clone(),
             rt: Mutex::new(Some(rt)),
             inner: inner.clone(),
         };
-        match store.block(schema::ensure(inner.clone())) {
+        match store.block_within(schema::ensure_timeout(cfg), schema::ensure(inner.clone())) {
             Ok(()) => inner.ready.store(true, Ordering::SeqCst),
             Err(schema::Error::Refused(m)) => return Err(StoreError::Index(m)),
             Err(schema::Error::Unreachable(m)) => {
@@ -230,7 +273,19 @@ impl ClickHouseStore {
         T: Send + 'static,
         E: From<String> + Send + 'static,
     {
-        let timeout = Duration::from_millis(self.inner.cfg.timeout_ms);
+        self.block_within(Duration::from_millis(self.inner.cfg.timeout_ms), f)
+    }
+
+    /// [`block`](Self::block) with its own timeout.
+    fn block_within<T, E>(
+        &self,
+        timeout: Duration,
+        f: impl Future<Output = Result<T, E>> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<String> + Send + 'static,
+    {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.handle.spawn(async move {
             let r = match tokio::time::timeout(timeout, f).await {
@@ -274,7 +329,7 @@ impl ClickHouseStore {
 
     /// The server's `version()`.
     pub fn server_version(&self) -> Result<String, StoreError> {
-        let client = self.inner.client.clone();
+        let client = self.inner.client();
         self.block(async move {
             client
                 .query("SELECT version()")
@@ -334,15 +389,17 @@ async fn retention_loop(inner: Arc<Inner>) {
 async fn drop_old_partitions(inner: Arc<Inner>, now_ns: u64) -> Result<usize, StoreError> {
     let db = &inner.cfg.database;
     let keep_from = day_of(now_ns).saturating_sub(inner.cfg.retention_days.min(65_535) as u16);
+    let layout = inner.cfg.layout();
     let parts: Vec<(String, String)> = inner
-        .client
+        .client()
         .query(&format!(
-            "SELECT DISTINCT table, partition FROM system.parts \
+            "SELECT DISTINCT table, partition FROM {} \
              WHERE database = {} AND active AND table IN ({})",
+            parts_source(&layout),
             quote(db),
             schema::DAY_PARTITIONED
                 .iter()
-                .map(|t| quote(t))
+                .map(|t| quote(&layout.local(t)))
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
@@ -355,9 +412,13 @@ async fn drop_old_partitions(inner: Arc<Inner>, now_ns: u64) -> Result<usize, St
         // Partition values of a Date key are 'YYYY-MM-DD': they sort as dates.
         if format!("'{partition}'") < cutoff {
             inner
-                .client
+                .client()
                 .query(&format!(
-                    "ALTER TABLE {db}.{table} DROP PARTITION {}",
+                    "ALTER TABLE {db}.{table}{} DROP PARTITION {}",
+                    match &layout {
+                        schema::Layout::Single => String::new(),
+                        schema::Layout::Cluster { name, .. } => format!(" ON CLUSTER {name}"),
+                    },
                     quote(&partition)
                 ))
                 .execute()
@@ -367,6 +428,15 @@ async fn drop_old_partitions(inner: Arc<Inner>, now_ns: u64) -> Result<usize, St
         }
     }
     Ok(dropped)
+}
+
+/// Where the parts of the tables are listed: `system.parts`, or in a
+/// cluster the `system.parts` of one replica of every shard.
+fn parts_source(layout: &schema::Layout) -> String {
+    match layout {
+        schema::Layout::Single => "system.parts".into(),
+        schema::Layout::Cluster { name, .. } => format!("cluster({}, system, parts)", quote(name)),
+    }
 }
 
 /// The `WHERE` of a search: field filters, and event times in `[lo, hi]` ns.
@@ -447,7 +517,7 @@ async fn pod_pairs(
         ..SearchQuery::default()
     };
     let keys: Vec<SnatKey> = inner
-        .client
+        .client()
         .query(&format!(
             "SELECT DISTINCT snat_ip, snat_port FROM {}.{} WHERE {}",
             inner.cfg.database,
@@ -494,7 +564,7 @@ async fn search(inner: Arc<Inner>, q: SearchQuery) -> Result<SearchResult, Store
         cond
     );
     let mut cursor = inner
-        .client
+        .client()
         .query(&sql)
         .fetch::<RecordRow>()
         .map_err(|e| ch_err("search", e))?;
@@ -533,7 +603,7 @@ async fn search(inner: Arc<Inner>, q: SearchQuery) -> Result<SearchResult, Store
 
 async fn read_gaps(inner: &Inner) -> Result<Vec<Gap>, StoreError> {
     let rows: Vec<(String, u64, u64, String, u64, u64)> = inner
-        .client
+        .client()
         .query(&format!(
             "SELECT node, from_ns, to_ns, reason, count, min(seen_ns) AS first \
              FROM {}.{} GROUP BY node, from_ns, to_ns, reason, count \
@@ -559,7 +629,7 @@ async fn read_gaps(inner: &Inner) -> Result<Vec<Gap>, StoreError> {
 async fn append(inner: Arc<Inner>, mut batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
     let db = &inner.cfg.database;
     let stored: u64 = inner
-        .client
+        .client()
         .query(&format!(
             "SELECT count() FROM {db}.{} WHERE node = {} AND boot_id = {} AND seq = {}",
             schema::BATCHES,
@@ -576,7 +646,7 @@ async fn append(inner: Arc<Inner>, mut batch: StoredBatch) -> Result<AppendOutco
     batch.records.iter_mut().for_each(normalize);
     if !batch.records.is_empty() {
         let mut ins = inner
-            .client
+            .client()
             .insert::<RecordRow>(&format!("{db}.{}", schema::RECORDS))
             .map_err(|e| ch_err("insert", e))?;
         for r in &batch.records {
@@ -588,7 +658,7 @@ async fn append(inner: Arc<Inner>, mut batch: StoredBatch) -> Result<AppendOutco
     }
     let now = now_ns();
     let mut ledger = inner
-        .client
+        .client()
         .insert::<BatchRow>(&format!("{db}.{}", schema::BATCHES))
         .map_err(|e| ch_err("ledger insert", e))?;
     ledger
@@ -609,7 +679,7 @@ async fn append(inner: Arc<Inner>, mut batch: StoredBatch) -> Result<AppendOutco
 async fn record_gap(inner: Arc<Inner>, gap: Gap) -> Result<(), StoreError> {
     let db = &inner.cfg.database;
     let n: u64 = inner
-        .client
+        .client()
         .query(&format!(
             "SELECT count() FROM {db}.{} WHERE node = {} AND from_ns = {} AND to_ns = {} \
              AND reason = {} AND count = {}",
@@ -636,7 +706,7 @@ async fn record_gap(inner: Arc<Inner>, gap: Gap) -> Result<(), StoreError> {
         }
     };
     let mut ins = inner
-        .client
+        .client()
         .insert::<GapRow>(&format!("{db}.{}", schema::GAPS))
         .map_err(|e| ch_err("gap insert", e))?;
     ins.write(&GapRow {
@@ -655,13 +725,14 @@ async fn record_gap(inner: Arc<Inner>, gap: Gap) -> Result<(), StoreError> {
 
 async fn stats(inner: Arc<Inner>) -> Result<StoreStats, StoreError> {
     let (records, bytes, partitions): (u64, u64, u64) = inner
-        .client
+        .client()
         .query(&format!(
             "SELECT sumIf(rows, table = {t}), sum(bytes_on_disk), \
-             uniqExactIf(partition, table = {t}) FROM system.parts \
+             uniqExactIf(partition, table = {t}) FROM {} \
              WHERE database = {} AND active",
+            parts_source(&inner.cfg.layout()),
             quote(&inner.cfg.database),
-            t = quote(schema::RECORDS)
+            t = quote(&inner.cfg.layout().local(schema::RECORDS))
         ))
         .fetch_one()
         .await
@@ -721,7 +792,8 @@ impl RecordStore for ClickHouseStore {
 
     /// Rows of `ctw_records`, bytes on disk of every table of the
     /// database, day partitions of `ctw_records`; zeros while the server
-    /// cannot be asked.
+    /// cannot be asked. In a cluster: summed over one replica of every
+    /// shard (bytes of one copy of the data).
     fn stats(&self) -> StoreStats {
         if self.check_usable().is_err() {
             return StoreStats::default();
@@ -802,6 +874,49 @@ pub struct ClickHouseOptions {
     /// Timeout of one request (insert or query), ms.
     #[serde(default = "default_ch_timeout_ms")]
     pub timeout_ms: u64,
+    /// A ClickHouse cluster instead of one server (unset: one server,
+    /// `MergeTree` tables).
+    #[serde(default)]
+    pub cluster: Option<ClusterOptions>,
+}
+
+/// `storage.cluster`: the tables are `Distributed` over
+/// `ReplicatedMergeTree` tables on every server of a ClickHouse cluster
+/// (see [`schema`]); `url` is any of its servers (or a load balancer in
+/// front of them). Needs ZooKeeper configured on the servers (replication
+/// and the `ON CLUSTER` DDL queue) and `{shard}`/`{replica}` macros.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterOptions {
+    /// The cluster's name in the servers' `remote_servers`.
+    pub name: String,
+    /// ZooKeeper path prefix of the replicated tables (must hold
+    /// `{shard}`); each table's path is `<prefix>/<database>/<table>`.
+    #[serde(default = "default_zookeeper_path")]
+    pub zookeeper_path: String,
+    /// Replicas that must have written a batch before it is acked
+    /// (`insert_quorum`); unset: every replica of a shard (the smallest
+    /// shard's count, read from `system.clusters`); 0 or 1: no quorum (acked
+    /// once one replica has it).
+    #[serde(default)]
+    pub insert_quorum: Option<u32>,
+}
+
+fn default_zookeeper_path() -> String {
+    "/clickhouse/tables/{shard}".into()
+}
+
+impl ClickHouseOptions {
+    /// Where the tables live (one server, or the cluster of `cluster`).
+    pub fn layout(&self) -> schema::Layout {
+        match &self.cluster {
+            None => schema::Layout::Single,
+            Some(c) => schema::Layout::Cluster {
+                name: c.name.clone(),
+                zookeeper_path: c.zookeeper_path.clone(),
+            },
+        }
+    }
 }
 
 fn default_ch_url() -> String {

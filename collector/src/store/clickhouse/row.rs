@@ -4,7 +4,10 @@
 //! IPv6 address (`::ffff:a.b.c.d`); `family` (4 or 6) tells which, so an
 //! IPv4-mapped IPv6 address never matches the IPv4 one. Times are
 //! microseconds since the epoch (records are [`normalize`](super::super::normalize)d
-//! to the microsecond before they are stored). Optional fields are zero
+//! to the microsecond before they are stored); the kernel's start and stop
+//! times are stored relative to the event time (`event_us - start` and
+//! `stop - event_us`: zero for most records, so they compress to almost
+//! nothing on 18.16, which has no `Delta` codec). Optional fields are zero
 //! when absent, with a bit in `present` saying which are there.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -51,8 +54,10 @@ pub(super) struct RecordRow {
     pub tcp_flags_orig: u8,
     pub tcp_flags_reply: u8,
     pub present: u8,
-    pub start_us: u64,
-    pub stop_us: u64,
+    /// `event_us` minus the kernel's start time, µs (0 when absent).
+    pub start_before_us: i64,
+    /// The kernel's stop time minus `event_us`, µs (0 when absent).
+    pub stop_after_us: i64,
     pub orig_packets: u64,
     pub orig_bytes: u64,
     pub reply_packets: u64,
@@ -128,8 +133,13 @@ impl RecordRow {
             tcp_flags_orig: r.tcp_flags_orig,
             tcp_flags_reply: r.tcp_flags_reply,
             present,
-            start_us: r.start_ns.unwrap_or(0) / 1000,
-            stop_us: r.stop_ns.unwrap_or(0) / 1000,
+            // Wrapping: exact both ways for any pair of u64 times.
+            start_before_us: r.start_ns.map_or(0, |s| {
+                ((r.event_ns / 1000) as i64).wrapping_sub((s / 1000) as i64)
+            }),
+            stop_after_us: r.stop_ns.map_or(0, |s| {
+                ((s / 1000) as i64).wrapping_sub((r.event_ns / 1000) as i64)
+            }),
             orig_packets: co.packets,
             orig_bytes: co.bytes,
             reply_packets: cr.packets,
@@ -176,8 +186,10 @@ impl RecordRow {
             tcp_state: has(HAS_TCP_STATE).then(|| TcpState::from_kernel(self.tcp_state)),
             tcp_flags_orig: self.tcp_flags_orig,
             tcp_flags_reply: self.tcp_flags_reply,
-            start_ns: has(HAS_START).then_some(self.start_us * 1000),
-            stop_ns: has(HAS_STOP).then_some(self.stop_us * 1000),
+            start_ns: has(HAS_START)
+                .then(|| (self.event_us as i64).wrapping_sub(self.start_before_us) as u64 * 1000),
+            stop_ns: has(HAS_STOP)
+                .then(|| (self.event_us as i64).wrapping_add(self.stop_after_us) as u64 * 1000),
             counters_orig: has(HAS_COUNTERS_ORIG).then_some(Counters {
                 packets: self.orig_packets,
                 bytes: self.orig_bytes,

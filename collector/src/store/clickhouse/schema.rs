@@ -13,18 +13,35 @@
 //! | `ctw_gaps` | (node, from_ns) | loss gaps |
 //! | `ctw_schema` | - | the schema version, one row per collector start that created it |
 //!
+//! Cluster mode (`storage.cluster` set): every table above keeps its name
+//! but is a `Distributed` table over the `<table>_local` tables of the cluster,
+//! which are `ReplicatedMergeTree` (ZooKeeper path
+//! `<zookeeper_path>/<database>/<table>`, replica `{replica}`: the
+//! `{shard}`/`{replica}` macros of each server), all created `ON CLUSTER`:
+//!
+//! | table | sharded by | why |
+//! |---|---|---|
+//! | `ctw_records` | `cityHash64(snat_ip)` | one reverse-SNAT lookup reads one shard's granules (the others answer empty quickly) |
+//! | `ctw_records_by_pod` | same as its records (the view runs on the shard that stores them) | a pod's pairs are spread over shards: a pod search asks every shard |
+//! | `ctw_batches` | `cityHash64(node)` | a (node, boot id, seq) lives on one shard, replicated on its replicas: every collector's lookup through `Distributed` reads every shard and finds it |
+//! | `ctw_gaps` | `cityHash64(node)` | the same, read whole by every search |
+//! | `ctw_schema` | - (`TinyLog` on each server) | the version, checked on the server a collector talks to |
+//!
 //! At start the collector creates what is missing, then compares the
 //! columns of every table with this version's and the version in
 //! `ctw_schema`: a database written by another version is refused with a
-//! message that names both (no migration exists yet: version 1 is the
-//! first).
+//! message that names both (no migration exists yet). Version 2 stores
+//! the kernel's start and stop times relative to the event time
+//! (`start_before_us`, `stop_after_us`: about 6 bytes per record less on 18.16,
+//! BENCHMARKS.md §5); version 1 (absolute `start_us`, `stop_us`) was never
+//! released and is refused.
 
 use std::sync::Arc;
 
 use super::Inner;
 
 /// The schema version this collector writes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 pub const RECORDS: &str = "ctw_records";
 pub const BY_POD: &str = "ctw_records_by_pod";
@@ -33,8 +50,53 @@ pub const BATCHES: &str = "ctw_batches";
 pub const GAPS: &str = "ctw_gaps";
 pub const SCHEMA: &str = "ctw_schema";
 
-/// Tables partitioned by day (`day Date`), dropped by retention.
+/// Tables partitioned by day (`day Date`), dropped by retention (in
+/// cluster mode their `_local` tables).
 pub const DAY_PARTITIONED: [&str; 4] = [RECORDS, BY_POD, BATCHES, GAPS];
+
+/// Suffix of the local (`ReplicatedMergeTree`) tables in cluster mode.
+pub const LOCAL: &str = "_local";
+
+/// Where the tables live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// One server: `MergeTree` tables (the default).
+    Single,
+    /// A ClickHouse cluster: `Distributed` over `ReplicatedMergeTree`.
+    Cluster {
+        /// The `remote_servers` name.
+        name: String,
+        /// ZooKeeper path prefix of the replicated tables (holds `{shard}`).
+        zookeeper_path: String,
+    },
+}
+
+impl Layout {
+    /// The table that holds the rows of `table` on a server (`table` itself
+    /// on a single server, `<table>_local` in a cluster).
+    pub fn local(&self, table: &str) -> String {
+        match self {
+            Layout::Single => table.to_string(),
+            Layout::Cluster { .. } => format!("{table}{LOCAL}"),
+        }
+    }
+
+    /// ` ON CLUSTER name` in a cluster, else nothing.
+    fn on_cluster(&self) -> String {
+        match self {
+            Layout::Single => String::new(),
+            Layout::Cluster { name, .. } => format!(" ON CLUSTER {name}"),
+        }
+    }
+
+    /// The engine `ctw_records` has in this layout (as `system.tables` names it).
+    fn records_engine(&self) -> &'static str {
+        match self {
+            Layout::Single => "MergeTree",
+            Layout::Cluster { .. } => "Distributed",
+        }
+    }
+}
 
 /// Columns of the record tables, in order, with their types.
 pub const RECORD_COLUMN_TYPES: [(&str, &str); 27] = [
@@ -59,8 +121,8 @@ pub const RECORD_COLUMN_TYPES: [(&str, &str); 27] = [
     ("tcp_flags_orig", "UInt8"),
     ("tcp_flags_reply", "UInt8"),
     ("present", "UInt8"),
-    ("start_us", "UInt64"),
-    ("stop_us", "UInt64"),
+    ("start_before_us", "Int64"),
+    ("stop_after_us", "Int64"),
     ("orig_packets", "UInt64"),
     ("orig_bytes", "UInt64"),
     ("reply_packets", "UInt64"),
@@ -130,41 +192,98 @@ fn columns(cols: &[(&str, &str)]) -> String {
         .join(", ")
 }
 
-/// The `CREATE` statements of this version, in order.
-pub fn create_statements(db: &str) -> Vec<String> {
+/// The `CREATE` statements of this version for `layout`, in order.
+pub fn create_statements(db: &str, layout: &Layout) -> Vec<String> {
     let rec = columns(&RECORD_COLUMN_TYPES);
-    vec![
-        format!("CREATE DATABASE IF NOT EXISTS {db}"),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{RECORDS} ({rec}) ENGINE = MergeTree \
-             PARTITION BY day ORDER BY (snat_ip, snat_port, event_us)"
+    let on = layout.on_cluster();
+    // (table, columns, sorting key, sharding key)
+    let tables = [
+        (
+            RECORDS,
+            rec.clone(),
+            "snat_ip, snat_port, event_us",
+            "cityHash64(snat_ip)",
         ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{BY_POD} ({}) ENGINE = MergeTree \
-             PARTITION BY day ORDER BY (src_ip, event_us)",
-            columns(&POD_INDEX_COLUMN_TYPES)
+        (
+            BY_POD,
+            columns(&POD_INDEX_COLUMN_TYPES),
+            "src_ip, event_us",
+            "cityHash64(snat_ip)",
         ),
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{BY_POD_VIEW} TO {db}.{BY_POD} \
-             AS SELECT {} FROM {db}.{RECORDS}",
-            POD_INDEX_COLUMN_TYPES
-                .iter()
-                .map(|c| c.0)
-                .collect::<Vec<_>>()
-                .join(", ")
+        (
+            BATCHES,
+            columns(&BATCH_COLUMN_TYPES),
+            "node, boot_id, seq",
+            "cityHash64(node)",
         ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{BATCHES} ({}) ENGINE = MergeTree \
-             PARTITION BY day ORDER BY (node, boot_id, seq)",
-            columns(&BATCH_COLUMN_TYPES)
+        (
+            GAPS,
+            columns(&GAP_COLUMN_TYPES),
+            "node, from_ns",
+            "cityHash64(node)",
         ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{GAPS} ({}) ENGINE = MergeTree \
-             PARTITION BY day ORDER BY (node, from_ns)",
-            columns(&GAP_COLUMN_TYPES)
-        ),
-        format!("CREATE TABLE IF NOT EXISTS {db}.{SCHEMA} (version UInt32) ENGINE = TinyLog"),
-    ]
+    ];
+    let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
+    for (table, cols, order, shard_by) in tables {
+        let local = layout.local(table);
+        let engine = match layout {
+            Layout::Single => "MergeTree".to_string(),
+            Layout::Cluster { zookeeper_path, .. } => format!(
+                "ReplicatedMergeTree('{}/{db}/{table}', '{{replica}}')",
+                zookeeper_path.trim_end_matches('/')
+            ),
+        };
+        out.push(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{local}{on} ({cols}) ENGINE = {engine} \
+             PARTITION BY day ORDER BY ({order})"
+        ));
+        if let Layout::Cluster { name, .. } = layout {
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{table}{on} ({cols}) \
+                 ENGINE = Distributed({name}, {db}, {local}, {shard_by})"
+            ));
+        }
+        if table == BY_POD {
+            // The view runs where the records are stored: on each shard.
+            out.push(format!(
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{BY_POD_VIEW}{on} TO {db}.{local} \
+                 AS SELECT {} FROM {db}.{}",
+                POD_INDEX_COLUMN_TYPES
+                    .iter()
+                    .map(|c| c.0)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                layout.local(RECORDS),
+            ));
+        }
+    }
+    out.push(format!(
+        "CREATE TABLE IF NOT EXISTS {db}.{SCHEMA}{on} (version UInt32) ENGINE = TinyLog"
+    ));
+    out
+}
+
+/// How long the start-up check may take: `timeout_ms`, and in a cluster
+/// at least 2 minutes (each `ON CLUSTER` statement waits until every
+/// server ran it from the ZooKeeper queue: seconds each).
+pub fn ensure_timeout(cfg: &super::ClickHouseOptions) -> std::time::Duration {
+    let ms = match cfg.cluster {
+        None => cfg.timeout_ms,
+        Some(_) => cfg.timeout_ms.max(120_000),
+    };
+    std::time::Duration::from_millis(ms)
+}
+
+/// Every table and view `create_statements` makes for `layout`.
+fn all_tables(layout: &Layout) -> Vec<String> {
+    let mut out = vec![BY_POD_VIEW.to_string(), SCHEMA.to_string()];
+    for t in DAY_PARTITIONED {
+        out.push(t.to_string());
+        out.push(layout.local(t));
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Check the database against this version, creating what is missing.
@@ -180,15 +299,64 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
     // Nothing newer than 18.16 is used yet; features of later versions
     // (codecs, TTL, IPv6) would be chosen here by this version.
     tracing::info!(server_version = %version, database = %db, "ClickHouse reachable");
+    let layout = inner.cfg.layout();
+    if let (Layout::Cluster { name, .. }, Some(c)) = (&layout, &inner.cfg.cluster) {
+        // Replicas of each shard, as the server's remote_servers has them.
+        let shards: Vec<(u32, u64)> = client
+            .query(&format!(
+                "SELECT shard_num, count() FROM system.clusters WHERE cluster = {} \
+                 GROUP BY shard_num ORDER BY shard_num",
+                super::quote(name)
+            ))
+            .fetch_all()
+            .await
+            .map_err(unreachable)?;
+        let Some(replicas) = shards.iter().map(|s| s.1).min() else {
+            return Err(Error::Refused(format!(
+                "storage.cluster.name: the ClickHouse server at {} has no cluster {name:?} \
+                 in its remote_servers",
+                inner.cfg.url
+            )));
+        };
+        let quorum = c.insert_quorum.map_or(replicas, u64::from);
+        if quorum > replicas {
+            return Err(Error::Refused(format!(
+                "storage.cluster.insert_quorum is {quorum} but cluster {name:?} has shards of \
+                 {replicas} replica(s): no insert could succeed"
+            )));
+        }
+        let quorum = if quorum > 1 { quorum as u32 } else { 0 };
+        inner
+            .quorum
+            .store(quorum, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(cluster = %name, shards = shards.len(), replicas, insert_quorum = quorum,
+            "ClickHouse cluster");
+    }
     // What is there before anything is created.
-    let tables: Vec<String> = client
+    let tables: Vec<(String, String)> = client
         .query(&format!(
-            "SELECT name FROM system.tables WHERE database = {}",
+            "SELECT name, engine FROM system.tables WHERE database = {}",
             super::quote(&db)
         ))
         .fetch_all()
         .await
         .map_err(unreachable)?;
+    if let Some((_, engine)) = tables.iter().find(|t| t.0 == RECORDS) {
+        if engine != layout.records_engine() {
+            return Err(Error::Refused(format!(
+                "ClickHouse table {db}.{RECORDS} is a {engine} table but this collector is \
+                 configured for {} (storage.cluster {}): use another storage.database, or \
+                 the layout that wrote it",
+                layout.records_engine(),
+                if matches!(layout, Layout::Single) {
+                    "unset"
+                } else {
+                    "set"
+                }
+            )));
+        }
+    }
+    let tables: Vec<String> = tables.into_iter().map(|t| t.0).collect();
     let had_records = tables.iter().any(|t| t == RECORDS);
     if had_records && !tables.iter().any(|t| t == SCHEMA) {
         return Err(Error::Refused(format!(
@@ -250,7 +418,16 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
             )));
         }
     }
-    for sql in create_statements(&db) {
+    // In a cluster each statement is a trip through the ZooKeeper queue to
+    // every server: skipped when this server has every table already.
+    let complete = matches!(layout, Layout::Cluster { .. })
+        && all_tables(&layout).iter().all(|t| tables.contains(t));
+    let statements = if complete {
+        Vec::new()
+    } else {
+        create_statements(&db, &layout)
+    };
+    for sql in statements {
         client
             .query(&sql)
             .execute()
@@ -272,4 +449,65 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
             .map_err(unreachable)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_server_gets_merge_trees_and_a_cluster_distributed_over_replicated() {
+        let single = create_statements("d", &Layout::Single);
+        assert!(single.iter().all(|s| !s.contains("ON CLUSTER")));
+        assert!(single.iter().all(|s| !s.contains("Distributed")));
+        assert!(single.iter().any(|s| s.starts_with(
+            "CREATE TABLE IF NOT EXISTS d.ctw_records (day Date, family UInt8, snat_ip FixedString(16)"
+        ) && s.ends_with(
+            "ENGINE = MergeTree PARTITION BY day ORDER BY (snat_ip, snat_port, event_us)"
+        )));
+        let layout = Layout::Cluster {
+            name: "c".into(),
+            zookeeper_path: "/ch/{shard}/".into(),
+        };
+        let cl = create_statements("d", &layout);
+        assert!(cl.iter().all(|s| s.contains(" ON CLUSTER c")));
+        let find = |prefix: &str| {
+            cl.iter()
+                .find(|s| s.starts_with(prefix))
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert!(
+            find("CREATE TABLE IF NOT EXISTS d.ctw_records_local ").ends_with(
+                "ENGINE = ReplicatedMergeTree('/ch/{shard}/d/ctw_records', '{replica}') \
+             PARTITION BY day ORDER BY (snat_ip, snat_port, event_us)"
+            )
+        );
+        for (table, key) in [
+            ("ctw_records", "cityHash64(snat_ip)"),
+            ("ctw_records_by_pod", "cityHash64(snat_ip)"),
+            ("ctw_batches", "cityHash64(node)"),
+            ("ctw_gaps", "cityHash64(node)"),
+        ] {
+            let d = find(&format!("CREATE TABLE IF NOT EXISTS d.{table} ON CLUSTER"));
+            assert!(
+                d.ends_with(&format!("ENGINE = Distributed(c, d, {table}_local, {key})")),
+                "{d}"
+            );
+        }
+        // The view fills the local pod index from the local records, and
+        // comes after both.
+        let view = cl
+            .iter()
+            .position(|s| s.contains("MATERIALIZED VIEW"))
+            .unwrap_or(0);
+        assert!(cl[view].contains("TO d.ctw_records_by_pod_local AS SELECT"));
+        assert!(cl[view].ends_with("FROM d.ctw_records_local"));
+        assert!(cl[..view]
+            .iter()
+            .any(|s| s.contains("d.ctw_records_by_pod_local ON CLUSTER")));
+        let mut tables = all_tables(&layout);
+        tables.sort();
+        assert_eq!(tables.len(), 10);
+    }
 }

@@ -1,0 +1,293 @@
+//! The ClickHouse store in cluster mode (`storage.cluster`) against real
+//! servers: a private ZooKeeper (Debian's `zookeeperd` jars) and Debian's
+//! `clickhouse-server` 18.16, several per test, started by the testkit on
+//! loopback ports with a generated `remote_servers`. Two shards: the
+//! conformance suite (same answers as `MemStore`), every record on exactly
+//! one shard (by SNAT address), exactly once across collectors that talk
+//! to different shards. A replica pair: a replica killed with SIGKILL
+//! while batches arrive: with `insert_quorum` 2 nothing is acked until it
+//! is back; with the quorum off inserts go on; nothing lost or doubled.
+
+#![allow(clippy::unwrap_used)]
+
+mod conformance;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use conformance::*;
+use ctw_collector::config::{ClickHouseConfig, Storage};
+use ctw_collector::store::clickhouse::{ClickHouseStore, ClusterOptions};
+use ctw_collector::store::{self, AppendOutcome, MemStore, RecordStore, SearchQuery, StoredBatch};
+use ctw_testkit::clickhouse::{self, ClickHouse, Cluster, CLUSTER};
+use ctw_testkit::wait_for;
+
+/// Starts a cluster, or says why the test is skipped.
+fn cluster(shards: usize, replicas: usize) -> Option<Cluster> {
+    if !clickhouse::cluster_available() {
+        ctw_testkit::skip(
+            "needs clickhouse-server and zookeeperd (apt-get install clickhouse-server zookeeperd)",
+        );
+        return None;
+    }
+    Some(Cluster::start(shards, replicas))
+}
+
+fn cfg(ch: &ClickHouse, db: &str, insert_quorum: Option<u32>) -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: ch.url(),
+        database: db.into(),
+        user: "default".into(),
+        password_file: None,
+        retention_days: 36500,
+        lookback_hours: 3,
+        max_collected_records: 200_000,
+        connect_retry_ms: 100,
+        timeout_ms: 20_000,
+        cluster: Some(ClusterOptions {
+            name: CLUSTER.into(),
+            zookeeper_path: "/clickhouse/tables/{shard}".into(),
+            insert_quorum,
+        }),
+    }
+}
+
+fn count(ch: &ClickHouse, sql: &str) -> u64 {
+    ch.must(sql).trim().parse().unwrap()
+}
+
+/// Distinct SNAT addresses (hex) in a server's local records table.
+fn snat_addresses(ch: &ClickHouse, db: &str) -> HashSet<String> {
+    ch.must(&format!(
+        "SELECT DISTINCT hex(snat_ip) FROM {db}.ctw_records_local"
+    ))
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+fn everything() -> SearchQuery {
+    SearchQuery {
+        limit: 1_000_000,
+        ..Default::default()
+    }
+}
+
+/// Batch `seq` of node `node`: `n` records of pods 198.18.1.x behind SNAT
+/// addresses 198.18.0.1-8 (several, so both shards get some).
+fn pod_batch(node: &str, seq: u64, n: u64) -> StoredBatch {
+    let records = (0..n)
+        .map(|i| {
+            rec(
+                BASE + seq * MIN + i * 1000,
+                IpAddr::V4(Ipv4Addr::new(198, 18, 1, (i % 200) as u8)),
+                10_000 + i as u16,
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1 + (i % 8) as u8)),
+                30_000 + (seq * n + i) as u16,
+            )
+        })
+        .collect();
+    batch(node, seq, records)
+}
+
+/// Two shards: the same answers as `MemStore` on random data (through
+/// the `Distributed` tables), each record stored on exactly one shard,
+/// records of one SNAT address on one shard only.
+#[test]
+fn two_shards_give_the_same_answers_as_memstore() {
+    let Some(c) = cluster(2, 1) else { return };
+    let (s0, s1) = (&c.servers[0], &c.servers[1]);
+    let store = store::open(Storage::ClickHouse(cfg(s0, "ctw_equiv", None)).backend()).unwrap();
+    assert!(store.ready());
+    random_equivalence(store.as_ref(), 3, 300, &mut |_| {});
+    let total = count(s0, "SELECT count() FROM ctw_equiv.ctw_records");
+    let (n0, n1) = (
+        count(s0, "SELECT count() FROM ctw_equiv.ctw_records_local"),
+        count(s1, "SELECT count() FROM ctw_equiv.ctw_records_local"),
+    );
+    assert!(total > 3000, "{total}");
+    assert!(n0 > 0 && n1 > 0, "both shards hold records: {n0} {n1}");
+    assert_eq!(n0 + n1, total, "each record on one shard");
+    assert_eq!(store.stats().records, total);
+    let (a0, a1) = (
+        snat_addresses(s0, "ctw_equiv"),
+        snat_addresses(s1, "ctw_equiv"),
+    );
+    assert!(a0.is_disjoint(&a1), "{a0:?} {a1:?}");
+    // The pod index sits with its records (the view runs on each shard).
+    for s in [s0, s1] {
+        assert_eq!(
+            count(s, "SELECT count() FROM ctw_equiv.ctw_records_by_pod_local"),
+            count(s, "SELECT count() FROM ctw_equiv.ctw_records_local"),
+        );
+    }
+    store.close();
+}
+
+/// Collectors talking to different shards share one ledger: a batch
+/// stored through one is a duplicate through the other (the agent's replay
+/// after a failover). A missing cluster and a single-server database are
+/// refused with clear messages.
+#[test]
+fn exactly_once_across_collectors_on_different_shards() {
+    let Some(c) = cluster(2, 1) else { return };
+    let (s0, s1) = (&c.servers[0], &c.servers[1]);
+    let a = ClickHouseStore::open(&cfg(s0, "ctw_once", None)).unwrap();
+    let b = ClickHouseStore::open(&cfg(s1, "ctw_once", None)).unwrap();
+    let mem = MemStore::default();
+    for seq in 0..5 {
+        for node in ["n1", "n2", "n3"] {
+            assert_eq!(
+                a.append(pod_batch(node, seq, 40)).unwrap(),
+                AppendOutcome::Stored
+            );
+            mem.append(pod_batch(node, seq, 40)).unwrap();
+        }
+    }
+    for seq in 0..5 {
+        for node in ["n1", "n2", "n3"] {
+            assert_eq!(
+                b.append(pod_batch(node, seq, 40)).unwrap(),
+                AppendOutcome::Duplicate,
+                "{node} {seq}"
+            );
+        }
+    }
+    assert_eq!(
+        b.append(pod_batch("n1", 5, 40)).unwrap(),
+        AppendOutcome::Stored
+    );
+    mem.append(pod_batch("n1", 5, 40)).unwrap();
+    let want = mem.search(&everything()).unwrap();
+    assert_eq!(want.total, 16 * 40);
+    for s in [&a, &b] {
+        let got = s.search(&everything()).unwrap();
+        assert_eq!(got.total, want.total);
+        assert_eq!(canonical(got.hits), canonical(want.hits.clone()));
+    }
+    let rows = |sql: &str| count(s0, sql) + count(s1, sql);
+    assert_eq!(
+        rows("SELECT count() FROM ctw_once.ctw_records_local"),
+        16 * 40
+    );
+    assert_eq!(rows("SELECT count() FROM ctw_once.ctw_batches_local"), 16);
+    // A node's ledger rows live on one shard.
+    for node in ["n1", "n2", "n3"] {
+        let on = |s: &ClickHouse| {
+            count(
+                s,
+                &format!("SELECT count() FROM ctw_once.ctw_batches_local WHERE node = '{node}'"),
+            )
+        };
+        assert!(on(s0) == 0 || on(s1) == 0, "{node}");
+    }
+    // Retention drops the old days on every shard (ON CLUSTER).
+    let mut short = cfg(s1, "ctw_once", None);
+    short.retention_days = 2;
+    let r = ClickHouseStore::open(&short).unwrap();
+    r.append(pod_batch("n9", 0, 4)).unwrap();
+    let mut late = pod_batch("n9", 1, 4);
+    for x in &mut late.records {
+        x.event_ns += 5 * 24 * H;
+        x.start_ns = Some(x.event_ns);
+    }
+    r.append(late).unwrap();
+    assert!(r.enforce_retention(BASE + 5 * 24 * H).unwrap() >= 1);
+    assert_eq!(r.search(&everything()).unwrap().total, 4);
+    assert_eq!(rows("SELECT count() FROM ctw_once.ctw_records_local"), 4);
+    // Refused: a cluster the server does not know; a database written by a
+    // single-server collector.
+    let mut bad = cfg(s0, "ctw_x", None);
+    if let Some(cl) = bad.cluster.as_mut() {
+        cl.name = "nope".into();
+    }
+    let e = ClickHouseStore::open(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("\"nope\"") && e.contains("remote_servers"),
+        "{e}"
+    );
+    let mut single = cfg(s0, "ctw_single", None);
+    single.cluster = None;
+    ClickHouseStore::open(&single).unwrap().close();
+    let e = ClickHouseStore::open(&cfg(s0, "ctw_single", None))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MergeTree") && e.contains("Distributed"), "{e}");
+    let e = ClickHouseStore::open(&cfg(s0, "ctw_q", Some(3)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("insert_quorum is 3"), "{e}");
+}
+
+/// One shard, two replicas; two databases, one written with
+/// `insert_quorum` 2 (the default: every replica), one with the quorum
+/// off. With the quorum an acked batch is on both replicas at the ack.
+/// Replica 2 killed (SIGKILL): with the quorum appends fail (the agent
+/// keeps the batch and replays it); without, they go on. Replica 2 back:
+/// it catches up, the replayed batch is stored, and in both databases
+/// every record is on each replica exactly once.
+#[test]
+fn replica_killed_quorum_holds_acks_and_nothing_is_lost_or_doubled() {
+    let Some(mut c) = cluster(1, 2) else { return };
+    let mut strict = cfg(&c.servers[0], "ctw_q2", None);
+    strict.timeout_ms = 4000;
+    let a = ClickHouseStore::open(&strict).unwrap();
+    let b = ClickHouseStore::open(&cfg(&c.servers[0], "ctw_q0", Some(0))).unwrap();
+    let mem = MemStore::default();
+    let local = |db: &str| format!("SELECT count() FROM {db}.ctw_records_local");
+    for seq in 0..3 {
+        for s in [&a, &b] {
+            assert_eq!(
+                s.append(pod_batch("n1", seq, 50)).unwrap(),
+                AppendOutcome::Stored
+            );
+        }
+        mem.append(pod_batch("n1", seq, 50)).unwrap();
+        // Acked with the quorum: on both replicas already.
+        assert_eq!(count(&c.servers[1], &local("ctw_q2")), (seq + 1) * 50);
+    }
+    c.server(0, 1).stop();
+    let e = a.append(pod_batch("n1", 3, 50)).unwrap_err().to_string();
+    assert!(e.contains("clickhouse"), "{e}");
+    eprintln!("with one replica down, quorum 2: {e}");
+    // Quorum off: stored on the replica that is up.
+    assert_eq!(
+        b.append(pod_batch("n1", 3, 50)).unwrap(),
+        AppendOutcome::Stored
+    );
+    mem.append(pod_batch("n1", 3, 50)).unwrap();
+    c.server(0, 1).restart();
+    // The agent replays the batch that was not acked until it is.
+    let outcome = wait_for(Duration::from_secs(60), "the replayed batch stored", || {
+        a.append(pod_batch("n1", 3, 50)).ok()
+    });
+    assert_eq!(outcome, AppendOutcome::Stored);
+    for s in [&a, &b] {
+        assert_eq!(
+            s.append(pod_batch("n1", 3, 50)).unwrap(),
+            AppendOutcome::Duplicate
+        );
+    }
+    let want = mem.search(&everything()).unwrap();
+    assert_eq!(want.total, 200);
+    for (db, s) in [("ctw_q2", &a), ("ctw_q0", &b)] {
+        wait_for(Duration::from_secs(60), "replica 2 caught up", || {
+            (c.servers[1].query(&local(db)).ok()?.trim() == "200").then_some(())
+        });
+        for ch in &c.servers {
+            assert_eq!(count(ch, &local(db)), 200, "{db}: every record once");
+            assert_eq!(
+                count(
+                    ch,
+                    &format!("SELECT count() FROM (SELECT DISTINCT * FROM {db}.ctw_records_local)")
+                ),
+                200,
+                "{db}"
+            );
+        }
+        let got = s.search(&everything()).unwrap();
+        assert_eq!(got.total, 200, "{db}");
+        assert_eq!(canonical(got.hits), canonical(want.hits.clone()), "{db}");
+    }
+}
