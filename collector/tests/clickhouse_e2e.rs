@@ -34,6 +34,11 @@ struct ChCluster<S = ClickHouse> {
 
 /// Like `Cluster::start`, with the collector storing in ClickHouse.
 fn start() -> Option<ChCluster> {
+    start_timeout(20_000)
+}
+
+/// [`start`] with the store's `timeout_ms` (how long it retries an insert).
+fn start_timeout(timeout_ms: u64) -> Option<ChCluster> {
     if !clickhouse::available() {
         ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
         return None;
@@ -41,7 +46,7 @@ fn start() -> Option<ChCluster> {
     start_with(|ns| {
         let ch = ClickHouse::start_in(Some(ns));
         let storage = format!(
-            "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 20000\n",
+            "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: {timeout_ms}\n",
             ch.url()
         );
         (ch, storage)
@@ -269,6 +274,40 @@ fn clickhouse_down_mid_stream_loses_and_doubles_nothing() {
     );
     let lines_set: HashSet<&str> = lines.iter().map(String::as_str).collect();
     assert_eq!(lines_set.len(), lines.len());
+}
+
+/// A batch the store gave up on (ClickHouse down longer than the store's
+/// 1 s of retries) ends the agent's stream, so the agent reconnects and
+/// resends it as soon as the server is back, not after its 60 s ack
+/// timeout: every line of the outage resolves within 30 s of the restart,
+/// each to one connection, and the failed batch was counted.
+#[test]
+fn a_batch_the_store_refused_is_resent_at_once() {
+    let Some(mut x) = start_timeout(1_000) else {
+        return;
+    };
+    let before = requests(&x.c, 1);
+    assert_resolved(&x.c, &before, WAIT);
+    x.ch.stop();
+    let during = requests(&x.c, 2);
+    let failed = || {
+        let (_, text) = x.c.collector.get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with("ctw_collector_batches_failed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    wait_for(WAIT, "an insert given up on", || {
+        (failed() > 0.0).then_some(())
+    });
+    x.ch.restart();
+    // Within half the agent's ack timeout (uplink::ACK_TIMEOUT, 60 s): the
+    // resend came from the ended stream, not from the timeout.
+    assert_resolved(
+        &x.c,
+        &before.iter().chain(&during).cloned().collect::<Vec<_>>(),
+        RESEND_WAIT,
+    );
 }
 
 /// ClickHouse down when the collector starts: the collector runs and
