@@ -41,10 +41,27 @@ impl Drop for NetnsEtc {
     }
 }
 
+/// The ClickHouse the collectors share: one server, or a cluster of two
+/// shards (c1 talks to shard 1's server, c2 to shard 2's).
+enum Servers {
+    One(ClickHouse),
+    TwoShards(clickhouse::Cluster),
+}
+
+impl Servers {
+    /// Run a query on the (first) server; its output.
+    fn must(&self, sql: &str) -> String {
+        match self {
+            Servers::One(ch) => ch.must(sql),
+            Servers::TwoShards(cl) => cl.servers[0].must(sql),
+        }
+    }
+}
+
 /// Fields drop in order: ClickHouse and the second collector before the
 /// namespaces (the cluster's topology).
 struct Replicas {
-    ch: ClickHouse,
+    ch: Servers,
     c2: Collector,
     c: Cluster,
     /// Each agent's config text (to start it again).
@@ -65,11 +82,21 @@ fn replicas_yaml(id: &str, addr: Ipv4Addr) -> String {
 }
 
 fn start() -> Option<Replicas> {
+    start_on(false)
+}
+
+/// [`start`], the collectors on a ClickHouse cluster of two shards (with
+/// its ZooKeeper) when `two_shards`.
+fn start_on(two_shards: bool) -> Option<Replicas> {
     if !require_root() {
         return None;
     }
     if !clickhouse::available() {
         ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
+        return None;
+    }
+    if two_shards && !clickhouse::cluster_available() {
+        ctw_testkit::skip("needs clickhouse-server and zookeeperd (apt-get install zookeeperd)");
         return None;
     }
     let pods = 2;
@@ -85,16 +112,29 @@ fn start() -> Option<Replicas> {
         &["ip", "addr", "add", &format!("{addr2}/24"), "dev", "eth0"],
     );
     let nginx = topo.start_nginx(&[80]);
-    let ch = ClickHouse::start_in(Some(&col_ns));
-    let storage = format!(
-        "  backend: clickhouse\n  url: {}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 20000\n",
-        ch.url()
-    );
+    let storage = |url: String, cluster: &str| {
+        format!(
+            "  backend: clickhouse\n  url: {url}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 20000\n{cluster}"
+        )
+    };
+    let (ch, storage1, storage2) = if two_shards {
+        let cl = clickhouse::Cluster::start_in(Some(&col_ns), 2, 1);
+        let section = format!("  cluster:\n    name: {}\n", clickhouse::CLUSTER);
+        let (s1, s2) = (
+            storage(cl.servers[0].url(), &section),
+            storage(cl.servers[1].url(), &section),
+        );
+        (Servers::TwoShards(cl), s1, s2)
+    } else {
+        let ch = ClickHouse::start_in(Some(&col_ns));
+        let s = storage(ch.url(), "");
+        (Servers::One(ch), s.clone(), s)
+    };
     let c1 = Collector::start_with_storage(
         &mut topo,
         &col_ns,
         addr1,
-        Some(&storage),
+        Some(&storage1),
         &replicas_yaml("c1", addr1),
     );
     let c2 = c1.start_replica(
@@ -102,7 +142,7 @@ fn start() -> Option<Replicas> {
         &col_ns,
         addr2,
         9361,
-        Some(&storage),
+        Some(&storage2),
         &replicas_yaml("c2", addr2),
     );
     // Each node lists its own collector first.
@@ -245,6 +285,19 @@ fn kernel_entry(c: &Cluster, i: usize, node_ip: &str, port: &str) -> (String, St
 #[test]
 fn lines_and_live_lookups_resolve_through_either_collector() {
     let Some(x) = start() else { return };
+    lines_and_live_lookups(x);
+}
+
+/// The same on a ClickHouse cluster of two shards, each collector talking
+/// to another shard's server: records, ledger and leases are seen alike
+/// through both (the lease table is replicated to every server).
+#[test]
+fn on_two_shards_lines_and_live_lookups_resolve_through_either_collector() {
+    let Some(x) = start_on(true) else { return };
+    lines_and_live_lookups(x);
+}
+
+fn lines_and_live_lookups(x: Replicas) {
     let tmp = x.c.topo.tmp_dir().to_path_buf();
     let sent: Vec<(String, Option<Ipv4Addr>, String)> = requests(&x.c, 2)
         .into_iter()
