@@ -101,6 +101,22 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
+# A port already taken would only show after the build (minutes on a fresh
+# machine) as a collector or agent failing to bind: check first.
+port_busy() {
+  if command -v ss >/dev/null 2>&1; then
+    ss -Htln "sport = :$1" 2>/dev/null | grep -q .
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
+for pair in "CTW_GRPC_PORT:$grpc_port" "CTW_HTTP_PORT:$http_port" "CTW_AGENT_HTTP_PORT:$agent_http_port"; do
+  if port_busy "${pair#*:}"; then
+    echo "error: port ${pair#*:} (${pair%%:*}) is already in use (another conntrack-watch? ss -tlnp shows which process); stop it or set ${pair%%:*}" >&2
+    exit 1
+  fi
+done
+
 t_start=$SECONDS
 say() { printf '==> %s\n' "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }

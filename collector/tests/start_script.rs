@@ -82,6 +82,36 @@ fn named(stdout: &str, key: &str) -> Option<String> {
 }
 
 #[test]
+fn run_sh_refuses_a_port_in_use_before_building() {
+    if !require_root() {
+        return;
+    }
+    // A listener of our own on the HTTP port: run.sh must name it and stop
+    // at once (before any build or install).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().unwrap().port();
+    let state = std::env::temp_dir().join(format!("ctw-start-busy-{}", std::process::id()));
+    let out = Command::new(repo_root().join("scripts/run.sh"))
+        .args(["--demo", "--exit-after", "1"])
+        .current_dir(repo_root())
+        .env("CTW_STATE_DIR", &state)
+        .env("CTW_GRPC_PORT", free_port().to_string())
+        .env("CTW_HTTP_PORT", port.to_string())
+        .env("CTW_AGENT_HTTP_PORT", free_port().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/run.sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("port {port} (CTW_HTTP_PORT) is already in use")),
+        "{err}"
+    );
+    assert!(!state.exists(), "nothing started: {}", state.display());
+    drop(taken);
+}
+
+#[test]
 fn run_sh_demo_resolves_nginx_lines_to_pods_and_cleans_up() {
     if !require_root() {
         return;
