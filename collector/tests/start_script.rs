@@ -89,7 +89,7 @@ fn run_sh_refuses_a_port_in_use_before_building() {
     // A listener of our own on the HTTP port: run.sh must name it and stop
     // at once (before any build or install).
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = taken.local_addr().unwrap().port();
+    let port = taken.local_addr().expect("local address").port();
     let state = std::env::temp_dir().join(format!("ctw-start-busy-{}", std::process::id()));
     let out = Command::new(repo_root().join("scripts/run.sh"))
         .args(["--demo", "--exit-after", "1"])
