@@ -67,7 +67,8 @@ status=0
 # (ctw_testkit::skip) and count as skipped, not passed.
 export CTW_SKIP_LOG="$PWD/target/skipped-tests.txt"
 : > "$CTW_SKIP_LOG"
-cargo test --workspace --locked 2>&1 | tee target/test-output.txt || status=$?
+# --no-fail-fast: one failing test binary does not hide the others' results.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee target/test-output.txt || status=$?
 if [ "$status" = 0 ] && [ "${FUZZ_SECONDS:-30}" != 0 ]; then
   echo "== fuzz (bounded)"
   fuzz/run.sh "${FUZZ_SECONDS:-30}" || status=$?

@@ -172,11 +172,14 @@ fn every_watched_connection_is_logged_with_the_snat_the_server_saw() {
     let received = agent.metric("ctw_events_received_total").unwrap_or(0.0);
     assert!(received >= 8.0, "received {received}");
     assert!(agent.metric("ctw_netlink_rcvbuf_bytes").unwrap_or(0.0) >= (64 << 20) as f64);
-    // The agent's own lines are `type: log`.
-    assert!(agent
-        .log_lines()
-        .iter()
-        .any(|l| l["type"] == "log" && l["msg"] == "program started"));
+    // The agent's own lines are `type: log` (written by the log thread).
+    wait_for(WAIT, "the agent's \"program started\" line", || {
+        agent
+            .log_lines()
+            .iter()
+            .any(|l| l["type"] == "log" && l["msg"] == "program started")
+            .then_some(())
+    });
 }
 
 #[test]

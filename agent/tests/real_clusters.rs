@@ -151,16 +151,16 @@ fn restart_then_port_reuse(v6: bool, recheck_ms: u64) {
     );
     // The agent turned events on (A still has none: created before).
     assert_eq!(sysctl(&node, "net.netfilter.nf_conntrack_events"), "1");
-    let said = agent
-        .log_lines()
-        .into_iter()
-        .find(|l| {
+    // The log writer is a thread of its own: the line may follow the
+    // sysctl by a moment.
+    let said = wait_for(WAIT, "the agent to say it set nf_conntrack_events", || {
+        agent.log_lines().into_iter().find(|l| {
             l["type"] == "log"
                 && l["msg"]
                     .as_str()
                     .is_some_and(|m| m.starts_with("set net.netfilter.nf_conntrack_events=1"))
         })
-        .expect("the agent says it set nf_conntrack_events");
+    });
     assert_eq!(said["old"], "0", "{said}");
 
     let a_rec = wait_for(WAIT, "A's recovered record", || {
@@ -322,10 +322,18 @@ fn enable_events_false_leaves_the_sysctl() {
     set_sysctls(&node, &["net.netfilter.nf_conntrack_events=2"]);
     let agent = Agent::start(&mut topo, &[80], "netlink:\n  enable_events: false\n");
     assert_eq!(sysctl(&node, "net.netfilter.nf_conntrack_events"), "2");
-    assert!(agent.log_lines().iter().any(|l| l["type"] == "log"
-        && l["msg"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("net.netfilter.nf_conntrack_events=2 (auto)"))));
+    wait_for(WAIT, "the agent to log the sysctl it left", || {
+        agent
+            .log_lines()
+            .iter()
+            .any(|l| {
+                l["type"] == "log"
+                    && l["msg"].as_str().is_some_and(|m| {
+                        m.starts_with("net.netfilter.nf_conntrack_events=2 (auto)")
+                    })
+            })
+            .then_some(())
+    });
 }
 
 /// Pod side of case 2: one HTTP/1.1 connection from `lport`, three requests
