@@ -483,29 +483,9 @@ impl Peers {
         store: Arc<dyn RecordStore>,
         metrics: Metrics,
     ) -> Result<Peers, String> {
-        let ch = &opts.clickhouse;
-        let password = match &ch.password_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| format!("storage.password_file {}: {e}", p.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-            None => String::new(),
-        };
         registry.leave_restart_gaps_to_leases();
-        let mut client = clickhouse::Client::default()
-            .with_url(&ch.url)
-            .with_user(&ch.user)
-            .with_password(password)
-            .with_compression(clickhouse::Compression::None);
-        if ch.cluster.is_some() {
-            // The ON CLUSTER create waits for every server, as the store's.
-            client = client.with_option(
-                "distributed_ddl_task_timeout",
-                crate::store::clickhouse::schema::ensure_timeout(ch)
-                    .as_secs()
-                    .to_string(),
-            );
-        }
+        let client = crate::store::clickhouse::client(&opts.clickhouse)
+            .map_err(|e| format!("storage: {e}"))?;
         Ok(Peers {
             opts,
             client: Some(client),

@@ -213,29 +213,7 @@ impl ClickHouseStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Index(format!("clickhouse runtime: {e}")))?;
-        let password = match &cfg.password_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|source| StoreError::Io {
-                    path: p.display().to_string(),
-                    source,
-                })?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-            None => String::new(),
-        };
-        let mut client = clickhouse::Client::default()
-            .with_url(&cfg.url)
-            .with_user(&cfg.user)
-            .with_password(password)
-            .with_compression(clickhouse::Compression::None);
-        if cfg.cluster.is_some() {
-            client = client
-                .with_option("insert_distributed_sync", "1")
-                .with_option(
-                    "distributed_ddl_task_timeout",
-                    schema::ensure_timeout(cfg).as_secs().to_string(),
-                );
-        }
+        let client = client(cfg)?;
         let inner = Arc::new(Inner {
             cfg: cfg.clone(),
             client,
@@ -878,6 +856,39 @@ pub struct ClickHouseOptions {
     /// `MergeTree` tables).
     #[serde(default)]
     pub cluster: Option<ClusterOptions>,
+}
+
+/// The HTTP client `cfg` describes (URL, user, the password read from
+/// `password_file`, no HTTP compression: 18.16 answers LZ4 requests
+/// empty), with the cluster's settings when `storage.cluster` is set
+/// (`insert_distributed_sync=1`, `distributed_ddl_task_timeout` of
+/// [`schema::ensure_timeout`]). Shared by the store and the replicas'
+/// lease table. Errors: the password file cannot be read.
+pub fn client(cfg: &ClickHouseOptions) -> Result<clickhouse::Client, StoreError> {
+    let password = match &cfg.password_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|source| StoreError::Io {
+                path: p.display().to_string(),
+                source,
+            })?
+            .trim_end_matches(['\n', '\r'])
+            .to_string(),
+        None => String::new(),
+    };
+    let mut client = clickhouse::Client::default()
+        .with_url(&cfg.url)
+        .with_user(&cfg.user)
+        .with_password(password)
+        .with_compression(clickhouse::Compression::None);
+    if cfg.cluster.is_some() {
+        client = client
+            .with_option("insert_distributed_sync", "1")
+            .with_option(
+                "distributed_ddl_task_timeout",
+                schema::ensure_timeout(cfg).as_secs().to_string(),
+            );
+    }
+    Ok(client)
 }
 
 /// `storage.cluster`: the tables are `Distributed` over
