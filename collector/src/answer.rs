@@ -36,6 +36,7 @@ pub fn pod_fields(a: &PodAnswer) -> PodFields {
                 NoPodReason::NoPodAtTime => "no_pod_at_time",
                 NoPodReason::HistoryGap => "history_gap",
                 NoPodReason::HostNetwork => "host_network",
+                NoPodReason::IpHandover => "ip_handover",
             }
             .to_string()
         }),

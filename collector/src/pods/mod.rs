@@ -221,7 +221,7 @@ impl PodHistory {
                 if let (Some(s), Some(gap)) = (pod.start_ns, g.gap_since) {
                     pod.start_ns = Some(s.max(gap));
                 }
-                observe(g, &pod, now_ns, &mut out);
+                observe(g, &pod, now_ns, true, &mut out);
             }
             Input::ListDone => {
                 let present = g.listing.take().unwrap_or_default();
@@ -229,12 +229,10 @@ impl PodHistory {
                 end_gap(g, now_ns, &mut out);
             }
             Input::Applied(pod) => {
-                let pod = PodState {
-                    start_ns: None,
-                    ..pod
-                };
+                // The interval opens at first sight of the IP; the pod's
+                // start opens its handover window (history::Interval).
                 end_gap(g, now_ns, &mut out);
-                observe(g, &pod, now_ns, &mut out);
+                observe(g, &pod, now_ns, false, &mut out);
             }
             Input::Deleted(pod) => {
                 end_gap(g, now_ns, &mut out);
@@ -469,8 +467,9 @@ fn end_gap(g: &mut Inner, now_ns: u64, out: &mut Vec<Change>) {
     }
 }
 
-/// Resolve the pod's owner to its workload and observe it.
-fn observe(g: &mut Inner, pod: &PodState, now_ns: u64, out: &mut Vec<Change>) {
+/// Resolve the pod's owner to its workload and observe it (`listed`: by a
+/// list, else by the watch).
+fn observe(g: &mut Inner, pod: &PodState, now_ns: u64, listed: bool, out: &mut Vec<Change>) {
     let workload = pod.owner.as_ref().map(|o| {
         if o.kind != "ReplicaSet" && o.kind != "Job" {
             return o.clone();
@@ -488,7 +487,12 @@ fn observe(g: &mut Inner, pod: &PodState, now_ns: u64, out: &mut Vec<Change>) {
             }
         }
     });
-    g.history.observe(pod, workload.as_ref(), now_ns, out);
+    if listed {
+        g.history.observe(pod, workload.as_ref(), now_ns, out);
+    } else {
+        g.history
+            .observe_watched(pod, workload.as_ref(), now_ns, out);
+    }
 }
 
 #[cfg(test)]
@@ -998,6 +1002,47 @@ mod tests {
         let h = PodHistory::open_bounded(&dir, u64::MAX, 1).unwrap();
         assert_eq!(h.at(ip(), 22 * S).reason, Some(NoPodReason::HistoryGap));
         assert_eq!(h.at(ip2, 50 * S).pod.unwrap().name, "d");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_watched_pod_connecting_before_its_pod_ip_is_posted_is_never_a_verified_wrong_pod() {
+        let dir = temp_dir("handover");
+        {
+            let h = PodHistory::open(&dir, u64::MAX).unwrap();
+            h.apply(Input::ListBegin, S);
+            h.apply(Input::ListDone, S);
+            h.apply(Input::Applied(pod(1, "a", &[IP])), 10 * S);
+            // B started at 30 s; its podIP is posted at 32 s; A's delete
+            // arrives at 35 s. B connected at 31 s.
+            let mut b = pod(2, "b", &[]);
+            b.start_ns = Some(30 * S);
+            h.apply(Input::Applied(b.clone()), 30 * S);
+            b.ips = vec![ip()];
+            h.apply(Input::Applied(b), 32 * S);
+            h.apply(Input::Deleted(pod(1, "a", &[IP])), 35 * S);
+            let a = h.at(ip(), 31 * S);
+            assert_eq!(a.reason, Some(NoPodReason::IpHandover));
+            assert!(a.pod.is_none() && !a.verified && a.pod_ip_reused);
+            h.tick(40 * S);
+        }
+        // The window survives a restart (journal `maybe_from_ns`).
+        let h = PodHistory::open(&dir, u64::MAX).unwrap();
+        let a = h.at(ip(), 31 * S);
+        assert_eq!(a.reason, Some(NoPodReason::IpHandover));
+        assert_eq!(a.holders.len(), 2);
+        assert!(h.at(ip(), 33 * S).verified);
+        drop(h);
+        // A journal written before the window existed still loads.
+        std::fs::write(
+            dir.join("history.jsonl"),
+            "{\"t\":\"open\",\"ip\":\"198.18.1.11\",\"uid\":\"00000000-0000-0000-0000-000000000001\",\"from_ns\":10000000000,\"namespace\":\"payments\",\"name\":\"a\",\"node\":\"node-3\"}\n",
+        )
+        .unwrap();
+        let h = PodHistory::open(&dir, u64::MAX).unwrap();
+        assert_eq!(h.stats().bad_lines, 0);
+        assert_eq!(name_at(&h, 11 * S).as_deref(), Some("a"));
+        assert!(h.at(ip(), 11 * S).verified);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
