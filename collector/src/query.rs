@@ -467,7 +467,10 @@ const MAX_POD_PARAM_LEN: usize = 320;
 /// `src_ip` over the tenure (hits kept only when they started in it), then
 /// merged and ranked as one search ([`crate::store::rank`]), at most
 /// `q.limit`. `total` is an upper bound when a tenure had more matches than
-/// the limit. Errors: no pod history (`kubernetes` off), too many tenures.
+/// the limit. Besides the store's and the open agent gaps, `gaps` holds a
+/// [`POD_HISTORY_GAP`] gap for each part of the range where the pod history
+/// may miss a tenure ([`PodHistory::missing`]), so `complete` is false
+/// there. Errors: no pod history (`kubernetes` off), too many tenures.
 pub async fn search_by_pod(
     store: Arc<dyn RecordStore>,
     registry: &Registry,
@@ -535,8 +538,31 @@ pub async fn search_by_pod(
     .await
     .map_err(|e| QueryError::Task(e.to_string()))??;
     merge_open_gaps(q, &mut res, peers::open_gaps(registry, peers));
+    // Where the pod history may miss a tenure, the search may miss that
+    // pod's connections: the answer is not complete there.
+    for m in pods.missing(from, to) {
+        let g = crate::store::Gap {
+            node: POD_HISTORY_GAP_NODE.into(),
+            from_ns: m.from_ns,
+            to_ns: m.to_ns,
+            reason: POD_HISTORY_GAP.into(),
+            count: 0,
+        };
+        if !res.gaps.contains(&g) {
+            res.gaps.push(g);
+        }
+    }
     Ok(res)
 }
+
+/// Reason of the gaps a search by pod adds where the pod history may miss
+/// tenures (watch gaps, the range of intervals evicted by
+/// `kubernetes.max_closed_intervals`): connections of the searched pods in
+/// it may be missing from the answer.
+pub const POD_HISTORY_GAP: &str = "pod_history_gap";
+
+/// Node of a [`POD_HISTORY_GAP`] gap: the pod history is cluster-wide.
+pub const POD_HISTORY_GAP_NODE: &str = "*";
 
 /// Decode `GET /api/v1/connections` parameters (unknown or repeated names
 /// refused; an empty value is absent) and validate them.

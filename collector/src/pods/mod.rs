@@ -458,6 +458,34 @@ impl PodHistory {
     pub fn gaps(&self) -> Vec<Gap> {
         self.lock().history.gaps().to_vec()
     }
+
+    /// The parts of `[from_ns, to_ns]` (ns since the epoch) in which the
+    /// history may miss a pod's tenure, oldest first, each clipped to the
+    /// range: the watch gaps overlapping it and, when closed intervals were
+    /// evicted by `kubernetes.max_closed_intervals`, the range up to the
+    /// newest evicted end. What a search by pod adds as `pod_history_gap`.
+    pub fn missing(&self, from_ns: u64, to_ns: u64) -> Vec<Gap> {
+        let g = self.lock();
+        let h = &g.history;
+        let mut out: Vec<Gap> = Vec::new();
+        let evicted = h.evicted_through_ns();
+        if evicted > 0 && from_ns <= evicted {
+            out.push(Gap {
+                from_ns,
+                to_ns: evicted.min(to_ns),
+            });
+        }
+        for gap in h.gaps() {
+            if gap.from_ns <= to_ns && gap.to_ns >= from_ns {
+                out.push(Gap {
+                    from_ns: gap.from_ns.max(from_ns),
+                    to_ns: gap.to_ns.min(to_ns),
+                });
+            }
+        }
+        out.sort_by_key(|g| (g.from_ns, g.to_ns));
+        out
+    }
 }
 
 fn end_gap(g: &mut Inner, now_ns: u64, out: &mut Vec<Change>) {
@@ -1044,6 +1072,29 @@ mod tests {
         assert_eq!(name_at(&h, 11 * S).as_deref(), Some("a"));
         assert!(h.at(ip(), 11 * S).verified);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_lists_watch_gaps_and_the_evicted_range_clipped_to_the_range() {
+        let h = started();
+        h.lock().history.max_closed = 1;
+        h.apply(Input::Applied(pod(1, "a", &[IP])), 10 * S);
+        h.apply(Input::Deleted(pod(1, "a", &[IP])), 20 * S);
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 30 * S);
+        h.apply(Input::Deleted(pod(2, "b", &[IP])), 40 * S);
+        assert_eq!(h.stats().history.evicted, 1, "A evicted: ended at 20 s");
+        h.apply(Input::Broken, 50 * S);
+        h.apply(Input::ListBegin, 60 * S);
+        h.apply(Input::ListDone, 60 * S);
+        let g = |from: u64, to: u64| Gap {
+            from_ns: from * S,
+            to_ns: to * S,
+        };
+        // The first list's gap (0 to 1 s), A's evicted range (to 20 s) and
+        // the watch gap (50 to 60 s), clipped to 5..55 s.
+        assert_eq!(h.missing(5 * S, 55 * S), [g(5, 20), g(50, 55)]);
+        assert_eq!(h.missing(0, 2 * S), [g(0, 1), g(0, 2)]);
+        assert_eq!(h.missing(21 * S, 49 * S), []);
     }
 
     #[test]
