@@ -797,6 +797,52 @@ impl History {
         }
     }
 
+    /// The answer for a live kernel entry from `ip` whose start is unknown
+    /// (no `nf_conntrack_timestamp`), looked up at `now_ns`: it may be up
+    /// to `max_age_ns` old. The pod holding `ip` at `now_ns` is named, but
+    /// verified only when the entry cannot be an earlier holder's: no other
+    /// pod held `ip` in `[now_ns - max_age_ns, now_ns]` and the pod held it
+    /// since the window's start or the history is complete (no watch gap,
+    /// no eviction) from the window's start to the pod's. Any other holder
+    /// in the window (also one that is gone now, with no pod named) sets
+    /// `pod_ip_reused` and is listed in `holders`.
+    pub fn answer_unknown_start(&self, ip: IpAddr, now_ns: u64, max_age_ns: u64) -> PodAnswer {
+        let lo = now_ns.saturating_sub(max_age_ns);
+        let mut a = self.answer_in(ip, now_ns, lo, now_ns);
+        if a.pod_ip_reused {
+            a.verified = false;
+            return a;
+        }
+        let complete = |hi: u64| {
+            self.evicted_through_ns <= lo
+                && !self.gaps.iter().any(|g| g.from_ns <= hi && g.to_ns >= lo)
+        };
+        match &a.pod {
+            Some(p) if p.from_ns > lo && !complete(p.from_ns) => a.verified = false,
+            None if a.reason == Some(NoPodReason::NoPodAtTime) => {
+                // No pod now, but one may have held the address while the
+                // entry lived: list it, and name none as proven.
+                let past: Vec<PodRef> = self
+                    .by_ip
+                    .get(&ip)
+                    .into_iter()
+                    .flatten()
+                    .filter(|i| !i.host_network && i.maybe_from_ns <= now_ns && lo < i.to_ns)
+                    .map(|i| self.pod_ref(i))
+                    .collect();
+                if !past.is_empty() {
+                    a.pod_ip_reused = true;
+                    a.holders = past;
+                    a.verified = false;
+                } else if !complete(now_ns) {
+                    a.verified = false;
+                }
+            }
+            _ => {}
+        }
+        a
+    }
+
     fn pod_ref(&self, i: &Interval) -> PodRef {
         let s = |x: Sym| self.strings.get(x).to_string();
         PodRef {

@@ -44,6 +44,13 @@ pub const SYNC_INTERVAL_MS: u64 = 1_000;
 /// is uncertain.
 pub const QUIET_AFTER_FAILURE_MS: u64 = 90_000;
 
+/// How old a live kernel entry without a start time (no
+/// `nf_conntrack_timestamp`) is taken to be at most: 5 days, the default
+/// `nf_conntrack_tcp_timeout_established` (432000 s), the longest idle
+/// timeout of an entry. A connection kept busy for longer than that can be
+/// older; its pod is then checked over the last 5 days only.
+pub const MAX_ENTRY_AGE_NS: u64 = 432_000 * 1_000_000_000;
+
 /// Workload kind and name of a pod without a controller owner in
 /// [`PodHistory::workload_counts`] (a pod's own name is never a label).
 pub const NO_WORKLOAD: &str = "_none";
@@ -384,11 +391,21 @@ impl PodHistory {
     }
 
     /// Integration point for live lookups (a kernel entry, no stored end):
-    /// the pod of the record's original source as of its start (kernel
-    /// start time, else the record's time) up to `now_ns`.
+    /// the pod of the record's original source as of its kernel start time
+    /// up to `now_ns`. Without a start time (no `nf_conntrack_timestamp`)
+    /// the entry may be up to [`MAX_ENTRY_AGE_NS`] old: see
+    /// [`history::History::answer_unknown_start`] (the pod holding the
+    /// address now, unverified when another pod held it in that time or
+    /// the history may miss one).
     pub fn for_record(&self, record: &ctw_common::ConnRecord, now_ns: u64) -> PodAnswer {
-        let start = record.start_ns.unwrap_or(record.event_ns);
-        self.answer(record.orig.src, start, now_ns.max(start))
+        match record.start_ns {
+            Some(start) => self.answer(record.orig.src, start, now_ns.max(start)),
+            None => {
+                self.lock()
+                    .history
+                    .answer_unknown_start(record.orig.src, now_ns, MAX_ENTRY_AGE_NS)
+            }
+        }
     }
 
     /// New connections per workload in `records` (what
@@ -1095,6 +1112,82 @@ mod tests {
         assert_eq!(h.missing(5 * S, 55 * S), [g(5, 20), g(50, 55)]);
         assert_eq!(h.missing(0, 2 * S), [g(0, 1), g(0, 2)]);
         assert_eq!(h.missing(21 * S, 49 * S), []);
+    }
+
+    /// A kernel entry from `IP` to 198.18.2.1:80 as a live lookup (GET)
+    /// returns it at `event_ns`, with the kernel start time `start_ns`.
+    fn live_entry(event_ns: u64, start_ns: Option<u64>) -> ctw_common::ConnRecord {
+        use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+        let server: IpAddr = "198.18.2.1".parse().unwrap();
+        ConnRecord {
+            start_ns,
+            ..ConnRecord::new(
+                EventKind::Recovered,
+                event_ns,
+                Protocol::Tcp,
+                Tuple::new(ip(), 40000, server, 80),
+                Tuple::new(server, 80, ip(), 40000),
+            )
+        }
+    }
+
+    #[test]
+    fn a_live_entry_without_start_time_is_not_named_as_the_new_holder_verified() {
+        const DAY: u64 = 86_400 * S;
+        let h = started();
+        // A held the address (day 1 to day 2), B holds it since day 3; the
+        // node has no nf_conntrack_timestamp: the leftover entry of A's
+        // connection is looked up on day 4 with no start time.
+        h.apply(Input::Applied(pod(1, "a", &[IP])), DAY);
+        h.apply(Input::Deleted(pod(1, "a", &[IP])), 2 * DAY);
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 3 * DAY);
+        let now = 4 * DAY;
+        let a = h.for_record(&live_entry(now, None), now);
+        assert_eq!(a.pod.as_ref().unwrap().name, "b");
+        assert!(!a.verified && a.pod_ip_reused, "{a:?}");
+        let names: Vec<_> = a.holders.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        // With the kernel's start time the entry is proven B's (or A's).
+        let b = h.for_record(&live_entry(now, Some(3 * DAY + S)), now);
+        assert!(b.verified && !b.pod_ip_reused && b.pod.unwrap().name == "b");
+        let old = h.for_record(&live_entry(now, Some(DAY + S)), now);
+        assert_eq!(old.pod.unwrap().name, "a");
+        // Five days after A left, B alone held it within any entry's
+        // lifetime: verified again.
+        let later = 2 * DAY + MAX_ENTRY_AGE_NS + S;
+        let c = h.for_record(&live_entry(later, None), later);
+        assert!(c.verified && !c.pod_ip_reused && c.pod.unwrap().name == "b");
+        // B deleted, no pod now: A and B listed, no pod proven absent.
+        h.apply(Input::Deleted(pod(2, "b", &[IP])), 5 * DAY);
+        let d = h.for_record(&live_entry(6 * DAY, None), 6 * DAY);
+        assert_eq!(d.reason, Some(NoPodReason::NoPodAtTime));
+        assert!(!d.verified && d.pod_ip_reused && d.holders.len() == 2);
+    }
+
+    #[test]
+    fn a_live_entry_without_start_time_is_unverified_when_the_history_may_miss_a_holder() {
+        const DAY: u64 = 86_400 * S;
+        let now = 8 * DAY;
+        // B holds the address since day 7; the history is complete since
+        // 1 s: no pod held it in the 5 days before, B is proven.
+        let h = started();
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 7 * DAY);
+        assert!(h.for_record(&live_entry(now, None), now).verified);
+        // The same with a watch gap on day 5: a pod that held the address
+        // then (and left the entry) may be missing from the history.
+        let h = started();
+        h.apply(Input::Broken, 5 * DAY);
+        h.apply(Input::ListBegin, 5 * DAY + 60 * S);
+        h.apply(Input::ListDone, 5 * DAY + 60 * S);
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 7 * DAY);
+        let a = h.for_record(&live_entry(now, None), now);
+        assert_eq!(a.pod.as_ref().unwrap().name, "b");
+        assert!(!a.verified && !a.pod_ip_reused, "{a:?}");
+        // A kernel start time after the gap proves B.
+        assert!(
+            h.for_record(&live_entry(now, Some(7 * DAY + S)), now)
+                .verified
+        );
     }
 
     #[test]
