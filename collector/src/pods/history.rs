@@ -183,7 +183,9 @@ pub struct PodAnswer {
     /// Set exactly when `pod` is `None`.
     pub reason: Option<NoPodReason>,
     /// `false` when the time falls in a watch gap (the name is the best
-    /// guess from before/after the gap, not proven), and for `history_gap`.
+    /// guess from before/after the gap, not proven), for `history_gap`, in
+    /// a handover window ([`Interval::maybe_from_ns`]), and see
+    /// [`History::answer_unknown_start`].
     pub verified: bool,
     /// The IP changed hands within `[start, end]`: `holders` lists every
     /// pod that held it in that window, oldest first.
