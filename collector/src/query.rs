@@ -87,7 +87,7 @@ use tokio::task::JoinSet;
 
 use crate::config::LookupConfig;
 use crate::peers::{self, Peers};
-use crate::pods::{PodFilter, PodHistory};
+use crate::pods::{PodFilter, PodHistory, Tenure};
 use crate::registry::{LiveAnswer, LiveQuery, LookupError, Registry};
 use crate::store::{ConnKind, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
 
@@ -504,6 +504,7 @@ pub async fn search_by_pod(
             ),
         });
     }
+    let tenures = merge_tenures(tenures);
     let q2 = q.clone();
     let mut res = tokio::task::spawn_blocking(move || -> Result<SearchResult, QueryError> {
         let mut out = SearchResult::default();
@@ -553,6 +554,24 @@ pub async fn search_by_pod(
         }
     }
     Ok(res)
+}
+
+/// Tenures of one address that overlap or touch merged into one (a pod's
+/// handover window overlaps the previous holder's tenure when both match
+/// the filter): each address range is searched once and no connection is
+/// counted twice. Ordered by (address, start).
+fn merge_tenures(mut tenures: Vec<Tenure>) -> Vec<Tenure> {
+    tenures.sort_by_key(|t| (t.ip, t.from_ns));
+    let mut out: Vec<Tenure> = Vec::with_capacity(tenures.len());
+    for t in tenures {
+        match out.last_mut() {
+            Some(last) if last.ip == t.ip && t.from_ns <= last.to_ns => {
+                last.to_ns = last.to_ns.max(t.to_ns);
+            }
+            _ => out.push(t),
+        }
+    }
+    out
 }
 
 /// Reason of the gaps a search by pod adds where the pod history may miss
@@ -1014,6 +1033,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn overlapping_tenures_of_one_address_are_searched_once() {
+        let a: IpAddr = "198.18.1.11".parse().unwrap();
+        let b: IpAddr = "198.18.1.12".parse().unwrap();
+        let t = |ip, from_ns, to_ns| Tenure { ip, from_ns, to_ns };
+        // C holds `a` from 10 to 30; D's handover window starts at 25
+        // (D proven from 30); `b` is another pod's from 20.
+        let merged = merge_tenures(vec![t(a, 25, u64::MAX), t(b, 20, 40), t(a, 10, 30)]);
+        assert_eq!(merged, [t(a, 10, u64::MAX), t(b, 20, 40)]);
+        // Apart in time: kept apart.
+        assert_eq!(
+            merge_tenures(vec![t(a, 50, 60), t(a, 10, 30)]),
+            [t(a, 10, 30), t(a, 50, 60)]
+        );
+    }
 
     #[test]
     fn one_mapping_of_errors_to_http_and_grpc() {
