@@ -484,7 +484,7 @@ mod tests {
                 "pod": null,
                 "pod_ip_reused": false,
                 "pod_reason": "no_pod_at_time",
-                "pod_verified": true,
+                "pod_verified": false,
                 "src_ip": "10.244.1.8"
               },
               {
@@ -514,7 +514,7 @@ mod tests {
                   }
                 ],
                 "pod_ip_reused": true,
-                "pod_verified": true,
+                "pod_verified": false,
                 "src_ip": "fd00::9"
               }
             ]"#]]

@@ -799,18 +799,26 @@ impl History {
         }
     }
 
-    /// The answer for a live kernel entry from `ip` whose start is unknown
-    /// (no `nf_conntrack_timestamp`), looked up at `now_ns`: it may be up
-    /// to `max_age_ns` old. The pod holding `ip` at `now_ns` is named, but
+    /// The answer for a kernel entry from `ip` whose start is unknown (no
+    /// `nf_conntrack_timestamp`), seen at `now_ns` (a live lookup, a table
+    /// dump, a connection picked up mid-stream): it may be up to
+    /// `max_age_ns` old; reuse is checked up to `hi_ns` (its last sight,
+    /// at least `now_ns`). The pod holding `ip` at `now_ns` is named, but
     /// verified only when the entry cannot be an earlier holder's: no other
     /// pod held `ip` in `[now_ns - max_age_ns, now_ns]` and the pod held it
     /// since the window's start or the history is complete (no watch gap,
     /// no eviction) from the window's start to the pod's. Any other holder
     /// in the window (also one that is gone now, with no pod named) sets
     /// `pod_ip_reused` and is listed in `holders`.
-    pub fn answer_unknown_start(&self, ip: IpAddr, now_ns: u64, max_age_ns: u64) -> PodAnswer {
+    pub fn answer_unknown_start(
+        &self,
+        ip: IpAddr,
+        now_ns: u64,
+        max_age_ns: u64,
+        hi_ns: u64,
+    ) -> PodAnswer {
         let lo = now_ns.saturating_sub(max_age_ns);
-        let mut a = self.answer_in(ip, now_ns, lo, now_ns);
+        let mut a = self.answer_in(ip, now_ns, lo, hi_ns.max(now_ns));
         if a.pod_ip_reused {
             a.verified = false;
             return a;

@@ -374,7 +374,12 @@ impl PodHistory {
 
     /// [`PodHistory::for_hit`] with the reuse window widened by `skew_ns`
     /// on both sides (a resolve query's clock skew between the log and the
-    /// node): a reuse within the skew is reported too.
+    /// node): a reuse within the skew is reported too. A record without a
+    /// kernel start time that is not a NEW seen from the connection's start
+    /// (a table dump's entry, a connection picked up mid-stream, a DESTROY
+    /// whose NEW was lost) started up to [`MAX_ENTRY_AGE_NS`] before it: it
+    /// is answered as a live entry without a start time
+    /// ([`history::History::answer_unknown_start`]).
     pub fn for_hit_with_skew(&self, hit: &Hit, skew_ns: u64) -> PodAnswer {
         let start = hit.start_ns();
         let end = hit
@@ -382,6 +387,15 @@ impl PodHistory {
             .or(hit.last_seen_ns)
             .unwrap_or(start)
             .max(start);
+        let r = &hit.record;
+        if r.start_ns.is_none() && (r.kind != ctw_common::EventKind::New || r.midstream()) {
+            return self.lock().history.answer_unknown_start(
+                r.orig.src,
+                start,
+                MAX_ENTRY_AGE_NS,
+                end.saturating_add(skew_ns),
+            );
+        }
         self.lock().history.answer_in(
             hit.record.orig.src,
             start,
@@ -400,11 +414,12 @@ impl PodHistory {
     pub fn for_record(&self, record: &ctw_common::ConnRecord, now_ns: u64) -> PodAnswer {
         match record.start_ns {
             Some(start) => self.answer(record.orig.src, start, now_ns.max(start)),
-            None => {
-                self.lock()
-                    .history
-                    .answer_unknown_start(record.orig.src, now_ns, MAX_ENTRY_AGE_NS)
-            }
+            None => self.lock().history.answer_unknown_start(
+                record.orig.src,
+                now_ns,
+                MAX_ENTRY_AGE_NS,
+                now_ns,
+            ),
         }
     }
 
@@ -1162,6 +1177,37 @@ mod tests {
         let d = h.for_record(&live_entry(6 * DAY, None), 6 * DAY);
         assert_eq!(d.reason, Some(NoPodReason::NoPodAtTime));
         assert!(!d.verified && d.pod_ip_reused && d.holders.len() == 2);
+    }
+
+    #[test]
+    fn a_stored_dump_entry_without_start_time_is_answered_over_its_possible_lifetime() {
+        use ctw_common::{EventKind, TcpState};
+        const DAY: u64 = 86_400 * S;
+        let h = started();
+        h.apply(Input::Applied(pod(1, "a", &[IP])), DAY);
+        h.apply(Input::Deleted(pod(1, "a", &[IP])), 2 * DAY);
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 3 * DAY);
+        // The agent restarted on day 4 and found A's leftover entry in the
+        // table dump (no kernel start time): stored as Recovered at day 4.
+        let dumped = crate::store::Hit::open("node-3", live_entry(4 * DAY, None));
+        let a = h.for_hit(&dumped);
+        assert_eq!(a.pod.as_ref().unwrap().name, "b");
+        assert!(
+            !a.verified && a.pod_ip_reused && a.holders.len() == 2,
+            "{a:?}"
+        );
+        // The same for a connection picked up mid-stream (NEW, established).
+        let mut mid = live_entry(4 * DAY, None);
+        mid.kind = EventKind::New;
+        mid.tcp_state = Some(TcpState::Established);
+        let a = h.for_hit(&crate::store::Hit::open("node-3", mid));
+        assert!(!a.verified && a.pod_ip_reused, "{a:?}");
+        // A NEW seen from its SYN starts at its event time: B, proven.
+        let mut new = live_entry(4 * DAY, None);
+        new.kind = EventKind::New;
+        new.tcp_state = Some(TcpState::SynSent);
+        let a = h.for_hit(&crate::store::Hit::open("node-3", new));
+        assert!(a.verified && !a.pod_ip_reused && a.pod.unwrap().name == "b");
     }
 
     #[test]
