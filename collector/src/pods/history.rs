@@ -8,6 +8,12 @@
 //! closes what A still holds). hostNetwork pods share their node's IP: they
 //! are kept but never fence other pods and are never named as proven.
 //!
+//! A pod the watch sees with a new IP may have held it since its start (the
+//! kubelet posts `podIP` after the containers can connect): the interval
+//! keeps that start as its handover window ([`Interval::maybe_from_ns`]), in
+//! which no answer is verified and every possible holder is listed
+//! ([`NoPodReason::IpHandover`] when there are several).
+//!
 //! Watch gaps (the collector was down, the watch broke, a 410 re-list) are
 //! kept as time ranges; a name inside one is answered `verified: false`.
 //!
@@ -75,7 +81,9 @@ pub struct Interval {
     /// assigned at sandbox creation and the pod can connect before its
     /// `podIP` is posted, so in `[maybe_from_ns, from_ns)` (the handover
     /// window) the pod may already hold the IP: never named as verified
-    /// there. Equal to `from_ns` when there is no window.
+    /// there. Equal to `from_ns` when there is no window. Never before the
+    /// first sight of the pod's previous address of the same family (a
+    /// recreated sandbox gets its new address after that).
     pub maybe_from_ns: u64,
     /// ns since the epoch; [`OPEN`] while the pod holds the IP.
     pub to_ns: u64,
@@ -509,6 +517,16 @@ impl History {
             .get(&pod.uid)
             .map(|l| l.to_vec())
             .unwrap_or_default();
+        // When the pod was seen holding it, an address of a family held the
+        // pod's sandbox of then: a new address of that family (a recreated
+        // sandbox) came later, so its handover window starts no earlier.
+        let seen_v4 = |v4: bool| {
+            old.iter()
+                .filter(|ip| ip.is_ipv4() == v4)
+                .filter_map(|ip| self.open_from(*ip, pod.uid))
+                .max()
+        };
+        let (seen4, seen6) = (seen_v4(true), seen_v4(false));
         for ip in &old {
             if !holds.contains(ip) {
                 self.close(*ip, pod.uid, now_ns, out);
@@ -523,10 +541,11 @@ impl History {
             // after now); a watched one at first sight, its start only
             // opening the handover window.
             let start = pod.start_ns.map_or(now_ns, |s| s.min(now_ns));
+            let seen = if ip.is_ipv4() { seen4 } else { seen6 };
             let (from_ns, maybe_from_ns) = if listed {
                 (start, start)
             } else {
-                (now_ns, start)
+                (now_ns, start.max(seen.unwrap_or(0)).min(now_ns))
             };
             if !pod.host_network {
                 // Fence: any other non-hostNetwork holder ends where this one
@@ -1055,6 +1074,19 @@ mod tests {
             Some(NoPodReason::NoPodAtTime)
         );
         assert!(h.answer(ip(1), 15 * S, 15 * S).verified);
+        // B (started 25 s, seen with address 1 at 30 s) has its sandbox
+        // recreated and shows address 3 at 80 s, held by p9 since 10 s: B's
+        // window there starts at 30 s (it held its old sandbox then), not
+        // at its start.
+        h.observe_watched(&started_pod(9, 3, 10), None, 10 * S, &mut out);
+        h.observe_watched(&started_pod(2, 3, 25), None, 80 * S, &mut out);
+        let p9 = h.answer(ip(3), 27 * S, 27 * S);
+        assert!(p9.verified && p9.pod.unwrap().name == "p9");
+        assert_eq!(
+            h.answer(ip(3), 50 * S, 50 * S).reason,
+            Some(NoPodReason::IpHandover)
+        );
+        assert!(h.answer(ip(3), 85 * S, 85 * S).verified);
         // A listed pod (re-list) starts at its start: no window.
         h.observe(&started_pod(3, 2, 40), None, 50 * S, &mut out);
         let c = h.answer(ip(2), 45 * S, 45 * S);
