@@ -217,8 +217,9 @@ pub struct PodFilter {
 }
 
 /// One pod's tenure of one address: connections from `ip` that started in
-/// `[from_ns, to_ns)` (ns since the epoch; `to_ns` [`OPEN`] while held) are
-/// the pod's.
+/// `[from_ns, to_ns)` (ns since the epoch; `to_ns` [`OPEN`] while held) may
+/// be the pod's (`from_ns` is its handover window's start: the part before
+/// the pod was seen with the address may also be the previous holder's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tenure {
     pub ip: IpAddr,
