@@ -57,7 +57,8 @@ COMMANDS:
         When the collector names pods (kubernetes on): ' pod=NAMESPACE/NAME
         (Kind/name) pod_ip=IP node=NODE' as of the connection's start, or
         ' pod=IP node=NODE pod_reason=R' (no_pod_at_time, history_gap,
-        host_network); ' pod_verified=false' (in a gap of the pod watch) and
+        host_network, ip_handover); ' pod_verified=false' (in a gap of the
+        pod watch or a pod's IP handover window) and
         ' pod_ip_reused=true' (the address changed hands) flag doubt.
     lookup --src-ip IP --src-port N --dst-ip IP --dst-port N [--protocol P] [--reply] [--node NAME] [--zone N]
         Live conntrack lookup on the agent that owns the connection. --reply:

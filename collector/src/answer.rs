@@ -36,6 +36,7 @@ pub fn pod_fields(a: &PodAnswer) -> PodFields {
                 NoPodReason::NoPodAtTime => "no_pod_at_time",
                 NoPodReason::HistoryGap => "history_gap",
                 NoPodReason::HostNetwork => "host_network",
+                NoPodReason::IpHandover => "ip_handover",
             }
             .to_string()
         }),
@@ -486,7 +487,7 @@ mod tests {
                 "pod": null,
                 "pod_ip_reused": false,
                 "pod_reason": "no_pod_at_time",
-                "pod_verified": true,
+                "pod_verified": false,
                 "src_ip": "10.244.1.8"
               },
               {
@@ -516,7 +517,7 @@ mod tests {
                   }
                 ],
                 "pod_ip_reused": true,
-                "pod_verified": true,
+                "pod_verified": false,
                 "src_ip": "fd00::9"
               }
             ]"#]]

@@ -87,7 +87,7 @@ use tokio::task::JoinSet;
 
 use crate::config::LookupConfig;
 use crate::peers::{self, Peers};
-use crate::pods::{PodFilter, PodHistory};
+use crate::pods::{PodFilter, PodHistory, Tenure};
 use crate::registry::{LiveAnswer, LiveQuery, LookupError, Registry};
 use crate::store::{ConnKind, Gap, RecordStore, SearchQuery, SearchResult, StoreError};
 
@@ -467,7 +467,10 @@ const MAX_POD_PARAM_LEN: usize = 320;
 /// `src_ip` over the tenure (hits kept only when they started in it), then
 /// merged and ranked as one search ([`crate::store::rank`]), at most
 /// `q.limit`. `total` is an upper bound when a tenure had more matches than
-/// the limit. Errors: no pod history (`kubernetes` off), too many tenures.
+/// the limit. Besides the store's and the open agent gaps, `gaps` holds a
+/// [`POD_HISTORY_GAP`] gap for each part of the range where the pod history
+/// may miss a tenure ([`PodHistory::missing`]), so `complete` is false
+/// there. Errors: no pod history (`kubernetes` off), too many tenures.
 pub async fn search_by_pod(
     store: Arc<dyn RecordStore>,
     registry: &Registry,
@@ -501,6 +504,7 @@ pub async fn search_by_pod(
             ),
         });
     }
+    let tenures = merge_tenures(tenures);
     let q2 = q.clone();
     let mut res = tokio::task::spawn_blocking(move || -> Result<SearchResult, QueryError> {
         let mut out = SearchResult::default();
@@ -535,8 +539,49 @@ pub async fn search_by_pod(
     .await
     .map_err(|e| QueryError::Task(e.to_string()))??;
     merge_open_gaps(q, &mut res, peers::open_gaps(registry, peers));
+    // Where the pod history may miss a tenure, the search may miss that
+    // pod's connections: the answer is not complete there.
+    for m in pods.missing(from, to) {
+        let g = crate::store::Gap {
+            node: POD_HISTORY_GAP_NODE.into(),
+            from_ns: m.from_ns,
+            to_ns: m.to_ns,
+            reason: POD_HISTORY_GAP.into(),
+            count: 0,
+        };
+        if !res.gaps.contains(&g) {
+            res.gaps.push(g);
+        }
+    }
     Ok(res)
 }
+
+/// Tenures of one address that overlap or touch merged into one (a pod's
+/// handover window overlaps the previous holder's tenure when both match
+/// the filter): each address range is searched once and no connection is
+/// counted twice. Ordered by (address, start).
+fn merge_tenures(mut tenures: Vec<Tenure>) -> Vec<Tenure> {
+    tenures.sort_by_key(|t| (t.ip, t.from_ns));
+    let mut out: Vec<Tenure> = Vec::with_capacity(tenures.len());
+    for t in tenures {
+        match out.last_mut() {
+            Some(last) if last.ip == t.ip && t.from_ns <= last.to_ns => {
+                last.to_ns = last.to_ns.max(t.to_ns);
+            }
+            _ => out.push(t),
+        }
+    }
+    out
+}
+
+/// Reason of the gaps a search by pod adds where the pod history may miss
+/// tenures (watch gaps, the range of intervals evicted by
+/// `kubernetes.max_closed_intervals`): connections of the searched pods in
+/// it may be missing from the answer.
+pub const POD_HISTORY_GAP: &str = "pod_history_gap";
+
+/// Node of a [`POD_HISTORY_GAP`] gap: the pod history is cluster-wide.
+pub const POD_HISTORY_GAP_NODE: &str = "*";
 
 /// Decode `GET /api/v1/connections` parameters (unknown or repeated names
 /// refused; an empty value is absent) and validate them.
@@ -988,6 +1033,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn overlapping_tenures_of_one_address_are_searched_once() {
+        let a: IpAddr = "198.18.1.11".parse().unwrap();
+        let b: IpAddr = "198.18.1.12".parse().unwrap();
+        let t = |ip, from_ns, to_ns| Tenure { ip, from_ns, to_ns };
+        // C holds `a` from 10 to 30; D's handover window starts at 25
+        // (D proven from 30); `b` is another pod's from 20.
+        let merged = merge_tenures(vec![t(a, 25, u64::MAX), t(b, 20, 40), t(a, 10, 30)]);
+        assert_eq!(merged, [t(a, 10, u64::MAX), t(b, 20, 40)]);
+        // Apart in time: kept apart.
+        assert_eq!(
+            merge_tenures(vec![t(a, 50, 60), t(a, 10, 30)]),
+            [t(a, 10, 30), t(a, 50, 60)]
+        );
+    }
 
     #[test]
     fn one_mapping_of_errors_to_http_and_grpc() {

@@ -872,3 +872,46 @@ async fn search_by_namespace_pod_and_workload_goes_through_the_pod_history() {
         "namespace",
     );
 }
+
+#[tokio::test]
+async fn search_by_pod_is_incomplete_where_the_pod_history_may_miss_tenures() {
+    let h = pods();
+    let api = api_with(Some(h.clone())).await;
+    let uri =
+        |from: u64, to: u64| format!("/api/v1/connections?pod=checkout-a&from={from}&to={to}");
+    // The history is complete over the range (its first list was at
+    // T - 120 s) and no store or agent gap is in it: complete.
+    let (code, v) = api.get(&uri(T_S - 100, T_S + 30)).await;
+    assert_eq!(code, StatusCode::OK, "{v:#}");
+    assert_eq!(
+        (v["total"].clone(), v["complete"].clone()),
+        (json!(1), json!(true)),
+        "{v:#}"
+    );
+    // Before the first list the history knows no pods.
+    let (_, v) = api.get(&uri(T_S - 600, T_S + 30)).await;
+    assert_eq!(v["complete"], false, "{v:#}");
+    assert_eq!(v["gaps"][0]["reason"], "pod_history_gap", "{v:#}");
+    // The watch breaks at T + 10 s and re-lists at T + 20 s: a pod's
+    // tenure may be missing there, so the same search is not complete.
+    h.apply(Input::Broken, T + 10 * S);
+    h.apply(Input::ListBegin, T + 20 * S);
+    h.apply(Input::ListDone, T + 20 * S);
+    let (_, v) = api.get(&uri(T_S - 100, T_S + 30)).await;
+    assert_eq!(v["complete"], false, "{v:#}");
+    assert_eq!(v["total"], 1, "{v:#}");
+    let gaps = v["gaps"].as_array().expect("gaps");
+    assert_eq!(gaps.len(), 1, "{v:#}");
+    assert_eq!(
+        (
+            gaps[0]["reason"].clone(),
+            gaps[0]["node"].clone(),
+            gaps[0]["count"].clone()
+        ),
+        (json!("pod_history_gap"), json!("*"), json!(0)),
+        "{v:#}"
+    );
+    let at = ctw_common::api::format_time;
+    assert_eq!(gaps[0]["from"], json!(at(T + 10 * S)), "{v:#}");
+    assert_eq!(gaps[0]["to"], json!(at(T + 20 * S)), "{v:#}");
+}

@@ -147,6 +147,27 @@ fn journal_has(c: &Collector, text: &str) {
     });
 }
 
+/// Wait until the wall clock's second is past `t_ns`'s (a pod's startTime
+/// has whole seconds).
+fn next_second_after(t_ns: u64) {
+    wait_for(WAIT, "the clock's next second", || {
+        (ctw_collector::pods::watch::now_ns() / 1_000_000_000 > t_ns / 1_000_000_000).then_some(())
+    });
+}
+
+fn checkout_pod(name: &str, n: u32, ips: &[&str]) -> Value {
+    pod_json(
+        "payments",
+        name,
+        &uid(n),
+        ips,
+        "node-0",
+        Some(("ReplicaSet", "checkout-7d9f")),
+        false,
+        "Running",
+    )
+}
+
 #[test]
 fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     if !require_root() {
@@ -162,18 +183,6 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     let ip0_6 = topo.pod_ip6(0).to_string();
     let ip1 = topo.pod_ip4(1).to_string();
     let ip2 = topo.pod_ip4(2).to_string();
-    let checkout_pod = |name: &str, n: u32, ips: &[&str]| {
-        pod_json(
-            "payments",
-            name,
-            &uid(n),
-            ips,
-            "node-0",
-            Some(("ReplicaSet", "checkout-7d9f")),
-            false,
-            "Running",
-        )
-    };
     api.apply(owner_json(
         "ReplicaSet",
         "payments",
@@ -232,6 +241,9 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
         "{hit}"
     );
     lines.push((line, Some(("checkout-7d9f-a", true))));
+    // B's startTime (whole seconds) opens its handover window: after A's
+    // connection, as in a cluster where B starts after it.
+    next_second_after(start_of(&hit));
     // Delete first, then create: A deleted, then B created with A's address
     // (the namespace pod 0 is now B).
     api.delete("Pod", "payments", "checkout-7d9f-a");
@@ -257,9 +269,7 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     c.kill9(&mut topo);
     // C's startTime (whole seconds) must be after B's connection, as it is
     // in a cluster where C starts after B is gone.
-    wait_for(WAIT, "the clock's next second after B's connection", || {
-        (ctw_collector::pods::watch::now_ns() / 1_000_000_000 > t_b / 1_000_000_000).then_some(())
-    });
+    next_second_after(t_b);
     api.delete("Pod", "payments", "checkout-7d9f-b");
     api.apply(checkout_pod("checkout-7d9f-c", 4, &[&ip0]));
     let out = run_in(
@@ -299,6 +309,9 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     assert_eq!(named(&hit), checkout("checkout-7d9f-c"), "{hit}");
     assert_eq!(hit["pod_verified"], true, "{hit}");
     lines.push((line, Some(("checkout-7d9f-c", true))));
+    // D's handover window (from its whole-second startTime) after C's
+    // connection.
+    next_second_after(start_of(&hit));
     // Create first, then delete late: D takes the address while C still
     // holds it; C's delete arrives after D's connection and changes nothing.
     let before = metric(&c, "ctw_collector_pod_ip_fenced_total").unwrap_or(0.0);
@@ -393,6 +406,98 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     assert_eq!(results[2]["pod_verified"], false, "{}", results[2]);
     assert_eq!(results[6]["pod_reason"], "host_network", "{}", results[6]);
     assert!(results[6]["pod"].is_null(), "{}", results[6]);
+}
+
+/// The handover window end to end: A holds pod 0's address; B is created
+/// and started (startTime set) with no podIP yet and connects (pod 0's
+/// namespace is now B: CNI gave it the address); then B's podIP is posted
+/// and A's delete arrives late. B's first connection is never named A
+/// verified: `pod: null`, `pod_reason: ip_handover`, both pods listed,
+/// unverified, in the search and in the resolve of nginx's line; B's next
+/// connection is B's, verified; a search by B finds both, one by the
+/// Deployment counts each connection once. Needs root.
+#[test]
+fn a_connection_before_the_new_pods_ip_is_posted_is_never_named_as_the_old_pod_verified() {
+    if !require_root() {
+        return;
+    }
+    let mut topo = Topology::new(1);
+    let (ns, addr) = topo.add_host("c");
+    let api = KubeApi::start_in_netns(&ns);
+    let kubeconfig = topo.tmp_dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let ip0 = topo.pod_ip4(0).to_string();
+    api.apply(owner_json(
+        "ReplicaSet",
+        "payments",
+        "checkout-7d9f",
+        &uid(100),
+        Some("checkout"),
+    ));
+    api.apply(checkout_pod("checkout-7d9f-a", 1, &[&ip0]));
+    let extra = format!("kubernetes:\n  kubeconfig: {}\n", kubeconfig.display());
+    let c = Collector::start(&mut topo, &ns, addr, &extra);
+    let nginx = topo.start_nginx(&[80]);
+    let log = nginx.access_log.clone();
+    let spool = topo.tmp_dir().join("spool-0");
+    let yaml = c.agent_yaml("node-0", &spool, "");
+    let _agent = Agent::start_on(&mut topo, 0, "node-0", &[80], &yaml);
+    c.wait_connected(&["node-0"]);
+    wait_for(WAIT, "the collector holds A", || {
+        (metric(&c, "ctw_collector_pod_intervals_live") == Some(1.0)).then_some(())
+    });
+    let (_, hit) = connect(&topo, &c, &log, 0, 0);
+    assert_eq!(named(&hit), checkout("checkout-7d9f-a"), "{hit}");
+    assert_eq!(hit["pod_verified"], true, "{hit}");
+    next_second_after(start_of(&hit));
+    // B created and started, no podIP yet.
+    let events = metric(&c, "ctw_collector_pod_watch_events_total").unwrap();
+    api.apply(checkout_pod("checkout-7d9f-b", 2, &[]));
+    events_past(&c, events);
+    // B connects before its podIP is posted.
+    let (line, _) = connect(&topo, &c, &log, 0, 1);
+    // B's podIP posted (A still holds the address), then A's late delete.
+    let fenced = metric(&c, "ctw_collector_pod_ip_fenced_total").unwrap_or(0.0);
+    api.apply(checkout_pod("checkout-7d9f-b", 2, &[&ip0]));
+    wait_for(WAIT, "the collector fenced A by B", || {
+        (metric(&c, "ctw_collector_pod_ip_fenced_total")? > fenced).then_some(())
+    });
+    let events = metric(&c, "ctw_collector_pod_watch_events_total").unwrap();
+    api.delete("Pod", "payments", "checkout-7d9f-a");
+    events_past(&c, events);
+    let handover = |v: &Value| {
+        assert!(v["pod"].is_null(), "{v}");
+        assert_eq!(v["pod_reason"], "ip_handover", "{v}");
+        assert_eq!(v["pod_verified"], false, "{v}");
+        assert_eq!(v["pod_ip_reused"], true, "{v}");
+        let holders: Vec<&str> = v["pod_holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(holders, ["checkout-7d9f-a", "checkout-7d9f-b"], "{v}");
+    };
+    let (_, first) = stored(&topo, &c, &log, 0, 1);
+    handover(&first);
+    let (code, v) = c.post_json(
+        "/api/v1/resolve",
+        &json!({"lines": [line], "log_format": LOG_FORMAT}),
+        topo.tmp_dir(),
+    );
+    assert_eq!(code, 200, "{v}");
+    handover(&v["results"][0]);
+    // B's next connection is B's, proven.
+    let (_, hit) = connect(&topo, &c, &log, 0, 2);
+    assert_eq!(named(&hit), checkout("checkout-7d9f-b"), "{hit}");
+    assert_eq!(hit["pod_verified"], true, "{hit}");
+    let total = |q: &str| {
+        let (code, v) = c.api(&format!("/api/v1/connections?{q}&limit=100"));
+        assert_eq!(code, 200, "{q}: {v}");
+        v["total"].as_u64().unwrap()
+    };
+    assert_eq!(total("pod=checkout-7d9f-b"), 2, "B's window is searched");
+    assert_eq!(total("workload=Deployment/checkout"), 3, "each once");
 }
 
 /// Every `ctw_collector_workload_new_connections_total` series of the

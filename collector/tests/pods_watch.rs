@@ -140,6 +140,12 @@ async fn kube_rs_list_watch_bookmark_drop_and_410_relist() {
     })
     .await;
     let t_gap = now_ns();
+    // B's startTime (whole seconds) opens its handover window: after A's
+    // time and the pause, as in a cluster where B starts later.
+    eventually(WAIT, "the clock's next second", || {
+        now_ns() / 1_000_000_000 > t_gap / 1_000_000_000
+    })
+    .await;
     api.apply(pod_json(
         "payments",
         "checkout-7d9f-b",

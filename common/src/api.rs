@@ -436,13 +436,16 @@ pub struct PodFields {
     /// The pod that held the connection's source address at its start, or
     /// `null` (see `pod_reason`).
     pub pod: Option<PodRefAnswer>,
-    /// Set exactly when `pod` is `null`: `no_pod_at_time`, `history_gap`
-    /// or `host_network` (a hostNetwork pod shares the node's address and
-    /// is never named as if proven).
+    /// Set exactly when `pod` is `null`: `no_pod_at_time`, `history_gap`,
+    /// `host_network` (a hostNetwork pod shares the node's address and
+    /// is never named as if proven) or `ip_handover` (two pods may have
+    /// held the address then, both in `pod_holders`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_reason: Option<String>,
-    /// `false` when the time falls in a gap of the pod watch: the name is
-    /// the best guess, not proven.
+    /// `false` when the time falls in a gap of the pod watch or in a pod's
+    /// IP handover window, or (live lookups without a kernel start time)
+    /// the entry may be an earlier holder's: the name is the best guess,
+    /// not proven.
     pub pod_verified: bool,
     /// The address changed hands within the connection's lifetime (widened
     /// by the query's skew): `pod_holders` lists every holder.

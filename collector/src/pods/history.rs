@@ -8,6 +8,12 @@
 //! closes what A still holds). hostNetwork pods share their node's IP: they
 //! are kept but never fence other pods and are never named as proven.
 //!
+//! A pod the watch sees with a new IP may have held it since its start (the
+//! kubelet posts `podIP` after the containers can connect): the interval
+//! keeps that start as its handover window ([`Interval::maybe_from_ns`]), in
+//! which no answer is verified and every possible holder is listed
+//! ([`NoPodReason::IpHandover`] when there are several).
+//!
 //! Watch gaps (the collector was down, the watch broke, a 410 re-list) are
 //! kept as time ranges; a name inside one is answered `verified: false`.
 //!
@@ -54,8 +60,11 @@ pub struct PodState {
     pub ips: Vec<IpAddr>,
     /// `status.phase` is `Succeeded` or `Failed`: the IP is released.
     pub terminal: bool,
-    /// `status.startTime` in ns since the epoch, when set: the interval of a
-    /// pod first seen by a re-list starts there, not at the list's time.
+    /// `status.startTime` (else `metadata.creationTimestamp`) in ns since
+    /// the epoch, when set: the interval of a pod first seen by a re-list
+    /// starts there, not at the list's time; for a pod first seen with the
+    /// IP by the watch it starts the handover window
+    /// ([`Interval::maybe_from_ns`]).
     pub start_ns: Option<u64>,
 }
 
@@ -63,8 +72,19 @@ pub struct PodState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interval {
     pub uid: u128,
-    /// ns since the epoch.
+    /// ns since the epoch: when the watch first saw the pod hold the IP
+    /// (or, for a pod first seen by a re-list, its start, never before the
+    /// gap's start).
     pub from_ns: u64,
+    /// ns since the epoch, at most `from_ns`: the pod's start
+    /// (`status.startTime`, else `metadata.creationTimestamp`). The IP is
+    /// assigned at sandbox creation and the pod can connect before its
+    /// `podIP` is posted, so in `[maybe_from_ns, from_ns)` (the handover
+    /// window) the pod may already hold the IP: never named as verified
+    /// there. Equal to `from_ns` when there is no window. Never before the
+    /// first sight of the pod's previous address of the same family (a
+    /// recreated sandbox gets its new address after that).
+    pub maybe_from_ns: u64,
     /// ns since the epoch; [`OPEN`] while the pod holds the IP.
     pub to_ns: u64,
     pub name: Box<str>,
@@ -157,6 +177,10 @@ pub enum NoPodReason {
     /// Only hostNetwork pods held the IP (the node's address): shared, so
     /// never named as if proven; see `candidates`.
     HostNetwork,
+    /// The time falls in a handover window: a pod that started but whose
+    /// `podIP` was not seen yet may already hold the IP while another pod
+    /// is still seen holding it; both are in `holders`, neither is named.
+    IpHandover,
 }
 
 /// The pod answer for (IP, connection start, connection end).
@@ -167,7 +191,9 @@ pub struct PodAnswer {
     /// Set exactly when `pod` is `None`.
     pub reason: Option<NoPodReason>,
     /// `false` when the time falls in a watch gap (the name is the best
-    /// guess from before/after the gap, not proven), and for `history_gap`.
+    /// guess from before/after the gap, not proven), for `history_gap`, in
+    /// a handover window ([`Interval::maybe_from_ns`]), and see
+    /// [`History::answer_unknown_start`].
     pub verified: bool,
     /// The IP changed hands within `[start, end]`: `holders` lists every
     /// pod that held it in that window, oldest first.
@@ -191,8 +217,9 @@ pub struct PodFilter {
 }
 
 /// One pod's tenure of one address: connections from `ip` that started in
-/// `[from_ns, to_ns)` (ns since the epoch; `to_ns` [`OPEN`] while held) are
-/// the pod's.
+/// `[from_ns, to_ns)` (ns since the epoch; `to_ns` [`OPEN`] while held) may
+/// be the pod's (`from_ns` is its handover window's start: the part before
+/// the pod was seen with the address may also be the previous holder's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tenure {
     pub ip: IpAddr,
@@ -428,7 +455,7 @@ impl History {
             .flat_map(|(ip, ivs)| ivs.iter().map(move |i| (*ip, i)))
             .filter(|(_, i)| {
                 !i.host_network
-                    && i.from_ns <= to_ns
+                    && i.maybe_from_ns <= to_ns
                     && i.to_ns >= from_ns
                     && eq(&f.namespace, self.strings.get(i.namespace))
                     && eq(&f.pod, &i.name)
@@ -437,7 +464,7 @@ impl History {
             })
             .map(|(ip, i)| Tenure {
                 ip,
-                from_ns: i.from_ns,
+                from_ns: i.maybe_from_ns,
                 to_ns: i.to_ns,
             })
             .collect();
@@ -445,15 +472,43 @@ impl History {
         out
     }
 
-    /// Apply one observation of a pod at `now_ns` (when the watch delivered
-    /// it), named by `workload` (its owner resolved); the changes are
-    /// appended to `out`. An IP new to the pod opens an interval at
-    /// `pod.start_ns` (capped at `now_ns`) when set, else at `now_ns`.
+    /// Apply one observation of a pod by a list at `now_ns`, named by
+    /// `workload` (its owner resolved); the changes are appended to `out`.
+    /// An IP new to the pod opens an interval at `pod.start_ns` (capped at
+    /// `now_ns`) when set, else at `now_ns` (the caller caps the start at
+    /// the open gap's start, so the guessed part is inside the gap).
     pub fn observe(
         &mut self,
         pod: &PodState,
         workload: Option<&Workload>,
         now_ns: u64,
+        out: &mut Vec<Change>,
+    ) {
+        self.observe_as(pod, workload, now_ns, true, out);
+    }
+
+    /// Apply one observation of a pod delivered by the watch at `now_ns`:
+    /// an IP new to the pod opens an interval at `now_ns` (the first sight
+    /// of the IP), with the handover window
+    /// ([`Interval::maybe_from_ns`]) from `pod.start_ns` (capped at
+    /// `now_ns`): the pod may have used the IP since then, but that is not
+    /// proven, so other holders are fenced at `now_ns`, not before.
+    pub fn observe_watched(
+        &mut self,
+        pod: &PodState,
+        workload: Option<&Workload>,
+        now_ns: u64,
+        out: &mut Vec<Change>,
+    ) {
+        self.observe_as(pod, workload, now_ns, false, out);
+    }
+
+    fn observe_as(
+        &mut self,
+        pod: &PodState,
+        workload: Option<&Workload>,
+        now_ns: u64,
+        listed: bool,
         out: &mut Vec<Change>,
     ) {
         let holds = if pod.terminal { &[][..] } else { &pod.ips[..] };
@@ -463,6 +518,16 @@ impl History {
             .get(&pod.uid)
             .map(|l| l.to_vec())
             .unwrap_or_default();
+        // When the pod was seen holding it, an address of a family held the
+        // pod's sandbox of then: a new address of that family (a recreated
+        // sandbox) came later, so its handover window starts no earlier.
+        let seen_v4 = |v4: bool| {
+            old.iter()
+                .filter(|ip| ip.is_ipv4() == v4)
+                .filter_map(|ip| self.open_from(*ip, pod.uid))
+                .max()
+        };
+        let (seen4, seen6) = (seen_v4(true), seen_v4(false));
         for ip in &old {
             if !holds.contains(ip) {
                 self.close(*ip, pod.uid, now_ns, out);
@@ -473,9 +538,16 @@ impl History {
                 continue;
             }
             // A pod's IP is assigned at or after its start; the watch sees it
-            // later. Start at the start time when known (a pod first seen by
-            // a re-list, or a slow watch), never after now.
-            let from_ns = pod.start_ns.map_or(now_ns, |s| s.min(now_ns));
+            // later. A listed pod starts at its start time when known (never
+            // after now); a watched one at first sight, its start only
+            // opening the handover window.
+            let start = pod.start_ns.map_or(now_ns, |s| s.min(now_ns));
+            let seen = if ip.is_ipv4() { seen4 } else { seen6 };
+            let (from_ns, maybe_from_ns) = if listed {
+                (start, start)
+            } else {
+                (now_ns, start.max(seen.unwrap_or(0)).min(now_ns))
+            };
             if !pod.host_network {
                 // Fence: any other non-hostNetwork holder ends where this one
                 // starts (its delete is late or was missed).
@@ -498,6 +570,7 @@ impl History {
             let iv = Interval {
                 uid: pod.uid,
                 from_ns,
+                maybe_from_ns,
                 to_ns: OPEN,
                 name: pod.name.as_str().into(),
                 namespace: self.strings.intern(&pod.namespace),
@@ -653,10 +726,16 @@ impl History {
 
     /// The pod that held `ip` at `at_ns`; `pod_ip_reused` when another pod
     /// held it within `[lo_ns, hi_ns]` (the connection's lifetime widened by
-    /// the query's clock skew).
+    /// the query's clock skew), a pod's handover window counting as held.
+    ///
+    /// Inside a handover window ([`Interval::maybe_from_ns`]) the answer is
+    /// never verified: with one possible holder that pod is named
+    /// unverified; with more, `pod` is `None` with reason
+    /// [`NoPodReason::IpHandover`]; the reuse window then reaches back to
+    /// the window's start, so every possible holder is in `holders`.
     pub fn answer_in(&self, ip: IpAddr, at_ns: u64, lo_ns: u64, hi_ns: u64) -> PodAnswer {
         let start_ns = at_ns;
-        let lo_ns = lo_ns.min(at_ns);
+        let mut lo_ns = lo_ns.min(at_ns);
         let end_ns = hi_ns.max(at_ns);
         let in_gap = self
             .gaps
@@ -668,12 +747,20 @@ impl History {
         let empty = Vec::new();
         let ivs = self.by_ip.get(&ip).unwrap_or(&empty);
         let covers = |i: &&Interval| i.from_ns <= start_ns && start_ns < i.to_ns;
+        let maybe = |i: &&Interval| {
+            !i.host_network && i.maybe_from_ns <= start_ns && start_ns < i.from_ns.min(i.to_ns)
+        };
         let at: Option<&Interval> = ivs.iter().rev().find(|i| !i.host_network && covers(i));
+        let window: Vec<&Interval> = ivs.iter().filter(maybe).collect();
+        if let Some(w) = window.iter().map(|i| i.maybe_from_ns).min() {
+            lo_ns = lo_ns.min(w);
+        }
         let overlapping: Vec<&Interval> = ivs
             .iter()
-            .filter(|i| !i.host_network && i.from_ns <= end_ns && lo_ns < i.to_ns)
+            .filter(|i| !i.host_network && i.maybe_from_ns <= end_ns && lo_ns < i.to_ns)
             .collect();
         let mut uids: Vec<u128> = overlapping.iter().map(|i| i.uid).collect();
+        uids.sort_unstable();
         uids.dedup();
         let reused = uids.len() > 1;
         let holders = if reused {
@@ -681,6 +768,27 @@ impl History {
         } else {
             Vec::new()
         };
+        if !window.is_empty() {
+            // The possible holders at the time: the definite one (if any)
+            // and every pod in its handover window.
+            let mut possible: Vec<&Interval> = window;
+            possible.extend(at);
+            let mut puids: Vec<u128> = possible.iter().map(|i| i.uid).collect();
+            puids.sort_unstable();
+            puids.dedup();
+            let (pod, reason) = if puids.len() == 1 {
+                (Some(self.pod_ref(possible[0])), None)
+            } else {
+                (None, Some(NoPodReason::IpHandover))
+            };
+            return PodAnswer {
+                pod,
+                reason,
+                verified: false,
+                pod_ip_reused: reused,
+                holders,
+            };
+        }
         if let Some(iv) = at {
             return PodAnswer {
                 pod: Some(self.pod_ref(iv)),
@@ -709,6 +817,60 @@ impl History {
             pod_ip_reused: reused,
             holders,
         }
+    }
+
+    /// The answer for a kernel entry from `ip` whose start is unknown (no
+    /// `nf_conntrack_timestamp`), seen at `now_ns` (a live lookup, a table
+    /// dump, a connection picked up mid-stream): it may be up to
+    /// `max_age_ns` old; reuse is checked up to `hi_ns` (its last sight,
+    /// at least `now_ns`). The pod holding `ip` at `now_ns` is named, but
+    /// verified only when the entry cannot be an earlier holder's: no other
+    /// pod held `ip` in `[now_ns - max_age_ns, now_ns]` and the pod held it
+    /// since the window's start or the history is complete (no watch gap,
+    /// no eviction) from the window's start to the pod's. Any other holder
+    /// in the window (also one that is gone now, with no pod named) sets
+    /// `pod_ip_reused` and is listed in `holders`.
+    pub fn answer_unknown_start(
+        &self,
+        ip: IpAddr,
+        now_ns: u64,
+        max_age_ns: u64,
+        hi_ns: u64,
+    ) -> PodAnswer {
+        let lo = now_ns.saturating_sub(max_age_ns);
+        let mut a = self.answer_in(ip, now_ns, lo, hi_ns.max(now_ns));
+        if a.pod_ip_reused {
+            a.verified = false;
+            return a;
+        }
+        let complete = |hi: u64| {
+            self.evicted_through_ns <= lo
+                && !self.gaps.iter().any(|g| g.from_ns <= hi && g.to_ns >= lo)
+        };
+        match &a.pod {
+            Some(p) if p.from_ns > lo && !complete(p.from_ns) => a.verified = false,
+            None if a.reason == Some(NoPodReason::NoPodAtTime) => {
+                // No pod now, but one may have held the address while the
+                // entry lived: list it, and name none as proven.
+                let past: Vec<PodRef> = self
+                    .by_ip
+                    .get(&ip)
+                    .into_iter()
+                    .flatten()
+                    .filter(|i| !i.host_network && i.maybe_from_ns <= now_ns && lo < i.to_ns)
+                    .map(|i| self.pod_ref(i))
+                    .collect();
+                if !past.is_empty() {
+                    a.pod_ip_reused = true;
+                    a.holders = past;
+                    a.verified = false;
+                } else if !complete(now_ns) {
+                    a.verified = false;
+                }
+            }
+            _ => {}
+        }
+        a
     }
 
     fn pod_ref(&self, i: &Interval) -> PodRef {
@@ -820,6 +982,116 @@ mod tests {
 
     fn name(h: &History, ip_n: u8, t: u64) -> Option<String> {
         h.answer(ip(ip_n), t * S, t * S).pod.map(|p| p.name)
+    }
+
+    /// Pod `uid` with address `ip_n`, started (`status.startTime`) at
+    /// `start` s.
+    fn started_pod(uid: u128, ip_n: u8, start: u64) -> PodState {
+        PodState {
+            start_ns: Some(start * S),
+            ..pod(uid, ip_n)
+        }
+    }
+
+    fn names(a: &PodAnswer) -> Vec<&str> {
+        a.holders.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    #[test]
+    fn handover_b_connects_before_its_ip_is_seen_then_a_is_deleted() {
+        let mut h = History::default();
+        let mut out = Vec::new();
+        // A holds the address from 10 s. B starts at 30 s (startTime, no
+        // podIP yet), connects at 31 s; its podIP is seen at 32 s; A's
+        // delete arrives at 35 s.
+        h.observe_watched(&started_pod(1, 1, 10), None, 10 * S, &mut out);
+        h.observe_watched(&started_pod(2, 1, 30), None, 32 * S, &mut out);
+        h.delete(1, 35 * S, &mut out);
+        // B's first connection: A or B, never A verified.
+        let a = h.answer(ip(1), 31 * S, 31 * S);
+        assert_eq!((&a.pod, a.reason), (&None, Some(NoPodReason::IpHandover)));
+        assert!(!a.verified);
+        assert!(a.pod_ip_reused);
+        assert_eq!(names(&a), ["p1", "p2"]);
+        // Before B's start A is proven; an A connection lasting into B's
+        // window is reused with both listed.
+        let before = h.answer(ip(1), 20 * S, 20 * S);
+        assert_eq!(before.pod.unwrap().name, "p1");
+        assert!(before.verified && !before.pod_ip_reused);
+        let long = h.answer(ip(1), 20 * S, 31 * S);
+        assert_eq!(long.pod.as_ref().unwrap().name, "p1");
+        assert!(long.verified && long.pod_ip_reused);
+        assert_eq!(names(&long), ["p1", "p2"]);
+        // From first sight B is proven; the late delete took nothing back.
+        let after = h.answer(ip(1), 33 * S, 33 * S);
+        assert_eq!(after.pod.unwrap().name, "p2");
+        assert!(after.verified);
+        assert_eq!(name(&h, 1, 40).as_deref(), Some("p2"));
+        // A search by pod B covers its window.
+        let f = PodFilter {
+            pod: Some("p2".into()),
+            ..PodFilter::default()
+        };
+        assert_eq!(h.tenures(&f, 0, u64::MAX)[0].from_ns, 30 * S);
+    }
+
+    #[test]
+    fn handover_a_deleted_before_b_ip_is_seen() {
+        let mut h = History::default();
+        let mut out = Vec::new();
+        // A holds the address from 10 s; B starts at 30 s and connects at
+        // 31 s and 33 s; A's delete arrives at 32 s, B's podIP at 34 s.
+        h.observe_watched(&started_pod(1, 1, 10), None, 10 * S, &mut out);
+        h.delete(1, 32 * S, &mut out);
+        h.observe_watched(&started_pod(2, 1, 30), None, 34 * S, &mut out);
+        // 31 s: A still held it, B may have: both, none named.
+        let a = h.answer(ip(1), 31 * S, 31 * S);
+        assert_eq!((&a.pod, a.reason), (&None, Some(NoPodReason::IpHandover)));
+        assert!(!a.verified && a.pod_ip_reused);
+        assert_eq!(names(&a), ["p1", "p2"]);
+        // 33 s: only B can have held it: B, unverified, A listed (it held
+        // the address within B's window).
+        let b = h.answer(ip(1), 33 * S, 33 * S);
+        assert_eq!(b.pod.as_ref().unwrap().name, "p2");
+        assert_eq!(b.reason, None);
+        assert!(!b.verified && b.pod_ip_reused);
+        assert_eq!(names(&b), ["p1", "p2"]);
+        assert!(h.answer(ip(1), 35 * S, 35 * S).verified);
+    }
+
+    #[test]
+    fn handover_after_create_a_delete_a_names_only_b_unverified() {
+        let mut h = History::default();
+        let mut out = Vec::new();
+        // Create A, delete A (20 s), B starts at 25 s, podIP seen at 30 s.
+        h.observe_watched(&pod(1, 1), None, 10 * S, &mut out);
+        h.delete(1, 20 * S, &mut out);
+        h.observe_watched(&started_pod(2, 1, 25), None, 30 * S, &mut out);
+        let b = h.answer(ip(1), 27 * S, 27 * S);
+        assert_eq!(b.pod.unwrap().name, "p2");
+        assert!(!b.verified && !b.pod_ip_reused, "A ended before B's start");
+        assert_eq!(
+            h.answer(ip(1), 22 * S, 22 * S).reason,
+            Some(NoPodReason::NoPodAtTime)
+        );
+        assert!(h.answer(ip(1), 15 * S, 15 * S).verified);
+        // B (started 25 s, seen with address 1 at 30 s) has its sandbox
+        // recreated and shows address 3 at 80 s, held by p9 since 10 s: B's
+        // window there starts at 30 s (it held its old sandbox then), not
+        // at its start.
+        h.observe_watched(&started_pod(9, 3, 10), None, 10 * S, &mut out);
+        h.observe_watched(&started_pod(2, 3, 25), None, 80 * S, &mut out);
+        let p9 = h.answer(ip(3), 27 * S, 27 * S);
+        assert!(p9.verified && p9.pod.unwrap().name == "p9");
+        assert_eq!(
+            h.answer(ip(3), 50 * S, 50 * S).reason,
+            Some(NoPodReason::IpHandover)
+        );
+        assert!(h.answer(ip(3), 85 * S, 85 * S).verified);
+        // A listed pod (re-list) starts at its start: no window.
+        h.observe(&started_pod(3, 2, 40), None, 50 * S, &mut out);
+        let c = h.answer(ip(2), 45 * S, 45 * S);
+        assert!(c.verified && c.pod.is_some());
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub enum Line {
         ip: IpAddr,
         uid: String,
         from_ns: u64,
+        /// The handover window's start (`Interval::maybe_from_ns`) when
+        /// before `from_ns`; absent in journals written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        maybe_from_ns: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to_ns: Option<u64>,
         namespace: String,
@@ -234,6 +238,7 @@ fn open_line(h: &History, ip: IpAddr, iv: &Interval) -> Line {
         ip,
         uid: uid_text(iv.uid),
         from_ns: iv.from_ns,
+        maybe_from_ns: (iv.maybe_from_ns < iv.from_ns).then_some(iv.maybe_from_ns),
         to_ns: (iv.to_ns != OPEN).then_some(iv.to_ns),
         namespace: s(iv.namespace),
         name: iv.name.to_string(),
@@ -275,6 +280,7 @@ fn apply_line(h: &mut History, l: Line) -> Option<u64> {
             ip,
             uid,
             from_ns,
+            maybe_from_ns,
             to_ns,
             namespace,
             name,
@@ -287,6 +293,7 @@ fn apply_line(h: &mut History, l: Line) -> Option<u64> {
             let iv = Interval {
                 uid,
                 from_ns,
+                maybe_from_ns: maybe_from_ns.unwrap_or(from_ns).min(from_ns),
                 to_ns: OPEN,
                 name: name.into(),
                 namespace: h.strings.intern(&namespace),

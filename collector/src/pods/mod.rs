@@ -44,6 +44,13 @@ pub const SYNC_INTERVAL_MS: u64 = 1_000;
 /// is uncertain.
 pub const QUIET_AFTER_FAILURE_MS: u64 = 90_000;
 
+/// How old a live kernel entry without a start time (no
+/// `nf_conntrack_timestamp`) is taken to be at most: 5 days, the default
+/// `nf_conntrack_tcp_timeout_established` (432000 s), the longest idle
+/// timeout of an entry. A connection kept busy for longer than that can be
+/// older; its pod is then checked over the last 5 days only.
+pub const MAX_ENTRY_AGE_NS: u64 = 432_000 * 1_000_000_000;
+
 /// Workload kind and name of a pod without a controller owner in
 /// [`PodHistory::workload_counts`] (a pod's own name is never a label).
 pub const NO_WORKLOAD: &str = "_none";
@@ -221,7 +228,7 @@ impl PodHistory {
                 if let (Some(s), Some(gap)) = (pod.start_ns, g.gap_since) {
                     pod.start_ns = Some(s.max(gap));
                 }
-                observe(g, &pod, now_ns, &mut out);
+                observe(g, &pod, now_ns, true, &mut out);
             }
             Input::ListDone => {
                 let present = g.listing.take().unwrap_or_default();
@@ -229,12 +236,10 @@ impl PodHistory {
                 end_gap(g, now_ns, &mut out);
             }
             Input::Applied(pod) => {
-                let pod = PodState {
-                    start_ns: None,
-                    ..pod
-                };
+                // The interval opens at first sight of the IP; the pod's
+                // start opens its handover window (history::Interval).
                 end_gap(g, now_ns, &mut out);
-                observe(g, &pod, now_ns, &mut out);
+                observe(g, &pod, now_ns, false, &mut out);
             }
             Input::Deleted(pod) => {
                 end_gap(g, now_ns, &mut out);
@@ -369,7 +374,12 @@ impl PodHistory {
 
     /// [`PodHistory::for_hit`] with the reuse window widened by `skew_ns`
     /// on both sides (a resolve query's clock skew between the log and the
-    /// node): a reuse within the skew is reported too.
+    /// node): a reuse within the skew is reported too. A record without a
+    /// kernel start time that is not a NEW seen from the connection's start
+    /// (a table dump's entry, a connection picked up mid-stream, a DESTROY
+    /// whose NEW was lost) started up to [`MAX_ENTRY_AGE_NS`] before it: it
+    /// is answered as a live entry without a start time
+    /// ([`history::History::answer_unknown_start`]).
     pub fn for_hit_with_skew(&self, hit: &Hit, skew_ns: u64) -> PodAnswer {
         let start = hit.start_ns();
         let end = hit
@@ -377,6 +387,15 @@ impl PodHistory {
             .or(hit.last_seen_ns)
             .unwrap_or(start)
             .max(start);
+        let r = &hit.record;
+        if r.start_ns.is_none() && (r.kind != ctw_common::EventKind::New || r.midstream()) {
+            return self.lock().history.answer_unknown_start(
+                r.orig.src,
+                start,
+                MAX_ENTRY_AGE_NS,
+                end.saturating_add(skew_ns),
+            );
+        }
         self.lock().history.answer_in(
             hit.record.orig.src,
             start,
@@ -386,11 +405,22 @@ impl PodHistory {
     }
 
     /// Integration point for live lookups (a kernel entry, no stored end):
-    /// the pod of the record's original source as of its start (kernel
-    /// start time, else the record's time) up to `now_ns`.
+    /// the pod of the record's original source as of its kernel start time
+    /// up to `now_ns`. Without a start time (no `nf_conntrack_timestamp`)
+    /// the entry may be up to [`MAX_ENTRY_AGE_NS`] old: see
+    /// [`history::History::answer_unknown_start`] (the pod holding the
+    /// address now, unverified when another pod held it in that time or
+    /// the history may miss one).
     pub fn for_record(&self, record: &ctw_common::ConnRecord, now_ns: u64) -> PodAnswer {
-        let start = record.start_ns.unwrap_or(record.event_ns);
-        self.answer(record.orig.src, start, now_ns.max(start))
+        match record.start_ns {
+            Some(start) => self.answer(record.orig.src, start, now_ns.max(start)),
+            None => self.lock().history.answer_unknown_start(
+                record.orig.src,
+                now_ns,
+                MAX_ENTRY_AGE_NS,
+                now_ns,
+            ),
+        }
     }
 
     /// New connections per workload in `records` (what
@@ -460,6 +490,34 @@ impl PodHistory {
     pub fn gaps(&self) -> Vec<Gap> {
         self.lock().history.gaps().to_vec()
     }
+
+    /// The parts of `[from_ns, to_ns]` (ns since the epoch) in which the
+    /// history may miss a pod's tenure, oldest first, each clipped to the
+    /// range: the watch gaps overlapping it and, when closed intervals were
+    /// evicted by `kubernetes.max_closed_intervals`, the range up to the
+    /// newest evicted end. What a search by pod adds as `pod_history_gap`.
+    pub fn missing(&self, from_ns: u64, to_ns: u64) -> Vec<Gap> {
+        let g = self.lock();
+        let h = &g.history;
+        let mut out: Vec<Gap> = Vec::new();
+        let evicted = h.evicted_through_ns();
+        if evicted > 0 && from_ns <= evicted {
+            out.push(Gap {
+                from_ns,
+                to_ns: evicted.min(to_ns),
+            });
+        }
+        for gap in h.gaps() {
+            if gap.from_ns <= to_ns && gap.to_ns >= from_ns {
+                out.push(Gap {
+                    from_ns: gap.from_ns.max(from_ns),
+                    to_ns: gap.to_ns.min(to_ns),
+                });
+            }
+        }
+        out.sort_by_key(|g| (g.from_ns, g.to_ns));
+        out
+    }
 }
 
 fn end_gap(g: &mut Inner, now_ns: u64, out: &mut Vec<Change>) {
@@ -469,8 +527,9 @@ fn end_gap(g: &mut Inner, now_ns: u64, out: &mut Vec<Change>) {
     }
 }
 
-/// Resolve the pod's owner to its workload and observe it.
-fn observe(g: &mut Inner, pod: &PodState, now_ns: u64, out: &mut Vec<Change>) {
+/// Resolve the pod's owner to its workload and observe it (`listed`: by a
+/// list, else by the watch).
+fn observe(g: &mut Inner, pod: &PodState, now_ns: u64, listed: bool, out: &mut Vec<Change>) {
     let workload = pod.owner.as_ref().map(|o| {
         if o.kind != "ReplicaSet" && o.kind != "Job" {
             return o.clone();
@@ -488,7 +547,12 @@ fn observe(g: &mut Inner, pod: &PodState, now_ns: u64, out: &mut Vec<Change>) {
             }
         }
     });
-    g.history.observe(pod, workload.as_ref(), now_ns, out);
+    if listed {
+        g.history.observe(pod, workload.as_ref(), now_ns, out);
+    } else {
+        g.history
+            .observe_watched(pod, workload.as_ref(), now_ns, out);
+    }
 }
 
 #[cfg(test)]
@@ -999,6 +1063,177 @@ mod tests {
         assert_eq!(h.at(ip(), 22 * S).reason, Some(NoPodReason::HistoryGap));
         assert_eq!(h.at(ip2, 50 * S).pod.unwrap().name, "d");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_watched_pod_connecting_before_its_pod_ip_is_posted_is_never_a_verified_wrong_pod() {
+        let dir = temp_dir("handover");
+        {
+            let h = PodHistory::open(&dir, u64::MAX).unwrap();
+            h.apply(Input::ListBegin, S);
+            h.apply(Input::ListDone, S);
+            h.apply(Input::Applied(pod(1, "a", &[IP])), 10 * S);
+            // B started at 30 s; its podIP is posted at 32 s; A's delete
+            // arrives at 35 s. B connected at 31 s.
+            let mut b = pod(2, "b", &[]);
+            b.start_ns = Some(30 * S);
+            h.apply(Input::Applied(b.clone()), 30 * S);
+            b.ips = vec![ip()];
+            h.apply(Input::Applied(b), 32 * S);
+            h.apply(Input::Deleted(pod(1, "a", &[IP])), 35 * S);
+            let a = h.at(ip(), 31 * S);
+            assert_eq!(a.reason, Some(NoPodReason::IpHandover));
+            assert!(a.pod.is_none() && !a.verified && a.pod_ip_reused);
+            h.tick(40 * S);
+        }
+        // The window survives a restart (journal `maybe_from_ns`).
+        let h = PodHistory::open(&dir, u64::MAX).unwrap();
+        let a = h.at(ip(), 31 * S);
+        assert_eq!(a.reason, Some(NoPodReason::IpHandover));
+        assert_eq!(a.holders.len(), 2);
+        assert!(h.at(ip(), 33 * S).verified);
+        drop(h);
+        // A journal written before the window existed still loads.
+        std::fs::write(
+            dir.join("history.jsonl"),
+            "{\"t\":\"open\",\"ip\":\"198.18.1.11\",\"uid\":\"00000000-0000-0000-0000-000000000001\",\"from_ns\":10000000000,\"namespace\":\"payments\",\"name\":\"a\",\"node\":\"node-3\"}\n",
+        )
+        .unwrap();
+        let h = PodHistory::open(&dir, u64::MAX).unwrap();
+        assert_eq!(h.stats().bad_lines, 0);
+        assert_eq!(name_at(&h, 11 * S).as_deref(), Some("a"));
+        assert!(h.at(ip(), 11 * S).verified);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_lists_watch_gaps_and_the_evicted_range_clipped_to_the_range() {
+        let h = started();
+        h.lock().history.max_closed = 1;
+        h.apply(Input::Applied(pod(1, "a", &[IP])), 10 * S);
+        h.apply(Input::Deleted(pod(1, "a", &[IP])), 20 * S);
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 30 * S);
+        h.apply(Input::Deleted(pod(2, "b", &[IP])), 40 * S);
+        assert_eq!(h.stats().history.evicted, 1, "A evicted: ended at 20 s");
+        h.apply(Input::Broken, 50 * S);
+        h.apply(Input::ListBegin, 60 * S);
+        h.apply(Input::ListDone, 60 * S);
+        let g = |from: u64, to: u64| Gap {
+            from_ns: from * S,
+            to_ns: to * S,
+        };
+        // The first list's gap (0 to 1 s), A's evicted range (to 20 s) and
+        // the watch gap (50 to 60 s), clipped to 5..55 s.
+        assert_eq!(h.missing(5 * S, 55 * S), [g(5, 20), g(50, 55)]);
+        assert_eq!(h.missing(0, 2 * S), [g(0, 1), g(0, 2)]);
+        assert_eq!(h.missing(21 * S, 49 * S), []);
+    }
+
+    /// A kernel entry from `IP` to 198.18.2.1:80 as a live lookup (GET)
+    /// returns it at `event_ns`, with the kernel start time `start_ns`.
+    fn live_entry(event_ns: u64, start_ns: Option<u64>) -> ctw_common::ConnRecord {
+        use ctw_common::{ConnRecord, EventKind, Protocol, Tuple};
+        let server: IpAddr = "198.18.2.1".parse().unwrap();
+        ConnRecord {
+            start_ns,
+            ..ConnRecord::new(
+                EventKind::Recovered,
+                event_ns,
+                Protocol::Tcp,
+                Tuple::new(ip(), 40000, server, 80),
+                Tuple::new(server, 80, ip(), 40000),
+            )
+        }
+    }
+
+    #[test]
+    fn a_live_entry_without_start_time_is_not_named_as_the_new_holder_verified() {
+        const DAY: u64 = 86_400 * S;
+        let h = started();
+        // A held the address (day 1 to day 2), B holds it since day 3; the
+        // node has no nf_conntrack_timestamp: the leftover entry of A's
+        // connection is looked up on day 4 with no start time.
+        h.apply(Input::Applied(pod(1, "a", &[IP])), DAY);
+        h.apply(Input::Deleted(pod(1, "a", &[IP])), 2 * DAY);
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 3 * DAY);
+        let now = 4 * DAY;
+        let a = h.for_record(&live_entry(now, None), now);
+        assert_eq!(a.pod.as_ref().unwrap().name, "b");
+        assert!(!a.verified && a.pod_ip_reused, "{a:?}");
+        let names: Vec<_> = a.holders.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        // With the kernel's start time the entry is proven B's (or A's).
+        let b = h.for_record(&live_entry(now, Some(3 * DAY + S)), now);
+        assert!(b.verified && !b.pod_ip_reused && b.pod.unwrap().name == "b");
+        let old = h.for_record(&live_entry(now, Some(DAY + S)), now);
+        assert_eq!(old.pod.unwrap().name, "a");
+        // Five days after A left, B alone held it within any entry's
+        // lifetime: verified again.
+        let later = 2 * DAY + MAX_ENTRY_AGE_NS + S;
+        let c = h.for_record(&live_entry(later, None), later);
+        assert!(c.verified && !c.pod_ip_reused && c.pod.unwrap().name == "b");
+        // B deleted, no pod now: A and B listed, no pod proven absent.
+        h.apply(Input::Deleted(pod(2, "b", &[IP])), 5 * DAY);
+        let d = h.for_record(&live_entry(6 * DAY, None), 6 * DAY);
+        assert_eq!(d.reason, Some(NoPodReason::NoPodAtTime));
+        assert!(!d.verified && d.pod_ip_reused && d.holders.len() == 2);
+    }
+
+    #[test]
+    fn a_stored_dump_entry_without_start_time_is_answered_over_its_possible_lifetime() {
+        use ctw_common::{EventKind, TcpState};
+        const DAY: u64 = 86_400 * S;
+        let h = started();
+        h.apply(Input::Applied(pod(1, "a", &[IP])), DAY);
+        h.apply(Input::Deleted(pod(1, "a", &[IP])), 2 * DAY);
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 3 * DAY);
+        // The agent restarted on day 4 and found A's leftover entry in the
+        // table dump (no kernel start time): stored as Recovered at day 4.
+        let dumped = crate::store::Hit::open("node-3", live_entry(4 * DAY, None));
+        let a = h.for_hit(&dumped);
+        assert_eq!(a.pod.as_ref().unwrap().name, "b");
+        assert!(
+            !a.verified && a.pod_ip_reused && a.holders.len() == 2,
+            "{a:?}"
+        );
+        // The same for a connection picked up mid-stream (NEW, established).
+        let mut mid = live_entry(4 * DAY, None);
+        mid.kind = EventKind::New;
+        mid.tcp_state = Some(TcpState::Established);
+        let a = h.for_hit(&crate::store::Hit::open("node-3", mid));
+        assert!(!a.verified && a.pod_ip_reused, "{a:?}");
+        // A NEW seen from its SYN starts at its event time: B, proven.
+        let mut new = live_entry(4 * DAY, None);
+        new.kind = EventKind::New;
+        new.tcp_state = Some(TcpState::SynSent);
+        let a = h.for_hit(&crate::store::Hit::open("node-3", new));
+        assert!(a.verified && !a.pod_ip_reused && a.pod.unwrap().name == "b");
+    }
+
+    #[test]
+    fn a_live_entry_without_start_time_is_unverified_when_the_history_may_miss_a_holder() {
+        const DAY: u64 = 86_400 * S;
+        let now = 8 * DAY;
+        // B holds the address since day 7; the history is complete since
+        // 1 s: no pod held it in the 5 days before, B is proven.
+        let h = started();
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 7 * DAY);
+        assert!(h.for_record(&live_entry(now, None), now).verified);
+        // The same with a watch gap on day 5: a pod that held the address
+        // then (and left the entry) may be missing from the history.
+        let h = started();
+        h.apply(Input::Broken, 5 * DAY);
+        h.apply(Input::ListBegin, 5 * DAY + 60 * S);
+        h.apply(Input::ListDone, 5 * DAY + 60 * S);
+        h.apply(Input::Applied(pod(2, "b", &[IP])), 7 * DAY);
+        let a = h.for_record(&live_entry(now, None), now);
+        assert_eq!(a.pod.as_ref().unwrap().name, "b");
+        assert!(!a.verified && !a.pod_ip_reused, "{a:?}");
+        // A kernel start time after the gap proves B.
+        assert!(
+            h.for_record(&live_entry(now, Some(7 * DAY + S)), now)
+                .verified
+        );
     }
 
     #[test]

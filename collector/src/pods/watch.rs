@@ -91,10 +91,15 @@ pub fn pod_state(pod: &Pod) -> Option<PodState> {
         }
     }
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or_default();
-    let start_ns = status.and_then(|s| s.start_time.as_ref()).and_then(|t| {
-        t.0.timestamp_nanos_opt()
-            .and_then(|n| u64::try_from(n).ok())
-    });
+    // The pod's start, else its creation (a pod not yet started by the
+    // kubelet): the earliest the pod can have held an IP.
+    let start_ns = status
+        .and_then(|s| s.start_time.as_ref())
+        .or(meta.creation_timestamp.as_ref())
+        .and_then(|t| {
+            t.0.timestamp_nanos_opt()
+                .and_then(|n| u64::try_from(n).ok())
+        });
     Some(PodState {
         uid,
         namespace: meta.namespace.clone().unwrap_or_default(),

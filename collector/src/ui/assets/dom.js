@@ -158,10 +158,11 @@ export function podCell(r) {
       no_pod_at_time: 'no pod held the address then',
       history_gap: 'the pod watch has a gap then',
       host_network: 'a hostNetwork pod (shares the node address): not named',
+      ip_handover: 'the address was being handed over between pods: see the holders',
     }[r.pod_reason] || r.pod_reason || '';
     out.push(el('span', { class: 'muted no-pod', title: holders || null }, `no pod (${why})`));
   }
-  if (r.pod_verified === false) out.push(' ', badge('warn', 'unverified', 'the time falls in a gap of the pod watch: the name is the best guess, not proven'));
+  if (r.pod_verified === false) out.push(' ', badge('warn', 'unverified', 'the time falls in a gap of the pod watch or in a pod IP handover (or the entry\'s start is unknown): the name is the best guess, not proven'));
   if (r.pod_ip_reused) out.push(' ', badge('warn', 'IP reused', `the address changed hands within the connection: ${holders}`));
   return out;
 }
