@@ -1,7 +1,9 @@
 //! Integration tests of the ClickHouse store against a real server (Debian's
 //! `clickhouse-server`, started per test on loopback ports by the testkit):
 //! the conformance suite (same answers as `MemStore`), exactly once across
-//! two collectors, a server down at start and mid-stream, a database of
+//! two collectors (a batch replayed after a crash between the records' and
+//! the ledger's inserts is answered once), a server down at start and
+//! mid-stream, a database of
 //! another schema version, retention by day partitions.
 
 #![allow(clippy::unwrap_used)]
@@ -122,6 +124,85 @@ fn exactly_once_across_two_collectors() {
         assert_eq!(got.total, want.total, "{q:?}");
         assert_eq!(canonical(got.hits), canonical(want.hits), "{q:?}");
     }
+}
+
+/// The crash window of `append` on one server (`MergeTree`: nothing drops
+/// an identical block): a collector inserted a batch's records and died (or
+/// its ledger insert failed) before the ledger row; the agent replays the
+/// batch to another collector, which finds no ledger row and stores the
+/// records again. Every record and connection is answered once, `total`
+/// is the number of connections sent, also past the collection cap.
+#[test]
+fn replay_after_a_crash_between_records_and_ledger_is_answered_once() {
+    let Some(ch) = server() else { return };
+    // The dead collector's records insert without its ledger insert:
+    // batches 1 and 2 stored on another database, their rows copied over
+    // (the view fills the pod index as for the store's own insert).
+    let donor = ClickHouseStore::open(&cfg(&ch, "ctw_donor")).unwrap();
+    let a = ClickHouseStore::open(&cfg(&ch, "ctw_crash")).unwrap();
+    assert_eq!(a.append(pod_batch(0, 50)).unwrap(), AppendOutcome::Stored);
+    for seq in 1..3 {
+        assert_eq!(
+            donor.append(pod_batch(seq, 50)).unwrap(),
+            AppendOutcome::Stored
+        );
+    }
+    donor.close();
+    ch.must("INSERT INTO ctw_crash.ctw_records SELECT * FROM ctw_donor.ctw_records");
+    // The agent replays batches 1 and 2 (and 0, acked before) to collector b.
+    let b = ClickHouseStore::open(&cfg(&ch, "ctw_crash")).unwrap();
+    assert_eq!(
+        b.append(pod_batch(0, 50)).unwrap(),
+        AppendOutcome::Duplicate
+    );
+    for seq in 1..3 {
+        assert_eq!(b.append(pod_batch(seq, 50)).unwrap(), AppendOutcome::Stored);
+        assert_eq!(
+            a.append(pod_batch(seq, 50)).unwrap(),
+            AppendOutcome::Duplicate
+        );
+    }
+    // Batches 1 and 2 are stored twice: 250 rows for 150 records.
+    for table in ["ctw_records", "ctw_records_by_pod"] {
+        assert_eq!(
+            ch.must(&format!("SELECT count() FROM ctw_crash.{table}"))
+                .trim(),
+            "250",
+            "{table}"
+        );
+    }
+    let mem = MemStore::default();
+    for seq in 0..3 {
+        mem.append(pod_batch(seq, 50)).unwrap();
+    }
+    // 150 connections sent, one NEW each; pod 198.18.1.7 opened one per
+    // batch (i = 7); SNAT port 30057 is batch 1's i = 7.
+    let pod = SearchQuery {
+        src_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 7))),
+        ..everything()
+    };
+    let snat = SearchQuery {
+        snat_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))),
+        snat_port: Some(30_057),
+        from_ns: Some(BASE),
+        to_ns: Some(BASE + 2 * MIN),
+        ..everything()
+    };
+    for (q, total) in [(everything(), 150), (pod, 3), (snat, 1)] {
+        let want = mem.search(&q).unwrap();
+        assert_eq!(want.total, total, "{q:?}");
+        for s in [&a, &b] {
+            let got = s.search(&q).unwrap();
+            assert_eq!(got.total, total, "{q:?}");
+            assert_eq!(got.hits.len() as u64, total, "{q:?}");
+            assert_eq!(canonical(got.hits), canonical(want.hits.clone()), "{q:?}");
+        }
+    }
+    // Past the collection cap the uncollected records are counted once.
+    let mut capped = cfg(&ch, "ctw_crash");
+    capped.max_collected_records = 20;
+    let c = ClickHouseStore::open(&capped).unwrap();
+    assert_eq!(c.search(&everything()).unwrap().total, 150);
 }
 
 /// Server down at start: the store opens not ready, appends fail (nothing

@@ -24,12 +24,19 @@
 //! records' `INSERT` (and then the ledger's) with success; the collector
 //! acks only then. A batch whose (node, boot id, seq) is in the ledger
 //! (`ctw_batches`, shared by every collector on the database) is not stored
-//! again. A collector that dies between the records' insert and the
-//! ledger's leaves a batch that the agent replays and that is stored a
-//! second time: searches drop rows identical in every column, so each
-//! record is answered once (a record identical in every field, time to the
-//! microsecond included, to one already stored is taken as the same
-//! record).
+//! again. A collector that dies (or a request that fails or times out)
+//! between the records' insert and the ledger's leaves a batch that the
+//! agent replays, to this or another collector, and that is stored a second
+//! time (on one server: `MergeTree` keeps both; in a cluster
+//! `ReplicatedMergeTree` drops an identical block among a shard's last 100,
+//! so only a late replay is). Searches answer such rows once: a row
+//! identical in every column to one already read is dropped before
+//! [`assemble`](super::assemble) (a kernel holds one entry per tuple and
+//! zone, so two records equal in every field, time to the microsecond
+//! included, are one event stored twice), and past the collection cap it
+//! is counted once in `total` (see [`MAX_COUNTED_FINGERPRINTS`]). Nothing
+//! is added per row (no batch id column) and appends read no records.
+//! `stats().records` counts rows, a replayed batch's twice.
 //!
 //! Cluster mode (`storage.cluster`, [`ClusterOptions`]): the same table
 //! names are `Distributed` tables over `ReplicatedMergeTree` tables (see
@@ -70,6 +77,21 @@ const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// Most (SNAT address, port) pairs a pod-address search looks up by pair;
 /// past it, by SNAT address only (the query text stays short).
 pub const MAX_PAIRS: usize = 2000;
+
+/// Past the collection cap a search remembers the records it counted by a
+/// 64-bit fingerprint (about 16 bytes each, so at most about 32 MB) to
+/// count a record stored twice once: at most this many (past them, `total`
+/// may count such a record twice).
+pub const MAX_COUNTED_FINGERPRINTS: usize = 2_000_000;
+
+/// A row's fingerprint: SipHash-1-3 of every column (a fixed key: two rows
+/// collide with probability 2^-64).
+fn fingerprint(row: &RecordRow) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    row.hash(&mut h);
+    h.finish()
+}
 
 /// A (SNAT address, port) pair from the pod-address index.
 #[derive(Debug, Clone, clickhouse::Row, Serialize, Deserialize)]
@@ -547,20 +569,29 @@ async fn search(inner: Arc<Inner>, q: SearchQuery) -> Result<SearchResult, Store
         .fetch::<RecordRow>()
         .map_err(|e| ch_err("search", e))?;
     let cap = inner.cfg.max_collected_records;
+    // Rows answered once though stored twice (a replayed batch, see the
+    // module docs): the collected rows whole, the counted uncollected ones
+    // by a 64-bit fingerprint (at most `MAX_COUNTED_FINGERPRINTS`).
     let mut seen: HashSet<RecordRow> = HashSet::new();
+    let mut counted: HashSet<u64> = HashSet::new();
     let mut records = Vec::new();
     let (mut uncollected, mut uncollected_connections) = (0u64, 0u64);
     let mut bad = 0u64;
     while let Some(row) = cursor.next().await.map_err(|e| ch_err("search", e))? {
-        if records.len() >= cap {
-            if let Ok((_, r)) = row.into_record() {
-                uncollected += 1;
-                uncollected_connections += u64::from(counts_uncollected(&q, &r));
-            }
-            continue;
-        }
         if seen.contains(&row) {
             continue; // a replayed batch stored twice (see the module docs)
+        }
+        if records.len() >= cap {
+            let print = fingerprint(&row);
+            if let Ok((_, r)) = row.into_record() {
+                uncollected += 1;
+                if counts_uncollected(&q, &r)
+                    && (counted.len() >= MAX_COUNTED_FINGERPRINTS || counted.insert(print))
+                {
+                    uncollected_connections += 1;
+                }
+            }
+            continue;
         }
         seen.insert(row.clone());
         match row.into_record() {
