@@ -180,9 +180,14 @@ fn src_ip(r: &Value) -> Ipv4Addr {
         .unwrap_or_else(|| panic!("no pod address in {r}"))
 }
 
+/// The keepalive connection's local port (its second entry is picked up
+/// mid-stream).
+const KA_PORT: u16 = 43100;
+
 /// A row (of run.mjs: `pod_shown`, `pod_name`, `pod_workload`, `pod_text`)
 /// shows the Pod object the test created for the address `pod`:
-/// `namespace/name` and `Kind/name`, not flagged unverified or reused.
+/// `namespace/name` and `Kind/name`, not flagged unverified or reused
+/// (unverified when picked up mid-stream: its start is unknown).
 fn shows_pod(c: &PodCluster, r: &Value, pod: Ipv4Addr) {
     let obj = c
         .pod_object(pod)
@@ -199,7 +204,22 @@ fn shows_pod(c: &PodCluster, r: &Value, pod: Ipv4Addr) {
         "{pod}: {r}"
     );
     let t = text(&r["pod_text"]);
-    assert!(!t.contains("unverified") && !t.contains("IP reused"), "{r}");
+    let keepalive = r["src"]
+        .as_str()
+        .is_some_and(|s| s.ends_with(&format!(":{KA_PORT}")));
+    if keepalive && !r.to_string().contains("mid-stream") && r.get("state").is_none() {
+        // A search row of the keepalive: its first entry (seen from its
+        // start) or the mid-stream one; the rows carry no state to tell.
+        return;
+    }
+    if r.to_string().contains("mid-stream") {
+        // Picked up mid-stream: the connection's start is unknown, so the
+        // pod is named unverified until the history covers the entry's
+        // possible lifetime (5 days; here it began with the test).
+        assert!(t.contains("unverified"), "{r}");
+    } else {
+        assert!(!t.contains("unverified") && !t.contains("IP reused"), "{r}");
+    }
 }
 
 #[test]
@@ -307,7 +327,19 @@ fn resolve_search_and_agents_pages_show_the_pods_behind_real_nginx_lines() {
         let ns = topo.pod_ns_of(1, 0).to_string();
         let dst = topo.srv_ip_for_node(1).to_string();
         let fifo = fifo.to_str().expect("utf-8 path").to_string();
-        std::thread::spawn(move || run_in(&ns, &["python3", "-c", KEEPALIVE, &dst, "43100", &fifo]))
+        std::thread::spawn(move || {
+            run_in(
+                &ns,
+                &[
+                    "python3",
+                    "-c",
+                    KEEPALIVE,
+                    &dst,
+                    &KA_PORT.to_string(),
+                    &fifo,
+                ],
+            )
+        })
     };
     let ka_first = wait_for(WAIT, "the keepalive's first request", || {
         log_lines().get(before).cloned()
