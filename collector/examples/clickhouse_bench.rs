@@ -87,6 +87,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_collected_records: 200_000,
         connect_retry_ms: 1000,
         timeout_ms: 600_000,
+        insert_interval_ms: 200,
+        insert_max_records: 100_000,
         cluster: cluster.as_ref().map(|_| ClusterOptions {
             name: CLUSTER.into(),
             zookeeper_path: "/clickhouse/tables/{shard}".into(),

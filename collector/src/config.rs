@@ -567,6 +567,18 @@ impl ClickHouseConfig {
                 self.timeout_ms
             ));
         }
+        if self.insert_interval_ms > 60_000 {
+            return bad(format!(
+                "storage.insert_interval_ms: must be 0-60000, got {}",
+                self.insert_interval_ms
+            ));
+        }
+        if !(1..=10_000_000).contains(&self.insert_max_records) {
+            return bad(format!(
+                "storage.insert_max_records: must be 1-10000000, got {}",
+                self.insert_max_records
+            ));
+        }
         if let Some(c) = &self.cluster {
             let ident = |s: &str| {
                 !s.is_empty()

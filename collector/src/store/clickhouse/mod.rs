@@ -122,6 +122,40 @@ struct Inner {
     last_gap_ns: AtomicU64,
     /// `insert_quorum` in force (0: none), set by the schema check.
     quorum: AtomicU32,
+    /// Appends waiting for the flusher ([`flush_loop`]).
+    queue: Mutex<Queue>,
+    /// Wakes the flusher: the first append of an empty queue, or the queue
+    /// reaching `insert_max_records`.
+    wake: tokio::sync::Notify,
+}
+
+/// What an append hears back from its flush.
+enum Answer {
+    Done(AppendOutcome),
+    /// The flush failed (the message); the batch comes back to try again.
+    Failed(String, StoredBatch),
+    /// The store closed before the batch was stored.
+    Closed,
+}
+
+/// One append waiting for a flush.
+struct Waiting {
+    batch: StoredBatch,
+    done: std::sync::mpsc::SyncSender<Answer>,
+}
+
+/// The appends not yet taken by a flush, oldest first.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    /// Records of `waiting`.
+    records: usize,
+}
+
+impl Inner {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Inner {
@@ -244,6 +278,8 @@ impl ClickHouseStore {
             not_ready_why: Mutex::new("not connected yet".into()),
             last_gap_ns: AtomicU64::new(0),
             quorum: AtomicU32::new(0),
+            queue: Mutex::new(Queue::default()),
+            wake: tokio::sync::Notify::new(),
         });
         let store = ClickHouseStore {
             handle: rt.handle().clone(),
@@ -263,6 +299,7 @@ impl ClickHouseStore {
             }
         }
         store.handle.spawn(retention_loop(inner.clone()));
+        store.handle.spawn(flush_loop(inner.clone()));
         Ok(store)
     }
 
@@ -626,33 +663,170 @@ async fn read_gaps(inner: &Inner) -> Result<Vec<Gap>, StoreError> {
         .collect())
 }
 
-async fn append(inner: Arc<Inner>, mut batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
-    let db = &inner.cfg.database;
-    let stored: u64 = inner
-        .client()
-        .query(&format!(
-            "SELECT count() FROM {db}.{} WHERE node = {} AND boot_id = {} AND seq = {}",
-            schema::BATCHES,
-            quote(&batch.node),
-            quote(&batch.boot_id),
-            batch.seq
-        ))
-        .fetch_one()
-        .await
-        .map_err(|e| ch_err("ledger lookup", e))?;
-    if stored > 0 {
-        return Ok(AppendOutcome::Duplicate);
+/// Longest ledger lookup query text, bytes (ClickHouse's default
+/// `max_query_size` is 256 KiB); more keys take several lookups.
+const MAX_LOOKUP_QUERY: usize = 200_000;
+
+/// Runs the flushes: waits until appends are queued and either
+/// `insert_interval_ms` passed since the last flush began or
+/// `insert_max_records` records wait, takes the oldest appends (at most
+/// `insert_max_records` records, at least one append), stores them with
+/// [`flush`] (within `timeout_ms`) and answers each. One flush at a time,
+/// so a flush's ledger lookup sees every batch an earlier flush stored.
+async fn flush_loop(inner: Arc<Inner>) {
+    let every = Duration::from_millis(inner.cfg.insert_interval_ms);
+    let max = inner.cfg.insert_max_records.max(1);
+    let timeout = Duration::from_millis(inner.cfg.timeout_ms);
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let taken = loop {
+            if inner.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let wait_until = {
+                let mut q = inner.queue();
+                if q.waiting.is_empty() {
+                    None
+                } else if q.records >= max || tokio::time::Instant::now() >= next {
+                    break take(&mut q, max);
+                } else {
+                    Some(next)
+                }
+            };
+            match wait_until {
+                None => inner.wake.notified().await,
+                Some(t) => {
+                    tokio::select! {
+                        _ = inner.wake.notified() => {}
+                        _ = tokio::time::sleep_until(t) => {}
+                    }
+                }
+            }
+        };
+        next = tokio::time::Instant::now() + every;
+        let result = match tokio::time::timeout(timeout, flush(&inner, &taken)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Index(format!(
+                "clickhouse: no answer within {} ms",
+                timeout.as_millis()
+            ))),
+        };
+        match result {
+            Ok(outcomes) => {
+                for (w, o) in taken.into_iter().zip(outcomes) {
+                    let _ = w.done.send(Answer::Done(o));
+                }
+            }
+            Err(e) => {
+                let m = match e {
+                    StoreError::Index(m) => m,
+                    e => e.to_string(),
+                };
+                for w in taken {
+                    let _ = w.done.send(Answer::Failed(m.clone(), w.batch));
+                }
+            }
+        }
     }
-    batch.records.iter_mut().for_each(normalize);
-    if !batch.records.is_empty() {
+}
+
+/// The oldest waiting appends holding at most `max` records (at least one).
+fn take(q: &mut Queue, max: usize) -> Vec<Waiting> {
+    let mut n = 0;
+    let mut records = 0;
+    for w in &q.waiting {
+        if n > 0 && records + w.batch.records.len() > max {
+            break;
+        }
+        records += w.batch.records.len();
+        n += 1;
+    }
+    q.records -= records;
+    q.waiting.drain(..n).collect()
+}
+
+/// The (node, boot id, seq) of a batch.
+type BatchKey = (String, String, u64);
+
+/// Which of `keys` the ledger holds: one query (several past
+/// [`MAX_LOOKUP_QUERY`] bytes of text).
+async fn ledger_lookup(inner: &Inner, keys: &[BatchKey]) -> Result<HashSet<BatchKey>, StoreError> {
+    let mut found = HashSet::new();
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut list = String::new();
+        let mut n = 0;
+        for (node, boot_id, seq) in rest {
+            if n > 0 && list.len() >= MAX_LOOKUP_QUERY {
+                break;
+            }
+            if n > 0 {
+                list.push_str(", ");
+            }
+            list.push_str(&format!("({}, {}, {seq})", quote(node), quote(boot_id)));
+            n += 1;
+        }
+        rest = &rest[n..];
+        let rows: Vec<BatchKey> = inner
+            .client()
+            .query(&format!(
+                "SELECT DISTINCT node, boot_id, seq FROM {}.{} WHERE (node, boot_id, seq) IN ({list})",
+                inner.cfg.database,
+                schema::BATCHES,
+            ))
+            .fetch_all()
+            .await
+            .map_err(|e| ch_err("ledger lookup", e))?;
+        found.extend(rows);
+    }
+    Ok(found)
+}
+
+/// Stores the batches of one flush: one ledger lookup for all their keys,
+/// one `INSERT` of the records of every batch neither in the ledger nor
+/// earlier in `waiting` (same key: the first is stored, the others are
+/// duplicates), then one `INSERT` of their ledger rows. Returns each
+/// batch's outcome, in order; an error is the whole flush's (nothing of
+/// it is acked; records inserted before a failed ledger insert are stored
+/// again by the replay and answered once, see the module docs).
+async fn flush(inner: &Inner, waiting: &[Waiting]) -> Result<Vec<AppendOutcome>, StoreError> {
+    let db = &inner.cfg.database;
+    let keys: Vec<BatchKey> = waiting
+        .iter()
+        .map(|w| (w.batch.node.clone(), w.batch.boot_id.clone(), w.batch.seq))
+        .collect();
+    let stored = ledger_lookup(inner, &keys).await?;
+    let mut seen: HashSet<&BatchKey> = HashSet::new();
+    let outcomes: Vec<AppendOutcome> = keys
+        .iter()
+        .map(|k| {
+            if stored.contains(k) || !seen.insert(k) {
+                AppendOutcome::Duplicate
+            } else {
+                AppendOutcome::Stored
+            }
+        })
+        .collect();
+    let new: Vec<&StoredBatch> = waiting
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| **o == AppendOutcome::Stored)
+        .map(|(w, _)| &w.batch)
+        .collect();
+    if new.is_empty() {
+        return Ok(outcomes);
+    }
+    if new.iter().any(|b| !b.records.is_empty()) {
         let mut ins = inner
             .client()
             .insert::<RecordRow>(&format!("{db}.{}", schema::RECORDS))
             .map_err(|e| ch_err("insert", e))?;
-        for r in &batch.records {
-            ins.write(&RecordRow::from_record(&batch.node, r))
-                .await
-                .map_err(|e| ch_err("insert", e))?;
+        for b in &new {
+            for r in &b.records {
+                ins.write(&RecordRow::from_record(&b.node, r))
+                    .await
+                    .map_err(|e| ch_err("insert", e))?;
+            }
         }
         ins.end().await.map_err(|e| ch_err("insert", e))?;
     }
@@ -661,19 +835,21 @@ async fn append(inner: Arc<Inner>, mut batch: StoredBatch) -> Result<AppendOutco
         .client()
         .insert::<BatchRow>(&format!("{db}.{}", schema::BATCHES))
         .map_err(|e| ch_err("ledger insert", e))?;
-    ledger
-        .write(&BatchRow {
-            day: day_of(now),
-            node: batch.node.clone(),
-            boot_id: batch.boot_id.clone(),
-            seq: batch.seq,
-            records: batch.records.len().min(u32::MAX as usize) as u32,
-            stored_us: now / 1000,
-        })
-        .await
-        .map_err(|e| ch_err("ledger insert", e))?;
+    for b in &new {
+        ledger
+            .write(&BatchRow {
+                day: day_of(now),
+                node: b.node.clone(),
+                boot_id: b.boot_id.clone(),
+                seq: b.seq,
+                records: b.records.len().min(u32::MAX as usize) as u32,
+                stored_us: now / 1000,
+            })
+            .await
+            .map_err(|e| ch_err("ledger insert", e))?;
+    }
     ledger.end().await.map_err(|e| ch_err("ledger insert", e))?;
-    Ok(AppendOutcome::Stored)
+    Ok(outcomes)
 }
 
 async fn record_gap(inner: Arc<Inner>, gap: Gap) -> Result<(), StoreError> {
@@ -744,32 +920,110 @@ async fn stats(inner: Arc<Inner>) -> Result<StoreStats, StoreError> {
     })
 }
 
+impl ClickHouseStore {
+    /// Queues `batches` (tagged with their place) for the flusher at once
+    /// and waits for every answer.
+    fn submit(&self, batches: Vec<(usize, StoredBatch)>) -> Vec<(usize, Answer)> {
+        let mut waits = Vec::with_capacity(batches.len());
+        {
+            let mut q = self.inner.queue();
+            if self.inner.closed.load(Ordering::SeqCst) {
+                return batches
+                    .into_iter()
+                    .map(|(i, _)| (i, Answer::Closed))
+                    .collect();
+            }
+            let was_empty = q.waiting.is_empty();
+            for (i, batch) in batches {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                q.records += batch.records.len();
+                q.waiting.push(Waiting { batch, done: tx });
+                waits.push((i, rx));
+            }
+            if was_empty || q.records >= self.inner.cfg.insert_max_records {
+                self.inner.wake.notify_one();
+            }
+        }
+        waits
+            .into_iter()
+            .map(|(i, rx)| (i, rx.recv().unwrap_or(Answer::Closed)))
+            .collect()
+    }
+}
+
+/// The outcomes before the first batch without one, and the error.
+fn in_order(
+    outcomes: Vec<Option<AppendOutcome>>,
+    error: Option<StoreError>,
+) -> (Vec<AppendOutcome>, Option<StoreError>) {
+    let done: Vec<AppendOutcome> = outcomes.into_iter().map_while(|o| o).collect();
+    (done, error)
+}
+
 impl RecordStore for ClickHouseStore {
-    /// Stores the batch, trying again (backoff 100 ms doubling to 2 s)
-    /// while the server fails, for up to `timeout_ms` in all: a short
-    /// outage (a restart) delays the ack instead of failing the batch,
-    /// which the agent would send again only after its ack timeout. A
-    /// retry after an insert that succeeded unseen stores the records a
-    /// second time; searches answer them once (see the module docs).
+    /// Stores the batch together with the batches of concurrent appends;
+    /// see [`append_many`](RecordStore::append_many).
     fn append(&self, batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
-        self.check_usable()?;
+        match self.append_many(vec![batch]) {
+            (done, None) if done.len() == 1 => Ok(done[0]),
+            (_, Some(e)) => Err(e),
+            (_, None) => Err(StoreError::Index("clickhouse: no outcome".into())),
+        }
+    }
+
+    /// Queues the batches for the flusher, which stores them together with
+    /// the batches of concurrent appends (one flush every
+    /// `insert_interval_ms` at most, or sooner once `insert_max_records`
+    /// wait; see [`flush_loop`]), and returns once ClickHouse confirmed
+    /// the inserts of their flushes. A failed flush fails every batch of
+    /// it; those are queued again (backoff 100 ms doubling to 2 s) while
+    /// the server fails, for up to `timeout_ms` in all: a short outage (a
+    /// restart) delays the ack instead of failing the batch, which the
+    /// agent would send again only after its ack timeout. A retry after an
+    /// insert that succeeded unseen stores the records a second time;
+    /// searches answer them once (see the module docs).
+    fn append_many(&self, batches: Vec<StoredBatch>) -> (Vec<AppendOutcome>, Option<StoreError>) {
+        if let Err(e) = self.check_usable() {
+            return (Vec::new(), Some(e));
+        }
         let deadline = std::time::Instant::now() + Duration::from_millis(self.inner.cfg.timeout_ms);
         let mut backoff = Duration::from_millis(100);
+        let mut outcomes: Vec<Option<AppendOutcome>> = vec![None; batches.len()];
+        let mut todo: Vec<(usize, StoredBatch)> = batches
+            .into_iter()
+            .map(|mut b| {
+                b.records.iter_mut().for_each(normalize);
+                b
+            })
+            .enumerate()
+            .collect();
         loop {
-            match self.block(append(self.inner.clone(), batch.clone())) {
-                Ok(o) => return Ok(o),
-                Err(e) => {
-                    let retry = std::time::Instant::now() + backoff < deadline
-                        && !self.inner.closed.load(Ordering::SeqCst);
-                    if !retry {
-                        return Err(e);
+            let mut error = None;
+            for (i, answer) in self.submit(std::mem::take(&mut todo)) {
+                match answer {
+                    Answer::Done(o) => outcomes[i] = Some(o),
+                    Answer::Failed(m, b) => {
+                        todo.push((i, b));
+                        error.get_or_insert(StoreError::Index(m));
                     }
-                    tracing::warn!(node = batch.node, seq = batch.seq, error = %e,
-                        "ClickHouse insert failed; trying again");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    Answer::Closed => {
+                        let e = StoreError::Index("store is closed".into());
+                        return in_order(outcomes, Some(e));
+                    }
                 }
             }
+            let Some(e) = error else {
+                return in_order(outcomes, None);
+            };
+            let retry = std::time::Instant::now() + backoff < deadline
+                && !self.inner.closed.load(Ordering::SeqCst);
+            if !retry {
+                return in_order(outcomes, Some(e));
+            }
+            tracing::warn!(batches = todo.len(), error = %e,
+                "ClickHouse insert failed; trying again");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -803,6 +1057,11 @@ impl RecordStore for ClickHouseStore {
 
     fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
+        // Appends not yet flushed fail (not acked; the agents resend).
+        for w in std::mem::take(&mut self.inner.queue().waiting) {
+            let _ = w.done.send(Answer::Closed);
+        }
+        self.inner.wake.notify_one();
         if let Ok(mut rt) = self.rt.lock() {
             if let Some(rt) = rt.take() {
                 rt.shutdown_background();
@@ -871,9 +1130,22 @@ pub struct ClickHouseOptions {
     /// (the collector is not ready meanwhile).
     #[serde(default = "default_ch_retry_ms")]
     pub connect_retry_ms: u64,
-    /// Timeout of one request (insert or query), ms.
+    /// Timeout of one request (insert or query), ms; an append whose
+    /// flushes fail tries again for this long in all.
     #[serde(default = "default_ch_timeout_ms")]
     pub timeout_ms: u64,
+    /// Concurrent appends (one per agent stream) are stored together: at
+    /// most one flush (one ledger lookup, one records `INSERT`, one ledger
+    /// `INSERT`) per this many ms, so ClickHouse sees a few large inserts
+    /// instead of one per agent batch. An append waits up to this long
+    /// (plus the flush) before it is acked. 0: a flush as soon as the
+    /// previous one ended.
+    #[serde(default = "default_insert_interval_ms")]
+    pub insert_interval_ms: u64,
+    /// A flush starts sooner once this many records wait, and takes at
+    /// most this many (whole batches; a larger batch goes alone).
+    #[serde(default = "default_insert_max_records")]
+    pub insert_max_records: usize,
     /// A ClickHouse cluster instead of one server (unset: one server,
     /// `MergeTree` tables).
     #[serde(default)]
@@ -933,6 +1205,12 @@ fn default_ch_retry_ms() -> u64 {
 }
 fn default_ch_timeout_ms() -> u64 {
     30_000
+}
+fn default_insert_interval_ms() -> u64 {
+    200
+}
+fn default_insert_max_records() -> usize {
+    100_000
 }
 fn default_retention_days() -> u32 {
     super::DEFAULT_RETENTION_DAYS
