@@ -716,6 +716,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("storage.database"), "{e}");
+        // Insert coalescing: defaults, and bad values named.
+        assert_eq!((h.insert_interval_ms, h.insert_max_records), (200, 100_000));
+        for (bad, key) in [
+            (
+                "  insert_interval_ms: 60001\n",
+                "storage.insert_interval_ms",
+            ),
+            ("  insert_max_records: 0\n", "storage.insert_max_records"),
+        ] {
+            let e = Config::parse(&format!("{ch}{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
         // Cluster mode: unset by default; name required, path defaulted
         // and checked.
         assert_eq!(h.cluster, None);

@@ -18,7 +18,9 @@
 //!    is logged, not acked, and ends the stream (UNAVAILABLE): the agent
 //!    reconnects and resends at once. Batches are appended in
 //!    the order received, by a task of their own, so lookup replies are not
-//!    held up behind the store.
+//!    held up behind the store; the batches already read (at most
+//!    `APPEND_QUEUE` + 1) go to the store in one `append_many`, so a store
+//!    that coalesces inserts (ClickHouse) takes them in one flush.
 //! 4. LossReport → a [`Gap`] in the store (reason as reported) and the
 //!    agent's loss counters. LookupReply → completes the pending lookup.
 //!

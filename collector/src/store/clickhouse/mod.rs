@@ -22,7 +22,10 @@
 //!
 //! Delivery: `append` returns `Ok` only after ClickHouse answered the
 //! records' `INSERT` (and then the ledger's) with success; the collector
-//! acks only then. A batch whose (node, boot id, seq) is in the ledger
+//! acks only then. Concurrent appends (one per agent stream) are stored
+//! together: one flush (one ledger lookup, one records `INSERT`, one
+//! ledger `INSERT`) per `insert_interval_ms` at most ([`flush_loop`]), so
+//! ClickHouse gets a few large inserts instead of one per agent batch. A batch whose (node, boot id, seq) is in the ledger
 //! (`ctw_batches`, shared by every collector on the database) is not stored
 //! again. A collector that dies between the records' insert and the
 //! ledger's leaves a batch that the agent replays and that is stored a
@@ -132,8 +135,8 @@ struct Inner {
 /// What an append hears back from its flush.
 enum Answer {
     Done(AppendOutcome),
-    /// The flush failed (the message); the batch comes back to try again.
-    Failed(String, StoredBatch),
+    /// The flush failed (the message), after its retries.
+    Failed(String),
     /// The store closed before the batch was stored.
     Closed,
 }
@@ -671,7 +674,7 @@ const MAX_LOOKUP_QUERY: usize = 200_000;
 /// `insert_interval_ms` passed since the last flush began or
 /// `insert_max_records` records wait, takes the oldest appends (at most
 /// `insert_max_records` records, at least one append), stores them with
-/// [`flush`] (within `timeout_ms`) and answers each. One flush at a time,
+/// [`flush_with_retries`] and answers each. One flush at a time,
 /// so a flush's ledger lookup sees every batch an earlier flush stored.
 async fn flush_loop(inner: Arc<Inner>) {
     let every = Duration::from_millis(inner.cfg.insert_interval_ms);
@@ -704,13 +707,7 @@ async fn flush_loop(inner: Arc<Inner>) {
             }
         };
         next = tokio::time::Instant::now() + every;
-        let result = match tokio::time::timeout(timeout, flush(&inner, &taken)).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Index(format!(
-                "clickhouse: no answer within {} ms",
-                timeout.as_millis()
-            ))),
-        };
+        let result = flush_with_retries(&inner, &taken, timeout).await;
         match result {
             Ok(outcomes) => {
                 for (w, o) in taken.into_iter().zip(outcomes) {
@@ -723,7 +720,7 @@ async fn flush_loop(inner: Arc<Inner>) {
                     e => e.to_string(),
                 };
                 for w in taken {
-                    let _ = w.done.send(Answer::Failed(m.clone(), w.batch));
+                    let _ = w.done.send(Answer::Failed(m.clone()));
                 }
             }
         }
@@ -782,31 +779,85 @@ async fn ledger_lookup(inner: &Inner, keys: &[BatchKey]) -> Result<HashSet<Batch
     Ok(found)
 }
 
-/// Stores the batches of one flush: one ledger lookup for all their keys,
-/// one `INSERT` of the records of every batch neither in the ledger nor
-/// earlier in `waiting` (same key: the first is stored, the others are
-/// duplicates), then one `INSERT` of their ledger rows. Returns each
-/// batch's outcome, in order; an error is the whole flush's (nothing of
-/// it is acked; records inserted before a failed ledger insert are stored
-/// again by the replay and answered once, see the module docs).
-async fn flush(inner: &Inner, waiting: &[Waiting]) -> Result<Vec<AppendOutcome>, StoreError> {
+/// Stores the batches of one flush, trying again (backoff 100 ms doubling
+/// to 2 s) while the server fails, for up to `timeout_ms` in all (each
+/// attempt within `timeout_ms`): a short outage (a restart) delays the
+/// acks instead of failing the batches. A retry repeats the first
+/// attempt's inserts exactly (same batches as stored and duplicate, same
+/// rows in the same order, same ledger times), so in cluster mode a shard
+/// that had written its part of a failed insert drops the repeat as a
+/// duplicate block (replicated insert deduplication); on one server an
+/// insert that succeeded unseen is stored twice and searches answer it
+/// once (see the module docs).
+async fn flush_with_retries(
+    inner: &Inner,
+    waiting: &[Waiting],
+    timeout: Duration,
+) -> Result<Vec<AppendOutcome>, StoreError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(100);
+    let mut planned = None;
+    let now = now_ns();
+    loop {
+        let e = match tokio::time::timeout(timeout, flush(inner, waiting, &mut planned, now)).await
+        {
+            Ok(Ok(o)) => return Ok(o),
+            Ok(Err(e)) => e,
+            Err(_) => StoreError::Index(format!(
+                "clickhouse: no answer within {} ms",
+                timeout.as_millis()
+            )),
+        };
+        if tokio::time::Instant::now() + backoff >= deadline || inner.closed.load(Ordering::SeqCst)
+        {
+            return Err(e);
+        }
+        tracing::warn!(batches = waiting.len(), error = %e,
+            "ClickHouse insert failed; trying again");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One attempt at storing the batches of one flush: one ledger lookup for
+/// all their keys (only on the first attempt: `planned` keeps its
+/// outcomes), one `INSERT` of the records of every batch neither in the
+/// ledger nor earlier in `waiting` (same key: the first is stored, the
+/// others are duplicates), then one `INSERT` of their ledger rows (stored
+/// at `now_ns`). Returns each batch's outcome, in order; an error is the
+/// whole flush's (nothing of it is acked; records inserted before a
+/// failed ledger insert are stored again by the replay and answered once,
+/// see the module docs).
+async fn flush(
+    inner: &Inner,
+    waiting: &[Waiting],
+    planned: &mut Option<Vec<AppendOutcome>>,
+    now: u64,
+) -> Result<Vec<AppendOutcome>, StoreError> {
     let db = &inner.cfg.database;
-    let keys: Vec<BatchKey> = waiting
-        .iter()
-        .map(|w| (w.batch.node.clone(), w.batch.boot_id.clone(), w.batch.seq))
-        .collect();
-    let stored = ledger_lookup(inner, &keys).await?;
-    let mut seen: HashSet<&BatchKey> = HashSet::new();
-    let outcomes: Vec<AppendOutcome> = keys
-        .iter()
-        .map(|k| {
-            if stored.contains(k) || !seen.insert(k) {
-                AppendOutcome::Duplicate
-            } else {
-                AppendOutcome::Stored
-            }
-        })
-        .collect();
+    let outcomes = match planned {
+        Some(o) => o.clone(),
+        None => {
+            let keys: Vec<BatchKey> = waiting
+                .iter()
+                .map(|w| (w.batch.node.clone(), w.batch.boot_id.clone(), w.batch.seq))
+                .collect();
+            let stored = ledger_lookup(inner, &keys).await?;
+            let mut seen: HashSet<&BatchKey> = HashSet::new();
+            let o: Vec<AppendOutcome> = keys
+                .iter()
+                .map(|k| {
+                    if stored.contains(k) || !seen.insert(k) {
+                        AppendOutcome::Duplicate
+                    } else {
+                        AppendOutcome::Stored
+                    }
+                })
+                .collect();
+            *planned = Some(o.clone());
+            o
+        }
+    };
     let new: Vec<&StoredBatch> = waiting
         .iter()
         .zip(&outcomes)
@@ -830,7 +881,6 @@ async fn flush(inner: &Inner, waiting: &[Waiting]) -> Result<Vec<AppendOutcome>,
         }
         ins.end().await.map_err(|e| ch_err("insert", e))?;
     }
-    let now = now_ns();
     let mut ledger = inner
         .client()
         .insert::<BatchRow>(&format!("{db}.{}", schema::BATCHES))
@@ -975,21 +1025,18 @@ impl RecordStore for ClickHouseStore {
     /// the batches of concurrent appends (one flush every
     /// `insert_interval_ms` at most, or sooner once `insert_max_records`
     /// wait; see [`flush_loop`]), and returns once ClickHouse confirmed
-    /// the inserts of their flushes. A failed flush fails every batch of
-    /// it; those are queued again (backoff 100 ms doubling to 2 s) while
-    /// the server fails, for up to `timeout_ms` in all: a short outage (a
-    /// restart) delays the ack instead of failing the batch, which the
-    /// agent would send again only after its ack timeout. A retry after an
-    /// insert that succeeded unseen stores the records a second time;
-    /// searches answer them once (see the module docs).
+    /// the inserts of their flushes. A flush is tried again while the
+    /// server fails, for up to `timeout_ms` in all (see
+    /// [`flush_with_retries`]): a short outage (a restart) delays the ack
+    /// instead of failing the batch, which the agent would send again only
+    /// after its ack timeout. A flush that still fails fails every batch
+    /// of it.
     fn append_many(&self, batches: Vec<StoredBatch>) -> (Vec<AppendOutcome>, Option<StoreError>) {
         if let Err(e) = self.check_usable() {
             return (Vec::new(), Some(e));
         }
-        let deadline = std::time::Instant::now() + Duration::from_millis(self.inner.cfg.timeout_ms);
-        let mut backoff = Duration::from_millis(100);
         let mut outcomes: Vec<Option<AppendOutcome>> = vec![None; batches.len()];
-        let mut todo: Vec<(usize, StoredBatch)> = batches
+        let todo: Vec<(usize, StoredBatch)> = batches
             .into_iter()
             .map(|mut b| {
                 b.records.iter_mut().for_each(normalize);
@@ -997,34 +1044,19 @@ impl RecordStore for ClickHouseStore {
             })
             .enumerate()
             .collect();
-        loop {
-            let mut error = None;
-            for (i, answer) in self.submit(std::mem::take(&mut todo)) {
-                match answer {
-                    Answer::Done(o) => outcomes[i] = Some(o),
-                    Answer::Failed(m, b) => {
-                        todo.push((i, b));
-                        error.get_or_insert(StoreError::Index(m));
-                    }
-                    Answer::Closed => {
-                        let e = StoreError::Index("store is closed".into());
-                        return in_order(outcomes, Some(e));
-                    }
+        let mut error = None;
+        for (i, answer) in self.submit(todo) {
+            match answer {
+                Answer::Done(o) => outcomes[i] = Some(o),
+                Answer::Failed(m) => {
+                    error.get_or_insert(StoreError::Index(m));
+                }
+                Answer::Closed => {
+                    error.get_or_insert(StoreError::Index("store is closed".into()));
                 }
             }
-            let Some(e) = error else {
-                return in_order(outcomes, None);
-            };
-            let retry = std::time::Instant::now() + backoff < deadline
-                && !self.inner.closed.load(Ordering::SeqCst);
-            if !retry {
-                return in_order(outcomes, Some(e));
-            }
-            tracing::warn!(batches = todo.len(), error = %e,
-                "ClickHouse insert failed; trying again");
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+        in_order(outcomes, error)
     }
 
     fn record_gap(&self, gap: Gap) -> Result<(), StoreError> {
