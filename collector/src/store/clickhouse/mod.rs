@@ -1128,6 +1128,47 @@ mod tests {
         };
         assert_eq!(where_clause(&q, 0, u64::MAX), "0");
     }
+
+    /// A flush takes the oldest whole batches up to the record bound, at
+    /// least one (a larger batch goes alone), and leaves the count right.
+    #[test]
+    fn a_flush_takes_whole_batches_up_to_the_bound() {
+        let mut q = Queue::default();
+        let mut answers = Vec::new();
+        for (seq, n) in [(0u64, 3usize), (1, 4), (2, 10), (3, 1)] {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            answers.push(rx);
+            let t = ctw_common::Tuple {
+                src: IpAddr::from([198, 18, 0, 1]),
+                dst: IpAddr::from([198, 18, 0, 2]),
+                src_port: 1,
+                dst_port: 2,
+            };
+            let r = ctw_common::ConnRecord::new(
+                ctw_common::EventKind::New,
+                0,
+                ctw_common::Protocol::Tcp,
+                t,
+                t,
+            );
+            q.records += n;
+            q.waiting.push(Waiting {
+                batch: StoredBatch {
+                    node: "n".into(),
+                    boot_id: "b".into(),
+                    seq,
+                    records: vec![r; n],
+                },
+                done: tx,
+            });
+        }
+        let seqs = |v: &[Waiting]| v.iter().map(|w| w.batch.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&take(&mut q, 8)), [0, 1]);
+        assert_eq!(q.records, 11);
+        assert_eq!(seqs(&take(&mut q, 8)), [2]);
+        assert_eq!(seqs(&take(&mut q, 8)), [3]);
+        assert_eq!((q.records, q.waiting.len()), (0, 0));
+    }
 }
 
 /// `storage` with `backend: clickhouse`: records, gaps and the batch
