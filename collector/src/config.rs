@@ -567,6 +567,18 @@ impl ClickHouseConfig {
                 self.timeout_ms
             ));
         }
+        if self.insert_interval_ms > 60_000 {
+            return bad(format!(
+                "storage.insert_interval_ms: must be 0-60000, got {}",
+                self.insert_interval_ms
+            ));
+        }
+        if !(1..=10_000_000).contains(&self.insert_max_records) {
+            return bad(format!(
+                "storage.insert_max_records: must be 1-10000000, got {}",
+                self.insert_max_records
+            ));
+        }
         if let Some(c) = &self.cluster {
             let ident = |s: &str| {
                 !s.is_empty()
@@ -704,6 +716,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("storage.database"), "{e}");
+        // Insert coalescing: defaults, and bad values named.
+        assert_eq!((h.insert_interval_ms, h.insert_max_records), (200, 100_000));
+        for (bad, key) in [
+            (
+                "  insert_interval_ms: 60001\n",
+                "storage.insert_interval_ms",
+            ),
+            ("  insert_max_records: 0\n", "storage.insert_max_records"),
+        ] {
+            let e = Config::parse(&format!("{ch}{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
         // Cluster mode: unset by default; name required, path defaulted
         // and checked.
         assert_eq!(h.cluster, None);

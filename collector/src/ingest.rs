@@ -18,7 +18,9 @@
 //!    is logged, not acked, and ends the stream (UNAVAILABLE): the agent
 //!    reconnects and resends at once. Batches are appended in
 //!    the order received, by a task of their own, so lookup replies are not
-//!    held up behind the store.
+//!    held up behind the store; the batches already read (at most
+//!    `APPEND_QUEUE` + 1) go to the store in one `append_many`, so a store
+//!    that coalesces inserts (ClickHouse) takes them in one flush.
 //! 4. LossReport → a [`Gap`] in the store (reason as reported) and the
 //!    agent's loss counters. LookupReply → completes the pending lookup.
 //!
@@ -476,110 +478,78 @@ async fn end_stream_unstored(tx: &AgentSender, b: &pb::RecordBatch, error: &str)
     let _ = tx.send(Err(status)).await;
 }
 
+/// One batch converted and ready for the store, with what is counted once
+/// it is stored.
+struct Prepared {
+    b: pb::RecordBatch,
+    info: BatchInfo,
+    workloads: Vec<(crate::pods::WorkloadKey, u64)>,
+}
+
 async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSender) {
     let node = ctx.token.node.as_str();
     let convert_log = RateLimiter::new(LOG_EVERY);
     let store_log = RateLimiter::new(LOG_EVERY);
-    while let Some(w) = work.recv().await {
+    // A loss report read while collecting batches, handled after them.
+    let mut carried: Option<Work> = None;
+    loop {
+        let w = match carried.take() {
+            Some(w) => w,
+            None => match work.recv().await {
+                Some(w) => w,
+                None => break,
+            },
+        };
         match w {
-            Work::Batch(b) => {
-                let (records, errors, first_error) = convert(&b.records, &b.packed);
-                if errors > 0 {
-                    ctx.metrics
-                        .record_conversion_errors
-                        .with_label_values(&[node])
-                        .inc_by(errors);
-                    if let Some(suppressed) = convert_log.allow() {
-                        tracing::warn!(
-                            node,
-                            boot_id = b.boot_id,
-                            seq = b.seq,
-                            errors,
-                            first_error,
-                            suppressed,
-                            "records that cannot be converted were skipped"
-                        );
+            Work::Batch(first) => {
+                // Every batch already queued goes to the store at once, in
+                // order (a store that coalesces inserts stores them in one
+                // flush instead of one flush each).
+                let (mut prepared, mut batches) = (Vec::new(), Vec::new());
+                let (p, batch) = prepare(&ctx, first, &convert_log);
+                prepared.push(p);
+                batches.push(batch);
+                while let Ok(w) = work.try_recv() {
+                    match w {
+                        Work::Batch(b) => {
+                            let (p, batch) = prepare(&ctx, b, &convert_log);
+                            prepared.push(p);
+                            batches.push(batch);
+                        }
+                        other => {
+                            carried = Some(other);
+                            break;
+                        }
                     }
                 }
-                let info = BatchInfo {
-                    boot_id: b.boot_id.clone(),
-                    seq: b.seq,
-                    records: records.len() as u64,
-                    duplicate: false,
-                    conversion_errors: errors,
-                    newest_event_ns: records.iter().map(|r| r.event_ns).max(),
-                    // Usually one zone: a linear check beats sorting.
-                    zones: records.iter().fold(Vec::new(), |mut z, r| {
-                        if !z.contains(&r.zone) {
-                            z.push(r.zone);
-                        }
-                        z
-                    }),
-                };
-                // Per workload, as of each connection's start; added once
-                // the batch is stored (not for a replay).
-                let workloads = ctx
-                    .pods
-                    .as_ref()
-                    .map(|p| p.workload_counts(&records))
-                    .unwrap_or_default();
-                let batch = StoredBatch {
-                    node: node.to_string(),
-                    boot_id: b.boot_id.clone(),
-                    seq: b.seq,
-                    records,
-                };
                 let store = ctx.store.clone();
                 let started = Instant::now();
-                let result = tokio::task::spawn_blocking(move || store.append(batch)).await;
+                let result = tokio::task::spawn_blocking(move || store.append_many(batches)).await;
                 ctx.metrics
                     .store_append_seconds
                     .observe(started.elapsed().as_secs_f64());
-                let outcome = match result {
-                    Ok(Ok(o)) => o,
-                    Ok(Err(e)) => {
-                        ctx.metrics.batches_failed.with_label_values(&[node]).inc();
-                        if let Some(suppressed) = store_log.allow() {
-                            tracing::error!(node, boot_id = b.boot_id, seq = b.seq, error = %e, suppressed,
-                                "cannot store a batch; not acked, ending the stream so the agent resends");
-                        }
-                        end_stream_unstored(&tx, &b, &e.to_string()).await;
-                        break;
-                    }
-                    Err(e) => {
-                        ctx.metrics.batches_failed.with_label_values(&[node]).inc();
-                        tracing::error!(node, error = %e, "store append task failed");
-                        end_stream_unstored(&tx, &b, &e.to_string()).await;
-                        break;
-                    }
+                let (outcomes, error) = match result {
+                    Ok((o, e)) => (o, e.map(|e| e.to_string())),
+                    Err(e) => (Vec::new(), Some(format!("store append task failed: {e}"))),
                 };
-                let duplicate = outcome == AppendOutcome::Duplicate;
-                if duplicate {
-                    ctx.metrics
-                        .batches_duplicate
-                        .with_label_values(&[node])
-                        .inc();
-                } else {
-                    ctx.metrics.batches_stored.with_label_values(&[node]).inc();
-                    ctx.metrics
-                        .records_stored
-                        .with_label_values(&[node])
-                        .inc_by(info.records);
-                    ctx.metrics.workloads.add(&workloads);
+                let mut prepared = prepared.into_iter();
+                let n = outcomes.len();
+                for (p, outcome) in prepared.by_ref().take(n).zip(outcomes) {
+                    stored(&ctx, &tx, p, outcome).await;
                 }
-                ctx.registry
-                    .batch_stored(&ctx.token, &BatchInfo { duplicate, ..info });
-                let ack = pb::CollectorMessage {
-                    msg: Some(CollectorMsg::Ack(pb::Ack {
-                        boot_id: b.boot_id,
-                        seq: b.seq,
-                    })),
-                };
-                if tx.send(Ok(ack)).await.is_err() {
-                    // The response stream is gone; keep storing what was read.
-                    continue;
+                if let Some(e) = error {
+                    ctx.metrics.batches_failed.with_label_values(&[node]).inc();
+                    let b = match prepared.next() {
+                        Some(p) => p.b,
+                        None => break,
+                    };
+                    if let Some(suppressed) = store_log.allow() {
+                        tracing::error!(node, boot_id = b.boot_id, seq = b.seq, error = %e, suppressed,
+                            "cannot store a batch; not acked, ending the stream so the agent resends");
+                    }
+                    end_stream_unstored(&tx, &b, &e).await;
+                    break;
                 }
-                ctx.metrics.acks_sent.inc();
             }
             Work::Loss(l) => {
                 ctx.metrics.loss_reports.with_label_values(&[node]).inc();
@@ -606,6 +576,99 @@ async fn append_loop(ctx: StreamCtx, mut work: mpsc::Receiver<Work>, tx: AgentSe
                 .await;
             }
         }
+    }
+}
+
+/// Convert a batch (records that fail conversion are counted, logged
+/// rate-limited and skipped) and note what is counted once it is stored.
+fn prepare(
+    ctx: &StreamCtx,
+    b: pb::RecordBatch,
+    convert_log: &RateLimiter,
+) -> (Prepared, StoredBatch) {
+    let node = ctx.token.node.as_str();
+    let (records, errors, first_error) = convert(&b.records, &b.packed);
+    if errors > 0 {
+        ctx.metrics
+            .record_conversion_errors
+            .with_label_values(&[node])
+            .inc_by(errors);
+        if let Some(suppressed) = convert_log.allow() {
+            tracing::warn!(
+                node,
+                boot_id = b.boot_id,
+                seq = b.seq,
+                errors,
+                first_error,
+                suppressed,
+                "records that cannot be converted were skipped"
+            );
+        }
+    }
+    let info = BatchInfo {
+        boot_id: b.boot_id.clone(),
+        seq: b.seq,
+        records: records.len() as u64,
+        duplicate: false,
+        conversion_errors: errors,
+        newest_event_ns: records.iter().map(|r| r.event_ns).max(),
+        // Usually one zone: a linear check beats sorting.
+        zones: records.iter().fold(Vec::new(), |mut z, r| {
+            if !z.contains(&r.zone) {
+                z.push(r.zone);
+            }
+            z
+        }),
+    };
+    // Per workload, as of each connection's start; added once the batch
+    // is stored (not for a replay).
+    let workloads = ctx
+        .pods
+        .as_ref()
+        .map(|p| p.workload_counts(&records))
+        .unwrap_or_default();
+    let batch = StoredBatch {
+        node: node.to_string(),
+        boot_id: b.boot_id.clone(),
+        seq: b.seq,
+        records,
+    };
+    (Prepared { b, info, workloads }, batch)
+}
+
+/// A batch is stored (or was before): count it and ack it.
+async fn stored(ctx: &StreamCtx, tx: &AgentSender, p: Prepared, outcome: AppendOutcome) {
+    let node = ctx.token.node.as_str();
+    let duplicate = outcome == AppendOutcome::Duplicate;
+    if duplicate {
+        ctx.metrics
+            .batches_duplicate
+            .with_label_values(&[node])
+            .inc();
+    } else {
+        ctx.metrics.batches_stored.with_label_values(&[node]).inc();
+        ctx.metrics
+            .records_stored
+            .with_label_values(&[node])
+            .inc_by(p.info.records);
+        ctx.metrics.workloads.add(&p.workloads);
+    }
+    ctx.registry.batch_stored(
+        &ctx.token,
+        &BatchInfo {
+            duplicate,
+            ..p.info
+        },
+    );
+    let ack = pb::CollectorMessage {
+        msg: Some(CollectorMsg::Ack(pb::Ack {
+            boot_id: p.b.boot_id,
+            seq: p.b.seq,
+        })),
+    };
+    // The response stream may be gone; what was read is still stored.
+    if tx.send(Ok(ack)).await.is_ok() {
+        ctx.metrics.acks_sent.inc();
     }
 }
 

@@ -3,8 +3,9 @@
 //! the conformance suite (same answers as `MemStore`), exactly once across
 //! two collectors (a batch replayed after a crash between the records' and
 //! the ledger's inserts is answered once), a server down at start and
-//! mid-stream, a database of
-//! another schema version, retention by day partitions.
+//! mid-stream, a database of another schema version, retention by day
+//! partitions, concurrent appends coalesced into few inserts (and their
+//! failure while the server is down).
 
 #![allow(clippy::unwrap_used)]
 
@@ -40,6 +41,8 @@ fn cfg(ch: &ClickHouse, db: &str) -> ClickHouseConfig {
         max_collected_records: 200_000,
         connect_retry_ms: 100,
         timeout_ms: 10_000,
+        insert_interval_ms: 50,
+        insert_max_records: 100_000,
         cluster: None,
     }
 }
@@ -331,4 +334,153 @@ fn retention_drops_old_days() {
         .hits
         .iter()
         .all(|h| h.record.event_ns >= BASE + 3 * day));
+}
+
+/// Batch `seq` of `node`: `n` records no other (node, seq) has.
+fn node_batch(node: usize, seq: u64, n: u64) -> ctw_collector::store::StoredBatch {
+    let records = (0..n)
+        .map(|i| {
+            rec(
+                BASE + seq * MIN + i * 1000 + node as u64,
+                IpAddr::V4(Ipv4Addr::new(198, 18, 2, node as u8)),
+                10_000 + (seq * n + i) as u16,
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+                20_000 + node as u16,
+            )
+        })
+        .collect();
+    batch(&format!("n{node}"), seq, records)
+}
+
+/// ClickHouse's count of `INSERT` queries since it started (all tables).
+fn insert_queries(ch: &ClickHouse) -> u64 {
+    ch.must("SELECT value FROM system.events WHERE event = 'InsertQuery'")
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Concurrent appends (one thread per agent stream) are stored in few
+/// inserts: ClickHouse counts far fewer `INSERT` queries, and the records
+/// table far fewer blocks, than batches; every record is stored once; a
+/// key appended by two threads is stored by one and a duplicate for the
+/// other, and a key twice in one call (one flush) is stored once.
+#[test]
+fn concurrent_appends_are_coalesced_into_few_inserts() {
+    let Some(ch) = server() else { return };
+    let mut c = cfg(&ch, "ctw_coalesce");
+    c.insert_interval_ms = 300;
+    let store = std::sync::Arc::new(ClickHouseStore::open(&c).unwrap());
+    let (threads, seqs, per) = (16usize, 10u64, 20u64);
+    let inserts0 = insert_queries(&ch);
+    // Thread `threads` replays node 0's batches alongside thread 0.
+    let handles: Vec<_> = (0..=threads)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let node = if t == threads { 0 } else { t };
+                (0..seqs)
+                    .map(|seq| store.append(node_batch(node, seq, per)).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let outcomes: Vec<Vec<AppendOutcome>> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (t, o) in outcomes.iter().enumerate().take(threads).skip(1) {
+        assert!(o.iter().all(|o| *o == AppendOutcome::Stored), "{t}: {o:?}");
+    }
+    for (seq, pair) in outcomes[0].iter().zip(&outcomes[threads]).enumerate() {
+        let pair = [*pair.0, *pair.1];
+        assert!(
+            pair.contains(&AppendOutcome::Stored) && pair.contains(&AppendOutcome::Duplicate),
+            "node 0 seq {seq}: {pair:?}"
+        );
+    }
+    let batches = (threads as u64 + 1) * seqs;
+    let inserts = insert_queries(&ch) - inserts0;
+    // Two inserts (records, ledger) per flush; a flush per 300 ms at most.
+    assert!(
+        inserts * 4 <= batches,
+        "{inserts} inserts for {batches} batches"
+    );
+    let blocks: u64 = ch
+        .must(
+            "SELECT max(max_block_number) FROM system.parts \
+             WHERE database = 'ctw_coalesce' AND table = 'ctw_records'",
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        blocks * 8 <= batches,
+        "{blocks} record inserts for {batches} batches"
+    );
+    eprintln!("{batches} batches: {inserts} INSERT queries, {blocks} records-table inserts");
+    let want = threads as u64 * seqs * per;
+    assert_eq!(
+        ch.must(
+            "SELECT count(), uniqExact(node, src_port, event_us) FROM ctw_coalesce.ctw_records"
+        )
+        .trim(),
+        format!("{want}\t{want}")
+    );
+    assert_eq!(store.search(&everything()).unwrap().total, want);
+    // The same key twice in one call goes to one flush: stored once.
+    let (done, e) = store.append_many(vec![node_batch(99, 0, 3), node_batch(99, 0, 3)]);
+    assert!(e.is_none(), "{e:?}");
+    assert_eq!(done, [AppendOutcome::Stored, AppendOutcome::Duplicate]);
+    assert_eq!(
+        ch.must("SELECT count() FROM ctw_coalesce.ctw_records WHERE node = 'n99'")
+            .trim(),
+        "3"
+    );
+}
+
+/// Server down while several streams append: every waiting append fails
+/// (none would be acked); replayed once the server is back, each batch is
+/// stored once, and a second replay is a duplicate.
+#[test]
+fn coalesced_appends_all_fail_while_down_and_replay_stores_once() {
+    let Some(mut ch) = server() else { return };
+    let mut c = cfg(&ch, "ctw_coalesce_down");
+    c.timeout_ms = 1000;
+    c.insert_interval_ms = 200;
+    let store = std::sync::Arc::new(ClickHouseStore::open(&c).unwrap());
+    assert_eq!(
+        store.append(node_batch(0, 0, 5)).unwrap(),
+        AppendOutcome::Stored
+    );
+    ch.stop();
+    let streams = 8usize;
+    let run = |store: &std::sync::Arc<ClickHouseStore>| {
+        let handles: Vec<_> = (1..=streams)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || store.append(node_batch(t, 1, 5)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+    for r in run(&store) {
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("clickhouse"), "{e}");
+    }
+    ch.restart();
+    for r in run(&store) {
+        assert_eq!(r.unwrap(), AppendOutcome::Stored);
+    }
+    for r in run(&store) {
+        assert_eq!(r.unwrap(), AppendOutcome::Duplicate);
+    }
+    let want = (streams as u64 + 1) * 5;
+    assert_eq!(
+        ch.must("SELECT count(), uniqExact(node, src_port, event_us) FROM ctw_coalesce_down.ctw_records")
+            .trim(),
+        format!("{want}\t{want}")
+    );
+    assert_eq!(store.search(&everything()).unwrap().total, want);
 }

@@ -45,6 +45,8 @@ fn cfg(ch: &ClickHouse, db: &str, insert_quorum: Option<u32>) -> ClickHouseConfi
         max_collected_records: 200_000,
         connect_retry_ms: 100,
         timeout_ms: 20_000,
+        insert_interval_ms: 200,
+        insert_max_records: 100_000,
         cluster: Some(ClusterOptions {
             name: CLUSTER.into(),
             zookeeper_path: "/clickhouse/tables/{shard}".into(),

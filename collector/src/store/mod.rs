@@ -251,6 +251,22 @@ pub enum StoreError {
 pub trait RecordStore: Send + Sync {
     /// Durably store a batch (see the module's delivery guarantee).
     fn append(&self, batch: StoredBatch) -> Result<AppendOutcome, StoreError>;
+    /// Store several batches of one agent stream, in their order: the
+    /// outcomes of the first batches stored (as `append`'s), then the
+    /// error of the first batch that could not be (later batches are then
+    /// not known stored; nothing of them may be acked). The default
+    /// appends them one by one; a store that writes batches together
+    /// (ClickHouse) takes them at once.
+    fn append_many(&self, batches: Vec<StoredBatch>) -> (Vec<AppendOutcome>, Option<StoreError>) {
+        let mut done = Vec::with_capacity(batches.len());
+        for b in batches {
+            match self.append(b) {
+                Ok(o) => done.push(o),
+                Err(e) => return (done, Some(e)),
+            }
+        }
+        (done, None)
+    }
     /// Durably record a gap; an identical gap again is a no-op (agents
     /// resend loss reports they could not see acknowledged).
     fn record_gap(&self, gap: Gap) -> Result<(), StoreError>;

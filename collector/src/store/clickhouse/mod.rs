@@ -22,7 +22,10 @@
 //!
 //! Delivery: `append` returns `Ok` only after ClickHouse answered the
 //! records' `INSERT` (and then the ledger's) with success; the collector
-//! acks only then. A batch whose (node, boot id, seq) is in the ledger
+//! acks only then. Concurrent appends (one per agent stream) are stored
+//! together: one flush (one ledger lookup, one records `INSERT`, one
+//! ledger `INSERT`) per `insert_interval_ms` at most ([`flush_loop`]), so
+//! ClickHouse gets a few large inserts instead of one per agent batch. A batch whose (node, boot id, seq) is in the ledger
 //! (`ctw_batches`, shared by every collector on the database) is not stored
 //! again. A collector that dies (or a request that fails or times out)
 //! between the records' insert and the ledger's leaves a batch that the
@@ -144,6 +147,40 @@ struct Inner {
     last_gap_ns: AtomicU64,
     /// `insert_quorum` in force (0: none), set by the schema check.
     quorum: AtomicU32,
+    /// Appends waiting for the flusher ([`flush_loop`]).
+    queue: Mutex<Queue>,
+    /// Wakes the flusher: the first append of an empty queue, or the queue
+    /// reaching `insert_max_records`.
+    wake: tokio::sync::Notify,
+}
+
+/// What an append hears back from its flush.
+enum Answer {
+    Done(AppendOutcome),
+    /// The flush failed (the message), after its retries.
+    Failed(String),
+    /// The store closed before the batch was stored.
+    Closed,
+}
+
+/// One append waiting for a flush.
+struct Waiting {
+    batch: StoredBatch,
+    done: std::sync::mpsc::SyncSender<Answer>,
+}
+
+/// The appends not yet taken by a flush, oldest first.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Waiting>,
+    /// Records of `waiting`.
+    records: usize,
+}
+
+impl Inner {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Inner {
@@ -244,6 +281,8 @@ impl ClickHouseStore {
             not_ready_why: Mutex::new("not connected yet".into()),
             last_gap_ns: AtomicU64::new(0),
             quorum: AtomicU32::new(0),
+            queue: Mutex::new(Queue::default()),
+            wake: tokio::sync::Notify::new(),
         });
         let store = ClickHouseStore {
             handle: rt.handle().clone(),
@@ -263,6 +302,7 @@ impl ClickHouseStore {
             }
         }
         store.handle.spawn(retention_loop(inner.clone()));
+        store.handle.spawn(flush_loop(inner.clone()));
         Ok(store)
     }
 
@@ -635,54 +675,240 @@ async fn read_gaps(inner: &Inner) -> Result<Vec<Gap>, StoreError> {
         .collect())
 }
 
-async fn append(inner: Arc<Inner>, mut batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
-    let db = &inner.cfg.database;
-    let stored: u64 = inner
-        .client()
-        .query(&format!(
-            "SELECT count() FROM {db}.{} WHERE node = {} AND boot_id = {} AND seq = {}",
-            schema::BATCHES,
-            quote(&batch.node),
-            quote(&batch.boot_id),
-            batch.seq
-        ))
-        .fetch_one()
-        .await
-        .map_err(|e| ch_err("ledger lookup", e))?;
-    if stored > 0 {
-        return Ok(AppendOutcome::Duplicate);
+/// Longest ledger lookup query text, bytes (ClickHouse's default
+/// `max_query_size` is 256 KiB); more keys take several lookups.
+const MAX_LOOKUP_QUERY: usize = 200_000;
+
+/// Runs the flushes: waits until appends are queued and either
+/// `insert_interval_ms` passed since the last flush began or
+/// `insert_max_records` records wait, takes the oldest appends (at most
+/// `insert_max_records` records, at least one append), stores them with
+/// [`flush_with_retries`] and answers each. One flush at a time,
+/// so a flush's ledger lookup sees every batch an earlier flush stored.
+async fn flush_loop(inner: Arc<Inner>) {
+    let every = Duration::from_millis(inner.cfg.insert_interval_ms);
+    let max = inner.cfg.insert_max_records.max(1);
+    let timeout = Duration::from_millis(inner.cfg.timeout_ms);
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let taken = loop {
+            if inner.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let wait_until = {
+                let mut q = inner.queue();
+                if q.waiting.is_empty() {
+                    None
+                } else if q.records >= max || tokio::time::Instant::now() >= next {
+                    break take(&mut q, max);
+                } else {
+                    Some(next)
+                }
+            };
+            match wait_until {
+                None => inner.wake.notified().await,
+                Some(t) => {
+                    tokio::select! {
+                        _ = inner.wake.notified() => {}
+                        _ = tokio::time::sleep_until(t) => {}
+                    }
+                }
+            }
+        };
+        next = tokio::time::Instant::now() + every;
+        let result = flush_with_retries(&inner, &taken, timeout).await;
+        match result {
+            Ok(outcomes) => {
+                for (w, o) in taken.into_iter().zip(outcomes) {
+                    let _ = w.done.send(Answer::Done(o));
+                }
+            }
+            Err(e) => {
+                let m = match e {
+                    StoreError::Index(m) => m,
+                    e => e.to_string(),
+                };
+                for w in taken {
+                    let _ = w.done.send(Answer::Failed(m.clone()));
+                }
+            }
+        }
     }
-    batch.records.iter_mut().for_each(normalize);
-    if !batch.records.is_empty() {
+}
+
+/// The oldest waiting appends holding at most `max` records (at least one).
+fn take(q: &mut Queue, max: usize) -> Vec<Waiting> {
+    let mut n = 0;
+    let mut records = 0;
+    for w in &q.waiting {
+        if n > 0 && records + w.batch.records.len() > max {
+            break;
+        }
+        records += w.batch.records.len();
+        n += 1;
+    }
+    q.records -= records;
+    q.waiting.drain(..n).collect()
+}
+
+/// The (node, boot id, seq) of a batch.
+type BatchKey = (String, String, u64);
+
+/// Which of `keys` the ledger holds: one query (several past
+/// [`MAX_LOOKUP_QUERY`] bytes of text).
+async fn ledger_lookup(inner: &Inner, keys: &[BatchKey]) -> Result<HashSet<BatchKey>, StoreError> {
+    let mut found = HashSet::new();
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut list = String::new();
+        let mut n = 0;
+        for (node, boot_id, seq) in rest {
+            if n > 0 && list.len() >= MAX_LOOKUP_QUERY {
+                break;
+            }
+            if n > 0 {
+                list.push_str(", ");
+            }
+            list.push_str(&format!("({}, {}, {seq})", quote(node), quote(boot_id)));
+            n += 1;
+        }
+        rest = &rest[n..];
+        let rows: Vec<BatchKey> = inner
+            .client()
+            .query(&format!(
+                "SELECT DISTINCT node, boot_id, seq FROM {}.{} WHERE (node, boot_id, seq) IN ({list})",
+                inner.cfg.database,
+                schema::BATCHES,
+            ))
+            .fetch_all()
+            .await
+            .map_err(|e| ch_err("ledger lookup", e))?;
+        found.extend(rows);
+    }
+    Ok(found)
+}
+
+/// Stores the batches of one flush, trying again (backoff 100 ms doubling
+/// to 2 s) while the server fails, for up to `timeout_ms` in all (each
+/// attempt within `timeout_ms`): a short outage (a restart) delays the
+/// acks instead of failing the batches. A retry repeats the first
+/// attempt's inserts exactly (same batches as stored and duplicate, same
+/// rows in the same order, same ledger times), so in cluster mode a shard
+/// that had written its part of a failed insert drops the repeat as a
+/// duplicate block (replicated insert deduplication); on one server an
+/// insert that succeeded unseen is stored twice and searches answer it
+/// once (see the module docs).
+async fn flush_with_retries(
+    inner: &Inner,
+    waiting: &[Waiting],
+    timeout: Duration,
+) -> Result<Vec<AppendOutcome>, StoreError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(100);
+    let mut planned = None;
+    let now = now_ns();
+    loop {
+        let e = match tokio::time::timeout(timeout, flush(inner, waiting, &mut planned, now)).await
+        {
+            Ok(Ok(o)) => return Ok(o),
+            Ok(Err(e)) => e,
+            Err(_) => StoreError::Index(format!(
+                "clickhouse: no answer within {} ms",
+                timeout.as_millis()
+            )),
+        };
+        if tokio::time::Instant::now() + backoff >= deadline || inner.closed.load(Ordering::SeqCst)
+        {
+            return Err(e);
+        }
+        tracing::warn!(batches = waiting.len(), error = %e,
+            "ClickHouse insert failed; trying again");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One attempt at storing the batches of one flush: one ledger lookup for
+/// all their keys (only on the first attempt: `planned` keeps its
+/// outcomes), one `INSERT` of the records of every batch neither in the
+/// ledger nor earlier in `waiting` (same key: the first is stored, the
+/// others are duplicates), then one `INSERT` of their ledger rows (stored
+/// at `now_ns`). Returns each batch's outcome, in order; an error is the
+/// whole flush's (nothing of it is acked; records inserted before a
+/// failed ledger insert are stored again by the replay and answered once,
+/// see the module docs).
+async fn flush(
+    inner: &Inner,
+    waiting: &[Waiting],
+    planned: &mut Option<Vec<AppendOutcome>>,
+    now: u64,
+) -> Result<Vec<AppendOutcome>, StoreError> {
+    let db = &inner.cfg.database;
+    let outcomes = match planned {
+        Some(o) => o.clone(),
+        None => {
+            let keys: Vec<BatchKey> = waiting
+                .iter()
+                .map(|w| (w.batch.node.clone(), w.batch.boot_id.clone(), w.batch.seq))
+                .collect();
+            let stored = ledger_lookup(inner, &keys).await?;
+            let mut seen: HashSet<&BatchKey> = HashSet::new();
+            let o: Vec<AppendOutcome> = keys
+                .iter()
+                .map(|k| {
+                    if stored.contains(k) || !seen.insert(k) {
+                        AppendOutcome::Duplicate
+                    } else {
+                        AppendOutcome::Stored
+                    }
+                })
+                .collect();
+            *planned = Some(o.clone());
+            o
+        }
+    };
+    let new: Vec<&StoredBatch> = waiting
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| **o == AppendOutcome::Stored)
+        .map(|(w, _)| &w.batch)
+        .collect();
+    if new.is_empty() {
+        return Ok(outcomes);
+    }
+    if new.iter().any(|b| !b.records.is_empty()) {
         let mut ins = inner
             .client()
             .insert::<RecordRow>(&format!("{db}.{}", schema::RECORDS))
             .map_err(|e| ch_err("insert", e))?;
-        for r in &batch.records {
-            ins.write(&RecordRow::from_record(&batch.node, r))
-                .await
-                .map_err(|e| ch_err("insert", e))?;
+        for b in &new {
+            for r in &b.records {
+                ins.write(&RecordRow::from_record(&b.node, r))
+                    .await
+                    .map_err(|e| ch_err("insert", e))?;
+            }
         }
         ins.end().await.map_err(|e| ch_err("insert", e))?;
     }
-    let now = now_ns();
     let mut ledger = inner
         .client()
         .insert::<BatchRow>(&format!("{db}.{}", schema::BATCHES))
         .map_err(|e| ch_err("ledger insert", e))?;
-    ledger
-        .write(&BatchRow {
-            day: day_of(now),
-            node: batch.node.clone(),
-            boot_id: batch.boot_id.clone(),
-            seq: batch.seq,
-            records: batch.records.len().min(u32::MAX as usize) as u32,
-            stored_us: now / 1000,
-        })
-        .await
-        .map_err(|e| ch_err("ledger insert", e))?;
+    for b in &new {
+        ledger
+            .write(&BatchRow {
+                day: day_of(now),
+                node: b.node.clone(),
+                boot_id: b.boot_id.clone(),
+                seq: b.seq,
+                records: b.records.len().min(u32::MAX as usize) as u32,
+                stored_us: now / 1000,
+            })
+            .await
+            .map_err(|e| ch_err("ledger insert", e))?;
+    }
     ledger.end().await.map_err(|e| ch_err("ledger insert", e))?;
-    Ok(AppendOutcome::Stored)
+    Ok(outcomes)
 }
 
 async fn record_gap(inner: Arc<Inner>, gap: Gap) -> Result<(), StoreError> {
@@ -753,33 +979,93 @@ async fn stats(inner: Arc<Inner>) -> Result<StoreStats, StoreError> {
     })
 }
 
+impl ClickHouseStore {
+    /// Queues `batches` (tagged with their place) for the flusher at once
+    /// and waits for every answer.
+    fn submit(&self, batches: Vec<(usize, StoredBatch)>) -> Vec<(usize, Answer)> {
+        let mut waits = Vec::with_capacity(batches.len());
+        {
+            let mut q = self.inner.queue();
+            if self.inner.closed.load(Ordering::SeqCst) {
+                return batches
+                    .into_iter()
+                    .map(|(i, _)| (i, Answer::Closed))
+                    .collect();
+            }
+            let was_empty = q.waiting.is_empty();
+            for (i, batch) in batches {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                q.records += batch.records.len();
+                q.waiting.push(Waiting { batch, done: tx });
+                waits.push((i, rx));
+            }
+            if was_empty || q.records >= self.inner.cfg.insert_max_records {
+                self.inner.wake.notify_one();
+            }
+        }
+        waits
+            .into_iter()
+            .map(|(i, rx)| (i, rx.recv().unwrap_or(Answer::Closed)))
+            .collect()
+    }
+}
+
+/// The outcomes before the first batch without one, and the error.
+fn in_order(
+    outcomes: Vec<Option<AppendOutcome>>,
+    error: Option<StoreError>,
+) -> (Vec<AppendOutcome>, Option<StoreError>) {
+    let done: Vec<AppendOutcome> = outcomes.into_iter().map_while(|o| o).collect();
+    (done, error)
+}
+
 impl RecordStore for ClickHouseStore {
-    /// Stores the batch, trying again (backoff 100 ms doubling to 2 s)
-    /// while the server fails, for up to `timeout_ms` in all: a short
-    /// outage (a restart) delays the ack instead of failing the batch,
-    /// which the agent would send again only after its ack timeout. A
-    /// retry after an insert that succeeded unseen stores the records a
-    /// second time; searches answer them once (see the module docs).
+    /// Stores the batch together with the batches of concurrent appends;
+    /// see [`append_many`](RecordStore::append_many).
     fn append(&self, batch: StoredBatch) -> Result<AppendOutcome, StoreError> {
-        self.check_usable()?;
-        let deadline = std::time::Instant::now() + Duration::from_millis(self.inner.cfg.timeout_ms);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.block(append(self.inner.clone(), batch.clone())) {
-                Ok(o) => return Ok(o),
-                Err(e) => {
-                    let retry = std::time::Instant::now() + backoff < deadline
-                        && !self.inner.closed.load(Ordering::SeqCst);
-                    if !retry {
-                        return Err(e);
-                    }
-                    tracing::warn!(node = batch.node, seq = batch.seq, error = %e,
-                        "ClickHouse insert failed; trying again");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+        match self.append_many(vec![batch]) {
+            (done, None) if done.len() == 1 => Ok(done[0]),
+            (_, Some(e)) => Err(e),
+            (_, None) => Err(StoreError::Index("clickhouse: no outcome".into())),
+        }
+    }
+
+    /// Queues the batches for the flusher, which stores them together with
+    /// the batches of concurrent appends (one flush every
+    /// `insert_interval_ms` at most, or sooner once `insert_max_records`
+    /// wait; see [`flush_loop`]), and returns once ClickHouse confirmed
+    /// the inserts of their flushes. A flush is tried again while the
+    /// server fails, for up to `timeout_ms` in all (see
+    /// [`flush_with_retries`]): a short outage (a restart) delays the ack
+    /// instead of failing the batch, which the agent would send again only
+    /// after its ack timeout. A flush that still fails fails every batch
+    /// of it.
+    fn append_many(&self, batches: Vec<StoredBatch>) -> (Vec<AppendOutcome>, Option<StoreError>) {
+        if let Err(e) = self.check_usable() {
+            return (Vec::new(), Some(e));
+        }
+        let mut outcomes: Vec<Option<AppendOutcome>> = vec![None; batches.len()];
+        let todo: Vec<(usize, StoredBatch)> = batches
+            .into_iter()
+            .map(|mut b| {
+                b.records.iter_mut().for_each(normalize);
+                b
+            })
+            .enumerate()
+            .collect();
+        let mut error = None;
+        for (i, answer) in self.submit(todo) {
+            match answer {
+                Answer::Done(o) => outcomes[i] = Some(o),
+                Answer::Failed(m) => {
+                    error.get_or_insert(StoreError::Index(m));
+                }
+                Answer::Closed => {
+                    error.get_or_insert(StoreError::Index("store is closed".into()));
                 }
             }
         }
+        in_order(outcomes, error)
     }
 
     fn record_gap(&self, gap: Gap) -> Result<(), StoreError> {
@@ -812,6 +1098,11 @@ impl RecordStore for ClickHouseStore {
 
     fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
+        // Appends not yet flushed fail (not acked; the agents resend).
+        for w in std::mem::take(&mut self.inner.queue().waiting) {
+            let _ = w.done.send(Answer::Closed);
+        }
+        self.inner.wake.notify_one();
         if let Ok(mut rt) = self.rt.lock() {
             if let Some(rt) = rt.take() {
                 rt.shutdown_background();
@@ -845,6 +1136,47 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(where_clause(&q, 0, u64::MAX), "0");
+    }
+
+    /// A flush takes the oldest whole batches up to the record bound, at
+    /// least one (a larger batch goes alone), and leaves the count right.
+    #[test]
+    fn a_flush_takes_whole_batches_up_to_the_bound() {
+        let mut q = Queue::default();
+        let mut answers = Vec::new();
+        for (seq, n) in [(0u64, 3usize), (1, 4), (2, 10), (3, 1)] {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            answers.push(rx);
+            let t = ctw_common::Tuple {
+                src: IpAddr::from([198, 18, 0, 1]),
+                dst: IpAddr::from([198, 18, 0, 2]),
+                src_port: 1,
+                dst_port: 2,
+            };
+            let r = ctw_common::ConnRecord::new(
+                ctw_common::EventKind::New,
+                0,
+                ctw_common::Protocol::Tcp,
+                t,
+                t,
+            );
+            q.records += n;
+            q.waiting.push(Waiting {
+                batch: StoredBatch {
+                    node: "n".into(),
+                    boot_id: "b".into(),
+                    seq,
+                    records: vec![r; n],
+                },
+                done: tx,
+            });
+        }
+        let seqs = |v: &[Waiting]| v.iter().map(|w| w.batch.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&take(&mut q, 8)), [0, 1]);
+        assert_eq!(q.records, 11);
+        assert_eq!(seqs(&take(&mut q, 8)), [2]);
+        assert_eq!(seqs(&take(&mut q, 8)), [3]);
+        assert_eq!((q.records, q.waiting.len()), (0, 0));
     }
 }
 
@@ -880,9 +1212,22 @@ pub struct ClickHouseOptions {
     /// (the collector is not ready meanwhile).
     #[serde(default = "default_ch_retry_ms")]
     pub connect_retry_ms: u64,
-    /// Timeout of one request (insert or query), ms.
+    /// Timeout of one request (insert or query), ms; an append whose
+    /// flushes fail tries again for this long in all.
     #[serde(default = "default_ch_timeout_ms")]
     pub timeout_ms: u64,
+    /// Concurrent appends (one per agent stream) are stored together: at
+    /// most one flush (one ledger lookup, one records `INSERT`, one ledger
+    /// `INSERT`) per this many ms, so ClickHouse sees a few large inserts
+    /// instead of one per agent batch. An append waits up to this long
+    /// (plus the flush) before it is acked. 0: a flush as soon as the
+    /// previous one ended.
+    #[serde(default = "default_insert_interval_ms")]
+    pub insert_interval_ms: u64,
+    /// A flush starts sooner once this many records wait, and takes at
+    /// most this many (whole batches; a larger batch goes alone).
+    #[serde(default = "default_insert_max_records")]
+    pub insert_max_records: usize,
     /// A ClickHouse cluster instead of one server (unset: one server,
     /// `MergeTree` tables).
     #[serde(default)]
@@ -975,6 +1320,12 @@ fn default_ch_retry_ms() -> u64 {
 }
 fn default_ch_timeout_ms() -> u64 {
     30_000
+}
+fn default_insert_interval_ms() -> u64 {
+    200
+}
+fn default_insert_max_records() -> usize {
+    100_000
 }
 fn default_retention_days() -> u32 {
     super::DEFAULT_RETENTION_DAYS
