@@ -1372,10 +1372,17 @@ mod tests {
             zookeeper_path: "/clickhouse/tables/{shard}".into(),
             insert_quorum: None,
         };
-        cl.servers[0].must(&format!(
-            "CREATE DATABASE IF NOT EXISTS ctw ON CLUSTER {CLUSTER}"
-        ));
-        cl.servers[0].must(&create_table_statement("ctw", Some(&opts)));
+        // ON CLUSTER DDL needs every server's ZooKeeper session and DDL
+        // worker up, which can lag the servers' start under load: retried,
+        // as the collector does.
+        for sql in [
+            format!("CREATE DATABASE IF NOT EXISTS ctw ON CLUSTER {CLUSTER}"),
+            create_table_statement("ctw", Some(&opts)),
+        ] {
+            ctw_testkit::wait_for(Duration::from_secs(120), "the ON CLUSTER DDL", || {
+                cl.servers[0].query(&sql).ok()
+            });
+        }
         let client = |i: usize| {
             clickhouse::Client::default()
                 .with_url(cl.servers[i].url())
