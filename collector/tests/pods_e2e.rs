@@ -20,7 +20,7 @@ use ctw_common::api::parse_time;
 use ctw_testkit::agent::Agent;
 use ctw_testkit::collector::Collector;
 use ctw_testkit::kubeapi::{owner_json, pod_json, KubeApi};
-use ctw_testkit::{require_root, run_in, wait_for, Topology};
+use ctw_testkit::{curl_ok, require_root, wait_for, Topology};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -50,22 +50,11 @@ fn connect(
     pod: usize,
     n: usize,
 ) -> (String, Value) {
-    let out = run_in(
+    curl_ok(
         topo.pod_ns(pod),
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            &format!("http://{}/", topo.srv_ip4()),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &format!("http://{}/", topo.srv_ip4()),
+        None,
+        &[],
     );
     stored(topo, c, nginx_log, pod, n)
 }
@@ -272,19 +261,12 @@ fn pod_names_as_of_the_connection_across_reuse_and_a_collector_outage() {
     next_second_after(t_b);
     api.delete("Pod", "payments", "checkout-7d9f-b");
     api.apply(checkout_pod("checkout-7d9f-c", 4, &[&ip0]));
-    let out = run_in(
+    curl_ok(
         topo.pod_ns(0),
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            &format!("http://{}/", topo.srv_ip4()),
-        ],
+        &format!("http://{}/", topo.srv_ip4()),
+        None,
+        &[],
     );
-    assert!(out.status.success());
     c.restart(&mut topo);
     c.wait_connected(&["node-0"]);
     wait_for(
@@ -575,22 +557,11 @@ fn workload_counter_counts_new_connections_of_known_pods_by_workload_and_port() 
     let plan = [(0, 80, 3), (0, 8080, 1), (1, 80, 2), (2, 80, 2)];
     for (pod, port, n) in plan {
         for _ in 0..n {
-            let out = run_in(
+            curl_ok(
                 topo.pod_ns(pod),
-                &[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "5",
-                    "-o",
-                    "/dev/null",
-                    &format!("http://{}:{port}/", topo.srv_ip4()),
-                ],
-            );
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
+                &format!("http://{}:{port}/", topo.srv_ip4()),
+                None,
+                &[],
             );
         }
     }
