@@ -19,17 +19,16 @@
 //! The generator is `store_bench`'s (same seed, same spread).
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ctw_collector::config::ClickHouseConfig;
 use ctw_collector::store::clickhouse::{ClickHouseStore, ClusterOptions};
 use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
-use ctw_common::ConnRecord;
 use ctw_testkit::clickhouse::{ClickHouse, Cluster, CLUSTER};
 
 #[path = "support/bench.rs"]
 mod bench;
-use bench::{cpu_seconds, cpu_seconds_of, pct, sample, Gen, NODES, PODS, SERVICES, SPAN_NS};
+use bench::{cpu_seconds, cpu_seconds_of, feed, pct, Gen, NODES, PODS, SERVICES, SPAN_NS};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -134,47 +133,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .as_nanos() as u64;
     let t0 = now - SPAN_NS - 3_600_000_000_000;
     let mut gen = Gen::new(n, t0);
-    let mut samples: Vec<(String, ConnRecord)> = Vec::new();
-    let mut sample_rng = fastrand::Rng::with_seed(7);
-    let mut seqs = [0u64; NODES];
     let server_cpu =
         || (!pids.is_empty()).then(|| pids.iter().map(|p| cpu_seconds_of(p)).sum::<f64>());
     let server0 = server_cpu();
     let cpu0 = cpu_seconds();
     let start = Instant::now();
-    let mut done = 0u64;
-    let mut b = 0usize;
-    let mut last_report = Instant::now();
-    while done < n {
-        let node = b % NODES;
-        b += 1;
-        let k = batch.min((n - done) as usize);
-        let records: Vec<ConnRecord> = (0..k).map(|_| gen.record(node)).collect();
-        for r in &records {
-            sample(
-                &mut samples,
-                &mut sample_rng,
-                done + 1,
-                Gen::node_name(node),
-                *r,
-            );
-            done += 1;
-        }
-        seqs[node] += 1;
-        work_tx.send(StoredBatch {
-            node: Gen::node_name(node),
-            boot_id: format!("boot-{now}"),
-            seq: seqs[node],
-            records,
-        })?;
-        if last_report.elapsed() > Duration::from_secs(10) {
-            last_report = Instant::now();
-            eprintln!(
-                "  {done} records, {:.0} records/s",
-                done as f64 / start.elapsed().as_secs_f64()
-            );
-        }
-    }
+    let samples = feed(&mut gen, n, batch, &format!("boot-{now}"), |b| {
+        work_tx.send(b)
+    })?;
     drop(work_tx);
     let mut batches = 0u64;
     for a in appenders {

@@ -16,12 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ctw_collector::store::tantivy_store::{StoreOptions, TantivyStore};
-use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
+use ctw_collector::store::{RecordStore, SearchQuery, StoreError, StoredBatch};
 use ctw_common::ConnRecord;
 
 #[path = "support/bench.rs"]
 mod bench;
-use bench::{cpu_seconds, pct, sample, Gen, NODES, PODS, SERVICES, SPAN_NS};
+use bench::{cpu_seconds, feed, pct, Gen, NODES, PODS, SERVICES, SPAN_NS};
 
 /// Exact snat ip:port ± 5 min queries of `samples`: p50 and p99 latency in
 /// ms, how many found their record, partitions read per query.
@@ -98,28 +98,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = Arc::new(TantivyStore::open(cfg.clone())?);
     std::fs::write(&t0_file, t0.to_string())?;
     let mut gen = Gen::new(n, t0);
-    let mut samples: Vec<(String, ConnRecord)> = Vec::new();
-    let mut sample_rng = fastrand::Rng::with_seed(7);
-    let mut seqs = [0u64; NODES];
     if query_only {
-        let mut seen = 0u64;
-        for b in 0.. {
-            let k = batch.min((n - seen) as usize);
-            if k == 0 {
-                break;
-            }
-            for _ in 0..k {
-                let r = gen.record(b % NODES);
-                seen += 1;
-                sample(
-                    &mut samples,
-                    &mut sample_rng,
-                    seen,
-                    Gen::node_name(b % NODES),
-                    r,
-                );
-            }
-        }
+        // The same records and samples as the run that stored them.
+        let samples = feed(&mut gen, n, batch, "boot-1", |_| Ok::<(), StoreError>(()))?;
         let (q50, q99, found, parts) = query_latency(&store, &samples)?;
         println!(
             "exact snat ip:port ±5 min query p50 / p99: {q50:.2} ms / {q99:.2} ms ({found}/{} found, {parts:.1} partitions each)",
@@ -131,39 +112,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Ingest: one writer thread.
     let cpu0 = cpu_seconds();
     let start = Instant::now();
-    let mut done = 0u64;
-    let mut b = 0usize;
-    let mut last_report = Instant::now();
-    while done < n {
-        let node = b % NODES;
-        b += 1;
-        let k = batch.min((n - done) as usize);
-        let records: Vec<ConnRecord> = (0..k).map(|_| gen.record(node)).collect();
-        for r in &records {
-            sample(
-                &mut samples,
-                &mut sample_rng,
-                done + 1,
-                Gen::node_name(node),
-                *r,
-            );
-            done += 1;
-        }
-        seqs[node] += 1;
-        store.append(StoredBatch {
-            node: Gen::node_name(node),
-            boot_id: "boot-1".into(),
-            seq: seqs[node],
-            records,
-        })?;
-        if last_report.elapsed() > Duration::from_secs(10) {
-            last_report = Instant::now();
-            eprintln!(
-                "  {done} records, {:.0} records/s",
-                done as f64 / start.elapsed().as_secs_f64()
-            );
-        }
-    }
+    let samples = feed(&mut gen, n, batch, "boot-1", |b| {
+        store.append(b).map(|_| ())
+    })?;
     store.commit()?;
     let ingest_s = start.elapsed().as_secs_f64();
     let ingest_cpu = cpu_seconds() - cpu0;

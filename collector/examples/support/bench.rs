@@ -133,8 +133,6 @@ impl Gen {
 
 /// Reservoir sampling of 1000 records: `seen` counts records so far,
 /// this one included.
-/// Reservoir sampling of 1000 records: `seen` counts records so far,
-/// this one included.
 pub fn sample(
     samples: &mut Vec<(String, ConnRecord)>,
     rng: &mut fastrand::Rng,
@@ -150,6 +148,57 @@ pub fn sample(
             samples[j] = (node, r);
         }
     }
+}
+
+/// The ingest phase's input: `n` records of `gen` in batches of `batch`,
+/// the nodes in turn (each node's `seq` from 1, boot `boot_id`), each
+/// handed to `sink` (stops at its first error); progress on stderr every
+/// 10 s. Returns 1000 records sampled from them (seed 7) for the query
+/// phase.
+pub fn feed<E>(
+    gen: &mut Gen,
+    n: u64,
+    batch: usize,
+    boot_id: &str,
+    mut sink: impl FnMut(ctw_collector::store::StoredBatch) -> Result<(), E>,
+) -> Result<Vec<(String, ConnRecord)>, E> {
+    let mut samples = Vec::new();
+    let mut sample_rng = fastrand::Rng::with_seed(7);
+    let mut seqs = [0u64; NODES];
+    let start = std::time::Instant::now();
+    let mut last_report = start;
+    let (mut done, mut b) = (0u64, 0usize);
+    while done < n {
+        let node = b % NODES;
+        b += 1;
+        let k = batch.min((n - done) as usize);
+        let records: Vec<ConnRecord> = (0..k).map(|_| gen.record(node)).collect();
+        for r in &records {
+            done += 1;
+            sample(
+                &mut samples,
+                &mut sample_rng,
+                done,
+                Gen::node_name(node),
+                *r,
+            );
+        }
+        seqs[node] += 1;
+        sink(ctw_collector::store::StoredBatch {
+            node: Gen::node_name(node),
+            boot_id: boot_id.to_string(),
+            seq: seqs[node],
+            records,
+        })?;
+        if last_report.elapsed() > std::time::Duration::from_secs(10) {
+            last_report = std::time::Instant::now();
+            eprintln!(
+                "  {done} records, {:.0} records/s",
+                done as f64 / start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(samples)
 }
 
 pub fn cpu_seconds() -> f64 {
