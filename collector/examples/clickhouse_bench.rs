@@ -98,6 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             name: CLUSTER.into(),
             zookeeper_path: "/clickhouse/tables/{shard}".into(),
             insert_quorum: None,
+            shards: Vec::new(),
         }),
     };
     let store = std::sync::Arc::new(ClickHouseStore::open(&cfg)?);

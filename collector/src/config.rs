@@ -602,6 +602,20 @@ impl ClickHouseConfig {
                     c.zookeeper_path
                 ));
             }
+            for (i, shard) in c.shards.iter().enumerate() {
+                if shard.is_empty() {
+                    return bad(format!(
+                        "storage.cluster.shards[{i}]: the HTTP URLs of the shard's replicas, got none"
+                    ));
+                }
+                for url in shard {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return bad(format!(
+                            "storage.cluster.shards[{i}]: an http:// or https:// URL, got {url:?}"
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -749,6 +763,21 @@ mod tests {
             ),
             ("ctw", "/clickhouse/tables/{shard}", Some(2))
         );
+        assert!(cl.shards.is_empty(), "through Distributed by default");
+        let c = Config::parse(&format!(
+            "{ch}  cluster:\n    name: ctw\n    shards:\n      - [http://a:8123, http://b:8123]\n      - [https://c:8443]\n"
+        ))
+        .unwrap();
+        let Storage::ClickHouse(h) = &c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        assert_eq!(
+            h.cluster.as_ref().unwrap().shards,
+            vec![
+                vec!["http://a:8123".to_string(), "http://b:8123".to_string()],
+                vec!["https://c:8443".to_string()]
+            ]
+        );
         for (bad, key) in [
             ("    name: \"a b\"\n", "storage.cluster.name"),
             (
@@ -756,6 +785,14 @@ mod tests {
                 "storage.cluster.zookeeper_path",
             ),
             ("    zookeeper_path: /x/{shard}\n", "name"),
+            (
+                "    name: ctw\n    shards: [[]]\n",
+                "storage.cluster.shards[0]",
+            ),
+            (
+                "    name: ctw\n    shards: [[\"http://a:8123\"], [\"a:8123\"]]\n",
+                "storage.cluster.shards[1]",
+            ),
         ] {
             let e = Config::parse(&format!("{ch}  cluster:\n{bad}"))
                 .unwrap_err()

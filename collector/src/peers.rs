@@ -1371,6 +1371,7 @@ mod tests {
             name: CLUSTER.into(),
             zookeeper_path: "/clickhouse/tables/{shard}".into(),
             insert_quorum: None,
+            shards: Vec::new(),
         };
         // ON CLUSTER DDL needs every server's ZooKeeper session and DDL
         // worker up, which can lag the servers' start under load: retried,

@@ -51,6 +51,7 @@ fn cfg(ch: &ClickHouse, db: &str, insert_quorum: Option<u32>) -> ClickHouseConfi
             name: CLUSTER.into(),
             zookeeper_path: "/clickhouse/tables/{shard}".into(),
             insert_quorum,
+            shards: Vec::new(),
         }),
     }
 }
@@ -125,6 +126,68 @@ fn two_shards_give_the_same_answers_as_memstore() {
         );
     }
     store.close();
+
+    // Direct inserts into the local tables (`storage.cluster.shards`): the
+    // same answers, and every row on the shard `Distributed` chooses (two
+    // shards of weight 1: cityHash64 of the sharding key modulo 2, shard
+    // 1 first), asked of the servers themselves.
+    let mut direct = cfg(s1, "ctw_direct", None);
+    direct.cluster.as_mut().unwrap().shards = vec![vec![s0.url()], vec![s1.url()]];
+    let store = store::open(Storage::ClickHouse(direct.clone()).backend()).unwrap();
+    assert!(store.ready());
+    random_equivalence(store.as_ref(), 3, 300, &mut |_| {});
+    let total = count(s0, "SELECT count() FROM ctw_direct.ctw_records");
+    assert!(total > 3000, "{total}");
+    assert_eq!(store.stats().records, total);
+    let mut ledger = 0;
+    for (i, s) in [s0, s1].into_iter().enumerate() {
+        let here = |table: &str, key: &str| {
+            let all = count(s, &format!("SELECT count() FROM ctw_direct.{table}_local"));
+            let wrong = count(
+                s,
+                &format!(
+                    "SELECT count() FROM ctw_direct.{table}_local WHERE cityHash64({key}) % 2 != {i}"
+                ),
+            );
+            assert_eq!(
+                wrong,
+                0,
+                "{table} on shard {}: rows of another shard",
+                i + 1
+            );
+            all
+        };
+        assert!(
+            here("ctw_records", "snat_ip") > 0,
+            "shard {} holds records",
+            i + 1
+        );
+        ledger += here("ctw_batches", "node");
+        assert_eq!(
+            here("ctw_records_by_pod", "snat_ip"),
+            here("ctw_records", "snat_ip"),
+            "the pod index sits with its records"
+        );
+    }
+    assert_eq!(
+        ledger,
+        count(s0, "SELECT count() FROM ctw_direct.ctw_batches")
+    );
+    assert!(ledger > 0);
+    store.close();
+    // A list that does not match the cluster is refused, naming the fault.
+    for (shards, want) in [
+        (
+            vec![vec![s1.url()], vec![s0.url()]],
+            "storage.cluster.shards[0]",
+        ),
+        (vec![vec![s0.url()]], "lists 1 shard(s) but cluster"),
+    ] {
+        let mut bad = direct.clone();
+        bad.cluster.as_mut().unwrap().shards = shards;
+        let e = ClickHouseStore::open(&bad).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
 }
 
 /// Collectors talking to different shards share one ledger: a batch
@@ -292,4 +355,40 @@ fn replica_killed_quorum_holds_acks_and_nothing_is_lost_or_doubled() {
         assert_eq!(got.total, 200, "{db}");
         assert_eq!(canonical(got.hits), canonical(want.hits.clone()), "{db}");
     }
+
+    // Direct inserts (`storage.cluster.shards`) go on through the other
+    // replica when the one they used is killed; it catches up afterwards.
+    let mut direct = cfg(&c.servers[1], "ctw_qd", Some(0));
+    direct.cluster.as_mut().unwrap().shards = vec![vec![c.servers[0].url(), c.servers[1].url()]];
+    let d = ClickHouseStore::open(&direct).unwrap();
+    let mem = MemStore::default();
+    for seq in 0..4 {
+        if seq == 2 {
+            c.server(0, 0).stop();
+        }
+        assert_eq!(
+            d.append(pod_batch("n1", seq, 50)).unwrap(),
+            AppendOutcome::Stored,
+            "batch {seq}"
+        );
+        mem.append(pod_batch("n1", seq, 50)).unwrap();
+    }
+    c.server(0, 0).restart();
+    wait_for(Duration::from_secs(60), "replica 1 caught up", || {
+        (c.servers[0].query(&local("ctw_qd")).ok()?.trim() == "200").then_some(())
+    });
+    for ch in &c.servers {
+        assert_eq!(count(ch, &local("ctw_qd")), 200, "every record once");
+        assert_eq!(
+            count(ch, "SELECT count() FROM ctw_qd.ctw_batches_local"),
+            4,
+            "every ledger row once"
+        );
+    }
+    let got = d.search(&everything()).unwrap();
+    assert_eq!(got.total, 200);
+    assert_eq!(
+        canonical(got.hits),
+        canonical(mem.search(&everything()).unwrap().hits)
+    );
 }

@@ -56,6 +56,7 @@
 
 mod row;
 pub mod schema;
+mod shards;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -152,6 +153,9 @@ struct Inner {
     /// Wakes the flusher: the first append of an empty queue, or the queue
     /// reaching `insert_max_records`.
     wake: tokio::sync::Notify,
+    /// With `storage.cluster.shards`: where each shard's local tables are
+    /// (set by the start-up check); inserts go there directly.
+    shard_map: std::sync::OnceLock<shards::ShardMap>,
 }
 
 /// What an append hears back from its flush.
@@ -283,13 +287,14 @@ impl ClickHouseStore {
             quorum: AtomicU32::new(0),
             queue: Mutex::new(Queue::default()),
             wake: tokio::sync::Notify::new(),
+            shard_map: std::sync::OnceLock::new(),
         });
         let store = ClickHouseStore {
             handle: rt.handle().clone(),
             rt: Mutex::new(Some(rt)),
             inner: inner.clone(),
         };
-        match store.block_within(schema::ensure_timeout(cfg), schema::ensure(inner.clone())) {
+        match store.block_within(schema::ensure_timeout(cfg), start_up(inner.clone())) {
             Ok(()) => inner.ready.store(true, Ordering::SeqCst),
             Err(schema::Error::Refused(m)) => return Err(StoreError::Index(m)),
             Err(schema::Error::Unreachable(m)) => {
@@ -387,11 +392,34 @@ impl From<String> for StoreError {
 }
 
 /// Retry the schema check until it passes (ready) or the store closes.
+/// The start-up check: the schema ([`schema::ensure`]), then with
+/// `storage.cluster.shards` the shard list ([`shards::check`]).
+async fn start_up(inner: Arc<Inner>) -> Result<(), schema::Error> {
+    schema::ensure(inner.clone()).await?;
+    let Some(c) = inner.cfg.cluster.as_ref().filter(|c| !c.shards.is_empty()) else {
+        return Ok(());
+    };
+    if inner.shard_map.get().is_none() {
+        let map = shards::check(&inner, &c.name, &c.shards)
+            .await
+            .map_err(|e| match e {
+                shards::CheckError::Refused(m) => schema::Error::Refused(m),
+                shards::CheckError::Unreachable(m) => schema::Error::Unreachable(m),
+            })?;
+        tracing::info!(
+            shards = map.shards(),
+            "ClickHouse inserts go to the shards' local tables"
+        );
+        let _ = inner.shard_map.set(map);
+    }
+    Ok(())
+}
+
 async fn retry_connect(inner: Arc<Inner>) {
     let every = Duration::from_millis(inner.cfg.connect_retry_ms);
     while !inner.closed.load(Ordering::SeqCst) {
         tokio::time::sleep(every).await;
-        match schema::ensure(inner.clone()).await {
+        match start_up(inner.clone()).await {
             Ok(()) => {
                 inner.ready.store(true, Ordering::SeqCst);
                 tracing::info!(url = %inner.cfg.url, "ClickHouse reachable; ready");
@@ -843,7 +871,6 @@ async fn flush(
     planned: &mut Option<Vec<AppendOutcome>>,
     now: u64,
 ) -> Result<Vec<AppendOutcome>, StoreError> {
-    let db = &inner.cfg.database;
     let outcomes = match planned {
         Some(o) => o.clone(),
         None => {
@@ -876,39 +903,60 @@ async fn flush(
     if new.is_empty() {
         return Ok(outcomes);
     }
-    if new.iter().any(|b| !b.records.is_empty()) {
-        let mut ins = inner
-            .client()
-            .insert::<RecordRow>(&format!("{db}.{}", schema::RECORDS))
-            .map_err(|e| ch_err("insert", e))?;
-        for b in &new {
-            for r in &b.records {
-                ins.write(&RecordRow::from_record(&b.node, r))
-                    .await
-                    .map_err(|e| ch_err("insert", e))?;
-            }
-        }
-        ins.end().await.map_err(|e| ch_err("insert", e))?;
-    }
-    let mut ledger = inner
-        .client()
-        .insert::<BatchRow>(&format!("{db}.{}", schema::BATCHES))
-        .map_err(|e| ch_err("ledger insert", e))?;
-    for b in &new {
-        ledger
-            .write(&BatchRow {
-                day: day_of(now),
-                node: b.node.clone(),
-                boot_id: b.boot_id.clone(),
-                seq: b.seq,
-                records: b.records.len().min(u32::MAX as usize) as u32,
-                stored_us: now / 1000,
-            })
-            .await
-            .map_err(|e| ch_err("ledger insert", e))?;
-    }
-    ledger.end().await.map_err(|e| ch_err("ledger insert", e))?;
+    let rows: Vec<RecordRow> = new
+        .iter()
+        .flat_map(|b| b.records.iter().map(|r| RecordRow::from_record(&b.node, r)))
+        .collect();
+    insert_rows(inner, schema::RECORDS, &rows, |r| {
+        shards::Key::Addr(r.snat_ip)
+    })
+    .await?;
+    let ledger: Vec<BatchRow> = new
+        .iter()
+        .map(|b| BatchRow {
+            day: day_of(now),
+            node: b.node.clone(),
+            boot_id: b.boot_id.clone(),
+            seq: b.seq,
+            records: b.records.len().min(u32::MAX as usize) as u32,
+            stored_us: now / 1000,
+        })
+        .collect();
+    insert_rows(inner, schema::BATCHES, &ledger, |b| {
+        shards::Key::Text(b.node.clone())
+    })
+    .await?;
     Ok(outcomes)
+}
+
+/// One `INSERT` of `rows` into `table` (through `Distributed` in a
+/// cluster), or with `storage.cluster.shards` one into each shard's local
+/// table, the shard chosen by `key` (the table's sharding key, see
+/// [`schema`]). Nothing for no rows.
+async fn insert_rows<R>(
+    inner: &Inner,
+    table: &str,
+    rows: &[R],
+    key: impl Fn(&R) -> shards::Key,
+) -> Result<(), StoreError>
+where
+    R: clickhouse::Row + Serialize + Send + Sync,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    if let Some(map) = inner.shard_map.get() {
+        return map.insert(inner, table, rows, key).await;
+    }
+    let what = |e| ch_err(&format!("insert into {table}"), e);
+    let mut ins = inner
+        .client()
+        .insert::<R>(&format!("{}.{table}", inner.cfg.database))
+        .map_err(what)?;
+    for r in rows {
+        ins.write(r).await.map_err(what)?;
+    }
+    ins.end().await.map_err(what)
 }
 
 async fn record_gap(inner: Arc<Inner>, gap: Gap) -> Result<(), StoreError> {
@@ -1287,6 +1335,14 @@ pub struct ClusterOptions {
     /// once one replica has it).
     #[serde(default)]
     pub insert_quorum: Option<u32>,
+    /// Insert into the shards' local tables directly instead of through
+    /// the `Distributed` tables (see [`shards`]): per shard, in the
+    /// cluster's `remote_servers` order, the HTTP URLs of its replicas
+    /// (e.g. `[[http://ch-0-0:8123, http://ch-0-1:8123], [http://ch-1-0:8123]]`).
+    /// Checked at start against `system.clusters`. Empty (the default):
+    /// through `Distributed`.
+    #[serde(default)]
+    pub shards: Vec<Vec<String>>,
 }
 
 fn default_zookeeper_path() -> String {
