@@ -550,8 +550,8 @@ fn counter(c: &Collector, name: &str) -> f64 {
 
 /// Issue 15's failover test, on a ClickHouse cluster of 2 shards × 2
 /// replicas (with ZooKeeper; `insert_quorum` unset: both replicas) behind
-/// c1 and c2. While one pod of each node sends requests without pause,
-/// c1 (holding node-0's stream) and the second replica of a shard that
+/// c1 and c2. While one pod of each node sends requests (about 8 a
+/// second, through the outage and after it), c1 (holding node-0's stream) and the second replica of a shard that
 /// stores records are killed together with SIGKILL. node-0's agent moves
 /// to c2; every insert that needs the dead replica is refused for want of
 /// quorum, so nothing is acked that both replicas did not store and the
