@@ -91,20 +91,6 @@ fn start_with<S>(servers: impl FnOnce(&str) -> (S, String)) -> Option<ChCluster<
     })
 }
 
-/// Requests from every pod of both nodes; (line, pod address, node).
-fn requests(c: &Cluster, per_pod: usize) -> Vec<(String, Ipv4Addr, String)> {
-    let mut sent = Vec::new();
-    for node in 0..2 {
-        for pod in 0..2 {
-            for _ in 0..per_pod {
-                let line = c.request(node, pod, None, &[]);
-                sent.push((line, c.topo.pod_ip4_of(node, pod), format!("node-{node}")));
-            }
-        }
-    }
-    sent
-}
-
 fn resolve(c: &Cluster, lines: &[String]) -> (u16, Value) {
     c.collector.post_json(
         "/api/v1/resolve",
@@ -145,7 +131,7 @@ fn assert_resolved(c: &Cluster, sent: &[(String, Ipv4Addr, String)], wait: Durat
 #[test]
 fn lines_resolve_through_clickhouse_also_after_a_collector_kill() {
     let Some(mut x) = start() else { return };
-    let sent = requests(&x.c, 2);
+    let sent = x.c.requests(2);
     assert_resolved(&x.c, &sent, WAIT);
     x.c.collector.kill9(&mut x.c.topo);
     x.c.collector.restart(&mut x.c.topo);
@@ -154,7 +140,7 @@ fn lines_resolve_through_clickhouse_also_after_a_collector_kill() {
     assert_eq!(code, 200, "{v:#}");
     assert_eq!(v["summary"]["resolved"], lines.len(), "{v:#}");
     x.c.collector.wait_connected(&["node-0", "node-1"]);
-    let more = requests(&x.c, 1);
+    let more = x.c.requests(1);
     assert_resolved(
         &x.c,
         &sent.iter().chain(&more).cloned().collect::<Vec<_>>(),
@@ -199,10 +185,10 @@ fn lines_resolve_through_a_replicated_sharded_cluster_with_a_replica_killed() {
     }) else {
         return;
     };
-    let before = requests(&x.c, 1);
+    let before = x.c.requests(1);
     assert_resolved(&x.c, &before, WAIT);
     x.ch.server(0, 1).stop();
-    let mut during = requests(&x.c, 2);
+    let mut during = x.c.requests(2);
     // Down until an insert failed (quorum not reached: nothing acked).
     let failed = || {
         let (_, text) = x.c.collector.get("/metrics");
@@ -216,7 +202,7 @@ fn lines_resolve_through_a_replicated_sharded_cluster_with_a_replica_killed() {
         "an insert refused for want of quorum",
         || (failed() > 0.0).then_some(()),
     );
-    during.extend(requests(&x.c, 1));
+    during.extend(x.c.requests(1));
     x.ch.server(0, 1).restart();
     let all: Vec<_> = before.iter().chain(&during).cloned().collect();
     // The agents resend what was not acked after their ack timeout (60 s).
@@ -258,10 +244,10 @@ fn lines_resolve_through_a_replicated_sharded_cluster_with_a_replica_killed() {
 #[test]
 fn clickhouse_down_mid_stream_loses_and_doubles_nothing() {
     let Some(mut x) = start() else { return };
-    let before = requests(&x.c, 1);
+    let before = x.c.requests(1);
     assert_resolved(&x.c, &before, WAIT);
     x.ch.stop();
-    let during = requests(&x.c, 2);
+    let during = x.c.requests(2);
     // Nothing of the outage is answered while the server is down.
     let lines: Vec<String> = during.iter().map(|s| s.0.clone()).collect();
     let (code, _) = resolve(&x.c, &lines);
@@ -286,10 +272,10 @@ fn a_batch_the_store_refused_is_resent_at_once() {
     let Some(mut x) = start_timeout(1_000) else {
         return;
     };
-    let before = requests(&x.c, 1);
+    let before = x.c.requests(1);
     assert_resolved(&x.c, &before, WAIT);
     x.ch.stop();
-    let during = requests(&x.c, 2);
+    let during = x.c.requests(2);
     let failed = || {
         let (_, text) = x.c.collector.get("/metrics");
         text.lines()

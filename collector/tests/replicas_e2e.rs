@@ -1,7 +1,8 @@
 //! Collector replicas end to end, in network namespaces: one private
-//! ClickHouse server (Debian's 18.16), two collectors (`c1`, `c2`) on its
-//! database with `replicas` on, two nodes with pods behind masquerade,
-//! nginx in the server namespace, and the real agents. Each agent dials the
+//! ClickHouse server (Debian's 18.16), or a cluster of them with a
+//! ZooKeeper (2 shards; 2 × 2 for the test that also kills a replica), two
+//! collectors (`c1`, `c2`) on its database with `replicas` on, two nodes
+//! with pods behind masquerade, nginx in the server namespace, and the real agents. Each agent dials the
 //! name `collectors`, which its node's `/etc/hosts` (through `ip netns
 //! exec`'s `/etc/netns/NS/hosts`) maps to both collectors, its own first
 //! (as a Service's endpoints would): node-0 streams to c1, node-1 to c2,
@@ -10,7 +11,8 @@
 //! The right answers come from outside the product: nginx's access log
 //! (every line, its address and port), the pod each request was sent from,
 //! and the node's kernel conntrack table (`conntrack -L`). Needs root,
-//! `clickhouse-server` and `conntrack`.
+//! `clickhouse-server` and `conntrack` (and `zookeeperd` for the cluster
+//! tests, skipped without it).
 
 #![allow(clippy::unwrap_used)]
 
@@ -18,6 +20,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ctw_collector::store::clickhouse::schema::RECORD_COLUMNS;
 use ctw_testkit::clickhouse::{self, ClickHouse};
 use ctw_testkit::cluster::Cluster;
 use ctw_testkit::collector::{Collector, GRPC_PORT};
@@ -41,11 +44,12 @@ impl Drop for NetnsEtc {
     }
 }
 
-/// The ClickHouse the collectors share: one server, or a cluster of two
-/// shards (c1 talks to shard 1's server, c2 to shard 2's).
+/// The ClickHouse the collectors share: one server, or a cluster (with
+/// its ZooKeeper) of at least two shards: c1 talks to shard 1's first
+/// replica, c2 to shard 2's.
 enum Servers {
     One(ClickHouse),
-    TwoShards(clickhouse::Cluster),
+    Cluster(clickhouse::Cluster),
 }
 
 impl Servers {
@@ -53,7 +57,7 @@ impl Servers {
     fn must(&self, sql: &str) -> String {
         match self {
             Servers::One(ch) => ch.must(sql),
-            Servers::TwoShards(cl) => cl.servers[0].must(sql),
+            Servers::Cluster(cl) => cl.servers[0].must(sql),
         }
     }
 }
@@ -82,12 +86,13 @@ fn replicas_yaml(id: &str, addr: Ipv4Addr) -> String {
 }
 
 fn start() -> Option<Replicas> {
-    start_on(false)
+    start_on(None)
 }
 
-/// [`start`], the collectors on a ClickHouse cluster of two shards (with
-/// its ZooKeeper) when `two_shards`.
-fn start_on(two_shards: bool) -> Option<Replicas> {
+/// [`start`], the collectors on a ClickHouse cluster of `(shards,
+/// replicas)` (shards at least 2; with its ZooKeeper; `insert_quorum`
+/// unset: every replica of a shard) when `cluster` is given.
+fn start_on(cluster: Option<(usize, usize)>) -> Option<Replicas> {
     if !require_root() {
         return None;
     }
@@ -95,7 +100,7 @@ fn start_on(two_shards: bool) -> Option<Replicas> {
         ctw_testkit::skip("needs clickhouse-server (apt-get install clickhouse-server)");
         return None;
     }
-    if two_shards && !clickhouse::cluster_available() {
+    if cluster.is_some() && !clickhouse::cluster_available() {
         ctw_testkit::skip("needs clickhouse-server and zookeeperd (apt-get install zookeeperd)");
         return None;
     }
@@ -117,14 +122,15 @@ fn start_on(two_shards: bool) -> Option<Replicas> {
             "  backend: clickhouse\n  url: {url}\n  database: ctw\n  connect_retry_ms: 200\n  timeout_ms: 20000\n{cluster}"
         )
     };
-    let (ch, storage1, storage2) = if two_shards {
-        let cl = clickhouse::Cluster::start_in(Some(&col_ns), 2, 1);
+    let (ch, storage1, storage2) = if let Some((shards, replicas)) = cluster {
+        assert!(shards >= 2, "c1 and c2 talk to different shards");
+        let mut cl = clickhouse::Cluster::start_in(Some(&col_ns), shards, replicas);
         let section = format!("  cluster:\n    name: {}\n", clickhouse::CLUSTER);
         let (s1, s2) = (
-            storage(cl.servers[0].url(), &section),
-            storage(cl.servers[1].url(), &section),
+            storage(cl.server(0, 0).url(), &section),
+            storage(cl.server(1, 0).url(), &section),
         );
-        (Servers::TwoShards(cl), s1, s2)
+        (Servers::Cluster(cl), s1, s2)
     } else {
         let ch = ClickHouse::start_in(Some(&col_ns));
         let s = storage(ch.url(), "");
@@ -206,20 +212,6 @@ fn wait_holders(c: &Collector, want: &[(&str, &str)]) -> Value {
     })
 }
 
-/// Requests from every pod of both nodes; (line, pod address, node).
-fn requests(c: &Cluster, per_pod: usize) -> Vec<(String, Ipv4Addr, String)> {
-    let mut sent = Vec::new();
-    for node in 0..2 {
-        for pod in 0..2 {
-            for _ in 0..per_pod {
-                let line = c.request(node, pod, None, &[]);
-                sent.push((line, c.topo.pod_ip4_of(node, pod), format!("node-{node}")));
-            }
-        }
-    }
-    sent
-}
-
 fn resolve(c: &Collector, tmp: &std::path::Path, lines: &[String]) -> (u16, Value) {
     c.post_json(
         "/api/v1/resolve",
@@ -293,16 +285,19 @@ fn lines_and_live_lookups_resolve_through_either_collector() {
 /// through both (the lease table is replicated to every server).
 #[test]
 fn on_two_shards_lines_and_live_lookups_resolve_through_either_collector() {
-    let Some(x) = start_on(true) else { return };
+    let Some(x) = start_on(Some((2, 1))) else {
+        return;
+    };
     lines_and_live_lookups(x);
 }
 
 fn lines_and_live_lookups(x: Replicas) {
     let tmp = x.c.topo.tmp_dir().to_path_buf();
-    let sent: Vec<(String, Option<Ipv4Addr>, String)> = requests(&x.c, 2)
-        .into_iter()
-        .map(|(l, p, n)| (l, Some(p), n))
-        .collect();
+    let sent: Vec<(String, Option<Ipv4Addr>, String)> =
+        x.c.requests(2)
+            .into_iter()
+            .map(|(l, p, n)| (l, Some(p), n))
+            .collect();
     for c in [x.c1(), &x.c2] {
         let v = assert_resolved(c, &tmp, &sent);
         assert_eq!(v["summary"]["resolved"], sent.len());
@@ -394,7 +389,7 @@ fn lines_and_live_lookups(x: Replicas) {
 fn a_killed_collector_loses_and_doubles_nothing() {
     let Some(mut x) = start() else { return };
     let tmp = x.c.topo.tmp_dir().to_path_buf();
-    let first = requests(&x.c, 1);
+    let first = x.c.requests(1);
     assert_resolved(
         x.c1(),
         &tmp,
@@ -526,4 +521,233 @@ fn an_agent_restarted_across_collectors_leaves_a_gap() {
     );
     assert!(ns("to") >= killed_ns, "{g:#}");
     drop(x.ch);
+}
+
+/// Wait until `c`'s `/api/v1/agents` lists every node in `nodes` as
+/// connected (through any collector).
+fn wait_connected(c: &Collector, nodes: &[&str]) {
+    wait_for(WAIT, "agents connected to a collector", || {
+        let (code, v) = c.api("/api/v1/agents");
+        let agents = v["agents"].as_array()?;
+        let ok = code == 200
+            && nodes.iter().all(|node| {
+                agents
+                    .iter()
+                    .any(|a| a["node"] == *node && a["connected"] == true)
+            });
+        ok.then_some(())
+    });
+}
+
+/// Sum of every series of counter `name` in `c`'s `/metrics`.
+fn counter(c: &Collector, name: &str) -> f64 {
+    let (_, text) = c.get("/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 15's failover test, on a ClickHouse cluster of 2 shards × 2
+/// replicas (with ZooKeeper; `insert_quorum` unset: both replicas) behind
+/// c1 and c2. While one pod of each node sends requests (about 8 a
+/// second, through the outage and after it), c1 (holding node-0's stream) and the second replica of a shard that
+/// stores records are killed together with SIGKILL. node-0's agent moves
+/// to c2; every insert that needs the dead replica is refused for want of
+/// quorum, so nothing is acked that both replicas did not store and the
+/// agents keep (spool) their batches; the traffic goes on. Once the
+/// replica and c1 are started again: every line nginx logged resolves
+/// through each collector to exactly one connection of the right pod and
+/// node; a search counts exactly nginx's lines and is complete, through
+/// each; the ledger holds each (node, boot id, seq) once; both replicas of
+/// each shard hold the same rows. Record rows of inserts refused during
+/// the outage may be stored twice (never three times, never from after
+/// it): see the end of the test.
+#[test]
+fn a_collector_and_a_replica_killed_together_lose_nothing_and_answer_each_once() {
+    let Some(mut x) = start_on(Some((2, 2))) else {
+        return;
+    };
+    let tmp = x.c.topo.tmp_dir().to_path_buf();
+    let from = ctw_common::now_ns() / 1_000_000_000 - 600;
+    let first: Vec<(String, Option<Ipv4Addr>, String)> =
+        x.c.requests(1)
+            .into_iter()
+            .map(|(l, p, n)| (l, Some(p), n))
+            .collect();
+    for c in [x.c1(), &x.c2] {
+        assert_resolved(c, &tmp, &first);
+    }
+    let Servers::Cluster(cl) = &mut x.ch else {
+        unreachable!("started on a cluster")
+    };
+    let rows = |ch: &ClickHouse, sql: &str| -> u64 { ch.must(sql).trim().parse().unwrap() };
+    // A shard holding records: its second replica (no collector's server)
+    // is the one killed, so record inserts need it.
+    let shard = (0..2)
+        .find(|&s| rows(cl.server(s, 0), "SELECT count() FROM ctw.ctw_records_local") > 0)
+        .expect("a shard with records");
+    // One pod of each node sends requests, one after the other, until told
+    // to stop; each loop writes curl's status of every request.
+    let before = x.c.nginx.access_lines().len();
+    let stop = tmp.join("stop-traffic");
+    let mut loops = Vec::new();
+    for node in 0..2 {
+        let ns = x.c.topo.pod_ns_of(node, 0).to_string();
+        let url = format!("http://{}/", x.c.topo.srv_ip_for_node(node));
+        let (codes, done) = (
+            tmp.join(format!("codes-{node}")),
+            tmp.join(format!("done-{node}")),
+        );
+        // tidy: `sleep 0.1` paces the traffic (about 8 requests/s per pod
+        // on this machine: each line costs the resolver); it waits for no
+        // condition.
+        let script = format!(
+            "while [ ! -e {stop} ]; do curl -s -o /dev/null --max-time 5 -w '%{{http_code}}\\n' {url} >> {codes}; sleep 0.1; done; touch {done}",
+            stop = stop.display(),
+            codes = codes.display(),
+            done = done.display(),
+        );
+        x.c.topo.spawn_in(&ns, &["sh", "-c", &script]);
+        loops.push((codes, done));
+    }
+    wait_for(WAIT, "flows under way", || {
+        (x.c.nginx.access_lines().len() >= before + 40).then_some(())
+    });
+    x.c.collector.kill9(&mut x.c.topo);
+    cl.server(shard, 1).stop();
+    // node-0's agent moves to c2, whose inserts into the shard are refused
+    // (quorum of 2, one replica): nothing acked, the agents keep sending
+    // (c2's store gives up after retrying for its timeout_ms, 20 s).
+    wait_holders(&x.c2, &[("node-0", "c2"), ("node-1", "c2")]);
+    wait_for(
+        Duration::from_secs(120),
+        "an insert refused for want of quorum",
+        || (counter(&x.c2, "ctw_collector_batches_failed_total") > 0.0).then_some(()),
+    );
+    let outage_lines = x.c.nginx.access_lines().len();
+    cl.server(shard, 1).restart();
+    let back_us = ctw_common::now_ns() / 1000;
+    x.c.collector.restart(&mut x.c.topo);
+    // Traffic also after both came back, then stop it.
+    wait_for(WAIT, "flows after the restarts", || {
+        (x.c.nginx.access_lines().len() >= outage_lines + 30).then_some(())
+    });
+    std::fs::write(&stop, "").unwrap();
+    let sent: usize = loops
+        .iter()
+        .map(|(codes, done)| {
+            wait_for(WAIT, "the request loop to end", || {
+                done.exists().then_some(())
+            });
+            let codes = std::fs::read_to_string(codes).unwrap();
+            assert!(
+                codes.lines().all(|c| c == "200"),
+                "a request failed: {codes}"
+            );
+            codes.lines().count()
+        })
+        .sum();
+    wait_for(WAIT, "every request logged by nginx", || {
+        (x.c.nginx.access_lines().len() >= before + sent).then_some(())
+    });
+    // Every line nginx logged, with the pod (the loops' lines: pod 0 of
+    // the node their address belongs to) and node that sent it.
+    let text = std::fs::read_to_string(&x.c.nginx.access_log).unwrap();
+    let logged: Vec<(String, Option<Ipv4Addr>, String)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i < before {
+                assert_eq!(first[i].0, l);
+                return first[i].clone();
+            }
+            let ip: Ipv4Addr = l.split_whitespace().next().unwrap().parse().unwrap();
+            let node = (0..2).find(|&n| x.c.topo.node_ip4_of(n) == ip).unwrap();
+            (
+                l.to_string(),
+                Some(x.c.topo.pod_ip4_of(node, 0)),
+                format!("node-{node}"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        logged.len(),
+        before + sent,
+        "nginx logged each request once"
+    );
+    assert!(
+        logged.len() > outage_lines,
+        "flows during and after the outage"
+    );
+    let to = ctw_common::now_ns() / 1_000_000_000 + 60;
+    for c in [&x.c.collector, &x.c2] {
+        wait_connected(c, &["node-0", "node-1"]);
+        assert_resolved(c, &tmp, &logged);
+        let (code, s) = c.api(&format!(
+            "/api/v1/connections?dst_port=80&from={from}&to={to}&limit=10000"
+        ));
+        assert_eq!(code, 200, "{s:#}");
+        assert_eq!(s["total"], logged.len() as u64, "{}", s["gaps"]);
+        assert_eq!(s["complete"], true, "{}", s["gaps"]);
+    }
+    let batches = rows(&cl.servers[0], "SELECT count() FROM ctw.ctw_batches");
+    let distinct = rows(
+        &cl.servers[0],
+        "SELECT uniqExact(node, boot_id, seq) FROM ctw.ctw_batches",
+    );
+    assert_eq!(batches, distinct, "a batch in the ledger twice");
+    // Each shard's replicas, caught up, hold the same rows; the ledger's
+    // none twice. Records: a quorum insert that timed out (ClickHouse's
+    // "unknown status, client must retry", code 319) stays on the live
+    // replica, which hands it to the other once back; the store's retries
+    // of the same insert are dropped as a repeated block, but once it gave
+    // up the agents' replays come in other flushes (other blocks) and store
+    // those rows again; searches answer them once (checked above). So rows
+    // stored twice are allowed only from inserts made before the replica
+    // was back, and never three times.
+    let all_columns = RECORD_COLUMNS.join(", ");
+    let mut total = 0;
+    for s in 0..2 {
+        for table in ["ctw_records_local", "ctw_batches_local"] {
+            let counts: Vec<(u64, u64)> = (0..2)
+                .map(|r| {
+                    let ch = cl.server(s, r);
+                    wait_for(WAIT, "the replica caught up", || {
+                        ch.query(&format!("SYSTEM SYNC REPLICA ctw.{table}")).ok()
+                    });
+                    (
+                        rows(ch, &format!("SELECT count() FROM ctw.{table}")),
+                        rows(
+                            ch,
+                            &format!("SELECT count() FROM (SELECT DISTINCT * FROM ctw.{table})"),
+                        ),
+                    )
+                })
+                .collect();
+            assert_eq!(counts[0], counts[1], "shard {s} {table}: replicas differ");
+            if table == "ctw_batches_local" {
+                assert_eq!(counts[0].0, counts[0].1, "shard {s}: a ledger row twice");
+                continue;
+            }
+            total += counts[0].0;
+            let twice = cl.server(s, 0).must(&format!(
+                "SELECT n, count(), max(event_us) FROM (SELECT {all_columns}, count() AS n \
+                 FROM ctw.{table} GROUP BY {all_columns}) WHERE n > 1 GROUP BY n"
+            ));
+            for l in twice.lines() {
+                let f: Vec<u64> = l.split('\t').map(|v| v.parse().unwrap()).collect();
+                assert_eq!(f[0], 2, "shard {s}: {} rows stored {} times", f[1], f[0]);
+                assert!(
+                    f[2] < back_us,
+                    "shard {s}: a row stored twice after the outage: {l}"
+                );
+                eprintln!("shard {s}: {} record rows of the outage stored twice", f[1]);
+            }
+        }
+    }
+    assert_eq!(
+        total,
+        rows(&cl.servers[0], "SELECT count() FROM ctw.ctw_records")
+    );
 }

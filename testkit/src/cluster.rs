@@ -434,4 +434,25 @@ impl Cluster {
             || read().lines().nth(before).map(str::to_string),
         )
     }
+
+    /// `per_pod` requests ([`request`](Self::request), one after the
+    /// other) from every pod of every node, node by node and pod by pod;
+    /// each as (the access-log line nginx wrote, the pod's address, the
+    /// node's agent name `node-N`).
+    pub fn requests(&self, per_pod: usize) -> Vec<(String, Ipv4Addr, String)> {
+        let mut sent = Vec::new();
+        for node in 0..self.topo.node_count() {
+            for pod in 0..self.topo.pod_count_of(node) {
+                for _ in 0..per_pod {
+                    let line = self.request(node, pod, None, &[]);
+                    sent.push((
+                        line,
+                        self.topo.pod_ip4_of(node, pod),
+                        format!("node-{node}"),
+                    ));
+                }
+            }
+        }
+        sent
+    }
 }
