@@ -484,3 +484,68 @@ fn coalesced_appends_all_fail_while_down_and_replay_stores_once() {
     );
     assert_eq!(store.search(&everything()).unwrap().total, want);
 }
+
+/// A batch the server refuses for its data (here: a view that throws on
+/// node `n13`'s rows, as a server limit or a bad value would) fails alone:
+/// the other batches of its flush are stored and answered once, and the
+/// refusal names the server's error. A batch spanning more days than ClickHouse
+/// 19.x+ takes in one insert block (100) is stored in several inserts.
+#[test]
+fn a_refused_batch_fails_alone_and_the_rest_of_its_flush_is_stored() {
+    let Some(ch) = server() else { return };
+    let mut c = cfg(&ch, "ctw_refuse");
+    c.insert_interval_ms = 300;
+    let store = ClickHouseStore::open(&c).unwrap();
+    ch.must(
+        "CREATE MATERIALIZED VIEW ctw_refuse.refuse_n13 ENGINE = Memory \
+         AS SELECT throwIf(node = 'n13') AS refused FROM ctw_refuse.ctw_records",
+    );
+    // One call: every batch goes into one flush; the refused one last, so
+    // every other outcome is reported before the error.
+    let batches: Vec<_> = [10, 11, 12, 14, 15, 13]
+        .into_iter()
+        .map(|n| node_batch(n, 0, 5))
+        .collect();
+    let (done, e) = store.append_many(batches);
+    assert_eq!(done, [AppendOutcome::Stored; 5]);
+    let e = e.expect("n13 refused").to_string();
+    assert!(e.contains("Code: 395") && e.contains("throwIf"), "{e}");
+    // 18.16 runs a view after writing the table's part: the refused flush
+    // had written its rows, and storing each batch again wrote them twice
+    // (MergeTree keeps both; searches answer each once).
+    assert_eq!(
+        ch.must(
+            "SELECT node, uniqExact(src_port, event_us) FROM ctw_refuse.ctw_records \
+             WHERE node != 'n13' GROUP BY node ORDER BY node"
+        ),
+        "n10\t5\nn11\t5\nn12\t5\nn14\t5\nn15\t5\n"
+    );
+    // n13's rows too: written before its view refused them (not acked:
+    // its agent replays the batch, answered once).
+    assert_eq!(store.search(&everything()).unwrap().total, 30);
+    // Refused again when replayed; the others are duplicates.
+    let (done, e) = store.append_many(vec![node_batch(10, 0, 5), node_batch(13, 0, 5)]);
+    assert_eq!(done, [AppendOutcome::Duplicate]);
+    assert!(e.is_some());
+    ch.must("DROP TABLE ctw_refuse.refuse_n13");
+    assert_eq!(
+        store.append(node_batch(13, 0, 5)).unwrap(),
+        AppendOutcome::Stored
+    );
+    assert_eq!(store.search(&everything()).unwrap().total, 30);
+    // 150 days in one batch.
+    let mut long = node_batch(20, 0, 150);
+    for (i, r) in long.records.iter_mut().enumerate() {
+        r.event_ns += i as u64 * 86_400_000_000_000;
+        r.start_ns = Some(r.event_ns);
+    }
+    assert_eq!(store.append(long).unwrap(), AppendOutcome::Stored);
+    assert_eq!(
+        ch.must(
+            "SELECT count(), uniqExact(day), uniqExact(src_port) FROM ctw_refuse.ctw_records \
+             WHERE node = 'n20'"
+        )
+        .trim(),
+        "150\t150\t150"
+    );
+}

@@ -41,6 +41,13 @@
 //! is added per row (no batch id column) and appends read no records.
 //! `stats().records` counts rows, a replayed batch's twice.
 //!
+//! A flush the server refuses for its data (an exception code that is
+//! not a server, network or configuration failure: [`rejection_code`]) is
+//! not retried; each of its batches is then stored on its own, so only a
+//! batch the server refuses fails. (18.16 runs materialized views after
+//! writing the table's part: rows of a flush a view refused are stored,
+//! not acked, and answered once when replayed.)
+//!
 //! Cluster mode (`storage.cluster`, [`ClusterOptions`]): the same table
 //! names are `Distributed` tables over `ReplicatedMergeTree` tables (see
 //! [`schema`] for the sharding keys); every insert goes through them with
@@ -746,22 +753,82 @@ async fn flush_loop(inner: Arc<Inner>) {
         next = tokio::time::Instant::now() + every;
         let result = flush_with_retries(&inner, &taken, timeout).await;
         match result {
+            Err(e) if taken.len() > 1 && rejection_code(&e).is_some() => {
+                // The server refused the flush's data: store each batch on
+                // its own so one bad batch fails alone.
+                tracing::warn!(batches = taken.len(), error = %e,
+                    "ClickHouse refused a flush; storing its batches one by one");
+                for w in taken {
+                    let one = flush_with_retries(&inner, std::slice::from_ref(&w), timeout).await;
+                    let _ = w.done.send(match one {
+                        Ok(o) => Answer::Done(o[0]),
+                        Err(e) => Answer::Failed(error_text(e)),
+                    });
+                }
+            }
             Ok(outcomes) => {
                 for (w, o) in taken.into_iter().zip(outcomes) {
                     let _ = w.done.send(Answer::Done(o));
                 }
             }
             Err(e) => {
-                let m = match e {
-                    StoreError::Index(m) => m,
-                    e => e.to_string(),
-                };
+                let m = error_text(e);
                 for w in taken {
                     let _ = w.done.send(Answer::Failed(m.clone()));
                 }
             }
         }
     }
+}
+
+fn error_text(e: StoreError) -> String {
+    match e {
+        StoreError::Index(m) => m,
+        e => e.to_string(),
+    }
+}
+
+/// ClickHouse error codes (`src/Common/ErrorCodes.cpp`) that say nothing
+/// about the data sent: the server, the cluster, the network or the
+/// configuration failed, so the same insert may succeed later.
+const NOT_THE_DATA: [u32; 24] = [
+    3,    // UNEXPECTED_END_OF_FILE (a connection cut mid-request)
+    60,   // UNKNOWN_TABLE
+    81,   // UNKNOWN_DATABASE
+    159,  // TIMEOUT_EXCEEDED
+    164,  // READONLY
+    192,  // UNKNOWN_USER
+    193,  // WRONG_PASSWORD
+    202,  // TOO_MANY_SIMULTANEOUS_QUERIES
+    209,  // SOCKET_TIMEOUT
+    210,  // NETWORK_ERROR
+    225,  // NO_ZOOKEEPER
+    236,  // ABORTED
+    242,  // TABLE_IS_READ_ONLY
+    252,  // TOO_MANY_PARTS
+    279,  // ALL_CONNECTION_TRIES_FAILED
+    285,  // TOO_FEW_LIVE_REPLICAS
+    286,  // UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE
+    319,  // UNKNOWN_STATUS_OF_INSERT
+    394,  // QUERY_WAS_CANCELLED
+    497,  // ACCESS_DENIED
+    516,  // AUTHENTICATION_FAILED
+    999,  // KEEPER_EXCEPTION
+    1000, // POCO_EXCEPTION (network and system errors)
+    1001, // STD_EXCEPTION
+];
+
+/// The ClickHouse error code of `e` when the server answered with an
+/// exception about the request itself (its data, or what the data made
+/// the server do: a type, a view, a limit), which sending the same insert
+/// again cannot fix; `None` for a server, network or configuration error
+/// (codes in [`NOT_THE_DATA`], or no code: no answer).
+fn rejection_code(e: &StoreError) -> Option<u32> {
+    let StoreError::Index(m) = e else { return None };
+    let at = m.find("Code: ")? + "Code: ".len();
+    let digits: String = m[at..].chars().take_while(char::is_ascii_digit).collect();
+    let code: u32 = digits.parse().ok()?;
+    (!NOT_THE_DATA.contains(&code)).then_some(code)
 }
 
 /// The oldest waiting appends holding at most `max` records (at least one).
@@ -819,7 +886,8 @@ async fn ledger_lookup(inner: &Inner, keys: &[BatchKey]) -> Result<HashSet<Batch
 /// Stores the batches of one flush, trying again (backoff 100 ms doubling
 /// to 2 s) while the server fails, for up to `timeout_ms` in all (each
 /// attempt within `timeout_ms`): a short outage (a restart) delays the
-/// acks instead of failing the batches. A retry repeats the first
+/// acks instead of failing the batches. An insert the server refused for
+/// its data ([`rejection_code`]) is not tried again. A retry repeats the first
 /// attempt's inserts exactly (same batches as stored and duplicate, same
 /// rows in the same order, same ledger times), so in cluster mode a shard
 /// that had written its part of a failed insert drops the repeat as a
@@ -839,6 +907,8 @@ async fn flush_with_retries(
         let e = match tokio::time::timeout(timeout, flush(inner, waiting, &mut planned, now)).await
         {
             Ok(Ok(o)) => return Ok(o),
+            // Refused for its data: trying again cannot help.
+            Ok(Err(e)) if rejection_code(&e).is_some() => return Err(e),
             Ok(Err(e)) => e,
             Err(_) => StoreError::Index(format!(
                 "clickhouse: no answer within {} ms",
@@ -940,23 +1010,67 @@ async fn insert_rows<R>(
     key: impl Fn(&R) -> shards::Key,
 ) -> Result<(), StoreError>
 where
-    R: clickhouse::Row + Serialize + Send + Sync,
+    R: clickhouse::Row + Serialize + Send + Sync + Partitioned,
 {
     if rows.is_empty() {
         return Ok(());
     }
-    if let Some(map) = inner.shard_map.get() {
-        return map.insert(inner, table, rows, key).await;
+    for chunk in by_partitions(rows, MAX_PARTITIONS_PER_INSERT) {
+        if let Some(map) = inner.shard_map.get() {
+            map.insert(inner, table, &chunk, &key).await?;
+            continue;
+        }
+        let what = |e| ch_err(&format!("insert into {table}"), e);
+        let mut ins = inner
+            .client()
+            .insert::<R>(&format!("{}.{table}", inner.cfg.database))
+            .map_err(what)?;
+        for r in chunk {
+            ins.write(r).await.map_err(what)?;
+        }
+        ins.end().await.map_err(what)?;
     }
-    let what = |e| ch_err(&format!("insert into {table}"), e);
-    let mut ins = inner
-        .client()
-        .insert::<R>(&format!("{}.{table}", inner.cfg.database))
-        .map_err(what)?;
+    Ok(())
+}
+
+/// Most day partitions one `INSERT` touches: ClickHouse 19.x and later
+/// refuse an insert block spanning more than `max_partitions_per_insert_block`
+/// partitions (100 by default; 18.16 has no such limit).
+const MAX_PARTITIONS_PER_INSERT: usize = 100;
+
+/// A row's partition (`day`).
+trait Partitioned {
+    fn day(&self) -> u16;
+}
+
+impl Partitioned for RecordRow {
+    fn day(&self) -> u16 {
+        self.day
+    }
+}
+
+impl Partitioned for BatchRow {
+    fn day(&self) -> u16 {
+        self.day
+    }
+}
+
+/// `rows` split into chunks of at most `max` distinct days each (the
+/// oldest days first; rows keep their order within a chunk). One chunk,
+/// all of `rows`, in the usual case of a flush within `max` days. The
+/// same rows always give the same chunks, so a retried flush repeats the
+/// same inserts.
+fn by_partitions<R: Partitioned>(rows: &[R], max: usize) -> Vec<Vec<&R>> {
+    let mut days: Vec<u16> = rows.iter().map(Partitioned::day).collect();
+    days.sort_unstable();
+    days.dedup();
+    let max = max.max(1);
+    let mut chunks: Vec<Vec<&R>> = vec![Vec::new(); days.len().div_ceil(max)];
     for r in rows {
-        ins.write(r).await.map_err(what)?;
+        let rank = days.binary_search(&r.day()).unwrap_or(0);
+        chunks[rank / max].push(r);
     }
-    ins.end().await.map_err(what)
+    chunks
 }
 
 async fn record_gap(inner: Arc<Inner>, gap: Gap) -> Result<(), StoreError> {
@@ -1087,7 +1201,9 @@ impl RecordStore for ClickHouseStore {
     /// [`flush_with_retries`]): a short outage (a restart) delays the ack
     /// instead of failing the batch, which the agent would send again only
     /// after its ack timeout. A flush that still fails fails every batch
-    /// of it.
+    /// of it, except when the server refused its data: then each of its
+    /// batches is stored on its own, so only a batch the server refuses
+    /// fails (and its agent keeps it).
     fn append_many(&self, batches: Vec<StoredBatch>) -> (Vec<AppendOutcome>, Option<StoreError>) {
         if let Err(e) = self.check_usable() {
             return (Vec::new(), Some(e));
@@ -1188,6 +1304,61 @@ mod tests {
 
     /// A flush takes the oldest whole batches up to the record bound, at
     /// least one (a larger batch goes alone), and leaves the count right.
+    #[test]
+    fn server_refusals_are_told_from_outages() {
+        let e = |m: &str| StoreError::Index(m.to_string());
+        // 18.16's and current servers' texts.
+        assert_eq!(
+            rejection_code(&e(
+                "clickhouse insert into ctw_records: bad response: Code: 395, \
+                 e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero"
+            )),
+            Some(395)
+        );
+        assert_eq!(
+            rejection_code(&e(
+                "bad response: Code: 252. DB::Exception: Too many partitions"
+            )),
+            None,
+            "too many parts: wait and retry"
+        );
+        for m in [
+            "bad response: Code: 286, e.displayText() = DB::Exception: Quorum for previous write",
+            "bad response: Code: 319. DB::Exception: Unknown status, client must retry",
+            "clickhouse insert: network error: connection refused",
+            "clickhouse: no answer within 1000 ms",
+        ] {
+            assert_eq!(rejection_code(&e(m)), None, "{m}");
+        }
+    }
+
+    #[test]
+    fn rows_of_many_days_are_split_by_partition() {
+        struct D(u16);
+        impl Partitioned for D {
+            fn day(&self) -> u16 {
+                self.0
+            }
+        }
+        let days = |chunks: Vec<Vec<&D>>| -> Vec<Vec<u16>> {
+            chunks
+                .into_iter()
+                .map(|c| c.into_iter().map(|d| d.0).collect())
+                .collect()
+        };
+        let rows: Vec<D> = [5, 3, 5, 9, 3, 7].into_iter().map(D).collect();
+        assert_eq!(days(by_partitions(&rows, 100)), [[5, 3, 5, 9, 3, 7]]);
+        assert_eq!(
+            days(by_partitions(&rows, 2)),
+            vec![vec![5, 3, 5, 3], vec![9, 7]]
+        );
+        assert_eq!(
+            days(by_partitions(&rows, 1)),
+            vec![vec![3, 3], vec![5, 5], vec![7], vec![9]]
+        );
+        assert!(by_partitions::<D>(&[], 100).is_empty());
+    }
+
     #[test]
     fn a_flush_takes_whole_batches_up_to_the_bound() {
         let mut q = Queue::default();

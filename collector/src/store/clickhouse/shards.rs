@@ -174,7 +174,7 @@ impl ShardMap {
         &self,
         inner: &Inner,
         table: &str,
-        rows: &[R],
+        rows: &[&R],
         key: impl Fn(&R) -> Key,
     ) -> Result<(), StoreError>
     where
@@ -183,12 +183,12 @@ impl ShardMap {
         if rows.is_empty() {
             return Ok(());
         }
-        let keys: Vec<Key> = rows.iter().map(&key).collect();
+        let keys: Vec<Key> = rows.iter().map(|r| key(r)).collect();
         let refs: Vec<&Key> = keys.iter().collect();
         let hashes = self.hashes_of(inner, &refs).await?;
         let mut per_shard: Vec<Vec<&R>> = vec![Vec::new(); self.shards()];
         for (row, h) in rows.iter().zip(hashes) {
-            per_shard[self.shard_of(h)].push(row);
+            per_shard[self.shard_of(h)].push(*row);
         }
         let local = format!("{}.{table}{}", inner.cfg.database, schema::LOCAL);
         try_join_all(
