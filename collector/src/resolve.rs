@@ -586,8 +586,12 @@ fn fmt_duration(ns: u64) -> String {
     }
 }
 
-/// Resolve every line of `req` (in order, over a few blocking threads) and
-/// add the summary: the whole answer of `POST /api/v1/resolve`.
+/// Fewest lines a resolve thread takes (fewer threads for short requests).
+const MIN_LINES_PER_THREAD: usize = 32;
+
+/// Resolve every line of `req` (in order, over up to the store's
+/// [`search_parallelism`](RecordStore::search_parallelism) blocking
+/// threads) and add the summary: the whole answer of `POST /api/v1/resolve`.
 pub async fn resolve(
     store: Arc<dyn RecordStore>,
     registry: Arc<Registry>,
@@ -600,11 +604,12 @@ pub async fn resolve(
     // other collectors): who owns a line's address.
     let agents = Arc::new(crate::peers::agents(&registry, peers.as_deref()));
     let n = req.lines.len();
-    // Contiguous slices over a few blocking threads; order is kept.
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |p| p.get())
-        .clamp(1, 4)
-        .min(n.div_ceil(256).max(1));
+    // Contiguous slices of at least MIN_LINES_PER_THREAD lines over the
+    // store's search threads; order is kept.
+    let workers = store
+        .search_parallelism()
+        .clamp(1, 64)
+        .min(n.div_ceil(MIN_LINES_PER_THREAD).max(1));
     let chunk = n.div_ceil(workers).max(1);
     let mut tasks = Vec::new();
     for start in (0..n).step_by(chunk) {

@@ -213,11 +213,14 @@ fn wait_holders(c: &Collector, want: &[(&str, &str)]) -> Value {
 }
 
 fn resolve(c: &Collector, tmp: &std::path::Path, lines: &[String]) -> (u16, Value) {
-    c.post_json(
+    let t = std::time::Instant::now();
+    let out = c.post_json(
         "/api/v1/resolve",
         &json!({ "lines": lines, "log_format": LOG_FORMAT }),
         tmp,
-    )
+    );
+    eprintln!("resolve of {} lines: {:?}", lines.len(), t.elapsed());
+    out
 }
 
 /// Wait until every line resolves through `c`, then check each against

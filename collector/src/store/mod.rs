@@ -281,6 +281,13 @@ pub trait RecordStore: Send + Sync {
     fn ready(&self) -> bool {
         true
     }
+    /// How many searches are worth running at once (a resolve request
+    /// spreads its lines over this many threads). Default: the machine's
+    /// cores, at most 4 (a local index is CPU-bound); a remote store whose
+    /// searches wait on the network says more.
+    fn search_parallelism(&self) -> usize {
+        std::thread::available_parallelism().map_or(2, |p| p.get().clamp(1, 4))
+    }
 }
 
 /// Does `r` (seen on `node`) match the field filters of `q` (not time)?

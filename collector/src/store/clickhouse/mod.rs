@@ -1274,6 +1274,12 @@ impl RecordStore for ClickHouseStore {
         }
     }
 
+    /// 16: a search is two HTTP round trips that wait on the server, not
+    /// on this machine's cores.
+    fn search_parallelism(&self) -> usize {
+        16
+    }
+
     fn ready(&self) -> bool {
         self.inner.ready.load(Ordering::SeqCst) && !self.inner.closed.load(Ordering::SeqCst)
     }
