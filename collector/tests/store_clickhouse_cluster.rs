@@ -374,8 +374,17 @@ fn replica_killed_quorum_holds_acks_and_nothing_is_lost_or_doubled() {
         mem.append(pod_batch("n1", seq, 50)).unwrap();
     }
     c.server(0, 0).restart();
-    wait_for(Duration::from_secs(60), "replica 1 caught up", || {
-        (c.servers[0].query(&local("ctw_qd")).ok()?.trim() == "200").then_some(())
+    // Both replicas: replica 2 may still have been fetching replica 1's
+    // last parts when replica 1 was killed (no quorum).
+    wait_for(Duration::from_secs(60), "both replicas caught up", || {
+        c.servers
+            .iter()
+            .all(|ch| {
+                let ledger = ch.query("SELECT count() FROM ctw_qd.ctw_batches_local");
+                ch.query(&local("ctw_qd")).is_ok_and(|n| n.trim() == "200")
+                    && ledger.is_ok_and(|n| n.trim() == "4")
+            })
+            .then_some(())
     });
     for ch in &c.servers {
         assert_eq!(count(ch, &local("ctw_qd")), 200, "every record once");
