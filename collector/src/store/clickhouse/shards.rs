@@ -30,7 +30,7 @@
 //! names them. A URL that does not answer then is checked at a later
 //! start; at least one replica of every shard must answer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -97,57 +97,32 @@ impl ShardMap {
     /// The hash of every key in `keys`, asking the server for those not
     /// remembered (one query).
     async fn hashes_of(&self, inner: &Inner, keys: &[&Key]) -> Result<Vec<u64>, StoreError> {
-        let missing: Vec<&Key> = {
+        let missing: HashSet<&Key> = {
             let known = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
-            let mut m: Vec<&Key> = keys
-                .iter()
+            keys.iter()
                 .copied()
                 .filter(|k| !known.contains_key(k))
-                .collect();
-            m.sort_by_key(|k| format!("{k:?}"));
-            m.dedup();
-            m
+                .collect()
         };
         if !missing.is_empty() {
-            let mut learned = Vec::with_capacity(missing.len());
-            let addrs: Vec<String> = missing
-                .iter()
-                .filter_map(|k| match k {
-                    Key::Addr(a) => Some(hex_literal(a)),
-                    Key::Text(_) => None,
-                })
-                .collect();
-            if !addrs.is_empty() {
-                let rows: Vec<AddrHash> = inner
-                    .client
-                    .query(&format!(
-                        "SELECT k, cityHash64(k) FROM (SELECT arrayJoin([{}]) AS k)",
-                        addrs.join(", ")
-                    ))
-                    .fetch_all()
-                    .await
-                    .map_err(|e| ch_err("sharding key hash", e))?;
-                learned.extend(rows.into_iter().map(|r| (Key::Addr(r.k), r.h)));
+            let (mut addrs, mut texts) = (Vec::new(), Vec::new());
+            for k in &missing {
+                match k {
+                    Key::Addr(a) => addrs.push(hex_literal(a)),
+                    Key::Text(t) => texts.push(quote(t)),
+                }
             }
-            let texts: Vec<String> = missing
-                .iter()
-                .filter_map(|k| match k {
-                    Key::Text(t) => Some(quote(t)),
-                    Key::Addr(_) => None,
-                })
+            let mut learned: Vec<(Key, u64)> = ask_hashes::<AddrHash>(inner, &addrs)
+                .await?
+                .into_iter()
+                .map(|r| (Key::Addr(r.k), r.h))
                 .collect();
-            if !texts.is_empty() {
-                let rows: Vec<(String, u64)> = inner
-                    .client
-                    .query(&format!(
-                        "SELECT k, cityHash64(k) FROM (SELECT arrayJoin([{}]) AS k)",
-                        texts.join(", ")
-                    ))
-                    .fetch_all()
-                    .await
-                    .map_err(|e| ch_err("sharding key hash", e))?;
-                learned.extend(rows.into_iter().map(|(t, h)| (Key::Text(t), h)));
-            }
+            learned.extend(
+                ask_hashes::<(String, u64)>(inner, &texts)
+                    .await?
+                    .into_iter()
+                    .map(|(t, h)| (Key::Text(t), h)),
+            );
             let mut known = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
             if known.len() + learned.len() > MAX_REMEMBERED {
                 known.clear();
@@ -248,6 +223,26 @@ where
         ins.write(*r).await.map_err(what)?;
     }
     ins.end().await.map_err(what)
+}
+
+/// `(value, cityHash64(value))` rows for the literals (one query; none
+/// for no literals).
+async fn ask_hashes<T>(inner: &Inner, literals: &[String]) -> Result<Vec<T>, StoreError>
+where
+    T: Row + for<'b> Deserialize<'b>,
+{
+    if literals.is_empty() {
+        return Ok(Vec::new());
+    }
+    inner
+        .client
+        .query(&format!(
+            "SELECT k, cityHash64(k) FROM (SELECT arrayJoin([{}]) AS k)",
+            literals.join(", ")
+        ))
+        .fetch_all()
+        .await
+        .map_err(|e| ch_err("sharding key hash", e))
 }
 
 /// Why the shard list cannot be used.
