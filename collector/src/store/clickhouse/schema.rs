@@ -169,6 +169,86 @@ const GAP_COLUMN_TYPES: [(&str, &str); 7] = [
     ("seen_ns", "UInt64"),
 ];
 
+/// The first ClickHouse version whose tables get column codecs: 20.3, the
+/// first long-term-support release with every codec used here (codecs
+/// came in 19.1, `T64` in 19.10; 20.3's stable releases fixed codecs on
+/// compact parts, which 20.3 introduced). Older servers (Debian 12's
+/// 18.16) get the same columns with the server's part compression.
+pub const CODECS_SINCE: (u32, u32) = (20, 3);
+
+/// What the server can do beyond 18.16 that the schema uses, decided by
+/// its `version()` when the store opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features {
+    /// Per-column codecs ([`RECORD_CODECS`], [`POD_INDEX_CODECS`]): server
+    /// [`CODECS_SINCE`] or later.
+    pub codecs: bool,
+}
+
+impl Features {
+    /// The features of a server whose `version()` is `version`
+    /// (`major.minor.patch[.build]`, e.g. `18.16.1` or `26.9.2.1`). A
+    /// version that does not parse gets none (today's 18.16 schema).
+    pub fn of_version(version: &str) -> Features {
+        let mut parts = version.trim().split('.').map(|p| p.parse::<u32>().ok());
+        let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+            return Features::default();
+        };
+        Features {
+            codecs: (major, minor) >= CODECS_SINCE,
+        }
+    }
+}
+
+/// Codecs of the records table's columns on servers with
+/// [`Features::codecs`], one per column so the part compression configured
+/// on the server does not matter. Chosen by measurement (BENCHMARKS.md
+/// section 5, `bench/clickhouse_codecs.py`): for each column the smallest
+/// of LZ4, ZSTD(1), ZSTD(3), T64 and Delta before ZSTD, preferring ZSTD(1)
+/// within 0.02 bytes per record. Times and ports sorted within a
+/// (SNAT address, port) key: `T64` for `event_us` (Delta does worse: the
+/// key changes every few rows), `Delta` for `snat_port`.
+pub const RECORD_CODECS: [(&str, &str); 27] = [
+    ("day", "ZSTD(1)"),
+    ("family", "ZSTD(1)"),
+    ("snat_ip", "ZSTD(1)"),
+    ("snat_port", "Delta, ZSTD(1)"),
+    ("event_us", "T64, ZSTD(1)"),
+    ("node", "ZSTD(3)"),
+    ("kind", "T64, ZSTD(1)"),
+    ("protocol", "ZSTD(1)"),
+    ("zone", "ZSTD(1)"),
+    ("src_ip", "ZSTD(1)"),
+    ("src_port", "T64, ZSTD(1)"),
+    ("dst_ip", "ZSTD(1)"),
+    ("dst_port", "ZSTD(1)"),
+    ("reply_src_ip", "ZSTD(1)"),
+    ("reply_src_port", "ZSTD(1)"),
+    ("mark", "ZSTD(1)"),
+    ("status", "T64, ZSTD(1)"),
+    ("tcp_state", "T64, ZSTD(1)"),
+    ("tcp_flags_orig", "ZSTD(1)"),
+    ("tcp_flags_reply", "ZSTD(1)"),
+    ("present", "T64, ZSTD(1)"),
+    ("start_before_us", "ZSTD(1)"),
+    ("stop_after_us", "ZSTD(1)"),
+    ("orig_packets", "ZSTD(1)"),
+    ("orig_bytes", "ZSTD(1)"),
+    ("reply_packets", "ZSTD(1)"),
+    ("reply_bytes", "ZSTD(1)"),
+];
+
+/// Codecs of the pod-address index's columns, as [`RECORD_CODECS`]:
+/// `event_us` is sorted within a pod address, so `Delta`.
+pub const POD_INDEX_CODECS: [(&str, &str); 6] = [
+    ("day", "ZSTD(1)"),
+    ("family", "ZSTD(1)"),
+    ("src_ip", "ZSTD(1)"),
+    ("event_us", "Delta, ZSTD(1)"),
+    ("snat_ip", "ZSTD(1)"),
+    ("snat_port", "ZSTD(1)"),
+];
+
 /// Why the schema check failed.
 #[derive(Debug)]
 pub enum Error {
@@ -185,46 +265,61 @@ impl From<String> for Error {
     }
 }
 
-fn columns(cols: &[(&str, &str)]) -> String {
+/// The column list of a `CREATE TABLE`: `name Type`, with
+/// `CODEC(...)` from `codecs` for the columns it names.
+fn columns(cols: &[(&str, &str)], codecs: &[(&str, &str)]) -> String {
     cols.iter()
-        .map(|(n, t)| format!("{n} {t}"))
+        .map(|(n, t)| match codecs.iter().find(|c| c.0 == *n) {
+            Some((_, codec)) => format!("{n} {t} CODEC({codec})"),
+            None => format!("{n} {t}"),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// The `CREATE` statements of this version for `layout`, in order.
-pub fn create_statements(db: &str, layout: &Layout) -> Vec<String> {
-    let rec = columns(&RECORD_COLUMN_TYPES);
+/// The `CREATE` statements of this version for `layout` on a server with
+/// `features`, in order. Column names and types do not depend on
+/// `features` (the check above compares them); only the codecs of the
+/// tables that store rows do (`Distributed` tables store nothing and get
+/// none).
+pub fn create_statements(db: &str, layout: &Layout, features: Features) -> Vec<String> {
     let on = layout.on_cluster();
-    // (table, columns, sorting key, sharding key)
+    let codecs = |c| if features.codecs { c } else { &[][..] };
+    // (table, columns, sorting key, sharding key, codecs)
     let tables = [
         (
             RECORDS,
-            rec.clone(),
+            &RECORD_COLUMN_TYPES[..],
             "snat_ip, snat_port, event_us",
             "cityHash64(snat_ip)",
+            codecs(&RECORD_CODECS[..]),
         ),
         (
             BY_POD,
-            columns(&POD_INDEX_COLUMN_TYPES),
+            &POD_INDEX_COLUMN_TYPES[..],
             "src_ip, event_us",
             "cityHash64(snat_ip)",
+            codecs(&POD_INDEX_CODECS[..]),
         ),
         (
             BATCHES,
-            columns(&BATCH_COLUMN_TYPES),
+            &BATCH_COLUMN_TYPES[..],
             "node, boot_id, seq",
             "cityHash64(node)",
+            &[][..],
         ),
         (
             GAPS,
-            columns(&GAP_COLUMN_TYPES),
+            &GAP_COLUMN_TYPES[..],
             "node, from_ns",
             "cityHash64(node)",
+            &[][..],
         ),
     ];
     let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
-    for (table, cols, order, shard_by) in tables {
+    for (table, col_types, order, shard_by, codecs) in tables {
+        let cols = columns(col_types, &[]);
+        let stored_cols = columns(col_types, codecs);
         let local = layout.local(table);
         let engine = match layout {
             Layout::Single => "MergeTree".to_string(),
@@ -234,7 +329,7 @@ pub fn create_statements(db: &str, layout: &Layout) -> Vec<String> {
             ),
         };
         out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{local}{on} ({cols}) ENGINE = {engine} \
+            "CREATE TABLE IF NOT EXISTS {db}.{local}{on} ({stored_cols}) ENGINE = {engine} \
              PARTITION BY day ORDER BY ({order})"
         ));
         if let Layout::Cluster { name, .. } = layout {
@@ -296,9 +391,11 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
         .fetch_one()
         .await
         .map_err(unreachable)?;
-    // Nothing newer than 18.16 is used yet; features of later versions
-    // (codecs, TTL, IPv6) would be chosen here by this version.
-    tracing::info!(server_version = %version, database = %db, "ClickHouse reachable");
+    // Columns and types are the same on every version (18.16 has no
+    // IPv6, TTL, LowCardinality); newer servers get column codecs.
+    let features = Features::of_version(&version);
+    tracing::info!(server_version = %version, database = %db, codecs = features.codecs,
+        "ClickHouse reachable");
     let layout = inner.cfg.layout();
     if let (Layout::Cluster { name, .. }, Some(c)) = (&layout, &inner.cfg.cluster) {
         // Replicas of each shard, as the server's remote_servers has them.
@@ -425,7 +522,7 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
     let statements = if complete {
         Vec::new()
     } else {
-        create_statements(&db, &layout)
+        create_statements(&db, &layout, features)
     };
     for sql in statements {
         client
@@ -457,7 +554,7 @@ mod tests {
 
     #[test]
     fn one_server_gets_merge_trees_and_a_cluster_distributed_over_replicated() {
-        let single = create_statements("d", &Layout::Single);
+        let single = create_statements("d", &Layout::Single, Features::default());
         assert!(single.iter().all(|s| !s.contains("ON CLUSTER")));
         assert!(single.iter().all(|s| !s.contains("Distributed")));
         assert!(single.iter().any(|s| s.starts_with(
@@ -469,7 +566,7 @@ mod tests {
             name: "c".into(),
             zookeeper_path: "/ch/{shard}/".into(),
         };
-        let cl = create_statements("d", &layout);
+        let cl = create_statements("d", &layout, Features::default());
         assert!(cl.iter().all(|s| s.contains(" ON CLUSTER c")));
         let find = |prefix: &str| {
             cl.iter()
