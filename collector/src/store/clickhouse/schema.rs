@@ -3,7 +3,12 @@
 //! Written for ClickHouse 18.16 (Debian 12) and later: `MergeTree` with a
 //! `Date` partition key (retention drops whole days with
 //! `ALTER TABLE ... DROP PARTITION`), addresses as `FixedString(16)`, and
-//! nothing newer (no `IPv6`, `LowCardinality`, codecs, TTL, skip indexes).
+//! no type newer than 18.16 (no `IPv6`, `LowCardinality`; no TTL or skip
+//! indexes). On a server of [`CODECS_SINCE`] or later (its `version()`,
+//! [`Features`]) every column of the records and pod-address tables gets
+//! a compression codec ([`RECORD_CODECS`], [`POD_INDEX_CODECS`]); names
+//! and types stay the same, so the check below and the rows are the same
+//! on every version.
 //!
 //! | table | sorting key | holds |
 //! |---|---|---|
