@@ -8,7 +8,9 @@
 //! [`Features`]) every column of the records and pod-address tables gets
 //! a compression codec ([`RECORD_CODECS`], [`POD_INDEX_CODECS`]); names
 //! and types stay the same, so the check below and the rows are the same
-//! on every version.
+//! on every version. Codecs are set when a table is created: tables that
+//! exist keep theirs (nothing is altered), e.g. after a server upgrade
+//! from 18.16 new parts of old tables still use the server's compression.
 //!
 //! | table | sorting key | holds |
 //! |---|---|---|
