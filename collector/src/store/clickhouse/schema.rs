@@ -287,8 +287,9 @@ fn columns(cols: &[(&str, &str)], codecs: &[(&str, &str)]) -> String {
 /// The `CREATE` statements of this version for `layout` on a server with
 /// `features`, in order. Column names and types do not depend on
 /// `features` (the check above compares them); only the codecs of the
-/// tables that store rows do (`Distributed` tables store nothing and get
-/// none).
+/// records and pod-address tables do (their `_local` tables in a cluster:
+/// `Distributed` tables store nothing; the ledger and gap tables, about one
+/// row per batch, keep the server's compression).
 pub fn create_statements(db: &str, layout: &Layout, features: Features) -> Vec<String> {
     let on = layout.on_cluster();
     let codecs = |c| if features.codecs { c } else { &[][..] };
@@ -661,7 +662,7 @@ mod codec_tests {
                     }
                     assert_eq!(&stripped, o);
                 } else {
-                    assert_eq!(n, o, "only the tables that store rows get codecs");
+                    assert_eq!(n, o, "only the records and pod-address tables get codecs");
                 }
             }
         }
