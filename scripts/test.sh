@@ -33,6 +33,19 @@ if [ ! -e /usr/share/java/zookeeper.jar ] && [ "$(id -u)" = 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends zookeeperd >/dev/null \
     || echo "zookeeperd not installable: the ClickHouse cluster tests will skip" >&2
 fi
+# chdb (PyPI: ClickHouse 26.9's engine in-process) for the test that runs the
+# collector's DDL for servers with column codecs (Debian has only 18.16); that
+# test skips itself when chdb cannot be installed.
+CHDB_VENV="$HOME/.cache/ctw/chdb-venv"
+if ! "$CHDB_VENV/bin/python" -c 'import chdb' >/dev/null 2>&1; then
+  echo "== installing chdb (pip, into $CHDB_VENV)"
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null || true
+  fi
+  { python3 -m venv "$CHDB_VENV" && "$CHDB_VENV/bin/pip" install -q chdb==4.4.0; } \
+    || echo "chdb not installable: the ClickHouse codec test will skip" >&2
+fi
+export CTW_CHDB_PYTHON="$CHDB_VENV/bin/python"
 # Debian's nginx, prometheus, clickhouse-server and zookeeperd start themselves
 # on install; tests run their own.
 for svc in nginx prometheus clickhouse-server zookeeper; do systemctl disable --now "$svc" >/dev/null 2>&1 || true; done

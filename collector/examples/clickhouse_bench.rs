@@ -17,11 +17,22 @@
 //! per `--insert-interval-ms`, default 200: the table line "INSERT
 //! queries" counts ClickHouse's `InsertQuery` event, with `--start 1`).
 //! The generator is `store_bench`'s (same seed, same spread).
+//!
+//! `--dump FILE` (with `--start 1`): after the run, merge each day of the
+//! records table and the pod-address index into one part (`OPTIMIZE ...
+//! FINAL`), print the compressed bytes per record of every column of both,
+//! and write the stored records (`RowBinary`, the records table's columns
+//! in order, the probe records left out) to FILE for
+//! `bench/clickhouse_codecs.py`, which loads them into newer ClickHouse
+//! (chdb) with codecs. `--ddl VERSION` prints the `CREATE` statements the
+//! collector runs (one server) on a server whose `version()` is VERSION,
+//! one per line, and exits.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use ctw_collector::config::ClickHouseConfig;
+use ctw_collector::store::clickhouse::schema::{self, Features, Layout};
 use ctw_collector::store::clickhouse::{ClickHouseStore, ClusterOptions};
 use ctw_collector::store::{RecordStore, SearchQuery, StoredBatch};
 use ctw_testkit::clickhouse::{ClickHouse, Cluster, CLUSTER};
@@ -43,6 +54,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let streams: usize = arg("--streams").map_or(Ok(1), |v| v.parse())?;
     let interval_ms: u64 = arg("--insert-interval-ms").map_or(Ok(200), |v| v.parse())?;
     let database = arg("--database").unwrap_or_else(|| format!("ctw_bench_{}", std::process::id()));
+    if let Some(v) = arg("--ddl") {
+        for sql in schema::create_statements(&database, &Layout::Single, Features::of_version(&v)) {
+            println!("{sql}");
+        }
+        return Ok(());
+    }
+    let dump = arg("--dump");
     // Servers started here (dropped, so stopped, at the end).
     let mut single: Option<ClickHouse> = None;
     let mut cluster: Option<Cluster> = None;
@@ -280,6 +298,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             cols.join(", ")
         );
     }
+    if let (Some(file), Some(ch)) = (&dump, &single) {
+        println!();
+        dump_records(ch, &database, file, n)?;
+    }
     store.close();
     drop(cluster);
     drop(single);
@@ -300,4 +322,74 @@ fn column_sizes(ch: &ClickHouse, db: &str) -> Vec<(String, u64)> {
             Some((n.to_string(), b.parse().ok()?))
         })
         .collect()
+}
+
+/// `--dump`: merge each day of the records table and the pod index into
+/// one part, print every column's compressed bytes per record (`n`
+/// records) and write the stored records (not the probes) as `RowBinary`
+/// to `file`.
+fn dump_records(
+    ch: &ClickHouse,
+    db: &str,
+    file: &str,
+    n: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    for table in [schema::RECORDS, schema::BY_POD] {
+        let days = ch.query(&format!(
+            "SELECT DISTINCT partition_id FROM system.parts WHERE database = '{db}' \
+             AND table = '{table}' AND active FORMAT TSV"
+        ))?;
+        for day in days.lines() {
+            ch.query(&format!(
+                "OPTIMIZE TABLE {db}.{table} PARTITION ID '{day}' FINAL"
+            ))?;
+        }
+        let cols = ch.query(&format!(
+            "SELECT name, data_compressed_bytes FROM system.columns WHERE database = '{db}' \
+             AND table = '{table}' FORMAT TSV"
+        ))?;
+        let parts = ch.query(&format!(
+            "SELECT count(), sum(bytes) FROM system.parts WHERE database = '{db}' \
+             AND table = '{table}' AND active FORMAT TSV"
+        ))?;
+        println!(
+            "{table} after OPTIMIZE FINAL (parts, bytes on disk): {}",
+            parts.trim()
+        );
+        println!("| column | compressed bytes per record |");
+        println!("|---|---|");
+        let mut total = 0u64;
+        for l in cols.lines() {
+            if let Some((c, b)) = l.split_once('\t') {
+                let b: u64 = b.parse()?;
+                total += b;
+                println!("| {c} | {:.3} |", b as f64 / n as f64);
+            }
+        }
+        println!("| total | {:.3} |\n", total as f64 / n as f64);
+    }
+    let sql = format!(
+        "SELECT {} FROM {db}.{} WHERE node != 'probe' FORMAT RowBinary",
+        schema::RECORD_COLUMNS.join(", "),
+        schema::RECORDS
+    );
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "-o",
+            file,
+            "--data-binary",
+            &sql,
+            &ch.url(),
+        ])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("dump: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    println!(
+        "records written to {file} (RowBinary, {} bytes)",
+        std::fs::metadata(file)?.len()
+    );
+    Ok(())
 }

@@ -4,8 +4,8 @@
 //!
 //! Talks HTTP with the official `clickhouse` crate (`RowBinary`). One schema
 //! for ClickHouse 18.16 (Debian 12) and later: addresses as
-//! `FixedString(16)`, no `IPv6`/`LowCardinality` types, codecs, TTL or skip
-//! indexes (see [`schema`]).
+//! `FixedString(16)`, no `IPv6`/`LowCardinality` types, TTL or skip
+//! indexes; column codecs on servers 20.3 and later (see [`schema`]).
 //!
 //! - Reverse-SNAT lookups read `ctw_records`, partitioned by day and sorted
 //!   by (SNAT address, SNAT port, event time): one (address, port, time

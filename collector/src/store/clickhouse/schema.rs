@@ -3,7 +3,14 @@
 //! Written for ClickHouse 18.16 (Debian 12) and later: `MergeTree` with a
 //! `Date` partition key (retention drops whole days with
 //! `ALTER TABLE ... DROP PARTITION`), addresses as `FixedString(16)`, and
-//! nothing newer (no `IPv6`, `LowCardinality`, codecs, TTL, skip indexes).
+//! no type newer than 18.16 (no `IPv6`, `LowCardinality`; no TTL or skip
+//! indexes). On a server of [`CODECS_SINCE`] or later (its `version()`,
+//! [`Features`]) every column of the records and pod-address tables gets
+//! a compression codec ([`RECORD_CODECS`], [`POD_INDEX_CODECS`]); names
+//! and types stay the same, so the check below and the rows are the same
+//! on every version. Codecs are set when a table is created: tables that
+//! exist keep theirs (nothing is altered), e.g. after a server upgrade
+//! from 18.16 new parts of old tables still use the server's compression.
 //!
 //! | table | sorting key | holds |
 //! |---|---|---|
@@ -169,6 +176,86 @@ const GAP_COLUMN_TYPES: [(&str, &str); 7] = [
     ("seen_ns", "UInt64"),
 ];
 
+/// The first ClickHouse version whose tables get column codecs: 20.3, the
+/// first long-term-support release with every codec used here (codecs
+/// came in 19.1, `T64` in 19.10; 20.3's stable releases fixed codecs on
+/// compact parts, which 20.3 introduced). Older servers (Debian 12's
+/// 18.16) get the same columns with the server's part compression.
+pub const CODECS_SINCE: (u32, u32) = (20, 3);
+
+/// What the server can do beyond 18.16 that the schema uses, decided by
+/// its `version()` when the store opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features {
+    /// Per-column codecs ([`RECORD_CODECS`], [`POD_INDEX_CODECS`]): server
+    /// [`CODECS_SINCE`] or later.
+    pub codecs: bool,
+}
+
+impl Features {
+    /// The features of a server whose `version()` is `version`
+    /// (`major.minor.patch[.build]`, e.g. `18.16.1` or `26.9.2.1`). A
+    /// version that does not parse gets none (today's 18.16 schema).
+    pub fn of_version(version: &str) -> Features {
+        let mut parts = version.trim().split('.').map(|p| p.parse::<u32>().ok());
+        let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+            return Features::default();
+        };
+        Features {
+            codecs: (major, minor) >= CODECS_SINCE,
+        }
+    }
+}
+
+/// Codecs of the records table's columns on servers with
+/// [`Features::codecs`], one per column so the part compression configured
+/// on the server does not matter. Chosen by measurement (BENCHMARKS.md
+/// section 5, `bench/clickhouse_codecs.py`): for each column the smallest
+/// of LZ4, ZSTD(1), ZSTD(3), T64 and Delta before ZSTD, preferring ZSTD(1)
+/// within 0.02 bytes per record. Times and ports sorted within a
+/// (SNAT address, port) key: `T64` for `event_us` (Delta does worse: the
+/// key changes every few rows), `Delta` for `snat_port`.
+pub const RECORD_CODECS: [(&str, &str); 27] = [
+    ("day", "ZSTD(1)"),
+    ("family", "ZSTD(1)"),
+    ("snat_ip", "ZSTD(1)"),
+    ("snat_port", "Delta, ZSTD(1)"),
+    ("event_us", "T64, ZSTD(1)"),
+    ("node", "ZSTD(3)"),
+    ("kind", "T64, ZSTD(1)"),
+    ("protocol", "ZSTD(1)"),
+    ("zone", "ZSTD(1)"),
+    ("src_ip", "ZSTD(1)"),
+    ("src_port", "T64, ZSTD(1)"),
+    ("dst_ip", "ZSTD(1)"),
+    ("dst_port", "ZSTD(1)"),
+    ("reply_src_ip", "ZSTD(1)"),
+    ("reply_src_port", "ZSTD(1)"),
+    ("mark", "ZSTD(1)"),
+    ("status", "T64, ZSTD(1)"),
+    ("tcp_state", "T64, ZSTD(1)"),
+    ("tcp_flags_orig", "ZSTD(1)"),
+    ("tcp_flags_reply", "ZSTD(1)"),
+    ("present", "T64, ZSTD(1)"),
+    ("start_before_us", "ZSTD(1)"),
+    ("stop_after_us", "ZSTD(1)"),
+    ("orig_packets", "ZSTD(1)"),
+    ("orig_bytes", "ZSTD(1)"),
+    ("reply_packets", "ZSTD(1)"),
+    ("reply_bytes", "ZSTD(1)"),
+];
+
+/// Codecs of the pod-address index's columns, as [`RECORD_CODECS`]:
+/// `event_us` is sorted within a pod address, so `Delta`.
+pub const POD_INDEX_CODECS: [(&str, &str); 6] = [
+    ("day", "ZSTD(1)"),
+    ("family", "ZSTD(1)"),
+    ("src_ip", "ZSTD(1)"),
+    ("event_us", "Delta, ZSTD(1)"),
+    ("snat_ip", "ZSTD(1)"),
+    ("snat_port", "ZSTD(1)"),
+];
+
 /// Why the schema check failed.
 #[derive(Debug)]
 pub enum Error {
@@ -185,46 +272,62 @@ impl From<String> for Error {
     }
 }
 
-fn columns(cols: &[(&str, &str)]) -> String {
+/// The column list of a `CREATE TABLE`: `name Type`, with
+/// `CODEC(...)` from `codecs` for the columns it names.
+fn columns(cols: &[(&str, &str)], codecs: &[(&str, &str)]) -> String {
     cols.iter()
-        .map(|(n, t)| format!("{n} {t}"))
+        .map(|(n, t)| match codecs.iter().find(|c| c.0 == *n) {
+            Some((_, codec)) => format!("{n} {t} CODEC({codec})"),
+            None => format!("{n} {t}"),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// The `CREATE` statements of this version for `layout`, in order.
-pub fn create_statements(db: &str, layout: &Layout) -> Vec<String> {
-    let rec = columns(&RECORD_COLUMN_TYPES);
+/// The `CREATE` statements of this version for `layout` on a server with
+/// `features`, in order. Column names and types do not depend on
+/// `features` (the check above compares them); only the codecs of the
+/// records and pod-address tables do (their `_local` tables in a cluster:
+/// `Distributed` tables store nothing; the ledger and gap tables, about one
+/// row per batch, keep the server's compression).
+pub fn create_statements(db: &str, layout: &Layout, features: Features) -> Vec<String> {
     let on = layout.on_cluster();
-    // (table, columns, sorting key, sharding key)
+    let codecs = |c| if features.codecs { c } else { &[][..] };
+    // (table, columns, sorting key, sharding key, codecs)
     let tables = [
         (
             RECORDS,
-            rec.clone(),
+            &RECORD_COLUMN_TYPES[..],
             "snat_ip, snat_port, event_us",
             "cityHash64(snat_ip)",
+            codecs(&RECORD_CODECS[..]),
         ),
         (
             BY_POD,
-            columns(&POD_INDEX_COLUMN_TYPES),
+            &POD_INDEX_COLUMN_TYPES[..],
             "src_ip, event_us",
             "cityHash64(snat_ip)",
+            codecs(&POD_INDEX_CODECS[..]),
         ),
         (
             BATCHES,
-            columns(&BATCH_COLUMN_TYPES),
+            &BATCH_COLUMN_TYPES[..],
             "node, boot_id, seq",
             "cityHash64(node)",
+            &[][..],
         ),
         (
             GAPS,
-            columns(&GAP_COLUMN_TYPES),
+            &GAP_COLUMN_TYPES[..],
             "node, from_ns",
             "cityHash64(node)",
+            &[][..],
         ),
     ];
     let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
-    for (table, cols, order, shard_by) in tables {
+    for (table, col_types, order, shard_by, codecs) in tables {
+        let cols = columns(col_types, &[]);
+        let stored_cols = columns(col_types, codecs);
         let local = layout.local(table);
         let engine = match layout {
             Layout::Single => "MergeTree".to_string(),
@@ -234,7 +337,7 @@ pub fn create_statements(db: &str, layout: &Layout) -> Vec<String> {
             ),
         };
         out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{local}{on} ({cols}) ENGINE = {engine} \
+            "CREATE TABLE IF NOT EXISTS {db}.{local}{on} ({stored_cols}) ENGINE = {engine} \
              PARTITION BY day ORDER BY ({order})"
         ));
         if let Layout::Cluster { name, .. } = layout {
@@ -296,9 +399,11 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
         .fetch_one()
         .await
         .map_err(unreachable)?;
-    // Nothing newer than 18.16 is used yet; features of later versions
-    // (codecs, TTL, IPv6) would be chosen here by this version.
-    tracing::info!(server_version = %version, database = %db, "ClickHouse reachable");
+    // Columns and types are the same on every version (18.16 has no
+    // IPv6, TTL, LowCardinality); newer servers get column codecs.
+    let features = Features::of_version(&version);
+    tracing::info!(server_version = %version, database = %db, codecs = features.codecs,
+        "ClickHouse reachable");
     let layout = inner.cfg.layout();
     if let (Layout::Cluster { name, .. }, Some(c)) = (&layout, &inner.cfg.cluster) {
         // Replicas of each shard, as the server's remote_servers has them.
@@ -425,7 +530,7 @@ pub(super) async fn ensure(inner: Arc<Inner>) -> Result<(), Error> {
     let statements = if complete {
         Vec::new()
     } else {
-        create_statements(&db, &layout)
+        create_statements(&db, &layout, features)
     };
     for sql in statements {
         client
@@ -457,7 +562,7 @@ mod tests {
 
     #[test]
     fn one_server_gets_merge_trees_and_a_cluster_distributed_over_replicated() {
-        let single = create_statements("d", &Layout::Single);
+        let single = create_statements("d", &Layout::Single, Features::default());
         assert!(single.iter().all(|s| !s.contains("ON CLUSTER")));
         assert!(single.iter().all(|s| !s.contains("Distributed")));
         assert!(single.iter().any(|s| s.starts_with(
@@ -469,7 +574,7 @@ mod tests {
             name: "c".into(),
             zookeeper_path: "/ch/{shard}/".into(),
         };
-        let cl = create_statements("d", &layout);
+        let cl = create_statements("d", &layout, Features::default());
         assert!(cl.iter().all(|s| s.contains(" ON CLUSTER c")));
         let find = |prefix: &str| {
             cl.iter()
@@ -509,5 +614,302 @@ mod tests {
         let mut tables = all_tables(&layout);
         tables.sort();
         assert_eq!(tables.len(), 10);
+    }
+}
+
+#[cfg(test)]
+mod codec_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::io::{Read as _, Write as _};
+
+    #[test]
+    fn versions_before_20_3_get_todays_ddl_and_later_ones_codecs() {
+        for v in ["18.16.1", "19.17.4.11", "20.2.1", "", "dev", "20"] {
+            assert_eq!(Features::of_version(v), Features::default(), "{v}");
+        }
+        for v in ["20.3.1.2", "21.8.15.7", "26.9.2.1", "100.1"] {
+            assert!(Features::of_version(v).codecs, "{v}");
+        }
+        let cluster = Layout::Cluster {
+            name: "c".into(),
+            zookeeper_path: "/ch/{shard}".into(),
+        };
+        for layout in [Layout::Single, cluster] {
+            let old = create_statements("d", &layout, Features::of_version("18.16.1"));
+            assert!(old.iter().all(|s| !s.contains("CODEC")), "{old:#?}");
+            let new = create_statements("d", &layout, Features::of_version("26.9.2.1"));
+            assert_eq!(old.len(), new.len());
+            for (o, n) in old.iter().zip(&new) {
+                let stored = [RECORDS, BY_POD].iter().any(|t| {
+                    n.starts_with(&format!(
+                        "CREATE TABLE IF NOT EXISTS d.{} ",
+                        layout.local(t)
+                    ))
+                });
+                if stored {
+                    // Every column has its codec; without them the
+                    // statement is the old one.
+                    let codecs = if n.contains(&layout.local(BY_POD)) {
+                        &POD_INDEX_CODECS[..]
+                    } else {
+                        &RECORD_CODECS[..]
+                    };
+                    assert_eq!(n.matches(" CODEC(").count(), codecs.len(), "{n}");
+                    let mut stripped = n.clone();
+                    for (_, c) in codecs {
+                        stripped = stripped.replacen(&format!(" CODEC({c})"), "", 1);
+                    }
+                    assert_eq!(&stripped, o);
+                } else {
+                    assert_eq!(n, o, "only the records and pod-address tables get codecs");
+                }
+            }
+        }
+        // Each codec names a column of its table, in the table's order.
+        fn names(c: &[(&'static str, &'static str)]) -> Vec<&'static str> {
+            c.iter().map(|c| c.0).collect()
+        }
+        assert_eq!(names(&RECORD_CODECS), names(&RECORD_COLUMN_TYPES));
+        assert_eq!(names(&POD_INDEX_CODECS), names(&POD_INDEX_COLUMN_TYPES));
+    }
+
+    /// The Python of a venv with `chdb` (ClickHouse's current engine
+    /// in-process): `CTW_CHDB_PYTHON`, else the venv `scripts/test.sh`
+    /// installs.
+    fn chdb_python() -> Option<String> {
+        let python = std::env::var("CTW_CHDB_PYTHON").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/ctw/chdb-venv/bin/python",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        let ok = std::process::Command::new(&python)
+            .args(["-c", "import chdb"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then_some(python)
+    }
+
+    /// One chunk-encoded or sized HTTP request body in `buf` (after the
+    /// head), or `None` while incomplete.
+    fn http_body(head: &str, buf: &[u8]) -> Option<Vec<u8>> {
+        let head = head.to_ascii_lowercase();
+        if !head.contains("transfer-encoding: chunked") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            return (buf.len() >= len).then(|| buf[..len].to_vec());
+        }
+        let (mut body, mut at) = (Vec::new(), 0);
+        loop {
+            let eol = at + buf[at..].windows(2).position(|w| w == b"\r\n")?;
+            let size_text = std::str::from_utf8(&buf[at..eol]).ok()?;
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            let start = eol + 2;
+            if buf.len() < start + size + 2 {
+                return None;
+            }
+            if size == 0 {
+                return Some(body);
+            }
+            body.extend_from_slice(&buf[start..start + size]);
+            at = start + size + 2;
+        }
+    }
+
+    /// Accept one HTTP request on `listener`, answer 200 with no body;
+    /// returns the request's head and body.
+    fn capture_request(listener: std::net::TcpListener) -> (String, Vec<u8>) {
+        let (mut s, _) = listener.accept().unwrap();
+        let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 1 << 16]);
+        let mut head: Option<(String, usize)> = None;
+        loop {
+            if let Some((h, at)) = &head {
+                if let Some(body) = http_body(h, &buf[*at..]) {
+                    s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .unwrap();
+                    return (h.clone(), body);
+                }
+            }
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "request ended early");
+            buf.extend_from_slice(&chunk[..n]);
+            if head.is_none() {
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    head = Some((String::from_utf8_lossy(&buf[..p]).into_owned(), p + 4));
+                }
+            }
+        }
+    }
+
+    /// Records of every shape `RecordRow` has: IPv4, IPv6, IPv4-mapped
+    /// IPv6, extreme counters and times, a node name with quotes and
+    /// non-ASCII; sorted by the records table's key.
+    fn rows() -> Vec<super::super::row::RecordRow> {
+        use ctw_common::{ConnRecord, Counters, EventKind, Protocol, TcpState, Tuple};
+        use std::net::{IpAddr, Ipv4Addr};
+        let v4 = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+        let snat4 = IpAddr::V4(Ipv4Addr::new(198, 19, 255, 254));
+        let mapped = IpAddr::V6(Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped());
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        let snat6: IpAddr = "fd00:ffff::2".parse().unwrap();
+        let mut out = Vec::new();
+        for (i, (src, snat)) in [(v4, snat4), (mapped, mapped), (v6, snat6)]
+            .into_iter()
+            .enumerate()
+        {
+            for k in 0..3u64 {
+                let event_ns = 1_764_000_000_000_000_000 + k * 1_000_000_007_000 + i as u64;
+                let event_ns = event_ns - event_ns % 1000;
+                let mut r = ConnRecord::new(
+                    [EventKind::New, EventKind::Destroy, EventKind::Recovered][k as usize],
+                    event_ns,
+                    [Protocol::Tcp, Protocol::Udp, Protocol::UdpLite][k as usize],
+                    Tuple::new(src, 40000 + k as u16, snat, 443),
+                    Tuple::new(snat, 443, snat, 1024 + k as u16),
+                );
+                r.zone = k as u16;
+                r.mark = u32::MAX - k as u32;
+                r.status = 0x1ff;
+                r.tcp_state = (k == 1).then_some(TcpState::Other(200));
+                r.tcp_flags_orig = 0xff;
+                r.start_ns = Some(event_ns - 5_000_000_000 * k);
+                r.stop_ns = (k == 1).then_some(event_ns + 1000);
+                r.counters_orig = Some(Counters {
+                    packets: u64::MAX,
+                    bytes: u64::MAX - k,
+                });
+                r.counters_reply = (k != 2).then_some(Counters {
+                    packets: 3,
+                    bytes: 180,
+                });
+                out.push(super::super::row::RecordRow::from_record(
+                    ["node-01", "nœud 'à' \"q\" \\", ""][k as usize],
+                    &r,
+                ));
+            }
+        }
+        out.sort_by(|a, b| {
+            (a.snat_ip, a.snat_port, a.event_us).cmp(&(b.snat_ip, b.snat_port, b.event_us))
+        });
+        out
+    }
+
+    const CHDB_SCRIPT: &str = r#"
+import sys
+from chdb import session
+data, ddl, rows, structure, out = sys.argv[1:6]
+s = session.Session(data)
+for sql in open(ddl).read().split("\n"):
+    if sql.strip():
+        s.query(sql)
+s.query(f"INSERT INTO ctw.ctw_records SELECT * FROM file('{rows}', 'RowBinary', '{structure}')")
+back = s.query("SELECT * FROM ctw.ctw_records ORDER BY snat_ip, snat_port, event_us", "RowBinary")
+open(out, "wb").write(back.bytes())
+print(s.query("SELECT version()", "TSV").bytes().decode().strip())
+print(s.query("SELECT count() FROM ctw.ctw_records_by_pod", "TSV").bytes().decode().strip())
+for t in ["ctw_records", "ctw_records_by_pod"]:
+    print(s.query(f"SELECT name, type, compression_codec FROM system.columns WHERE database = 'ctw' AND table = '{t}' ORDER BY position", "TSV").bytes().decode(), end="")
+s.close()
+"#;
+
+    /// The collector's DDL for a server with codecs runs on ClickHouse
+    /// 26.9 (chdb, in-process) with the types the start-up check expects;
+    /// rows the collector encodes (`RecordRow`, the `clickhouse` crate's
+    /// RowBinary as sent to the server) go in and come back byte for byte,
+    /// and the view fills the pod index.
+    #[test]
+    fn codec_ddl_and_record_rows_work_on_current_clickhouse() {
+        let Some(python) = chdb_python() else {
+            ctw_testkit::skip(
+                "needs chdb (scripts/test.sh installs it: pip install chdb into ~/.cache/ctw/chdb-venv)",
+            );
+            return;
+        };
+        let rows = rows();
+        // The crate's own encoding, captured from the insert it sends.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || capture_request(listener));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = clickhouse::Client::default()
+                .with_url(&url)
+                .with_compression(clickhouse::Compression::None);
+            let mut insert = client.insert(RECORDS).unwrap();
+            for r in &rows {
+                insert.write(r).await.unwrap();
+            }
+            insert.end().await.unwrap();
+        });
+        let (head, body) = server.join().unwrap();
+        // The insert names the columns in table order.
+        let quoted: Vec<String> = RECORD_COLUMNS
+            .iter()
+            .map(|c| format!("%60{c}%60"))
+            .collect();
+        assert!(
+            head.contains(&format!(
+                "INSERT+INTO+{RECORDS}%28{}%29+FORMAT+RowBinary",
+                quoted.join("%2C")
+            )),
+            "{head}"
+        );
+        let dir = std::env::temp_dir().join(format!("ctw-chdb-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ddl = create_statements("ctw", &Layout::Single, Features::of_version("26.9.2.1"));
+        std::fs::write(dir.join("ddl.sql"), ddl.join("\n")).unwrap();
+        std::fs::write(dir.join("rows.bin"), &body).unwrap();
+        let out = std::process::Command::new(&python)
+            .arg("-c")
+            .arg(CHDB_SCRIPT)
+            .arg(dir.join("data"))
+            .arg(dir.join("ddl.sql"))
+            .arg(dir.join("rows.bin"))
+            .arg(columns(&RECORD_COLUMN_TYPES, &[]))
+            .arg(dir.join("back.bin"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "chdb: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let back = std::fs::read(dir.join("back.bin")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!body.is_empty());
+        assert!(back == body, "rows read back differ from the rows inserted");
+        let mut lines = stdout.lines();
+        let version = lines.next().unwrap_or_default();
+        assert!(Features::of_version(version).codecs, "{version}");
+        assert_eq!(
+            lines.next(),
+            Some(rows.len().to_string().as_str()),
+            "pod index rows"
+        );
+        // (name, type, codec) as ClickHouse reports them: the types the
+        // start-up check compares, and every column with a codec.
+        let cols: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+        let want: Vec<(&str, &str)> = RECORD_COLUMN_TYPES
+            .iter()
+            .chain(&POD_INDEX_COLUMN_TYPES)
+            .copied()
+            .collect();
+        assert_eq!(
+            cols.iter().map(|c| (c[0], c[1])).collect::<Vec<_>>(),
+            want,
+            "{stdout}"
+        );
+        assert!(cols.iter().all(|c| c[2].starts_with("CODEC(")), "{stdout}");
     }
 }
