@@ -7,6 +7,9 @@
 //! to different shards. A replica pair: a replica killed with SIGKILL
 //! while batches arrive: with `insert_quorum` 2 nothing is acked until it
 //! is back; with the quorum off inserts go on; nothing lost or doubled.
+//! Shards of weights 2:1: direct inserts land where `Distributed` puts
+//! the same rows. Direct inserts on a replica pair: a refused flush is not
+//! failed over to the other replica (acked batches stay searchable).
 
 #![allow(clippy::unwrap_used)]
 
@@ -400,4 +403,163 @@ fn replica_killed_quorum_holds_acks_and_nothing_is_lost_or_doubled() {
         canonical(got.hits),
         canonical(mem.search(&everything()).unwrap().hits)
     );
+}
+
+/// Shards of weights 2 and 1: direct inserts (`storage.cluster.shards`)
+/// put every record and ledger row on the shard a real `Distributed`
+/// insert of the same rows chooses (the same batches written through the
+/// `Distributed` tables of another database). SNAT addresses: 48 IPv4,
+/// 16 IPv6, and IPv4-mapped IPv6 twins of 8 of the IPv4 ones (the same 16
+/// bytes: the same shard, answered apart by family).
+#[test]
+fn weighted_shards_direct_inserts_land_where_distributed_puts_them() {
+    if !clickhouse::cluster_available() {
+        ctw_testkit::skip(
+            "needs clickhouse-server and zookeeperd (apt-get install clickhouse-server zookeeperd)",
+        );
+        return;
+    }
+    let c = Cluster::start_weighted(&[2, 1], 1);
+    let (s0, s1) = (&c.servers[0], &c.servers[1]);
+    let via = ClickHouseStore::open(&cfg(s0, "ctw_wdist", None)).unwrap();
+    let mut direct = cfg(s0, "ctw_wdirect", None);
+    direct.cluster.as_mut().unwrap().shards = vec![vec![s0.url()], vec![s1.url()]];
+    let direct = ClickHouseStore::open(&direct).unwrap();
+    let snat = |i: u64| -> IpAddr {
+        match i % 80 {
+            k @ 0..48 => IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1 + k as u8)),
+            k @ 48..64 => IpAddr::V6(format!("fd00::{:x}", k).parse().unwrap()),
+            k => IpAddr::V6(Ipv4Addr::new(198, 18, 0, 1 + (k - 64) as u8).to_ipv6_mapped()),
+        }
+    };
+    let mem = MemStore::default();
+    for node in 0..12u64 {
+        let records = (0..80)
+            .map(|i| {
+                // One family per connection, as the kernel keeps it.
+                let pod = match snat(i) {
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(198, 18, 1, i as u8)),
+                    IpAddr::V6(_) => IpAddr::V6(format!("fd00::1:{i:x}").parse().unwrap()),
+                };
+                rec(
+                    BASE + node * MIN + i * 1000,
+                    pod,
+                    10_000 + i as u16,
+                    snat(i),
+                    30_000 + node as u16,
+                )
+            })
+            .collect::<Vec<_>>();
+        let b = batch(&format!("node-{node}"), 0, records);
+        assert_eq!(via.append(b.clone()).unwrap(), AppendOutcome::Stored);
+        assert_eq!(direct.append(b.clone()).unwrap(), AppendOutcome::Stored);
+        mem.append(b).unwrap();
+    }
+    let placed = |s: &ClickHouse, db: &str, sql: &str| -> Vec<String> {
+        let mut v: Vec<String> = s
+            .must(&sql.replace("DB", db))
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    for (i, s) in [s0, s1].into_iter().enumerate() {
+        for sql in [
+            "SELECT hex(snat_ip), count() FROM DB.ctw_records_local GROUP BY snat_ip",
+            "SELECT node, count() FROM DB.ctw_batches_local GROUP BY node",
+        ] {
+            let want = placed(s, "ctw_wdist", sql);
+            assert!(!want.is_empty(), "shard {} holds rows: {sql}", i + 1);
+            assert_eq!(
+                placed(s, "ctw_wdirect", sql),
+                want,
+                "shard {}: {sql}",
+                i + 1
+            );
+        }
+    }
+    let want = mem.search(&everything()).unwrap();
+    assert_eq!(want.total, 12 * 80);
+    let want = canonical(want.hits);
+    for (name, s) in [("distributed", &via), ("direct", &direct)] {
+        let got = s.search(&everything()).unwrap();
+        assert_eq!(got.total, 12 * 80, "{name}");
+        let got = canonical(got.hits);
+        let extra: Vec<_> = got.iter().filter(|h| !want.contains(h)).collect();
+        let missing: Vec<_> = want.iter().filter(|h| !got.contains(h)).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "{name}: {} extra, {} missing; first extra {:?}; first missing {:?}",
+            extra.len(),
+            missing.len(),
+            extra.first(),
+            missing.first()
+        );
+    }
+}
+
+/// Direct inserts into one shard of two replicas, and a view on each
+/// replica's local records table that refuses node `n13`'s rows (as the
+/// single-server refusal test does; named to run before the pod index's
+/// view): the flush of n10-n12 and n13 is refused, n13 fails alone (the
+/// refusal is not sent to the other replica, which would take the block
+/// as a duplicate of the part the first wrote and run no view), and every
+/// acked batch's records are found by a pod-address search (through the
+/// pod index).
+#[test]
+fn direct_refused_flush_on_replicas_keeps_acked_batches_searchable() {
+    let Some(c) = cluster(1, 2) else { return };
+    let (r1, r2) = (&c.servers[0], &c.servers[1]);
+    let mut direct = cfg(r1, "ctw_refdir", None);
+    direct.insert_interval_ms = 300;
+    direct.cluster.as_mut().unwrap().shards = vec![vec![r1.url(), r2.url()]];
+    let store = ClickHouseStore::open(&direct).unwrap();
+    for r in [r1, r2] {
+        r.must(
+            "CREATE MATERIALIZED VIEW ctw_refdir.a_refuse_n13 ENGINE = Memory \
+             AS SELECT throwIf(node = 'n13') AS refused FROM ctw_refdir.ctw_records_local",
+        );
+    }
+    let batches: Vec<_> = ["n10", "n11", "n12", "n13"]
+        .into_iter()
+        .map(|n| pod_batch(n, 0, 20))
+        .collect();
+    let (done, e) = store.append_many(batches);
+    eprintln!("outcomes {done:?}, error {e:?}");
+    for r in [r1, r2] {
+        eprintln!(
+            "{}: records {} pod index {}",
+            r.url(),
+            r.must("SELECT count() FROM ctw_refdir.ctw_records_local")
+                .trim(),
+            r.must("SELECT count() FROM ctw_refdir.ctw_records_by_pod_local")
+                .trim()
+        );
+    }
+    let mem = MemStore::default();
+    for n in ["n10", "n11", "n12"] {
+        mem.append(pod_batch(n, 0, 20)).unwrap();
+    }
+    for i in 0..20u8 {
+        let q = SearchQuery {
+            src_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 18, 1, i))),
+            ..everything()
+        };
+        let want = mem.search(&q).unwrap();
+        let got = store.search(&q).unwrap();
+        let nodes = |hits: &[store::Hit]| {
+            let mut v: Vec<String> = hits
+                .iter()
+                .map(|h| h.node.clone())
+                .filter(|n| n != "n13")
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(nodes(&got.hits), nodes(&want.hits), "pod 198.18.1.{i}");
+    }
+    assert_eq!(done, [AppendOutcome::Stored; 3]);
+    let e = e.expect("n13 refused").to_string();
+    assert!(e.contains("Code: 395"), "{e}");
 }

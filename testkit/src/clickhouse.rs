@@ -445,6 +445,18 @@ impl Cluster {
     /// [`start`](Self::start) inside network namespace `ns` (every server
     /// and the ZooKeeper on its loopback).
     pub fn start_in(ns: Option<&str>, shards: usize, replicas: usize) -> Cluster {
+        Cluster::start_weighted_in(ns, &vec![1; shards], replicas)
+    }
+
+    /// [`start`](Self::start) with one shard per entry of `weights`, each
+    /// with that `<weight>` in `remote_servers` (the share of the
+    /// `Distributed` tables' rows it gets).
+    pub fn start_weighted(weights: &[u32], replicas: usize) -> Cluster {
+        Cluster::start_weighted_in(None, weights, replicas)
+    }
+
+    fn start_weighted_in(ns: Option<&str>, weights: &[u32], replicas: usize) -> Cluster {
+        let shards = weights.len();
         assert!(shards >= 1 && replicas >= 1, "a cluster needs a server");
         let zookeeper = ZooKeeper::start_in(ns);
         let n = shards * replicas;
@@ -453,7 +465,10 @@ impl Cluster {
             .collect();
         let mut remote = String::new();
         for s in 0..shards {
-            remote.push_str("      <shard><internal_replication>true</internal_replication>\n");
+            remote.push_str(&format!(
+                "      <shard><weight>{}</weight><internal_replication>true</internal_replication>\n",
+                weights[s]
+            ));
             for r in 0..replicas {
                 let tcp = ports[s * replicas + r].1;
                 remote.push_str(&format!(

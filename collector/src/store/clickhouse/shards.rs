@@ -17,7 +17,9 @@
 //!   asked of the server itself (one query for the keys a flush has not
 //!   met before, then remembered), so the collector can never disagree
 //!   with the server's hash function.
-//! - A replica: the one that answered last, else the next of its shard.
+//! - A replica: the one that answered last, else the next of its shard
+//!   (not for an insert the server refused for its data, which goes back
+//!   to the flush as is: see `rejection_code`).
 //!   A retry sends the same rows to the same shard, so a replica that
 //!   already wrote a block drops the repeat (replicated block
 //!   deduplication, shared by the shard's replicas through ZooKeeper).
@@ -38,7 +40,7 @@ use clickhouse::Row;
 use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 
-use super::{ch_err, hex_literal, quote, schema, Inner, StoreError};
+use super::{ch_err, hex_literal, quote, rejection_code, schema, Inner, StoreError};
 
 /// Past this many remembered hashes the memory is cleared (SNAT addresses
 /// and node names are few: one or a few per node).
@@ -198,6 +200,10 @@ impl ShardMap {
                     self.preferred[shard].store(replica, Ordering::Relaxed);
                     return Ok(());
                 }
+                // Refused for its data: not sent to another replica, which
+                // may take it as a duplicate of a part this one wrote before
+                // refusing (18.16 runs views after the part) and run no view.
+                Err(e) if rejection_code(&e).is_some() => return Err(e),
                 Err(e) => {
                     tracing::warn!(shard = shard + 1, url = %url, error = %e,
                         "ClickHouse shard insert failed");
