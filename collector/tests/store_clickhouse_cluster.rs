@@ -598,3 +598,79 @@ fn replayed_refused_batch_is_refused_again_on_replicated_tables() {
         pod_rows.trim()
     );
 }
+
+/// Two shards through `Distributed`: the other shard down for a moment
+/// (stopped, started again while the first attempts fail) delays the ack
+/// instead of failing the batch (the flush is tried again for up to
+/// `timeout_ms`), and the batch is stored once.
+#[test]
+fn a_short_outage_of_another_shard_delays_the_ack() {
+    let Some(mut c) = cluster(2, 1) else { return };
+    let conf = cfg(&c.servers[0], "ctw_out", None);
+    let store = std::sync::Arc::new(ClickHouseStore::open(&conf).unwrap());
+    c.server(1, 0).stop();
+    let s = store.clone();
+    let t0 = std::time::Instant::now();
+    let append = std::thread::spawn(move || s.append(pod_batch("n1", 0, 40)));
+    // tidy: the outage has to outlast the append's first attempt.
+    std::thread::sleep(Duration::from_millis(1500));
+    let early = append.is_finished();
+    c.server(1, 0).restart();
+    let got = append.join().unwrap();
+    assert!(
+        !early && matches!(got, Ok(AppendOutcome::Stored)),
+        "after {:?} (early: {early}): {got:?}",
+        t0.elapsed()
+    );
+    assert_eq!(store.search(&everything()).unwrap().total, 40);
+}
+
+/// Direct inserts, one shard of two replicas, `insert_quorum` 2 (every
+/// replica): replica 2 alive but fetching nothing (`SYSTEM STOP FETCHES`),
+/// so replica 1's insert waits for the quorum in vain. The batch must not
+/// be acked while replica 2 lacks its records.
+#[test]
+fn direct_quorum_unmet_is_not_acked() {
+    let Some(c) = cluster(1, 2) else { return };
+    let (r1, r2) = (&c.servers[0], &c.servers[1]);
+    let mut direct = cfg(r1, "ctw_qdir", None);
+    direct.timeout_ms = 6000;
+    direct.cluster.as_mut().unwrap().shards = vec![vec![r1.url(), r2.url()]];
+    let store = ClickHouseStore::open(&direct).unwrap();
+    assert!(store.ready());
+    r2.must("SYSTEM STOP FETCHES ctw_qdir.ctw_records_local");
+    let got = store.append(pod_batch("n1", 0, 30));
+    let on_r2 = count(r2, "SELECT count() FROM ctw_qdir.ctw_records_local");
+    eprintln!("quorum unmet: {got:?}, {on_r2} on replica 2");
+    assert!(
+        got.is_err() || on_r2 == 30,
+        "acked {got:?} with {on_r2} of 30 records on replica 2"
+    );
+}
+
+/// Direct inserts: node names with characters SQL literals escape (the
+/// ledger's sharding key is asked of the server as a literal) are stored,
+/// found, and a duplicate is told.
+#[test]
+fn direct_inserts_take_node_names_that_need_escaping() {
+    let Some(c) = cluster(2, 1) else { return };
+    let (s0, s1) = (&c.servers[0], &c.servers[1]);
+    let mut direct = cfg(s0, "ctw_names", None);
+    direct.timeout_ms = 4000;
+    direct.cluster.as_mut().unwrap().shards = vec![vec![s0.url()], vec![s1.url()]];
+    let store = ClickHouseStore::open(&direct).unwrap();
+    let names = ["a?b", "o'k", "back\\slash", "tab\there", "ünï", "q?'\\?"];
+    for (i, n) in names.iter().enumerate() {
+        let got = store.append(pod_batch(n, 0, 4));
+        assert!(matches!(got, Ok(AppendOutcome::Stored)), "{n:?}: {got:?}");
+        let again = store.append(pod_batch(n, 0, 4));
+        assert!(
+            matches!(again, Ok(AppendOutcome::Duplicate)),
+            "{n:?}: {again:?}"
+        );
+        assert_eq!(
+            store.search(&everything()).unwrap().total,
+            4 * (i as u64 + 1)
+        );
+    }
+}
