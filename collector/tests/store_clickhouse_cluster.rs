@@ -674,3 +674,31 @@ fn direct_inserts_take_node_names_that_need_escaping() {
         );
     }
 }
+
+/// Direct inserts: a batch whose records have 6,000 distinct SNAT
+/// addresses (the hashes of keys not met before are asked of the server
+/// in one query) is stored and found.
+#[test]
+fn direct_inserts_take_a_batch_of_many_snat_addresses() {
+    let Some(c) = cluster(2, 1) else { return };
+    let (s0, s1) = (&c.servers[0], &c.servers[1]);
+    let mut direct = cfg(s0, "ctw_many", None);
+    direct.cluster.as_mut().unwrap().shards = vec![vec![s0.url()], vec![s1.url()]];
+    let store = ClickHouseStore::open(&direct).unwrap();
+    let records = (0..6000u64)
+        .map(|i| {
+            rec(
+                BASE + i * 1000,
+                IpAddr::V6(format!("fd00::1:{i:x}").parse().unwrap()),
+                10_000,
+                IpAddr::V6(format!("fd00::2:{i:x}").parse().unwrap()),
+                30_000,
+            )
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let got = store.append(batch("n1", 0, records));
+    eprintln!("6000 SNAT addresses: {got:?} in {:?}", t0.elapsed());
+    assert!(matches!(got, Ok(AppendOutcome::Stored)), "{got:?}");
+    assert_eq!(store.search(&everything()).unwrap().total, 6000);
+}

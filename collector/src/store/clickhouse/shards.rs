@@ -15,7 +15,7 @@
 //!   The key is the table's sharding key ([`schema`](super::schema):
 //!   `snat_ip` for records, `node` for the ledger); its `cityHash64` is
 //!   asked of the server itself (one query for the keys a flush has not
-//!   met before, then remembered), so the collector can never disagree
+//!   met before, in parts within `max_query_size`, then remembered), so the collector can never disagree
 //!   with the server's hash function.
 //! - A replica: the one that answered last, else the next of its shard
 //!   (not for an insert the server refused for its data, which goes back
@@ -40,7 +40,7 @@ use clickhouse::Row;
 use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 
-use super::{ch_err, hex_literal, quote, rejection_code, schema, Inner, StoreError};
+use super::{ch_err, quote, rejection_code, schema, Inner, StoreError, MAX_LOOKUP_QUERY};
 
 /// Past this many remembered hashes the memory is cleared (SNAT addresses
 /// and node names are few: one or a few per node).
@@ -110,17 +110,23 @@ impl ShardMap {
             let (mut addrs, mut texts) = (Vec::new(), Vec::new());
             for k in &missing {
                 match k {
-                    Key::Addr(a) => addrs.push(hex_literal(a)),
+                    // Hex text, not a function call per key: 18.16 takes
+                    // seconds to analyze thousands of `toFixedString(...)`.
+                    Key::Addr(a) => addrs.push(format!(
+                        "'{}'",
+                        a.iter().map(|x| format!("{x:02x}")).collect::<String>()
+                    )),
                     Key::Text(t) => texts.push(quote(t)),
                 }
             }
-            let mut learned: Vec<(Key, u64)> = ask_hashes::<AddrHash>(inner, &addrs)
-                .await?
-                .into_iter()
-                .map(|r| (Key::Addr(r.k), r.h))
-                .collect();
+            let mut learned: Vec<(Key, u64)> =
+                ask_hashes::<AddrHash>(inner, "toFixedString(unhex(h), 16)", &addrs)
+                    .await?
+                    .into_iter()
+                    .map(|r| (Key::Addr(r.k), r.h))
+                    .collect();
             learned.extend(
-                ask_hashes::<(String, u64)>(inner, &texts)
+                ask_hashes::<(String, u64)>(inner, "h", &texts)
                     .await?
                     .into_iter()
                     .map(|(t, h)| (Key::Text(t), h)),
@@ -231,24 +237,43 @@ where
     ins.end().await.map_err(what)
 }
 
-/// `(value, cityHash64(value))` rows for the literals (one query; none
-/// for no literals).
-async fn ask_hashes<T>(inner: &Inner, literals: &[String]) -> Result<Vec<T>, StoreError>
+/// `(value, cityHash64(value))` rows for the string literals, the value
+/// being `value` of each (`h`) (one query per [`MAX_LOOKUP_QUERY`] bytes
+/// of them, within the server's `max_query_size`; none for no literals).
+async fn ask_hashes<T>(
+    inner: &Inner,
+    value: &str,
+    literals: &[String],
+) -> Result<Vec<T>, StoreError>
 where
     T: Row + for<'b> Deserialize<'b>,
 {
-    if literals.is_empty() {
-        return Ok(Vec::new());
+    let mut out = Vec::with_capacity(literals.len());
+    let mut rest = literals;
+    while !rest.is_empty() {
+        let mut len = 0;
+        let n = rest
+            .iter()
+            .take_while(|l| {
+                let fits = len == 0 || len + l.len() + 2 <= MAX_LOOKUP_QUERY;
+                len += l.len() + 2;
+                fits
+            })
+            .count();
+        let rows: Vec<T> = inner
+            .client
+            .query(&format!(
+                "SELECT k, cityHash64(k) FROM \
+                 (SELECT {value} AS k FROM (SELECT arrayJoin([{}]) AS h))",
+                rest[..n].join(", ")
+            ))
+            .fetch_all()
+            .await
+            .map_err(|e| ch_err("sharding key hash", e))?;
+        out.extend(rows);
+        rest = &rest[n..];
     }
-    inner
-        .client
-        .query(&format!(
-            "SELECT k, cityHash64(k) FROM (SELECT arrayJoin([{}]) AS k)",
-            literals.join(", ")
-        ))
-        .fetch_all()
-        .await
-        .map_err(|e| ch_err("sharding key hash", e))
+    Ok(out)
 }
 
 /// Why the shard list cannot be used.
