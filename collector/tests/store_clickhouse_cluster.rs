@@ -702,3 +702,53 @@ fn direct_inserts_take_a_batch_of_many_snat_addresses() {
     assert!(matches!(got, Ok(AppendOutcome::Stored)), "{got:?}");
     assert_eq!(store.search(&everything()).unwrap().total, 6000);
 }
+
+/// Direct inserts, two shards: shard 2's local records table detached (its
+/// inserts fail with an error worth retrying) while shard 1 takes its part
+/// of a flush. Reattached during the retries: the batch is acked and each
+/// record is stored once (shard 1 drops the repeated block). Reattached
+/// only after the append failed, and the agent's replay sent to another
+/// collector: stored once too.
+#[test]
+fn direct_partial_flush_retried_or_replayed_elsewhere_is_stored_once() {
+    let Some(c) = cluster(2, 1) else { return };
+    let (s0, s1) = (&c.servers[0], &c.servers[1]);
+    let shards = vec![vec![s0.url()], vec![s1.url()]];
+    let mut ca = cfg(s0, "ctw_part", None);
+    ca.timeout_ms = 3000;
+    ca.cluster.as_mut().unwrap().shards = shards.clone();
+    let mut cb = cfg(s1, "ctw_part", None);
+    cb.cluster.as_mut().unwrap().shards = shards;
+    let a = std::sync::Arc::new(ClickHouseStore::open(&ca).unwrap());
+    let b = ClickHouseStore::open(&cb).unwrap();
+    let raw = |node: &str| {
+        let sql = format!("SELECT count() FROM ctw_part.ctw_records_local WHERE node = '{node}'");
+        (count(s0, &sql), count(s1, &sql))
+    };
+    s1.must("DETACH TABLE ctw_part.ctw_records_local");
+    let a2 = a.clone();
+    let append = std::thread::spawn(move || a2.append(pod_batch("n1", 0, 40)));
+    // tidy: the detach has to outlast the append's first attempt.
+    std::thread::sleep(Duration::from_millis(1000));
+    s1.must("ATTACH TABLE ctw_part.ctw_records_local");
+    let got = append.join().unwrap();
+    assert!(matches!(got, Ok(AppendOutcome::Stored)), "{got:?}");
+    let (n0, n1) = raw("n1");
+    assert!(n0 > 0 && n1 > 0, "both shards: {n0} {n1}");
+    assert_eq!(n0 + n1, 40, "retried: each record once");
+    s1.must("DETACH TABLE ctw_part.ctw_records_local");
+    let e = a.append(pod_batch("n2", 0, 40));
+    assert!(e.is_err(), "{e:?}");
+    s1.must("ATTACH TABLE ctw_part.ctw_records_local");
+    assert_eq!(
+        b.append(pod_batch("n2", 0, 40)).unwrap(),
+        AppendOutcome::Stored
+    );
+    let (n0, n1) = raw("n2");
+    assert_eq!(
+        n0 + n1,
+        40,
+        "replayed elsewhere: each record once ({n0} + {n1})"
+    );
+    assert_eq!(b.search(&everything()).unwrap().total, 80);
+}
