@@ -752,3 +752,36 @@ fn direct_partial_flush_retried_or_replayed_elsewhere_is_stored_once() {
     );
     assert_eq!(b.search(&everything()).unwrap().total, 80);
 }
+
+/// Through `Distributed`, one shard of two replicas: the pod index's local
+/// table detached (the insert fails with an error worth retrying) and
+/// attached again during the retries. The acked batch is found by a
+/// pod-address search, its pod-index rows stored once.
+#[test]
+fn retried_flush_after_a_view_failure_keeps_the_pod_index() {
+    let Some(c) = cluster(1, 2) else { return };
+    let store =
+        std::sync::Arc::new(ClickHouseStore::open(&cfg(&c.servers[0], "ctw_pi", None)).unwrap());
+    for r in &c.servers {
+        r.must("DETACH TABLE ctw_pi.ctw_records_by_pod_local");
+    }
+    let s = store.clone();
+    let append = std::thread::spawn(move || s.append(pod_batch("n1", 0, 20)));
+    // tidy: the detach has to outlast the append's first attempt.
+    std::thread::sleep(Duration::from_millis(1000));
+    for r in &c.servers {
+        r.must("ATTACH TABLE ctw_pi.ctw_records_by_pod_local");
+    }
+    let got = append.join().unwrap();
+    assert!(matches!(got, Ok(AppendOutcome::Stored)), "{got:?}");
+    let q = SearchQuery {
+        src_ip: Some(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 0))),
+        ..everything()
+    };
+    let hits = store.search(&q).unwrap().total;
+    let rows = count(
+        &c.servers[0],
+        "SELECT count() FROM ctw_pi.ctw_records_by_pod_local",
+    );
+    assert_eq!((hits, rows), (1, 20), "(pod search hits, pod index rows)");
+}
