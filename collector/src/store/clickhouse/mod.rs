@@ -758,8 +758,20 @@ async fn flush_loop(inner: Arc<Inner>) {
                 // its own so one bad batch fails alone.
                 tracing::warn!(batches = taken.len(), error = %e,
                     "ClickHouse refused a flush; storing its batches one by one");
+                // All of them within one `timeout_ms`: an outage meanwhile
+                // must not hold the flusher for a timeout per batch.
+                let deadline = tokio::time::Instant::now() + timeout;
                 for w in taken {
-                    let one = flush_with_retries(&inner, std::slice::from_ref(&w), timeout).await;
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let one = if left.is_zero() {
+                        Err(StoreError::Index(format!(
+                            "clickhouse: storing the batches of a refused flush one by one \
+                             took over {} ms",
+                            timeout.as_millis()
+                        )))
+                    } else {
+                        flush_with_retries(&inner, std::slice::from_ref(&w), left).await
+                    };
                     let _ = w.done.send(match one {
                         Ok(o) => Answer::Done(o[0]),
                         Err(e) => Answer::Failed(error_text(e)),
@@ -791,8 +803,12 @@ fn error_text(e: StoreError) -> String {
 /// ClickHouse error codes (`src/Common/ErrorCodes.cpp`) that say nothing
 /// about the data sent: the server, the cluster, the network or the
 /// configuration failed, so the same insert may succeed later.
-const NOT_THE_DATA: [u32; 24] = [
+const NOT_THE_DATA: [u32; 28] = [
     3,    // UNEXPECTED_END_OF_FILE (a connection cut mid-request)
+    24,   // CANNOT_WRITE_TO_OSTREAM
+    32,   // ATTEMPT_TO_READ_AFTER_EOF
+    86,   // RECEIVED_ERROR_FROM_REMOTE_IO_SERVER
+    243,  // NOT_ENOUGH_SPACE
     60,   // UNKNOWN_TABLE
     81,   // UNKNOWN_DATABASE
     159,  // TIMEOUT_EXCEEDED
