@@ -15,7 +15,9 @@
 //! has), `--streams N` (N threads append concurrently, like N agent
 //! streams, default 1; the store coalesces their batches into one flush
 //! per `--insert-interval-ms`, default 200: the table line "INSERT
-//! queries" counts ClickHouse's `InsertQuery` event, with `--start 1`).
+//! queries" counts ClickHouse's `InsertQuery` event, with `--start 1`;
+//! "append to ack" is each `append` call's latency, its wait for the flush
+//! included).
 //! The generator is `store_bench`'s (same seed, same spread).
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -116,13 +118,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let appenders: Vec<_> = (0..streams)
         .map(|_| {
             let (store, rx) = (store.clone(), work_rx.clone());
-            std::thread::spawn(move || -> Result<u64, String> {
-                let mut batches = 0;
+            // Returns each append's latency (call to ack), in ms.
+            std::thread::spawn(move || -> Result<Vec<f64>, String> {
+                let mut lat = Vec::new();
                 loop {
                     let next = rx.lock().map_err(|e| e.to_string())?.recv();
-                    let Ok(b) = next else { return Ok(batches) };
+                    let Ok(b) = next else { return Ok(lat) };
+                    let t = Instant::now();
                     store.append(b).map_err(|e| e.to_string())?;
-                    batches += 1;
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
                 }
             })
         })
@@ -142,10 +146,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         work_tx.send(b)
     })?;
     drop(work_tx);
-    let mut batches = 0u64;
+    let mut ack_lat = Vec::new();
     for a in appenders {
-        batches += a.join().map_err(|_| "an appender panicked")??;
+        ack_lat.extend(a.join().map_err(|_| "an appender panicked")??);
     }
+    let batches = ack_lat.len();
+    let (a50, a99) = (pct(&mut ack_lat, 0.5), pct(&mut ack_lat, 0.99));
     let insert_queries = inserts().zip(inserts0).map(|(a, b)| a - b);
     let ingest_s = start.elapsed().as_secs_f64();
     let ingest_cpu = cpu_seconds() - cpu0;
@@ -255,9 +261,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     if let Some(q) = insert_queries {
         println!(
-            "| INSERT queries during ingest (records and ledger) | {q} for {batches} batches |"
+            "| INSERT queries during ingest (records and ledger) | {q} for {batches} batches: {:.1} per second |",
+            q as f64 / ingest_s
         );
     }
+    println!("| append to ack (one batch's `append` call, its flush's inserts confirmed) p50 / p99 | {a50:.1} ms / {a99:.1} ms |");
     if let Some(c) = server_ingest_cpu {
         println!(
             "| ClickHouse server CPU during ingest (inserts, view, merges so far) | {c:.1} CPU-s: {:.0} records per server CPU-second |",
