@@ -16,7 +16,9 @@
 //! streams, default 1; the store coalesces their batches into one flush
 //! per `--insert-interval-ms`, default 200: the table line "INSERT
 //! queries" counts ClickHouse's `InsertQuery` event, with `--start 1`;
-//! "append to ack" is each `append` call's latency, its wait for the flush
+//! `--settle S` (with `--start 1`): after the queries, wait at most S
+//! seconds until the server runs no merge of the database, then query
+//! again. "append to ack" is each `append` call's latency, its wait for the flush
 //! included).
 //! The generator is `store_bench`'s (same seed, same spread).
 
@@ -157,47 +159,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ingest_cpu = cpu_seconds() - cpu0;
     let server_ingest_cpu = server_cpu().zip(server0).map(|(a, b)| a - b);
     let stats = store.stats();
-    // Exact SNAT ip:port ± 5 min queries of sampled records.
-    let mut lat = Vec::new();
-    let mut found = 0;
-    for (node, r) in &samples {
-        let (ip, port) = r.snat();
-        let q = SearchQuery {
-            snat_ip: Some(ip),
-            snat_port: Some(port),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            at_ns: Some(r.event_ns),
-            limit: 10,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        let res = store.search(&q)?;
-        lat.push(t.elapsed().as_secs_f64() * 1e3);
-        if res
-            .hits
-            .iter()
-            .any(|h| &h.node == node && h.record.orig == r.orig)
-        {
-            found += 1;
+    let (q50, q99, found, p50, p99) = queries(&store, &samples)?;
+    // `--settle S`: wait (at most S seconds) until the server runs no
+    // merge of this database, then query again.
+    let settle_s: u64 = arg("--settle").map_or(Ok(0), |v| v.parse())?;
+    let settled = match (&single, settle_s) {
+        (Some(ch), s) if s > 0 => {
+            let t = Instant::now();
+            let c0 = server_cpu().unwrap_or(0.0);
+            let sql = format!("SELECT count() FROM system.merges WHERE database = '{database}'");
+            while t.elapsed().as_secs() < s && ch.must(&sql).trim() != "0" {
+                // tidy: a benchmark polling the server's merges once a second.
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            let waited = t.elapsed().as_secs_f64();
+            let merge_cpu = server_cpu().unwrap_or(0.0) - c0;
+            Some((waited, merge_cpu, queries(&store, &samples)?))
         }
-    }
-    let (q50, q99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
-    // Pod-address queries (the second table).
-    let mut plat = Vec::new();
-    for (_, r) in samples.iter().take(200) {
-        let q = SearchQuery {
-            src_ip: Some(r.orig.src),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            limit: 10,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        store.search(&q)?;
-        plat.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let (p50, p99) = (pct(&mut plat, 0.5), pct(&mut plat, 0.99));
+        _ => None,
+    };
     // Time to searchable: append one record, search until found.
     let mut tts = Vec::new();
     let mut probe_gen = Gen::new(n, t0);
@@ -278,6 +258,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("| exact snat ip:port ±5 min query p50 / p99 | {q50:.2} ms / {q99:.2} ms ({found}/{} found) |", samples.len());
     println!("| pod address ±5 min query p50 / p99 | {p50:.2} ms / {p99:.2} ms |");
+    if let Some((waited, merge_cpu, (s50, s99, sfound, sp50, sp99))) = settled {
+        println!("| merges after ingest (`--settle`: until none runs) | {waited:.0} s wall, {merge_cpu:.1} server CPU-s |");
+        println!("| after the merges: exact snat ip:port query p50 / p99; pod address p50 / p99 | {s50:.2} ms / {s99:.2} ms ({sfound}/{} found); {sp50:.2} ms / {sp99:.2} ms |", samples.len());
+    }
     println!(
         "| time to searchable p50 / p99 (append acked to found) | {t50:.1} ms / {t99:.1} ms |"
     );
@@ -307,4 +291,57 @@ fn column_sizes(ch: &ClickHouse, db: &str) -> Vec<(String, u64)> {
             Some((n.to_string(), b.parse().ok()?))
         })
         .collect()
+}
+
+/// (SNAT query p50, p99 in ms, samples found, pod query p50, p99 in ms).
+type QueryLatencies = (f64, f64, usize, f64, f64);
+
+/// Exact SNAT ip:port ± 5 min queries of every sample and pod-address
+/// ± 5 min queries of the first 200: (SNAT p50, p99 in ms, samples found,
+/// pod p50, p99 in ms).
+fn queries(
+    store: &ClickHouseStore,
+    samples: &[(String, ctw_common::ConnRecord)],
+) -> Result<QueryLatencies, Box<dyn std::error::Error>> {
+    let mut lat = Vec::new();
+    let mut found = 0;
+    for (node, r) in samples {
+        let (ip, port) = r.snat();
+        let q = SearchQuery {
+            snat_ip: Some(ip),
+            snat_port: Some(port),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            at_ns: Some(r.event_ns),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let res = store.search(&q)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        if res
+            .hits
+            .iter()
+            .any(|h| &h.node == node && h.record.orig == r.orig)
+        {
+            found += 1;
+        }
+    }
+    let (q50, q99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    // Pod-address queries (the second table).
+    let mut plat = Vec::new();
+    for (_, r) in samples.iter().take(200) {
+        let q = SearchQuery {
+            src_ip: Some(r.orig.src),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        store.search(&q)?;
+        plat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (p50, p99) = (pct(&mut plat, 0.5), pct(&mut plat, 0.99));
+    Ok((q50, q99, found, p50, p99))
 }
