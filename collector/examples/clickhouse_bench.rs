@@ -15,7 +15,11 @@
 //! has), `--streams N` (N threads append concurrently, like N agent
 //! streams, default 1; the store coalesces their batches into one flush
 //! per `--insert-interval-ms`, default 200: the table line "INSERT
-//! queries" counts ClickHouse's `InsertQuery` event, with `--start 1`).
+//! queries" counts ClickHouse's `InsertQuery` event, with `--start 1`;
+//! `--settle S` (with `--start 1`): after the queries, wait at most S
+//! seconds until the server runs no merge of the database, then query
+//! again. "append to ack" is each `append` call's latency, its wait for the flush
+//! included).
 //! The generator is `store_bench`'s (same seed, same spread).
 //!
 //! `--dump FILE` (with `--start 1`): after the run, merge each day of the
@@ -135,13 +139,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let appenders: Vec<_> = (0..streams)
         .map(|_| {
             let (store, rx) = (store.clone(), work_rx.clone());
-            std::thread::spawn(move || -> Result<u64, String> {
-                let mut batches = 0;
+            // Returns each append's latency (call to ack), in ms.
+            std::thread::spawn(move || -> Result<Vec<f64>, String> {
+                let mut lat = Vec::new();
                 loop {
                     let next = rx.lock().map_err(|e| e.to_string())?.recv();
-                    let Ok(b) = next else { return Ok(batches) };
+                    let Ok(b) = next else { return Ok(lat) };
+                    let t = Instant::now();
                     store.append(b).map_err(|e| e.to_string())?;
-                    batches += 1;
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
                 }
             })
         })
@@ -161,56 +167,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         work_tx.send(b)
     })?;
     drop(work_tx);
-    let mut batches = 0u64;
+    let mut ack_lat = Vec::new();
     for a in appenders {
-        batches += a.join().map_err(|_| "an appender panicked")??;
+        ack_lat.extend(a.join().map_err(|_| "an appender panicked")??);
     }
+    let batches = ack_lat.len();
+    let (a50, a99) = (pct(&mut ack_lat, 0.5), pct(&mut ack_lat, 0.99));
     let insert_queries = inserts().zip(inserts0).map(|(a, b)| a - b);
     let ingest_s = start.elapsed().as_secs_f64();
     let ingest_cpu = cpu_seconds() - cpu0;
     let server_ingest_cpu = server_cpu().zip(server0).map(|(a, b)| a - b);
     let stats = store.stats();
-    // Exact SNAT ip:port ± 5 min queries of sampled records.
-    let mut lat = Vec::new();
-    let mut found = 0;
-    for (node, r) in &samples {
-        let (ip, port) = r.snat();
-        let q = SearchQuery {
-            snat_ip: Some(ip),
-            snat_port: Some(port),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            at_ns: Some(r.event_ns),
-            limit: 10,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        let res = store.search(&q)?;
-        lat.push(t.elapsed().as_secs_f64() * 1e3);
-        if res
-            .hits
-            .iter()
-            .any(|h| &h.node == node && h.record.orig == r.orig)
-        {
-            found += 1;
+    let (q50, q99, found, p50, p99) = queries(&store, &samples)?;
+    // `--settle S`: wait (at most S seconds) until the server runs no
+    // merge of this database, then query again.
+    let settle_s: u64 = arg("--settle").map_or(Ok(0), |v| v.parse())?;
+    let settled = match (&single, settle_s) {
+        (Some(ch), s) if s > 0 => {
+            let t = Instant::now();
+            let c0 = server_cpu().unwrap_or(0.0);
+            let sql = format!("SELECT count() FROM system.merges WHERE database = '{database}'");
+            while t.elapsed().as_secs() < s && ch.must(&sql).trim() != "0" {
+                // tidy: a benchmark polling the server's merges once a second.
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            let waited = t.elapsed().as_secs_f64();
+            let merge_cpu = server_cpu().unwrap_or(0.0) - c0;
+            Some((waited, merge_cpu, queries(&store, &samples)?))
         }
-    }
-    let (q50, q99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
-    // Pod-address queries (the second table).
-    let mut plat = Vec::new();
-    for (_, r) in samples.iter().take(200) {
-        let q = SearchQuery {
-            src_ip: Some(r.orig.src),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            limit: 10,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        store.search(&q)?;
-        plat.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let (p50, p99) = (pct(&mut plat, 0.5), pct(&mut plat, 0.99));
+        _ => None,
+    };
     // Time to searchable: append one record, search until found.
     let mut tts = Vec::new();
     let mut probe_gen = Gen::new(n, t0);
@@ -274,9 +260,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     if let Some(q) = insert_queries {
         println!(
-            "| INSERT queries during ingest (records and ledger) | {q} for {batches} batches |"
+            "| INSERT queries during ingest (records and ledger) | {q} for {batches} batches: {:.1} per second |",
+            q as f64 / ingest_s
         );
     }
+    println!("| append to ack (one batch's `append` call, its flush's inserts confirmed) p50 / p99 | {a50:.1} ms / {a99:.1} ms |");
     if let Some(c) = server_ingest_cpu {
         println!(
             "| ClickHouse server CPU during ingest (inserts, view, merges so far) | {c:.1} CPU-s: {:.0} records per server CPU-second |",
@@ -289,6 +277,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("| exact snat ip:port ±5 min query p50 / p99 | {q50:.2} ms / {q99:.2} ms ({found}/{} found) |", samples.len());
     println!("| pod address ±5 min query p50 / p99 | {p50:.2} ms / {p99:.2} ms |");
+    if let Some((waited, merge_cpu, (s50, s99, sfound, sp50, sp99))) = settled {
+        println!("| merges after ingest (`--settle`: until none runs) | {waited:.0} s wall, {merge_cpu:.1} server CPU-s |");
+        println!("| after the merges: exact snat ip:port query p50 / p99; pod address p50 / p99 | {s50:.2} ms / {s99:.2} ms ({sfound}/{} found); {sp50:.2} ms / {sp99:.2} ms |", samples.len());
+    }
     println!(
         "| time to searchable p50 / p99 (append acked to found) | {t50:.1} ms / {t99:.1} ms |"
     );
@@ -392,4 +384,57 @@ fn dump_records(
         std::fs::metadata(file)?.len()
     );
     Ok(())
+}
+
+/// (SNAT query p50, p99 in ms, samples found, pod query p50, p99 in ms).
+type QueryLatencies = (f64, f64, usize, f64, f64);
+
+/// Exact SNAT ip:port ± 5 min queries of every sample and pod-address
+/// ± 5 min queries of the first 200: (SNAT p50, p99 in ms, samples found,
+/// pod p50, p99 in ms).
+fn queries(
+    store: &ClickHouseStore,
+    samples: &[(String, ctw_common::ConnRecord)],
+) -> Result<QueryLatencies, Box<dyn std::error::Error>> {
+    let mut lat = Vec::new();
+    let mut found = 0;
+    for (node, r) in samples {
+        let (ip, port) = r.snat();
+        let q = SearchQuery {
+            snat_ip: Some(ip),
+            snat_port: Some(port),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            at_ns: Some(r.event_ns),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let res = store.search(&q)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        if res
+            .hits
+            .iter()
+            .any(|h| &h.node == node && h.record.orig == r.orig)
+        {
+            found += 1;
+        }
+    }
+    let (q50, q99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    // Pod-address queries (the second table).
+    let mut plat = Vec::new();
+    for (_, r) in samples.iter().take(200) {
+        let q = SearchQuery {
+            src_ip: Some(r.orig.src),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        store.search(&q)?;
+        plat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (p50, p99) = (pct(&mut plat, 0.5), pct(&mut plat, 0.99));
+    Ok((q50, q99, found, p50, p99))
 }
