@@ -207,8 +207,11 @@ impl ClickHouse {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 return Some(Err(status));
             }
-            self.query("SELECT 1")
-                .is_ok_and(|r| r.trim() == "1")
+            // This server, not another test's that took the port first
+            // (ports are picked free, then bound later: a race under load).
+            let data = self.dir.display().to_string();
+            self.query("SELECT metadata_path FROM system.tables WHERE database = 'system' LIMIT 1")
+                .is_ok_and(|r| r.trim().starts_with(&data))
                 .then_some(Ok(()))
         });
         if let Err(status) = started {
@@ -534,6 +537,14 @@ fn enter_netns(ns: &str) -> Result<(), String> {
 
 impl Drop for ClickHouse {
     fn drop(&mut self) {
+        // A server that died on its own explains a failure: say so.
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+            eprintln!(
+                "clickhouse-server in {} had exited on its own ({status}):\n{}",
+                self.dir.display(),
+                self.log_tail()
+            );
+        }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
