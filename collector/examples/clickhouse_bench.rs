@@ -43,7 +43,9 @@ use ctw_testkit::clickhouse::{ClickHouse, Cluster, CLUSTER};
 
 #[path = "support/bench.rs"]
 mod bench;
-use bench::{cpu_seconds, cpu_seconds_of, feed, pct, Gen, NODES, PODS, SERVICES, SPAN_NS};
+use bench::{
+    cpu_seconds, cpu_seconds_of, feed, pct, pod_query_latency, Gen, NODES, PODS, SERVICES, SPAN_NS,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -422,19 +424,6 @@ fn queries(
     }
     let (q50, q99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
     // Pod-address queries (the second table).
-    let mut plat = Vec::new();
-    for (_, r) in samples.iter().take(200) {
-        let q = SearchQuery {
-            src_ip: Some(r.orig.src),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            limit: 10,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        store.search(&q)?;
-        plat.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let (p50, p99) = (pct(&mut plat, 0.5), pct(&mut plat, 0.99));
+    let (p50, p99) = pod_query_latency(store, samples)?;
     Ok((q50, q99, found, p50, p99))
 }

@@ -21,7 +21,7 @@ use ctw_common::ConnRecord;
 
 #[path = "support/bench.rs"]
 mod bench;
-use bench::{cpu_seconds, feed, pct, Gen, NODES, PODS, SERVICES, SPAN_NS};
+use bench::{cpu_seconds, feed, pct, pod_query_latency, Gen, NODES, PODS, SERVICES, SPAN_NS};
 
 /// Exact snat ip:port ± 5 min queries of `samples`: p50 and p99 latency in
 /// ms, how many found their record, partitions read per query.
@@ -127,21 +127,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let segments = store.segment_count();
     // Exact snat ip:port + 10-minute window queries of existing records.
     let (q50, q99, found, parts_each) = query_latency(&store, &samples)?;
-    // Pod-address ± 5 min queries, as clickhouse_bench makes them.
-    let mut plat = Vec::new();
-    for (_, r) in samples.iter().take(200) {
-        let q = SearchQuery {
-            src_ip: Some(r.orig.src),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            limit: 10,
-            ..Default::default()
-        };
-        let t = Instant::now();
-        store.search(&q)?;
-        plat.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let (p50, p99) = (pct(&mut plat, 0.5), pct(&mut plat, 0.99));
+    // Pod-address queries (the second table).
+    let (p50, p99) = pod_query_latency(store.as_ref(), &samples)?;
     let m0 = Instant::now();
     let c0 = cpu_seconds();
     store.force_merge()?;

@@ -215,6 +215,28 @@ pub fn cpu_seconds_of(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Pod-address ± 5 min searches (the source address alone) of the first
+/// 200 samples, as both store benchmarks make them: (p50, p99) in ms.
+pub fn pod_query_latency(
+    store: &dyn ctw_collector::store::RecordStore,
+    samples: &[(String, ConnRecord)],
+) -> Result<(f64, f64), ctw_collector::store::StoreError> {
+    let mut lat = Vec::new();
+    for (_, r) in samples.iter().take(200) {
+        let q = ctw_collector::store::SearchQuery {
+            src_ip: Some(r.orig.src),
+            from_ns: Some(r.event_ns - 300_000_000_000),
+            to_ns: Some(r.event_ns + 300_000_000_000),
+            limit: 10,
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        store.search(&q)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((pct(&mut lat, 0.5), pct(&mut lat, 0.99)))
+}
+
 pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
