@@ -146,17 +146,18 @@ fn lines_resolve_through_clickhouse_also_after_a_collector_kill() {
         &sent.iter().chain(&more).cloned().collect::<Vec<_>>(),
         WAIT,
     );
-    let n: u64 =
-        x.ch.must("SELECT count() FROM ctw.ctw_batches")
-            .trim()
-            .parse()
-            .unwrap();
-    let distinct: u64 =
-        x.ch.must("SELECT uniqExact(node, boot_id, seq) FROM ctw.ctw_batches")
-            .trim()
-            .parse()
-            .unwrap();
-    assert_eq!(n, distinct, "a batch in the ledger twice");
+    // A batch whose insert the killed collector had sent may commit after
+    // the replay's ledger lookup (the crash window, README): stored twice
+    // at most, answered once (checked above); never more.
+    let most: u64 =
+        x.ch.must(
+            "SELECT max(c) FROM (SELECT count() AS c FROM ctw.ctw_batches \
+             GROUP BY node, boot_id, seq)",
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(most <= 2, "a batch in the ledger {most} times");
 }
 
 /// A ClickHouse cluster of 2 shards × 2 replicas (and a ZooKeeper) behind

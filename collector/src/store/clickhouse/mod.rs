@@ -947,8 +947,10 @@ async fn flush_with_retries(
 /// outcomes), one `INSERT` of the records of every batch neither in the
 /// ledger nor earlier in `waiting` (same key: the first is stored, the
 /// others are duplicates), then one `INSERT` of their ledger rows (stored
-/// at `now_ns`). Returns each batch's outcome, in order; an error is the
-/// whole flush's (nothing of it is acked; records inserted before a
+/// at `now_ns`). A retry first looks the batches up again: when the
+/// ledger holds them all, the failed attempt had stored them and nothing
+/// is inserted again. Returns each batch's outcome, in order; an error is
+/// the whole flush's (nothing of it is acked; records inserted before a
 /// failed ledger insert are stored again by the replay and answered once,
 /// see the module docs).
 async fn flush(
@@ -957,6 +959,7 @@ async fn flush(
     planned: &mut Option<Vec<AppendOutcome>>,
     now: u64,
 ) -> Result<Vec<AppendOutcome>, StoreError> {
+    let retry = planned.is_some();
     let outcomes = match planned {
         Some(o) => o.clone(),
         None => {
@@ -988,6 +991,20 @@ async fn flush(
         .collect();
     if new.is_empty() {
         return Ok(outcomes);
+    }
+    if retry {
+        // The failed attempt may have completed unseen (its answer lost or
+        // timed out): when the ledger holds every batch it was storing,
+        // its records were written before (records, then ledger), so
+        // inserting them again would only store them twice.
+        let keys: Vec<BatchKey> = new
+            .iter()
+            .map(|b| (b.node.clone(), b.boot_id.clone(), b.seq))
+            .collect();
+        let stored = ledger_lookup(inner, &keys).await?;
+        if keys.iter().all(|k| stored.contains(k)) {
+            return Ok(outcomes);
+        }
     }
     let rows: Vec<RecordRow> = new
         .iter()
