@@ -44,7 +44,8 @@ use ctw_testkit::clickhouse::{ClickHouse, Cluster, CLUSTER};
 #[path = "support/bench.rs"]
 mod bench;
 use bench::{
-    cpu_seconds, cpu_seconds_of, feed, pct, pod_query_latency, Gen, NODES, PODS, SERVICES, SPAN_NS,
+    cpu_seconds, cpu_seconds_of, feed, pct, pod_query_latency, snat_query, Gen, NODES, PODS,
+    SERVICES, SPAN_NS,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -401,16 +402,7 @@ fn queries(
     let mut lat = Vec::new();
     let mut found = 0;
     for (node, r) in samples {
-        let (ip, port) = r.snat();
-        let q = SearchQuery {
-            snat_ip: Some(ip),
-            snat_port: Some(port),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            at_ns: Some(r.event_ns),
-            limit: 10,
-            ..Default::default()
-        };
+        let q = snat_query(r);
         let t = Instant::now();
         let res = store.search(&q)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);

@@ -21,7 +21,9 @@ use ctw_common::ConnRecord;
 
 #[path = "support/bench.rs"]
 mod bench;
-use bench::{cpu_seconds, feed, pct, pod_query_latency, Gen, NODES, PODS, SERVICES, SPAN_NS};
+use bench::{
+    cpu_seconds, feed, pct, pod_query_latency, snat_query, Gen, NODES, PODS, SERVICES, SPAN_NS,
+};
 
 /// Exact snat ip:port ± 5 min queries of `samples`: p50 and p99 latency in
 /// ms, how many found their record, partitions read per query.
@@ -33,16 +35,7 @@ fn query_latency(
     let mut found = 0;
     let mut parts_touched = 0usize;
     for (node, r) in samples {
-        let (ip, port) = r.snat();
-        let q = SearchQuery {
-            snat_ip: Some(ip),
-            snat_port: Some(port),
-            from_ns: Some(r.event_ns - 300_000_000_000),
-            to_ns: Some(r.event_ns + 300_000_000_000),
-            at_ns: Some(r.event_ns),
-            limit: 10,
-            ..Default::default()
-        };
+        let q = snat_query(r);
         let t = Instant::now();
         let (res, st) = store.search_with_stats(&q)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);

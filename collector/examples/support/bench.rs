@@ -215,6 +215,21 @@ pub fn cpu_seconds_of(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The exact SNAT ip:port ± 5 min search for a sampled record, as both
+/// store benchmarks make it.
+pub fn snat_query(r: &ConnRecord) -> ctw_collector::store::SearchQuery {
+    let (ip, port) = r.snat();
+    ctw_collector::store::SearchQuery {
+        snat_ip: Some(ip),
+        snat_port: Some(port),
+        from_ns: Some(r.event_ns - 300_000_000_000),
+        to_ns: Some(r.event_ns + 300_000_000_000),
+        at_ns: Some(r.event_ns),
+        limit: 10,
+        ..Default::default()
+    }
+}
+
 /// Pod-address ± 5 min searches (the source address alone) of the first
 /// 200 samples, as both store benchmarks make them: (p50, p99) in ms.
 pub fn pod_query_latency(
