@@ -398,7 +398,6 @@ impl From<String> for StoreError {
     }
 }
 
-/// Retry the schema check until it passes (ready) or the store closes.
 /// The start-up check: the schema ([`schema::ensure`]), then with
 /// `storage.cluster.shards` the shard list ([`shards::check`]).
 async fn start_up(inner: Arc<Inner>) -> Result<(), schema::Error> {
@@ -422,6 +421,7 @@ async fn start_up(inner: Arc<Inner>) -> Result<(), schema::Error> {
     Ok(())
 }
 
+/// Retry the start-up check until it passes (ready) or the store closes.
 async fn retry_connect(inner: Arc<Inner>) {
     let every = Duration::from_millis(inner.cfg.connect_retry_ms);
     while !inner.closed.load(Ordering::SeqCst) {
@@ -575,8 +575,12 @@ fn by_pod(q: &SearchQuery) -> bool {
 }
 
 fn hex_literal(b: &[u8; 16]) -> String {
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("toFixedString(unhex('{hex}'), 16)")
+    format!("toFixedString(unhex('{}'), 16)", hex(b))
+}
+
+/// The 32 lowercase hex digits of 16 bytes.
+fn hex(b: &[u8; 16]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The extra condition of a pod-address search: the SNAT pairs the pod
@@ -710,9 +714,29 @@ async fn read_gaps(inner: &Inner) -> Result<Vec<Gap>, StoreError> {
         .collect())
 }
 
-/// Longest ledger lookup query text, bytes (ClickHouse's default
-/// `max_query_size` is 256 KiB); more keys take several lookups.
+/// Longest list of literals in one query's text, bytes (ClickHouse's
+/// default `max_query_size` is 256 KiB); more take several queries.
 const MAX_LOOKUP_QUERY: usize = 200_000;
+
+/// `literals` joined with `, ` into lists of at most [`MAX_LOOKUP_QUERY`]
+/// bytes each (a longer literal alone), in order; none for no literals.
+fn literal_lists(literals: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut list = String::new();
+    for l in literals {
+        if !list.is_empty() && list.len() + 2 + l.len() > MAX_LOOKUP_QUERY {
+            out.push(std::mem::take(&mut list));
+        }
+        if !list.is_empty() {
+            list.push_str(", ");
+        }
+        list.push_str(l);
+    }
+    if !list.is_empty() {
+        out.push(list);
+    }
+    out
+}
 
 /// Runs the flushes: waits until appends are queued and either
 /// `insert_interval_ms` passed since the last flush began or
@@ -865,25 +889,19 @@ fn take(q: &mut Queue, max: usize) -> Vec<Waiting> {
 /// The (node, boot id, seq) of a batch.
 type BatchKey = (String, String, u64);
 
+fn batch_key(b: &StoredBatch) -> BatchKey {
+    (b.node.clone(), b.boot_id.clone(), b.seq)
+}
+
 /// Which of `keys` the ledger holds: one query (several past
 /// [`MAX_LOOKUP_QUERY`] bytes of text).
 async fn ledger_lookup(inner: &Inner, keys: &[BatchKey]) -> Result<HashSet<BatchKey>, StoreError> {
+    let tuples: Vec<String> = keys
+        .iter()
+        .map(|(node, boot_id, seq)| format!("({}, {}, {seq})", quote(node), quote(boot_id)))
+        .collect();
     let mut found = HashSet::new();
-    let mut rest = keys;
-    while !rest.is_empty() {
-        let mut list = String::new();
-        let mut n = 0;
-        for (node, boot_id, seq) in rest {
-            if n > 0 && list.len() >= MAX_LOOKUP_QUERY {
-                break;
-            }
-            if n > 0 {
-                list.push_str(", ");
-            }
-            list.push_str(&format!("({}, {}, {seq})", quote(node), quote(boot_id)));
-            n += 1;
-        }
-        rest = &rest[n..];
+    for list in literal_lists(&tuples) {
         let rows: Vec<BatchKey> = inner
             .client()
             .query(&format!(
@@ -963,10 +981,7 @@ async fn flush(
     let outcomes = match planned {
         Some(o) => o.clone(),
         None => {
-            let keys: Vec<BatchKey> = waiting
-                .iter()
-                .map(|w| (w.batch.node.clone(), w.batch.boot_id.clone(), w.batch.seq))
-                .collect();
+            let keys: Vec<BatchKey> = waiting.iter().map(|w| batch_key(&w.batch)).collect();
             let stored = ledger_lookup(inner, &keys).await?;
             let mut seen: HashSet<&BatchKey> = HashSet::new();
             let o: Vec<AppendOutcome> = keys
@@ -997,10 +1012,7 @@ async fn flush(
         // timed out): when the ledger holds every batch it was storing,
         // its records were written before (records, then ledger), so
         // inserting them again would only store them twice.
-        let keys: Vec<BatchKey> = new
-            .iter()
-            .map(|b| (b.node.clone(), b.boot_id.clone(), b.seq))
-            .collect();
+        let keys: Vec<BatchKey> = new.iter().map(|b| batch_key(b)).collect();
         let stored = ledger_lookup(inner, &keys).await?;
         if keys.iter().all(|k| stored.contains(k)) {
             return Ok(outcomes);
@@ -1369,6 +1381,18 @@ mod tests {
         ] {
             assert_eq!(rejection_code(&e(m)), None, "{m}");
         }
+    }
+
+    #[test]
+    fn literal_lists_stay_within_the_query_bound_in_order() {
+        let lits: Vec<String> = (0..30_000).map(|i| format!("'{i:020}'")).collect();
+        let lists = literal_lists(&lits);
+        assert!(lists.len() > 1);
+        assert!(lists.iter().all(|l| l.len() <= MAX_LOOKUP_QUERY));
+        assert_eq!(lists.join(", "), lits.join(", "));
+        let big = vec!["x".repeat(MAX_LOOKUP_QUERY + 1), "y".into()];
+        assert_eq!(literal_lists(&big), big, "a longer literal goes alone");
+        assert!(literal_lists(&[]).is_empty());
     }
 
     #[test]

@@ -40,7 +40,7 @@ use clickhouse::Row;
 use futures_util::future::try_join_all;
 use serde::{Deserialize, Serialize};
 
-use super::{ch_err, quote, rejection_code, schema, Inner, StoreError, MAX_LOOKUP_QUERY};
+use super::{ch_err, hex, literal_lists, quote, rejection_code, schema, Inner, StoreError};
 
 /// Past this many remembered hashes the memory is cleared (SNAT addresses
 /// and node names are few: one or a few per node).
@@ -112,10 +112,7 @@ impl ShardMap {
                 match k {
                     // Hex text, not a function call per key: 18.16 takes
                     // seconds to analyze thousands of `toFixedString(...)`.
-                    Key::Addr(a) => addrs.push(format!(
-                        "'{}'",
-                        a.iter().map(|x| format!("{x:02x}")).collect::<String>()
-                    )),
+                    Key::Addr(a) => addrs.push(format!("'{}'", hex(a))),
                     Key::Text(t) => texts.push(quote(t)),
                 }
             }
@@ -238,8 +235,9 @@ where
 }
 
 /// `(value, cityHash64(value))` rows for the string literals, the value
-/// being `value` of each (`h`) (one query per [`MAX_LOOKUP_QUERY`] bytes
-/// of them, within the server's `max_query_size`; none for no literals).
+/// being `value` of each (`h`) (one query per list of
+/// [`literal_lists`], within the server's `max_query_size`; none for no
+/// literals).
 async fn ask_hashes<T>(
     inner: &Inner,
     value: &str,
@@ -249,29 +247,17 @@ where
     T: Row + for<'b> Deserialize<'b>,
 {
     let mut out = Vec::with_capacity(literals.len());
-    let mut rest = literals;
-    while !rest.is_empty() {
-        let mut len = 0;
-        let n = rest
-            .iter()
-            .take_while(|l| {
-                let fits = len == 0 || len + l.len() + 2 <= MAX_LOOKUP_QUERY;
-                len += l.len() + 2;
-                fits
-            })
-            .count();
+    for list in literal_lists(literals) {
         let rows: Vec<T> = inner
             .client
             .query(&format!(
                 "SELECT k, cityHash64(k) FROM \
-                 (SELECT {value} AS k FROM (SELECT arrayJoin([{}]) AS h))",
-                rest[..n].join(", ")
+                 (SELECT {value} AS k FROM (SELECT arrayJoin([{list}]) AS h))"
             ))
             .fetch_all()
             .await
             .map_err(|e| ch_err("sharding key hash", e))?;
         out.extend(rows);
-        rest = &rest[n..];
     }
     Ok(out)
 }
