@@ -192,11 +192,8 @@ fn lines_resolve_through_a_replicated_sharded_cluster_with_a_replica_killed() {
     let mut during = x.c.requests(2);
     // Down until an insert failed (quorum not reached: nothing acked).
     let failed = || {
-        let (_, text) = x.c.collector.get("/metrics");
-        text.lines()
-            .filter(|l| l.starts_with("ctw_collector_batches_failed_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+        x.c.collector
+            .metric_sum("ctw_collector_batches_failed_total")
     };
     wait_for(
         Duration::from_secs(120),
@@ -278,11 +275,8 @@ fn a_batch_the_store_refused_is_resent_at_once() {
     x.ch.stop();
     let during = x.c.requests(2);
     let failed = || {
-        let (_, text) = x.c.collector.get("/metrics");
-        text.lines()
-            .filter(|l| l.starts_with("ctw_collector_batches_failed_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
+        x.c.collector
+            .metric_sum("ctw_collector_batches_failed_total")
     };
     wait_for(WAIT, "an insert given up on", || {
         (failed() > 0.0).then_some(())

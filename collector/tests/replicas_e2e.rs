@@ -543,14 +543,6 @@ fn wait_connected(c: &Collector, nodes: &[&str]) {
 }
 
 /// Sum of every series of counter `name` in `c`'s `/metrics`.
-fn counter(c: &Collector, name: &str) -> f64 {
-    let (_, text) = c.get("/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Issue 15's failover test, on a ClickHouse cluster of 2 shards × 2
 /// replicas (with ZooKeeper; `insert_quorum` unset: both replicas) behind
 /// c1 and c2. While one pod of each node sends requests (about 8 a
@@ -626,7 +618,7 @@ fn a_collector_and_a_replica_killed_together_lose_nothing_and_answer_each_once()
     wait_for(
         Duration::from_secs(120),
         "an insert refused for want of quorum",
-        || (counter(&x.c2, "ctw_collector_batches_failed_total") > 0.0).then_some(()),
+        || (x.c2.metric_sum("ctw_collector_batches_failed_total") > 0.0).then_some(()),
     );
     let outage_lines = x.c.nginx.access_lines().len();
     cl.server(shard, 1).restart();

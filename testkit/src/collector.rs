@@ -208,6 +208,19 @@ impl Collector {
         self.request(path, None)
     }
 
+    /// The sum of every series of metric `name` on `/metrics` (0 when it
+    /// has none), e.g. `ctw_collector_batches_failed_total` over its labels.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// GET with the bearer token, parsed as JSON.
     pub fn api(&self, path: &str) -> (u16, Value) {
         let (code, body) = self.request(path, Some(&self.token));
